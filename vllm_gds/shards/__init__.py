@@ -1,0 +1,1 @@
+"""The on-disk format of a prepared model: aligned safetensors shard files and a manifest."""
