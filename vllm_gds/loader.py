@@ -1,0 +1,207 @@
+"""The vLLM model loader for ``--load-format gds``.
+
+A directory prepared by ``vllm-gds prepare`` is loaded rank by rank: each rank
+checks the manifest against the running setup, builds the model, reads only its
+own shard files straight into its parameters, verifies their checksums on the
+device, and lets vLLM post-process them. A plain Hugging Face safetensors
+directory is streamed through the same reader and sharded by vLLM's own weight
+loaders.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from vllm_gds import _vllm_compat
+from vllm_gds.errors import GdsError
+from vllm_gds.hf_stream import safetensors_files, stream_safetensors
+from vllm_gds.install import install
+from vllm_gds.io.reader import ReadStats, resolve_mode
+from vllm_gds.options import LoaderOptions
+from vllm_gds.report import LoadReport
+from vllm_gds.shards.manifest import BEFORE_POST_PROCESSING, MANIFEST_NAME, is_prepared, read_manifest
+from vllm_gds.shards.validate import check_compatible, check_rank_files
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm", so vLLM's log handlers print it
+
+LOAD_FORMAT = "gds"
+
+
+def check_supported_parallelism(vllm_config: VllmConfig) -> None:
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1 or parallel.enable_expert_parallel:
+        raise GdsError(
+            "--load-format gds does not support data-parallel or expert-parallel layouts yet "
+            f"(data_parallel_size={parallel.data_parallel_size}, "
+            f"enable_expert_parallel={parallel.enable_expert_parallel}); "
+            "supported: tensor and pipeline parallelism"
+        )
+
+
+class _StreamingHfLoader(DefaultModelLoader):
+    """vLLM's default loader, fed by the vllm-gds read engine instead of safetensors' mmap."""
+
+    def __init__(self, load_config: LoadConfig, options: LoaderOptions, device: torch.device):
+        super().__init__(load_config)
+        self.options = options
+        self.device = device
+        self.stats = ReadStats(mode=resolve_mode(device, options.read.policy))
+
+    def get_all_weights(self, model_config: ModelConfig, model: nn.Module):
+        model_dir = Path(model_config.model)
+        files = safetensors_files(model_dir)
+        if not files:
+            raise GdsError(
+                f"{model_dir} holds neither a {MANIFEST_NAME} nor *.safetensors files: "
+                "--load-format gds loads a directory prepared by `vllm-gds prepare` or a Hugging Face "
+                "safetensors directory"
+            )
+        yield from stream_safetensors(files, self.device, self.options.read, self.stats)
+
+
+class GdsModelLoader(BaseModelLoader):
+    """``--load-format gds``; settings come from ``--model-loader-extra-config`` (see LoaderOptions)."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.options = LoaderOptions.from_extra_config(load_config.model_loader_extra_config)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        if not os.path.isdir(model_config.model):
+            raise GdsError(
+                f"--load-format gds reads a local directory; {model_config.model} is not one "
+                "(download the model first, then prepare it with `vllm-gds prepare`)"
+            )
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        check_supported_parallelism(vllm_config)
+        self.download_model(model_config)
+        if is_prepared(model_config.model):
+            return self._load_prepared(vllm_config, model_config, prefix)
+        return self._load_huggingface(vllm_config, model_config, prefix)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        """Reload weights into an existing model (vLLM's in-place reload path)."""
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        device = _vllm_compat.target_device(vllm_config)
+        if is_prepared(model_config.model):
+            self._install_prepared(model, vllm_config, model_config, device, time.perf_counter())
+        else:
+            loader = self._hf_loader(device)
+            loader.load_weights(model, model_config)
+
+    def _hf_loader(self, device: torch.device) -> _StreamingHfLoader:
+        inner = dataclasses.replace(self.load_config, load_format="safetensors", model_loader_extra_config={})
+        return _StreamingHfLoader(inner, self.options, device)
+
+    def _load_prepared(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -> nn.Module:
+        start = time.perf_counter()
+        device = _vllm_compat.target_device(vllm_config)
+        model_dir = Path(model_config.model)
+        manifest = read_manifest(model_dir)
+        if manifest.capture_point != BEFORE_POST_PROCESSING:
+            raise GdsError(
+                f"{model_dir / MANIFEST_NAME}: capture point {manifest.capture_point} is not supported by "
+                f"this vllm-gds; prepare the directory again (the default captures {BEFORE_POST_PROCESSING})"
+            )
+        check_compatible(manifest, _vllm_compat.running_setup(vllm_config, model_config), model_dir)
+        resolve_mode(device, self.options.read.policy)  # `require` fails here, before building anything
+        with set_default_torch_dtype(model_config.dtype), device:
+            model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        self._install_prepared(model, vllm_config, model_config, device, start, manifest)
+        process_weights_after_loading(model, model_config, device)
+        return model.eval()
+
+    def _install_prepared(self, model, vllm_config, model_config, device, start, manifest=None) -> None:
+        model_dir = Path(model_config.model)
+        manifest = manifest or read_manifest(model_dir)
+        tp_rank, pp_rank = _vllm_compat.parallel_ranks()
+        shards = manifest.rank(tp_rank, pp_rank)
+        check_rank_files(model_dir, shards)
+        stats, verify_seconds, tensors = install(
+            model, model_dir, shards, device, self.options.read, self.options.verify_checksums
+        )
+        self._report(LoadReport(
+            model=str(model_dir), source="prepared", rank=shards.rank, tp_rank=tp_rank, pp_rank=pp_rank,
+            mode=stats.mode, files=stats.files, tensors=tensors, nbytes=stats.nbytes,
+            read_seconds=stats.seconds, checksums_verified=self.options.verify_checksums,
+            verify_seconds=verify_seconds, total_seconds=time.perf_counter() - start,
+        ))
+
+    def _load_huggingface(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -> nn.Module:
+        start = time.perf_counter()
+        device = _vllm_compat.target_device(vllm_config)
+        logger.info(
+            "vllm-gds: %s has no %s; streaming its safetensors files (vLLM's weight loaders shard them)",
+            model_config.model, MANIFEST_NAME,
+        )
+        loader = self._hf_loader(device)
+        model = loader.load_model(vllm_config, model_config, prefix)
+        tp_rank, pp_rank = _vllm_compat.parallel_ranks()
+        parallel = vllm_config.parallel_config
+        self._report(LoadReport(
+            model=str(model_config.model), source="huggingface",
+            rank=pp_rank * parallel.tensor_parallel_size + tp_rank, tp_rank=tp_rank, pp_rank=pp_rank,
+            mode=loader.stats.mode, files=loader.stats.files,
+            tensors=sum(1 for _ in model.parameters()), nbytes=loader.stats.nbytes,
+            read_seconds=loader.stats.seconds, checksums_verified=False, verify_seconds=0.0,
+            total_seconds=time.perf_counter() - start,
+        ))
+        return model
+
+    def _report(self, report: LoadReport) -> None:
+        logger.info(report.log_line())
+        if self.options.report_dir is not None:
+            path = report.write(self.options.report_dir)
+            logger.info("vllm-gds: load report written to %s", path)
+
+
+def _refuse_prepared_directories() -> None:
+    """Make vLLM's default loader say what to do with a prepared directory.
+
+    Without this, `vllm serve PREPARED` (no --load-format gds) would fail on the
+    shards' padding tensors or on names it cannot map, far from the cause.
+    """
+    original = DefaultModelLoader._prepare_weights
+    if getattr(original, "_vllm_gds_guard", False):
+        return
+
+    @functools.wraps(original)
+    def guarded(self, *args, **kwargs):
+        path = kwargs.get("model_name_or_path", args[0] if args else None)
+        if path is not None and is_prepared(path):
+            raise GdsError(
+                f"{path} was prepared by vllm-gds (it has {MANIFEST_NAME}); its shards can only be "
+                "loaded by the vllm-gds loader: add --load-format gds"
+            )
+        return original(self, *args, **kwargs)
+
+    guarded._vllm_gds_guard = True
+    DefaultModelLoader._prepare_weights = guarded
+
+
+def register_loaders() -> None:
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    from vllm_gds.capture import CAPTURE_FORMAT, CaptureModelLoader
+
+    if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
+        register_model_loader(LOAD_FORMAT)(GdsModelLoader)
+    if CAPTURE_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
+        register_model_loader(CAPTURE_FORMAT)(CaptureModelLoader)
+    _refuse_prepared_directories()

@@ -1,0 +1,66 @@
+"""What a load did, per rank: one log line, and the same as JSON where the user asks for it."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class LoadReport:
+    model: str
+    source: str  # "prepared" (vllm-gds shards) or "huggingface" (plain safetensors)
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    mode: str  # gds | compat | host
+    files: int
+    tensors: int
+    nbytes: int
+    read_seconds: float
+    checksums_verified: bool
+    verify_seconds: float
+    total_seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.read_seconds / 1e9 if self.read_seconds > 0 else 0.0
+
+    def log_line(self) -> str:
+        verified = f"checksums verified in {self.verify_seconds:.2f} s" if self.checksums_verified else "checksums not verified"
+        return (
+            f"vllm-gds rank {self.rank} (tp {self.tp_rank}, pp {self.pp_rank}): read {self.nbytes / 1e9:.3f} GB "
+            f"of {self.source} weights from {self.files} file(s) via {self.mode} in {self.read_seconds:.2f} s "
+            f"({self.gb_per_s:.2f} GB/s); {verified}; {self.tensors} tensors installed; "
+            f"load took {self.total_seconds:.2f} s"
+        )
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "gb_per_s": round(self.gb_per_s, 3)}
+
+    def write(self, report_dir: Path) -> Path:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        path = report_dir / f"load-report-rank-{self.rank}.json"
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+
+def read_reports(report_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("load-report-rank-*.json"))]
+
+
+def format_reports(reports: list[dict]) -> str:
+    """A table of per-rank reports, with the aggregate (bytes over the slowest rank's time)."""
+    rows = [("rank", "source", "path", "files", "GB", "seconds", "GB/s", "checksums")]
+    for r in reports:
+        rows.append((
+            str(r["rank"]), r["source"], r["mode"], str(r["files"]), f"{r['nbytes'] / 1e9:.3f}",
+            f"{r['read_seconds']:.2f}", f"{r['gb_per_s']:.2f}",
+            "verified" if r["checksums_verified"] else "off",
+        ))
+    if len(reports) > 1:
+        total = sum(r["nbytes"] for r in reports)
+        slowest = max(r["read_seconds"] for r in reports)
+        rows.append(("all", "", "", str(sum(r["files"] for r in reports)), f"{total / 1e9:.3f}",
+                     f"{slowest:.2f}", f"{total / slowest / 1e9 if slowest else 0:.2f}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
