@@ -1,11 +1,22 @@
-"""Read byte ranges of files straight into the tensors that will hold them, through kvikio.
+"""Read byte ranges of files straight into the tensors that will hold them.
 
 A read is a list of :class:`FileRead`: each names a file and the (offset,
 destination tensor) pairs to fill from it. Destinations are contiguous tensors
-on the GPU (cuFile/GDS where the node has it, kvikio's pinned bounce buffers
-where it does not) or in host memory (the CPU platform). Every byte is
-accounted for: a missing, truncated or short-read file raises ShardReadError
-naming the file, and the caller installs nothing.
+on the GPU or in host memory (the CPU platform). Two engines:
+
+* ``kvikio``: cuFile reads straight into the destination. This is the path
+  where GPUDirect Storage is active (nvidia-fs loaded, cuFile not in
+  compatibility mode): the storage DMAs into GPU memory, no host copy.
+* ``pipeline`` (:mod:`vllm_gds.io.pipeline`): worker threads read into a
+  bounded ring of pinned host buffers, copies to the GPU run on several CUDA
+  streams. Where GDS is not active this measured faster than kvikio's own
+  bounce buffers (see benchmarks/RESULTS.md), so it is the compat path.
+
+:func:`resolve_mode` picks the path from the node and the policy (``auto``,
+``require``, ``off``). Every byte is accounted for: a missing, truncated or
+short-read file raises ShardReadError naming the file, and the caller installs
+nothing. Targets that carry a checksum are verified where they landed (on the
+GPU, overlapped with the reads that follow); a mismatch raises ChecksumError.
 """
 
 import os
@@ -16,27 +27,44 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
+from vllm_gds.io import gds_env
+from vllm_gds.io.pipeline import Checksums, run_pipeline
 
 POLICIES = ("auto", "require", "off")
+ENGINES = ("auto", "pipeline", "kvikio")
 
 
 @dataclass(frozen=True)
 class ReadOptions:
     policy: str = "auto"  # auto: GDS where available; require: fail unless GDS; off: never GDS
-    num_threads: int = 16
-    task_size: int = 16 << 20
+    # Defaults measured on H100/H200 machines from tmpfs (benchmarks/RESULTS.md, "Load (issue 3)").
+    num_threads: int = 16  # reader threads (pipeline) or kvikio's thread pool
+    task_size: int = 16 << 20  # bytes per read (pipeline: per pinned buffer; kvikio: per task)
+    num_buffers: int = 0  # pinned buffers in the ring; 0: two per thread
+    max_pinned_bytes: int = 1 << 30  # the ring never exceeds this
+    engine: str = "auto"  # auto: kvikio where GDS is active, else the pinned pipeline
+    direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise GdsError(f"gds policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.engine not in ENGINES:
+            raise GdsError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.num_threads < 1 or self.task_size < 4096:
             raise GdsError("num_threads must be >= 1 and task_size >= 4096")
+        if self.num_buffers < 0 or self.max_pinned_bytes < self.task_size:
+            raise GdsError(
+                "num_buffers must be >= 0 and max_pinned_bytes at least one task_size "
+                f"({self.task_size} bytes)"
+            )
 
 
 @dataclass(frozen=True)
 class ReadTarget:
     file_offset: int
     dest: torch.Tensor  # contiguous; receives dest.numel() * dest.element_size() bytes
+    name: str = ""  # for error messages
+    checksum: str | int | None = None  # wsum64-v1 (16 hex digits, as the manifest spells it): verify
 
 
 @dataclass(frozen=True)
@@ -48,11 +76,11 @@ class FileRead:
 
 @dataclass
 class ReadStats:
-    mode: str  # "gds", "compat" (kvikio bounce buffers) or "host" (into host memory)
+    mode: str  # "gds", "compat" (no GDS: pinned pipeline or kvikio's bounce buffers) or "host"
     nbytes: int = 0
     seconds: float = 0.0
     files: int = 0
-    detail: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)  # engine, threads, pinned_bytes, verified, ...
 
     @property
     def gb_per_s(self) -> float:
@@ -72,19 +100,85 @@ def _kvikio():
     return kvikio
 
 
+def _set_device(device: torch.device) -> None:
+    # cuFile's driver open makes a context on the current device: it must be ours.
+    if device.type == "cuda":
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
+
+
 def gds_available() -> bool:
-    """kvikio's view: cuFile's driver is loaded and GDS (not its compat mode) would be used."""
-    kvikio = _kvikio()
-    try:
-        return bool(kvikio.cufile_driver.get("is_gds_available")) and not (
-            kvikio.defaults.is_compat_mode_preferred()
-        )
-    except Exception:
+    """kvikio's view: nvidia-fs is loaded, cuFile's driver reports GDS, kvikio would not prefer
+    its compat mode. The driver is asked only where nvidia-fs exists (asking creates a CUDA
+    context on the current device: set it first)."""
+    if not gds_env.nvidia_fs_loaded():
         return False
+    view = gds_env.kvikio_driver_view()
+    return bool(view.get("is_gds_available")) and not view.get("compat_mode_preferred", True)
+
+
+def gds_problems(device: torch.device) -> list[str]:
+    """Why GPUDirect Storage would not be used for every file; empty when it would.
+
+    kvikio 26.10 has no per-file flag that says whether a read went through GDS
+    or through compatibility mode, and both cuFile (``allow_compat_mode``) and
+    kvikio (``KVIKIO_COMPAT_MODE=AUTO``) fall back silently per file. Policy
+    ``require`` therefore demands a configuration in which no fallback can
+    happen silently:
+
+    1. the device is a CUDA GPU;
+    2. the nvidia-fs kernel module is loaded;
+    3. cuFile's config (``$CUFILE_ENV_PATH_JSON`` or /etc/cufile.json) sets
+       ``properties.allow_compat_mode`` to false, and the driver, as kvikio
+       reports it, agrees: a file that GDS cannot serve then fails at open;
+    4. ``KVIKIO_COMPAT_MODE`` is not ON, and kvikio does not prefer compat mode;
+    5. cuFile's driver, through kvikio, reports ``is_gds_available``.
+
+    The reader then opens every file with kvikio's compat mode OFF before it
+    reads a byte, so a file on a file system without GDS support fails the load
+    at start-up, naming the file, instead of being read through a bounce buffer.
+    """
+    if device.type != "cuda":
+        return [f"the platform is {device.type}, not CUDA: GPUDirect Storage needs an NVIDIA GPU"]
+    problems = []
+    if not gds_env.nvidia_fs_loaded():
+        problems.append("the nvidia-fs kernel module is not loaded (install the GDS package "
+                        "nvidia-gds and run `modprobe nvidia_fs`)")
+    config = gds_env.read_cufile_json()
+    if not config.exists:
+        problems.append(f"{config.path} does not exist, so cuFile allows compat mode by default "
+                        "(write one with \"properties\": {\"allow_compat_mode\": false})")
+    elif config.error:
+        problems.append(f"{config.path} does not parse ({config.error})")
+    elif config.allow_compat_mode:
+        problems.append(f"{config.path} allows cuFile's compat mode (set properties.allow_compat_mode "
+                        "to false so that no file falls back silently)")
+    if gds_env.kvikio_compat_env() == "ON":
+        problems.append("KVIKIO_COMPAT_MODE=ON forces kvikio's POSIX path (unset it)")
+    if problems:  # the driver is only worth asking (and a context only worth making) past these
+        return problems
+    _set_device(device)
+    view = gds_env.kvikio_driver_view()
+    if "error" in view:
+        problems.append(f"kvikio could not query the cuFile driver: {view['error']}")
+    else:
+        if not view.get("is_gds_available"):
+            problems.append("cuFile's driver reports GDS unavailable (see cufile.log, and "
+                            "`/usr/local/cuda/gds/tools/gdscheck -p`)")
+        if view.get("allow_compat_mode"):
+            problems.append("cuFile's driver still allows compat mode (another cufile.json is in use?)")
+        if view.get("compat_mode_preferred"):
+            problems.append("kvikio prefers its compat mode here")
+    return problems
 
 
 def resolve_mode(device: torch.device, policy: str) -> str:
-    """Which path reads will take on ``device`` under ``policy``; fails early for ``require``."""
+    """Which path reads will take on ``device`` under ``policy``; fails early for ``require``.
+
+    Sets ``device`` as the current CUDA device first, so that any cuFile driver
+    call makes its context there and nowhere else.
+    """
+    if policy not in POLICIES:
+        raise GdsError(f"gds policy {policy!r} is not one of {', '.join(POLICIES)}")
     if device.type != "cuda":
         if policy == "require":
             raise GdsError(
@@ -92,16 +186,20 @@ def resolve_mode(device: torch.device, policy: str) -> str:
                 "use policy 'auto' or 'off'"
             )
         return "host"
+    _set_device(device)
     if policy == "off":
         return "compat"
-    available = gds_available()
-    if policy == "require" and not available:
-        raise GdsError(
-            "gds policy 'require': GPUDirect Storage is not available on this node "
-            "(run `vllm-gds doctor PATH` for the reason and the fix), "
-            "or use policy 'auto' to read through kvikio's compatibility path"
-        )
-    return "gds" if available else "compat"
+    if policy == "require":
+        problems = gds_problems(device)
+        if problems:
+            raise GdsError(
+                "gds policy 'require': GPUDirect Storage would not be used for every file: "
+                + "; ".join(problems)
+                + ". Run `vllm-gds doctor PATH` for the full picture, or use policy 'auto' "
+                "to read through the compatibility path"
+            )
+        return "gds"
+    return "gds" if gds_available() else "compat"
 
 
 def _check_file(read: FileRead) -> None:
@@ -115,8 +213,10 @@ def _check_file(read: FileRead) -> None:
             "it is truncated or was modified; prepare the directory again"
         )
     for target in read.targets:
+        if not target.dest.is_contiguous():
+            raise ValueError(f"read destinations must be contiguous ({target.name or target.file_offset} of {read.path})")
         end = target.file_offset + target.dest.numel() * target.dest.element_size()
-        if end > size:
+        if target.file_offset < 0 or end > size:
             raise ShardReadError(
                 f"shard file {read.path} ends at byte {size} but a tensor lies at "
                 f"{target.file_offset}..{end}: the file is truncated; prepare the directory again"
@@ -124,48 +224,91 @@ def _check_file(read: FileRead) -> None:
 
 
 def _as_buffer(tensor: torch.Tensor):
-    if not tensor.is_contiguous():
-        raise ValueError("read destinations must be contiguous")
     data = tensor.reshape(-1).view(torch.uint8)
     return data if data.is_cuda else data.numpy()
 
 
-def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device) -> ReadStats:
-    """Fill every target of ``reads``; all files are checked before the first byte is read."""
+def _engine(mode: str, options: ReadOptions) -> str:
+    if options.engine == "auto":
+        return "pipeline" if mode == "compat" else "kvikio"
+    if options.policy == "require" and options.engine != "kvikio":
+        raise GdsError(f"gds policy 'require' reads through kvikio; engine {options.engine!r} contradicts it")
+    return options.engine
+
+
+def _read_kvikio(reads, options, mode, flat_targets, checks) -> dict:
     kvikio = _kvikio()
-    mode = resolve_mode(device, options.policy)
-    for read in reads:
-        _check_file(read)
     settings = {"num_threads": options.num_threads, "task_size": options.task_size}
-    if mode != "gds":
+    if mode == "gds":
+        # require: no silent per-file fallback; auto: kvikio's AUTO falls back where it must.
+        settings["compat_mode"] = kvikio.CompatMode.OFF if options.policy == "require" else kvikio.CompatMode.AUTO
+    else:
         settings["compat_mode"] = kvikio.CompatMode.ON
-    stats = ReadStats(mode=mode, files=len(reads))
-    start = time.perf_counter()
     with kvikio.defaults.set(settings):
-        handles, pending = [], []
+        handles = []
         try:
-            for read in reads:
-                handle = kvikio.CuFile(read.path, "r")
-                handles.append(handle)
-                for target in read.targets:
-                    nbytes = target.dest.numel() * target.dest.element_size()
-                    if nbytes == 0:
-                        continue
-                    future = handle.pread(_as_buffer(target.dest), nbytes, target.file_offset)
-                    pending.append((read.path, target.file_offset, nbytes, future))
-            for path, offset, nbytes, future in pending:
-                got = future.get()
+            for read in reads:  # every file opens before the first byte is read
+                try:
+                    handles.append(kvikio.CuFile(read.path, "r"))
+                except RuntimeError as e:
+                    raise ShardReadError(f"cannot open shard file {read.path} with cuFile: {e}") from None
+            pending = []
+            for t, (file_index, target) in enumerate(flat_targets):
+                nbytes = target.dest.numel() * target.dest.element_size()
+                if nbytes == 0:
+                    continue
+                future = handles[file_index].pread(_as_buffer(target.dest), nbytes, target.file_offset)
+                pending.append((t, file_index, target, nbytes, future))
+            for t, file_index, target, nbytes, future in pending:
+                try:
+                    got = future.get()
+                except RuntimeError as e:
+                    raise ShardReadError(
+                        f"reading {reads[file_index].path} at byte {target.file_offset} failed: {e}"
+                    ) from None
                 if got != nbytes:
                     raise ShardReadError(
-                        f"short read from {path}: {got} of {nbytes} bytes at offset {offset}"
+                        f"short read from {reads[file_index].path}: {got} of {nbytes} bytes at offset "
+                        f"{target.file_offset}; the file is truncated: copy or prepare it again"
                     )
-                stats.nbytes += nbytes
-        except RuntimeError as e:
-            raise ShardReadError(f"reading shard files failed: {e}") from None
+                checks.landed([t])
         finally:
             for handle in handles:
                 handle.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return {"engine": "kvikio", "threads": options.num_threads, "task_size": options.task_size,
+            "pinned_bytes": 0}
+
+
+def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device) -> ReadStats:
+    """Fill every target of ``reads``; all files are checked before the first byte is read.
+
+    ``seconds`` runs until every byte is in place, the device synchronized and
+    the checksums (of targets that carry one) compared.
+    """
+    mode = resolve_mode(device, options.policy)
+    for read in reads:
+        _check_file(read)
+    engine = _engine(mode, options)
+    flat = [(i, t) for i, read in enumerate(reads) for t in read.targets]
+    checks = Checksums(flat, [r.path for r in reads], device)
+    stats = ReadStats(mode=mode, files=len(reads))
+    start = time.perf_counter()
+    try:
+        if engine == "pipeline":
+            detail = run_pipeline(reads, options, device, flat, checks)
+        else:
+            checks.expect({t: 1 for t in range(len(flat))})
+            checks.start()
+            detail = _read_kvikio(reads, options, mode, flat, checks)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        verify_start = time.perf_counter()
+        detail["verified"] = checks.finish()
+        detail["verify_tail_seconds"] = time.perf_counter() - verify_start
+    except BaseException:
+        checks.stop()
+        raise
     stats.seconds = time.perf_counter() - start
+    stats.nbytes = sum(t.dest.numel() * t.dest.element_size() for _, t in flat)
+    stats.detail = detail
     return stats
