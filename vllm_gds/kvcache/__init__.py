@@ -1,0 +1,1 @@
+"""The quantized KV cache: formats, torch reference, calibration, kv-plan."""

@@ -1,0 +1,163 @@
+"""The torch reference of the quantized KV cache: encode and decode key and value vectors.
+
+This is the specification the Triton kernels match (see formats.py for the byte layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .codebook import codebook
+from .formats import KVFormat, VectorCode
+from .packing import pack, packed_bytes, unpack
+from .rotation import Rotation, check_head_size
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class Encoded:
+    """Packed codes [..., code_bytes] (uint8) and stored norms [...] (float16) of some vectors."""
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+
+
+class VectorQuantizer:
+    """Rotation + Lloyd-Max codes + one float16 norm for vectors of size d (no calibration)."""
+
+    def __init__(self, d: int, code: VectorCode, rotation: Rotation):
+        check_head_size(d)
+        if not 0 <= code.extra <= d or code.extra % 8:
+            raise ValueError(f"extra-bit coordinates must be a multiple of 8 in [0, {d}]")
+        self.d, self.code, self.rotation = d, code, rotation
+        levels, thresholds = codebook(d, code.bits)
+        levels_hi, thresholds_hi = codebook(d, code.bits + 1)
+        e = code.extra
+        # Per-coordinate codebooks: coordinates [0, e) use bits+1.
+        self._levels = [(slice(0, e), levels_hi, thresholds_hi), (slice(e, d), levels, thresholds)]
+
+    def _codes_and_levels(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        codes, c = [], torch.empty_like(y)
+        for sl, levels, thresholds in self._levels:
+            part = torch.bucketize(y[..., sl].contiguous(), thresholds.to(y.device), right=False)
+            codes.append(part)
+            c[..., sl] = levels.to(y.device)[part]
+        return codes, c
+
+    def _stored_norm(self, n: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        rule = self.code.norm
+        if rule == "plain":
+            norm = n
+        elif rule == "unit":
+            norm = n / c.norm(dim=-1).clamp_min(1e-30)
+        else:  # "ls": the scale that minimises |x - norm * unrotate(c)|
+            norm = n * (y * c).sum(-1) / (c * c).sum(-1).clamp_min(1e-30)
+        return norm.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+    def _rotate_unit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.float()
+        n = x.norm(dim=-1)
+        y = self.rotation.forward(x) / n.clamp_min(1e-30)[..., None]
+        return n, y
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        n, y = self._rotate_unit(x)
+        codes, c = self._codes_and_levels(y)
+        e = self.code.extra
+        parts = []
+        if e:
+            parts.append(pack(codes[0], self.code.bits + 1))
+        parts.append(pack(codes[1], self.code.bits))
+        return Encoded(torch.cat(parts, -1), self._stored_norm(n, y, c))
+
+    def levels_of(self, packed: torch.Tensor) -> torch.Tensor:
+        """Unpack codes and look up their levels: the rotated, unit-scale vectors [..., d]."""
+        e, b = self.code.extra, self.code.bits
+        split = packed_bytes(e, b + 1)
+        out = []
+        for (sl, levels, _), chunk, bits, n in (
+            (self._levels[0], packed[..., :split], b + 1, e),
+            (self._levels[1], packed[..., split:], b, self.d - e),
+        ):
+            if n:
+                out.append(levels.to(packed.device)[unpack(chunk, bits, n)])
+        return torch.cat(out, -1)
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        c = self.levels_of(enc.codes)
+        return self.rotation.inverse(c * enc.norms.float()[..., None])
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) without the packing step (identical values, faster)."""
+        n, y = self._rotate_unit(x)
+        _, c = self._codes_and_levels(y)
+        norm = self._stored_norm(n, y, c).float()
+        return self.rotation.inverse(c * norm[..., None])
+
+
+class KVLayerQuantizer:
+    """The keys and values of one attention layer: calibration, rotation, codes.
+
+    Tensors are [..., num_kv_heads, head_size]; calibration tensors are [num_kv_heads, head_size].
+    """
+
+    def __init__(
+        self,
+        fmt: KVFormat,
+        head_size: int,
+        layer: int,
+        seed: int,
+        key_mean: torch.Tensor | None = None,
+        key_scale: torch.Tensor | None = None,
+        value_mean: torch.Tensor | None = None,
+    ):
+        self.fmt, self.head_size, self.layer = fmt, head_size, layer
+        rotation = Rotation(head_size, layer, seed)
+        self.keys = VectorQuantizer(head_size, fmt.key, rotation)
+        self.values = VectorQuantizer(head_size, fmt.value, rotation)
+        self.key_mean = None if key_mean is None else key_mean.float()
+        self.key_scale = None if key_scale is None else key_scale.float()
+        self.key_inv_scale = None if key_scale is None else 1.0 / self.key_scale
+        self.value_mean = None if value_mean is None else value_mean.float()
+
+    def _calibrate_keys(self, k: torch.Tensor) -> torch.Tensor:
+        x = k.float()
+        if self.key_mean is not None:
+            x = x - self.key_mean.to(x.device)
+        if self.key_inv_scale is not None:
+            x = x * self.key_inv_scale.to(x.device)
+        return x
+
+    def _uncalibrate_keys(self, x: torch.Tensor) -> torch.Tensor:
+        if self.key_scale is not None:
+            x = x * self.key_scale.to(x.device)
+        if self.key_mean is not None:
+            x = x + self.key_mean.to(x.device)
+        return x
+
+    def _center_values(self, v: torch.Tensor) -> torch.Tensor:
+        return v.float() if self.value_mean is None else v.float() - self.value_mean.to(v.device)
+
+    def _uncenter_values(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.value_mean is None else x + self.value_mean.to(x.device)
+
+    def encode_keys(self, k: torch.Tensor) -> Encoded:
+        return self.keys.encode(self._calibrate_keys(k))
+
+    def decode_keys(self, enc: Encoded) -> torch.Tensor:
+        return self._uncalibrate_keys(self.keys.decode(enc))
+
+    def encode_values(self, v: torch.Tensor) -> Encoded:
+        return self.values.encode(self._center_values(v))
+
+    def decode_values(self, enc: Encoded) -> torch.Tensor:
+        return self._uncenter_values(self.values.decode(enc))
+
+    def roundtrip_keys(self, k: torch.Tensor) -> torch.Tensor:
+        return self._uncalibrate_keys(self.keys.roundtrip(self._calibrate_keys(k)))
+
+    def roundtrip_values(self, v: torch.Tensor) -> torch.Tensor:
+        return self._uncenter_values(self.values.roundtrip(self._center_values(v)))
