@@ -15,7 +15,7 @@ ifeq ($(HAVE_DRIVER),1)
 RUN_ENV :=
 STUB_DEP :=
 else
-RUN_ENV := LD_LIBRARY_PATH=$(abspath $(STUB_DIR))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} VLLM_GDS_CUDA_STUB=1
+RUN_ENV := LD_LIBRARY_PATH=$(abspath $(STUB_DIR))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} GDS_CUDA_DRIVER_STUB=1
 STUB_DEP := $(STUB)
 endif
 # vLLM's CPU build: bind no cores (the machines here have 2) and stay quiet about usage stats.

@@ -41,7 +41,7 @@ def main() -> int:
             gpu_memory_utilization=0.3,  # on CPU, the share of host memory reserved; unused here
         )
     except Exception as e:  # the expected end: every rank raised CaptureComplete
-        print(f"capture engine ended: {type(e).__name__}", file=sys.stderr)
+        print(f"capture engine ended: {type(e).__name__}: {e}", file=sys.stderr)
     world = args.tensor_parallel_size * args.pipeline_parallel_size
     missing = [r for r in range(world) if not (capture_dir / record_name(r)).is_file()]
     if missing:

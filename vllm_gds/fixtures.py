@@ -67,7 +67,9 @@ def smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
         source = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        config = LlamaConfig(**source.config.to_dict())
+        settings = source.config.to_dict()
+        settings.pop("quantization_config", None)  # the GGUF origin; the saved weights are plain bf16
+        config = LlamaConfig(**settings)
         config.architectures = ["LlamaForCausalLM"]
         config.torch_dtype = "bfloat16"
         model = LlamaForCausalLM(config)
