@@ -27,6 +27,10 @@ class PinnedBuffers:
             raise GdsError(f"pinned buffers need count >= 1 and a size that is a multiple of {PAGE}")
         self.count, self.size = count, size
         self._map = mmap.mmap(-1, count * size)
+        try:  # huge pages where the kernel offers them: fewer faults to take before pinning
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
         self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self._views = [memoryview(self._map)[i * size:(i + 1) * size] for i in range(count)]
         self._registered: list[int] = []

@@ -44,6 +44,9 @@ class ReadOptions:
     max_pinned_bytes: int = 1 << 30  # the ring never exceeds this
     engine: str = "auto"  # auto: kvikio where GDS is active, else the pinned pipeline
     direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
+    # pipeline: files already in memory (tmpfs, warm page cache) are pinned in place and DMAed
+    # from, with no CPU copy; False reads them through the buffer ring like any other file.
+    pin_page_cache: bool = True
 
     def __post_init__(self):
         if self.policy not in POLICIES:
