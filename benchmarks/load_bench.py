@@ -705,7 +705,7 @@ def bench(ranks, world, args, res, save, cold_dir):
         ("instanttensor", dict(loader="instanttensor")),
         ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
         ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
-        ("vllm-gds, ring only (no in-place pin)", dict(loader="vllm-gds", options={"pin_page_cache": False})),
+        ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
     ]
     for label, kw in peers:
         res["single"][label] = timed(label, ranks_=single, repeats=args.repeats, **kw)
@@ -745,6 +745,8 @@ def bench(ranks, world, args, res, save, cold_dir):
             ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
             ("instanttensor", dict(loader="instanttensor")),
             ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
+            ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
+            ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
         ]
         if args.sweep:
             for threads, task in ((8, 16), (8, 64), (16, 64)):
@@ -776,7 +778,8 @@ def bench(ranks, world, args, res, save, cold_dir):
                 f"{r['resident_before']}, after {r['resident_after']} ({r['drop']})")
         for label, kw in [("vllm-gds", dict(loader="vllm-gds", cold=True)),
                           ("vllm-gds, page cache warm (ext4)", dict(loader="vllm-gds", disk=True)),
-                          ("vllm-gds, O_DIRECT", dict(loader="vllm-gds", cold=True, options={"direct_io": True})),
+                          *([("vllm-gds, O_DIRECT", dict(loader="vllm-gds", cold=True, options={"direct_io": True}))]
+                            if args.sweep else []),
                           ("instanttensor", dict(loader="instanttensor", cold=True))]:
             group = res["cold"] if kw.get("cold") else res["single"]
             group[label] = timed(label + (" (cold)" if kw.get("cold") else ""), ranks_=single, **kw)
@@ -880,12 +883,16 @@ def render_markdown(res) -> str:
         f"Ceilings: pinned host-to-device copy {c1 or 0:.1f} GB/s on one GPU, {cn or 0:.1f} GB/s on all "
         f"{res['world']} at once; cold: parallel `dd iflag=direct` {dd or 0:.2f} GB/s.",
         "",
-        "| run | loader | GB/s | x InstantTensor | x ceiling | per rank GB/s | GPU MiB beyond weights |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | loader | GB/s | x InstantTensor | x ceiling | per rank GB/s | GPU MiB beyond weights "
+        "| pinned host MiB per rank |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for where, label, v, it, ceil, row in rows:
+        pinned = (row.get("detail") or {}).get("pinned_bytes")
+        pinned = f"{pinned / MiB:.0f}" if isinstance(pinned, (int, float)) else "n/m"
         lines.append(f"| {where} | {label} | {v:.2f} | {v / it if it else 0:.2f} | {v / ceil if ceil else 0:.2f} | "
-                     f"{', '.join(str(x) for x in row.get('per_rank', []))} | {row.get('gpu_extra_mib', 0):.0f} |")
+                     f"{', '.join(str(x) for x in row.get('per_rank', []))} | {row.get('gpu_extra_mib', 0):.0f} "
+                     f"| {pinned} |")
     lines.append("")
     lines.append("Cold rows: 'x ceiling' is the ratio to the parallel dd read of the same files.")
     return "\n".join(lines)

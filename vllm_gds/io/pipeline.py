@@ -16,7 +16,6 @@ platform, and the tests) the ring is plain memory and the copies synchronous.
 """
 
 import collections
-import itertools
 import os
 import queue
 import threading
@@ -193,16 +192,55 @@ def _clear_cuda_error() -> None:
 
 
 _REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the GPU only reads these pages
+PIN_CHUNK = 256 << 20  # bytes the pinner registers at once: registration costs per call
+
+
+class _Claims:
+    """Span indices handed out from the front (ring readers) and from the back (the pinner)."""
+
+    def __init__(self, spans, resident):
+        self._spans, self._resident = spans, resident
+        self._lock = threading.Lock()
+        self.front, self.back = 0, len(spans) - 1
+
+    def next_front(self) -> int | None:
+        with self._lock:
+            if self.front > self.back:
+                return None
+            self.front += 1
+            return self.front - 1
+
+    def run_from_back(self, max_bytes: int) -> list[int]:
+        """Consecutive spans of one resident file, adjacent on disk, at most ``max_bytes``."""
+        with self._lock:
+            taken: list[int] = []
+            size = 0
+            while self.back >= self.front:
+                j = self.back
+                span = self._spans[j]
+                if not self._resident[span.file]:
+                    break
+                if taken:
+                    nxt = self._spans[taken[-1]]
+                    if span.file != nxt.file or span.offset + span.length != nxt.offset:
+                        break
+                if taken and size + span.length > max_bytes:
+                    break
+                taken.append(j)
+                size += span.length
+                self.back -= 1
+            return taken[::-1]
 
 
 def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Checksums") -> dict:
     """Read every target of ``reads``; returns details for ReadStats.
 
-    Per file, one of two ways: a file resident in memory (tmpfs, warm page
-    cache) is mapped and its pages pinned in place a span at a time, so the GPU
-    copies straight from the page cache and no CPU copies a byte; any other
-    file is read with ``preadv`` (or O_DIRECT) into the ring of pinned buffers.
-    Pinned memory, in place or in the ring, stays under ``max_pinned_bytes``.
+    Reader threads take spans from the front of the plan, ``preadv`` them into
+    the ring and copy them to the GPU. With ``pin_page_cache``, one more thread
+    takes spans of files resident in memory from the back of the plan, pins
+    their page-cache pages in place (a large chunk at a time: the driver
+    serialises registration) and has the GPU copy straight from them, so those
+    bytes cost no CPU copy. Pinned memory stays under ``max_pinned_bytes``.
     """
     cuda = device.type == "cuda"
     span_bytes = -(-options.task_size // PAGE) * PAGE
@@ -220,12 +258,16 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
             f"max_pinned_bytes {options.max_pinned_bytes} is smaller than one task ({span_bytes} bytes): "
             "lower task_size or raise max_pinned_bytes"
         )
-    threads = max(1, min(options.num_threads, len(spans), cap))
+    threads = max(1, min(options.num_threads, len(spans)))
+    ring_count = max(1, min(options.num_buffers or threads, cap))
+    threads = min(threads, ring_count)
+    pin_budget = options.max_pinned_bytes - ring_count * span_bytes
+    pin_chunk = min(PIN_CHUNK, pin_budget // 2) // span_bytes * span_bytes
 
     flags = os.O_RDONLY | (os.O_DIRECT if options.direct_io else 0)
     fds: list[int] = []
     mappings: list = []
-    sources: list = []  # per file: the mapping's tensor (pin in place) or None (read into the ring)
+    sources: list = []  # per file: the mapping as a tensor where it is resident, else None
     dests = [t.dest.reshape(-1).view(torch.uint8) for _, t in flat_targets]
     paths = [r.path for r in reads]
     if checks.active:  # a destination is complete once all its pieces have landed
@@ -243,11 +285,11 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 hint = (" (this file system refuses O_DIRECT: set direct_io false)"
                         if options.direct_io and e.errno == 22 else "")
                 raise ShardReadError(f"cannot open shard file {read.path}: {e.strerror}{hint}") from None
-        in_place = cuda and options.pin_page_cache and not options.direct_io
+        pinning = options.pin_page_cache and not options.direct_io and pin_chunk >= span_bytes
         for fd in fds:
             source = None
             size = os.fstat(fd).st_size
-            if in_place and size:
+            if pinning and size:
                 from vllm_gds.io.pagecache import FileMapping
 
                 m = FileMapping(fd, size)
@@ -256,44 +298,32 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 if cached >= 0.9 * total:
                     source = m.tensor()
             sources.append(source)
-        mapped = sum(s is not None for s in sources)
-        # Pinned budget (cap spans): each thread keeps `inflight` spans pinned in place until
-        # their copies finish; the ring (made only if some file is read) gets the rest.
-        inflight = max(1, cap // (2 * threads)) if mapped else 0
-        ring_count = max(1, min(options.num_buffers or 2 * threads, cap - threads * inflight))
-        if not mapped:
-            threads = min(threads, ring_count)
+        resident = [s is not None for s in sources]
+        pinning = pinning and any(resident)
         ring = _Ring(ring_count, span_bytes, cuda, device, threads)
-        detail.update(threads=threads, files_pinned_in_place=mapped, inflight_per_thread=inflight)
-        order = itertools.count()
+        claims = _Claims(spans, resident)
         failure = _Failure()
+        pinned_spans = [0]
         refused: list[str] = []
         checks.start()
         cudart = torch.cuda.cudart() if cuda else None
 
-        def copy_in_place(span, source, stream, pinned) -> bool:
-            ptr = source.data_ptr() + span.offset
-            err = int(cudart.cudaHostRegister(ptr, span.length, _REGISTER_READ_ONLY))
-            if err != 0:
-                _clear_cuda_error()
-                refused.append(f"{paths[span.file]}: cudaError {err}")
-                sources[span.file] = None  # the rest of this file goes through the ring
-                return False
-            with torch.cuda.stream(stream):
+        def copy_pieces(span, src, base, stream):
+            """Copy ``span``'s pieces from ``src`` (its bytes start at ``base``)."""
+            if cuda:
+                with torch.cuda.stream(stream):
+                    for p in span.pieces:
+                        a = base + p.buf_offset
+                        dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
+                            src[a:a + p.nbytes], non_blocking=True)
+            else:
                 for p in span.pieces:
-                    a = span.offset + p.buf_offset
-                    dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
-                        source[a:a + p.nbytes], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-            pinned.append((ptr, event))
-            if len(pinned) > inflight:
-                old_ptr, old_event = pinned.popleft()
-                old_event.synchronize()
-                cudart.cudaHostUnregister(old_ptr)
-            if checks.active:
-                checks.landed([p.target for p in span.pieces], event)
-            return True
+                    a = base + p.buf_offset
+                    dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(src[a:a + p.nbytes])
+
+        def landed(span_list, event):
+            if checks.active and cuda:
+                checks.landed([p.target for span in span_list for p in span.pieces], event)
 
         def copy_through_ring(span, stream) -> None:
             buffers = ring.get()
@@ -302,45 +332,73 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 if event is not None:
                     event.synchronize()
                 _read_span(fds[span.file], buffers.view(index), span, paths[span.file])
-                src = buffers.tensor(index)
+                copy_pieces(span, buffers.tensor(index), 0, stream)
                 if cuda:
-                    with torch.cuda.stream(stream):
-                        for p in span.pieces:
-                            dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
-                                src[p.buf_offset:p.buf_offset + p.nbytes], non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(stream)
-                    if checks.active:
-                        checks.landed([p.target for p in span.pieces], event)
-                else:
-                    for p in span.pieces:
-                        dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
-                            src[p.buf_offset:p.buf_offset + p.nbytes])
+                    landed([span], event)
             finally:
                 ring.free.put((index, event))
 
-        def worker():
-            pinned = collections.deque()
+        def start_stream():
+            if not cuda:
+                return None
+            torch.cuda.set_device(device)  # the current device is per thread
+            return torch.cuda.Stream(device)
+
+        def reader():
             stream = None
             try:
-                if cuda:
-                    torch.cuda.set_device(device)  # the current device is per thread
-                    stream = torch.cuda.Stream(device)
+                stream = start_stream()
                 while failure.error is None:
-                    i = next(order)
-                    if i >= len(spans):
+                    i = claims.next_front()
+                    if i is None:
                         break
-                    span = spans[i]
-                    source = sources[span.file]
-                    if source is not None and copy_in_place(span, source, stream, pinned):
-                        continue
-                    copy_through_ring(span, stream)
+                    copy_through_ring(spans[i], stream)
+            except BaseException as e:
+                failure.set(e)
+            finally:
+                if stream is not None:
+                    stream.synchronize()
+
+        def pinner():
+            stream, held = None, collections.deque()
+            try:
+                stream = start_stream()
+                while failure.error is None:
+                    run = claims.run_from_back(pin_chunk)
+                    if not run:
+                        break
+                    first, last = spans[run[0]], spans[run[-1]]
+                    source = sources[first.file]
+                    length = last.offset + last.length - first.offset
+                    ptr = source.data_ptr() + first.offset
+                    if cuda:
+                        while len(held) >= 2:  # at most two chunks pinned: one copying, one next
+                            old_ptr, old_event = held.popleft()
+                            old_event.synchronize()
+                            cudart.cudaHostUnregister(old_ptr)
+                        err = int(cudart.cudaHostRegister(ptr, length, _REGISTER_READ_ONLY))
+                        if err != 0:
+                            _clear_cuda_error()
+                            refused.append(f"{paths[first.file]}: cudaError {err}")
+                            for j in run:  # these go through the ring; pinning stops here
+                                copy_through_ring(spans[j], stream)
+                            break
+                    for j in run:
+                        copy_pieces(spans[j], source, spans[j].offset, stream)
+                    pinned_spans[0] += len(run)
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        held.append((ptr, event))
+                        landed([spans[j] for j in run], event)
             except BaseException as e:
                 failure.set(e)
             finally:
                 try:
-                    while pinned:
-                        ptr, event = pinned.popleft()
+                    while held:
+                        ptr, event = held.popleft()
                         event.synchronize()
                         cudart.cudaHostUnregister(ptr)
                     if stream is not None:
@@ -348,16 +406,21 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 except BaseException as e:
                     failure.set(e)
 
-        workers = [threading.Thread(target=worker, name=f"vllm-gds-read-{k}", daemon=True)
+        workers = [threading.Thread(target=reader, name=f"vllm-gds-read-{k}", daemon=True)
                    for k in range(threads)]
+        if pinning:
+            workers.append(threading.Thread(target=pinner, name="vllm-gds-pin", daemon=True))
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         used_ring = ring.buffers is not None
-        detail["buffers"] = ring_count if used_ring else 0
-        detail["setup_seconds"] = ring.setup_seconds
-        detail["pinned_bytes"] = ((ring_count if used_ring else 0) + threads * inflight) * span_bytes if cuda else 0
+        detail.update(
+            threads=threads, buffers=ring_count if used_ring else 0, setup_seconds=ring.setup_seconds,
+            pinned_in_place_spans=pinned_spans[0],
+            pinned_bytes=((ring_count if used_ring else 0) * span_bytes
+                          + (2 * pin_chunk if pinned_spans[0] else 0)) if cuda else 0,
+        )
         if refused:
             detail["pin_refused"] = refused[0]
         if failure.error is not None:

@@ -37,16 +37,17 @@ ENGINES = ("auto", "pipeline", "kvikio")
 @dataclass(frozen=True)
 class ReadOptions:
     policy: str = "auto"  # auto: GDS where available; require: fail unless GDS; off: never GDS
-    # Defaults measured on H100/H200 machines from tmpfs (benchmarks/RESULTS.md, "Load (issue 3)").
-    num_threads: int = 16  # reader threads (pipeline) or kvikio's thread pool
-    task_size: int = 16 << 20  # bytes per read (pipeline: per pinned buffer; kvikio: per task)
-    num_buffers: int = 0  # pinned buffers in the ring; 0: two per thread
-    max_pinned_bytes: int = 1 << 30  # the ring never exceeds this
+    # Defaults measured on 2x H200 from tmpfs, 16 GiB per rank (benchmarks/RESULTS.md, "Load (issue 3)").
+    num_threads: int = 12  # reader threads (pipeline) or kvikio's thread pool
+    task_size: int = 8 << 20  # bytes per read (pipeline: per pinned buffer; kvikio: per task)
+    num_buffers: int = 0  # pinned buffers in the ring; 0: one per reader thread
+    max_pinned_bytes: int = 1 << 30  # pinned host memory (ring and pages pinned in place) stays below
     engine: str = "auto"  # auto: kvikio where GDS is active, else the pinned pipeline
     direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
-    # pipeline: files already in memory (tmpfs, warm page cache) are pinned in place and DMAed
-    # from, with no CPU copy; False reads them through the buffer ring like any other file.
-    pin_page_cache: bool = True
+    # pipeline: one extra thread pins page-cache pages of files resident in memory (tmpfs, warm
+    # page cache) in place and has the GPU copy straight from them, with no CPU copy. Off by
+    # default: registering pages is serialised by the driver and measured slower than copying.
+    pin_page_cache: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:
