@@ -13,6 +13,11 @@ A format codes each key vector and each value vector of one KV head at one token
 
 and is decoded as  k^ = mean + scale * norm * unrotate(c)  with scale = 1 / inv_scale.
 
+Raw fallback (keys, ``key_raw_fallback``): steps 2-4 also run on x = k itself (no calibration);
+with e = k - k^ for each of the two decodings, the key keeps the candidate with the smaller
+sum_c query_ms[c] * e[c]^2 (ties: calibrated), and a raw key stores -norm (the float16 sign bit is
+the flag; a raw key is decoded as  k^ = |norm| * unrotate(c)).
+
 Bytes of one vector, in this order (no padding between fields):
     codes of coordinates [0, extra)  at bits+1 bits, packed (packing.py), ceil(extra*(bits+1)/8) B
     codes of coordinates [extra, d)  at bits   bits, packed,             ceil((d-extra)*bits/8) B
@@ -21,7 +26,8 @@ The key vector's bytes are followed by the value vector's bytes: one "slot" per 
 
 Attention reads the cache without an inverse rotation per key: with q~ = rotate(scale_k * q),
 q . k^ = q . mean_k + norm * sum_i q~[i] c[i], and q . mean_k is the same for every key of a
-query, so softmax ignores it. The output is  mean_v + scale_v * unrotate(sum_j p_j norm_j c_j).
+query, so softmax ignores it; a raw key scores  |norm| * sum_i rotate(q)[i] c[i] - q . mean_k
+relative to that (with the fallback on, the kernel keeps both rotated queries). The output is  mean_v + scale_v * unrotate(sum_j p_j norm_j c_j).
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class KVFormat:
     value: VectorCode
     key_calibration: str = "mean_balanced"
     value_calibration: str = "none"
+    # Code each key both calibrated and raw (mean 0, scale 1) and keep the one with the smaller
+    # query-weighted error sum_c query_ms[c] * (k[c] - k^[c])^2; a raw key has a negative norm.
+    # It keeps outlier keys (the attention sink, far from the calibrated mean) accurate.
+    key_raw_fallback: bool = True
 
     def __post_init__(self):
         if self.key_calibration not in KEY_CALIBRATIONS:

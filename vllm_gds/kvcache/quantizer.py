@@ -113,6 +113,7 @@ class KVLayerQuantizer:
         key_mean: torch.Tensor | None = None,
         key_scale: torch.Tensor | None = None,
         value_mean: torch.Tensor | None = None,
+        key_weight: torch.Tensor | None = None,
     ):
         self.fmt, self.head_size, self.layer = fmt, head_size, layer
         rotation = Rotation(head_size, layer, seed)
@@ -122,6 +123,11 @@ class KVLayerQuantizer:
         self.key_scale = None if key_scale is None else key_scale.float()
         self.key_inv_scale = None if key_scale is None else 1.0 / self.key_scale
         self.value_mean = None if value_mean is None else value_mean.float()
+        # The raw fallback matters only where there is a calibration to fall back from.
+        self.fallback = fmt.key_raw_fallback and (key_mean is not None or key_scale is not None)
+        self.key_weight = (
+            torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
+        )
 
     def _calibrate_keys(self, k: torch.Tensor) -> torch.Tensor:
         x = k.float()
@@ -144,20 +150,42 @@ class KVLayerQuantizer:
     def _uncenter_values(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.value_mean is None else x + self.value_mean.to(x.device)
 
+    def _choose_raw(self, k, calibrated_hat, raw_hat):
+        w = self.key_weight.to(k.device)
+        err_cal = (w * (k.float() - calibrated_hat) ** 2).sum(-1)
+        err_raw = (w * (k.float() - raw_hat) ** 2).sum(-1)
+        return err_raw < err_cal
+
     def encode_keys(self, k: torch.Tensor) -> Encoded:
-        return self.keys.encode(self._calibrate_keys(k))
+        enc = self.keys.encode(self._calibrate_keys(k))
+        if not self.fallback:
+            return enc
+        raw = self.keys.encode(k.float())
+        use_raw = self._choose_raw(
+            k, self._uncalibrate_keys(self.keys.decode(enc)), self.keys.decode(raw)
+        )
+        codes = torch.where(use_raw[..., None], raw.codes, enc.codes)
+        norms = torch.where(use_raw, -raw.norms.abs(), enc.norms.abs())
+        return Encoded(codes, norms)
 
     def decode_keys(self, enc: Encoded) -> torch.Tensor:
-        return self._uncalibrate_keys(self.keys.decode(enc))
+        raw = enc.norms.float() < 0  # -0.0 counts as calibrated: harmless, its vector is zero
+        x = self.keys.decode(Encoded(enc.codes, enc.norms.abs()))
+        return torch.where(raw[..., None], x, self._uncalibrate_keys(x))
+
+    def roundtrip_keys(self, k: torch.Tensor) -> torch.Tensor:
+        calibrated_hat = self._uncalibrate_keys(self.keys.roundtrip(self._calibrate_keys(k)))
+        if not self.fallback:
+            return calibrated_hat
+        raw_hat = self.keys.roundtrip(k.float())
+        use_raw = self._choose_raw(k, calibrated_hat, raw_hat)
+        return torch.where(use_raw[..., None], raw_hat, calibrated_hat)
 
     def encode_values(self, v: torch.Tensor) -> Encoded:
         return self.values.encode(self._center_values(v))
 
     def decode_values(self, enc: Encoded) -> torch.Tensor:
         return self._uncenter_values(self.values.decode(enc))
-
-    def roundtrip_keys(self, k: torch.Tensor) -> torch.Tensor:
-        return self._uncalibrate_keys(self.keys.roundtrip(self._calibrate_keys(k)))
 
     def roundtrip_values(self, v: torch.Tensor) -> torch.Tensor:
         return self._uncenter_values(self.values.roundtrip(self._center_values(v)))
