@@ -19,14 +19,8 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_gds import _vllm_compat
+from vllm_gds.capture_protocol import record_name
 from vllm_gds.shards.writer import DEFAULT_MAX_FILE_BYTES, write_rank
-
-CAPTURE_FORMAT = "vllm_gds_capture"
-
-
-def record_name(rank: int) -> str:
-    return f"capture-rank-{rank:05d}.json"
-
 
 class CaptureComplete(RuntimeError):
     """Raised by every rank once its shards are written; ends the capture engine on purpose."""

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vllm_gds.capture import CAPTURE_FORMAT, record_name
+from vllm_gds.capture_protocol import CAPTURE_FORMAT, record_name
 
 
 def main() -> int:

@@ -198,7 +198,8 @@ def _refuse_prepared_directories() -> None:
 def register_loaders() -> None:
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
-    from vllm_gds.capture import CAPTURE_FORMAT, CaptureModelLoader
+    from vllm_gds.capture import CaptureModelLoader
+    from vllm_gds.capture_protocol import CAPTURE_FORMAT
 
     if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
         register_model_loader(LOAD_FORMAT)(GdsModelLoader)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_gds.capture import record_name
+from vllm_gds.capture_protocol import record_name
 from vllm_gds.errors import GdsError
 from vllm_gds.hf_stream import safetensors_files
 from vllm_gds.shards import checksum
@@ -167,6 +167,7 @@ def prepare(req: PrepareRequest) -> Path:
     req = PrepareRequest(**{**req.__dict__, "source": req.source.resolve(), "out": req.out.resolve()})
     _check_request(req)
     expected = estimate_bytes(req)
+    req.out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(req, expected)
     tmp = req.out.parent / f".{req.out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
