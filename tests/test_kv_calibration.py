@@ -1,0 +1,66 @@
+"""The KV calibration file: round trip, the missing-file warning, a real calibration run."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from vllm_gds.kvcache.calibration import calibrate
+from vllm_gds.kvcache.calibration_file import (
+    META_NAME,
+    TENSORS_NAME,
+    load_calibration,
+    save_calibration,
+)
+
+
+def _stats(layers=3, heads=2, d=64):
+    g = torch.Generator().manual_seed(0)
+    s = {n: torch.rand(layers, heads, d, generator=g) + 0.1
+         for n in ("key_mean", "key_var", "query_ms", "value_mean", "value_var")}
+    s["key_absmax"] = torch.rand(layers, generator=g)
+    s["value_absmax"] = torch.rand(layers, generator=g)
+    return s
+
+
+def test_round_trip(tmp_path):
+    stats = _stats()
+    save_calibration(tmp_path, stats, {"model": "m", "tokens": 10})
+    cal = load_calibration(tmp_path)
+    for name, t in stats.items():
+        assert torch.equal(getattr(cal, name), t)
+    assert cal.meta["model"] == "m" and cal.meta["format_version"] == 1
+    mean, scale = cal.key_transform(1, "mean_balanced")
+    assert torch.equal(mean, stats["key_mean"][1])
+    expected = (stats["key_var"][1] / stats["query_ms"][1]) ** 0.25
+    ratio = scale / expected
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)  # up to one factor per head
+    assert torch.allclose(scale.log().mean(-1), torch.zeros(2), atol=1e-5)
+
+
+def test_missing_file_warns_with_the_command(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vllm_gds.kvcache"):
+        assert load_calibration(tmp_path) is None
+    assert f"vllm-gds calibrate {tmp_path}" in caplog.text
+
+
+def test_other_format_version_is_refused(tmp_path):
+    save_calibration(tmp_path, _stats(), {})
+    meta = json.loads((tmp_path / META_NAME).read_text())
+    meta["format_version"] = 99
+    (tmp_path / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="calibrate"):
+        load_calibration(tmp_path)
+
+
+def test_calibrate_the_tiny_model(tmp_path):
+    from vllm_gds.fixtures import tiny_llama
+
+    model = tiny_llama()
+    calibrate(model, tokens=600, window=300, device="cpu", out_dir=tmp_path)
+    assert (tmp_path / TENSORS_NAME).is_file()
+    cal = load_calibration(tmp_path)
+    assert cal.key_mean.shape == (2, 2, 32) and cal.query_ms.shape == (2, 2, 32)
+    assert (cal.key_var > 0).all() and (cal.query_ms > 0).all()
+    assert cal.meta["tokens"] == 600 and cal.meta["head_size"] == 32

@@ -1,0 +1,39 @@
+"""Attention scores and outputs computed the way the kernels do: in the rotated domain.
+
+``scores(lq, q, enc)`` never unrotates a key: it rotates the (scaled) query once and dots it with
+codebook levels times the stored norm; ``output(lq, p, enc)`` sums weighted levels and unrotates
+once. Both equal attention over the decoded keys and values (up to float rounding): the tests
+check it, and the kernels are checked against these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import Encoded, KVLayerQuantizer
+
+
+def scores(lq: KVLayerQuantizer, q: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """q [H, d] (one query per KV head) against keys enc [T, H] -> [H, T], up to a per-query constant:
+    the returned score of key j is q . k^_j - q . key_mean."""
+    rot = lq.keys.rotation
+    levels = lq.keys.levels_of(enc.codes)  # [T, H, d]
+    norms = enc.norms.float()  # [T, H]
+    q = q.float()
+    mean = lq.key_mean if lq.key_mean is not None else torch.zeros_like(q)
+    scale = lq.key_scale if lq.key_scale is not None else torch.ones_like(q)
+    q_cal = rot.forward(q * scale)  # [H, d]
+    s_cal = norms.abs() * (levels * q_cal).sum(-1)  # [T, H]
+    if not lq.fallback:
+        return s_cal.T
+    q_raw = rot.forward(q)
+    s_raw = norms.abs() * (levels * q_raw).sum(-1) - (q * mean).sum(-1)
+    return torch.where(norms < 0, s_raw, s_cal).T
+
+
+def output(lq: KVLayerQuantizer, p: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """Attention weights p [H, T] (rows sum to 1) over values enc [T, H] -> [H, d]."""
+    levels = lq.values.levels_of(enc.codes) * enc.norms.float()[..., None]  # [T, H, d]
+    acc = torch.einsum("ht,thd->hd", p.float(), levels)
+    out = lq.values.rotation.inverse(acc)
+    return out if lq.value_mean is None else out + lq.value_mean
