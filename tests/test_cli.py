@@ -29,7 +29,7 @@ def test_inspect_finds_a_damaged_rank(prepared_tiny_tp2, tmp_path, capsys):
         f.write(b"\xff\xff\xff\xff")
     assert main(["inspect", str(model)]) == 1
     out = capsys.readouterr().out
-    assert f"rank 1: DAMAGED: checksum mismatch in {model / shard.path}" in out
+    assert f"rank 1: DAMAGED: tensor {shard.tensors[-1].name} at byte {shard.tensors[-1].offset} of {model / shard.path}" in out
     assert "1 rank(s) damaged" in out
 
 

@@ -122,7 +122,7 @@ def test_flipped_byte_fails_the_checksum_naming_file_and_tensor(prepared_tiny, t
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x10]))
     check_rank_files(model, shards)  # sizes and headers cannot see it
-    with pytest.raises(ChecksumError, match=f"{shard.path}, tensor {victim.name}"):
+    with pytest.raises(ChecksumError, match=f"tensor {victim.name} at byte {victim.offset} of {model / shard.path}"):
         install(_module_for(shards), model, shards, CPU, ReadOptions(), verify=True)
 
 

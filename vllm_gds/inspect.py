@@ -5,7 +5,6 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError
-from vllm_gds.install import verify_checksums
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, read_files
 from vllm_gds.shards import dtypes
 from vllm_gds.shards.manifest import MANIFEST_NAME, Manifest, RankShards, read_manifest
@@ -41,9 +40,10 @@ def verify_rank(model_dir: Path, shards: RankShards, with_checksums: bool) -> No
         return
     for shard in shards.files:
         dests = [torch.empty(e.shape, dtype=dtypes.torch_dtype(e.dtype)) for e in shard.tensors]
-        targets = tuple(ReadTarget(e.offset, d) for e, d in zip(shard.tensors, dests))
+        targets = tuple(
+            ReadTarget(e.offset, d, name=e.name, checksum=e.checksum) for e, d in zip(shard.tensors, dests)
+        )
         read_files([FileRead(model_dir / shard.path, targets, shard.size)], ReadOptions(), torch.device("cpu"))
-        verify_checksums([(model_dir / shard.path, e, d) for e, d in zip(shard.tensors, dests)])
 
 
 def add_inspect_arguments(parser) -> None:

@@ -1,28 +1,21 @@
-"""Install prepared tensors into a model's parameters by name: plan, read, verify.
+"""Install prepared tensors into a model's parameters by name: plan, then read and verify.
 
 Everything that can be checked before reading is checked first (names, shapes,
 dtypes, files), so a mismatch installs nothing. Bytes are read straight into
-the parameters' storage; checksums are computed there, on the device.
+the parameters' storage; the reader computes checksums there, on the device,
+while later reads are still in flight.
 """
 
-import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vllm_gds.errors import ChecksumError, GdsError, ManifestError
+from vllm_gds.errors import GdsError, ManifestError
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadStats, ReadTarget, read_files
-from vllm_gds.shards import checksum, dtypes
-from vllm_gds.shards.manifest import MANIFEST_NAME, RankShards, TensorEntry
-
-
-@dataclass
-class InstallPlan:
-    reads: list[FileRead]
-    checks: list[tuple[Path, TensorEntry, torch.Tensor]]  # (file, entry, destination)
+from vllm_gds.shards import dtypes
+from vllm_gds.shards.manifest import MANIFEST_NAME, RankShards
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -30,7 +23,8 @@ def _names(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def plan_install(model: nn.Module, model_dir: Path, shards: RankShards) -> InstallPlan:
+def plan_install(model: nn.Module, model_dir: Path, shards: RankShards, verify: bool = True) -> list[FileRead]:
+    """One FileRead per shard file, targeting the model's parameters; raises before any read."""
     params = dict(model.named_parameters())
     located = {entry.name: (shard, entry) for shard in shards.files for entry in shard.tensors}
     missing = sorted(params.keys() - located.keys())
@@ -46,7 +40,6 @@ def plan_install(model: nn.Module, model_dir: Path, shards: RankShards) -> Insta
             + ". The shards were prepared for another model or vLLM build: prepare them again."
         )
     per_file: dict[str, list[ReadTarget]] = defaultdict(list)
-    checks = []
     for name, param in params.items():
         shard, entry = located[name]
         data = param.data
@@ -59,34 +52,22 @@ def plan_install(model: nn.Module, model_dir: Path, shards: RankShards) -> Insta
             )
         if not data.is_contiguous():
             raise GdsError(f"parameter {name} is not contiguous; it cannot be read into in place")
-        per_file[shard.path].append(ReadTarget(entry.offset, data))
-        checks.append((model_dir / shard.path, entry, data))
+        per_file[shard.path].append(
+            ReadTarget(entry.offset, data, name=name, checksum=entry.checksum if verify else None)
+        )
     sizes = {shard.path: shard.size for shard in shards.files}
-    reads = [FileRead(model_dir / rel, tuple(targets), sizes[rel]) for rel, targets in per_file.items()]
-    return InstallPlan(reads=reads, checks=checks)
-
-
-def verify_checksums(checks: list[tuple[Path, TensorEntry, torch.Tensor]]) -> float:
-    """Compare each destination's checksum with the manifest's; return the seconds spent."""
-    start = time.perf_counter()
-    if not checks:
-        return 0.0
-    computed = torch.stack([checksum.checksum_tensor(dest) for _, _, dest in checks]).cpu().tolist()
-    for (path, entry, _), value in zip(checks, computed):
-        if checksum.format_checksum(value) != entry.checksum:
-            raise ChecksumError(
-                f"checksum mismatch in {path}, tensor {entry.name}: the bytes read differ from the "
-                "bytes prepared (a corrupted or modified file); copy it again or prepare it again"
-            )
-    return time.perf_counter() - start
+    return [FileRead(model_dir / rel, tuple(targets), sizes[rel]) for rel, targets in per_file.items()]
 
 
 def install(
     model: nn.Module, model_dir: Path, shards: RankShards, device: torch.device,
     options: ReadOptions, verify: bool,
 ) -> tuple[ReadStats, float, int]:
-    """Read a rank's shards into ``model``; return (read stats, verify seconds, tensors installed)."""
-    plan = plan_install(model, model_dir, shards)
-    stats = read_files(plan.reads, options, device)
-    verify_seconds = verify_checksums(plan.checks) if verify else 0.0
-    return stats, verify_seconds, len(plan.checks)
+    """Read a rank's shards into ``model``; return (read stats, verify seconds, tensors installed).
+
+    The verify seconds are those spent after the last byte landed (the rest overlaps the reads).
+    """
+    reads = plan_install(model, model_dir, shards, verify)
+    stats = read_files(reads, options, device)
+    tensors = sum(len(read.targets) for read in reads)
+    return stats, stats.detail.get("verify_tail_seconds", 0.0), tensors
