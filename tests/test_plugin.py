@@ -1,0 +1,61 @@
+"""The plugin entry point and the loader's settings."""
+
+import importlib.metadata
+
+import pytest
+
+from vllm_gds.errors import GdsError
+from vllm_gds.options import LoaderOptions
+
+
+def test_entry_point_is_declared_and_registration_is_idempotent(caplog):
+    (entry,) = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "vllm_gds"]
+    assert entry.value == "vllm_gds:register"
+    register = entry.load()
+    register()
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, get_model_loader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from vllm_gds.loader import GdsModelLoader
+
+    guard = DefaultModelLoader._prepare_weights
+    register()
+    register()
+    assert _LOAD_FORMAT_TO_MODEL_LOADER["gds"] is GdsModelLoader
+    assert DefaultModelLoader._prepare_weights is guard  # not wrapped twice
+    assert "already registered" not in caplog.text
+
+    from vllm.config.load import LoadConfig
+
+    loader = get_model_loader(LoadConfig(load_format="gds", model_loader_extra_config={"gds": "off"}))
+    assert isinstance(loader, GdsModelLoader) and loader.options.read.policy == "off"
+
+
+def test_extra_config_defaults():
+    options = LoaderOptions.from_extra_config({})
+    assert options.read.policy == "auto" and options.verify_checksums is True and options.report_dir is None
+
+
+def test_unknown_extra_config_key_lists_the_known_ones():
+    with pytest.raises(GdsError, match=r"unknown keys \['verify'\].*allowed: .*'gds'.*'verify_checksums'"):
+        LoaderOptions.from_extra_config({"verify": False})
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"gds": "always"}, "gds policy 'always' is not one of auto, require, off"),
+    ({"verify_checksums": "no"}, "verify_checksums must be true or false"),
+])
+def test_bad_extra_config_values(extra, message):
+    with pytest.raises(GdsError, match=message):
+        LoaderOptions.from_extra_config(extra)
+
+
+def test_data_and_expert_parallel_layouts_are_refused():
+    from vllm.config import ParallelConfig, VllmConfig
+
+    from vllm_gds.loader import check_supported_parallelism
+
+    for parallel in (ParallelConfig(enable_expert_parallel=True), ParallelConfig(data_parallel_size=2)):
+        with pytest.raises(GdsError, match="does not support data-parallel or expert-parallel layouts"):
+            check_supported_parallelism(VllmConfig(parallel_config=parallel))
+    check_supported_parallelism(VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=1)))
