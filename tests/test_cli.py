@@ -64,3 +64,12 @@ def test_report_prints_per_rank_and_aggregate(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:7] == ["0", "prepared", "compat", "2", "4.000", "1.00", "4.00"]
     assert lines[-1].split() == ["all", "4", "8.000", "2.00", "4.00"]  # bytes over the slowest rank
+
+
+def test_prepare_checks_free_disk_space_first(tiny_model, tmp_path):
+    from vllm_gds.prepare import _check_disk
+
+    request = PrepareRequest(source=tiny_model, out=tmp_path / "out")
+    _check_disk(request, 1 << 20)
+    with pytest.raises(GdsError, match=f"{tmp_path} has .* GB free; preparing needs about"):
+        _check_disk(request, shutil.disk_usage(tmp_path).free * 2)

@@ -29,7 +29,7 @@ from vllm_gds import _vllm_compat
 from vllm_gds.errors import GdsError
 from vllm_gds.hf_stream import safetensors_files, stream_safetensors
 from vllm_gds.install import install
-from vllm_gds.io.reader import ReadStats, resolve_mode
+from vllm_gds.io.reader import ReadStats, gds_problems, resolve_mode
 from vllm_gds.options import LoaderOptions
 from vllm_gds.report import LoadReport
 from vllm_gds.shards.manifest import BEFORE_POST_PROCESSING, MANIFEST_NAME, is_prepared, read_manifest
@@ -120,7 +120,7 @@ class GdsModelLoader(BaseModelLoader):
                 f"this vllm-gds; prepare the directory again (the default captures {BEFORE_POST_PROCESSING})"
             )
         check_compatible(manifest, _vllm_compat.running_setup(vllm_config, model_config), model_dir)
-        resolve_mode(device, self.options.read.policy)  # `require` fails here, before building anything
+        self._announce_read_path(device)  # policy `require` fails here, before anything is built
         with set_default_torch_dtype(model_config.dtype), device:
             model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
         self._install_prepared(model, vllm_config, model_config, device, start, manifest)
@@ -150,6 +150,7 @@ class GdsModelLoader(BaseModelLoader):
             "vllm-gds: %s has no %s; streaming its safetensors files (vLLM's weight loaders shard them)",
             model_config.model, MANIFEST_NAME,
         )
+        self._announce_read_path(device)
         loader = self._hf_loader(device)
         model = loader.load_model(vllm_config, model_config, prefix)
         tp_rank, pp_rank = _vllm_compat.parallel_ranks()
@@ -163,6 +164,19 @@ class GdsModelLoader(BaseModelLoader):
             total_seconds=time.perf_counter() - start,
         ))
         return model
+
+    def _announce_read_path(self, device: torch.device) -> None:
+        """Say, before reading, which path the reads take and, without GDS, why not."""
+        policy = self.options.read.policy
+        mode = resolve_mode(device, policy)
+        if mode == "compat" and policy == "auto":
+            logger.info(
+                "vllm-gds: GPUDirect Storage is not used on this node (%s); reading through the "
+                "compatibility path (pinned host buffers). `vllm-gds doctor PATH` says how to fix it.",
+                "; ".join(gds_problems(device)) or "kvikio prefers its compat mode",
+            )
+        elif mode == "compat":
+            logger.info("vllm-gds: GPUDirect Storage is off (policy 'off'); reading through pinned host buffers")
 
     def _report(self, report: LoadReport) -> None:
         logger.info(report.log_line())
