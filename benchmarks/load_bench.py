@@ -652,11 +652,6 @@ def main():
     print_table(res)
 
 
-VG_VARIANTS = {
-    "vllm-gds": {},
-}
-
-
 def bench(ranks, world, args, res, save, cold_dir):
     t = time.perf_counter()
     w = ranks.run("write")
@@ -716,7 +711,14 @@ def bench(ranks, world, args, res, save, cold_dir):
     save()
 
     if args.sweep:
-        log("== sweep (one GPU, warm): threads x task size, pages pinned in place")
+        log("== sweep (one GPU, warm): the host side alone, page-cache pinning, threads x task size")
+        for threads in (8, 16):
+            r = ranks.run("sweep_read_only", ranks=single, threads=threads, task=16 * MiB)[0]
+            log(f"  preadv into pinned buffers only, {threads} threads x 16 MiB: {r.get('gb_per_s', r.get('error'))}")
+            res["sweep"].append({"kind": "pread-only", **{k: v for k, v in r.items() if k != "trace"}})
+        r = ranks.run("mmap_register", ranks=single)[0]
+        log(f"  cudaHostRegister of a tmpfs mapping, then one copy: {r}")
+        res["sweep"].append({"kind": "mmap-register", **r})
         for threads in (4, 8, 16):
             for task in (16, 64):
                 opts = {"num_threads": threads, "task_size": task * MiB}
