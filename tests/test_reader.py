@@ -202,3 +202,22 @@ def test_resident_file_is_copied_from_the_page_cache(tmp_path):
                        ReadOptions(engine="pipeline", task_size=4096, num_threads=2, pin_page_cache=True), CPU)
     assert bytes(dest.numpy()) == data
     assert 0 < stats.detail["pinned_in_place_spans"] <= stats.detail["spans"]
+
+
+@pytest.mark.parametrize("engine,pin", ENGINES)
+def test_progress_counts_every_byte(tmp_path, engine, pin):
+    import threading
+
+    path = tmp_path / "p.bin"
+    data = _random_file(path, 1 << 20, seed=7)
+    dests = [torch.empty(300_000, dtype=torch.uint8), torch.empty(5, dtype=torch.uint8)]
+    seen, lock = [0], threading.Lock()
+
+    def progress(n):
+        with lock:
+            seen[0] += n
+
+    read_files([FileRead(path, (ReadTarget(0, dests[0]), ReadTarget(700_001, dests[1])), len(data))],
+               ReadOptions(engine=engine, task_size=8192, num_threads=3, pin_page_cache=pin), CPU, progress)
+    assert seen[0] == 300_005
+    assert bytes(dests[1].numpy()) == data[700_001:700_006]

@@ -232,7 +232,8 @@ class _Claims:
             return taken[::-1]
 
 
-def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Checksums") -> dict:
+def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Checksums",
+                 progress=None) -> dict:
     """Read every target of ``reads``; returns details for ReadStats.
 
     Reader threads take spans from the front of the plan, ``preadv`` them into
@@ -322,6 +323,8 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                     dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(src[a:a + p.nbytes])
 
         def landed(span_list, event):
+            if progress is not None:
+                progress(sum(p.nbytes for span in span_list for p in span.pieces))
             if checks.active and cuda:
                 checks.landed([p.target for span in span_list for p in span.pieces], event)
 
@@ -336,7 +339,7 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 if cuda:
                     event = torch.cuda.Event()
                     event.record(stream)
-                    landed([span], event)
+                landed([span], event)
             finally:
                 ring.free.put((index, event))
 
@@ -388,11 +391,12 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                     for j in run:
                         copy_pieces(spans[j], source, spans[j].offset, stream)
                     pinned_spans[0] += len(run)
+                    event = None
                     if cuda:
                         event = torch.cuda.Event()
                         event.record(stream)
                         held.append((ptr, event))
-                        landed([spans[j] for j in run], event)
+                    landed([spans[j] for j in run], event)
             except BaseException as e:
                 failure.set(e)
             finally:

@@ -240,7 +240,7 @@ def _engine(mode: str, options: ReadOptions) -> str:
     return options.engine
 
 
-def _read_kvikio(reads, options, mode, flat_targets, checks) -> dict:
+def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> dict:
     kvikio = _kvikio()
     settings = {"num_threads": options.num_threads, "task_size": options.task_size}
     if mode == "gds":
@@ -276,6 +276,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks) -> dict:
                         f"{target.file_offset}; the file is truncated: copy or prepare it again"
                     )
                 checks.landed([t])
+                if progress is not None:
+                    progress(nbytes)
         finally:
             for handle in handles:
                 handle.close()
@@ -284,11 +286,14 @@ def _read_kvikio(reads, options, mode, flat_targets, checks) -> dict:
             "pinned_bytes": 0 if mode == "gds" else None}
 
 
-def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device) -> ReadStats:
+def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device,
+               progress=None) -> ReadStats:
     """Fill every target of ``reads``; all files are checked before the first byte is read.
 
     ``seconds`` runs until every byte is in place, the device synchronized and
-    the checksums (of targets that carry one) compared.
+    the checksums (of targets that carry one) compared. ``progress(nbytes)``, if
+    given, is called from reader threads as bytes are read (it must be thread-safe,
+    as ``tqdm.update`` is).
     """
     mode = resolve_mode(device, options.policy)
     for read in reads:
@@ -300,11 +305,11 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     start = time.perf_counter()
     try:
         if engine == "pipeline":
-            detail = run_pipeline(reads, options, device, flat, checks)
+            detail = run_pipeline(reads, options, device, flat, checks, progress)
         else:
             checks.expect({t: 1 for t in range(len(flat))})
             checks.start()
-            detail = _read_kvikio(reads, options, mode, flat, checks)
+            detail = _read_kvikio(reads, options, mode, flat, checks, progress)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         verify_start = time.perf_counter()
