@@ -1,0 +1,350 @@
+"""Paged attention over the quantized cache: decode and chunked prefill, split across programs.
+
+One program takes one KV head and a block of rows, each row one (query token, query head of the
+KV head's GQA group): BLOCK_M rows = BLOCK_Q tokens x G heads, padded. It
+
+1. transforms its queries once: q~ = rotate(scale_k * q) * softmax_scale * log2(e), as tiles of
+   the cache's streams (tl.dot with column blocks of the Hadamard matrix);
+2. walks its share of the sequence's cache in tiles of BLOCK_N tokens: one load of each token's
+   packed key and value serves all G query heads. Scores are q~ . levels(codes) (tl.dot) times the
+   key norm; the key mean adds one constant per query, which softmax ignores. Online softmax in
+   base 2; the value levels, weighted by p * value norm, accumulate by tl.dot;
+3. with one split, finishes the rows: o = value_mean + unrotate(acc / l); with several, writes
+   (acc, max, sum) partials that _tq_reduce_kernel merges and finishes the same way.
+
+Causality: query token i of a chunk sits at position context_len + i and sees cache positions
+<= its own. Within the current chunk the kernel reads the keys and values that the store kernel
+has just quantized (vLLM stores before attention), so prefill attends over exactly what later
+decode steps will read: every token always sees quantized keys and values, itself included.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tq_common import cache_slot_ptrs, load_norm, load_stream_codes, lookup_levels
+from .tq_params import LayerTables, layout_kwargs
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _stream_query(x, h_ptr, D: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr):
+    d = tl.arange(0, D)
+    w = tl.arange(0, W)
+    h = tl.load(h_ptr + d[:, None] * W + w[None, :])
+    return tl.dot(x.to(DOT), h)
+
+
+@triton.jit
+def _stream_output(o, h_ptr, D: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr, acc):
+    w = tl.arange(0, W)
+    d = tl.arange(0, D)
+    h = tl.load(h_ptr + w[:, None] * D + d[None, :])
+    return tl.dot(o.to(DOT), h, acc)
+
+
+@triton.jit
+def _finish_rows(o_a, o_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot,
+                 stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
+                 D: tl.constexpr, VA_N: tl.constexpr, VA_W: tl.constexpr, VB_W: tl.constexpr,
+                 DOT: tl.constexpr):
+    """out = value_mean + unrotate(o / l), for rows given as (token, query head)."""
+    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
+    d = tl.arange(0, D)
+    acc = tl.zeros([o_b.shape[0], D], dtype=tl.float32)
+    acc = _stream_output(o_b * inv_l[:, None], hvb_ptr, D, VB_W, DOT, acc)
+    if VA_N > 0:
+        acc = _stream_output(o_a * inv_l[:, None], hva_ptr, D, VA_W, DOT, acc)
+    signs = tl.load(signs_ptr + d)
+    mean = tl.load(value_mean_ptr + head * D + d)
+    out = acc * (signs * SCALE)[None, :] + mean[None, :]
+    ptrs = out_ptr + rows_tok.to(tl.int64)[:, None] * stride_ot + rows_head[:, None] * stride_oh
+    tl.store(ptrs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
+    """The sequence whose query blocks contain program pid; block b of sequence s is program
+    query_start[s] // BLOCK_Q + s + b (so the grid needs num_tokens // BLOCK_Q + num_seqs)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        if start <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _tq_attention_kernel(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr, num_seqs,
+    levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr,
+    hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
+    out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr, FALLBACK: tl.constexpr,
+    PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
+    D: tl.constexpr, SLOT: tl.constexpr,
+    KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
+    KA_K: tl.constexpr, KA_NU: tl.constexpr, KA_W: tl.constexpr,
+    KB_BITS: tl.constexpr, KB_N: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
+    KB_K: tl.constexpr, KB_NU: tl.constexpr, KB_W: tl.constexpr,
+    VA_BITS: tl.constexpr, VA_N: tl.constexpr, VA_OFF: tl.constexpr, VA_U: tl.constexpr,
+    VA_K: tl.constexpr, VA_NU: tl.constexpr, VA_W: tl.constexpr,
+    VB_BITS: tl.constexpr, VB_N: tl.constexpr, VB_OFF: tl.constexpr, VB_U: tl.constexpr,
+    VB_K: tl.constexpr, VB_NU: tl.constexpr, VB_W: tl.constexpr,
+    K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
+    K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE:
+        seq = pid
+        q_block = 0
+    else:
+        seq = _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q)
+        q_block = pid - (tl.load(query_start_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    # Rows: (query token, query head of this KV head's group).
+    r = tl.arange(0, BLOCK_M)
+    q_idx = q_block * BLOCK_Q + r // G
+    row_mask = (r < BLOCK_Q * G) & (q_idx < q_len)
+    rows_tok = q_start + q_idx
+    rows_head = head * G + r % G
+    q_pos = context_len + q_idx
+
+    # 1. The query, transformed once.
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + rows_tok.to(tl.int64)[:, None] * stride_qt + rows_head[:, None] * stride_qh
+                + d[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+    k_scale = tl.load(key_scale_ptr + head * D + d)
+    signs = tl.load(signs_ptr + d)
+    x = q * (k_scale * signs)[None, :]
+    qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
+    if KA_N > 0:
+        qa = (_stream_query(x, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
+    if FALLBACK:
+        # Raw keys (negative norm) are scored against the uncalibrated rotated query, shifted by
+        # -q . key_mean so that both kinds share the calibrated keys' per-query constant.
+        x_raw = q * signs[None, :]
+        qrb = (_stream_query(x_raw, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
+        if KA_N > 0:
+            qra = (_stream_query(x_raw, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
+        k_mean = tl.load(key_mean_ptr + head * D + d)
+        SQRT_D: tl.constexpr = D ** 0.5
+        q_mean = tl.sum(q * k_mean[None, :], axis=1) * (qk_scale * SQRT_D)
+
+    # 2. This program's share of the keys: [0, kv_end) split into SPLITS runs of whole tiles.
+    kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < kv_end
+        blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
+        slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
+                                STRIDE_TOK, STRIDE_HEAD)
+
+        kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
+        kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
+        s = tl.dot(qb, kl)
+        if FALLBACK:
+            s_raw = tl.dot(qrb, kl)
+        if KA_N > 0:
+            kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
+            kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
+            s = tl.dot(qa, kl_a, s)
+            if FALLBACK:
+                s_raw = tl.dot(qra, kl_a, s_raw)
+        k_norm = load_norm(slots, n_mask, K_NORM_OFF)
+        if FALLBACK:
+            s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :] - q_mean[:, None],
+                         s * tl.abs(k_norm)[None, :])
+        else:
+            s = s * k_norm[None, :]
+        if DECODE:
+            visible = n_mask[None, :]
+        else:
+            visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        pv = (p * load_norm(slots, n_mask, V_NORM_OFF)[None, :]).to(DOT)
+        vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
+        acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W), acc_b * alpha[:, None])
+        if VA_N > 0:
+            vc_a = load_stream_codes(slots, n_mask, VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU)
+            acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
+                           acc_a * alpha[:, None])
+
+    # 3. Finish, or leave partials for the reduction.
+    if SPLITS == 1:
+        inv_l = 1.0 / tl.maximum(l_i, 1e-30)
+        _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr,
+                     stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
+                     D, VA_N, VA_W, VB_W, DOT)
+    else:
+        WP: tl.constexpr = VA_W + VB_W + 2
+        row_base = ((rows_tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS
+                    + split) * WP
+        wb = tl.arange(0, VB_W)
+        tl.store(part_ptr + row_base[:, None] + wb[None, :], acc_b, mask=row_mask[:, None])
+        if VA_N > 0:
+            wa = tl.arange(0, VA_W)
+            tl.store(part_ptr + row_base[:, None] + VB_W + wa[None, :], acc_a,
+                     mask=row_mask[:, None])
+        tl.store(part_ptr + row_base + VA_W + VB_W, m_i, mask=row_mask)
+        tl.store(part_ptr + row_base + VA_W + VB_W + 1, l_i, mask=row_mask)
+
+
+@triton.jit
+def _tq_reduce_kernel(
+    part_ptr, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
+    num_tokens,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr,
+    D: tl.constexpr, VA_N: tl.constexpr, VA_W: tl.constexpr, VB_W: tl.constexpr,
+):
+    """Merge the SPLITS partials of G query heads of one token, then finish them."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    WP: tl.constexpr = VA_W + VB_W + 2
+    r = tl.arange(0, BLOCK_M)
+    row_mask = r < G
+    rows_head = head * G + r
+    rows_tok = tl.zeros([BLOCK_M], dtype=tl.int32) + tok
+    base = (tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS * WP
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
+    wb = tl.arange(0, VB_W)
+    wa = tl.arange(0, VA_W)
+    for s in range(SPLITS):
+        row = base + s * WP
+        m_s = tl.load(part_ptr + row + VA_W + VB_W, mask=row_mask, other=-1.0e30)
+        l_s = tl.load(part_ptr + row + VA_W + VB_W + 1, mask=row_mask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * beta
+        a_b = tl.load(part_ptr + row[:, None] + wb[None, :], mask=row_mask[:, None], other=0.0)
+        acc_b = acc_b * alpha[:, None] + a_b * beta[:, None]
+        if VA_N > 0:
+            a_a = tl.load(part_ptr + row[:, None] + VB_W + wa[None, :], mask=row_mask[:, None],
+                          other=0.0)
+            acc_a = acc_a * alpha[:, None] + a_a * beta[:, None]
+        m_i = m_new
+    inv_l = 1.0 / tl.maximum(l_i, 1e-30)
+    _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot,
+                 stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr, D, VA_N, VA_W, VB_W, DOT)
+
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _pow2_at_least(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per sequence for decode: enough programs to fill the GPU about twice over.
+
+    Depends on the batch shape only (never on sequence lengths), so that a CUDA graph captured for
+    a batch size stays valid for any context length."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, num_seqs * num_kv_heads))
+    return int(min(64, max(1, triton.next_power_of_2(want))))
+
+
+def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables: LayerTables,
+                 softmax_scale: float, out: torch.Tensor | None = None, *,
+                 max_query_len: int | None = None, splits: int | None = None,
+                 block_n: int | None = None, block_m: int | None = None,
+                 num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """Attention of query [T, Hq, D] over the quantized paged cache.
+
+    kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
+    [num_seqs, max_blocks] int32; seq_lens [num_seqs] (context + query tokens); query_start_loc
+    [num_seqs + 1]. The cache already holds the keys and values of the query tokens.
+    max_query_len: 1 selects the decode path (one query token per sequence); None reads it from
+    query_start_loc (a device sync).
+    """
+    T, Hq, D = query.shape
+    num_seqs = seq_lens.shape[0]
+    H = kv_cache.shape[2]
+    G = Hq // H
+    layout = tables.layout
+    if out is None:
+        out = torch.empty_like(query)
+    if T == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    decode = max_query_len == 1
+    interpreted = query.device.type == "cpu"
+    dot = tl.float32 if interpreted else _TORCH_TO_TL[tables.level_tables.dtype]
+    if decode:
+        block_q = 1
+        block_m = _pow2_at_least(G)
+        grid0 = num_seqs
+        if splits is None:
+            splits = default_splits(num_seqs, H, query.device)
+    else:
+        block_m = block_m or _pow2_at_least(G, 16 if interpreted else 64)
+        block_q = max(1, block_m // G)
+        grid0 = T // block_q + num_seqs
+        splits = splits or 1
+    block_n = block_n or (16 if interpreted else 64)
+    part = out
+    if splits > 1:
+        width = max(16, layout.value.a.width) + max(16, layout.value.b.width) + 2
+        part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
+    h_cols, h_rows = tables.h_cols, tables.h_rows
+    kw = layout_kwargs(layout)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    _tq_attention_kernel[(grid0, H, splits)](
+        query, query.stride(0), query.stride(1),
+        kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
+        query_start_loc, num_seqs,
+        tables.level_tables, tables.signs, tables.key_mean, tables.key_scale, tables.value_mean,
+        h_cols["ka"], h_cols["kb"], h_rows["va"], h_rows["vb"],
+        out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / D**0.5,
+        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=decode, SPLITS=splits,
+        DOT=dot, FALLBACK=tables.fallback, PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1),
+        STRIDE_HEAD=kv_cache.stride(2), num_warps=num_warps, **kw, **extra,
+    )
+    if splits > 1:
+        _tq_reduce_kernel[(T, H)](
+            part, out, out.stride(0), out.stride(1), h_rows["va"], h_rows["vb"], tables.signs,
+            tables.value_mean, T,
+            G=G, BLOCK_M=_pow2_at_least(G), SPLITS=splits, DOT=dot, D=D, VA_N=kw["VA_N"],
+            VA_W=kw["VA_W"], VB_W=kw["VB_W"], num_warps=num_warps,
+        )
+    return out
