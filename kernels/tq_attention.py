@@ -287,7 +287,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  softmax_scale: float, out: torch.Tensor | None = None, *,
                  max_query_len: int | None = None, splits: int | None = None,
                  block_n: int | None = None, block_m: int | None = None,
-                 num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the quantized paged cache.
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
@@ -322,6 +322,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         grid0 = T // block_q + num_seqs
         splits = splits or 1
     block_n = block_n or (16 if interpreted else 64)
+    num_warps = num_warps or (4 if decode else 8)
     part = out
     if splits > 1:
         width = max(16, layout.value.a.width) + max(16, layout.value.b.width) + 2

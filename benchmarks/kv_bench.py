@@ -1,0 +1,634 @@
+"""KV cache speed (issue 5): decode attention over the quantized cache against BF16, FP8 and vLLM's
+TurboQuant, the store kernel's bandwidth, and KV bytes per token. One run, same inputs, one GPU.
+
+The GPU machine has no vLLM and cannot download. vLLM's plain Triton kernels are extracted here
+from the 0.33 wheel into an ignored folder and carried along; small stubs (written at run time, in
+a temporary directory) stand in for the rest of the vllm package they import:
+
+    python benchmarks/kv_bench.py --extract /tmp/vllm033/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
+    # on the GPU machine, with .carry carried:
+    PYTHONPATH=. python3 benchmarks/kv_bench.py --out $OUT
+
+Baselines: torch SDPA on a contiguous BF16 cache (the best of its cuDNN, flash and efficient
+backends), vLLM's Triton unified attention on a paged BF16 and FP8 cache (the TRITON_ATTN backend's
+kernel and launch parameters), vLLM's TurboQuant decode (turboquant_4bit_nc, turboquant_k3v4_nc).
+Ours: the formats of vllm_gds.kvcache.formats, calibrated (so with the raw-key fallback on, the
+served configuration when the calibration file exists). Times are triton.testing.do_bench
+medians of one attention layer's decode. "BF16" in the ratios is the faster of SDPA and vLLM's
+Triton kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CARRY = ROOT / ".carry" / "vllm_kernels"
+VLLM_FILES = [
+    "vllm/v1/attention/ops/triton_unified_attention.py",
+    "vllm/v1/attention/ops/triton_attention_helpers.py",
+    "vllm/v1/attention/ops/triton_decode_attention.py",
+    "vllm/v1/attention/ops/triton_turboquant_decode.py",
+    "vllm/v1/attention/ops/triton_turboquant_store.py",
+    "vllm/model_executor/layers/quantization/turboquant/config.py",
+    "vllm/model_executor/layers/quantization/turboquant/centroids.py",
+]
+
+# What the carried files import from the rest of vllm.
+STUBS = {
+    "vllm/envs.py": "VLLM_BATCH_INVARIANT = False\n",
+    "vllm/logger.py": "import logging\n\ndef init_logger(name):\n    return logging.getLogger(name)\n",
+    "vllm/triton_utils/__init__.py": "import triton\nimport triton.language as tl\n",
+    "vllm/platforms/__init__.py": '''import torch
+
+
+class _CudaPlatform:
+    def fp8_dtype(self):
+        return torch.float8_e4m3fn
+
+    def is_cuda(self):
+        return True
+
+    def is_cuda_alike(self):
+        return True
+
+    def is_rocm(self):
+        return False
+
+    def is_xpu(self):
+        return False
+
+    def get_device_capability(self, device_id=0):
+        return torch.cuda.get_device_capability(device_id)
+
+    def is_device_capability_family(self, capability, device_id=0):
+        major, _ = torch.cuda.get_device_capability(device_id)
+        return major == capability // 10
+
+    def is_device_capability(self, capability, device_id=0):
+        major, minor = torch.cuda.get_device_capability(device_id)
+        return (major, minor) == tuple(capability)
+
+
+current_platform = _CudaPlatform()
+''',
+    "vllm/v1/kv_cache_interface.py": '''from enum import IntEnum
+
+
+class KVQuantMode(IntEnum):
+    NONE = 0
+    FP8_PER_TENSOR = 1
+    INT8_PER_TOKEN_HEAD = 2
+    FP8_PER_TOKEN_HEAD = 3
+    INT4_PER_TOKEN_HEAD = 4
+    NVFP4 = 5
+''',
+}
+
+SHAPES = {  # name: (query heads, KV heads, head size)
+    "Llama-3-8B": (32, 8, 128),
+    "Llama-3-70B TP8": (8, 1, 128),
+    "SmolLM2-135M": (9, 3, 64),
+}
+BATCHES = [(32, 4096), (64, 8192), (8, 32768), (1, 32768), (8, 131072)]
+PAGE = 16
+OURS = ("tq4", "tq3")
+TURBOQUANT = ("turboquant_4bit_nc", "turboquant_k3v4_nc")
+
+
+def extract(wheel: Path, dest: Path = CARRY) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        for name in VLLM_FILES:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+    print(f"extracted {len(VLLM_FILES)} files into {dest}")
+
+
+def install_vllm_stubs(carry: Path = CARRY) -> bool:
+    """A throwaway vllm package: the carried kernel files plus stubs. False if nothing carried."""
+    if not all((carry / f).is_file() for f in VLLM_FILES):
+        return False
+    root = Path(tempfile.mkdtemp(prefix="vllm_stub_"))
+    for name in VLLM_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(carry / name, root / name)
+    for name, text in STUBS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    for d in [root / "vllm", *(p for p in (root / "vllm").rglob("*") if p.is_dir())]:
+        init = d / "__init__.py"
+        if not init.exists():
+            init.write_text("")
+    sys.path.insert(0, str(root))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def paged_layout(torch, batch, ctx, device):
+    blocks_per_seq = ctx // PAGE
+    num_blocks = batch * blocks_per_seq
+    block_table = torch.randperm(num_blocks, device=device, dtype=torch.int64).to(torch.int32)
+    return num_blocks, block_table.view(batch, blocks_per_seq).contiguous()
+
+
+def our_tables(torch, name, hk, d, device):
+    from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.formats import get_format
+
+    g = torch.Generator().manual_seed(0)
+    key_mean = torch.randn(hk, d, generator=g) * 0.5
+    key_scale = torch.rand(hk, d, generator=g) + 0.5
+    value_mean = torch.randn(hk, d, generator=g) * 0.1
+    key_weight = torch.rand(hk, d, generator=g)
+    return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk, key_mean,
+                       key_scale, value_mean, key_weight)
+
+
+def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):
+    from vllm_gds.kernels import tq_store
+
+    cache = torch.empty(num_blocks, PAGE, hk, tables.layout.slot_bytes, dtype=torch.uint8,
+                        device=device)
+    total = num_blocks * PAGE
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        k = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        slots = torch.arange(start, start + n, device=device, dtype=torch.int64)
+        tq_store(k, v, cache, slots, tables)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness at full size against the torch reference
+
+
+def reference_quantizer(torch, tables, name, d):
+    from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.quantizer import KVLayerQuantizer
+
+    return KVLayerQuantizer(get_format(name), d, 0, 0, tables.key_mean, tables.key_scale,
+                            tables.value_mean, tables.key_weight)
+
+
+def slot_bytes_ref(torch, lq, k, v):
+    def nb(n):
+        return n.contiguous().view(torch.int16).unsqueeze(-1).view(torch.uint8)
+
+    ek, ev = lq.encode_keys(k), lq.encode_values(v)
+    return torch.cat([ek.codes, nb(ek.norms), ev.codes, nb(ev.norms)], -1)
+
+
+def decode_slots(torch, lq, layout, slots):
+    from vllm_gds.kvcache.quantizer import Encoded
+
+    kn, vn = layout.key.norm_offset, layout.value.norm_offset
+
+    def norm(off):
+        return slots[..., off : off + 2].contiguous().view(torch.float16).squeeze(-1)
+
+    k = lq.decode_keys(Encoded(slots[..., :kn].contiguous(), norm(kn)))
+    v = lq.decode_values(Encoded(slots[..., kn + 2 : vn].contiguous(), norm(vn)))
+    return k, v
+
+
+def check_correctness(torch, name, hq, hk, d, device, log):
+    """Store: bytes vs the reference encoder; attention (decode and chunked prefill): outputs vs
+    exact attention over the reference's decoding of the same cache."""
+    from vllm_gds.kernels import tq_attention, tq_store
+
+    torch.manual_seed(1)
+    tables = our_tables(torch, name, hk, d, device)
+    lq = reference_quantizer(torch, tables, name, d)
+    lay = tables.layout
+    seq_lens = [4096, 1000, 37, 2500]
+    T = sum(seq_lens)
+    k = torch.randn(T, hk, d, device=device) * 2 + tables.key_mean * (torch.rand(T, 1, 1, device=device) < 0.5)
+    v = torch.randn(T, hk, d, device=device)
+    k, v = k.bfloat16(), v.bfloat16()
+    blocks = [math.ceil(s / PAGE) for s in seq_lens]
+    perm = torch.randperm(sum(blocks) + 3, device=device).to(torch.int32)
+    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
+    slot_map = []
+    at = 0
+    for i, (s, nblk) in enumerate(zip(seq_lens, blocks)):
+        bt[i, :nblk] = perm[at : at + nblk]
+        at += nblk
+        pos = torch.arange(s, device=device)
+        slot_map.append(bt[i, pos // PAGE].long() * PAGE + pos % PAGE)
+    slot_map = torch.cat(slot_map)
+    cache = torch.full((perm.numel(), PAGE, hk, lay.slot_bytes), 0xAB, dtype=torch.uint8, device=device)
+    tq_store(k, v, cache, slot_map, tables)
+    got = cache.view(-1, hk, lay.slot_bytes)[slot_map]
+    ref = slot_bytes_ref(torch, lq, k.float(), v.float())
+    byte_mismatch = (got != ref).float().mean().item()
+    kd, vd = decode_slots(torch, lq, lay, got)
+    kr, vr = decode_slots(torch, lq, lay, ref)
+    vec_err = ((kd - kr).norm() / kr.norm()).item()
+
+    results = {"store_byte_mismatch": byte_mismatch, "store_decoded_rel_diff": vec_err}
+    scale = d ** -0.5
+    starts = [0] + list(torch.tensor(seq_lens).cumsum(0).tolist())
+    for mode, q_lens in (("decode", [1, 1, 1, 1]), ("prefill", [300, 1, 37, 64])):
+        qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32,
+                           device=device)
+        q = torch.randn(sum(q_lens), hq, d, device=device, dtype=torch.bfloat16)
+        out = torch.full_like(q, float("nan"))
+        sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=max(q_lens))
+        refs = []
+        for i, (s, ql) in enumerate(zip(seq_lens, q_lens)):
+            kk = kd[starts[i] : starts[i] + s].double().repeat_interleave(hq // hk, 1)
+            vv = vd[starts[i] : starts[i] + s].double().repeat_interleave(hq // hk, 1)
+            qq = q[qsl[i] : qsl[i + 1]].double()
+            sc = torch.einsum("qhd,khd->hqk", qq, kk) * scale
+            qpos = s - ql + torch.arange(ql, device=device)
+            mask = torch.arange(s, device=device)[None, :] <= qpos[:, None]
+            sc = sc.masked_fill(~mask[None], float("-inf"))
+            refs.append(torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv))
+        ref_out = torch.cat(refs)
+        err = ((out.double() - ref_out).norm() / ref_out.norm()).item()
+        results[f"{mode}_rel_err"] = err
+        results[f"{mode}_nan"] = bool(out.isnan().any())
+    log(f"correctness {name} ({hq}q/{hk}kv/d{d}): " + ", ".join(
+        f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Timed decode
+
+
+def bench(fn, triton):
+    fn()
+    return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median")
+
+
+def time_sdpa(torch, triton, b, ctx, hq, hk, d, device):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(b, hq, 1, d, device=device, dtype=torch.bfloat16)
+    k = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)
+    best = (float("inf"), None)
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                    SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                t = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), triton)
+            best = min(best, (t, backend.name))
+        except Exception:  # a backend that does not take this shape
+            continue
+    return best
+
+
+def time_vllm_triton(torch, triton, b, ctx, hq, hk, d, device, fp8: bool):
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    num_blocks, bt = paged_layout(torch, b, ctx, device)
+    k = torch.randn(num_blocks, PAGE, hk, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn(num_blocks, PAGE, hk, d, device=device, dtype=torch.bfloat16)
+    if fp8:
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+    seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
+    # The TRITON_ATTN backend's launch parameters (triton_attn.py).
+    seq_threshold_3d = 128 // hk
+    segments = 16
+    rows = min(seq_threshold_3d, b)
+    hd_pad = triton.next_power_of_2(d)
+    segm_out = torch.empty(rows, hq, segments, hd_pad, device=device, dtype=torch.float32)
+    segm_max = torch.empty(rows, hq, segments, device=device, dtype=torch.float32)
+    segm_sum = torch.empty(rows, hq, segments, device=device, dtype=torch.float32)
+    descale = torch.ones(1, device=device, dtype=torch.float32).expand(b, hk)
+
+    def run():
+        unified_attention(
+            q=q, k=k, v=v, out=out, cu_seqlens_q=qsl, max_seqlen_q=1, seqused_k=seq_lens,
+            max_seqlen_k=ctx, softmax_scale=d ** -0.5, causal=True, window_size=(-1, -1),
+            block_table=bt, softcap=0, q_descale=None, k_descale=descale, v_descale=descale,
+            seq_threshold_3D=seq_threshold_3d, num_par_softmax_segments=segments,
+            softmax_segm_output=segm_out, softmax_segm_max=segm_max,
+            softmax_segm_expsum=segm_sum,
+            kv_quant_mode=KVQuantMode.FP8_PER_TENSOR if fp8 else KVQuantMode.NONE,
+        )
+
+    return bench(run, triton)
+
+
+def turboquant_slot_bytes(preset, d):
+    from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
+
+    return TurboQuantConfig.from_cache_dtype(preset, d).slot_size_aligned
+
+
+def time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device):
+    from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
+    from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
+    from vllm.v1.attention.ops.triton_turboquant_decode import triton_turboquant_decode_attention
+    from vllm.v1.attention.ops.triton_turboquant_store import triton_turboquant_store
+
+    cfg = TurboQuantConfig.from_cache_dtype(preset, d)
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    pi = (h / math.sqrt(d)).to(device)
+    centroids = get_centroids(d, cfg.centroid_bits).to(device=device, dtype=torch.float32)
+    c_sorted, _ = centroids.sort()
+    midpoints = (c_sorted[:-1] + c_sorted[1:]) / 2
+    num_blocks, bt = paged_layout(torch, b, ctx, device)
+    cache = torch.zeros(num_blocks, PAGE, hk, cfg.slot_size_aligned, device=device,
+                        dtype=torch.uint8)
+    total = num_blocks * PAGE
+    chunk = 1 << 16
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        kk = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        vv = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        slots = torch.arange(start, start + n, device=device, dtype=torch.int32)
+        triton_turboquant_store(kk, vv, cache, slots, pi, midpoints, mse_bits=cfg.key_mse_bits,
+                                key_packed_size=cfg.key_packed_size,
+                                value_quant_bits=cfg.effective_value_quant_bits,
+                                key_fp8=cfg.key_fp8)
+    q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+    seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
+
+    def run():
+        triton_turboquant_decode_attention(
+            query=q, kv_cache=cache, block_table=bt, seq_lens=seq_lens, Pi=pi,
+            centroids=centroids, scale=d ** -0.5, mse_bits=cfg.key_mse_bits,
+            key_packed_size=cfg.key_packed_size, value_quant_bits=cfg.effective_value_quant_bits,
+            key_fp8=cfg.key_fp8, norm_correction=cfg.norm_correction, PiT=pi,
+            max_num_kv_splits=32)
+
+    return bench(run, triton)
+
+
+def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning):
+    from vllm_gds.kernels import default_splits, tq_attention
+
+    tables = our_tables(torch, name, hk, d, device)
+    num_blocks, bt = paged_layout(torch, b, ctx, device)
+    cache = fill_ours(torch, tables, num_blocks, hk, d, device)
+    q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+    seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
+    splits = default_splits(b, hk, q.device) * tuning.get("split_factor", 1)
+
+    def run():
+        tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1,
+                     splits=splits, block_n=tuning["block_n"], num_warps=tuning["num_warps"])
+
+    t = bench(run, triton)
+    del cache
+    return t
+
+
+def copy_bandwidth(torch, triton, device):
+    x = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x), triton)
+    return 2 * x.numel() / (t * 1e-3) / 1e9
+
+
+def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768):
+    from vllm_gds.kernels import LayerTables, tq_store
+    from vllm_gds.kvcache.formats import get_format
+
+    hq, hk, d = SHAPES["Llama-3-8B"]
+    if calibrated:
+        tables = our_tables(torch, name, hk, d, device)
+    else:
+        tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk)
+    cache = torch.empty(tokens // PAGE + 1, PAGE, hk, tables.layout.slot_bytes, device=device,
+                        dtype=torch.uint8)
+    k = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
+    slots = torch.randperm(tokens, device=device)
+    t = bench(lambda: tq_store(k, v, cache, slots, tables, block_t=block_t, num_warps=num_warps),
+              triton)
+    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
+    return t, moved / (t * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--extract", type=Path, help="copy vLLM's Triton files from this wheel and exit")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--quick", action="store_true", help="one shape, two batches")
+    args = ap.parse_args(argv)
+    if args.extract:
+        extract(args.extract)
+        return 0
+
+    import torch
+    import triton
+
+    have_vllm = install_vllm_stubs()
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    props = torch.cuda.get_device_properties(device)
+    info = {"card": props.name, "sms": props.multi_processor_count, "date": str(datetime.date.today()),
+            "torch": torch.__version__, "triton": triton.__version__, "vllm_kernels": have_vllm}
+    log(json.dumps(info))
+    results = {"info": info, "correctness": {}, "tuning": [], "decode": [], "store": [], "bytes": {}}
+    started = time.time()
+
+    # 1. Correctness at full size.
+    for name in OURS:
+        for shape in ("Llama-3-8B", "SmolLM2-135M"):
+            hq, hk, d = SHAPES[shape]
+            try:
+                results["correctness"][f"{name} {shape}"] = check_correctness(torch, name, hq, hk, d,
+                                                                              device, log)
+            except Exception:
+                log(f"correctness {name} {shape} FAILED\n{traceback.format_exc()}")
+    log(f"[{time.time() - started:.0f}s] correctness done")
+
+    # 2. Ceilings and the store kernel.
+    copy_gbs = copy_bandwidth(torch, triton, device)
+    results["copy_gbs"] = copy_gbs
+    log(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    for name in OURS:
+        for block_t, nw in ((16, 4), (16, 8), (32, 8)):
+            for calibrated in (True, False):
+                try:
+                    t, gbs = store_bandwidth(torch, triton, name, device, block_t, nw, calibrated)
+                    results["store"].append(dict(format=name, block_t=block_t, num_warps=nw,
+                                                 calibrated=calibrated, ms=t, gbs=gbs,
+                                                 of_copy=gbs / copy_gbs))
+                    log(f"store {name} 32K tokens block_t={block_t} warps={nw} calibrated={calibrated}: "
+                        f"{t:.3f} ms, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy")
+                except Exception:
+                    log(f"store {name} FAILED\n{traceback.format_exc()}")
+    log(f"[{time.time() - started:.0f}s] store done")
+
+    # 3. Tune our decode launch on the 8B shape, then use the best everywhere.
+    hq, hk, d = SHAPES["Llama-3-8B"]
+    candidates = [dict(block_n=bn, num_warps=nw, split_factor=sf)
+                  for bn, nw in ((32, 4), (64, 4), (64, 8), (128, 8)) for sf in (1, 2)]
+    scores = []
+    for tuning in candidates:
+        total = 0.0
+        for b, ctx in ((32, 4096), (8, 32768), (1, 32768)):
+            try:
+                t = time_ours(torch, triton, "tq4", b, ctx, hq, hk, d, device, tuning)
+            except Exception:
+                log(f"tuning {tuning} FAILED\n{traceback.format_exc()}")
+                t = float("inf")
+            results["tuning"].append(dict(tuning, batch=b, ctx=ctx, ms=t))
+            log(f"tune tq4 {b}x{ctx} {tuning}: {t:.4f} ms")
+            total += math.log(t)
+        scores.append((total, tuning))
+    best = min(scores, key=lambda s: s[0])[1]
+    results["best_tuning"] = best
+    log(f"[{time.time() - started:.0f}s] best decode launch: {best}")
+
+    # 4. Decode table.
+    shapes = list(SHAPES.items())[:1] if args.quick else list(SHAPES.items())
+    batches = BATCHES[:2] if args.quick else BATCHES
+    for shape, (hq, hk, d) in shapes:
+        for b, ctx in batches:
+            row = {"shape": shape, "batch": b, "ctx": ctx}
+            try:
+                row["sdpa_bf16"], row["sdpa_backend"] = time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
+            except Exception:
+                log(f"sdpa FAILED\n{traceback.format_exc()}")
+            if have_vllm:
+                for key, fp8 in (("vllm_triton_bf16", False), ("vllm_triton_fp8", True)):
+                    try:
+                        row[key] = time_vllm_triton(torch, triton, b, ctx, hq, hk, d, device, fp8)
+                    except Exception:
+                        log(f"{key} FAILED\n{traceback.format_exc()}")
+                for preset in TURBOQUANT:
+                    try:
+                        row[preset] = time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device)
+                    except Exception:
+                        log(f"{preset} FAILED\n{traceback.format_exc()}")
+            for name in OURS:
+                try:
+                    row[name] = time_ours(torch, triton, name, b, ctx, hq, hk, d, device, best)
+                except Exception:
+                    log(f"{name} FAILED\n{traceback.format_exc()}")
+            torch.cuda.empty_cache()
+            results["decode"].append(row)
+            log(f"[{time.time() - started:.0f}s] " + json.dumps(row))
+
+    # 5. Bytes per token per layer, and capacity against BF16.
+    from vllm_gds.kvcache.formats import kv_bytes_per_token_per_head
+
+    for shape, (hq, hk, d) in SHAPES.items():
+        entry = {"bf16": hk * 2 * d * 2, "fp8": hk * 2 * d}
+        for name in OURS:
+            entry[name] = hk * kv_bytes_per_token_per_head(name, d)
+        if have_vllm:
+            for preset in TURBOQUANT:
+                entry[preset] = hk * turboquant_slot_bytes(preset, d)
+        results["bytes"][shape] = entry
+
+    (args.out / "kv_bench.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "kv_bench.png")
+    log("")
+    for line in table(results):
+        log(line)
+    (args.out / "kv_bench.log").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+METHODS = ["sdpa_bf16", "vllm_triton_bf16", "vllm_triton_fp8", *TURBOQUANT, *OURS]
+
+
+def table(results) -> list[str]:
+    info = results["info"]
+    out = [f"KV cache decode, one layer, {info['card']}, {info['date']}, torch {info['torch']}, "
+           f"triton {info['triton']} (ms, do_bench median; BF16 = min(SDPA, vLLM Triton BF16))",
+           "| shape | batch x ctx | SDPA BF16 | vLLM BF16 | vLLM FP8 | TQ 4bit_nc | TQ k3v4_nc | tq4 "
+           "| tq3 | tq4/BF16 | tq3/BF16 | TQ4nc/tq4 | FP8/tq4 |",
+           "| --- | --- |" + " --- |" * 11]
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    def r(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+    for row in results["decode"]:
+        bf16_times = [row[k] for k in ("sdpa_bf16", "vllm_triton_bf16") if row.get(k)]
+        bf16 = min(bf16_times) if bf16_times else None
+        g = row.get
+        ctx = f"{row['ctx'] // 1024}K"
+        out.append(f"| {row['shape']} | {row['batch']}x{ctx} | " + " | ".join(f(g(m)) for m in METHODS)
+                   + f" | {r(g('tq4'), bf16)} | {r(g('tq3'), bf16)} | {r(g('turboquant_4bit_nc'), g('tq4'))}"
+                   + f" | {r(g('vllm_triton_fp8'), g('tq4'))} |")
+    out.append("")
+    out.append(f"Store, 32K new tokens, Llama-3-8B shape; copy bandwidth {results.get('copy_gbs', 0):.0f} GB/s:")
+    for s in results["store"]:
+        out.append(f"  {s['format']} block_t={s['block_t']} warps={s['num_warps']} calibrated={s['calibrated']}: "
+                   f"{s['ms']:.3f} ms, {s['gbs']:.0f} GB/s ({s['of_copy']:.0%} of copy)")
+    out.append("")
+    out.append("KV bytes per token per layer (capacity vs BF16):")
+    for shape, entry in results["bytes"].items():
+        out.append(f"  {shape}: " + ", ".join(f"{k} {v} ({entry['bf16'] / v:.2f}x)" for k, v in entry.items()))
+    out.append("")
+    for k, v in results["correctness"].items():
+        out.append(f"correctness {k}: " + ", ".join(
+            f"{a} {b:.2e}" if isinstance(b, float) else f"{a} {b}" for a, b in v.items()))
+    return out
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = results["decode"]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
+    width = 0.8 / len(METHODS)
+    for i, m in enumerate(METHODS):
+        xs = [j + i * width for j, row in enumerate(rows) if row.get(m)]
+        ys = [row[m] for row in rows if row.get(m)]
+        ax.bar(xs, ys, width, label=m)
+    ax.set_xticks([j + 0.4 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['shape']}\n{r['batch']}x{r['ctx'] // 1024}K" for r in rows], fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per layer (log)")
+    ax.set_title(f"Decode attention, {results['info']['card']}, {results['info']['date']}")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
