@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vllm_gds.errors import GdsError, ManifestError
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadStats, ReadTarget, read_files
@@ -61,13 +62,18 @@ def plan_install(model: nn.Module, model_dir: Path, shards: RankShards, verify: 
 
 def install(
     model: nn.Module, model_dir: Path, shards: RankShards, device: torch.device,
-    options: ReadOptions, verify: bool,
+    options: ReadOptions, verify: bool, progress_label: str | None = None,
 ) -> tuple[ReadStats, float, int]:
     """Read a rank's shards into ``model``; return (read stats, verify seconds, tensors installed).
 
     The verify seconds are those spent after the last byte landed (the rest overlaps the reads).
+    With ``progress_label``, a progress bar of this rank's bytes is shown under that label.
     """
     reads = plan_install(model, model_dir, shards, verify)
-    stats = read_files(reads, options, device)
+    if progress_label is None:
+        stats = read_files(reads, options, device)
+    else:
+        with tqdm(total=shards.nbytes, unit="B", unit_scale=True, desc=progress_label, mininterval=1) as bar:
+            stats = read_files(reads, options, device, progress=bar.update)
     tensors = sum(len(read.targets) for read in reads)
     return stats, stats.detail.get("verify_tail_seconds", 0.0), tensors

@@ -133,8 +133,10 @@ class GdsModelLoader(BaseModelLoader):
         tp_rank, pp_rank = _vllm_compat.parallel_ranks()
         shards = manifest.rank(tp_rank, pp_rank)
         check_rank_files(model_dir, shards)
+        # Rank 0 shows a progress bar; every rank reads its own share at the same time.
+        label = f"vllm-gds loading (rank 0 of {manifest.world_size})" if shards.rank == 0 else None
         stats, verify_seconds, tensors = install(
-            model, model_dir, shards, device, self.options.read, self.options.verify_checksums
+            model, model_dir, shards, device, self.options.read, self.options.verify_checksums, label
         )
         self._report(LoadReport(
             model=str(model_dir), source="prepared", rank=shards.rank, tp_rank=tp_rank, pp_rank=pp_rank,

@@ -111,8 +111,11 @@ def _run_capture(req: PrepareRequest, model: Path, capture_dir: Path, expected_b
         "--pipeline-parallel-size", str(req.pipeline_parallel_size),
         "--dtype", req.dtype, "--max-file-bytes", str(req.max_file_bytes),
     ]
+    # The capture never serves: on vLLM's CPU build, skip its NUMA thread binding, which refuses
+    # several ranks on a machine with one NUMA node. GPU platforms do not read this variable.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", **os.environ}
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         with tqdm(total=expected_bytes, unit="B", unit_scale=True, desc="capturing shards", mininterval=2) as bar:
             while proc.poll() is None:
                 bar.update(max(0, min(_dir_bytes(capture_dir), expected_bytes) - bar.n))
