@@ -9,6 +9,9 @@ Weighting by position catches flipped bits, swapped words and shifted data; a
 sum modulo 2**64 is the same whatever order the device reduces in, so the CPU
 that wrote the shards and the GPU that reads them agree. It guards against
 corruption, not against an adversary.
+
+On a GPU a Triton kernel (vllm_gds/kernels/checksum.py) computes the word sum in
+one pass; elsewhere torch does, in bounded chunks.
 """
 
 import torch
@@ -40,7 +43,11 @@ def checksum_tensor(tensor: torch.Tensor) -> torch.Tensor:
     device = data.device
     total = torch.zeros((), dtype=torch.int64, device=device)
     n_words = data.numel() // 4
-    if n_words:
+    if n_words and device.type == "cuda":
+        from vllm_gds.kernels.checksum import weighted_word_sum  # one pass over the bytes
+
+        total += weighted_word_sum(data[: n_words * 4].view(torch.int32))
+    elif n_words:
         words = data[: n_words * 4].view(torch.int32)
         weights = _position_weights(device)
         for start in range(0, n_words, _CHUNK_WORDS):
