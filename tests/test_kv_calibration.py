@@ -21,6 +21,7 @@ def _stats(layers=3, heads=2, d=64):
          for n in ("key_mean", "key_var", "query_ms", "value_mean", "value_var")}
     s["key_absmax"] = torch.rand(layers, generator=g)
     s["value_absmax"] = torch.rand(layers, generator=g)
+    s["rope_inv_freq"] = 1.0 / 10000.0 ** (torch.arange(0, d, 2).float() / d)
     return s
 
 
@@ -30,10 +31,13 @@ def test_round_trip(tmp_path):
     cal = load_calibration(tmp_path)
     for name, t in stats.items():
         assert torch.equal(getattr(cal, name), t)
-    assert cal.meta["model"] == "m" and cal.meta["format_version"] == 1
+    assert cal.meta["model"] == "m" and cal.meta["format_version"] == 2
     mean, scale = cal.key_transform(1, "mean_balanced")
     assert torch.equal(mean, stats["key_mean"][1])
-    expected = (stats["key_var"][1] / stats["query_ms"][1]) ** 0.25
+    # equal on the two channels of each RoPE pair (i, i + 32): it commutes with RoPE
+    assert torch.equal(scale[:, :32], scale[:, 32:])
+    pair = lambda x: ((x[:, :32] + x[:, 32:]) / 2).repeat(1, 2)
+    expected = (pair(stats["key_var"][1]) / pair(stats["query_ms"][1])) ** 0.25
     ratio = scale / expected
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)  # up to one factor per head
     assert torch.allclose(scale.log().mean(-1), torch.zeros(2), atol=1e-5)
@@ -64,3 +68,4 @@ def test_calibrate_the_tiny_model(tmp_path):
     assert cal.key_mean.shape == (2, 2, 32) and cal.query_ms.shape == (2, 2, 32)
     assert (cal.key_var > 0).all() and (cal.query_ms > 0).all()
     assert cal.meta["tokens"] == 600 and cal.meta["head_size"] == 32
+    assert cal.rope_inv_freq.shape == (16,) and cal.rope_inv_freq[0] == 1.0

@@ -9,7 +9,10 @@ from vllm_gds.kvcache import attention_ref
 from vllm_gds.kvcache.codebook import mse_per_coordinate
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode, get_format
 from vllm_gds.kvcache.quantizer import KVLayerQuantizer, VectorQuantizer
+from vllm_gds.kvcache.rope import apply_rope
 from vllm_gds.kvcache.rotation import Rotation
+
+INV_FREQ = 1.0 / 10000.0 ** (torch.arange(0, 64, 2).float() / 64)
 
 
 def _unit(n, d, seed):
@@ -37,15 +40,16 @@ def test_mse_of_unit_vectors_under_the_theory_bound(d, bits, norm):
 def test_encode_decode_matches_roundtrip_and_is_deterministic_per_seed():
     fmt = KVFormat("t", VectorCode(3, extra=16), VectorCode(2))
     k, v = torch.randn(33, 2, 64) * 3, torch.randn(33, 2, 64)
-    mean, scale = torch.randn(2, 64), torch.rand(2, 64) + 0.5
-    a = KVLayerQuantizer(fmt, 64, layer=2, seed=1, key_mean=mean, key_scale=scale)
-    b = KVLayerQuantizer(fmt, 64, layer=2, seed=1, key_mean=mean, key_scale=scale)
-    c = KVLayerQuantizer(fmt, 64, layer=2, seed=2, key_mean=mean, key_scale=scale)
-    ea, eb, ec = a.encode_keys(k), b.encode_keys(k), c.encode_keys(k)
+    pos = torch.arange(100, 133)
+    cal = dict(key_mean=torch.randn(2, 64), key_scale=torch.rand(2, 64) + 0.5, rope_inv_freq=INV_FREQ)
+    a = KVLayerQuantizer(fmt, 64, layer=2, seed=1, **cal)
+    b = KVLayerQuantizer(fmt, 64, layer=2, seed=1, **cal)
+    c = KVLayerQuantizer(fmt, 64, layer=2, seed=2, **cal)
+    ea, eb, ec = a.encode_keys(k, pos), b.encode_keys(k, pos), c.encode_keys(k, pos)
     assert torch.equal(ea.codes, eb.codes) and torch.equal(ea.norms, eb.norms)
     assert not torch.equal(ea.codes, ec.codes)
     assert ea.codes.shape == (33, 2, fmt.key.code_bytes(64)) and ea.norms.dtype == torch.float16
-    assert torch.allclose(a.decode_keys(ea), a.roundtrip_keys(k), atol=1e-5)
+    assert torch.allclose(a.decode_keys(ea, pos), a.roundtrip_keys(k, pos), atol=1e-5)
     assert torch.allclose(a.decode_values(a.encode_values(v)), a.roundtrip_values(v), atol=1e-5)
 
 
@@ -56,13 +60,27 @@ def test_raw_fallback_keeps_an_outlier_key_accurate():
     scale = torch.rand(1, 64, generator=g) * 0.2 + 0.01  # calibrated on keys near the mean
     keys = mean + scale * torch.randn(200, 1, 64, generator=g)
     keys[0] = -mean  # an attention-sink-like key, far from the mean
-    lq = KVLayerQuantizer(fmt, 64, 0, 0, key_mean=mean, key_scale=scale)
+    pos = torch.zeros(200, dtype=torch.long)  # position 0: RoPE is the identity
+    cal = dict(key_mean=mean, key_scale=scale, rope_inv_freq=INV_FREQ)
+    lq = KVLayerQuantizer(fmt, 64, 0, 0, **cal)
     off = KVLayerQuantizer(KVFormat("t", VectorCode(4), VectorCode(4), key_raw_fallback=False),
-                           64, 0, 0, key_mean=mean, key_scale=scale)
-    enc = lq.encode_keys(keys)
+                           64, 0, 0, **cal)
+    enc = lq.encode_keys(keys, pos)
     assert enc.norms[0, 0] < 0 and (enc.norms[1:] > 0).all()
     err = lambda x: ((x[0] - keys[0]) ** 2).sum().item()
-    assert err(lq.decode_keys(enc)) < 0.1 * err(off.roundtrip_keys(keys))
+    assert err(lq.decode_keys(enc, pos)) < 0.1 * err(off.roundtrip_keys(keys, pos))
+
+
+def test_key_mean_follows_the_position():
+    mean = torch.randn(1, 64)
+    lq = KVLayerQuantizer(get_format("tq4"), 64, 0, 0, key_mean=mean, rope_inv_freq=INV_FREQ)
+    pos = torch.tensor([0, 7, 1000])
+    at = lq.key_mean_at(pos)
+    assert torch.allclose(at[0], mean)
+    assert torch.allclose(at[2], apply_rope(mean, torch.tensor(1000), INV_FREQ))
+    assert torch.allclose(at.norm(dim=-1), mean.norm(dim=-1).expand(3, 1), rtol=1e-5)
+    # a key equal to its position's mean is coded (almost) exactly
+    assert torch.allclose(lq.roundtrip_keys(at, pos), at, atol=1e-2)
 
 
 def test_rotated_domain_attention_equals_attention_over_decoded_cache():
@@ -72,17 +90,16 @@ def test_rotated_domain_attention_equals_attention_over_decoded_cache():
     k[0] *= 8
     v = torch.randn(40, 3, 128, generator=g)
     q = torch.randn(3, 128, generator=g)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128)
     lq = KVLayerQuantizer(fmt, 128, 1, 4, key_mean=torch.full((3, 128), 2.0),
                           key_scale=torch.rand(3, 128, generator=g) + 0.5,
-                          key_weight=torch.ones(3, 128))
-    ek, ev = lq.encode_keys(k), lq.encode_values(v)
+                          key_weight=torch.ones(3, 128), rope_inv_freq=inv_freq)
+    pos = torch.arange(40) * 997
+    ek, ev = lq.encode_keys(k, pos), lq.encode_values(v)
     assert (ek.norms < 0).any() and (ek.norms > 0).any()  # both kinds of key are exercised
-    k_hat, v_hat = lq.decode_keys(ek), lq.decode_values(ev)
+    k_hat, v_hat = lq.decode_keys(ek, pos), lq.decode_values(ev)
     expected = (q[:, None, :] * k_hat.transpose(0, 1)).sum(-1)  # [H, T]
-    got = attention_ref.scores(lq, q, ek)
-    # equal up to one constant per query (q . key_mean)
-    shift = (q * lq.key_mean).sum(-1, keepdim=True)
-    assert torch.allclose(got + shift, expected, atol=1e-3)
+    assert torch.allclose(attention_ref.scores(lq, q, ek, pos), expected, atol=1e-3)
     p = torch.softmax(expected / 11.3, -1)
     assert torch.allclose(attention_ref.output(lq, p, ev), torch.einsum("ht,thd->hd", p, v_hat),
                           atol=1e-4)

@@ -13,21 +13,24 @@ import torch
 from .quantizer import Encoded, KVLayerQuantizer
 
 
-def scores(lq: KVLayerQuantizer, q: torch.Tensor, enc: Encoded) -> torch.Tensor:
-    """q [H, d] (one query per KV head) against keys enc [T, H] -> [H, T], up to a per-query constant:
-    the returned score of key j is q . k^_j - q . key_mean."""
+def scores(lq: KVLayerQuantizer, q: torch.Tensor, enc: Encoded, positions: torch.Tensor):
+    """q [H, d] (one query per KV head) against keys enc [T, H] at positions [T] -> [H, T],
+    the exact q . k^_j: calibrated keys score  q . RoPE_p(key_mean) + norm * <rotate(scale q), c>,
+    raw keys (negative norm)  |norm| * <rotate(q), c>."""
     rot = lq.keys.rotation
     levels = lq.keys.levels_of(enc.codes)  # [T, H, d]
     norms = enc.norms.float()  # [T, H]
     q = q.float()
-    mean = lq.key_mean if lq.key_mean is not None else torch.zeros_like(q)
     scale = lq.key_scale if lq.key_scale is not None else torch.ones_like(q)
-    q_cal = rot.forward(q * scale)  # [H, d]
+    q_cal = rot.forward(q * scale)  # [H, d], once per query
     s_cal = norms.abs() * (levels * q_cal).sum(-1)  # [T, H]
+    if lq.key_mean is not None:
+        # per key: sum over RoPE pairs of A_i cos(p theta_i) + B_i sin(p theta_i); here directly
+        s_cal = s_cal + (q * lq.key_mean_at(positions)).sum(-1)
     if not lq.fallback:
         return s_cal.T
     q_raw = rot.forward(q)
-    s_raw = norms.abs() * (levels * q_raw).sum(-1) - (q * mean).sum(-1)
+    s_raw = norms.abs() * (levels * q_raw).sum(-1)
     return torch.where(norms < 0, s_raw, s_cal).T
 
 

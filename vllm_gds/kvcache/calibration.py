@@ -1,7 +1,7 @@
 """`vllm-gds calibrate MODEL`: measure per-(layer, KV head) key and value statistics once.
 
-Runs the model (transformers, full-sequence forwards) on real text, records post-RoPE keys,
-queries and values in every attention layer, and writes kv-calibration.safetensors/.json beside
+Runs the model (transformers, full-sequence forwards) on real text, records keys and queries
+(taken back to before RoPE) and values in every attention layer, and writes kv-calibration.safetensors/.json beside
 the model (format: calibration_file.py). The quantized KV cache reads it at start-up.
 """
 
@@ -16,16 +16,29 @@ import torch
 
 from .calibration_file import save_calibration
 from .hf_attention import causal_attention, load_causal_lm, use_kv_hook
+from .rope import apply_rope
 from .texts import CALIBRATION_TOKENS, OPTICKS_SOURCE, read_tokens
 
 
 class _StatsRecorder:
-    """Accumulates per-(layer, KV head, channel) moments in float64."""
+    """Accumulates per-(layer, KV head, channel) moments in float64; keys and queries are taken
+    back to before RoPE (the key mean is a pre-RoPE vector, re-rotated at each position)."""
 
-    def __init__(self):
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
         self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.inv_freq, self.attention_scaling = inv_freq.float().cpu(), float(attention_scaling)
 
     def __call__(self, layer, query, key, value, scaling):
+        b, hq, t, d = query.shape
+        hk = key.shape[1]
+        positions = torch.arange(t, device=key.device)
+        unrope = lambda x: apply_rope(x, positions, self.inv_freq.to(x.device),
+                                      self.attention_scaling, inverse=True)
+        key_pre, query_pre = unrope(key), unrope(query)
+        self._add(layer, query_pre, key_pre, value)
+        return causal_attention(query, key, value, scaling)
+
+    def _add(self, layer, query, key, value):
         b, hq, t, d = query.shape
         hk = key.shape[1]
         k = key.double().permute(1, 0, 2, 3).reshape(hk, -1, d)
@@ -39,7 +52,6 @@ class _StatsRecorder:
         s["q2"] = s.get("q2", 0) + (q * q).sum(1)
         s["nk"] = s.get("nk", 0) + k.shape[1]
         s["nq"] = s.get("nq", 0) + q.shape[1]
-        return causal_attention(query, key, value, scaling)
 
     def stats(self) -> dict[str, torch.Tensor]:
         layers = sorted(self.sums)
@@ -57,12 +69,25 @@ class _StatsRecorder:
         result = {k: torch.stack(v).float() for k, v in out.items()}
         result["key_absmax"] = torch.tensor(kmax, dtype=torch.float32)
         result["value_absmax"] = torch.tensor(vmax, dtype=torch.float32)
+        result["rope_inv_freq"] = self.inv_freq.clone()
         return result
+
+
+def rope_of(model) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of a transformers model's rotary embedding."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            return module.inv_freq.detach().float().cpu(), float(module.attention_scaling)
+    raise ValueError(
+        f"{type(model).__name__} has no rotary embedding that calibration understands "
+        "(a module with inv_freq and attention_scaling)"
+    )
 
 
 def collect_stats(model, token_ids: list[int], window: int = 2048) -> dict[str, torch.Tensor]:
     """Statistics of ``model``'s K, Q, V over ``token_ids`` in windows of ``window`` tokens."""
-    recorder = _StatsRecorder()
+    inv_freq, attention_scaling = rope_of(model)
+    recorder = _StatsRecorder(inv_freq, attention_scaling)
     device = next(model.parameters()).device
     with torch.inference_mode(), use_kv_hook(model, recorder):
         for start in range(0, len(token_ids) - 1, window):
@@ -99,6 +124,8 @@ def calibrate(
     model = load_causal_lm(model_dir, dtype=dtype, device=device)
     stats = collect_stats(model, ids, window)
     meta = {
+        "rope_attention_scaling": rope_of(model)[1],
+        "rope_style": "neox",
         "model": model_dir.name,
         "text": str(text) if text else OPTICKS_SOURCE,
         "tokens": len(ids),

@@ -2,18 +2,22 @@
 
 Two files in the model directory:
     kv-calibration.safetensors   float32 tensors, L layers, H KV heads, head size d:
-        key_mean [L, H, d]     mean of post-RoPE keys
-        key_var [L, H, d]      variance of post-RoPE keys around key_mean
-        query_ms [L, H, d]     mean square of post-RoPE queries (over the query heads of each KV head)
+        key_mean [L, H, d]     mean of keys before RoPE
+        key_var [L, H, d]      variance of keys before RoPE around key_mean
+        query_ms [L, H, d]     mean square of queries before RoPE (over the query heads of each KV head)
         value_mean [L, H, d]   mean of values
         value_var [L, H, d]    variance of values
-        key_absmax [L], value_absmax [L]   largest |key| and |value| (per-tensor FP8 scales)
-    kv-calibration.json          what made it: model, text, tokens, date, format version
+        key_absmax [L], value_absmax [L]   largest |key| (after RoPE) and |value|: per-tensor FP8 scales
+        rope_inv_freq [r/2]    the model's RoPE frequencies (float32), r = rotary dims
+    kv-calibration.json          what made it: model, text, tokens, date, format version, RoPE style
+                                 and attention scaling
 
-Subtracting a fixed vector from every key shifts all scores of a query by the same constant, and
-a fixed per-channel key scale can be moved onto the query, so both are exact for attention;
-subtracting a fixed vector from every value shifts the output by that vector (softmax weights
-sum to one), also exact.
+The cache subtracts RoPE_p(key_mean) from the (post-RoPE) key at position p: post-RoPE keys
+have a large mean that rotates with the position, which no fixed post-RoPE vector removes. The
+score of that key gets q . RoPE_p(key_mean) back exactly (attention_ref.py). A fixed per-channel key
+scale, equal on the two channels of each RoPE pair (so it commutes with RoPE), moves onto the
+query. Subtracting a fixed vector from every value shifts the output by that vector (softmax
+weights sum to one). All exact for attention.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ logger = logging.getLogger("vllm_gds.kvcache")
 
 TENSORS_NAME = "kv-calibration.safetensors"
 META_NAME = "kv-calibration.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STAT_NAMES = ("key_mean", "key_var", "query_ms", "value_mean", "value_var")
+EXTRA_NAMES = ("key_absmax", "value_absmax", "rope_inv_freq")
 SCALE_FLOOR = 1e-2  # relative to the largest channel scale of the head: no channel is amplified >100x
 
 
@@ -43,7 +48,12 @@ class Calibration:
     value_var: torch.Tensor
     key_absmax: torch.Tensor
     value_absmax: torch.Tensor
+    rope_inv_freq: torch.Tensor
     meta: dict
+
+    @property
+    def rope_attention_scaling(self) -> float:
+        return float(self.meta.get("rope_attention_scaling", 1.0))
 
     @property
     def num_layers(self) -> int:
@@ -56,18 +66,27 @@ class Calibration:
         mean = self.key_mean[layer]
         if rule == "mean":
             return mean, None
+        var, qms = self._pair_mean(self.key_var[layer]), self._pair_mean(self.query_ms[layer])
         if rule == "mean_std":
-            scale = self.key_var[layer].sqrt()
+            scale = var.sqrt()
         elif rule == "mean_balanced":
             # Minimises the expected score error of an isotropic quantizer in the scaled space:
             # E[(q.e)^2] ~ (sum_c var_c / s_c^2) (sum_c E[q_c^2] s_c^2), least at s_c^4 = var_c / E[q_c^2].
-            scale = (self.key_var[layer] / self.query_ms[layer].clamp_min(1e-12)).pow(0.25)
+            scale = (var / qms.clamp_min(1e-12)).pow(0.25)
         else:
             raise ValueError(f"unknown key calibration rule {rule!r}")
         scale = scale.clamp_min(SCALE_FLOOR * scale.amax(-1, keepdim=True)).clamp_min(1e-12)
         # Only relative scales matter (each vector is normalised): make each head's geometric mean 1.
         scale = scale / scale.log().mean(-1, keepdim=True).exp()
         return mean, scale
+
+    def _pair_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the two channels of each RoPE pair (i, i + r/2): a pair-equal scale commutes
+        with RoPE."""
+        half = self.rope_inv_freq.shape[-1]
+        a, b = x[..., :half], x[..., half : 2 * half]
+        m = (a + b) / 2
+        return torch.cat([m, m, x[..., 2 * half :]], -1)
 
     def value_transform(self, layer: int, rule: str):
         return None if rule == "none" else self.value_mean[layer]
@@ -78,7 +97,7 @@ def save_calibration(model_dir: Path, stats: dict[str, torch.Tensor], meta: dict
 
     model_dir = Path(model_dir)
     tensors = {k: v.float().contiguous() for k, v in stats.items()}
-    missing = set(STAT_NAMES + ("key_absmax", "value_absmax")) - set(tensors)
+    missing = set(STAT_NAMES + EXTRA_NAMES) - set(tensors)
     if missing:
         raise ValueError(f"calibration statistics missing: {sorted(missing)}")
     meta = {"format_version": FORMAT_VERSION, **meta}
@@ -113,8 +132,7 @@ def load_calibration(model_dir: Path, warn: bool = True) -> Calibration | None:
             f"run `vllm-gds calibrate {model_dir}` again"
         )
     try:
-        return Calibration(**{k: tensors[k] for k in STAT_NAMES + ("key_absmax", "value_absmax")},
-                           meta=meta)
+        return Calibration(**{k: tensors[k] for k in STAT_NAMES + EXTRA_NAMES}, meta=meta)
     except KeyError as e:
         raise ValueError(
             f"{path} lacks tensor {e}: run `vllm-gds calibrate {model_dir}` again"

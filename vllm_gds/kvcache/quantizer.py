@@ -12,6 +12,7 @@ import torch
 from .codebook import codebook
 from .formats import KVFormat, VectorCode
 from .packing import pack, packed_bytes, unpack
+from .rope import apply_rope
 from .rotation import Rotation, check_head_size
 
 FP16_MAX = 65504.0
@@ -101,7 +102,9 @@ class VectorQuantizer:
 class KVLayerQuantizer:
     """The keys and values of one attention layer: calibration, rotation, codes.
 
-    Tensors are [..., num_kv_heads, head_size]; calibration tensors are [num_kv_heads, head_size].
+    Tensors are [..., num_kv_heads, head_size] with token positions [...] (keys only);
+    calibration tensors are [num_kv_heads, head_size]. ``key_mean`` is a pre-RoPE vector: the
+    key at position p is centred on RoPE_p(key_mean) (rope.py, with ``rope_inv_freq``).
     """
 
     def __init__(
@@ -114,7 +117,12 @@ class KVLayerQuantizer:
         key_scale: torch.Tensor | None = None,
         value_mean: torch.Tensor | None = None,
         key_weight: torch.Tensor | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
+        rope_attention_scaling: float = 1.0,
     ):
+        if key_mean is not None and rope_inv_freq is None:
+            raise ValueError("a key mean needs the model's RoPE frequencies (rope_inv_freq)")
+        self.rope_inv_freq, self.rope_attention_scaling = rope_inv_freq, rope_attention_scaling
         self.fmt, self.head_size, self.layer = fmt, head_size, layer
         rotation = Rotation(head_size, layer, seed)
         self.keys = VectorQuantizer(head_size, fmt.key, rotation)
@@ -129,19 +137,26 @@ class KVLayerQuantizer:
             torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
         )
 
-    def _calibrate_keys(self, k: torch.Tensor) -> torch.Tensor:
+    def key_mean_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE_p(key_mean) for each position: [..., H, d] for positions [...]."""
+        mean = self.key_mean.to(positions.device)
+        mean = mean.expand(*positions.shape, *mean.shape)
+        return apply_rope(mean, positions[..., None], self.rope_inv_freq,
+                          self.rope_attention_scaling)
+
+    def _calibrate_keys(self, k: torch.Tensor, positions) -> torch.Tensor:
         x = k.float()
         if self.key_mean is not None:
-            x = x - self.key_mean.to(x.device)
+            x = x - self.key_mean_at(positions)
         if self.key_inv_scale is not None:
             x = x * self.key_inv_scale.to(x.device)
         return x
 
-    def _uncalibrate_keys(self, x: torch.Tensor) -> torch.Tensor:
+    def _uncalibrate_keys(self, x: torch.Tensor, positions) -> torch.Tensor:
         if self.key_scale is not None:
             x = x * self.key_scale.to(x.device)
         if self.key_mean is not None:
-            x = x + self.key_mean.to(x.device)
+            x = x + self.key_mean_at(positions)
         return x
 
     def _center_values(self, v: torch.Tensor) -> torch.Tensor:
@@ -156,25 +171,28 @@ class KVLayerQuantizer:
         err_raw = (w * (k.float() - raw_hat) ** 2).sum(-1)
         return err_raw < err_cal
 
-    def encode_keys(self, k: torch.Tensor) -> Encoded:
-        enc = self.keys.encode(self._calibrate_keys(k))
+    def encode_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> Encoded:
+        """Keys [..., H, d] at token positions [...] (needed with a key mean)."""
+        enc = self.keys.encode(self._calibrate_keys(k, positions))
         if not self.fallback:
             return enc
         raw = self.keys.encode(k.float())
         use_raw = self._choose_raw(
-            k, self._uncalibrate_keys(self.keys.decode(enc)), self.keys.decode(raw)
+            k, self._uncalibrate_keys(self.keys.decode(enc), positions), self.keys.decode(raw)
         )
         codes = torch.where(use_raw[..., None], raw.codes, enc.codes)
         norms = torch.where(use_raw, -raw.norms.abs(), enc.norms.abs())
         return Encoded(codes, norms)
 
-    def decode_keys(self, enc: Encoded) -> torch.Tensor:
+    def decode_keys(self, enc: Encoded, positions: torch.Tensor | None = None) -> torch.Tensor:
         raw = enc.norms.float() < 0  # -0.0 counts as calibrated: harmless, its vector is zero
         x = self.keys.decode(Encoded(enc.codes, enc.norms.abs()))
-        return torch.where(raw[..., None], x, self._uncalibrate_keys(x))
+        return torch.where(raw[..., None], x, self._uncalibrate_keys(x, positions))
 
-    def roundtrip_keys(self, k: torch.Tensor) -> torch.Tensor:
-        calibrated_hat = self._uncalibrate_keys(self.keys.roundtrip(self._calibrate_keys(k)))
+    def roundtrip_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        calibrated_hat = self._uncalibrate_keys(
+            self.keys.roundtrip(self._calibrate_keys(k, positions)), positions
+        )
         if not self.fallback:
             return calibrated_hat
         raw_hat = self.keys.roundtrip(k.float())
