@@ -481,7 +481,7 @@ def main(argv=None):
     results["copy_gbs"] = copy_gbs
     log(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     for name in OURS:
-        for block_t, nw in ((16, 4), (16, 8), (32, 8)):
+        for block_t, nw in ((16, 4), (16, 8)):
             for calibrated in (True, False):
                 try:
                     t, gbs = store_bandwidth(torch, triton, name, device, block_t, nw, calibrated)
@@ -497,7 +497,7 @@ def main(argv=None):
     # 3. Tune our decode launch on the 8B shape, then use the best everywhere.
     hq, hk, d = SHAPES["Llama-3-8B"]
     candidates = [dict(block_n=bn, num_warps=nw, split_factor=sf)
-                  for bn, nw in ((32, 4), (64, 4), (64, 8), (128, 8)) for sf in (1, 2)]
+                  for bn, nw, sf in ((32, 4, 1), (64, 4, 1), (64, 8, 1), (64, 4, 2), (128, 8, 1))]
     scores = []
     for tuning in candidates:
         total = 0.0
