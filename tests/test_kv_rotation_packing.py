@@ -57,3 +57,21 @@ def test_layout_little_endian_bit_stream():
     word = p3[0] | p3[1] << 8 | p3[2] << 16
     assert word == sum(c << (3 * i) for i, c in enumerate(codes[0].tolist()))
     assert pack(torch.tensor([[1, 0, 3, 2]]), 2).tolist() == [[0b10110001]]
+
+
+def test_rope_matches_transformers_llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from vllm_gds.kvcache.rope import apply_rope
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=4096)
+    emb = LlamaRotaryEmbedding(cfg)
+    x = torch.randn(1, 2, 50, 64)  # [b, H, T, d]
+    pos = torch.arange(3000, 3050)[None]
+    cos, sin = emb(x, pos)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got = apply_rope(x, pos[0][:, None].squeeze(-1), emb.inv_freq, emb.attention_scaling)
+    assert torch.allclose(got, expected, atol=1e-5)
+    back = apply_rope(got, pos[0], emb.inv_freq, emb.attention_scaling, inverse=True)
+    assert torch.allclose(back, x, atol=1e-5)

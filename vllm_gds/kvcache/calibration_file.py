@@ -96,6 +96,7 @@ def save_calibration(model_dir: Path, stats: dict[str, torch.Tensor], meta: dict
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float().contiguous() for k, v in stats.items()}
     missing = set(STAT_NAMES + EXTRA_NAMES) - set(tensors)
     if missing:

@@ -1,33 +1,40 @@
 """The quantized KV cache formats: the one place that defines them (kv-plan and kernels read it).
 
-A format codes each key vector and each value vector of one KV head at one token on its own:
+Per layer, per KV head, per token, a format codes the key vector k and the value vector v
+(head size d in {64, 128, 256}; all arithmetic in float32):
 
-    1. calibration (keys; values optional):  x = (k - mean[layer, kv_head]) * inv_scale[layer, kv_head]
-       (float32; mean and inv_scale come from the calibration file, see calibration.py; without
-       calibration mean = 0 and inv_scale = 1)
-    2. n = |x|_2 (float32); y = rotate(x) / n           (rotation.py: seeded randomized Hadamard)
-    3. code[i] = number of thresholds < y[i]            (codebook.py: Lloyd-Max for head size d)
-       coordinates 0 .. extra-1 use the (bits+1)-bit codebook, the others the bits-bit codebook
-    4. c[i] = levels[code[i]]; the stored norm is  n * <y, c> / <c, c>   ("ls", least squares)
-       or n / |c| ("unit") or n ("plain"); stored as float16 (IEEE half, little endian)
+Keys, at token position p:
+    1. calibrated:  x = (k - RoPE_p(key_mean)) * inv_scale
+       key_mean [d] is a pre-RoPE vector from the calibration file (calibration_file.py);
+       RoPE_p is the model's own rotary embedding (rope.py: neox style, angle = float32(p) *
+       rope_inv_freq[i]); inv_scale = 1 / key_scale, key_scale [d] equal on both channels of
+       each RoPE pair.  Without a calibration file: x = k.
+    2. n = |x|_2;  y = rotate(x) / n          (rotation.py: seeded randomized Hadamard, per layer)
+    3. code[i] = number of thresholds below y[i]   (codebook.py: Lloyd-Max for the exact density of
+       a rotated unit vector's coordinate at head size d; coordinates [0, extra) use the
+       (bits+1)-bit codebook, the others the bits-bit one)
+    4. c[i] = levels[code[i]];  norm = n * <y, c> / <c, c>   (rule "ls", the least-squares scale;
+       "unit": n / |c|; "plain": n), stored as float16
+    5. raw fallback (key_raw_fallback): steps 2-4 also run on x = k; of the two decodings k^
+       (below), the key keeps the one with the smaller sum_i query_ms[i] * (k[i] - k^[i])^2
+       (ties: calibrated). A raw key stores -norm: the float16 sign bit is the flag. It keeps
+       outlier keys (the attention sink, far from the mean) as accurate as without calibration.
+   Decoded:  calibrated  k^ = RoPE_p(key_mean) + key_scale * norm * unrotate(c)
+             raw         k^ = |norm| * unrotate(c)
+Values: steps 2-4 on x = v (or v - value_mean, rule "mean"); decoded v^ = norm * unrotate(c).
 
-and is decoded as  k^ = mean + scale * norm * unrotate(c)  with scale = 1 / inv_scale.
+Bytes of one vector, in this order, no padding:
+    codes of coordinates [0, extra)  at bits+1 bits, packed (packing.py)   ceil(extra*(bits+1)/8) B
+    codes of coordinates [extra, d)  at bits bits, packed                  ceil((d-extra)*bits/8) B
+    norm                              float16 (IEEE half, little endian)    2 B
+One slot per token per KV head per layer: the key vector's bytes, then the value vector's bytes.
+tq4 at d = 128: 64 B of 4-bit key codes, 2 B key norm, 64 B value codes, 2 B value norm = 132 B.
 
-Raw fallback (keys, ``key_raw_fallback``): steps 2-4 also run on x = k itself (no calibration);
-with e = k - k^ for each of the two decodings, the key keeps the candidate with the smaller
-sum_c query_ms[c] * e[c]^2 (ties: calibrated), and a raw key stores -norm (the float16 sign bit is
-the flag; a raw key is decoded as  k^ = |norm| * unrotate(c)).
-
-Bytes of one vector, in this order (no padding between fields):
-    codes of coordinates [0, extra)  at bits+1 bits, packed (packing.py), ceil(extra*(bits+1)/8) B
-    codes of coordinates [extra, d)  at bits   bits, packed,             ceil((d-extra)*bits/8) B
-    norm                              float16,                           2 B
-The key vector's bytes are followed by the value vector's bytes: one "slot" per token per KV head.
-
-Attention reads the cache without an inverse rotation per key: with q~ = rotate(scale_k * q),
-q . k^ = q . mean_k + norm * sum_i q~[i] c[i], and q . mean_k is the same for every key of a
-query, so softmax ignores it; a raw key scores  |norm| * sum_i rotate(q)[i] c[i] - q . mean_k
-relative to that (with the fallback on, the kernel keeps both rotated queries). The output is  mean_v + scale_v * unrotate(sum_j p_j norm_j c_j).
+Attention needs no inverse rotation per key (attention_ref.py is the reference). Per query q:
+q_cal = rotate(key_scale * q) and q_raw = rotate(q), once. Score of a calibrated key at position
+p: q . RoPE_p(key_mean) + norm * <q_cal, c>, where q . RoPE_p(key_mean) = sum over RoPE pairs of
+A_i cos(p theta_i) + B_i sin(p theta_i) with A_i, B_i from q and key_mean (once per query);
+of a raw key: |norm| * <q_raw, c>. Output: unrotate(sum_j p_j norm_j c_j) (+ value_mean).
 """
 
 from __future__ import annotations
