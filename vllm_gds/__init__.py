@@ -22,3 +22,9 @@ def register() -> None:
     from vllm_gds.loader import register_loaders
 
     register_loaders()
+
+    # The quantized KV cache dtypes (tq4, ...) and their attention backend: vLLM 0.33 hooks; a
+    # no-op on builds without them (vLLM 0.32, the CPU build).
+    from vllm_gds.kvcache.registration import register as register_kv_cache
+
+    register_kv_cache()
