@@ -100,7 +100,7 @@ class GdsModelLoader(BaseModelLoader):
         vllm_config = get_current_vllm_config()
         device = _vllm_compat.target_device(vllm_config)
         if is_prepared(model_config.model):
-            self._install_prepared(model, vllm_config, model_config, device, time.perf_counter())
+            self._install_prepared(model, model_config, device, time.perf_counter())
         else:
             loader = self._hf_loader(device)
             loader.load_weights(model, model_config)
@@ -123,11 +123,11 @@ class GdsModelLoader(BaseModelLoader):
         self._announce_read_path(device)  # policy `require` fails here, before anything is built
         with set_default_torch_dtype(model_config.dtype), device:
             model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-        self._install_prepared(model, vllm_config, model_config, device, start, manifest)
+        self._install_prepared(model, model_config, device, start, manifest)
         process_weights_after_loading(model, model_config, device)
         return model.eval()
 
-    def _install_prepared(self, model, vllm_config, model_config, device, start, manifest=None) -> None:
+    def _install_prepared(self, model, model_config, device, start, manifest=None) -> None:
         model_dir = Path(model_config.model)
         manifest = manifest or read_manifest(model_dir)
         tp_rank, pp_rank = _vllm_compat.parallel_ranks()

@@ -26,7 +26,10 @@ class LoadReport:
         return self.nbytes / self.read_seconds / 1e9 if self.read_seconds > 0 else 0.0
 
     def log_line(self) -> str:
-        verified = f"checksums verified in {self.verify_seconds:.2f} s" if self.checksums_verified else "checksums not verified"
+        verified = (
+            f"checksums verified ({self.verify_seconds:.2f} s after the last byte landed)"
+            if self.checksums_verified else "checksums not verified"
+        )
         return (
             f"vllm-gds rank {self.rank} (tp {self.tp_rank}, pp {self.pp_rank}): read {self.nbytes / 1e9:.3f} GB "
             f"of {self.source} weights from {self.files} file(s) via {self.mode} in {self.read_seconds:.2f} s "
