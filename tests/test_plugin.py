@@ -59,3 +59,30 @@ def test_data_and_expert_parallel_layouts_are_refused():
         with pytest.raises(GdsError, match="does not support data-parallel or expert-parallel layouts"):
             check_supported_parallelism(VllmConfig(parallel_config=parallel))
     check_supported_parallelism(VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=1)))
+
+
+def test_loader_registers_against_vllm_033_sources():
+    """The loader's imports and registration work on vLLM 0.33 (its Python files; no GPU here)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_kv_backend import ROOT, _vllm033_sources
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(_vllm033_sources())!r}, {str(ROOT)!r}]
+        import vllm
+        assert vllm.__file__.startswith({str(_vllm033_sources())!r}), vllm.__file__
+        from vllm.config.load import LoadConfig
+        from vllm.model_executor.model_loader import get_model_loader
+        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+        from vllm_gds.loader import GdsModelLoader, register_loaders
+        register_loaders()
+        loader = get_model_loader(LoadConfig(load_format="gds", model_loader_extra_config={{"gds": "off"}}))
+        assert isinstance(loader, GdsModelLoader) and loader.options.read.policy == "off"
+        assert DefaultModelLoader._prepare_weights._vllm_gds_guard
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
