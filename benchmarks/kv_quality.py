@@ -203,11 +203,12 @@ def ours(label: str, key: VectorCode, value: VectorCode, kcal="mean_balanced", v
 # mean, full-matrix key whitening, value centering, K4V2.
 CAL = dict(key_calibration="mean_balanced", key_raw_fallback=True)
 OUR_FORMATS = {
-    "K4V4 calibrated (= tq4)": KVFormat("a", VectorCode(4), VectorCode(4), **CAL),
-    "K3V3 calibrated (= tq3)": KVFormat("b", VectorCode(3), VectorCode(3), **CAL),
-    "K4V4 uncalibrated": KVFormat("d", VectorCode(4), VectorCode(4), key_calibration="none",
-                                  key_raw_fallback=False),
-    "K5V3 calibrated": KVFormat("c", VectorCode(5), VectorCode(3), **CAL),
+    "K4V4 calibrated, unit norm (= tq4)": FORMATS["tq4"],
+    "K3V3 calibrated, unit norm (= tq3)": FORMATS["tq3"],
+    "K4V4 calibrated, ls norm": KVFormat("a", VectorCode(4, norm="ls"), VectorCode(4, norm="ls"), **CAL),
+    "K3V3 calibrated, ls norm": KVFormat("b", VectorCode(3, norm="ls"), VectorCode(3, norm="ls"), **CAL),
+    "K4V4 uncalibrated, ls norm": KVFormat("d", VectorCode(4, norm="ls"), VectorCode(4, norm="ls"), key_calibration="none",
+                                           key_raw_fallback=False),
 }
 
 
@@ -478,6 +479,10 @@ same quantizer, so indicative only), ΔPPL / mean KL:
 
 On window 0, at 3.25 bits: K3V3 +6.26%, K3.5V2.5 (half the coordinates one bit more) +12.93%,
 K4V2 +17.02%: 2-bit values cost more than the extra key bit saves, so 3.25 bits is K3V3.
+On windows 0-1 (seed 0), the stored norm: K4V4 ls +1.13% / 0.0157, unit keys +1.13% / 0.0147,
+unit keys and values +0.85% / 0.0143; K3V3 ls +5.82% / 0.0632, unit keys +5.05% / 0.0594, unit
+both +5.67% / 0.0572, plain keys +6.41% / 0.0724; value centering (K3V3) +7.79% / 0.0744: worse,
+dropped. tq4 and tq3 store the "unit" norm for keys and values (the full table confirms it).
 
 Formats chosen (vllm_gds/kvcache/formats.py):
 

@@ -13,8 +13,9 @@ Keys, at token position p:
     3. code[i] = number of thresholds below y[i]   (codebook.py: Lloyd-Max for the exact density of
        a rotated unit vector's coordinate at head size d; coordinates [0, extra) use the
        (bits+1)-bit codebook, the others the bits-bit one)
-    4. c[i] = levels[code[i]];  norm = n * <y, c> / <c, c>   (rule "ls", the least-squares scale;
-       "unit": n / |c|; "plain": n), stored as float16
+    4. c[i] = levels[code[i]];  norm = n / |c|   (rule "unit", tq4 and tq3: the decoded vector
+       keeps the exact norm; "ls": n * <y, c> / <c, c>, the least-squares scale; "plain": n),
+       stored as float16
     5. raw fallback (key_raw_fallback): steps 2-4 also run on x = k; of the two decodings k^
        (below), the key keeps the one with the smaller sum_i query_ms[i] * (k[i] - k^[i])^2
        (ties: calibrated). A raw key stores -norm: the float16 sign bit is the flag. It keeps
@@ -105,8 +106,8 @@ class KVFormat:
 # The dtypes offered to users (--kv-cache-dtype NAME). Chosen from the quality table in
 # benchmarks/RESULTS.md ("KV cache quality (issue 4)").
 FORMATS: dict[str, KVFormat] = {
-    "tq4": KVFormat("tq4", key=VectorCode(4), value=VectorCode(4)),
-    "tq3": KVFormat("tq3", key=VectorCode(3), value=VectorCode(3)),
+    "tq4": KVFormat("tq4", key=VectorCode(4, norm="unit"), value=VectorCode(4, norm="unit")),
+    "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit")),
 }
 
 # The plain dtypes that kv-plan compares against: bytes per element.
