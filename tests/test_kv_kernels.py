@@ -1,8 +1,9 @@
 """The Triton kernels of the quantized KV cache against the torch reference, in the CPU interpreter.
 
-Every check draws fresh random inputs, poisons what the kernel writes (0xAB cache bytes, NaN
-outputs) and covers several page sizes, ragged sequence lengths, GQA ratios 1, 3 and 8 and head
-sizes 64 and 128. Grids stay tiny: an interpreted attention program costs tens of milliseconds.
+Every check draws random inputs (seeded per test, see `_seeded`), poisons what the kernel writes
+(0xAB cache bytes, NaN outputs) and covers several page sizes, ragged sequence lengths, GQA ratios
+1, 3 and 8 and head sizes 64 and 128. Grids stay tiny: an interpreted attention program costs tens
+of milliseconds.
 """
 
 import os
@@ -26,6 +27,15 @@ FORMAT_CASES = {
     "k3+16/v2+8": KVFormat("x1", key=VectorCode(3, extra=16), value=VectorCode(2, extra=8, norm="unit")),
     "k5/v3": KVFormat("x2", key=VectorCode(5, norm="plain"), value=VectorCode(3)),
 }
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """A seed per test, from its name. The store is compared byte for byte, and a coordinate that
+    lands within float rounding of a codebook threshold may legitimately get the neighbouring code
+    when the kernel sums in another order than torch (6 in a million bytes at full size on the
+    GPU, benchmarks/RESULTS.md); unseeded inputs made that a rare, random failure."""
+    torch.manual_seed(sum(request.node.name.encode()))
 
 
 def _calibration(h, d, calibrated):
