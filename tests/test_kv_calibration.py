@@ -69,3 +69,24 @@ def test_calibrate_the_tiny_model(tmp_path):
     assert (cal.key_var > 0).all() and (cal.query_ms > 0).all()
     assert cal.meta["tokens"] == 600 and cal.meta["head_size"] == 32
     assert cal.rope_inv_freq.shape == (16,) and cal.rope_inv_freq[0] == 1.0
+
+
+def test_kv_hook_with_plain_attention_reproduces_the_model():
+    from vllm_gds.fixtures import tiny_llama
+    from vllm_gds.kvcache.hf_attention import causal_attention, load_causal_lm, use_kv_hook
+
+    model = load_causal_lm(tiny_llama())
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def hook(layer, q, k, v, scaling):
+        seen.append(layer)
+        return causal_attention(q, k, v, scaling)
+
+    with torch.inference_mode():
+        expected = model(ids, use_cache=False).logits
+        with use_kv_hook(model, hook):
+            got = model(ids, use_cache=False).logits
+        again = model(ids, use_cache=False).logits  # the hook is gone after the block
+    assert seen == [0, 1]
+    assert torch.allclose(got, expected, atol=1e-5) and torch.equal(again, expected)
