@@ -44,7 +44,7 @@ def test_round_trip(tmp_path):
 
 
 def test_missing_file_warns_with_the_command(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="vllm_gds.kvcache"):
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_gds.kvcache"):
         assert load_calibration(tmp_path) is None
     assert f"vllm-gds calibrate {tmp_path}" in caplog.text
 

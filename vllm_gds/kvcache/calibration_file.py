@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("vllm_gds.kvcache")
+logger = logging.getLogger("vllm.vllm_gds.kvcache")  # under "vllm": vLLM's handlers print it
 
 TENSORS_NAME = "kv-calibration.safetensors"
 META_NAME = "kv-calibration.json"
