@@ -73,3 +73,11 @@ def test_prepare_checks_free_disk_space_first(tiny_model, tmp_path):
     _check_disk(request, 1 << 20)
     with pytest.raises(GdsError, match=f"{tmp_path} has .* GB free; preparing needs about"):
         _check_disk(request, shutil.disk_usage(tmp_path).free * 2)
+
+
+def test_prepare_writes_the_kv_cache_calibration(prepared_tiny):
+    from vllm_gds.kvcache.calibration_file import load_calibration
+
+    calibration = load_calibration(prepared_tiny)
+    assert calibration is not None
+    assert calibration.key_mean.shape == (2, 2, 32)  # layers, KV heads, head size of the tiny model

@@ -18,6 +18,8 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument("--max-file-gib", type=float, default=DEFAULT_MAX_FILE_BYTES / 2**30,
                         help="largest shard file per rank (default %(default)s GiB)")
     parser.add_argument("--log", type=Path, default=None, help="keep vLLM's capture log here")
+    parser.add_argument("--no-kv-calibration", action="store_true",
+                        help="do not write the quantized KV cache's calibration file")
 
 
 def run_prepare(args) -> int:
@@ -30,6 +32,7 @@ def run_prepare(args) -> int:
         pipeline_parallel_size=args.pipeline_parallel_size,
         dtype=args.dtype, quantization=args.quantization,
         max_file_bytes=int(args.max_file_gib * 2**30), log=args.log,
+        kv_calibration=not args.no_kv_calibration,
     ))
     print(summary(read_manifest(out), out))
     print(f"serve it with: vllm serve {out} --load-format gds "

@@ -46,6 +46,7 @@ class PrepareRequest:
     quantization: str | None = None
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     log: Path | None = None
+    kv_calibration: bool = True  # also write the KV cache calibration file (vllm-gds calibrate)
 
 
 def _check_request(req: PrepareRequest) -> None:
@@ -166,6 +167,19 @@ def _write_side_files(model: Path, out: Path, tie_word_embeddings: bool) -> None
             shutil.copy2(model / name, out / name)
 
 
+def _calibrate_kv_cache(source: Path, out: Path) -> None:
+    """The quantized KV cache's calibration file beside the shards; optional, so a failure warns."""
+    from vllm_gds.kvcache.calibration import calibrate
+
+    print("calibrating the quantized KV cache (vllm-gds calibrate; skip with --no-kv-calibration)", flush=True)
+    try:
+        calibrate(source, out_dir=out)
+    except Exception as e:  # the weights are prepared either way; say what is missing and how to add it
+        print(f"warning: no KV cache calibration was written ({type(e).__name__}: {e}); the quantized "
+              f"KV cache would run uncalibrated: run `vllm-gds calibrate {source} --out-dir OUT` later",
+              file=sys.stderr, flush=True)
+
+
 def prepare(req: PrepareRequest) -> Path:
     req = PrepareRequest(**{**req.__dict__, "source": req.source.resolve(), "out": req.out.resolve()})
     _check_request(req)
@@ -185,6 +199,8 @@ def prepare(req: PrepareRequest) -> Path:
         _run_capture(req, model, tmp, expected, log)
         manifest, record = _assemble_manifest(req, tmp)
         _write_side_files(model, tmp, record["tie_word_embeddings"])
+        if req.kv_calibration:
+            _calibrate_kv_cache(req.source, tmp)
         shutil.rmtree(tmp / ".fp8-source", ignore_errors=True)
         for record in tmp.glob("capture-rank-*.json"):
             record.unlink()
