@@ -652,6 +652,17 @@ def main():
     print_table(res)
 
 
+# The loaders timed on one GPU and on all GPUs at once: (row label, how to run it).
+PEERS = [
+    ("vllm-gds", dict(loader="vllm-gds")),
+    ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
+    ("instanttensor", dict(loader="instanttensor")),
+    ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
+    ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
+    ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
+]
+
+
 def bench(ranks, world, args, res, save, cold_dir):
     t = time.perf_counter()
     w = ranks.run("write")
@@ -694,15 +705,7 @@ def bench(ranks, world, args, res, save, cold_dir):
     for streams in (1, 4):
         res["single"][f"ceiling_{streams}"] = timed(f"pinned copy, {streams} stream(s)", op="ceiling",
                                                     ranks_=single, repeats=2, streams=streams)
-    peers = [
-        ("vllm-gds", dict(loader="vllm-gds")),
-        ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
-        ("instanttensor", dict(loader="instanttensor")),
-        ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
-        ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
-        ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
-    ]
-    for label, kw in peers:
+    for label, kw in PEERS:
         res["single"][label] = timed(label, ranks_=single, repeats=args.repeats, **kw)
         ranks.run("release", ranks=single)
         save()
@@ -742,14 +745,7 @@ def bench(ranks, world, args, res, save, cold_dir):
         for streams in (1, 4):
             res["multi"][f"ceiling_{streams}"] = timed(f"pinned copy x{world}, {streams} stream(s)",
                                                        op="ceiling", repeats=2, streams=streams)
-        multi = [
-            ("vllm-gds", dict(loader="vllm-gds")),
-            ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
-            ("instanttensor", dict(loader="instanttensor")),
-            ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
-            ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
-            ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
-        ]
+        multi = list(PEERS)
         if args.sweep:
             for threads, task in ((8, 16), (8, 64), (16, 64)):
                 multi.append((f"vllm-gds t{threads} task{task}M",
