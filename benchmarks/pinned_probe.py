@@ -54,50 +54,63 @@ class HostBuffer:
             _check(cudart.cudaFreeHost(self.ptr))
 
 
-def run(path: str, size: int, kind: str, threads: int, copy: bool, dest: torch.Tensor) -> float:
-    per_thread = size // threads // CHUNK * CHUNK
-    buffers = [[HostBuffer(kind, CHUNK) for _ in range(2)] for _ in range(threads)]
-    streams = [torch.cuda.Stream() for _ in range(threads)]
-    fd = os.open(path, os.O_RDONLY)
+def _time_threads(work, threads: int) -> float:
+    """Seconds until ``work(t)`` has run on ``threads`` threads and the GPU is idle; re-raises the
+    first thread's error (a failed read must not pass for a fast one)."""
     errors = []
 
-    def work(t: int) -> None:
+    def guarded(t: int) -> None:
         try:
-            events = [None, None]
-            for i, offset in enumerate(range(t * per_thread, (t + 1) * per_thread, CHUNK)):
-                slot = i % 2
-                if events[slot] is not None:
-                    events[slot].synchronize()  # its previous copy is done: the buffer is free
-                buf = buffers[t][slot]
-                got = os.preadv(fd, [buf.view], offset)
-                assert got == CHUNK, got
-                if copy:
-                    stream = streams[t]
-                    _check(cudart.cudaMemcpyAsync(dest.data_ptr() + offset, buf.ptr, CHUNK,
-                                                  cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                                  stream.cuda_stream))
-                    events[slot] = torch.cuda.Event()
-                    events[slot].record(stream)
-            for event in events:
-                if event is not None:
-                    event.synchronize()
+            work(t)
         except BaseException as e:
             errors.append(e)
 
     start = time.perf_counter()
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    workers = [threading.Thread(target=guarded, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    os.close(fd)
-    for pair in buffers:
-        for buf in pair:
-            buf.close()
     if errors:
         raise errors[0]
+    return seconds
+
+
+def run(path: str, size: int, kind: str, threads: int, copy: bool, dest: torch.Tensor) -> float:
+    per_thread = size // threads // CHUNK * CHUNK
+    buffers = [[HostBuffer(kind, CHUNK) for _ in range(2)] for _ in range(threads)]
+    streams = [torch.cuda.Stream() for _ in range(threads)]
+    fd = os.open(path, os.O_RDONLY)
+
+    def work(t: int) -> None:
+        events = [None, None]
+        for i, offset in enumerate(range(t * per_thread, (t + 1) * per_thread, CHUNK)):
+            slot = i % 2
+            if events[slot] is not None:
+                events[slot].synchronize()  # its previous copy is done: the buffer is free
+            buf = buffers[t][slot]
+            got = os.preadv(fd, [buf.view], offset)
+            assert got == CHUNK, got
+            if copy:
+                stream = streams[t]
+                _check(cudart.cudaMemcpyAsync(dest.data_ptr() + offset, buf.ptr, CHUNK,
+                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                              stream.cuda_stream))
+                events[slot] = torch.cuda.Event()
+                events[slot].record(stream)
+        for event in events:
+            if event is not None:
+                event.synchronize()
+
+    try:
+        seconds = _time_threads(work, threads)
+    finally:
+        os.close(fd)
+        for pair in buffers:
+            for buf in pair:
+                buf.close()
     return threads * per_thread / seconds / 1e9
 
 
@@ -118,17 +131,12 @@ def run_pageable(path: str, size: int, threads: int, dest: torch.Tensor) -> floa
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.cuda_stream))
         stream.synchronize()
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    del array
-    mapping.close()
-    os.close(fd)
+    try:
+        seconds = _time_threads(work, threads)
+    finally:
+        del array
+        mapping.close()
+        os.close(fd)
     return threads * per_thread / seconds / 1e9
 
 
