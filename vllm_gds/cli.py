@@ -3,7 +3,6 @@
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from vllm_gds.errors import GdsError
 

@@ -58,7 +58,7 @@ class _StreamingHfLoader(DefaultModelLoader):
         super().__init__(load_config)
         self.options = options
         self.device = device
-        self.stats = ReadStats(mode=resolve_mode(device, options.read.policy))
+        self.stats = ReadStats(mode="")  # stream_safetensors records the mode each read took
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module):
         model_dir = Path(model_config.model)
