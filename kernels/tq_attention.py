@@ -7,10 +7,18 @@ KV head's GQA group): BLOCK_M rows = BLOCK_Q tokens x G heads, padded. It
    the cache's streams (tl.dot with column blocks of the Hadamard matrix);
 2. walks its share of the sequence's cache in tiles of BLOCK_N tokens: one load of each token's
    packed key and value serves all G query heads. Scores are q~ . levels(codes) (tl.dot) times the
-   key norm; the key mean adds one constant per query, which softmax ignores. Online softmax in
-   base 2; the value levels, weighted by p * value norm, accumulate by tl.dot;
+   key norm. Online softmax in base 2; the value levels, weighted by p * value norm, accumulate by
+   tl.dot. On the GPU a 4-bit stream takes the register lookup of tq_lut4 (even and odd codes
+   scored as two half-width dots); the interpreter keeps the gather from the level table;
 3. with one split, finishes the rows: o = value_mean + unrotate(acc / l); with several, writes
    (acc, max, sum) partials that _tq_reduce_kernel merges and finishes the same way.
+
+Pre-RoPE key mean (MEAN): a calibrated key at position p adds q . RoPE_p(mu) to its score, a
+different number for every key. Per (query, RoPE pair i) it is A_i cos(p t_i) + B_i sin(p t_i);
+for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(j t), so the tile's
+term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 once per tile: one more small
+tl.dot against a constant [pairs, BLOCK_N] table built once per program (fp16 on the GPU, where
+the scores themselves use bf16 levels), plus pairs sin/cos per tile. Raw keys get no term.
 
 Causality: query token i of a chunk sits at position context_len + i and sees cache positions
 <= its own. Within the current chunk the kernel reads the keys and values that the store kernel
@@ -22,17 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .tq_common import cache_slot_ptrs, load_norm, load_stream_codes, lookup_levels
+from .tq_common import cache_slot_ptrs, load_norm, load_stream_codes, lookup_levels, rope_cos_sin
+from .tq_lut4 import levels4
 from .tq_params import LayerTables, layout_kwargs
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _stream_query(x, h_ptr, D: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr):
+def _stream_query(x, h_ptr, D: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+                  COLS: tl.constexpr = 0, COL0: tl.constexpr = 0):
+    """x @ columns [COL0, COL0 + W) of a [D, COLS] block of H (COLS = 0: W)."""
     d = tl.arange(0, D)
     w = tl.arange(0, W)
-    h = tl.load(h_ptr + d[:, None] * W + w[None, :])
+    STRIDE: tl.constexpr = W if COLS == 0 else COLS
+    h = tl.load(h_ptr + d[:, None] * STRIDE + COL0 + w[None, :])
     return tl.dot(x.to(DOT), h)
 
 
@@ -50,12 +62,20 @@ def _finish_rows(o_a, o_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr, 
                  D: tl.constexpr, VA_N: tl.constexpr, VA_W: tl.constexpr, VB_W: tl.constexpr,
                  DOT: tl.constexpr):
     """out = value_mean + unrotate(o / l), for rows given as (token, query head)."""
-    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
-    d = tl.arange(0, D)
     acc = tl.zeros([o_b.shape[0], D], dtype=tl.float32)
     acc = _stream_output(o_b * inv_l[:, None], hvb_ptr, D, VB_W, DOT, acc)
     if VA_N > 0:
         acc = _stream_output(o_a * inv_l[:, None], hva_ptr, D, VA_W, DOT, acc)
+    _store_rows(acc, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot, stride_oh,
+                signs_ptr, value_mean_ptr, D)
+
+
+@triton.jit
+def _store_rows(acc, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot, stride_oh,
+                signs_ptr, value_mean_ptr, D: tl.constexpr):
+    """out = value_mean + signs * acc / sqrt(D), acc = (o / l) @ H rows."""
+    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
+    d = tl.arange(0, D)
     signs = tl.load(signs_ptr + d)
     mean = tl.load(value_mean_ptr + head * D + d)
     out = acc * (signs * SCALE)[None, :] + mean[None, :]
@@ -83,11 +103,13 @@ def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 def _tq_attention_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr, num_seqs,
-    levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr,
+    levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr, rope_theta_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr, FALLBACK: tl.constexpr,
+    FAST_K: tl.constexpr, FAST_V: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+    MEAN: tl.constexpr, ROT_HALF: tl.constexpr, RH: tl.constexpr, MEAN_DOT: tl.constexpr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
@@ -125,26 +147,52 @@ def _tq_attention_kernel(
     rows_head = head * G + r % G
     q_pos = context_len + q_idx
 
-    # 1. The query, transformed once.
+    # 1. The query, transformed once (FAST_K: even and odd coordinates of stream B apart;
+    #    the host passes H's columns permuted to match).
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + rows_tok.to(tl.int64)[:, None] * stride_qt + rows_head[:, None] * stride_qh
-                + d[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q_rows = q_ptr + rows_tok.to(tl.int64)[:, None] * stride_qt + rows_head[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
     k_scale = tl.load(key_scale_ptr + head * D + d)
     signs = tl.load(signs_ptr + d)
     x = q * (k_scale * signs)[None, :]
-    qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
+    KH: tl.constexpr = KB_N // 2
+    if FAST_K:
+        qb = (_stream_query(x, hkb_ptr, D, KH, DOT, KB_W, 0) * qk_scale).to(DOT)
+        qb2 = (_stream_query(x, hkb_ptr, D, KH, DOT, KB_W, KH) * qk_scale).to(DOT)
+    else:
+        qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
     if KA_N > 0:
         qa = (_stream_query(x, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
     if FALLBACK:
-        # Raw keys (negative norm) are scored against the uncalibrated rotated query, shifted by
-        # -q . key_mean so that both kinds share the calibrated keys' per-query constant.
+        # Raw keys (negative norm) are scored against the uncalibrated rotated query.
         x_raw = q * signs[None, :]
-        qrb = (_stream_query(x_raw, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
+        if FAST_K:
+            qrb = (_stream_query(x_raw, hkb_ptr, D, KH, DOT, KB_W, 0) * qk_scale).to(DOT)
+            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KH, DOT, KB_W, KH) * qk_scale).to(DOT)
+        else:
+            qrb = (_stream_query(x_raw, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
         if KA_N > 0:
             qra = (_stream_query(x_raw, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
-        k_mean = tl.load(key_mean_ptr + head * D + d)
+    if MEAN:
+        # q . RoPE_p(mu) = sum_i A_i cos(p t_i) + B_i sin(p t_i) + C (the unrotated channels).
         SQRT_D: tl.constexpr = D ** 0.5
-        q_mean = tl.sum(q * k_mean[None, :], axis=1) * (qk_scale * SQRT_D)
+        qs = qk_scale * SQRT_D
+        i = tl.arange(0, RH)
+        i_mask = i < ROT_HALF
+        q_a = tl.load(q_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
+                      other=0.0).to(tl.float32)
+        q_b = tl.load(q_rows + ROT_HALF + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
+                      other=0.0).to(tl.float32)
+        mu_a = tl.load(key_mean_ptr + head * D + i, mask=i_mask, other=0.0)[None, :]
+        mu_b = tl.load(key_mean_ptr + head * D + ROT_HALF + i, mask=i_mask, other=0.0)[None, :]
+        m_a = (q_a * mu_a + q_b * mu_b) * qs
+        m_b = (q_b * mu_a - q_a * mu_b) * qs
+        mu = tl.load(key_mean_ptr + head * D + d)
+        m_c = tl.sum(tl.where(d[None, :] >= 2 * ROT_HALF, q * mu[None, :], 0.0), axis=1) * qs
+        theta = tl.load(rope_theta_ptr + i)
+        t_cos, t_sin = rope_cos_sin(tl.arange(0, BLOCK_N)[None, :], theta[:, None])
+        t_cos = t_cos.to(MEAN_DOT)
+        t_sin = t_sin.to(MEAN_DOT)
 
     # 2. This program's share of the keys: [0, kv_end) split into SPLITS runs of whole tiles.
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
@@ -155,7 +203,12 @@ def _tq_attention_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
+    VH: tl.constexpr = VB_N // 2
+    if FAST_V:  # even and odd coordinates of stream B; the host permutes H's rows to match
+        acc_b = tl.zeros([BLOCK_M, VH], dtype=tl.float32)
+        acc_b2 = tl.zeros([BLOCK_M, VH], dtype=tl.float32)
+    else:
+        acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
     for tile in range(tile_lo, tile_hi):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,11 +217,21 @@ def _tq_attention_kernel(
         slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
                                 STRIDE_TOK, STRIDE_HEAD)
 
-        kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
-        kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
-        s = tl.dot(qb, kl)
-        if FALLBACK:
-            s_raw = tl.dot(qrb, kl)
+        if FAST_K:
+            kbytes = tl.load(slots[:, None] + (KB_OFF + tl.arange(0, KH))[None, :],
+                             mask=n_mask[:, None], other=0)
+            k_even, k_odd = levels4(kbytes, K_ASM)
+            s = tl.dot(qb, tl.trans(k_even))
+            s = tl.dot(qb2, tl.trans(k_odd), s)
+            if FALLBACK:
+                s_raw = tl.dot(qrb, tl.trans(k_even))
+                s_raw = tl.dot(qrb2, tl.trans(k_odd), s_raw)
+        else:
+            kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
+            kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
+            s = tl.dot(qb, kl)
+            if FALLBACK:
+                s_raw = tl.dot(qrb, kl)
         if KA_N > 0:
             kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
             kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
@@ -177,10 +240,16 @@ def _tq_attention_kernel(
                 s_raw = tl.dot(qra, kl_a, s_raw)
         k_norm = load_norm(slots, n_mask, K_NORM_OFF)
         if FALLBACK:
-            s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :] - q_mean[:, None],
-                         s * tl.abs(k_norm)[None, :])
+            s = s * tl.abs(k_norm)[None, :]
         else:
             s = s * k_norm[None, :]
+        if MEAN:
+            c0, s0 = rope_cos_sin(tile * BLOCK_N, theta)
+            a_t = (m_a * c0[None, :] + m_b * s0[None, :]).to(MEAN_DOT)
+            b_t = (m_b * c0[None, :] - m_a * s0[None, :]).to(MEAN_DOT)
+            s += tl.dot(b_t, t_sin, tl.dot(a_t, t_cos)) + m_c[:, None]
+        if FALLBACK:
+            s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
         if DECODE:
             visible = n_mask[None, :]
         else:
@@ -194,25 +263,47 @@ def _tq_attention_kernel(
         m_i = m_new
 
         pv = (p * load_norm(slots, n_mask, V_NORM_OFF)[None, :]).to(DOT)
-        vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
-        acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W), acc_b * alpha[:, None])
+        if FAST_V:
+            vbytes = tl.load(slots[:, None] + (VB_OFF + tl.arange(0, VH))[None, :],
+                             mask=n_mask[:, None], other=0)
+            v_even, v_odd = levels4(vbytes, V_ASM)
+            acc_b = tl.dot(pv, v_even, acc_b * alpha[:, None])
+            acc_b2 = tl.dot(pv, v_odd, acc_b2 * alpha[:, None])
+        else:
+            vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
+            acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W),
+                           acc_b * alpha[:, None])
         if VA_N > 0:
             vc_a = load_stream_codes(slots, n_mask, VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU)
             acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
                            acc_a * alpha[:, None])
 
-    # 3. Finish, or leave partials for the reduction.
+    # 3. Finish, or leave partials for the reduction (FAST_V: even then odd columns, the order
+    #    of the permuted H rows).
     if SPLITS == 1:
         inv_l = 1.0 / tl.maximum(l_i, 1e-30)
-        _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr,
-                     stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
-                     D, VA_N, VA_W, VB_W, DOT)
+        if FAST_V:
+            out = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            out = _stream_output(acc_b * inv_l[:, None], hvb_ptr, D, VH, DOT, out)
+            out = _stream_output(acc_b2 * inv_l[:, None], hvb_ptr + VH * D, D, VH, DOT, out)
+            _store_rows(out, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot, stride_oh,
+                        signs_ptr, value_mean_ptr, D)
+        else:
+            _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr,
+                         stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
+                         D, VA_N, VA_W, VB_W, DOT)
     else:
         WP: tl.constexpr = VA_W + VB_W + 2
         row_base = ((rows_tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS
                     + split) * WP
-        wb = tl.arange(0, VB_W)
-        tl.store(part_ptr + row_base[:, None] + wb[None, :], acc_b, mask=row_mask[:, None])
+        if FAST_V:
+            wh = tl.arange(0, VH)
+            tl.store(part_ptr + row_base[:, None] + wh[None, :], acc_b, mask=row_mask[:, None])
+            tl.store(part_ptr + row_base[:, None] + VH + wh[None, :], acc_b2,
+                     mask=row_mask[:, None])
+        else:
+            wb = tl.arange(0, VB_W)
+            tl.store(part_ptr + row_base[:, None] + wb[None, :], acc_b, mask=row_mask[:, None])
         if VA_N > 0:
             wa = tl.arange(0, VA_W)
             tl.store(part_ptr + row_base[:, None] + VB_W + wa[None, :], acc_a,
@@ -287,14 +378,17 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  softmax_scale: float, out: torch.Tensor | None = None, *,
                  max_query_len: int | None = None, splits: int | None = None,
                  block_n: int | None = None, block_m: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                 num_warps: int | None = None, num_stages: int | None = None,
+                 fast: bool | None = None) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the quantized paged cache.
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
     [num_seqs, max_blocks] int32; seq_lens [num_seqs] (context + query tokens); query_start_loc
-    [num_seqs + 1]. The cache already holds the keys and values of the query tokens.
+    [num_seqs + 1]. The cache already holds the keys and values of the query tokens, and a key's
+    position is its index in its sequence (what the key mean's RoPE uses).
     max_query_len: 1 selects the decode path (one query token per sequence); None reads it from
-    query_start_loc (a device sync).
+    query_start_loc (a device sync). fast: the GPU's 4-bit register lookup where the format allows
+    it (default: on the GPU); the interpreter always takes the plain path.
     """
     T, Hq, D = query.shape
     num_seqs = seq_lens.shape[0]
@@ -310,6 +404,9 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     decode = max_query_len == 1
     interpreted = query.device.type == "cpu"
     dot = tl.float32 if interpreted else _TORCH_TO_TL[tables.level_tables.dtype]
+    use_fast = (not interpreted) and dot == tl.bfloat16 and fast is not False
+    fast_k = use_fast and "k" in tables.lut4_asm
+    fast_v = use_fast and "v" in tables.lut4_asm
     if decode:
         block_q = 1
         block_m = _pow2_at_least(G)
@@ -328,6 +425,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         width = max(16, layout.value.a.width) + max(16, layout.value.b.width) + 2
         part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     h_cols, h_rows = tables.h_cols, tables.h_rows
+    hkb = h_cols["kb_perm"] if fast_k else h_cols["kb"]
+    hvb = h_rows["vb_perm"] if fast_v else h_rows["vb"]
     kw = layout_kwargs(layout)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _tq_attention_kernel[(grid0, H, splits)](
@@ -335,15 +434,20 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs,
         tables.level_tables, tables.signs, tables.key_mean, tables.key_scale, tables.value_mean,
-        h_cols["ka"], h_cols["kb"], h_rows["va"], h_rows["vb"],
+        tables.rope_theta_half, h_cols["ka"], hkb, h_rows["va"], hvb,
         out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / D**0.5,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=decode, SPLITS=splits,
-        DOT=dot, FALLBACK=tables.fallback, PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1),
+        DOT=dot, FALLBACK=tables.fallback, FAST_K=fast_k, FAST_V=fast_v,
+        K_ASM=tables.lut4_asm.get("k", "") if fast_k else "",
+        V_ASM=tables.lut4_asm.get("v", "") if fast_v else "",
+        MEAN=tables.has_mean, ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
+        MEAN_DOT=tl.float32 if interpreted else tl.float16,
+        PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1),
         STRIDE_HEAD=kv_cache.stride(2), num_warps=num_warps, **kw, **extra,
     )
     if splits > 1:
         _tq_reduce_kernel[(T, H)](
-            part, out, out.stride(0), out.stride(1), h_rows["va"], h_rows["vb"], tables.signs,
+            part, out, out.stride(0), out.stride(1), h_rows["va"], hvb, tables.signs,
             tables.value_mean, T,
             G=G, BLOCK_M=_pow2_at_least(G), SPLITS=splits, DOT=dot, D=D, VA_N=kw["VA_N"],
             VA_W=kw["VA_W"], VB_W=kw["VB_W"], num_warps=num_warps,

@@ -80,3 +80,17 @@ def cache_slot_ptrs(cache_ptr, blocks, offsets, head, stride_blk,
                     STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr):
     """Pointers to the slots of (block, offset-in-block) pairs of one KV head (byte strides)."""
     return cache_ptr + (blocks.to(tl.int64) * stride_blk + offsets * STRIDE_TOK + head * STRIDE_HEAD)
+
+
+@triton.jit
+def rope_cos_sin(p, theta):
+    """cos and sin (float32) of the angle p * theta taken in float64 and reduced to [-pi, pi]
+    before the float32 cos/sin: accurate at any position (rope.cos_sin(exact=True)). 2 pi is
+    split into three float32-exact parts (k * part is exact in float64 for k < 2^24), so the
+    reduction does not depend on how the compiler types a float literal."""
+    p = p + tl.zeros([1], dtype=tl.int32)  # a plain int too (the interpreter's loop index)
+    a = p.to(tl.float64) * theta.to(tl.float64)
+    k = tl.floor(a * 0.15915494309189535 + 0.5)
+    r = ((a - k * 6.2831854820251465) + k * 1.7484555314695172e-07) + k * 7.105427357601002e-15
+    r = r.to(tl.float32)
+    return tl.cos(r), tl.sin(r)

@@ -25,6 +25,8 @@ from vllm_gds.kvcache.formats import NORM_BYTES, KVFormat, VectorCode
 from vllm_gds.kvcache.packing import packed_bytes
 from vllm_gds.kvcache.rotation import check_head_size, signs
 
+from .tq_lut4 import levels4_asm
+
 NORM_RULE_IDS = {"plain": 0, "unit": 1, "ls": 2}
 
 
@@ -168,7 +170,11 @@ class LayerTables:
         key_scale: torch.Tensor | None = None,
         value_mean: torch.Tensor | None = None,
         key_weight: torch.Tensor | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
+        rope_attention_scaling: float = 1.0,
     ):
+        if key_mean is not None and rope_inv_freq is None:
+            raise ValueError("a key mean needs the model's RoPE frequencies (rope_inv_freq)")
         layout = SlotLayout.of(fmt, head_size)
         d = layout.head_size
         self.layout = layout
@@ -189,7 +195,24 @@ class LayerTables:
                 cols[:, : s.n] = h[:, start : start + s.n]
                 self.h_cols[name + part] = cols.to(device=device, dtype=dot_dtype).contiguous()
                 self.h_rows[name + part] = cols.t().to(device=device, dtype=dot_dtype).contiguous()
+        # The 4-bit fast path (tq_lut4) scores even and odd coordinates of stream B separately:
+        # the same blocks with the even columns (rows) first, then the odd ones.
+        self.lut4_asm = {}
+        for name, vec in (("k", layout.key), ("v", layout.value)):
+            b = vec.b
+            if b.bits == 4 and b.n == b.width and b.n >= 32 and vec.a.n == 0:
+                perm = torch.cat([torch.arange(0, b.n, 2), torch.arange(1, b.n, 2)])
+                self.h_cols[name + "b_perm"] = self.h_cols[name + "b"][:, perm].contiguous()
+                self.h_rows[name + "b_perm"] = self.h_rows[name + "b"][perm].contiguous()
+                self.lut4_asm[name] = levels4_asm(codebook(d, 4)[0])
         heads = num_kv_heads
+        self.has_mean = key_mean is not None
+        self.rot_half, self.rot_half_pad = 0, 16
+        self.rope_theta = self.rope_sign = self.rope_theta_half = torch.zeros(d, device=device)
+        self.rope_partner = torch.zeros(d, dtype=torch.int32, device=device)
+        if self.has_mean:
+            key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
+                                         rope_attention_scaling, d, device)
         self.key_mean = self._per_head(key_mean, 0.0, device, heads, d)
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
         self.key_inv_scale = 1.0 / self.key_scale  # IEEE division, as the reference
@@ -201,6 +224,29 @@ class LayerTables:
         self.fallback = bool(getattr(fmt, "key_raw_fallback", False)) and (
             key_mean is not None or key_scale is not None
         )
+
+    def _rope_tables(self, key_mean, inv_freq, attention_scaling, d, device):
+        """Per-coordinate RoPE constants for RoPE_p(key_mean) (rope.py, neox pairs (i, i + r/2)):
+        RoPE_p(mu)[c] = mu[c] cos(p theta[c]) + sign[c] mu[partner[c]] sin(p theta[c]), theta = 0
+        past the rotary dims; and the frequencies padded to a power of two (>= 16) for the
+        attention's per-tile term. Returns the mean with attention_scaling on its rotary part."""
+        half = inv_freq.shape[-1]
+        self.rot_half = half
+        self.rot_half_pad = max(16, _next_pow2(half))
+        c = torch.arange(d)
+        theta = torch.zeros(d)
+        theta[: 2 * half] = inv_freq.float().cpu().repeat(2)
+        partner = torch.where(c < half, c + half, torch.where(c < 2 * half, c - half, c))
+        sign = torch.where(c < half, -1.0, torch.where(c < 2 * half, 1.0, 0.0))
+        self.rope_theta = theta.to(device)
+        self.rope_partner = partner.to(torch.int32).to(device)
+        self.rope_sign = sign.to(device)
+        pad = torch.zeros(self.rot_half_pad)
+        pad[:half] = inv_freq.float().cpu()
+        self.rope_theta_half = pad.to(device)
+        mean = key_mean.clone()
+        mean[..., : 2 * half] *= attention_scaling
+        return mean
 
     @staticmethod
     def _per_head(t, fill, device, heads, d):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tq_common import cache_slot_ptrs, store_norm, store_stream_codes
+from .tq_common import cache_slot_ptrs, rope_cos_sin, store_norm, store_stream_codes
 from .tq_params import LayerTables, layout_kwargs
 
 
@@ -126,10 +126,10 @@ def _tq_store_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens,
     codebooks_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
-    value_mean_ptr,
+    value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr, hka_rows_ptr, hkb_rows_ptr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr,
+    BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, MEAN: tl.constexpr,
     D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
     KA_K: tl.constexpr, KA_NU: tl.constexpr, KA_W: tl.constexpr,
@@ -158,10 +158,17 @@ def _tq_store_kernel(
     # Keys: calibrated, and (FALLBACK) raw; keep the candidate with the smaller weighted error.
     k = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
                 mask=row_mask[:, None], other=0.0).to(tl.float32)
-    k_mean = tl.load(key_mean_ptr + head * D + d)
+    if MEAN:  # RoPE_p(key_mean) at each token's position p
+        pos = tl.load(positions_ptr + t, mask=in_range, other=0)
+        mu = tl.load(key_mean_ptr + head * D + d)
+        mu_partner = tl.load(key_mean_ptr + head * D + tl.load(rope_partner_ptr + d))
+        cos, sin = rope_cos_sin(pos[:, None], tl.load(rope_theta_ptr + d)[None, :])
+        k_mean = mu[None, :] * cos + (tl.load(rope_sign_ptr + d) * mu_partner)[None, :] * sin
+    else:
+        k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
     k_scale = tl.load(key_scale_ptr + head * D + d)
     k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
-    x = tl.where(row_mask[:, None], (k - k_mean[None, :]) * k_inv_scale[None, :], 0.0)
+    x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
     code_a, c_a, code_b, c_b, norm = _quantize(
         x, signs, hka_ptr, hkb_ptr, codebooks_ptr, 0, 1, D, KA_BITS, KA_N, KA_W,
         KB_BITS, KB_N, KB_W, K_NORM_RULE, SPLIT)
@@ -172,7 +179,7 @@ def _tq_store_kernel(
         norm16 = _fp16_round(norm)
         rnorm16 = _fp16_round(rnorm)
         k_hat = _dequantize(c_a, c_b, norm16, signs, hka_rows_ptr, hkb_rows_ptr, D,
-                            KA_N, KA_W, KB_W, SPLIT) * k_scale[None, :] + k_mean[None, :]
+                            KA_N, KA_W, KB_W, SPLIT) * k_scale[None, :] + k_mean
         r_hat = _dequantize(rc_a, rc_b, rnorm16, signs, hka_rows_ptr, hkb_rows_ptr, D,
                             KA_N, KA_W, KB_W, SPLIT)
         w = tl.load(key_weight_ptr + head * D + d)[None, :]
@@ -201,12 +208,16 @@ def _tq_store_kernel(
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, tables: LayerTables, block_t: int = 32,
-             split: int | None = None, num_warps: int = 4) -> None:
+             split: int | None = None, num_warps: int = 4,
+             positions: torch.Tensor | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
-    i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T]."""
+    i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
+    positions [T] (the tokens' positions in their sequences) are needed with a key mean."""
     T, H, D = key.shape
     if T == 0:
         return
+    if tables.has_mean and positions is None:
+        raise ValueError("these tables have a pre-RoPE key mean: tq_store needs the positions")
     layout = tables.layout
     if kv_cache.dtype != torch.uint8 or kv_cache.shape[-1] < layout.slot_bytes:
         raise ValueError(f"kv_cache must be uint8 with >= {layout.slot_bytes} bytes per slot")
@@ -220,8 +231,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache, kv_cache.stride(0), slot_mapping, T,
         tables.codebooks, tables.signs, tables.key_mean, tables.key_scale, tables.key_inv_scale,
         tables.key_weight,
-        tables.value_mean, h["ka"], h["kb"], h["va"], h["vb"],
+        tables.value_mean, slot_mapping if positions is None else positions, tables.rope_theta,
+        tables.rope_partner, tables.rope_sign, h["ka"], h["kb"], h["va"], h["vb"],
         tables.h_rows["ka"], tables.h_rows["kb"],
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
-        BLOCK_T=block_t, SPLIT=split, FALLBACK=tables.fallback, num_warps=num_warps, **layout_kwargs(layout),
+        BLOCK_T=block_t, SPLIT=split, FALLBACK=tables.fallback, MEAN=tables.has_mean,
+        num_warps=num_warps, **layout_kwargs(layout),
     )

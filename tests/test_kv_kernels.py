@@ -39,25 +39,32 @@ def _seeded(request):
 
 
 def _calibration(h, d, calibrated):
-    """Key scale, value mean and key weight. No key mean: the reference is turning the key mean
-    into a pre-RoPE vector (a per-position score term) that the kernels do not compute yet."""
+    """Pre-RoPE key mean (RoPE on all channels at d = 128, on 48 of 64 with attention scaling
+    at d = 64), key scale (pair-equal), value mean and key weight."""
     if not calibrated:
         return {}
-    return dict(key_scale=torch.rand(h, d) + 0.5, value_mean=torch.randn(h, d) * 0.1,
-                key_weight=torch.rand(h, d))
+    r = d if d >= 128 else d - 16
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, r, 2).float() / r)
+    scale = torch.rand(h, d) + 0.5
+    scale[:, r // 2 : r] = scale[:, : r // 2]
+    return dict(key_mean=torch.randn(h, d), key_scale=scale, value_mean=torch.randn(h, d) * 0.1,
+                key_weight=torch.rand(h, d), rope_inv_freq=inv_freq,
+                rope_attention_scaling=1.0 if r == d else 1.1)
 
 
 def _pair(fmt, d, h, calibrated):
     cal = _calibration(h, d, calibrated)
-    lq = KVLayerQuantizer(fmt, d, LAYER, SEED, None, cal.get("key_scale"), cal.get("value_mean"),
-                          cal.get("key_weight"))
+    lq = KVLayerQuantizer(fmt, d, LAYER, SEED, **cal)
     tables = LayerTables(fmt, d, LAYER, SEED, "cpu", torch.float32, h, **cal)
     return lq, tables
 
 
-def _keys_values(t, h, d):
-    # A tenth of the keys far off (large norm, another direction): the raw-key fallback takes some.
+def _keys_values(t, h, d, lq=None, positions=None):
+    """Keys around RoPE_p(key mean) where lq has one (else around 0), a tenth of them far off
+    (large norm, another direction: the raw-key fallback takes some), and values."""
     k = torch.randn(t, h, d) * (1 + 4 * (torch.rand(t, h, 1) < 0.1))
+    if lq is not None and lq.key_mean is not None:
+        k = k * 0.3 + lq.key_mean_at(positions)
     return k, torch.randn(t, h, d)
 
 
@@ -65,18 +72,18 @@ def _norm_bytes(n):
     return n.contiguous().view(torch.int16).unsqueeze(-1).view(torch.uint8)
 
 
-def _reference_slots(lq, k, v):
-    ek, ev = lq.encode_keys(k), lq.encode_values(v)
+def _reference_slots(lq, k, v, positions):
+    ek, ev = lq.encode_keys(k, positions), lq.encode_values(v)
     return torch.cat([ek.codes, _norm_bytes(ek.norms), ev.codes, _norm_bytes(ev.norms)], -1)
 
 
-def _decode_slots(lq, layout, slots):
+def _decode_slots(lq, layout, slots, positions):
     kn, vn = layout.key.norm_offset, layout.value.norm_offset
 
     def norm(off):
         return slots[..., off : off + 2].contiguous().view(torch.float16).squeeze(-1)
 
-    k = lq.decode_keys(Encoded(slots[..., :kn].contiguous(), norm(kn)))
+    k = lq.decode_keys(Encoded(slots[..., :kn].contiguous(), norm(kn)), positions)
     v = lq.decode_values(Encoded(slots[..., kn + 2 : vn].contiguous(), norm(vn)))
     return k.double(), v.double()
 
@@ -87,17 +94,18 @@ def test_store_writes_the_reference_bytes(name, d, page, calibrated):
     fmt = FORMAT_CASES[name]
     h, t = 2, 21
     lq, tables = _pair(fmt, d, h, calibrated)
-    k, v = _keys_values(t, h, d)
+    positions = torch.randint(0, 1 << 17, (t,))  # large angles too
+    k, v = _keys_values(t, h, d, lq, positions)
     num_blocks = 3
     cache = torch.full((num_blocks, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
     slots = torch.randperm(num_blocks * page)[:t]
     slots[5] = -1  # vLLM's padding token: written nowhere
-    tq_store(k, v, cache, slots, tables, block_t=16)
+    tq_store(k, v, cache, slots, tables, block_t=16, positions=positions)
 
     flat = cache.view(-1, h, tables.layout.slot_bytes)
     written = slots >= 0
     got = flat[slots[written]]
-    want = _reference_slots(lq, k[written], v[written])
+    want = _reference_slots(lq, k[written], v[written], positions[written])
     assert torch.equal(got, want), f"{(got != want).sum()} of {got.numel()} bytes differ"
     untouched = torch.ones(num_blocks * page, dtype=torch.bool)
     untouched[slots[written]] = False
@@ -115,11 +123,11 @@ def _paged(lq, layout, h, d, seq_lens, page):
     for i, s in enumerate(seq_lens):
         block_table[i, : blocks[i]] = perm[at : at + blocks[i]]
         at += blocks[i]
-        k, v = _keys_values(s, h, d)
-        slots = _reference_slots(lq, k, v)
         pos = torch.arange(s)
+        k, v = _keys_values(s, h, d, lq, pos)
+        slots = _reference_slots(lq, k, v, pos)
         cache[block_table[i, pos // page].long(), pos % page] = slots
-        kd, vd = _decode_slots(lq, layout, slots)
+        kd, vd = _decode_slots(lq, layout, slots, pos)
         ks.append(kd)
         vs.append(vd)
     return cache, block_table, ks, vs
@@ -180,20 +188,23 @@ def test_chunked_prefill_matches_reference(name, d, h, g, page):
     _run_attention(FORMAT_CASES[name], d, h, g, seq_lens, q_lens, page)
 
 
-def test_store_then_attend_uncalibrated():
-    """What the store kernel writes is what the attention kernel reads (no calibration)."""
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_store_then_attend(calibrated):
+    """What the store kernel writes is what the attention kernel reads (with calibration: the
+    key mean centred at the positions given to the store, scored at the cache positions)."""
     fmt, d, h, g, page = FORMATS["tq4"], 64, 1, 3, 16
-    lq, tables = _pair(fmt, d, h, calibrated=False)
+    lq, tables = _pair(fmt, d, h, calibrated)
     seq_len = 19
-    k, v = _keys_values(seq_len, h, d)
+    pos = torch.arange(seq_len)
+    k, v = _keys_values(seq_len, h, d, lq, pos)
     cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
     block_table = torch.tensor([[1, 0]], dtype=torch.int32)
-    pos = torch.arange(seq_len)
-    tq_store(k, v, cache, (block_table[0, pos // page] * page + pos % page).long(), tables)
+    tq_store(k, v, cache, (block_table[0, pos // page] * page + pos % page).long(), tables,
+             positions=pos)
     q = torch.randn(1, h * g, d)
     out = tq_attention(q, cache, block_table, torch.tensor([seq_len], dtype=torch.int32),
                        torch.tensor([0, 1], dtype=torch.int32), tables, d**-0.5, max_query_len=1)
-    kd, vd = _decode_slots(lq, tables.layout, _reference_slots(lq, k, v))
+    kd, vd = _decode_slots(lq, tables.layout, _reference_slots(lq, k, v, pos), pos)
     ref = _attention_reference(q, [kd], [vd], [seq_len], [1], d**-0.5)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
@@ -204,3 +215,58 @@ def test_slot_layout_matches_format_bytes():
             layout = SlotLayout.of(fmt, d)
             assert layout.slot_bytes == fmt.slot_bytes(d)
             assert layout.value.a.offset == fmt.key.vector_bytes(d)
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny interpreter for the straight-line b32 PTX of tq_lut4 (the CPU cannot run inline asm)."""
+    m32 = 0xFFFFFFFF
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    def prmt(a, b, c):
+        src = (b << 32) | a
+        out = 0
+        for k in range(4):
+            sel = (c >> (4 * k)) & 0xF
+            byte = (src >> (8 * (sel & 7))) & 0xFF
+            if sel & 8:  # sign-replicate mode
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * k)
+        return out
+
+    ops = {
+        "mov.b32": lambda a: a, "not.b32": lambda a: ~a & m32,
+        "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: (a << b) & m32,
+        "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
+        "mul.lo.u32": lambda a, b: (a * b) & m32, "prmt.b32": prmt,
+    }
+    for stmt in asm.replace("\n", " ").split(";"):
+        stmt = stmt.strip(" {}")
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        dst, *srcs = [a.strip() for a in args.split(",")]
+        regs[dst] = ops[op](*map(val, srcs))
+    return regs
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_levels4_asm_looks_up_every_code(d):
+    """The GPU-only 4-bit lookup (kernels/tq_lut4.py), run on a PTX interpreter, equals the bf16
+    codebook table for random code words; its outputs are the low and high nibbles' levels."""
+    from vllm_gds.kernels.tq_lut4 import levels4_asm
+    from vllm_gds.kvcache.codebook import codebook
+
+    levels = codebook(d, 4)[0]
+    table = levels.to(torch.bfloat16).view(torch.int16).tolist()
+    asm = levels4_asm(levels)
+    for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
+        out = _run_ptx(asm, {"$4": w})
+        code_bytes = [(w >> (8 * k)) & 0xFF for k in range(4)]
+        for reg, nibble in (("$0", 0), ("$1", 0), ("$2", 4), ("$3", 4)):
+            first = 0 if reg in ("$0", "$2") else 2
+            for half in range(2):
+                code = (code_bytes[first + half] >> nibble) & 15
+                got = (out[reg] >> (16 * half)) & 0xFFFF
+                assert got == table[code] & 0xFFFF, (hex(w), reg, half, code)

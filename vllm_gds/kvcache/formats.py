@@ -6,9 +6,9 @@ Per layer, per KV head, per token, a format codes the key vector k and the value
 Keys, at token position p:
     1. calibrated:  x = (k - RoPE_p(key_mean)) * inv_scale
        key_mean [d] is a pre-RoPE vector from the calibration file (calibration_file.py);
-       RoPE_p is the model's own rotary embedding (rope.py: neox style, angle = float32(p) *
-       rope_inv_freq[i]); inv_scale = 1 / key_scale, key_scale [d] equal on both channels of
-       each RoPE pair.  Without a calibration file: x = k.
+       RoPE_p is the model's rotary embedding (rope.py: neox style) with exact angles (p *
+       rope_inv_freq[i] in float64, cos and sin rounded once to float32); inv_scale =
+       1 / key_scale, key_scale [d] equal on both channels of each RoPE pair.  Without a calibration file: x = k.
     2. n = |x|_2;  y = rotate(x) / n          (rotation.py: seeded randomized Hadamard, per layer)
     3. code[i] = number of thresholds below y[i]   (codebook.py: Lloyd-Max for the exact density of
        a rotated unit vector's coordinate at head size d; coordinates [0, extra) use the

@@ -141,8 +141,10 @@ class KVLayerQuantizer:
         """RoPE_p(key_mean) for each position: [..., H, d] for positions [...]."""
         mean = self.key_mean.to(positions.device)
         mean = mean.expand(*positions.shape, *mean.shape)
+        # Exact angles (rope.cos_sin): the kernels compute them so; any centre works as long as
+        # store and attention agree, and this one does not drift at long context.
         return apply_rope(mean, positions[..., None], self.rope_inv_freq,
-                          self.rope_attention_scaling)
+                          self.rope_attention_scaling, exact=True)
 
     def _calibrate_keys(self, k: torch.Tensor, positions) -> torch.Tensor:
         x = k.float()

@@ -15,15 +15,20 @@ from __future__ import annotations
 import torch
 
 
-def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    angle = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32).to(positions.device)
-    return angle.cos(), angle.sin()
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, exact: bool = False):
+    """cos and sin of the angles; ``exact``: the angle p * inv_freq[i] in float64 (inv_freq as
+    given, float32), cos and sin rounded once to float32 -- what the KV kernels compute for the
+    key mean, without the float32 rounding of large angles (4e-3 rad at position 2^17)."""
+    dtype = torch.float64 if exact else torch.float32
+    angle = positions.to(dtype)[..., None] * inv_freq.to(torch.float32).to(dtype).to(positions.device)
+    return angle.cos().float(), angle.sin().float()
 
 
-def apply_rope(x, positions, inv_freq, attention_scaling: float = 1.0, inverse: bool = False):
+def apply_rope(x, positions, inv_freq, attention_scaling: float = 1.0, inverse: bool = False,
+               exact: bool = False):
     """RoPE of x [..., T, ..., d] -- positions broadcast against x's leading dims ([T] or [T, 1])."""
     half = inv_freq.shape[-1]
-    cos, sin = cos_sin(positions, inv_freq)
+    cos, sin = cos_sin(positions, inv_freq, exact)
     if inverse:
         sin = -sin
     x = x.float()
