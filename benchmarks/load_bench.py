@@ -181,7 +181,7 @@ def _sync(device):
     torch.cuda.synchronize(device)
 
 
-def load_vllm_gds(shards, root: Path, device, options, verify: bool):
+def load_vllm_gds(shards, root: Path, device, options, verify: bool, ranks_on_node: int = 1):
     import torch
 
     from vllm_gds.io.reader import FileRead, ReadTarget, read_files
@@ -195,7 +195,7 @@ def load_vllm_gds(shards, root: Path, device, options, verify: bool):
             tensors[e.name] = t
             targets.append(ReadTarget(e.offset, t, name=e.name, checksum=e.checksum if verify else None))
         reads.append(FileRead(root / f.path, tuple(targets), f.size))
-    stats = read_files(reads, options, device)
+    stats = read_files(reads, options, device, ranks_on_node=ranks_on_node)
     return tensors, {"mode": stats.mode, "reader_seconds": stats.seconds, **stats.detail}, None
 
 
@@ -365,7 +365,8 @@ def rank_main(rank, world, cfg, commands, results, barrier):
                     t0 = time.perf_counter()
                     if loader == "vllm-gds":
                         opts = ReadOptions(**cmd.get("options", {}))
-                        tensors, detail, close = load_vllm_gds(shards, where, device, opts, cmd.get("verify", False))
+                        tensors, detail, close = load_vllm_gds(shards, where, device, opts, cmd.get("verify", False),
+                                                               len(cmd.get("ranks", range(world))))
                     elif loader == "safetensors":
                         tensors, detail, close = load_safetensors(paths, device)
                     elif loader == "instanttensor":
@@ -658,8 +659,8 @@ PEERS = [
     ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
     ("instanttensor", dict(loader="instanttensor")),
     ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
-    ("vllm-gds, kvikio compat engine", dict(loader="vllm-gds", options={"engine": "kvikio", "task_size": 64 * MiB})),
-    ("vllm-gds + page-cache pinner", dict(loader="vllm-gds", options={"pin_page_cache": True})),
+    ("vllm-gds, pinned pipeline engine", dict(loader="vllm-gds", options={
+        "engine": "pipeline", "num_threads": 12, "task_size": 8 * MiB})),
 ]
 
 

@@ -21,11 +21,13 @@ from vllm_gds.shards.checksum import checksum_hex
 from vllm_gds.shards.writer import write_rank
 
 CPU = torch.device("cpu")
-ENGINES = [  # (engine, pin_page_cache)
-    ("kvikio", False),
-    ("pipeline", False),
-    ("pipeline", True),
-]
+# Every way a byte can travel: kvikio (the default); the pipeline reading with preadv, or pinning
+# resident files in place.
+ENGINES = {
+    "kvikio": dict(),
+    "pipeline": dict(engine="pipeline"),
+    "pipeline-pinned": dict(engine="pipeline", pin_page_cache=True),
+}
 
 
 def _random_file(path: Path, size: int, seed: int) -> bytes:
@@ -34,9 +36,9 @@ def _random_file(path: Path, size: int, seed: int) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("engine,pin", ENGINES)
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("task_size", [4096, 12288, 1 << 20])
-def test_unaligned_ranges_are_byte_exact(tmp_path, engine, pin, task_size):
+def test_unaligned_ranges_are_byte_exact(tmp_path, engine, task_size):
     """Odd offsets and sizes, adjacent, overlapping, empty and far-apart ranges, several files."""
     rng = random.Random(task_size)
     reads, expected = [], []
@@ -54,16 +56,16 @@ def test_unaligned_ranges_are_byte_exact(tmp_path, engine, pin, task_size):
         targets.append(ReadTarget(0, torch.empty(size, dtype=torch.uint8)))  # the whole file too
         expected.append((targets[-1].dest, data))
         reads.append(FileRead(tmp_path / f"f{f}.bin", tuple(targets), size))
-    stats = read_files(reads, ReadOptions(engine=engine, task_size=task_size, num_threads=3,
-                                          pin_page_cache=pin), CPU)
+    stats = read_files(reads, ReadOptions(task_size=task_size, num_threads=3, **ENGINES[engine]), CPU)
     assert stats.mode == "host" and stats.files == 3
+    assert stats.detail["engine"] == ("kvikio" if engine == "kvikio" else "pipeline")
     for dest, want in expected:
         assert bytes(dest.numpy()) == want
     assert stats.nbytes == sum(len(w) for _, w in expected)
 
 
-@pytest.mark.parametrize("engine,pin", ENGINES)
-def test_prepared_shards_with_checksums(tmp_path, engine, pin):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_prepared_shards_with_checksums(tmp_path, engine):
     """The project's aligned shard files, many tensor sizes and dtypes, verified where they land."""
     gen = torch.Generator().manual_seed(0)
     tensors = []
@@ -82,8 +84,7 @@ def test_prepared_shards_with_checksums(tmp_path, engine, pin):
             out[e.name] = torch.empty_like(ref)
             targets.append(ReadTarget(e.offset, out[e.name], name=e.name, checksum=e.checksum))
         reads.append(FileRead(tmp_path / f.path, tuple(targets), f.size))
-    stats = read_files(reads, ReadOptions(engine=engine, task_size=64 << 10, num_threads=4,
-                                          pin_page_cache=pin), CPU)
+    stats = read_files(reads, ReadOptions(task_size=64 << 10, num_threads=4, **ENGINES[engine]), CPU)
     assert stats.detail["verified"] == len(tensors)
     for name, ref in tensors:
         assert torch.equal(out[name].view(torch.uint8), ref.view(torch.uint8)), name
@@ -146,8 +147,8 @@ def test_short_read_names_the_file(tmp_path):
         os.close(fd)
 
 
-@pytest.mark.parametrize("engine,pin", ENGINES)
-def test_checksum_mismatch_names_file_and_tensor(tmp_path, engine, pin):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_checksum_mismatch_names_file_and_tensor(tmp_path, engine):
     path = tmp_path / "w.bin"
     data = _random_file(path, 3 * 4096, seed=5)
     good = torch.frombuffer(bytearray(data[4096:8192]), dtype=torch.uint8)
@@ -155,7 +156,7 @@ def test_checksum_mismatch_names_file_and_tensor(tmp_path, engine, pin):
     target = ReadTarget(4096, torch.empty(4096, dtype=torch.uint8), name="layers.0.w", checksum=wrong)
     with pytest.raises(ChecksumError, match=r"layers\.0\.w.*w\.bin"):
         read_files([FileRead(path, (target,), len(data))],
-                   ReadOptions(engine=engine, num_threads=2, pin_page_cache=pin), CPU)
+                   ReadOptions(num_threads=2, **ENGINES[engine]), CPU)
 
 
 def test_policy_require_fails_clearly_without_gds():
@@ -199,13 +200,13 @@ def test_resident_file_is_copied_from_the_page_cache(tmp_path):
     data = _random_file(path, 8 << 20, seed=6)
     dest = torch.empty(len(data), dtype=torch.uint8)
     stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))],
-                       ReadOptions(engine="pipeline", task_size=4096, num_threads=2, pin_page_cache=True), CPU)
+                       ReadOptions(task_size=4096, num_threads=2, **ENGINES["pipeline-pinned"]), CPU)
     assert bytes(dest.numpy()) == data
     assert 0 < stats.detail["pinned_in_place_spans"] <= stats.detail["spans"]
 
 
-@pytest.mark.parametrize("engine,pin", ENGINES)
-def test_progress_counts_every_byte(tmp_path, engine, pin):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_progress_counts_every_byte(tmp_path, engine):
     import threading
 
     path = tmp_path / "p.bin"
@@ -218,6 +219,18 @@ def test_progress_counts_every_byte(tmp_path, engine, pin):
             seen[0] += n
 
     read_files([FileRead(path, (ReadTarget(0, dests[0]), ReadTarget(700_001, dests[1])), len(data))],
-               ReadOptions(engine=engine, task_size=8192, num_threads=3, pin_page_cache=pin), CPU, progress)
+               ReadOptions(task_size=8192, num_threads=3, **ENGINES[engine]), CPU, progress)
     assert seen[0] == 300_005
     assert bytes(dests[1].numpy()) == data[700_001:700_006]
+
+
+def test_automatic_threads_share_the_cpus_between_ranks():
+    from vllm_gds.io.reader import MAX_AUTO_THREADS, auto_threads, with_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert auto_threads(1) == max(2, min(MAX_AUTO_THREADS, cpus))
+    assert auto_threads(10_000) == 2
+    assert with_threads(ReadOptions(num_threads=5), 4).num_threads == 5
+    assert with_threads(ReadOptions(), 1).num_threads == auto_threads(1)
+    with pytest.raises(GdsError, match="num_threads"):
+        ReadOptions(num_threads=-1)

@@ -29,7 +29,7 @@ from vllm_gds import _vllm_compat
 from vllm_gds.errors import GdsError
 from vllm_gds.hf_stream import safetensors_files, stream_safetensors
 from vllm_gds.install import install
-from vllm_gds.io.reader import ReadStats, gds_problems, resolve_mode
+from vllm_gds.io.reader import ReadOptions, ReadStats, gds_problems, resolve_mode, with_threads
 from vllm_gds.options import LoaderOptions
 from vllm_gds.report import LoadReport
 from vllm_gds.shards.manifest import BEFORE_POST_PROCESSING, MANIFEST_NAME, is_prepared, read_manifest
@@ -54,9 +54,9 @@ def check_supported_parallelism(vllm_config: VllmConfig) -> None:
 class _StreamingHfLoader(DefaultModelLoader):
     """vLLM's default loader, fed by the vllm-gds read engine instead of safetensors' mmap."""
 
-    def __init__(self, load_config: LoadConfig, options: LoaderOptions, device: torch.device):
+    def __init__(self, load_config: LoadConfig, read_options: ReadOptions, device: torch.device):
         super().__init__(load_config)
-        self.options = options
+        self.read_options = read_options
         self.device = device
         self.stats = ReadStats(mode="")  # stream_safetensors records the mode each read took
 
@@ -69,7 +69,7 @@ class _StreamingHfLoader(DefaultModelLoader):
                 "--load-format gds loads a directory prepared by `vllm-gds prepare` or a Hugging Face "
                 "safetensors directory"
             )
-        yield from stream_safetensors(files, self.device, self.options.read, self.stats)
+        yield from stream_safetensors(files, self.device, self.read_options, self.stats)
 
 
 class GdsModelLoader(BaseModelLoader):
@@ -78,6 +78,7 @@ class GdsModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         self.options = LoaderOptions.from_extra_config(load_config.model_loader_extra_config)
+        self.read_options = self.options.read  # thread count resolved per load (_resolve_threads)
 
     def download_model(self, model_config: ModelConfig) -> None:
         if not os.path.isdir(model_config.model):
@@ -88,6 +89,7 @@ class GdsModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         check_supported_parallelism(vllm_config)
+        self._resolve_threads(vllm_config)
         self.download_model(model_config)
         if is_prepared(model_config.model):
             return self._load_prepared(vllm_config, model_config, prefix)
@@ -98,6 +100,7 @@ class GdsModelLoader(BaseModelLoader):
         from vllm.config import get_current_vllm_config
 
         vllm_config = get_current_vllm_config()
+        self._resolve_threads(vllm_config)
         device = _vllm_compat.target_device(vllm_config)
         if is_prepared(model_config.model):
             self._install_prepared(model, model_config, device, time.perf_counter())
@@ -105,9 +108,17 @@ class GdsModelLoader(BaseModelLoader):
             loader = self._hf_loader(device)
             loader.load_weights(model, model_config)
 
+    def _resolve_threads(self, vllm_config: VllmConfig) -> None:
+        # The ranks of this node share its CPUs: each rank reads with its share.
+        parallel = vllm_config.parallel_config
+        ranks = parallel.world_size
+        if torch.cuda.is_available():
+            ranks = min(ranks, max(1, torch.cuda.device_count()))
+        self.read_options = with_threads(self.options.read, ranks)
+
     def _hf_loader(self, device: torch.device) -> _StreamingHfLoader:
         inner = dataclasses.replace(self.load_config, load_format="safetensors", model_loader_extra_config={})
-        return _StreamingHfLoader(inner, self.options, device)
+        return _StreamingHfLoader(inner, self.read_options, device)
 
     def _load_prepared(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -> nn.Module:
         start = time.perf_counter()
@@ -136,7 +147,7 @@ class GdsModelLoader(BaseModelLoader):
         # Rank 0 shows a progress bar; every rank reads its own share at the same time.
         label = f"vllm-gds loading (rank 0 of {manifest.world_size})" if shards.rank == 0 else None
         stats, verify_seconds, tensors = install(
-            model, model_dir, shards, device, self.options.read, self.options.verify_checksums, label
+            model, model_dir, shards, device, self.read_options, self.options.verify_checksums, label
         )
         self._report(LoadReport(
             model=str(model_dir), source="prepared", rank=shards.rank, tp_rank=tp_rank, pp_rank=pp_rank,

@@ -4,13 +4,17 @@ A read is a list of :class:`FileRead`: each names a file and the (offset,
 destination tensor) pairs to fill from it. Destinations are contiguous tensors
 on the GPU or in host memory (the CPU platform). Two engines:
 
-* ``kvikio``: cuFile reads straight into the destination. This is the path
-  where GPUDirect Storage is active (nvidia-fs loaded, cuFile not in
-  compatibility mode): the storage DMAs into GPU memory, no host copy.
-* ``pipeline`` (:mod:`vllm_gds.io.pipeline`): worker threads read into a
-  bounded ring of pinned host buffers, copies to the GPU run on several CUDA
-  streams. Where GDS is not active this measured faster than kvikio's own
-  bounce buffers (see benchmarks/RESULTS.md), so it is the compat path.
+* ``kvikio`` (the default): cuFile reads straight into the destination. Where
+  GPUDirect Storage is active (nvidia-fs loaded, cuFile not in compatibility
+  mode) the storage DMAs into GPU memory with no host copy; where it is not,
+  kvikio's compatibility mode reads each task into a pinned bounce buffer of
+  ``task_size`` bytes and copies it to the GPU, in its own C++ thread pool. That
+  measured fastest of everything tried without GDS (benchmarks/RESULTS.md,
+  "Load (issue 3)": 16 threads x 4 MiB, 0.97x InstantTensor on one H200).
+* ``pipeline`` (:mod:`vllm_gds.io.pipeline`): Python threads read into a
+  bounded ring of pinned host buffers and copy on several CUDA streams; it can
+  read with O_DIRECT and pin page-cache pages in place. Kept for those cases and
+  for comparison; it measured slower than kvikio's pool (the GIL).
 
 :func:`resolve_mode` picks the path from the node and the policy (``auto``,
 ``require``, ``off``). Every byte is accounted for: a missing, truncated or
@@ -21,7 +25,7 @@ GPU, overlapped with the reads that follow); a mismatch raises ChecksumError.
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,12 +41,12 @@ ENGINES = ("auto", "pipeline", "kvikio")
 @dataclass(frozen=True)
 class ReadOptions:
     policy: str = "auto"  # auto: GDS where available; require: fail unless GDS; off: never GDS
-    # Defaults measured on 2x H200 from tmpfs, 16 GiB per rank (benchmarks/RESULTS.md, "Load (issue 3)").
-    num_threads: int = 12  # reader threads (pipeline) or kvikio's thread pool
-    task_size: int = 8 << 20  # bytes per read (pipeline: per pinned buffer; kvikio: per task)
-    num_buffers: int = 0  # pinned buffers in the ring; 0: one per reader thread
+    # Defaults measured on one H200 from tmpfs, 16 GiB (benchmarks/RESULTS.md, "Load (issue 3)").
+    num_threads: int = 0  # kvikio's pool or the pipeline's readers; 0: this rank's share of the CPUs
+    task_size: int = 4 << 20  # bytes per read (kvikio: per task and bounce buffer; pipeline: per buffer)
+    num_buffers: int = 0  # pipeline: pinned buffers in the ring; 0: one per reader thread
     max_pinned_bytes: int = 1 << 30  # pinned host memory (ring and pages pinned in place) stays below
-    engine: str = "auto"  # auto: kvikio where GDS is active, else the pinned pipeline
+    engine: str = "auto"  # auto: kvikio (GDS where active, else its compat mode); or "pipeline"
     direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
     # pipeline: one extra thread pins page-cache pages of files resident in memory (tmpfs, warm
     # page cache) in place and has the GPU copy straight from them, with no CPU copy. Off by
@@ -54,13 +58,29 @@ class ReadOptions:
             raise GdsError(f"gds policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.engine not in ENGINES:
             raise GdsError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.num_threads < 1 or self.task_size < 4096:
-            raise GdsError("num_threads must be >= 1 and task_size >= 4096")
+        if self.num_threads < 0 or self.task_size < 4096:
+            raise GdsError("num_threads must be >= 0 (0: automatic) and task_size >= 4096")
         if self.num_buffers < 0 or self.max_pinned_bytes < self.task_size:
             raise GdsError(
                 "num_buffers must be >= 0 and max_pinned_bytes at least one task_size "
                 f"({self.task_size} bytes)"
             )
+
+
+MAX_AUTO_THREADS = 16  # more threads per rank stopped helping on 16-core hosts
+
+
+def auto_threads(ranks_on_node: int = 1) -> int:
+    """Reader threads for one rank: its share of the CPUs this process may run on, 2..16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(MAX_AUTO_THREADS, cpus // max(1, ranks_on_node)))
+
+
+def with_threads(options: "ReadOptions", ranks_on_node: int = 1) -> "ReadOptions":
+    """``options`` with ``num_threads`` resolved (0 means automatic)."""
+    if options.num_threads:
+        return options
+    return replace(options, num_threads=auto_threads(ranks_on_node))
 
 
 @dataclass(frozen=True)
@@ -234,7 +254,9 @@ def _as_buffer(tensor: torch.Tensor):
 
 def _engine(mode: str, options: ReadOptions) -> str:
     if options.engine == "auto":
-        return "pipeline" if mode == "compat" else "kvikio"
+        if mode == "gds":
+            return "kvikio"
+        return "pipeline" if options.direct_io or options.pin_page_cache else "kvikio"
     if options.policy == "require" and options.engine != "kvikio":
         raise GdsError(f"gds policy 'require' reads through kvikio; engine {options.engine!r} contradicts it")
     return options.engine
@@ -248,6 +270,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> d
         settings["compat_mode"] = kvikio.CompatMode.OFF if options.policy == "require" else kvikio.CompatMode.AUTO
     else:
         settings["compat_mode"] = kvikio.CompatMode.ON
+        # One pinned bounce buffer per task in flight: pinned memory is num_threads x task_size.
+        settings["bounce_buffer_size"] = options.task_size
     with kvikio.defaults.set(settings):
         handles = []
         try:
@@ -281,20 +305,23 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> d
         finally:
             for handle in handles:
                 handle.close()
-    # Under GDS nothing is pinned on the host; in compat mode kvikio pins its own bounce buffers.
+    # Under GDS nothing is pinned on the host; in compat mode kvikio pins its own bounce buffers
+    # (and keeps them in its pool for the next load).
     return {"engine": "kvikio", "threads": options.num_threads, "task_size": options.task_size,
-            "pinned_bytes": 0 if mode == "gds" else None}
+            "pinned_bytes": 0 if mode == "gds" else options.num_threads * options.task_size}
 
 
 def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device,
-               progress=None) -> ReadStats:
+               progress=None, ranks_on_node: int = 1) -> ReadStats:
     """Fill every target of ``reads``; all files are checked before the first byte is read.
 
     ``seconds`` runs until every byte is in place, the device synchronized and
     the checksums (of targets that carry one) compared. ``progress(nbytes)``, if
     given, is called from reader threads as bytes are read (it must be thread-safe,
-    as ``tqdm.update`` is).
+    as ``tqdm.update`` is). ``ranks_on_node``: processes of this load sharing the
+    node's CPUs, for the automatic thread count.
     """
+    options = with_threads(options, ranks_on_node)
     mode = resolve_mode(device, options.policy)
     for read in reads:
         _check_file(read)
