@@ -144,6 +144,12 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         )
 
 
+def _dot_dtype(device) -> torch.dtype:
+    """The tables' tensor-core input type: bfloat16 on GPUs; float32 on the CPU, where the
+    kernels run in Triton's interpreter and tq_attention computes its dots in float32."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def _layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
@@ -185,7 +191,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             index = _layer_index(layer.layer_name)
             calibration = _calibration_of_layer(self._model_dir, index, self.format)
             self._tables = LayerTables(
-                self.format, self.head_size, index, ROTATION_SEED, device, torch.bfloat16,
+                self.format, self.head_size, index, ROTATION_SEED, device, _dot_dtype(device),
                 self.num_kv_heads, **calibration,
             )
         return self._tables
