@@ -19,16 +19,20 @@ from load_bench import load_instanttensor, load_vllm_gds, write_checkpoint  # no
 MiB = 1 << 20
 
 
-def configs():
+def configs(args):
     yield "instanttensor", None, {}
-    for source in ("pread", "mapped"):
-        for threads, per_thread, task in ((12, 1, 8), (16, 1, 8), (16, 2, 4), (16, 2, 8), (16, 3, 8), (8, 2, 8)):
-            options = {"engine": "pipeline", "num_threads": threads, "num_buffers": threads * per_thread,
-                       "task_size": task * MiB, "map_resident": source == "mapped"}
-            yield f"pipeline {source} t{threads} x{per_thread} {task} MiB", options, {}
-        options = {"engine": "pipeline", "num_threads": 16, "num_buffers": 32, "task_size": 8 * MiB,
-                   "map_resident": source == "mapped"}
-        yield f"pipeline {source} t16 x2 8 MiB, switch interval 0.5 ms", options, {"switch": 0.0005}
+    if args.kvikio_only:
+        for threads in args.threads:
+            for task in args.tasks_mib:
+                yield f"kvikio t{threads} task {task} MiB", {"engine": "kvikio", "num_threads": threads,
+                                                             "task_size": task * MiB}, {}
+        return
+    for threads, per_thread, task in ((12, 1, 8), (16, 1, 8), (16, 2, 4), (16, 2, 8), (16, 3, 8), (8, 2, 8)):
+        options = {"engine": "pipeline", "num_threads": threads, "num_buffers": threads * per_thread,
+                   "task_size": task * MiB}
+        yield f"pipeline t{threads} x{per_thread} {task} MiB", options, {}
+    options = {"engine": "pipeline", "num_threads": 16, "num_buffers": 32, "task_size": 8 * MiB}
+    yield "pipeline t16 x2 8 MiB, switch interval 0.5 ms", options, {"switch": 0.0005}
     for threads in (8, 16, 32):
         for task in (4, 16, 64):
             yield f"kvikio t{threads} task {task} MiB", {"engine": "kvikio", "num_threads": threads,
@@ -42,6 +46,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=16)
     ap.add_argument("--dir", default="/dev/shm/vllm-gds-sweep")
+    ap.add_argument("--kvikio-only", action="store_true", help="only kvikio, over --threads x --tasks-mib")
+    ap.add_argument("--threads", type=int, nargs="+", default=[16])
+    ap.add_argument("--tasks-mib", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
     from vllm_gds.io.reader import ReadOptions
 
@@ -52,7 +59,7 @@ def main():
     paths = [root / f.path for f in shards.files]
     nbytes = shards.nbytes
     rows = []
-    for label, options, extra in configs():
+    for label, options, extra in configs(args):
         best, detail = 0.0, {}
         for _ in range(2):
             old_switch = sys.getswitchinterval()
