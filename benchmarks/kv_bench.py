@@ -146,19 +146,24 @@ def paged_layout(torch, batch, ctx, device):
     return num_blocks, block_table.view(batch, blocks_per_seq).contiguous()
 
 
-def our_tables(torch, name, hk, d, device):
+def calibration(torch, hk, d, mean=True):
+    """A calibration like a served model's: pre-RoPE key mean (Llama-3 RoPE frequencies), key
+    scale, value mean, key weights. mean=False: the same without the key mean."""
+    g = torch.Generator().manual_seed(0)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d)
+    return dict(key_mean=torch.randn(hk, d, generator=g) if mean else None,
+                key_scale=torch.rand(hk, d, generator=g) + 0.5,
+                value_mean=torch.randn(hk, d, generator=g) * 0.1,
+                key_weight=torch.rand(hk, d, generator=g),
+                rope_inv_freq=inv_freq if mean else None)
+
+
+def our_tables(torch, name, hk, d, device, mean=True):
     from vllm_gds.kernels import LayerTables
     from vllm_gds.kvcache.formats import get_format
 
-    g = torch.Generator().manual_seed(0)
-    # No key mean: the reference is moving to a pre-RoPE mean (a per-position bias) that these
-    # kernels do not compute yet. Scale, value mean and the raw-key fallback are all exercised.
-    key_mean = None
-    key_scale = torch.rand(hk, d, generator=g) + 0.5
-    value_mean = torch.randn(hk, d, generator=g) * 0.1
-    key_weight = torch.rand(hk, d, generator=g)
-    return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk, key_mean,
-                       key_scale, value_mean, key_weight)
+    return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk,
+                       **calibration(torch, hk, d, mean))
 
 
 def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):
@@ -172,7 +177,7 @@ def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):
         k = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
         v = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
         slots = torch.arange(start, start + n, device=device, dtype=torch.int64)
-        tq_store(k, v, cache, slots, tables)
+        tq_store(k, v, cache, slots, tables, positions=slots)  # positions: any, for timing
     return cache
 
 
@@ -180,23 +185,22 @@ def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):
 # Correctness at full size against the torch reference
 
 
-def reference_quantizer(torch, tables, name, d):
+def reference_quantizer(torch, name, hk, d):
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.quantizer import KVLayerQuantizer
 
-    return KVLayerQuantizer(get_format(name), d, 0, 0, None, tables.key_scale,
-                            tables.value_mean, tables.key_weight)
+    return KVLayerQuantizer(get_format(name), d, 0, 0, **calibration(torch, hk, d))
 
 
-def slot_bytes_ref(torch, lq, k, v):
+def slot_bytes_ref(torch, lq, k, v, positions):
     def nb(n):
         return n.contiguous().view(torch.int16).unsqueeze(-1).view(torch.uint8)
 
-    ek, ev = lq.encode_keys(k), lq.encode_values(v)
+    ek, ev = lq.encode_keys(k, positions), lq.encode_values(v)
     return torch.cat([ek.codes, nb(ek.norms), ev.codes, nb(ev.norms)], -1)
 
 
-def decode_slots(torch, lq, layout, slots):
+def decode_slots(torch, lq, layout, slots, positions):
     from vllm_gds.kvcache.quantizer import Encoded
 
     kn, vn = layout.key.norm_offset, layout.value.norm_offset
@@ -204,7 +208,7 @@ def decode_slots(torch, lq, layout, slots):
     def norm(off):
         return slots[..., off : off + 2].contiguous().view(torch.float16).squeeze(-1)
 
-    k = lq.decode_keys(Encoded(slots[..., :kn].contiguous(), norm(kn)))
+    k = lq.decode_keys(Encoded(slots[..., :kn].contiguous(), norm(kn)), positions)
     v = lq.decode_values(Encoded(slots[..., kn + 2 : vn].contiguous(), norm(vn)))
     return k, v
 
@@ -216,11 +220,14 @@ def check_correctness(torch, name, hq, hk, d, device, log):
 
     torch.manual_seed(1)
     tables = our_tables(torch, name, hk, d, device)
-    lq = reference_quantizer(torch, tables, name, d)
+    lq = reference_quantizer(torch, name, hk, d)
     lay = tables.layout
     seq_lens = [4096, 1000, 37, 2500]
     T = sum(seq_lens)
-    k = torch.randn(T, hk, d, device=device) * 2 * (1 + 3 * (torch.rand(T, 1, 1, device=device) < 0.1))
+    positions = torch.cat([torch.arange(s, device=device) for s in seq_lens])
+    # Keys around RoPE_p(key mean), a tenth far off (the raw fallback takes some).
+    k = torch.randn(T, hk, d, device=device) * (1 + 3 * (torch.rand(T, 1, 1, device=device) < 0.1))
+    k = k + lq.key_mean_at(positions.cpu()).to(device)
     v = torch.randn(T, hk, d, device=device)
     k, v = k.bfloat16(), v.bfloat16()
     blocks = [math.ceil(s / PAGE) for s in seq_lens]
@@ -235,24 +242,26 @@ def check_correctness(torch, name, hq, hk, d, device, log):
         slot_map.append(bt[i, pos // PAGE].long() * PAGE + pos % PAGE)
     slot_map = torch.cat(slot_map)
     cache = torch.full((perm.numel(), PAGE, hk, lay.slot_bytes), 0xAB, dtype=torch.uint8, device=device)
-    tq_store(k, v, cache, slot_map, tables)
+    tq_store(k, v, cache, slot_map, tables, positions=positions)
     got = cache.view(-1, hk, lay.slot_bytes)[slot_map]
-    ref = slot_bytes_ref(torch, lq, k.float(), v.float())
+    ref = slot_bytes_ref(torch, lq, k.float(), v.float(), positions)
     byte_mismatch = (got != ref).float().mean().item()
-    kd, vd = decode_slots(torch, lq, lay, got)
-    kr, vr = decode_slots(torch, lq, lay, ref)
+    kd, vd = decode_slots(torch, lq, lay, got, positions)
+    kr, vr = decode_slots(torch, lq, lay, ref, positions)
     vec_err = ((kd - kr).norm() / kr.norm()).item()
 
     results = {"store_byte_mismatch": byte_mismatch, "store_decoded_rel_diff": vec_err}
     scale = d ** -0.5
     starts = [0] + list(torch.tensor(seq_lens).cumsum(0).tolist())
-    for mode, q_lens in (("decode", [1, 1, 1, 1]), ("prefill", [300, 1, 37, 64])):
+    for mode, q_lens, fast in (("decode", [1, 1, 1, 1], True), ("prefill", [300, 1, 37, 64], True),
+                               ("decode_plain", [1, 1, 1, 1], False)):
         qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32,
                            device=device)
         q = torch.randn(sum(q_lens), hq, d, device=device, dtype=torch.bfloat16)
         out = torch.full_like(q, float("nan"))
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-        tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=max(q_lens))
+        tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=max(q_lens),
+                     fast=fast)
         refs = []
         for i, (s, ql) in enumerate(zip(seq_lens, q_lens)):
             kk = kd[starts[i] : starts[i] + s].double().repeat_interleave(hq // hk, 1)
@@ -385,10 +394,10 @@ def time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device):
     return bench(run, triton)
 
 
-def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning):
+def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True, fast=True):
     from vllm_gds.kernels import default_splits, tq_attention
 
-    tables = our_tables(torch, name, hk, d, device)
+    tables = our_tables(torch, name, hk, d, device, mean)
     num_blocks, bt = paged_layout(torch, b, ctx, device)
     cache = fill_ours(torch, tables, num_blocks, hk, d, device)
     q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
@@ -399,7 +408,8 @@ def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning):
 
     def run():
         tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1,
-                     splits=splits, block_n=tuning["block_n"], num_warps=tuning["num_warps"])
+                     splits=splits, block_n=tuning["block_n"], num_warps=tuning["num_warps"],
+                     fast=fast)
 
     t = bench(run, triton)
     del cache
@@ -427,8 +437,9 @@ def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=
     k = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
     v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
     slots = torch.randperm(tokens, device=device)
-    t = bench(lambda: tq_store(k, v, cache, slots, tables, block_t=block_t, num_warps=num_warps),
-              triton)
+    positions = torch.arange(tokens, device=device)
+    t = bench(lambda: tq_store(k, v, cache, slots, tables, block_t=block_t, num_warps=num_warps,
+                               positions=positions), triton)
     moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 
@@ -536,11 +547,16 @@ def main(argv=None):
                         row[preset] = time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device)
                     except Exception:
                         log(f"{preset} FAILED\n{traceback.format_exc()}")
-            for name in OURS:
+            for name, key, mean, fast in (("tq4", "tq4", True, True), ("tq3", "tq3", True, True),
+                                          ("tq4", "tq4_nomean", False, True),
+                                          ("tq4", "tq4_plain", True, False)):
+                if key == "tq4_plain" and shape != "Llama-3-8B":
+                    continue
                 try:
-                    row[name] = time_ours(torch, triton, name, b, ctx, hq, hk, d, device, best)
+                    row[key] = time_ours(torch, triton, name, b, ctx, hq, hk, d, device, best,
+                                         mean, fast)
                 except Exception:
-                    log(f"{name} FAILED\n{traceback.format_exc()}")
+                    log(f"{key} FAILED\n{traceback.format_exc()}")
             torch.cuda.empty_cache()
             results["decode"].append(row)
             log(f"[{time.time() - started:.0f}s] " + json.dumps(row))
@@ -566,7 +582,8 @@ def main(argv=None):
     return 0
 
 
-METHODS = ["sdpa_bf16", "vllm_triton_bf16", "vllm_triton_fp8", *TURBOQUANT, *OURS]
+METHODS = ["sdpa_bf16", "vllm_triton_bf16", "vllm_triton_fp8", *TURBOQUANT, *OURS, "tq4_nomean",
+           "tq4_plain"]
 
 
 def table(results) -> list[str]:
@@ -574,8 +591,8 @@ def table(results) -> list[str]:
     out = [f"KV cache decode, one layer, {info['card']}, {info['date']}, torch {info['torch']}, "
            f"triton {info['triton']} (ms, do_bench median; BF16 = min(SDPA, vLLM Triton BF16))",
            "| shape | batch x ctx | SDPA BF16 | vLLM BF16 | vLLM FP8 | TQ 4bit_nc | TQ k3v4_nc | tq4 "
-           "| tq3 | tq4/BF16 | tq3/BF16 | TQ4nc/tq4 | FP8/tq4 |",
-           "| --- | --- |" + " --- |" * 11]
+           "| tq3 | tq4 no mean | tq4 gather path | tq4/BF16 | tq3/BF16 | TQ4nc/tq4 | FP8/tq4 |",
+           "| --- | --- |" + " --- |" * 13]
 
     def f(x):
         return "-" if x is None else f"{x:.3f}"

@@ -8,7 +8,7 @@ KV head's GQA group): BLOCK_M rows = BLOCK_Q tokens x G heads, padded. It
 2. walks its share of the sequence's cache in tiles of BLOCK_N tokens: one load of each token's
    packed key and value serves all G query heads. Scores are q~ . levels(codes) (tl.dot) times the
    key norm. Online softmax in base 2; the value levels, weighted by p * value norm, accumulate by
-   tl.dot. On the GPU a 4-bit stream takes the register lookup of tq_lut4 (even and odd codes
+   tl.dot. On the GPU a 4-bit stream takes the register lookup of tq_lut4 (four phases of codes
    scored as two half-width dots); the interpreter keeps the gather from the level table;
 3. with one split, finishes the rows: o = value_mean + unrotate(acc / l); with several, writes
    (acc, max, sum) partials that _tq_reduce_kernel merges and finishes the same way.
@@ -147,7 +147,7 @@ def _tq_attention_kernel(
     rows_head = head * G + r % G
     q_pos = context_len + q_idx
 
-    # 1. The query, transformed once (FAST_K: even and odd coordinates of stream B apart;
+    # 1. The query, transformed once (FAST_K: stream B in four phases, codes 4e + j;
     #    the host passes H's columns permuted to match).
     d = tl.arange(0, D)
     q_rows = q_ptr + rows_tok.to(tl.int64)[:, None] * stride_qt + rows_head[:, None] * stride_qh
@@ -155,10 +155,12 @@ def _tq_attention_kernel(
     k_scale = tl.load(key_scale_ptr + head * D + d)
     signs = tl.load(signs_ptr + d)
     x = q * (k_scale * signs)[None, :]
-    KH: tl.constexpr = KB_N // 2
+    KQ: tl.constexpr = KB_N // 4
     if FAST_K:
-        qb = (_stream_query(x, hkb_ptr, D, KH, DOT, KB_W, 0) * qk_scale).to(DOT)
-        qb2 = (_stream_query(x, hkb_ptr, D, KH, DOT, KB_W, KH) * qk_scale).to(DOT)
+        qb = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 0) * qk_scale).to(DOT)
+        qb1 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, KQ) * qk_scale).to(DOT)
+        qb2 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 2 * KQ) * qk_scale).to(DOT)
+        qb3 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 3 * KQ) * qk_scale).to(DOT)
     else:
         qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
     if KA_N > 0:
@@ -167,8 +169,10 @@ def _tq_attention_kernel(
         # Raw keys (negative norm) are scored against the uncalibrated rotated query.
         x_raw = q * signs[None, :]
         if FAST_K:
-            qrb = (_stream_query(x_raw, hkb_ptr, D, KH, DOT, KB_W, 0) * qk_scale).to(DOT)
-            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KH, DOT, KB_W, KH) * qk_scale).to(DOT)
+            qrb = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 0) * qk_scale).to(DOT)
+            qrb1 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, KQ) * qk_scale).to(DOT)
+            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 2 * KQ) * qk_scale).to(DOT)
+            qrb3 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 3 * KQ) * qk_scale).to(DOT)
         else:
             qrb = (_stream_query(x_raw, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
         if KA_N > 0:
@@ -203,10 +207,12 @@ def _tq_attention_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    VH: tl.constexpr = VB_N // 2
-    if FAST_V:  # even and odd coordinates of stream B; the host permutes H's rows to match
-        acc_b = tl.zeros([BLOCK_M, VH], dtype=tl.float32)
-        acc_b2 = tl.zeros([BLOCK_M, VH], dtype=tl.float32)
+    VQ: tl.constexpr = VB_N // 4
+    if FAST_V:  # the four phases of stream B; the host permutes H's rows to match
+        acc_b = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
+        acc_b1 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
+        acc_b2 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
+        acc_b3 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
     else:
         acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
@@ -218,14 +224,19 @@ def _tq_attention_kernel(
                                 STRIDE_TOK, STRIDE_HEAD)
 
         if FAST_K:
-            kbytes = tl.load(slots[:, None] + (KB_OFF + tl.arange(0, KH))[None, :],
-                             mask=n_mask[:, None], other=0)
-            k_even, k_odd = levels4(kbytes, K_ASM)
-            s = tl.dot(qb, tl.trans(k_even))
-            s = tl.dot(qb2, tl.trans(k_odd), s)
+            slots16 = slots.to(tl.pointer_type(tl.int16))
+            kw16 = tl.load(slots16[:, None] + (KB_OFF // 2 + tl.arange(0, KQ))[None, :],
+                           mask=n_mask[:, None], other=0)
+            k0, k1, k2, k3 = levels4(kw16, K_ASM)
+            s = tl.dot(qb, tl.trans(k0))
+            s = tl.dot(qb1, tl.trans(k1), s)
+            s = tl.dot(qb2, tl.trans(k2), s)
+            s = tl.dot(qb3, tl.trans(k3), s)
             if FALLBACK:
-                s_raw = tl.dot(qrb, tl.trans(k_even))
-                s_raw = tl.dot(qrb2, tl.trans(k_odd), s_raw)
+                s_raw = tl.dot(qrb, tl.trans(k0))
+                s_raw = tl.dot(qrb1, tl.trans(k1), s_raw)
+                s_raw = tl.dot(qrb2, tl.trans(k2), s_raw)
+                s_raw = tl.dot(qrb3, tl.trans(k3), s_raw)
         else:
             kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
             kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
@@ -264,11 +275,14 @@ def _tq_attention_kernel(
 
         pv = (p * load_norm(slots, n_mask, V_NORM_OFF)[None, :]).to(DOT)
         if FAST_V:
-            vbytes = tl.load(slots[:, None] + (VB_OFF + tl.arange(0, VH))[None, :],
-                             mask=n_mask[:, None], other=0)
-            v_even, v_odd = levels4(vbytes, V_ASM)
-            acc_b = tl.dot(pv, v_even, acc_b * alpha[:, None])
-            acc_b2 = tl.dot(pv, v_odd, acc_b2 * alpha[:, None])
+            slots16 = slots.to(tl.pointer_type(tl.int16))
+            vw16 = tl.load(slots16[:, None] + (VB_OFF // 2 + tl.arange(0, VQ))[None, :],
+                           mask=n_mask[:, None], other=0)
+            v0, v1, v2, v3 = levels4(vw16, V_ASM)
+            acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
+            acc_b1 = tl.dot(pv, v1, acc_b1 * alpha[:, None])
+            acc_b2 = tl.dot(pv, v2, acc_b2 * alpha[:, None])
+            acc_b3 = tl.dot(pv, v3, acc_b3 * alpha[:, None])
         else:
             vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
             acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W),
@@ -278,14 +292,16 @@ def _tq_attention_kernel(
             acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
                            acc_a * alpha[:, None])
 
-    # 3. Finish, or leave partials for the reduction (FAST_V: even then odd columns, the order
-    #    of the permuted H rows).
+    # 3. Finish, or leave partials for the reduction (FAST_V: the phases in turn, the order of
+    #    the permuted H rows).
     if SPLITS == 1:
         inv_l = 1.0 / tl.maximum(l_i, 1e-30)
         if FAST_V:
             out = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-            out = _stream_output(acc_b * inv_l[:, None], hvb_ptr, D, VH, DOT, out)
-            out = _stream_output(acc_b2 * inv_l[:, None], hvb_ptr + VH * D, D, VH, DOT, out)
+            out = _stream_output(acc_b * inv_l[:, None], hvb_ptr, D, VQ, DOT, out)
+            out = _stream_output(acc_b1 * inv_l[:, None], hvb_ptr + VQ * D, D, VQ, DOT, out)
+            out = _stream_output(acc_b2 * inv_l[:, None], hvb_ptr + 2 * VQ * D, D, VQ, DOT, out)
+            out = _stream_output(acc_b3 * inv_l[:, None], hvb_ptr + 3 * VQ * D, D, VQ, DOT, out)
             _store_rows(out, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot, stride_oh,
                         signs_ptr, value_mean_ptr, D)
         else:
@@ -297,10 +313,11 @@ def _tq_attention_kernel(
         row_base = ((rows_tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS
                     + split) * WP
         if FAST_V:
-            wh = tl.arange(0, VH)
-            tl.store(part_ptr + row_base[:, None] + wh[None, :], acc_b, mask=row_mask[:, None])
-            tl.store(part_ptr + row_base[:, None] + VH + wh[None, :], acc_b2,
-                     mask=row_mask[:, None])
+            wq = part_ptr + row_base[:, None] + tl.arange(0, VQ)[None, :]
+            tl.store(wq, acc_b, mask=row_mask[:, None])
+            tl.store(wq + VQ, acc_b1, mask=row_mask[:, None])
+            tl.store(wq + 2 * VQ, acc_b2, mask=row_mask[:, None])
+            tl.store(wq + 3 * VQ, acc_b3, mask=row_mask[:, None])
         else:
             wb = tl.arange(0, VB_W)
             tl.store(part_ptr + row_base[:, None] + wb[None, :], acc_b, mask=row_mask[:, None])

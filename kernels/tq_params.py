@@ -25,7 +25,7 @@ from vllm_gds.kvcache.formats import NORM_BYTES, KVFormat, VectorCode
 from vllm_gds.kvcache.packing import packed_bytes
 from vllm_gds.kvcache.rotation import check_head_size, signs
 
-from .tq_lut4 import levels4_asm
+from .tq_lut4 import levels4_asm, phase_permutation
 
 NORM_RULE_IDS = {"plain": 0, "unit": 1, "ls": 2}
 
@@ -195,13 +195,14 @@ class LayerTables:
                 cols[:, : s.n] = h[:, start : start + s.n]
                 self.h_cols[name + part] = cols.to(device=device, dtype=dot_dtype).contiguous()
                 self.h_rows[name + part] = cols.t().to(device=device, dtype=dot_dtype).contiguous()
-        # The 4-bit fast path (tq_lut4) scores even and odd coordinates of stream B separately:
-        # the same blocks with the even columns (rows) first, then the odd ones.
+        # The 4-bit fast path (tq_lut4) scores stream B in four phases (codes 4e + j, read as
+        # int16 elements): the same blocks of H with their columns (rows) in phase order.
         self.lut4_asm = {}
         for name, vec in (("k", layout.key), ("v", layout.value)):
             b = vec.b
-            if b.bits == 4 and b.n == b.width and b.n >= 32 and vec.a.n == 0:
-                perm = torch.cat([torch.arange(0, b.n, 2), torch.arange(1, b.n, 2)])
+            if (b.bits == 4 and b.n == b.width and b.n >= 64 and vec.a.n == 0
+                    and b.offset % 2 == 0 and vec.norm_offset % 2 == 0):
+                perm = phase_permutation(b.n)
                 self.h_cols[name + "b_perm"] = self.h_cols[name + "b"][:, perm].contiguous()
                 self.h_rows[name + "b_perm"] = self.h_rows[name + "b"][perm].contiguous()
                 self.lut4_asm[name] = levels4_asm(codebook(d, 4)[0])

@@ -254,7 +254,8 @@ def _run_ptx(asm: str, regs: dict) -> dict:
 @pytest.mark.parametrize("d", [64, 128])
 def test_levels4_asm_looks_up_every_code(d):
     """The GPU-only 4-bit lookup (kernels/tq_lut4.py), run on a PTX interpreter, equals the bf16
-    codebook table for random code words; its outputs are the low and high nibbles' levels."""
+    codebook table for random registers of two int16 elements; output j holds phase j (code 4e+j)
+    of element 0 in its low and of element 1 in its high half."""
     from vllm_gds.kernels.tq_lut4 import levels4_asm
     from vllm_gds.kvcache.codebook import codebook
 
@@ -263,10 +264,8 @@ def test_levels4_asm_looks_up_every_code(d):
     asm = levels4_asm(levels)
     for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
         out = _run_ptx(asm, {"$4": w})
-        code_bytes = [(w >> (8 * k)) & 0xFF for k in range(4)]
-        for reg, nibble in (("$0", 0), ("$1", 0), ("$2", 4), ("$3", 4)):
-            first = 0 if reg in ("$0", "$2") else 2
-            for half in range(2):
-                code = (code_bytes[first + half] >> nibble) & 15
-                got = (out[reg] >> (16 * half)) & 0xFFFF
-                assert got == table[code] & 0xFFFF, (hex(w), reg, half, code)
+        for j in range(4):
+            for elem in range(2):
+                code = (w >> (16 * elem + 4 * j)) & 15
+                got = (out[f"${j}"] >> (16 * elem)) & 0xFFFF
+                assert got == table[code] & 0xFFFF, (hex(w), j, elem, code)

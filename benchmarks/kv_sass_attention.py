@@ -1,0 +1,47 @@
+"""sm_90 SASS of the tq4 decode loop (no GPU needed): python benchmarks/kv_sass_attention.py"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from kv_sass import compile_sm90, report  # noqa: E402
+
+from vllm_gds.kernels.tq_attention import _tq_attention_kernel  # noqa: E402
+from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
+from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+
+TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
+         "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "levels_ptr": "*bf16",
+         "signs_ptr": "*fp32", "key_mean_ptr": "*fp32", "key_scale_ptr": "*fp32",
+         "value_mean_ptr": "*fp32", "rope_theta_ptr": "*fp32", "hka_ptr": "*bf16",
+         "hkb_ptr": "*bf16", "hva_ptr": "*bf16", "hvb_ptr": "*bf16", "part_ptr": "*fp32",
+         "qk_scale": "fp32"}
+
+
+def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fallback=True,
+           num_stages=3):
+    d = 128
+    kw = {}
+    if mean:
+        kw = dict(key_mean=torch.zeros(1, d), rope_inv_freq=torch.ones(d // 2))
+    t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1, **kw)
+    fast_k = fast and "k" in t.lut4_asm
+    fast_v = fast and "v" in t.lut4_asm
+    cx = dict(G=g, BLOCK_Q=1, BLOCK_M=max(16, g), BLOCK_N=block_n, DECODE=True, SPLITS=4,
+              DOT=tl.bfloat16, FALLBACK=fallback, FAST_K=fast_k, FAST_V=fast_v,
+              K_ASM=t.lut4_asm.get("k", "") if fast_k else "",
+              V_ASM=t.lut4_asm.get("v", "") if fast_v else "", MEAN=mean, ROT_HALF=t.rot_half,
+              RH=t.rot_half_pad, MEAN_DOT=tl.float16, PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes,
+              STRIDE_HEAD=t.layout.slot_bytes, **layout_kwargs(t.layout))
+    k = compile_sm90(_tq_attention_kernel, TYPES, cx, num_warps=num_warps, num_stages=num_stages)
+    threads = 32 * num_warps
+    codes = block_n * 2 * d  # key and value codes of one tile
+    return report(f"{name} fast={fast} mean={mean} BLOCK_N={block_n} warps={num_warps}", k,
+                  per=codes / threads)
+
+
+if __name__ == "__main__":
+    for args in ([False], [True], [True, True]):
+        decode("tq4", *args)
