@@ -43,9 +43,10 @@ ENGINE_PROMPTS = PROMPTS[:3] + [LONG_PROMPT]  # 5, 9, 6 and 43 tokens: lengths n
 # one-pass softmax) through 30 layers: measured about 1e-4 (printed). A wrong slot, code or norm
 # moves log-probabilities by 1e-2 or more.
 LOGPROB_TOL = 2e-3
-# Codes the store may legitimately write differently from the reference: a rotated coordinate
-# within float rounding of a threshold (tests/test_kv_kernels.py). Measured: none of ~1M.
-MAX_CODE_MISMATCH = 1e-4
+# Vectors the store may legitimately code differently from the reference: one rotated coordinate
+# within float rounding of a codebook threshold takes the neighbouring code (tests/test_kv_kernels.py).
+# Measured here: none of about 15,000.
+MAX_TIES = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -103,22 +104,18 @@ def reference(calibrated_smollm2):
     return model, quantizers
 
 
-def _slot_bytes(k, v) -> torch.Tensor:
-    """Encoded key and value [n, H] -> slot bytes [n, H, S] (formats.py: codes, fp16 norm)."""
-    parts = [k.codes, k.norms[..., None].view(torch.uint8), v.codes,
-             v.norms[..., None].view(torch.uint8)]
-    return torch.cat(parts, -1)
-
-
 def _split_slots(slots: torch.Tensor, lq):
+    """Slot bytes [..., S] -> the stored key and value (formats.py: codes, then a float16 norm)."""
+    from vllm_gds.kvcache.formats import NORM_BYTES
     from vllm_gds.kvcache.quantizer import Encoded
 
-    d = lq.head_size
-    kc, vc = lq.fmt.key.code_bytes(d), lq.fmt.value.code_bytes(d)
-    kb = kc + 2
-    norm = lambda b: b.contiguous().view(torch.float16)[..., 0]  # noqa: E731
-    return (Encoded(slots[..., :kc], norm(slots[..., kc:kb])),
-            Encoded(slots[..., kb:kb + vc], norm(slots[..., kb + vc:kb + vc + 2])))
+    out, start = [], 0
+    for code in (lq.fmt.key, lq.fmt.value):
+        end = start + code.code_bytes(lq.head_size)
+        norms = slots[..., end:end + NORM_BYTES].contiguous().view(torch.float16)[..., 0]
+        out.append(Encoded(slots[..., start:end], norms))
+        start = end + NORM_BYTES
+    return out
 
 
 def _stored_cache_hook(cache, quantizers):
@@ -167,19 +164,44 @@ def _logprob_gap(run, ref: torch.Tensor) -> float:
     return max(abs(v - float(ref[pos, int(t)])) for pos, lp in rows for t, v in lp.items())
 
 
+def _codes(enc, code, d: int) -> torch.Tensor:
+    """Code indices [..., d] of packed vectors (formats.py: [0, extra) at bits+1, then bits)."""
+    from vllm_gds.kvcache.packing import packed_bytes, unpack
+
+    split = packed_bytes(code.extra, code.bits + 1)
+    parts = [unpack(enc.codes[..., :split], code.bits + 1, code.extra)] if code.extra else []
+    return torch.cat(parts + [unpack(enc.codes[..., split:], code.bits, d - code.extra)], -1)
+
+
+def _store_differences(got, want, code, d: int) -> tuple[int, int]:
+    """(vectors that differ only as a threshold tie can make them: one code off by one and a
+    norm within 1%, vectors that differ otherwise)."""
+    diff = (_codes(got, code, d) - _codes(want, code, d)).abs()
+    norm_err = ((got.norms.float() - want.norms.float()).abs()
+                / want.norms.float().abs().clamp_min(1e-6))
+    differ = (diff > 0).any(-1) | (norm_err > 0)
+    tie = ((diff > 0).sum(-1) <= 1) & (diff.amax(-1) <= 1) & (norm_err <= 1e-2)
+    return int((differ & tie).sum()), int((differ & ~tie).sum())
+
+
 def test_store_writes_the_reference_codes(engine_run, reference):
     _, quantizers = reference
-    mismatched = total = 0
+    ties = wrong = vectors = 0
     for run in engine_run:
         cache = run["cache"]
         positions = torch.arange(cache["key"].shape[1])
         for layer, lq in enumerate(quantizers):
-            expected = _slot_bytes(lq.encode_keys(cache["key"][layer], positions),
-                                   lq.encode_values(cache["value"][layer]))
-            mismatched += int((expected != cache["slots"][layer]).sum())
-            total += expected.numel()
-    print(f"store: {mismatched} of {total} slot bytes differ from the reference's")
-    assert mismatched <= MAX_CODE_MISMATCH * total, f"{mismatched} of {total} slot bytes differ"
+            got_k, got_v = _split_slots(cache["slots"][layer], lq)
+            for got, want, code in (
+                (got_k, lq.encode_keys(cache["key"][layer], positions), lq.fmt.key),
+                (got_v, lq.encode_values(cache["value"][layer]), lq.fmt.value),
+            ):
+                t, w = _store_differences(got, want, code, lq.head_size)
+                ties, wrong, vectors = ties + t, wrong + w, vectors + got.norms.numel()
+    summary = (f"store: of {vectors} key and value vectors, {wrong} differ from the reference's "
+               f"coding and {ties} by one threshold tie")
+    print(summary)
+    assert wrong == 0 and ties <= MAX_TIES * vectors, summary
 
 
 def test_logprobs_match_the_reference_over_the_same_cache(engine_run, reference):
