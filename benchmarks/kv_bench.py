@@ -552,6 +552,8 @@ def main(argv=None):
                                           ("tq4", "tq4_plain", True, False)):
                 if key == "tq4_plain" and shape != "Llama-3-8B":
                     continue
+                if key == "tq4_nomean" and os.environ.get("KV_BENCH_NOMEAN") == "0":
+                    continue
                 try:
                     row[key] = time_ours(torch, triton, name, b, ctx, hq, hk, d, device, best,
                                          mean, fast)

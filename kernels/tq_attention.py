@@ -421,7 +421,10 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     decode = max_query_len == 1
     interpreted = query.device.type == "cpu"
     dot = tl.float32 if interpreted else _TORCH_TO_TL[tables.level_tables.dtype]
+    # The register lookup serves decode only: on an H200 with Triton 3.6 the chunked-prefill
+    # launch (64-row blocks, 8 warps) with it hit an illegal memory access (not understood yet).
     use_fast = (not interpreted) and dot == tl.bfloat16 and fast is not False
+    use_fast = use_fast and max_query_len == 1
     fast_k = use_fast and "k" in tables.lut4_asm
     fast_v = use_fast and "v" in tables.lut4_asm
     if decode:
