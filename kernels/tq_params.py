@@ -196,11 +196,12 @@ class LayerTables:
                 self.h_cols[name + part] = cols.to(device=device, dtype=dot_dtype).contiguous()
                 self.h_rows[name + part] = cols.t().to(device=device, dtype=dot_dtype).contiguous()
         # The 4-bit fast path (tq_lut4) scores stream B in four phases (codes 4e + j, read as
-        # int16 elements): the same blocks of H with their columns (rows) in phase order.
+        # int16 elements): the same blocks of H with their columns (rows) in phase order. Head
+        # size 64 stays on the gather path: its 16-wide phase dots measured slower (RESULTS.md).
         self.lut4_asm = {}
         for name, vec in (("k", layout.key), ("v", layout.value)):
             b = vec.b
-            if (b.bits == 4 and b.n == b.width and b.n >= 64 and vec.a.n == 0
+            if (b.bits == 4 and b.n == b.width and b.n >= 128 and vec.a.n == 0
                     and b.offset % 2 == 0 and vec.norm_offset % 2 == 0):
                 perm = phase_permutation(b.n)
                 self.h_cols[name + "b_perm"] = self.h_cols[name + "b"][:, perm].contiguous()
