@@ -44,8 +44,8 @@ ENGINE_PROMPTS = PROMPTS[:3] + [LONG_PROMPT]  # 5, 9, 6 and 43 tokens: lengths n
 # moves log-probabilities by 1e-2 or more.
 LOGPROB_TOL = 2e-3
 # Vectors the store may legitimately code differently from the reference: one rotated coordinate
-# within float rounding of a codebook threshold takes the neighbouring code (tests/test_kv_kernels.py).
-# Measured here: none of about 15,000.
+# within float rounding of a codebook threshold takes the neighbouring code (as in
+# tests/test_kv_kernels.py). Measured here: none of about 15,000 (one with the key mean applied).
 MAX_TIES = 1e-3
 
 
