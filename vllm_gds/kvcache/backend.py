@@ -144,6 +144,16 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         )
 
 
+def token_positions(meta: TQMetadata, n: int) -> torch.Tensor:
+    """The position in its sequence of each of the step's first ``n`` tokens: seq_len - query_len
+    + its index in the query. Tensor operations only (no host sync), so a CUDA graph can hold it;
+    tokens past the last request (graph padding, slot -1) get some valid position."""
+    starts = meta.query_start_loc
+    t = torch.arange(n, device=starts.device, dtype=starts.dtype)
+    request = torch.searchsorted(starts[1:], t, right=True).clamp_(max=meta.seq_lens.shape[0] - 1)
+    return meta.seq_lens[request] - (starts[request + 1] - t)
+
+
 def _dot_dtype(device) -> torch.dtype:
     """The tables' tensor-core input type: bfloat16 on GPUs; float32 on the CPU, where the
     kernels run in Triton's interpreter and tq_attention computes its dots in float32."""
@@ -203,9 +213,14 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         if n == 0:
             return
         tables = self._layer_tables(layer, key.device)
+        positions = None
+        if tables.has_mean:  # keys are centred on the key mean rotated to their position
+            from vllm.forward_context import get_forward_context
+
+            positions = token_positions(get_forward_context().attn_metadata[layer.layer_name], n)
         tq_store(key[:n].view(n, self.num_kv_heads, self.head_size),
                  value[:n].view(n, self.num_kv_heads, self.head_size),
-                 kv_cache.transpose(1, 2), slot_mapping, tables)
+                 kv_cache.transpose(1, 2), slot_mapping, tables, positions=positions)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: TQMetadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -242,15 +257,10 @@ def _calibration_of_layer(model_dir, layer: int, fmt) -> dict:
     if calib is None:
         return {}
     key_mean, key_scale = calib.key_transform(layer, fmt.key_calibration)
-    if key_mean is not None and getattr(calib, "rope_inv_freq", None) is not None:
-        # A pre-RoPE key mean scores with a per-position term these kernels do not compute yet.
-        # Its key scale alone was never measured (it was fitted to centred keys), so the keys go
-        # uncalibrated: the measured fallback (benchmarks/RESULTS.md, "KV cache quality").
-        if layer == 0:
-            logger.warning("the calibration's key mean is pre-RoPE, which the kernels do not "
-                           "support yet: keys are served uncalibrated (on SmolLM2, tq4 measured "
-                           "+7.0% perplexity uncalibrated against +1.4% calibrated)")
-        key_mean = key_scale = None
+    rope = {}
+    if key_mean is not None:  # pre-RoPE: the kernels rotate it to each key's position
+        rope = dict(rope_inv_freq=calib.rope_inv_freq,
+                    rope_attention_scaling=calib.rope_attention_scaling)
     return dict(key_mean=key_mean, key_scale=key_scale,
                 value_mean=calib.value_transform(layer, fmt.value_calibration),
-                key_weight=calib.query_ms[layer])
+                key_weight=calib.query_ms[layer], **rope)
