@@ -1,11 +1,23 @@
 """Fused calibrate-rotate-quantize-store of new keys and values into the paged quantized cache.
 
-One program codes BLOCK_T tokens of one KV head, keys and values, and writes their slots through
-vLLM's slot mapping (negative slots, vLLM's padding, are skipped). Per vector, as formats.py
-specifies: calibrate (keys: subtract the mean, multiply by the inverse scale; values: subtract the
-mean), take the norm, rotate with the signed Hadamard matrix (tl.dot; on the GPU the fp32 input is
-split into three bf16 parts so that the rotation keeps fp32 accuracy on the tensor cores), count
-the thresholds below each coordinate, pack, and store the norm under the format's rule.
+One program codes BLOCK_T tokens of HEADS KV heads (a loop over the heads, so the key mean's
+per-token cos/sin is computed once for all of them), keys and values, and writes their slots
+through vLLM's slot mapping (negative slots, vLLM's padding, are skipped). Per vector, as
+formats.py specifies: calibrate, take the norm, rotate, count the thresholds below each
+coordinate, pack, and store the norm under the format's rule.
+
+The rotation is one tl.dot of the [BLOCK_T, D] tile with the signed Hadamard columns of a stream
+(diag(signs) H, entries +-1). On the GPU (SPLIT=1) it keeps float32 accuracy with few tensor-core
+passes: a bf16 input (a raw key, an uncalibrated key, a value) is exact in bf16, so one bf16 dot
+with float32 accumulation is exact up to the summation order; a value mean is subtracted after the
+rotation (its rotation is a per-head constant); a calibrated key (float32) is scaled to
+|x| <= 256 and split into two float16 parts (22 significant bits) for two dots. The decodings the
+raw-key fallback compares are rotated back the same way (levels * 256 in two float16 parts).
+Under the CPU interpreter (SPLIT=0) every dot is float32.
+
+Codes: the codebooks are symmetric (codebook.py), so a code is the sign plus the number of
+positive thresholds below |y| (half the compares of a plain count); torch.bucketize's tie rule
+(thresholds strictly below y) is kept by comparing |y| of a non-positive y as the next float up.
 """
 
 import torch
@@ -17,79 +29,67 @@ from .tq_params import LayerTables, layout_kwargs
 
 
 @triton.jit
-def _dot_f32(x, h, SPLIT: tl.constexpr):
-    """x (float32) @ h (entries +-1, or float32 when SPLIT == 0) in float32 accuracy."""
-    if SPLIT == 0:
-        return tl.dot(x, h, input_precision="ieee")
-    else:
-        # x = hi + mid + lo exactly (3 x 8 significant bits); h is exact in bf16.
-        hi = x.to(tl.bfloat16)
-        r = x - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(lo, h)
-        acc = tl.dot(mid, h, acc)
-        return tl.dot(hi, h, acc)
+def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
+    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
 
 
 @triton.jit
-def _h_cols(h_ptr, D: tl.constexpr, W: tl.constexpr):
-    return tl.load(h_ptr + tl.arange(0, D)[:, None] * W + tl.arange(0, W)[None, :])
+def _dot_split(x, h16):
+    """x (float32, |x| <= 2^16) @ h16 (float16, exact) in two float16 passes (22 bits of x)."""
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return tl.dot(hi, h16, tl.dot(lo, h16))
 
 
 @triton.jit
-def _h_rows(h_ptr, D: tl.constexpr, W: tl.constexpr):
-    return tl.load(h_ptr + tl.arange(0, W)[:, None] * D + tl.arange(0, D)[None, :])
-
-
-@triton.jit
-def _codes(y, thresholds_ptr, BITS: tl.constexpr):
-    """Number of thresholds strictly below each coordinate (torch.bucketize, right=False)."""
-    code = tl.zeros(y.shape, dtype=tl.int32)
-    for j in tl.static_range((1 << BITS) - 1):
-        t = tl.load(thresholds_ptr + j)
-        code += (y > t).to(tl.int32)
-    return code
-
-
-@triton.jit
-def _quantize_stream(xs, inv_n, h_ptr, codebook_ptr, D: tl.constexpr, BITS: tl.constexpr,
-                     N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
-    """Rotated unit coordinates of one stream -> (codes, levels, sum y*c, sum c*c) per row."""
-    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
-    y = _dot_f32(xs, _h_cols(h_ptr, D, W), SPLIT) * SCALE * inv_n[:, None]
-    code = _codes(y, codebook_ptr + 256, BITS)
-    c = tl.load(codebook_ptr + code)
+def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
+    """Codes (torch.bucketize, right=False, of a symmetric codebook) and levels of y [rows, W];
+    levels are 0 in padding columns."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    pos = y > 0
+    a = tl.abs(y)
+    # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
+    a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
+    m = tl.zeros(y.shape, dtype=tl.int32)
+    for j in tl.static_range(HALF - 1):
+        m += (a > tl.load(cb_ptr + 256 + HALF + j)).to(tl.int32)
+    code = tl.where(pos, HALF + m, HALF - 1 - m)
+    c = tl.load(cb_ptr + code)
     if N < W:
         c = tl.where(tl.arange(0, W)[None, :] < N, c, 0.0)
+    return code, c
+
+
+@triton.jit
+def _stream(x, xb, inv_n, h32_ptr, h16_ptr, hbf_ptr, rot_mean_ptr, cb_ptr, D: tl.constexpr,
+            BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
+            INPUT: tl.constexpr):
+    """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
+    INPUT (GPU only): 0 float32 x; 1 bf16 xb == x; 2 bf16 xb, x = xb - mean (rot_mean given)."""
+    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
+    if SPLIT == 0:
+        y = tl.dot(x, _load_mat(h32_ptr, D, W), input_precision="ieee") * SCALE * inv_n[:, None]
+    elif INPUT == 0:
+        xs = x * (inv_n * 256.0)[:, None]
+        y = _dot_split(xs, _load_mat(h16_ptr, D, W)) * (SCALE / 256.0)
+    else:
+        y = tl.dot(xb, _load_mat(hbf_ptr, D, W))
+        if INPUT == 2:
+            y -= tl.load(rot_mean_ptr + tl.arange(0, W))[None, :]
+        y = y * SCALE * inv_n[:, None]
+    code, c = _codes(y, cb_ptr, BITS, N, W)
     return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1)
 
 
 @triton.jit
-def _quantize(x, signs, ha_ptr, hb_ptr, codebooks_ptr, CB_A: tl.constexpr, CB_B: tl.constexpr,
-              D: tl.constexpr, A_BITS: tl.constexpr, A_N: tl.constexpr, A_W: tl.constexpr,
-              B_BITS: tl.constexpr, B_N: tl.constexpr, B_W: tl.constexpr,
-              NORM_RULE: tl.constexpr, SPLIT: tl.constexpr):
-    """x [rows, D] float32 (calibrated) -> codes and levels of streams A and B, stored norm."""
-    n = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-    xs = x * signs[None, :]
-    code_b, c_b, yc, cc = _quantize_stream(xs, inv_n, hb_ptr, codebooks_ptr + CB_B * 512, D,
-                                           B_BITS, B_N, B_W, SPLIT)
-    code_a = tl.zeros([x.shape[0], A_W], dtype=tl.int32)
-    c_a = tl.zeros([x.shape[0], A_W], dtype=tl.float32)
-    if A_N > 0:
-        code_a, c_a, yc_a, cc_a = _quantize_stream(xs, inv_n, ha_ptr, codebooks_ptr + CB_A * 512,
-                                                   D, A_BITS, A_N, A_W, SPLIT)
-        yc += yc_a
-        cc += cc_a
+def _norm_of(n, yc, cc, NORM_RULE: tl.constexpr):
     if NORM_RULE == 0:  # plain
         norm = n
     elif NORM_RULE == 1:  # unit
         norm = tl.div_rn(n, tl.maximum(tl.sqrt_rn(cc), 1e-30))
     else:  # ls
         norm = tl.div_rn(n * yc, tl.maximum(cc, 1e-30))
-    return code_a, c_a, code_b, c_b, norm
+    return norm
 
 
 @triton.jit
@@ -98,23 +98,24 @@ def _fp16_round(x):
 
 
 @triton.jit
-def _dequantize(c_a, c_b, norm16, signs, ha_rows_ptr, hb_rows_ptr, D: tl.constexpr,
-                A_N: tl.constexpr, A_W: tl.constexpr, B_W: tl.constexpr, SPLIT: tl.constexpr):
-    """unrotate(norm * c) [rows, D], as the reference decodes a stored vector."""
+def _unrotate(c, norm16, h32_ptr, h16_ptr, D: tl.constexpr, W: tl.constexpr,
+              SPLIT: tl.constexpr):
+    """norm * unrotate(c) of one stream's levels c [rows, W] -> [rows, D] (signs included)."""
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
-    out = _dot_f32(c_b * norm16[:, None], _h_rows(hb_rows_ptr, D, B_W), SPLIT)
-    if A_N > 0:
-        out += _dot_f32(c_a * norm16[:, None], _h_rows(ha_rows_ptr, D, A_W), SPLIT)
-    return out * (signs * SCALE)[None, :]
+    if SPLIT == 0:
+        return tl.dot(c * norm16[:, None], _load_mat(h32_ptr, W, D), input_precision="ieee") * SCALE
+    else:
+        out = _dot_split(c * 256.0, _load_mat(h16_ptr, W, D))
+        return out * (norm16 * (SCALE / 256.0))[:, None]
 
 
 @triton.jit
-def _store_vector(slot_ptrs, row_mask, code_a, code_b, norm,
-                  A_OFF: tl.constexpr, A_BITS: tl.constexpr, A_N: tl.constexpr,
-                  A_U: tl.constexpr, A_K: tl.constexpr, A_NU: tl.constexpr,
-                  B_OFF: tl.constexpr, B_BITS: tl.constexpr, B_N: tl.constexpr,
-                  B_U: tl.constexpr, B_K: tl.constexpr, B_NU: tl.constexpr,
-                  NORM_OFF: tl.constexpr):
+def _store_codes(slot_ptrs, row_mask, code_a, code_b, norm,
+                 A_OFF: tl.constexpr, A_BITS: tl.constexpr, A_N: tl.constexpr,
+                 A_U: tl.constexpr, A_K: tl.constexpr, A_NU: tl.constexpr,
+                 B_OFF: tl.constexpr, B_BITS: tl.constexpr, B_N: tl.constexpr,
+                 B_U: tl.constexpr, B_K: tl.constexpr, B_NU: tl.constexpr,
+                 NORM_OFF: tl.constexpr):
     store_stream_codes(slot_ptrs, row_mask, code_b, B_OFF, B_BITS, B_N, B_U, B_K, B_NU)
     if A_N > 0:
         store_stream_codes(slot_ptrs, row_mask, code_a, A_OFF, A_BITS, A_N, A_U, A_K, A_NU)
@@ -125,12 +126,14 @@ def _store_vector(slot_ptrs, row_mask, code_a, code_b, norm,
 def _tq_store_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens,
-    codebooks_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
+    codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
-    hka_ptr, hkb_ptr, hva_ptr, hvb_ptr, hka_rows_ptr, hkb_rows_ptr,
+    kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, kia16, kib16,
+    kfabf, kfbbf, vfabf, vfbbf, rot_vm_ptr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, FALLBACK: tl.constexpr, MEAN: tl.constexpr,
-    D: tl.constexpr, SLOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr,
+    KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
+    VMEAN: tl.constexpr, D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
     KA_K: tl.constexpr, KA_NU: tl.constexpr, KA_W: tl.constexpr,
     KB_BITS: tl.constexpr, KB_N: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
@@ -142,77 +145,165 @@ def _tq_store_kernel(
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    head = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
     in_range = t < num_tokens
     slot = tl.load(slot_mapping_ptr + t, mask=in_range, other=-1).to(tl.int64)
     row_mask = in_range & (slot >= 0)
     slot = tl.maximum(slot, 0)
-    slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
-                                STRIDE_TOK, STRIDE_HEAD)
-    signs = tl.load(signs_ptr + d)
     t64 = t.to(tl.int64)
-
-    # Keys: calibrated, and (FALLBACK) raw; keep the candidate with the smaller weighted error.
-    k = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
-                mask=row_mask[:, None], other=0.0).to(tl.float32)
-    if MEAN:  # RoPE_p(key_mean) at each token's position p
+    if MEAN:  # RoPE_p(key_mean) at each token's position p: its cos/sin, shared by the heads
         pos = tl.load(positions_ptr + t, mask=in_range, other=0)
-        mu = tl.load(key_mean_ptr + head * D + d)
-        mu_partner = tl.load(key_mean_ptr + head * D + tl.load(rope_partner_ptr + d))
         cos, sin = rope_cos_sin(pos[:, None], tl.load(rope_theta_ptr + d)[None, :])
-        k_mean = mu[None, :] * cos + (tl.load(rope_sign_ptr + d) * mu_partner)[None, :] * sin
-    else:
-        k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
-    k_scale = tl.load(key_scale_ptr + head * D + d)
-    k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
-    x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
-    code_a, c_a, code_b, c_b, norm = _quantize(
-        x, signs, hka_ptr, hkb_ptr, codebooks_ptr, 0, 1, D, KA_BITS, KA_N, KA_W,
-        KB_BITS, KB_N, KB_W, K_NORM_RULE, SPLIT)
-    if FALLBACK:
-        rcode_a, rc_a, rcode_b, rc_b, rnorm = _quantize(
-            k, signs, hka_ptr, hkb_ptr, codebooks_ptr, 0, 1, D, KA_BITS, KA_N, KA_W,
-            KB_BITS, KB_N, KB_W, K_NORM_RULE, SPLIT)
-        norm16 = _fp16_round(norm)
-        rnorm16 = _fp16_round(rnorm)
-        k_hat = _dequantize(c_a, c_b, norm16, signs, hka_rows_ptr, hkb_rows_ptr, D,
-                            KA_N, KA_W, KB_W, SPLIT) * k_scale[None, :] + k_mean
-        r_hat = _dequantize(rc_a, rc_b, rnorm16, signs, hka_rows_ptr, hkb_rows_ptr, D,
-                            KA_N, KA_W, KB_W, SPLIT)
-        w = tl.load(key_weight_ptr + head * D + d)[None, :]
-        err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
-        rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
-        raw = rerr < err
-        code_a = tl.where(raw[:, None], rcode_a, code_a)
-        code_b = tl.where(raw[:, None], rcode_b, code_b)
-        # The sign of the stored norm flags a raw key.
-        norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
-    _store_vector(slot_ptrs, row_mask, code_a, code_b, norm,
-                  KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
-                  KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
+        rope_sign = tl.load(rope_sign_ptr + d)
+        partner = tl.load(rope_partner_ptr + d)
 
-    v = tl.load(value_ptr + t64[:, None] * stride_vt + head * stride_vh + d[None, :],
-                mask=row_mask[:, None], other=0.0).to(tl.float32)
-    v_mean = tl.load(value_mean_ptr + head * D + d)
-    v = tl.where(row_mask[:, None], v - v_mean[None, :], 0.0)
-    code_a, c_a, code_b, c_b, norm = _quantize(
-        v, signs, hva_ptr, hvb_ptr, codebooks_ptr, 2, 3, D, VA_BITS, VA_N, VA_W,
-        VB_BITS, VB_N, VB_W, V_NORM_RULE, SPLIT)
-    _store_vector(slot_ptrs, row_mask, code_a, code_b, norm,
-                  VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU,
-                  VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU, V_NORM_OFF)
+    K_INPUT: tl.constexpr = 0 if KCAL else 1
+    V_INPUT: tl.constexpr = 2 if VMEAN else 1
+    for i in range(HEADS):
+        head = tl.program_id(1) * HEADS + i
+        slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
+                                    STRIDE_TOK, STRIDE_HEAD)
+        kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
+                     mask=row_mask[:, None], other=0.0)
+        k = kb.to(tl.float32)
+        if KCAL:
+            if MEAN:
+                mu = tl.load(key_mean_ptr + head * D + d)
+                mu_partner = tl.load(key_mean_ptr + head * D + partner)
+                k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
+            else:
+                k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
+            k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
+            x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
+        else:
+            x = k
+        n = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+        code_b, c_b, yc, cc = _stream(x, kb, inv_n, kfb32, kfb16, kfbbf, rot_vm_ptr,
+                                      codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT)
+        code_a = code_b
+        c_a = c_b
+        if KA_N > 0:
+            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, kfa32, kfa16, kfabf, rot_vm_ptr,
+                                              codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT, K_INPUT)
+            yc += yc_a
+            cc += cc_a
+        norm = _norm_of(n, yc, cc, K_NORM_RULE)
+        if ABS_NORM:
+            norm = tl.abs(norm)
+        if FALLBACK:
+            # Store the calibrated coding, then overwrite the rows where the raw one is better.
+            norm16 = _fp16_round(norm)
+            _store_codes(slot_ptrs, row_mask, code_a, code_b, tl.abs(norm16),
+                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
+            k_hat = _unrotate(c_b, norm16, kib32, kib16, D, KB_W, SPLIT)
+            if KA_N > 0:
+                k_hat += _unrotate(c_a, norm16, kia32, kia16, D, KA_W, SPLIT)
+            k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
+            w = tl.load(key_weight_ptr + head * D + d)[None, :]
+            err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
+
+            rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
+            inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, kfb32, kfb16, kfbbf, rot_vm_ptr,
+                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                              SPLIT, 1)
+            rcode_a = rcode_b
+            rc_a = rc_b
+            if KA_N > 0:
+                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, kfa32, kfa16, kfabf,
+                                                      rot_vm_ptr, codebooks_ptr, D, KA_BITS,
+                                                      KA_N, KA_W, SPLIT, 1)
+                ryc += ryc_a
+                rcc += rcc_a
+            rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+            r_hat = _unrotate(rc_b, rnorm16, kib32, kib16, D, KB_W, SPLIT)
+            if KA_N > 0:
+                r_hat += _unrotate(rc_a, rnorm16, kia32, kia16, D, KA_W, SPLIT)
+            rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
+            raw = row_mask & (rerr < err)
+            tl.debug_barrier()  # the calibrated bytes land first, whichever thread wrote them
+            # The sign of the stored norm flags a raw key.
+            _store_codes(slot_ptrs, raw, rcode_a, rcode_b, -tl.abs(rnorm16),
+                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
+        else:
+            _store_codes(slot_ptrs, row_mask, code_a, code_b, norm,
+                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
+
+        vb = tl.load(value_ptr + t64[:, None] * stride_vt + head * stride_vh + d[None, :],
+                     mask=row_mask[:, None], other=0.0)
+        v = vb.to(tl.float32)
+        if VMEAN:
+            v = tl.where(row_mask[:, None], v - tl.load(value_mean_ptr + head * D + d)[None, :],
+                         0.0)
+        n = tl.sqrt_rn(tl.sum(v * v, axis=1))
+        inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+        code_b, c_b, yc, cc = _stream(v, vb, inv_n, vfb32, kfb16, vfbbf,
+                                      rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
+                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT)
+        code_a = code_b
+        if VA_N > 0:
+            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, vfa32, kfa16, vfabf,
+                                              rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
+                                              D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT)
+            yc += yc_a
+            cc += cc_a
+        _store_codes(slot_ptrs, row_mask, code_a, code_b, _norm_of(n, yc, cc, V_NORM_RULE),
+                     VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU,
+                     VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU, V_NORM_OFF)
+
+
+def _store_constants(tables: LayerTables, split: int) -> dict:
+    """Signed rotation blocks in the dtypes the store's dots take, the value mean's rotation and
+    which calibration steps are on; built once per tables and split mode."""
+    cache = tables.__dict__.setdefault("_tq_store_constants", {})
+    if split in cache:
+        return cache[split]
+    signs = tables.signs.double()
+    d = signs.numel()
+    dev = tables.signs.device
+    c = {}
+    for name in ("ka", "kb", "va", "vb"):
+        cols = tables.h_cols[name].double() * signs[:, None]  # diag(signs) H[:, stream]
+        c[name + "_f32"] = cols.float().contiguous()
+        c[name + "_f16"] = cols.half().contiguous()
+        c[name + "_bf"] = cols.bfloat16().contiguous()
+        if name[0] == "k":
+            c[name + "_i32"] = cols.t().float().contiguous()
+            c[name + "_i16"] = cols.t().half().contiguous()
+    heads = tables.value_mean.shape[0]
+    vm = tables.value_mean.double()
+    # [heads, 2 (streams A, B), D]: rotate(value_mean) per stream, padded like the tiles
+    rot_vm = torch.zeros(heads, 2, d, dtype=torch.float64, device=dev)
+    for s, name in enumerate(("va", "vb")):
+        r = vm @ (tables.h_cols[name].double() * signs[:, None])
+        rot_vm[:, s, : r.shape[1]] = r
+    c["rot_vm"] = rot_vm.float().contiguous()
+    kcal = bool(tables.has_mean or (tables.key_mean != 0).any() or (tables.key_scale != 1).any())
+    c["kcal"] = kcal
+    c["vmean"] = bool((tables.value_mean != 0).any())
+    cache[split] = c
+    return c
+
+
+def _heads_per_program(h: int, has_mean: bool) -> int:
+    """With a key mean all heads of a token tile share one program (its cos/sin once)."""
+    return h if has_mean else 1
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, tables: LayerTables, block_t: int = 32,
+             slot_mapping: torch.Tensor, tables: LayerTables, block_t: int = 64,
              split: int | None = None, num_warps: int = 4,
              positions: torch.Tensor | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
-    positions [T] (the tokens' positions in their sequences) are needed with a key mean."""
+    positions [T] (the tokens' positions in their sequences) are needed with a key mean.
+    split: 0 float32 dots (the CPU interpreter), 1 the GPU's bf16/fp16 dots; by default 0 where
+    the tables' dot type is float32."""
     T, H, D = key.shape
     if T == 0:
         return
@@ -222,19 +313,25 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if kv_cache.dtype != torch.uint8 or kv_cache.shape[-1] < layout.slot_bytes:
         raise ValueError(f"kv_cache must be uint8 with >= {layout.slot_bytes} bytes per slot")
     if split is None:
-        split = 0 if tables.level_tables.dtype == torch.float32 else 3
+        split = 0 if tables.level_tables.dtype == torch.float32 else 1
+    split = min(split, 1)
     assert key.stride(-1) == 1 and value.stride(-1) == 1
-    grid = (triton.cdiv(T, block_t), H)
-    h = tables.h_cols
+    c = _store_constants(tables, split)
+    kcal = c["kcal"]
+    heads = _heads_per_program(H, tables.has_mean)
+    grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
         kv_cache, kv_cache.stride(0), slot_mapping, T,
-        tables.codebooks, tables.signs, tables.key_mean, tables.key_scale, tables.key_inv_scale,
-        tables.key_weight,
-        tables.value_mean, slot_mapping if positions is None else positions, tables.rope_theta,
-        tables.rope_partner, tables.rope_sign, h["ka"], h["kb"], h["va"], h["vb"],
-        tables.h_rows["ka"], tables.h_rows["kb"],
+        tables.codebooks, tables.key_mean, tables.key_scale, tables.key_inv_scale,
+        tables.key_weight, tables.value_mean,
+        slot_mapping if positions is None else positions, tables.rope_theta,
+        tables.rope_partner, tables.rope_sign,
+        c["ka_f32"], c["kb_f32"], c["va_f32"], c["vb_f32"], c["ka_i32"], c["kb_i32"],
+        c["ka_f16"], c["kb_f16"], c["ka_i16"], c["kb_i16"],
+        c["ka_bf"], c["kb_bf"], c["va_bf"], c["vb_bf"], c["rot_vm"],
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
-        BLOCK_T=block_t, SPLIT=split, FALLBACK=tables.fallback, MEAN=tables.has_mean,
-        num_warps=num_warps, **layout_kwargs(layout),
+        BLOCK_T=block_t, HEADS=heads, SPLIT=split, KCAL=kcal,
+        FALLBACK=tables.fallback and kcal, ABS_NORM=tables.fallback and not kcal,
+        MEAN=tables.has_mean, VMEAN=c["vmean"], num_warps=num_warps, **layout_kwargs(layout),
     )
