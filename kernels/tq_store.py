@@ -61,11 +61,12 @@ def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _stream(x, xb, inv_n, h32_ptr, h16_ptr, hbf_ptr, rot_mean_ptr, cb_ptr, D: tl.constexpr,
+def _stream(x, xb, inv_n, h32_ptr, h16_ptr, hx_ptr, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
             INPUT: tl.constexpr):
     """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
-    INPUT (GPU only): 0 float32 x; 1 bf16 xb == x; 2 bf16 xb, x = xb - mean (rot_mean given)."""
+    INPUT (GPU only): 0 float32 x; 1 16-bit xb == x; 2 16-bit xb, x = xb - mean (rot_mean
+    given). hx: the columns in xb's dtype."""
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     if SPLIT == 0:
         y = tl.dot(x, _load_mat(h32_ptr, D, W), input_precision="ieee") * SCALE * inv_n[:, None]
@@ -73,7 +74,7 @@ def _stream(x, xb, inv_n, h32_ptr, h16_ptr, hbf_ptr, rot_mean_ptr, cb_ptr, D: tl
         xs = x * (inv_n * 256.0)[:, None]
         y = _dot_split(xs, _load_mat(h16_ptr, D, W)) * (SCALE / 256.0)
     else:
-        y = tl.dot(xb, _load_mat(hbf_ptr, D, W))
+        y = tl.dot(xb, _load_mat(hx_ptr, D, W))
         if INPUT == 2:
             y -= tl.load(rot_mean_ptr + tl.arange(0, W))[None, :]
         y = y * SCALE * inv_n[:, None]
@@ -128,10 +129,10 @@ def _tq_store_kernel(
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens,
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
-    kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, kia16, kib16,
-    kfabf, kfbbf, vfabf, vfbbf, rot_vm_ptr,
+    kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
     VMEAN: tl.constexpr, D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
@@ -158,8 +159,10 @@ def _tq_store_kernel(
         rope_sign = tl.load(rope_sign_ptr + d)
         partner = tl.load(rope_partner_ptr + d)
 
-    K_INPUT: tl.constexpr = 0 if KCAL else 1
-    V_INPUT: tl.constexpr = 2 if VMEAN else 1
+    # How the GPU rotates (_stream's INPUT): 16-bit inputs exactly where no calibration changed them
+    K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
+    R_INPUT: tl.constexpr = 1 if EXACT16 else 0
+    V_INPUT: tl.constexpr = (2 if VMEAN else 1) if EXACT16 else 0
     for i in range(HEADS):
         head = tl.program_id(1) * HEADS + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
@@ -180,12 +183,12 @@ def _tq_store_kernel(
             x = k
         n = tl.sqrt_rn(tl.sum(x * x, axis=1))
         inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(x, kb, inv_n, kfb32, kfb16, kfbbf, rot_vm_ptr,
+        code_b, c_b, yc, cc = _stream(x, kb, inv_n, kfb32, kfb16, kfbx, rot_vm_ptr,
                                       codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT)
         code_a = code_b
         c_a = c_b
         if KA_N > 0:
-            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, kfa32, kfa16, kfabf, rot_vm_ptr,
+            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, kfa32, kfa16, kfax, rot_vm_ptr,
                                               codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT, K_INPUT)
             yc += yc_a
             cc += cc_a
@@ -207,15 +210,15 @@ def _tq_store_kernel(
 
             rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
             inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, kfb32, kfb16, kfbbf, rot_vm_ptr,
+            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, kfb32, kfb16, kfbx, rot_vm_ptr,
                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                              SPLIT, 1)
+                                              SPLIT, R_INPUT)
             rcode_a = rcode_b
             rc_a = rc_b
             if KA_N > 0:
-                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, kfa32, kfa16, kfabf,
+                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, kfa32, kfa16, kfax,
                                                       rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                      KA_N, KA_W, SPLIT, 1)
+                                                      KA_N, KA_W, SPLIT, R_INPUT)
                 ryc += ryc_a
                 rcc += rcc_a
             rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
@@ -242,12 +245,12 @@ def _tq_store_kernel(
                          0.0)
         n = tl.sqrt_rn(tl.sum(v * v, axis=1))
         inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(v, vb, inv_n, vfb32, kfb16, vfbbf,
+        code_b, c_b, yc, cc = _stream(v, vb, inv_n, vfb32, vfb16, vfbx,
                                       rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
                                       VB_BITS, VB_N, VB_W, SPLIT, V_INPUT)
         code_a = code_b
         if VA_N > 0:
-            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, vfa32, kfa16, vfabf,
+            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, vfa32, vfa16, vfax,
                                               rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
                                               D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT)
             yc += yc_a
@@ -257,12 +260,12 @@ def _tq_store_kernel(
                      VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU, V_NORM_OFF)
 
 
-def _store_constants(tables: LayerTables, split: int) -> dict:
+def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dict:
     """Signed rotation blocks in the dtypes the store's dots take, the value mean's rotation and
     which calibration steps are on; built once per tables and split mode."""
     cache = tables.__dict__.setdefault("_tq_store_constants", {})
-    if split in cache:
-        return cache[split]
+    if (split, dtype) in cache:
+        return cache[split, dtype]
     signs = tables.signs.double()
     d = signs.numel()
     dev = tables.signs.device
@@ -271,7 +274,7 @@ def _store_constants(tables: LayerTables, split: int) -> dict:
         cols = tables.h_cols[name].double() * signs[:, None]  # diag(signs) H[:, stream]
         c[name + "_f32"] = cols.float().contiguous()
         c[name + "_f16"] = cols.half().contiguous()
-        c[name + "_bf"] = cols.bfloat16().contiguous()
+        c[name + "_x"] = cols.to(dtype).contiguous()
         if name[0] == "k":
             c[name + "_i32"] = cols.t().float().contiguous()
             c[name + "_i16"] = cols.t().half().contiguous()
@@ -286,7 +289,7 @@ def _store_constants(tables: LayerTables, split: int) -> dict:
     kcal = bool(tables.has_mean or (tables.key_mean != 0).any() or (tables.key_scale != 1).any())
     c["kcal"] = kcal
     c["vmean"] = bool((tables.value_mean != 0).any())
-    cache[split] = c
+    cache[split, dtype] = c
     return c
 
 
@@ -316,7 +319,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         split = 0 if tables.level_tables.dtype == torch.float32 else 1
     split = min(split, 1)
     assert key.stride(-1) == 1 and value.stride(-1) == 1
-    c = _store_constants(tables, split)
+    exact16 = bool(split) and key.dtype in (torch.bfloat16, torch.float16) and value.dtype == key.dtype
+    c = _store_constants(tables, split, key.dtype if exact16 else torch.float16)
     kcal = c["kcal"]
     heads = _heads_per_program(H, tables.has_mean)
     grid = (triton.cdiv(T, block_t), H // heads)
@@ -328,10 +332,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         slot_mapping if positions is None else positions, tables.rope_theta,
         tables.rope_partner, tables.rope_sign,
         c["ka_f32"], c["kb_f32"], c["va_f32"], c["vb_f32"], c["ka_i32"], c["kb_i32"],
-        c["ka_f16"], c["kb_f16"], c["ka_i16"], c["kb_i16"],
-        c["ka_bf"], c["kb_bf"], c["va_bf"], c["vb_bf"], c["rot_vm"],
+        c["ka_f16"], c["kb_f16"], c["va_f16"], c["vb_f16"], c["ka_i16"], c["kb_i16"],
+        c["ka_x"], c["kb_x"], c["va_x"], c["vb_x"], c["rot_vm"],
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
-        BLOCK_T=block_t, HEADS=heads, SPLIT=split, KCAL=kcal,
+        BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
         FALLBACK=tables.fallback and kcal, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], num_warps=num_warps, **layout_kwargs(layout),
     )

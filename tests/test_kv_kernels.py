@@ -112,6 +112,28 @@ def test_store_writes_the_reference_bytes(name, d, page, calibrated):
     assert (flat[untouched] == POISON).all()
 
 
+@pytest.mark.parametrize("name", ["tq4", "tq3", "k3+16/v2+8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("d, calibrated", [(64, True), (128, False)])
+def test_store_gpu_dots_match_the_reference(name, dtype, d, calibrated):
+    """The GPU's rotation (split=1: exact 16-bit dots, a value mean taken off after the rotation,
+    float32 split in two float16 parts) run by the interpreter. float16 stands in for the GPU's
+    bfloat16 (the interpreter's bfloat16 dot is wrong); a coordinate within rounding of a
+    threshold may take the neighbouring code (another summation order), so a few bytes may differ."""
+    fmt = FORMAT_CASES[name]
+    h, t, page = 2, 40, 16
+    lq, tables = _pair(fmt, d, h, calibrated)
+    positions = torch.randint(0, 1 << 17, (t,))
+    k, v = _keys_values(t, h, d, lq, positions)
+    k, v = k.to(dtype), v.to(dtype)
+    cache = torch.full((3, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
+    slots = torch.randperm(3 * page)[:t]
+    tq_store(k, v, cache, slots, tables, block_t=32, split=1, positions=positions)
+    got = cache.view(-1, h, tables.layout.slot_bytes)[slots]
+    want = _reference_slots(lq, k.float(), v.float(), positions)
+    assert (got != want).sum() <= 2, f"{(got != want).sum()} of {got.numel()} bytes differ"
+
+
 def _paged(lq, layout, h, d, seq_lens, page):
     """A paged cache holding the reference's coding of random K/V, and their decodings."""
     blocks = [-(-s // page) for s in seq_lens]
