@@ -423,13 +423,14 @@ def copy_bandwidth(torch, triton, device):
     return 2 * x.numel() / (t * 1e-3) / 1e9
 
 
-def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768):
+def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768,
+                    mean=True):
     from vllm_gds.kernels import LayerTables, tq_store
     from vllm_gds.kvcache.formats import get_format
 
     hq, hk, d = SHAPES["Llama-3-8B"]
     if calibrated:
-        tables = our_tables(torch, name, hk, d, device)
+        tables = our_tables(torch, name, hk, d, device, mean)
     else:
         tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk)
     cache = torch.empty(tokens // PAGE + 1, PAGE, hk, tables.layout.slot_bytes, device=device,
@@ -444,6 +445,90 @@ def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=
     return t, moved / (t * 1e-3) / 1e9
 
 
+STORE_MODES = {"mean": (True, True), "no mean": (True, False), "uncalibrated": (False, False)}
+
+
+def store_check(torch, name, mode, device, tokens=32768):
+    """Store bytes vs the reference encoder at full size (Llama-3-8B shape): fraction differing."""
+    from vllm_gds.kernels import LayerTables, tq_store
+    from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.quantizer import KVLayerQuantizer
+
+    calibrated, mean = STORE_MODES[mode]
+    hq, hk, d = SHAPES["Llama-3-8B"]
+    cal = calibration(torch, hk, d, mean) if calibrated else {}
+    cal = {k: v for k, v in cal.items() if v is not None}
+    tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk, **cal)
+    lq = KVLayerQuantizer(get_format(name), d, 0, 0, **cal)
+    torch.manual_seed(2)
+    positions = torch.randint(0, 1 << 17, (tokens,), device=device)
+    k = torch.randn(tokens, hk, d, device=device) * (
+        1 + 3 * (torch.rand(tokens, 1, 1, device=device) < 0.1))
+    if mean:
+        k = k + lq.key_mean_at(positions.cpu()).to(device)
+    k, v = k.bfloat16(), torch.randn(tokens, hk, d, device=device).bfloat16()
+    slots = torch.randperm(tokens + 100, device=device)[:tokens]
+    slots[::97] = -1
+    cache = torch.full((tokens // PAGE + 8, PAGE, hk, tables.layout.slot_bytes), 0xAB,
+                       dtype=torch.uint8, device=device)
+    tq_store(k, v, cache, slots, tables, positions=positions)
+    ok = slots >= 0
+    got = cache.view(-1, hk, tables.layout.slot_bytes)[slots[ok]]
+    ref = slot_bytes_ref(torch, lq, k[ok].float(), v[ok].float(), positions[ok])
+    untouched = torch.ones(cache.shape[0] * PAGE, dtype=torch.bool, device=device)
+    untouched[slots[ok]] = False
+    poison_ok = bool((cache.view(-1, hk, tables.layout.slot_bytes)[untouched] == 0xAB).all())
+    return (got != ref).float().mean().item(), poison_ok
+
+
+def store_only(args, torch, triton, device, info, log):
+    """--store-only: the store kernel against the device copy, and its bytes, in one short run."""
+    results = {"info": info, "store": [], "store_check": []}
+    out = args.out / "kv_store_results.json"
+
+    def save():
+        out.write_text(json.dumps(results, indent=1))
+
+    copy_gbs = copy_bandwidth(torch, triton, device)
+    results["copy_gbs"] = copy_gbs
+    log(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    for name, mode in (("tq4", "mean"), ("tq4", "uncalibrated")):
+        try:
+            frac, poison_ok = store_check(torch, name, mode, device)
+            results["store_check"].append(dict(format=name, mode=mode, byte_mismatch=frac,
+                                               untouched_ok=poison_ok))
+            log(f"store check {name} {mode}: {frac:.2e} of bytes differ from the reference, "
+                f"other slots untouched: {poison_ok}")
+        except Exception:
+            log(f"store check {name} {mode} FAILED\n{traceback.format_exc()}")
+        save()
+    for name, mode, warps in (("tq4", "mean", 4), ("tq4", "mean", 8), ("tq4", "no mean", 4),
+                              ("tq4", "uncalibrated", 4), ("tq4", "uncalibrated", 8),
+                              ("tq3", "mean", 4), ("tq3", "no mean", 4),
+                              ("tq3", "uncalibrated", 4)):
+        calibrated, mean = STORE_MODES[mode]
+        try:
+            t, gbs = store_bandwidth(torch, triton, name, device, 64, warps, calibrated,
+                                     mean=mean)
+            results["store"].append(dict(format=name, mode=mode, block_t=64, num_warps=warps,
+                                         ms=t, gbs=gbs, of_copy=gbs / copy_gbs))
+            log(f"store {name} {mode} 32K tokens warps={warps}: {t:.4f} ms, {gbs:.0f} GB/s = "
+                f"{gbs / copy_gbs:.0%} of copy")
+        except Exception:
+            log(f"store {name} {mode} FAILED\n{traceback.format_exc()}")
+        save()
+    for name, mode in (("tq3", "mean"), ("tq4", "no mean")):
+        try:
+            frac, poison_ok = store_check(torch, name, mode, device)
+            results["store_check"].append(dict(format=name, mode=mode, byte_mismatch=frac,
+                                               untouched_ok=poison_ok))
+            log(f"store check {name} {mode}: {frac:.2e} of bytes differ, untouched {poison_ok}")
+        except Exception:
+            log(f"store check {name} {mode} FAILED\n{traceback.format_exc()}")
+        save()
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -452,6 +537,8 @@ def main(argv=None):
     ap.add_argument("--extract", type=Path, help="copy vLLM's Triton files from this wheel and exit")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--quick", action="store_true", help="one shape, two batches")
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the store kernel: copy bandwidth, store GB/s, store bytes")
     args = ap.parse_args(argv)
     if args.extract:
         extract(args.extract)
@@ -473,6 +560,8 @@ def main(argv=None):
     info = {"card": props.name, "sms": props.multi_processor_count, "date": str(datetime.date.today()),
             "torch": torch.__version__, "triton": triton.__version__, "vllm_kernels": have_vllm}
     log(json.dumps(info))
+    if args.store_only:
+        return store_only(args, torch, triton, device, info, log)
     results = {"info": info, "correctness": {}, "tuning": [], "decode": [], "store": [], "bytes": {}}
     started = time.time()
 

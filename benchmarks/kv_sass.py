@@ -20,14 +20,18 @@ from triton.compiler import ASTSource
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, num_warps=4, num_stages=3):
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps=4, num_stages=3,
+                 divisible=()):
+    """divisible: argument names a launch would specialize as divisible by 16 (pointers from
+    torch, strides that are multiples of 16), which lets Triton vectorize loads and stores."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         else:
             sig[name] = types.get(name, "i32")
-    src = ASTSource(fn, sig, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs or None)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps,
                                                          "num_stages": num_stages})
 

@@ -51,10 +51,13 @@ def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
     # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
     a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
     m = tl.zeros(y.shape, dtype=tl.int32)
+    c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
     for j in tl.static_range(HALF - 1):
-        m += (a > tl.load(cb_ptr + 256 + HALF + j)).to(tl.int32)
+        above = a > tl.load(cb_ptr + 256 + HALF + j)
+        m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
+        c = tl.where(above, tl.load(cb_ptr + HALF + 1 + j), c)
     code = tl.where(pos, HALF + m, HALF - 1 - m)
-    c = tl.load(cb_ptr + code)
+    c = tl.where(pos, c, -c)
     if N < W:
         c = tl.where(tl.arange(0, W)[None, :] < N, c, 0.0)
     return code, c

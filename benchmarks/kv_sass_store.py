@@ -1,0 +1,91 @@
+"""sm_90 SASS of the store kernel (no GPU needed): python benchmarks/kv_sass_store.py [--dump DIR]
+
+Compiles tq_store's kernel for the Llama-3-8B shape (head 128, tq4 / tq3; with the key mean,
+raw-key fallback and value mean, and uncalibrated) and prints instruction counts, registers and
+spills; per code = SASS instructions of one head's loop body / (tokens x 2 x head size) x threads.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from kv_sass import BIN, compile_sm90, sass_stats  # noqa: E402
+
+from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
+from vllm_gds.kernels.tq_store import _tq_store_kernel  # noqa: E402
+from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+
+PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
+        "positions_ptr": "*i64", "rope_partner_ptr": "*i32"}
+
+
+def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
+    d = 128
+    types = dict(PTRS)
+    for arg in _tq_store_kernel.arg_names:
+        if arg.endswith("_ptr") and arg not in types:
+            types[arg] = "*fp32"
+    for arg in ("kfa32", "kfb32", "vfa32", "vfb32", "kia32", "kib32"):
+        types[arg] = "*fp32"
+    for arg in ("kfa16", "kfb16", "vfa16", "vfb16", "kia16", "kib16"):
+        types[arg] = "*fp16"
+    for arg in ("kfax", "kfbx", "vfax", "vfbx"):
+        types[arg] = "*bf16"
+    types["rot_vm_ptr"] = "*fp32"
+    t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1)
+    cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
+              BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
+              KCAL=calibrated, FALLBACK=calibrated, ABS_NORM=False, MEAN=calibrated,
+              VMEAN=calibrated, **layout_kwargs(t.layout))
+    divisible = [a for a in _tq_store_kernel.arg_names if a in types and types[a].startswith("*")]
+    divisible += ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_blk"]
+    return compile_sm90(_tq_store_kernel, types, cx, num_warps=num_warps, divisible=divisible)
+
+
+def resources(kernel) -> str:
+    """Registers and spill stores/loads as ptxas reports them (cuobjdump -res-usage)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out)
+    return f"regs {m.group(1)} stack {m.group(2)} local {m.group(3)}" if m else out.strip()
+
+
+CONFIGS = [(64, 4), (64, 8)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dump", type=Path)
+    args = ap.parse_args()
+    for name in ("tq4", "tq3"):
+        for calibrated in (True, False):
+            for block_t, nw in CONFIGS:
+                k = store_kernel(name, calibrated, block_t, nw)
+                total, loop, sass = sass_stats(k)
+                ops = sum(total.values()) if not calibrated else sum(loop.values())
+                per = ops * 32 * nw / (block_t * 2 * 128)
+                mma = sum(v for op, v in total.items() if "MMA" in op)
+                ptx = k.asm["ptx"]
+                spill = "ld.local" in ptx or "st.local" in ptx
+                print(f"{name} calibrated={calibrated} block_t={block_t} warps={nw}: "
+                      f"{resources(k)}, local {spill}, shared {k.metadata.shared} B, "
+                      f"{'loop' if calibrated else 'kernel'} {ops} SASS = {per:.1f} per code, "
+                      f"MMA {mma}; top: "
+                      + ", ".join(f"{o} {v}" for o, v in (loop if calibrated else total).most_common(10)))
+                if args.dump:
+                    args.dump.mkdir(parents=True, exist_ok=True)
+                    stem = f"{name}_{'cal' if calibrated else 'plain'}_{block_t}_{nw}"
+                    (args.dump / f"{stem}.sass").write_text(sass)
+                    (args.dump / f"{stem}.ttgir").write_text(k.asm["ttgir"])
+
+
+if __name__ == "__main__":
+    main()
