@@ -303,13 +303,14 @@ def _heads_per_program(h: int, has_mean: bool) -> int:
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, tables: LayerTables, block_t: int = 64,
-             split: int | None = None, num_warps: int = 4,
+             split: int | None = None, num_warps: int | None = None,
              positions: torch.Tensor | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
     split: 0 float32 dots (the CPU interpreter), 1 the GPU's bf16/fp16 dots; by default 0 where
-    the tables' dot type is float32."""
+    the tables' dot type is float32. num_warps: by default 4 with the raw-key fallback, else 8
+    (measured on an H200, benchmarks/RESULTS.md)."""
     T, H, D = key.shape
     if T == 0:
         return
@@ -325,6 +326,9 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     exact16 = bool(split) and key.dtype in (torch.bfloat16, torch.float16) and value.dtype == key.dtype
     c = _store_constants(tables, split, key.dtype if exact16 else torch.float16)
     kcal = c["kcal"]
+    fallback = tables.fallback and kcal
+    if num_warps is None:
+        num_warps = 4 if fallback else 8
     heads = _heads_per_program(H, tables.has_mean)
     grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
@@ -339,6 +343,6 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         c["ka_x"], c["kb_x"], c["va_x"], c["vb_x"], c["rot_vm"],
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
         BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
-        FALLBACK=tables.fallback and kcal, ABS_NORM=tables.fallback and not kcal,
+        FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], num_warps=num_warps, **layout_kwargs(layout),
     )
