@@ -69,6 +69,19 @@ def test_calibrate_the_tiny_model(tmp_path):
     assert (cal.key_var > 0).all() and (cal.query_ms > 0).all()
     assert cal.meta["tokens"] == 600 and cal.meta["head_size"] == 32
     assert cal.rope_inv_freq.shape == (16,) and cal.rope_inv_freq[0] == 1.0
+    # Beside an unindexed model, no loader may take it for a weights file.
+    from vllm_gds.hf_stream import safetensors_files
+
+    assert safetensors_files(tmp_path) == []
+
+
+def test_the_old_file_name_is_still_read(tmp_path):
+    from vllm_gds.fixtures import tiny_llama
+    from vllm_gds.kvcache.calibration_file import LEGACY_TENSORS_NAME
+
+    calibrate(tiny_llama(), tokens=300, window=300, device="cpu", out_dir=tmp_path)
+    (tmp_path / TENSORS_NAME).rename(tmp_path / LEGACY_TENSORS_NAME)
+    assert load_calibration(tmp_path).key_mean.shape == (2, 2, 32)
 
 
 def test_kv_hook_with_plain_attention_reproduces_the_model():

@@ -1,7 +1,7 @@
 """`vllm-gds calibrate MODEL`: measure per-(layer, KV head) key and value statistics once.
 
 Runs the model (transformers, full-sequence forwards) on real text, records keys and queries
-(taken back to before RoPE) and values in every attention layer, and writes kv-calibration.safetensors/.json beside
+(taken back to before RoPE) and values in every attention layer, and writes kv-calibration.stats/.json beside
 the model (format: calibration_file.py). The quantized KV cache reads it at start-up.
 """
 
@@ -106,7 +106,7 @@ def calibrate(
     device: str | None = None,
     out_dir: Path | None = None,
 ) -> Path:
-    """Write kv-calibration.safetensors/.json for ``model_dir`` (into ``out_dir``, default beside it)."""
+    """Write kv-calibration.stats/.json for ``model_dir`` (into ``out_dir``, default beside it)."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)

@@ -1,7 +1,8 @@
 """The KV calibration file beside a model, and the rules that turn its statistics into transforms.
 
 Two files in the model directory:
-    kv-calibration.safetensors   float32 tensors, L layers, H KV heads, head size d:
+    kv-calibration.stats         float32 tensors in safetensors format (named so that no loader
+                                 takes it for weights), L layers, H KV heads, head size d:
         key_mean [L, H, d]     mean of keys before RoPE
         key_var [L, H, d]      variance of keys before RoPE around key_mean
         query_ms [L, H, d]     mean square of queries before RoPE (over the query heads of each KV head)
@@ -31,7 +32,10 @@ import torch
 
 logger = logging.getLogger("vllm.vllm_gds.kvcache")  # under "vllm": vLLM's handlers print it
 
-TENSORS_NAME = "kv-calibration.safetensors"
+# Not *.safetensors: vLLM's loaders (and hf_stream) read every *.safetensors of an unindexed model
+# directory as weights.
+TENSORS_NAME = "kv-calibration.stats"
+LEGACY_TENSORS_NAME = "kv-calibration.safetensors"
 META_NAME = "kv-calibration.json"
 FORMAT_VERSION = 2
 STAT_NAMES = ("key_mean", "key_var", "query_ms", "value_mean", "value_var")
@@ -116,6 +120,14 @@ def load_calibration(model_dir: Path, warn: bool = True) -> Calibration | None:
 
     model_dir = Path(model_dir)
     path = model_dir / TENSORS_NAME
+    legacy = model_dir / LEGACY_TENSORS_NAME
+    if not path.is_file() and legacy.is_file():
+        logger.warning(
+            "%s is the old name of the KV calibration: vLLM's loaders take it for weights in a "
+            "directory without a safetensors index. Rename it to %s (or run vllm-gds calibrate "
+            "again); read for now", legacy, TENSORS_NAME,
+        )
+        path = legacy
     if not path.is_file():
         if warn:
             logger.warning(
