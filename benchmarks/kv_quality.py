@@ -19,7 +19,8 @@ KL is the mean over evaluated tokens of KL(p_bf16 || p_scheme) of next-token dis
     nice -n 10 .venv/bin/python benchmarks/kv_quality.py            # the table (about 45 min)
     nice -n 10 .venv/bin/python benchmarks/kv_quality.py --quick    # screening: 2 windows, 2 seeds
 
-Results are cached per (setting, seed, window) under .cache/kv_quality/, so a run resumes.
+Results are cached per (setting, seed, window) under .cache/kv_quality/, so a run resumes; a
+change to this script or to vllm_gds/kvcache starts a fresh cache.
 """
 
 from __future__ import annotations
@@ -389,8 +390,11 @@ def main(argv=None) -> int:
     settings.sort(key=lambda s: (s.name != "bf16", s.group == "ours"))
     if args.only:
         settings = [s for s in settings if s.name == "bf16" or re.search(args.only, s.name)]
+    # Cached rows belong to this code: a changed quantizer (or anything it reads) starts afresh.
+    code = b"".join(p.read_bytes() for p in sorted((ROOT / "vllm_gds" / "kvcache").glob("*.py")))
     runs_dir = args.cache / "runs" / hashlib.sha1(
-        f"{args.model.name}|{EVAL_START}|{args.window}".encode()).hexdigest()[:12]
+        f"{args.model.name}|{EVAL_START}|{args.window}|".encode() + code
+        + Path(__file__).read_bytes()).hexdigest()[:12]
     runs_dir.mkdir(parents=True, exist_ok=True)
 
     def run_path(setting, seed, w):
