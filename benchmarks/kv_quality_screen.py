@@ -1,0 +1,186 @@
+"""Issue 4 screening: what lets ours beat KIVI-style int4 (+0.87%, 4.5 bits) at <= 4.5 bits?
+
+Same machinery as benchmarks/kv_quality.py (decode mode, bf16 K/V first, KL vs the bf16 cache).
+Usage: python benchmarks/kv_quality_screen.py WINDOW SEED VARIANT [VARIANT ...]
+(rows appended as JSON lines to $Q4_OUT, default .cache/kv_quality/screen.jsonl; run
+benchmarks/kv_quality.py once first: it writes the calibration used here)
+"""
+
+import json
+import os
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import kv_quality as kq  # noqa: E402
+from vllm_gds.kvcache.calibration_file import load_calibration  # noqa: E402
+from vllm_gds.kvcache.formats import KVFormat, VectorCode  # noqa: E402
+from vllm_gds.kvcache.hf_attention import load_causal_lm  # noqa: E402
+from vllm_gds.kvcache.quantizer import FP16_MAX, KVLayerQuantizer, VectorQuantizer  # noqa: E402
+from vllm_gds.kvcache.rope import apply_rope  # noqa: E402
+
+RANGES = []
+FIXED = (-3.0, 6.0)  # log2 norm range of the fixed-range 8-bit norm, all layers (step 0.035 octave)
+CAL = dict(key_calibration="mean_balanced", key_raw_fallback=True)
+
+
+def fmt(kbits=4, kextra=0, vbits=4, vextra=0):
+    return KVFormat("x", VectorCode(kbits, extra=kextra, norm="unit"),
+                    VectorCode(vbits, extra=vextra, norm="unit"), **CAL)
+
+
+# variant -> (format, raw rule, pre-RoPE keys, 8-bit log norms, counted bits at head 64)
+def bits(f, norm_bits=16):
+    d = 64
+    return (f.key.code_bytes(d) + f.value.code_bytes(d)) * 8 / (2 * d) + 2 * norm_bits / (2 * d)
+
+
+VARIANTS = {
+    "kq-tq4": (fmt(), "none", False, False),
+    "kivi4": (fmt(), "group64", False, False),  # bits column wrong for it: 4.5
+    "tq4": (fmt(), "none", False, False),
+    "tq4+self": (fmt(), "self", False, False),
+    "tq4+group64": (fmt(), "group64", False, False),
+    "tq4+win16": (fmt(), "win16", False, False),
+    "K4+32V4": (fmt(kextra=32), "none", False, False),
+    "K4V4+32": (fmt(vextra=32), "none", False, False),
+    "K4+32V4+self": (fmt(kextra=32), "self", False, False),
+    "tq4-log8": (fmt(), "none", False, True),
+    "K4+48V4-log8": (fmt(kextra=48), "none", False, True),
+    "tq4-prerope": (fmt(), "none", True, False),
+    "K4+32V4-prerope": (fmt(kextra=32), "none", True, False),
+    "K4+32V4-prerope+self": (fmt(kextra=32), "self", True, False),
+    "K4+48V4-prerope-log8": (fmt(kextra=48), "none", True, True),
+    "K4+48V4-prerope-log8+self": (fmt(kextra=48), "self", True, True),
+    "K4+48V4-log8+self": (fmt(kextra=48), "self", False, True),
+    "tq4-prerope+self": (fmt(), "self", True, False),
+    "tq4-prerope+win16": (fmt(), "win16", True, False),
+    "K4+48V4-prerope-log8+win16": (fmt(kextra=48), "win16", True, True),
+    "K4+48V4-log8fixed": (fmt(kextra=48), "none", False, True),
+    "K4+48V4-log8fixed+self": (fmt(kextra=48), "self", False, True),
+    "K5V4": (fmt(kbits=5), "none", False, False),
+    "K5V4-prerope": (fmt(kbits=5), "none", True, False),
+}
+
+
+def log8_norms(fixed=None):
+    """Patch VectorQuantizer to store log2(norm) in 8 bits over this tensor's range (an oracle
+    per-(layer, call) range: a real format would calibrate it per layer), or over the fixed
+    log2 range ``fixed`` (clamped)."""
+    original = VectorQuantizer._stored_norm
+
+    def stored(self, n, y, c):
+        norm = original(self, n, y, c).float()
+        mag = norm.abs().clamp_min(1e-8)
+        lg = mag.log2()
+        lo, hi = (lg.amin(), lg.amax()) if fixed is None else map(torch.tensor, fixed)
+        lg = lg.clamp(lo, hi)
+        if fixed is None:
+            RANGES.append((float(lo), float(hi)))
+        step = ((hi - lo) / 255).clamp_min(1e-12)
+        q = torch.round((lg - lo) / step) * step + lo
+        return (torch.sign(norm) * q.exp2()).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+    VectorQuantizer._stored_norm = stored
+    return original
+
+
+def raw_mask(rule, t):
+    pos = torch.arange(t)
+    i, j = pos[:, None], pos[None, :]
+    causal = j <= i
+    if rule == "none":
+        raw = torch.zeros(t, t, dtype=torch.bool)
+    elif rule == "self":
+        raw = j == i
+    elif rule == "group64":
+        raw = (j // 64) == (i // 64)
+    elif rule.startswith("win"):
+        raw = (i - j) < int(rule[3:])
+    return causal & ~raw, causal & raw
+
+
+def make_hook(variant, seed, calib, num_layers):
+    if variant == "kq-tq4":  # the benchmark's own hook, as a cross-check
+        return kq.our_hook(kq.FORMATS["tq4"], seed, calib, 64, num_layers)
+    if variant == "kivi4":
+        return lambda layer, q, k, v, sc: kq.kivi_attention(q, kq.bf16(k), kq.bf16(v), sc, 4, 64)
+    f, rule, pre_rope, _ = VARIANTS[variant]
+    quantizers = []
+    for layer in range(num_layers):
+        key_mean, key_scale = calib.key_transform(layer, f.key_calibration)
+        quantizers.append(KVLayerQuantizer(
+            f, 64, layer, seed, key_mean, key_scale, None, calib.query_ms[layer],
+            rope_inv_freq=calib.rope_inv_freq, rope_attention_scaling=calib.rope_attention_scaling))
+    masks = {}
+
+    def hook(layer, q, k, v, scaling):
+        k, v = kq.bf16(k), kq.bf16(v)
+        lq = quantizers[layer]
+        t = k.shape[2]
+        pos = torch.arange(t)
+        kt = k[0].transpose(0, 1)  # [T, H, d]
+        if pre_rope:
+            inv, sc = calib.rope_inv_freq, calib.rope_attention_scaling
+            kpre = apply_rope(kt, pos[:, None], inv, sc, inverse=True)
+            khat = apply_rope(lq.roundtrip_keys(kpre, torch.zeros(t, dtype=torch.long)),
+                              pos[:, None], inv, sc)
+        else:
+            khat = lq.roundtrip_keys(kt, pos)
+        kq_ = khat.transpose(0, 1)[None]
+        vq_ = lq.roundtrip_values(v.transpose(1, 2)).transpose(1, 2)
+        if rule == "none":
+            return kq.causal_attention(q, kq_, vq_, scaling)
+        if t not in masks:
+            masks[t] = torch.cat(raw_mask(rule, t), 1)
+        return F.scaled_dot_product_attention(
+            q, torch.cat([kq_, k], 2), torch.cat([vq_, v], 2), attn_mask=masks[t], scale=scaling,
+            enable_gqa=q.shape[1] != k.shape[1])
+
+    return hook
+
+
+def main():
+    w, seeds, variants = int(sys.argv[1]), [int(x) for x in sys.argv[2].split(",")], sys.argv[3:]
+    from transformers import AutoTokenizer
+    from vllm_gds.fixtures import smollm2
+
+    model_dir = smollm2()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir)
+    calib = load_calibration(ROOT / ".cache/kv_quality/calibration" / model_dir.name)
+    ids = kq.read_tokens(tok)
+    window = torch.tensor(ids[kq.EVAL_START + w * 2048: kq.EVAL_START + (w + 1) * 2048])
+    base, ref = kq.window_scores(model, window, None, kq.kv_transform_hook(lambda l, k: k, lambda l, v: v))
+    out = Path(os.environ.get("Q4_OUT", ROOT / ".cache" / "kv_quality" / "screen.jsonl"))
+    for variant, seed in [(v, s) for v in variants for s in (seeds if v != "kivi4" else seeds[:1])]:
+        t0 = time.perf_counter()
+        f, rule, pre, log8 = VARIANTS[variant]
+        original = log8_norms(FIXED if "fixed" in variant else None) if log8 else None
+        try:
+            r, _ = kq.window_scores(model, window, ref, make_hook(variant, seed, calib, 30))
+        finally:
+            if original:
+                VectorQuantizer._stored_norm = original
+        if RANGES:
+            print("log2 norm ranges: min lo %.2f max hi %.2f" % (min(a for a, _ in RANGES), max(b for _, b in RANGES)))
+            RANGES.clear()
+        d = math.exp((r["nll"] - base["nll"]) / base["tokens"]) - 1
+        row = {"variant": variant, "window": w, "seed": seed, "dppl_pct": 100 * d,
+               "kl": r["kl"] / r["tokens"], "bits": bits(f, 8 if log8 else 16), "raw": rule,
+               "secs": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
