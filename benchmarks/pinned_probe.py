@@ -1,13 +1,17 @@
-"""Probe for the read engine (issue 3): which pinned host memory makes "pread, then copy to the GPU"
-fastest when the host-memory copy is the bottleneck (no GDS).
+"""Probes for the read engine (issue 3), all on one GPU, each printing a table last.
 
-For each kind of pinned buffer (anonymous mmap + cudaHostRegister, as the pipeline uses today;
-cudaHostAlloc; cudaHostAlloc write-combined) and thread count: T threads each read their own
-contiguous range of one tmpfs file in 8 MiB chunks into two buffers of their own, (a) reads only,
-(b) reads with an asynchronous host-to-device copy of each chunk on the thread's own stream into one
-GPU tensor. Prints GB/s. Needs a GPU, torch and cuda-bindings (the GPU machine has them).
+Default: for each kind of pinned buffer (anonymous mmap + cudaHostRegister; cudaHostAlloc;
+cudaHostAlloc write-combined), source (``pread``; ``mmap``: memmove out of the file's mapping;
+``mmap-populate``: the same after MADV_POPULATE_READ), chunk size and thread count: T threads
+each read their own range of a file in chunks into two buffers of their own, (a) reads only,
+(b) with an asynchronous host-to-device copy of each chunk on the thread's own stream.
+``--mixed``: memmove readers from the front of a file and one thread pinning page-cache spans in
+place from the back (do they get in each other's way?). ``--register-mib N``: how long making N
+MiB of pinned memory takes, several ways. Needs a GPU, torch and cuda-bindings.
 
-    python3 benchmarks/pinned_probe.py --gib 4 --threads 8 12 16
+    python3 benchmarks/pinned_probe.py --gib 4 --threads 8 12 16 --sources pread mmap
+    python3 benchmarks/pinned_probe.py --mixed --threads 0 16 --pin-mib 0 256
+    python3 benchmarks/pinned_probe.py --register-mib 384
 """
 
 import argparse
