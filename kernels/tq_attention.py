@@ -18,7 +18,9 @@ different number for every key. Per (query, RoPE pair i) it is A_i cos(p t_i) + 
 for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(j t), so the tile's
 term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 once per tile: one more small
 tl.dot against a constant [pairs, BLOCK_N] table built once per program (fp16 on the GPU, where
-the scores themselves use bf16 levels), plus pairs sin/cos per tile. Raw keys get no term.
+the scores themselves use bf16 levels), plus pairs sin/cos per tile. Raw keys get no term. Only
+the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on a few
+pairs costs a few pairs.
 
 Causality: query token i of a chunk sits at position context_len + i and sees cache positions
 <= its own. Within the current chunk the kernel reads the keys and values that the store kernel
@@ -104,6 +106,7 @@ def _tq_attention_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr, num_seqs,
     levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr, rope_theta_ptr,
+    mean_pairs_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -181,8 +184,9 @@ def _tq_attention_kernel(
         # q . RoPE_p(mu) = sum_i A_i cos(p t_i) + B_i sin(p t_i) + C (the unrotated channels).
         SQRT_D: tl.constexpr = D ** 0.5
         qs = qk_scale * SQRT_D
-        i = tl.arange(0, RH)
-        i_mask = i < ROT_HALF
+        pair = tl.load(mean_pairs_ptr + head * RH + tl.arange(0, RH))  # -1 pads
+        i_mask = pair >= 0
+        i = tl.maximum(pair, 0)
         q_a = tl.load(q_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
                       other=0.0).to(tl.float32)
         q_b = tl.load(q_rows + ROT_HALF + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
@@ -193,7 +197,7 @@ def _tq_attention_kernel(
         m_b = (q_b * mu_a - q_a * mu_b) * qs
         mu = tl.load(key_mean_ptr + head * D + d)
         m_c = tl.sum(tl.where(d[None, :] >= 2 * ROT_HALF, q * mu[None, :], 0.0), axis=1) * qs
-        theta = tl.load(rope_theta_ptr + i)
+        theta = tl.load(rope_theta_ptr + i, mask=i_mask, other=0.0)
         t_cos, t_sin = rope_cos_sin(tl.arange(0, BLOCK_N)[None, :], theta[:, None])
         t_cos = t_cos.to(MEAN_DOT)
         t_sin = t_sin.to(MEAN_DOT)
@@ -454,7 +458,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs,
         tables.level_tables, tables.signs, tables.key_mean, tables.key_scale, tables.value_mean,
-        tables.rope_theta_half, h_cols["ka"], hkb, h_rows["va"], hvb,
+        tables.rope_theta_half, tables.mean_pairs, h_cols["ka"], hkb, h_rows["va"], hvb,
         out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / D**0.5,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=decode, SPLITS=splits,
         DOT=dot, FALLBACK=tables.fallback, FAST_K=fast_k, FAST_V=fast_v,

@@ -216,6 +216,7 @@ class LayerTables:
             key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
                                          rope_attention_scaling, d, device)
         self.key_mean = self._per_head(key_mean, 0.0, device, heads, d)
+        self.mean_pairs = self._mean_pairs(self.key_mean.cpu(), device)
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
         self.key_inv_scale = 1.0 / self.key_scale  # IEEE division, as the reference
         self.value_mean = self._per_head(value_mean, 0.0, device, heads, d)
@@ -249,6 +250,22 @@ class LayerTables:
         mean = key_mean.clone()
         mean[..., : 2 * half] *= attention_scaling
         return mean
+
+    def _mean_pairs(self, key_mean, device):
+        """[heads, RH] int32: per KV head, the RoPE pairs whose key mean is not zero (-1 pads).
+        The attention's per-tile mean term costs in proportion to RH, so a mean kept on a few
+        pairs only (calibration.sparse_mean) is served at that cost. RH is a power of two >= 16."""
+        half = self.rot_half
+        heads = key_mean.shape[0]
+        if not self.has_mean or half == 0:
+            return torch.full((heads, 16), -1, dtype=torch.int32, device=device)
+        used = (key_mean[:, :half] != 0) | (key_mean[:, half : 2 * half] != 0)
+        self.rot_half_pad = max(16, _next_pow2(int(used.sum(1).max())))
+        pairs = torch.full((heads, self.rot_half_pad), -1, dtype=torch.int32)
+        for h in range(heads):
+            idx = used[h].nonzero().flatten()
+            pairs[h, : idx.numel()] = idx.to(torch.int32)
+        return pairs.to(device).contiguous()
 
     @staticmethod
     def _per_head(t, fill, device, heads, d):

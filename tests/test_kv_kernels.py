@@ -52,8 +52,15 @@ def _calibration(h, d, calibrated):
                 rope_attention_scaling=1.0 if r == d else 1.1)
 
 
-def _pair(fmt, d, h, calibrated):
+def _pair(fmt, d, h, calibrated, mean_pairs=None):
     cal = _calibration(h, d, calibrated)
+    if mean_pairs is not None:  # the key mean kept on mean_pairs[head] RoPE pairs only
+        r = cal["rope_inv_freq"].numel()
+        keep = torch.zeros(h, d, dtype=torch.bool)
+        for head, pairs in enumerate(mean_pairs):
+            keep[head, pairs] = True
+            keep[head, [p + r for p in pairs]] = True
+        cal["key_mean"] = torch.where(keep, cal["key_mean"], 0.0)
     lq = KVLayerQuantizer(fmt, d, LAYER, SEED, **cal)
     tables = LayerTables(fmt, d, LAYER, SEED, "cpu", torch.float32, h, **cal)
     return lq, tables
@@ -169,8 +176,11 @@ def _attention_reference(q, ks, vs, seq_lens, q_lens, scale):
     return torch.cat(out)
 
 
-def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated=True):
-    lq, tables = _pair(fmt, d, h, calibrated)
+def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated=True,
+                   mean_pairs=None):
+    lq, tables = _pair(fmt, d, h, calibrated, mean_pairs)
+    if mean_pairs is not None:
+        assert tables.rot_half_pad == 16 and (tables.mean_pairs >= 0).sum() == sum(map(len, mean_pairs))
     cache, block_table, ks, vs = _paged(lq, tables.layout, h, d, seq_lens, page)
     q = torch.randn(sum(q_lens), h * g, d)
     query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -197,6 +207,14 @@ def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated
 def test_decode_matches_reference(name, d, h, g, page, splits):
     seq_lens = [int(x) for x in torch.randint(1, 50, (3,))]  # ragged, fresh each run
     _run_attention(FORMAT_CASES[name], d, h, g, seq_lens, [1] * len(seq_lens), page, splits)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_with_a_sparse_key_mean(d):
+    """A key mean kept on a few RoPE pairs (other pairs per head) is scored on those pairs only."""
+    seq_lens = [int(x) for x in torch.randint(20, 80, (2,))]
+    _run_attention(FORMATS["tq4"], d, 2, 3, seq_lens, [1, 1], 16, 2,
+                   mean_pairs=[[0, 5, 17], [2, 23]])
 
 
 @pytest.mark.parametrize(
