@@ -19,8 +19,8 @@ for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(
 term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 once per tile: one more small
 tl.dot against a constant [pairs, BLOCK_N] table built once per program (fp16 on the GPU, where
 the scores themselves use bf16 levels), plus pairs sin/cos per tile. Raw keys get no term. Only
-the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on a few
-pairs costs a few pairs.
+the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on
+a few pairs costs a few pairs.
 
 Causality: query token i of a chunk sits at position context_len + i and sees cache positions
 <= its own. Within the current chunk the kernel reads the keys and values that the store kernel
@@ -105,8 +105,8 @@ def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 def _tq_attention_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr, num_seqs,
-    levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr, rope_theta_ptr,
-    mean_pairs_ptr,
+    levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr, mean_pairs_ptr,
+    mean_theta_ptr, mean_mu_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -184,20 +184,20 @@ def _tq_attention_kernel(
         # q . RoPE_p(mu) = sum_i A_i cos(p t_i) + B_i sin(p t_i) + C (the unrotated channels).
         SQRT_D: tl.constexpr = D ** 0.5
         qs = qk_scale * SQRT_D
-        pair = tl.load(mean_pairs_ptr + head * RH + tl.arange(0, RH))  # -1 pads
-        i_mask = pair >= 0
-        i = tl.maximum(pair, 0)
-        q_a = tl.load(q_rows + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
-                      other=0.0).to(tl.float32)
-        q_b = tl.load(q_rows + ROT_HALF + i[None, :], mask=row_mask[:, None] & i_mask[None, :],
-                      other=0.0).to(tl.float32)
-        mu_a = tl.load(key_mean_ptr + head * D + i, mask=i_mask, other=0.0)[None, :]
-        mu_b = tl.load(key_mean_ptr + head * D + ROT_HALF + i, mask=i_mask, other=0.0)[None, :]
+        # tables.mean_pairs: per head, the pairs where its mean is not zero (-1 pads), and their
+        # frequencies and mean halves, contiguous
+        j = head * RH + tl.arange(0, RH)
+        i = tl.load(mean_pairs_ptr + j)
+        i_mask = row_mask[:, None] & (i >= 0)[None, :]
+        q_a = tl.load(q_rows + i[None, :], mask=i_mask, other=0.0).to(tl.float32)
+        q_b = tl.load(q_rows + ROT_HALF + i[None, :], mask=i_mask, other=0.0).to(tl.float32)
+        mu_a = tl.load(mean_mu_ptr + 2 * j)[None, :]
+        mu_b = tl.load(mean_mu_ptr + 2 * j + 1)[None, :]
         m_a = (q_a * mu_a + q_b * mu_b) * qs
         m_b = (q_b * mu_a - q_a * mu_b) * qs
         mu = tl.load(key_mean_ptr + head * D + d)
         m_c = tl.sum(tl.where(d[None, :] >= 2 * ROT_HALF, q * mu[None, :], 0.0), axis=1) * qs
-        theta = tl.load(rope_theta_ptr + i, mask=i_mask, other=0.0)
+        theta = tl.load(mean_theta_ptr + j)  # 0 in padding columns
         t_cos, t_sin = rope_cos_sin(tl.arange(0, BLOCK_N)[None, :], theta[:, None])
         t_cos = t_cos.to(MEAN_DOT)
         t_sin = t_sin.to(MEAN_DOT)
@@ -400,7 +400,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  max_query_len: int | None = None, splits: int | None = None,
                  block_n: int | None = None, block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None,
-                 fast: bool | None = None) -> torch.Tensor:
+                 maxnreg: int | None = None, fast: bool | None = None) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the quantized paged cache.
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
@@ -453,12 +453,15 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     hvb = h_rows["vb_perm"] if fast_v else h_rows["vb"]
     kw = layout_kwargs(layout)
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    if maxnreg is not None and not interpreted:
+        extra["maxnreg"] = maxnreg
     _tq_attention_kernel[(grid0, H, splits)](
         query, query.stride(0), query.stride(1),
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs,
         tables.level_tables, tables.signs, tables.key_mean, tables.key_scale, tables.value_mean,
-        tables.rope_theta_half, tables.mean_pairs, h_cols["ka"], hkb, h_rows["va"], hvb,
+        tables.mean_pairs, tables.mean_theta, tables.mean_mu, h_cols["ka"], hkb, h_rows["va"],
+        hvb,
         out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / D**0.5,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=decode, SPLITS=splits,
         DOT=dot, FALLBACK=tables.fallback, FAST_K=fast_k, FAST_V=fast_v,

@@ -216,7 +216,7 @@ class LayerTables:
             key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
                                          rope_attention_scaling, d, device)
         self.key_mean = self._per_head(key_mean, 0.0, device, heads, d)
-        self.mean_pairs = self._mean_pairs(self.key_mean.cpu(), device)
+        self._mean_pairs(self.key_mean.cpu(), device)
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
         self.key_inv_scale = 1.0 / self.key_scale  # IEEE division, as the reference
         self.value_mean = self._per_head(value_mean, 0.0, device, heads, d)
@@ -252,20 +252,32 @@ class LayerTables:
         return mean
 
     def _mean_pairs(self, key_mean, device):
-        """[heads, RH] int32: per KV head, the RoPE pairs whose key mean is not zero (-1 pads).
-        The attention's per-tile mean term costs in proportion to RH, so a mean kept on a few
-        pairs only (calibration.sparse_mean) is served at that cost. RH is a power of two >= 16."""
+        """The attention's per-tile key-mean term (tq_attention) runs over the RoPE pairs where a
+        head's mean is not zero, RH of them (a power of two >= 16, padded), so a mean kept on a
+        few pairs (calibration.sparse_mean) costs a few pairs. Per head: mean_pairs [heads, RH]
+        (pair index, -1 pads), mean_theta (their frequencies, 0 pads), mean_mu [heads, RH, 2]
+        (the mean at the pair's two channels, 0 pads)."""
         half = self.rot_half
         heads = key_mean.shape[0]
-        if not self.has_mean or half == 0:
-            return torch.full((heads, 16), -1, dtype=torch.int32, device=device)
-        used = (key_mean[:, :half] != 0) | (key_mean[:, half : 2 * half] != 0)
-        self.rot_half_pad = max(16, _next_pow2(int(used.sum(1).max())))
-        pairs = torch.full((heads, self.rot_half_pad), -1, dtype=torch.int32)
+        used = torch.zeros(heads, half, dtype=torch.bool)
+        if self.has_mean and half:
+            used = (key_mean[:, :half] != 0) | (key_mean[:, half : 2 * half] != 0)
+        rh = max(16, _next_pow2(int(used.sum(1).max()) if half else 1))
+        self.rot_half_pad = rh
+        pairs = torch.full((heads, rh), -1, dtype=torch.int32)
+        theta = torch.zeros(heads, rh)
+        mu = torch.zeros(heads, rh, 2)
+        inv_freq = self.rope_theta_half.cpu()
         for h in range(heads):
             idx = used[h].nonzero().flatten()
-            pairs[h, : idx.numel()] = idx.to(torch.int32)
-        return pairs.to(device).contiguous()
+            n = idx.numel()
+            pairs[h, :n] = idx.to(torch.int32)
+            theta[h, :n] = inv_freq[idx]
+            mu[h, :n, 0] = key_mean[h, idx]
+            mu[h, :n, 1] = key_mean[h, idx + half]
+        self.mean_pairs = pairs.to(device).contiguous()
+        self.mean_theta = theta.to(device).contiguous()
+        self.mean_mu = mu.to(device).contiguous()
 
     @staticmethod
     def _per_head(t, fill, device, heads, d):

@@ -180,7 +180,7 @@ def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated
                    mean_pairs=None):
     lq, tables = _pair(fmt, d, h, calibrated, mean_pairs)
     if mean_pairs is not None:
-        assert tables.rot_half_pad == 16 and (tables.mean_pairs >= 0).sum() == sum(map(len, mean_pairs))
+        assert tables.rot_half_pad == 16 and (tables.mean_theta != 0).sum() == sum(map(len, mean_pairs))
     cache, block_table, ks, vs = _paged(lq, tables.layout, h, d, seq_lens, page)
     q = torch.randn(sum(q_lens), h * g, d)
     query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)

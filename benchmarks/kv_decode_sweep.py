@@ -1,0 +1,116 @@
+"""Decode launch and calibration sweep of tq4 on one GPU (issue 5): what the key-mean term, the
+raw-key fallback and the launch parameters cost. Llama-3-8B attention shape (32 query heads, 8 KV
+heads, head 128); BF16 = torch SDPA on a contiguous cache, timed in the same run.
+
+    ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_decode_sweep.py
+
+Variants: the key mean on all 64 RoPE pairs (as calibrated today), on the 8 pairs of largest mean
+energy per head (calibration.sparse_mean), or none; the raw-key fallback on or off. Each variant's
+cache is filled once per shape and timed under every launch (block_n, num_warps, num_stages,
+maxnreg, split factor). The register path (fast) is checked against the gather path on the same
+cache. Prints a table of ms and ratios to BF16 last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kv_bench as kb  # noqa: E402
+
+SHAPES = [(32, 4096), (64, 8192), (8, 32768)]
+LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor; the first is the default
+    (64, 4, None, None, 1), (64, 4, 1, None, 1), (64, 4, 1, 128, 1), (32, 4, 1, None, 1),
+    (64, 8, 1, None, 1), (64, 4, 1, None, 2), (128, 8, 1, None, 1),
+]
+VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
+    ("mean64+fb", None, True), ("mean64", None, False), ("mean8+fb", 8, True), ("mean8", 8, False),
+    ("nomean+fb", 0, True), ("nomean", 0, False),
+]
+
+
+def top_pairs(mean: torch.Tensor, m: int) -> torch.Tensor:
+    half = mean.shape[1] // 2
+    energy = mean[:, :half] ** 2 + mean[:, half:] ** 2
+    keep = torch.zeros_like(energy, dtype=torch.bool)
+    keep.scatter_(1, energy.topk(m, dim=1).indices, True)
+    return mean * keep.repeat(1, 2)
+
+
+def tables_for(pairs, fallback, hk, d, device):
+    from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.formats import get_format
+
+    fmt = dataclasses.replace(get_format("tq4"), key_raw_fallback=fallback)
+    cal = kb.calibration(torch, hk, d, mean=pairs != 0)
+    if pairs:
+        cal["key_mean"] = top_pairs(cal["key_mean"], pairs)
+    return LayerTables(fmt, d, 0, 0, device, torch.bfloat16, hk, **cal)
+
+
+def main():
+    from vllm_gds.kernels import default_splits, tq_attention
+
+    device = torch.device("cuda")
+    hq, hk, d = 32, 8, 128
+    props = torch.cuda.get_device_properties(device)
+    print(json.dumps({"card": props.name, "torch": torch.__version__, "triton": triton.__version__}))
+    rows = []
+    for b, ctx in SHAPES:
+        sdpa, _ = kb.time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
+        num_blocks, bt = kb.paged_layout(torch, b, ctx, device)
+        q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+        qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+        seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
+        for vname, pairs, fallback in VARIANTS:
+            tables = tables_for(pairs, fallback, hk, d, device)
+            cache = kb.fill_ours(torch, tables, num_blocks, hk, d, device)
+            ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
+                               fast=False).float()
+            for bn, nw, st, mr, sf in LAUNCHES:
+                splits = default_splits(b, hk, device) * sf
+                out = torch.empty_like(q)
+
+                def run():
+                    tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, out,
+                                 max_query_len=1, splits=splits, block_n=bn, num_warps=nw,
+                                 num_stages=st, maxnreg=mr)
+                try:
+                    ms = kb.bench(run, triton)
+                    err = float((out.float() - ref).norm() / ref.norm())
+                except Exception as e:  # a launch the compiler refuses: say so, go on
+                    ms, err = float("nan"), str(e).splitlines()[0][:80]
+                row = dict(batch=b, ctx=ctx, variant=vname, block_n=bn, warps=nw, stages=st,
+                           maxnreg=mr, split_factor=sf, ms=ms, sdpa_ms=sdpa, err=err)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del cache
+            torch.cuda.empty_cache()
+    out = Path(os.environ.get("OUT", "."))
+    (out / "kv_decode_sweep.json").write_text(json.dumps(rows, indent=1))
+    print("\nbest launch per variant and shape (ms, x BF16 SDPA), default launch beside it")
+    print("| variant | " + " | ".join(f"{b}x{c // 1024}K best | launch | default" for b, c in SHAPES) + " |")
+    for vname, _, _ in VARIANTS:
+        cells = []
+        for b, ctx in SHAPES:
+            rs = [r for r in rows if r["variant"] == vname and r["batch"] == b and r["ms"] == r["ms"]]
+            best = min(rs, key=lambda r: r["ms"])
+            dflt = rs[0]
+            cells.append(f"{best['ms']:.3f} ({best['ms'] / best['sdpa_ms']:.2f}x) | "
+                         f"{best['block_n']}/{best['warps']}/{best['stages']}/{best['maxnreg']}/"
+                         f"{best['split_factor']} | {dflt['ms']:.3f}")
+        print(f"| {vname} | " + " | ".join(cells) + " |")
+    print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b):.3f}"
+                                       for b, c in SHAPES))
+    print("max rel err fast vs gather path: " + str(max(r["err"] for r in rows if isinstance(r["err"], float))))
+
+
+if __name__ == "__main__":
+    main()
