@@ -55,6 +55,21 @@ def tables_for(pairs, fallback, hk, d, device):
     return LayerTables(fmt, d, 0, 0, device, torch.bfloat16, hk, **cal)
 
 
+def fill(tables, num_blocks, hk, d, device, chunk=1 << 16):
+    """The cache of num_blocks pages of random keys and values (16-token store tiles)."""
+    from vllm_gds.kernels import tq_store
+
+    cache = torch.empty(num_blocks, kb.PAGE, hk, tables.layout.slot_bytes, dtype=torch.uint8,
+                        device=device)
+    for start in range(0, num_blocks * kb.PAGE, chunk):
+        n = min(chunk, num_blocks * kb.PAGE - start)
+        k = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
+        slots = torch.arange(start, start + n, device=device, dtype=torch.int64)
+        tq_store(k, v, cache, slots, tables, block_t=16, positions=slots)
+    return cache
+
+
 def main():
     from vllm_gds.kernels import default_splits, tq_attention
 
@@ -71,7 +86,7 @@ def main():
         seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
         for vname, pairs, fallback in VARIANTS:
             tables = tables_for(pairs, fallback, hk, d, device)
-            cache = kb.fill_ours(torch, tables, num_blocks, hk, d, device)
+            cache = fill(tables, num_blocks, hk, d, device)
             ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
                                fast=False).float()
             for bn, nw, st, mr, sf in LAUNCHES:
