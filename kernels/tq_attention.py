@@ -86,6 +86,13 @@ def _store_rows(acc, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot, st
 
 
 @triton.jit
+def _load_norm16(slot_ptrs, row_mask, OFF: tl.constexpr):
+    """The float16 norm at an even byte offset of each slot, in one 16-bit load."""
+    ptrs = slot_ptrs.to(tl.pointer_type(tl.int16)) + OFF // 2
+    return tl.load(ptrs, mask=row_mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     """The sequence whose query blocks contain program pid; block b of sequence s is program
     query_start[s] // BLOCK_Q + s + b (so the grid needs num_tokens // BLOCK_Q + num_seqs)."""
@@ -253,7 +260,10 @@ def _tq_attention_kernel(
             s = tl.dot(qa, kl_a, s)
             if FALLBACK:
                 s_raw = tl.dot(qra, kl_a, s_raw)
-        k_norm = load_norm(slots, n_mask, K_NORM_OFF)
+        if FAST_K:  # the register path needs even norm offsets: one 16-bit load
+            k_norm = _load_norm16(slots, n_mask, K_NORM_OFF)
+        else:
+            k_norm = load_norm(slots, n_mask, K_NORM_OFF)
         if FALLBACK:
             s = s * tl.abs(k_norm)[None, :]
         else:
@@ -277,7 +287,11 @@ def _tq_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-        pv = (p * load_norm(slots, n_mask, V_NORM_OFF)[None, :]).to(DOT)
+        if FAST_V:
+            v_norm = _load_norm16(slots, n_mask, V_NORM_OFF)
+        else:
+            v_norm = load_norm(slots, n_mask, V_NORM_OFF)
+        pv = (p * v_norm[None, :]).to(DOT)
         if FAST_V:
             slots16 = slots.to(tl.pointer_type(tl.int16))
             vw16 = tl.load(slots16[:, None] + (VB_OFF // 2 + tl.arange(0, VQ))[None, :],
