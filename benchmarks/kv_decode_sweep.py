@@ -28,11 +28,11 @@ import kv_bench as kb  # noqa: E402
 SHAPES = [(32, 4096), (64, 8192), (8, 32768)]
 LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor; the first is the default
     (64, 4, None, None, 1), (64, 4, 1, None, 1), (64, 4, 1, 128, 1), (32, 4, 1, None, 1),
-    (64, 8, 1, None, 1), (64, 4, 1, None, 2), (128, 8, 1, None, 1),
+    (64, 8, 1, None, 1), (64, 4, 1, None, 2), (128, 8, 1, None, 1), (64, 4, 1, 96, 1),
 ]
 VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
     ("mean64+fb", None, True), ("mean64", None, False), ("mean8+fb", 8, True), ("mean8", 8, False),
-    ("nomean+fb", 0, True), ("nomean", 0, False),
+    ("mean16+fb", 16, True), ("nomean+fb", 0, True), ("nomean", 0, False),
 ]
 
 
@@ -72,6 +72,12 @@ def fill(tables, num_blocks, hk, d, device, chunk=1 << 16):
 
 def main():
     from vllm_gds.kernels import default_splits, tq_attention
+
+    global VARIANTS, LAUNCHES  # a subset: KV_SWEEP_VARIANTS=mean64+fb,mean8 KV_SWEEP_LAUNCHES=0,2
+    if os.environ.get("KV_SWEEP_VARIANTS"):
+        VARIANTS = [v for v in VARIANTS if v[0] in os.environ["KV_SWEEP_VARIANTS"].split(",")]
+    if os.environ.get("KV_SWEEP_LAUNCHES"):
+        LAUNCHES = [LAUNCHES[int(i)] for i in os.environ["KV_SWEEP_LAUNCHES"].split(",")]
 
     device = torch.device("cuda")
     hq, hk, d = 32, 8, 128

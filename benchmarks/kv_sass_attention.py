@@ -15,7 +15,7 @@ from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
 TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
          "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "levels_ptr": "*bf16",
          "signs_ptr": "*fp32", "key_mean_ptr": "*fp32", "key_scale_ptr": "*fp32",
-         "value_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32", "mean_mu_ptr": "*fp32", "hka_ptr": "*bf16",
+         "value_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32", "mean_mu_ptr": "*fp32", "mean_table_ptr": "*fp16", "hka_ptr": "*bf16",
          "hkb_ptr": "*bf16", "hva_ptr": "*bf16", "hvb_ptr": "*bf16", "part_ptr": "*fp32",
          "qk_scale": "fp32"}
 

@@ -17,8 +17,9 @@ Pre-RoPE key mean (MEAN): a calibrated key at position p adds q . RoPE_p(mu) to 
 different number for every key. Per (query, RoPE pair i) it is A_i cos(p t_i) + B_i sin(p t_i);
 for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(j t), so the tile's
 term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 once per tile: one more small
-tl.dot against a constant [pairs, BLOCK_N] table built once per program (fp16 on the GPU, where
-the scores themselves use bf16 levels), plus pairs sin/cos per tile. Raw keys get no term. Only
+tl.dot against a constant [pairs, BLOCK_N] table built on the host (tables.mean_table; fp16 on the
+GPU, where the scores use bf16 levels; read from cache every tile rather than held in registers,
+which left too few for four programs per SM), plus pairs sin/cos per tile. Raw keys get no term. Only
 the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on
 a few pairs costs a few pairs.
 
@@ -113,7 +114,7 @@ def _tq_attention_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr, num_seqs,
     levels_ptr, signs_ptr, key_mean_ptr, key_scale_ptr, value_mean_ptr, mean_pairs_ptr,
-    mean_theta_ptr, mean_mu_ptr,
+    mean_theta_ptr, mean_mu_ptr, mean_table_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -205,9 +206,9 @@ def _tq_attention_kernel(
         mu = tl.load(key_mean_ptr + head * D + d)
         m_c = tl.sum(tl.where(d[None, :] >= 2 * ROT_HALF, q * mu[None, :], 0.0), axis=1) * qs
         theta = tl.load(mean_theta_ptr + j)  # 0 in padding columns
-        t_cos, t_sin = rope_cos_sin(tl.arange(0, BLOCK_N)[None, :], theta[:, None])
-        t_cos = t_cos.to(MEAN_DOT)
-        t_sin = t_sin.to(MEAN_DOT)
+        # cos / sin(j theta) [RH, BLOCK_N], read again every tile (not kept in registers)
+        t_ptrs = (mean_table_ptr + head * 2 * RH * BLOCK_N + tl.arange(0, RH)[:, None] * BLOCK_N
+                  + tl.arange(0, BLOCK_N)[None, :])
 
     # 2. This program's share of the keys: [0, kv_end) split into SPLITS runs of whole tiles.
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
@@ -272,6 +273,8 @@ def _tq_attention_kernel(
             c0, s0 = rope_cos_sin(tile * BLOCK_N, theta)
             a_t = (m_a * c0[None, :] + m_b * s0[None, :]).to(MEAN_DOT)
             b_t = (m_b * c0[None, :] - m_a * s0[None, :]).to(MEAN_DOT)
+            t_cos = tl.load(t_ptrs)
+            t_sin = tl.load(t_ptrs + RH * BLOCK_N)
             s += tl.dot(b_t, t_sin, tl.dot(a_t, t_cos)) + m_c[:, None]
         if FALLBACK:
             s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
@@ -479,8 +482,9 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs,
         tables.level_tables, tables.signs, tables.key_mean, tables.key_scale, tables.value_mean,
-        tables.mean_pairs, tables.mean_theta, tables.mean_mu, h_cols["ka"], hkb, h_rows["va"],
-        hvb,
+        tables.mean_pairs, tables.mean_theta, tables.mean_mu,
+        tables.mean_table(block_n, torch.float32 if interpreted else torch.float16),
+        h_cols["ka"], hkb, h_rows["va"], hvb,
         out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / D**0.5,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=decode, SPLITS=splits,
         DOT=dot, FALLBACK=tables.fallback, FAST_K=fast_k, FAST_V=fast_v,

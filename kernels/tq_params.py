@@ -279,6 +279,16 @@ class LayerTables:
         self.mean_theta = theta.to(device).contiguous()
         self.mean_mu = mu.to(device).contiguous()
 
+    def mean_table(self, block_n: int, dtype: torch.dtype) -> torch.Tensor:
+        """[heads, 2, RH, block_n]: cos and sin of j * theta (j < block_n) of each head's mean
+        pairs (mean_theta), angles in float64; the attention's per-tile key-mean term."""
+        cache = self.__dict__.setdefault("_mean_tables", {})
+        if (block_n, dtype) not in cache:
+            angle = self.mean_theta.double()[:, :, None] * torch.arange(
+                block_n, dtype=torch.float64, device=self.mean_theta.device)
+            cache[block_n, dtype] = torch.stack([angle.cos(), angle.sin()], 1).to(dtype).contiguous()
+        return cache[block_n, dtype]
+
     @staticmethod
     def _per_head(t, fill, device, heads, d):
         if t is None:
