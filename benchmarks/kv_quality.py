@@ -176,7 +176,8 @@ def our_hook(fmt: KVFormat, seed: int, calib: Calibration | None, head_size: int
     for layer in range(num_layers):
         key_mean = key_scale = value_mean = key_weight = None
         if calib is not None and fmt.key_calibration != "none":
-            key_mean, key_scale = calib.key_transform(layer, fmt.key_calibration)
+            key_mean, key_scale = calib.key_transform(layer, fmt.key_calibration,
+                                                      fmt.key_mean_pairs)
             value_mean = calib.value_transform(layer, fmt.value_calibration)
             key_weight = calib.query_ms[layer]
         quantizers.append(KVLayerQuantizer(

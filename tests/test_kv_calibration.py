@@ -43,6 +43,25 @@ def test_round_trip(tmp_path):
     assert torch.allclose(scale.log().mean(-1), torch.zeros(2), atol=1e-5)
 
 
+def test_key_mean_on_the_pairs_of_most_energy(tmp_path):
+    """key_transform(..., mean_pairs=0.5): the mean stays on the 16 of 32 RoPE pairs with the
+    largest |mu|^2 / s^2 (both channels of each), exactly zero on the others."""
+    stats = _stats()
+    save_calibration(tmp_path, stats, {})
+    cal = load_calibration(tmp_path)
+    full, scale = cal.key_transform(2, "mean_balanced")
+    half_mean, half_scale = cal.key_transform(2, "mean_balanced", 0.5)
+    assert torch.equal(scale, half_scale)
+    energy = ((full / scale) ** 2)[:, :32] + ((full / scale) ** 2)[:, 32:]
+    for h in range(2):
+        kept = set(energy[h].topk(16).indices.tolist())
+        for i in range(32):
+            for c in (i, i + 32):
+                want = full[h, c] if i in kept else 0.0
+                assert half_mean[h, c] == want
+    assert torch.equal(cal.key_transform(2, "mean_balanced", 0.25)[0], half_mean)  # at least 16
+
+
 def test_missing_file_warns_with_the_command(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vllm.vllm_gds.kvcache"):
         assert load_calibration(tmp_path) is None

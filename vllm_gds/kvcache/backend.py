@@ -256,7 +256,7 @@ def _calibration_of_layer(model_dir, layer: int, fmt) -> dict:
     calib = _calibrations[key]
     if calib is None:
         return {}
-    key_mean, key_scale = calib.key_transform(layer, fmt.key_calibration)
+    key_mean, key_scale = calib.key_transform(layer, fmt.key_calibration, fmt.key_mean_pairs)
     rope = {}
     if key_mean is not None:  # pre-RoPE: the kernels rotate it to each key's position
         rope = dict(rope_inv_freq=calib.rope_inv_freq,

@@ -63,13 +63,34 @@ class Calibration:
     def num_layers(self) -> int:
         return self.key_mean.shape[0]
 
-    def key_transform(self, layer: int, rule: str):
-        """(mean, scale) [H, d] for keys of ``layer`` under ``rule`` (formats.KEY_CALIBRATIONS)."""
+    def key_transform(self, layer: int, rule: str, mean_pairs: float = 1.0):
+        """(mean, scale) [H, d] for keys of ``layer`` under ``rule`` (formats.KEY_CALIBRATIONS),
+        the mean kept on the share ``mean_pairs`` of RoPE pairs (formats.KVFormat.key_mean_pairs)."""
         if rule == "none":
             return None, None
         mean = self.key_mean[layer]
         if rule == "mean":
-            return mean, None
+            return self._top_pairs(mean, None, mean_pairs), None
+        mean, scale = self._balanced(mean, layer, rule)
+        return self._top_pairs(mean, scale, mean_pairs), scale
+
+    def _top_pairs(self, mean, scale, share: float, least: int = 16):
+        """The mean on the round(share * pairs) RoPE pairs (at least ``least``) of most energy
+        |mu|^2 / s^2 per head, zero on the other pairs; channels past the rotary ones kept."""
+        half = self.rope_inv_freq.shape[-1]
+        keep = min(half, max(least, round(share * half)))
+        if keep >= half:
+            return mean
+        w = mean[..., : 2 * half] ** 2
+        if scale is not None:
+            w = w / scale[..., : 2 * half] ** 2
+        energy = w[..., :half] + w[..., half:]
+        chosen = torch.zeros_like(energy, dtype=torch.bool)
+        chosen.scatter_(-1, energy.topk(keep, dim=-1).indices, True)
+        on = torch.cat([chosen, chosen, torch.ones_like(mean[..., 2 * half :], dtype=torch.bool)], -1)
+        return torch.where(on, mean, torch.zeros_like(mean))
+
+    def _balanced(self, mean, layer: int, rule: str):
         var, qms = self._pair_mean(self.key_var[layer]), self._pair_mean(self.query_ms[layer])
         if rule == "mean_std":
             scale = var.sqrt()

@@ -86,10 +86,17 @@ class KVFormat:
     # query-weighted error sum_c query_ms[c] * (k[c] - k^[c])^2; a raw key has a negative norm.
     # It keeps outlier keys (the attention sink, far from the calibrated mean) accurate.
     key_raw_fallback: bool = True
+    # The pre-RoPE key mean is kept on this share of the RoPE pairs, those of most mean energy
+    # in the scaled domain (at least 16, the kernels' least tile), and zero on the rest: the
+    # decode kernel's per-key mean term costs in proportion to the pairs kept (RESULTS.md:
+    # half the pairs at head 64 measured as good as all, and decode 1.5x faster at head 128).
+    key_mean_pairs: float = 1.0
 
     def __post_init__(self):
         if self.key_calibration not in KEY_CALIBRATIONS:
             raise ValueError(f"key calibration {self.key_calibration!r} not in {KEY_CALIBRATIONS}")
+        if not 0.0 < self.key_mean_pairs <= 1.0:
+            raise ValueError(f"key_mean_pairs {self.key_mean_pairs} not in (0, 1]")
         if self.value_calibration not in VALUE_CALIBRATIONS:
             raise ValueError(
                 f"value calibration {self.value_calibration!r} not in {VALUE_CALIBRATIONS}"
@@ -106,8 +113,10 @@ class KVFormat:
 # The dtypes offered to users (--kv-cache-dtype NAME). Chosen from the quality table in
 # benchmarks/RESULTS.md ("KV cache quality (issue 4)").
 FORMATS: dict[str, KVFormat] = {
-    "tq4": KVFormat("tq4", key=VectorCode(4, norm="unit"), value=VectorCode(4, norm="unit")),
-    "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit")),
+    "tq4": KVFormat("tq4", key=VectorCode(4, norm="unit"), value=VectorCode(4, norm="unit"),
+                    key_mean_pairs=0.5),
+    "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit"),
+                    key_mean_pairs=0.5),
 }
 
 # The plain dtypes that kv-plan compares against: bytes per element.
