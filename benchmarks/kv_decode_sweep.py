@@ -32,7 +32,7 @@ LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor; the first
 ]
 VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
     ("mean64+fb", None, True), ("mean64", None, False), ("mean8+fb", 8, True), ("mean8", 8, False),
-    ("mean16+fb", 16, True), ("nomean+fb", 0, True), ("nomean", 0, False),
+    ("mean32+fb", 32, True), ("mean16+fb", 16, True), ("nomean+fb", 0, True), ("nomean", 0, False),
 ]
 
 
