@@ -159,11 +159,16 @@ def calibration(torch, hk, d, mean=True):
 
 
 def our_tables(torch, name, hk, d, device, mean=True):
+    """The served tables: the key mean on the format's share of RoPE pairs."""
     from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.calibration_file import top_pairs
     from vllm_gds.kvcache.formats import get_format
 
-    return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk,
-                       **calibration(torch, hk, d, mean))
+    fmt = get_format(name)
+    cal = calibration(torch, hk, d, mean)
+    if mean:
+        cal["key_mean"] = top_pairs(cal["key_mean"], cal["key_scale"], fmt.key_mean_pairs, d // 2)
+    return LayerTables(fmt, d, 0, 0, device, torch.bfloat16, hk, **cal)
 
 
 def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):

@@ -36,22 +36,15 @@ VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
 ]
 
 
-def top_pairs(mean: torch.Tensor, m: int) -> torch.Tensor:
-    half = mean.shape[1] // 2
-    energy = mean[:, :half] ** 2 + mean[:, half:] ** 2
-    keep = torch.zeros_like(energy, dtype=torch.bool)
-    keep.scatter_(1, energy.topk(m, dim=1).indices, True)
-    return mean * keep.repeat(1, 2)
-
-
 def tables_for(pairs, fallback, hk, d, device):
     from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.calibration_file import top_pairs
     from vllm_gds.kvcache.formats import get_format
 
     fmt = dataclasses.replace(get_format("tq4"), key_raw_fallback=fallback)
     cal = kb.calibration(torch, hk, d, mean=pairs != 0)
     if pairs:
-        cal["key_mean"] = top_pairs(cal["key_mean"], pairs)
+        cal["key_mean"] = top_pairs(cal["key_mean"], None, pairs / (d // 2), d // 2, least=1)
     return LayerTables(fmt, d, 0, 0, device, torch.bfloat16, hk, **cal)
 
 

@@ -43,6 +43,24 @@ EXTRA_NAMES = ("key_absmax", "value_absmax", "rope_inv_freq")
 SCALE_FLOOR = 1e-2  # relative to the largest channel scale of the head: no channel is amplified >100x
 
 
+def top_pairs(mean: torch.Tensor, scale: torch.Tensor | None, share: float, half: int,
+              least: int = 16) -> torch.Tensor:
+    """The key mean [..., d] on the round(share * half) RoPE pairs (i, i + half), at least
+    ``least``, of most energy |mu|^2 / s^2 per head, zero on the other pairs; channels past the
+    rotary ones are kept (formats.KVFormat.key_mean_pairs)."""
+    keep = min(half, max(least, round(share * half)))
+    if keep >= half:
+        return mean
+    w = mean[..., : 2 * half] ** 2
+    if scale is not None:
+        w = w / scale[..., : 2 * half] ** 2
+    energy = w[..., :half] + w[..., half:]
+    chosen = torch.zeros_like(energy, dtype=torch.bool)
+    chosen.scatter_(-1, energy.topk(keep, dim=-1).indices, True)
+    on = torch.cat([chosen, chosen, torch.ones_like(mean[..., 2 * half :], dtype=torch.bool)], -1)
+    return torch.where(on, mean, torch.zeros_like(mean))
+
+
 @dataclass
 class Calibration:
     key_mean: torch.Tensor
@@ -70,25 +88,9 @@ class Calibration:
             return None, None
         mean = self.key_mean[layer]
         if rule == "mean":
-            return self._top_pairs(mean, None, mean_pairs), None
+            return top_pairs(mean, None, mean_pairs, self.rope_inv_freq.shape[-1]), None
         mean, scale = self._balanced(mean, layer, rule)
-        return self._top_pairs(mean, scale, mean_pairs), scale
-
-    def _top_pairs(self, mean, scale, share: float, least: int = 16):
-        """The mean on the round(share * pairs) RoPE pairs (at least ``least``) of most energy
-        |mu|^2 / s^2 per head, zero on the other pairs; channels past the rotary ones kept."""
-        half = self.rope_inv_freq.shape[-1]
-        keep = min(half, max(least, round(share * half)))
-        if keep >= half:
-            return mean
-        w = mean[..., : 2 * half] ** 2
-        if scale is not None:
-            w = w / scale[..., : 2 * half] ** 2
-        energy = w[..., :half] + w[..., half:]
-        chosen = torch.zeros_like(energy, dtype=torch.bool)
-        chosen.scatter_(-1, energy.topk(keep, dim=-1).indices, True)
-        on = torch.cat([chosen, chosen, torch.ones_like(mean[..., 2 * half :], dtype=torch.bool)], -1)
-        return torch.where(on, mean, torch.zeros_like(mean))
+        return top_pairs(mean, scale, mean_pairs, self.rope_inv_freq.shape[-1]), scale
 
     def _balanced(self, mean, layer: int, rule: str):
         var, qms = self._pair_mean(self.key_var[layer]), self._pair_mean(self.query_ms[layer])
