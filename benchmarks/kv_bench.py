@@ -158,17 +158,24 @@ def calibration(torch, hk, d, mean=True):
                 rope_inv_freq=inv_freq if mean else None)
 
 
-def our_tables(torch, name, hk, d, device, mean=True):
-    """The served tables: the key mean on the format's share of RoPE pairs."""
-    from vllm_gds.kernels import LayerTables
+def served_calibration(torch, name, hk, d, mean=True):
+    """calibration() as a format serves it: the key mean on the format's share of RoPE pairs."""
     from vllm_gds.kvcache.calibration_file import top_pairs
     from vllm_gds.kvcache.formats import get_format
 
-    fmt = get_format(name)
     cal = calibration(torch, hk, d, mean)
     if mean:
-        cal["key_mean"] = top_pairs(cal["key_mean"], cal["key_scale"], fmt.key_mean_pairs, d // 2)
-    return LayerTables(fmt, d, 0, 0, device, torch.bfloat16, hk, **cal)
+        cal["key_mean"] = top_pairs(cal["key_mean"], cal["key_scale"],
+                                    get_format(name).key_mean_pairs, d // 2)
+    return cal
+
+
+def our_tables(torch, name, hk, d, device, mean=True):
+    from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.formats import get_format
+
+    return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk,
+                       **served_calibration(torch, name, hk, d, mean))
 
 
 def fill_ours(torch, tables, num_blocks, hk, d, device, chunk=1 << 16):
@@ -194,7 +201,7 @@ def reference_quantizer(torch, name, hk, d):
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.quantizer import KVLayerQuantizer
 
-    return KVLayerQuantizer(get_format(name), d, 0, 0, **calibration(torch, hk, d))
+    return KVLayerQuantizer(get_format(name), d, 0, 0, **served_calibration(torch, name, hk, d))
 
 
 def slot_bytes_ref(torch, lq, k, v, positions):
