@@ -9,6 +9,8 @@ Keys, at token position p:
        RoPE_p is the model's rotary embedding (rope.py: neox style) with exact angles (p *
        rope_inv_freq[i] in float64, cos and sin rounded once to float32); inv_scale =
        1 / key_scale, key_scale [d] equal on both channels of each RoPE pair.  Without a calibration file: x = k.
+       key_mean is zero outside the format's key_mean_pairs share of RoPE pairs (tq4, tq3:
+       half, those of most |mu|^2 / key_scale^2; calibration_file.top_pairs).
     2. n = |x|_2;  y = rotate(x) / n          (rotation.py: seeded randomized Hadamard, per layer)
     3. code[i] = number of thresholds below y[i]   (codebook.py: Lloyd-Max for the exact density of
        a rotated unit vector's coordinate at head size d; coordinates [0, extra) use the
