@@ -149,6 +149,19 @@ def kivi_attention(query, key, value, scaling, bits: int, group: int):
     )
 
 
+def kivi_bits(bits: int, group: int, window: int) -> float:
+    """Bits per element KIVI stores for what the queries of a window read, byte-weighted: the
+    query at position i reads i + 1 keys and values, of which the (i mod G) + 1 of its own,
+    incomplete group are bf16 (16 bits) and the rest codes plus an fp16 scale and zero per
+    group (keys, per channel) or per vector (values): bits + 32 / G."""
+    stored = read = 0
+    for i in range(window):
+        raw = i % group + 1
+        stored += (bits + 32 / group) * (i + 1 - raw) + 16 * raw
+        read += i + 1
+    return stored / read
+
+
 # --- settings ---
 
 
@@ -207,6 +220,7 @@ CAL = dict(key_calibration="mean_balanced", key_raw_fallback=True)
 OUR_FORMATS = {
     "K4V4 calibrated, unit norm (= tq4)": FORMATS["tq4"],
     "K3V3 calibrated, unit norm (= tq3)": FORMATS["tq3"],
+    "K5V4 calibrated, unit norm (= tq5)": FORMATS["tq5"],
     "K4V4 calibrated, ls norm": KVFormat("a", VectorCode(4, norm="ls"), VectorCode(4, norm="ls"), **CAL),
     "K3V3 calibrated, ls norm": KVFormat("b", VectorCode(3, norm="ls"), VectorCode(3, norm="ls"), **CAL),
     "K4V4 uncalibrated, ls norm": KVFormat("d", VectorCode(4, norm="ls"), VectorCode(4, norm="ls"), key_calibration="none",
@@ -214,7 +228,7 @@ OUR_FORMATS = {
 }
 
 
-def build_settings(calib: Calibration, head_size: int, num_layers: int) -> list[Setting]:
+def build_settings(calib: Calibration, head_size: int, num_layers: int, window: int = 2048) -> list[Setting]:
     settings = [
         Setting("bf16", 16.0, False, lambda s: kv_transform_hook(lambda l, k: k, lambda l, v: v), "baseline"),
         Setting("fp8 e4m3, scale 1.0", 8.0, False,
@@ -227,7 +241,8 @@ def build_settings(calib: Calibration, head_size: int, num_layers: int) -> list[
     for bits in (4, 2):
         group = 64
         settings.append(Setting(
-            f"KIVI-style int{bits} (G={group}, bf16 residual group)", bits + 32 / group, False,
+            f"KIVI-style int{bits} (G={group}, bf16 residual group)",
+            kivi_bits(bits, group, window), False,
             lambda s, b=bits, g=group: (lambda layer, q, k, v, sc: kivi_attention(q, bf16(k), bf16(v), sc, b, g)),
             "baseline"))
     skip = (0, 1, num_layers - 2, num_layers - 1)
@@ -386,7 +401,7 @@ def main(argv=None) -> int:
     windows = [torch.tensor(ids[EVAL_START + i * args.window: EVAL_START + (i + 1) * args.window])
                for i in range(args.windows)]
 
-    settings = build_settings(calib, head_size, num_layers)
+    settings = build_settings(calib, head_size, num_layers, args.window)
     # Run order (settings finish one after another, so a cut-short run still has whole rows).
     settings.sort(key=lambda s: (s.name != "bf16", s.group == "ours"))
     if args.only:
@@ -492,8 +507,10 @@ preset says, FP8 keys for k8v4, per-token min-max values with fp16 scale and zer
 has no seed, so one run. KIVI-style: keys per channel over groups of 64 tokens, values per token,
 fp16 scale and zero per group; the query's own, incomplete group is read in bf16 (KIVI's residual).
 Bits per element count codes, norms, scales and zero points, and bf16 layers where a setting keeps
-them; per-(layer, head) calibration vectors amortize to zero; KIVI's bf16 residual (at most 63
-tokens) is not counted. bf16 perplexity {bf16_ppl:.3f}.
+them; per-(layer, head) calibration vectors amortize to zero; KIVI's bf16 residual (its query's own
+incomplete group, 1 to 64 tokens) is counted as the bytes the queries of a window read, byte-weighted
+(kivi_bits: 4.865 bits for int4, 2.928 for int2 at 2,048-token windows; its quantized groups alone are
+4.5 and 2.5). bf16 perplexity {bf16_ppl:.3f}.
 
 Command: `{command}`
 

@@ -202,6 +202,7 @@ def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated
         ("tq3", 64, 2, 1, 16, 2),
         ("k3+16/v2+8", 64, 1, 3, 16, 1),
         ("k5/v3", 128, 1, 1, 32, 2),
+        ("tq5", 64, 2, 4, 16, 2),
     ],
 )
 def test_decode_matches_reference(name, d, h, g, page, splits):

@@ -42,7 +42,7 @@ def test_plan_matches_hand_arithmetic(llama8b):
 def test_cli_prints_every_dtype(llama8b, capsys):
     assert main([str(llama8b), "--gpu-memory-gib", "80", "--max-model-len", "8192"]) == 0
     out = capsys.readouterr().out
-    for name in ("bf16", "fp8", "tq4", "tq3", "450,560"):
+    for name in ("bf16", "fp8", "tq4", "tq3", "tq5", "450,560"):
         assert name in out
 
 

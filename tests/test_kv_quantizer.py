@@ -112,6 +112,8 @@ def test_format_bytes():
     assert FORMATS["tq4"].slot_bytes(64) == 68 and FORMATS["tq4"].slot_bytes(128) == 132
     assert FORMATS["tq3"].slot_bytes(64) == 52 and FORMATS["tq3"].slot_bytes(128) == 100
     assert FORMATS["tq4"].bits_per_element(64) == 4.25
+    # tq5: 5-bit keys (40 / 80 B) and 4-bit values
+    assert FORMATS["tq5"].slot_bytes(64) == 76 and FORMATS["tq5"].slot_bytes(128) == 148
     assert VectorCode(3, extra=32).vector_bytes(64) == 16 + 12 + 2
     with pytest.raises(ValueError, match="tq4"):
-        get_format("tq5")
+        get_format("tq6")

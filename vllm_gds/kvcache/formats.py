@@ -119,6 +119,9 @@ FORMATS: dict[str, KVFormat] = {
                     key_mean_pairs=0.5),
     "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit"),
                     key_mean_pairs=0.5),
+    # 5-bit keys, 4-bit values: the quality option (keys carry most of the error).
+    "tq5": KVFormat("tq5", key=VectorCode(5, norm="unit"), value=VectorCode(4, norm="unit"),
+                    key_mean_pairs=0.5),
 }
 
 # The plain dtypes that kv-plan compares against: bytes per element.
