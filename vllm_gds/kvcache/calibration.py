@@ -8,13 +8,14 @@ the model (format: calibration_file.py). The quantized KV cache reads it at star
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import time
 from pathlib import Path
 
 import torch
 
-from .calibration_file import save_calibration
+from .calibration_file import Calibration, save_calibration
 from .hf_attention import causal_attention, load_causal_lm, use_kv_hook
 from .rope import apply_rope
 from .texts import CALIBRATION_TOKENS, OPTICKS_SOURCE, read_tokens
@@ -71,6 +72,50 @@ class _StatsRecorder:
         result["value_absmax"] = torch.tensor(vmax, dtype=torch.float32)
         result["rope_inv_freq"] = self.inv_freq.clone()
         return result
+
+
+PAIR_WEIGHTS = ("none", "query", "scaled")
+
+
+def mean_pair_energy(calib: Calibration, weight: str = "query") -> torch.Tensor:
+    """Energy [L, H, r/2] of the pre-RoPE key mean on each RoPE pair (i, i + r/2) (rope.py's
+    half-split pairing): sum over the pair's two channels c of key_mean[c]^2 times
+    ``weight``: "none" 1; "query" query_ms[c] (E[q_c^2], what the mean term adds to scores);
+    "scaled" 1 / key_scale[c]^2 of the mean_balanced rule (the mean's energy in the quantizer's
+    domain, calibration_file.top_pairs' criterion)."""
+    half = calib.rope_inv_freq.shape[-1]
+    mu = calib.key_mean[..., : 2 * half].double()
+    if weight == "none":
+        w = mu * mu
+    elif weight == "query":
+        w = mu * mu * calib.query_ms[..., : 2 * half].double()
+    elif weight == "scaled":
+        scale = torch.stack([calib._balanced(calib.key_mean[l], l, "mean_balanced")[1]
+                             for l in range(calib.num_layers)])
+        w = mu * mu / scale[..., : 2 * half].double() ** 2
+    else:
+        raise ValueError(f"unknown pair weight {weight!r}; one of {PAIR_WEIGHTS}")
+    return w[..., :half] + w[..., half:]
+
+
+def sparse_mean(calib: Calibration, m: int, weight: str = "query") -> Calibration:
+    """A copy of ``calib`` whose key_mean keeps, per (layer, KV head), only the ``m`` RoPE pairs
+    (i, i + r/2) of most mean_pair_energy(calib, weight) (ties: the lower pair index), both
+    channels as they are; the other rotary channels are exactly zero, channels past the rotary
+    dims are kept. ``calib`` is not changed. Served as is, the kernels' mean term runs over the
+    m pairs only (the score keeps q . RoPE_p(sparse mean), still exact for attention)."""
+    half = calib.rope_inv_freq.shape[-1]
+    if not 0 <= m <= half:
+        raise ValueError(f"m = {m} pairs: the model has {half} RoPE pairs")
+    energy = mean_pair_energy(calib, weight)
+    # stable descending sort: equal energies keep the lower index first
+    order = energy.argsort(dim=-1, descending=True, stable=True)[..., :m]
+    keep = torch.zeros_like(energy, dtype=torch.bool).scatter_(-1, order, True)
+    mean = calib.key_mean
+    on = torch.cat([keep, keep, torch.ones_like(mean[..., 2 * half:], dtype=torch.bool)], -1)
+    return dataclasses.replace(
+        calib, key_mean=torch.where(on, mean, torch.zeros_like(mean)),
+        meta={**calib.meta, "key_mean_pairs": {"m": m, "weight": weight}})
 
 
 def rope_of(model) -> tuple[torch.Tensor, float]:
