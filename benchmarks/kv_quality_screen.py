@@ -6,6 +6,7 @@ Usage: python benchmarks/kv_quality_screen.py WINDOW SEED VARIANT [VARIANT ...]
 benchmarks/kv_quality.py once first: it writes the calibration used here)
 """
 
+import dataclasses
 import json
 import os
 import math
@@ -21,8 +22,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import kv_quality as kq  # noqa: E402
+from vllm_gds.kvcache.calibration import sparse_mean  # noqa: E402
 from vllm_gds.kvcache.calibration_file import load_calibration  # noqa: E402
-from vllm_gds.kvcache.formats import KVFormat, VectorCode  # noqa: E402
+from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
 from vllm_gds.kvcache.hf_attention import load_causal_lm  # noqa: E402
 from vllm_gds.kvcache.quantizer import FP16_MAX, KVLayerQuantizer, VectorQuantizer  # noqa: E402
 from vllm_gds.kvcache.rope import apply_rope  # noqa: E402
@@ -70,6 +72,24 @@ VARIANTS = {
     "K5V4-prerope": (fmt(kbits=5), "none", True, False),
 }
 
+# Cheaper calibration for the kernels (RESULTS.md, follow-up 2026-11-28): the served tq4
+# (formats.FORMATS: key mean on half the pairs by |mu|^2 / s^2, raw fallback), without the
+# fallback, and the key mean on only m pairs (calibration.sparse_mean, pairs by E[q^2]-weighted
+# |mu|^2 unless the variant names another weight) with and without the fallback.
+NOFB = dataclasses.replace(FORMATS["tq4"], key_raw_fallback=False)
+VARIANTS["cal-tq4"] = (FORMATS["tq4"], "none", False, False)
+VARIANTS["cal-tq4-nofb"] = (NOFB, "none", False, False)
+VARIANTS["cal-all32"] = (fmt(), "none", False, False)  # the mean on every pair (the issue-4 table)
+VARIANTS["cal-all32-nofb"] = (dataclasses.replace(fmt(), key_raw_fallback=False), "none", False, False)
+SPARSE = {}  # variant -> (m, weight) for calibration.sparse_mean
+for m in (2, 4, 8, 12, 16):
+    for weight, tag in (("query", ""), ("scaled", "s"), ("none", "u")):
+        for fb, suffix in ((True, ""), (False, "-nofb")):
+            name = f"cal-m{m}{tag}{suffix}"
+            VARIANTS[name] = (fmt() if fb else dataclasses.replace(fmt(), key_raw_fallback=False),
+                              "none", False, False)
+            SPARSE[name] = (m, weight)
+
 
 def log8_norms(fixed=None):
     """Patch VectorQuantizer to store log2(norm) in 8 bits over this tensor's range (an oracle
@@ -114,6 +134,8 @@ def make_hook(variant, seed, calib, num_layers):
     if variant == "kivi4":
         return lambda layer, q, k, v, sc: kq.kivi_attention(q, kq.bf16(k), kq.bf16(v), sc, 4, 64)
     f, rule, pre_rope, _ = VARIANTS[variant]
+    if variant in SPARSE:
+        calib = sparse_mean(calib, *SPARSE[variant])
     quantizers = []
     for layer in range(num_layers):
         key_mean, key_scale = calib.key_transform(layer, f.key_calibration, f.key_mean_pairs)
