@@ -1,8 +1,9 @@
 """sm_90 SASS of the store kernel (no GPU needed): python benchmarks/kv_sass_store.py [--dump DIR]
 
 Compiles tq_store's kernel for the Llama-3-8B shape (head 128, tq4 / tq3; with the key mean,
-raw-key fallback and value mean, and uncalibrated) and prints instruction counts, registers and
-spills; per code = SASS instructions of one head's loop body / (tokens x 2 x head size) x threads.
+raw-key fallback and value mean, and uncalibrated; tq_store's default launch first) and prints
+instruction counts, registers and spills; per code = SASS instructions of one head's loop body /
+(tokens x 2 x head size) x threads. --only FORMAT,cal|plain,BLOCK_T,WARPS compiles one.
 """
 import argparse
 import re
@@ -41,10 +42,11 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
               KCAL=calibrated, FALLBACK=calibrated, ABS_NORM=False, MEAN=calibrated,
-              VMEAN=calibrated, **layout_kwargs(t.layout))
+              VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated, **layout_kwargs(t.layout))
     divisible = [a for a in _tq_store_kernel.arg_names if a in types and types[a].startswith("*")]
     divisible += ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_blk"]
-    return compile_sm90(_tq_store_kernel, types, cx, num_warps=num_warps, divisible=divisible)
+    return compile_sm90(_tq_store_kernel, types, cx, num_warps=num_warps, divisible=divisible,
+                        num_stages=STAGES)
 
 
 def resources(kernel) -> str:
@@ -58,16 +60,22 @@ def resources(kernel) -> str:
     return f"regs {m.group(1)} stack {m.group(2)} local {m.group(3)}" if m else out.strip()
 
 
-CONFIGS = [(64, 4), (64, 8)]
+CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
+STAGES = 1  # as tq_store launches
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", type=Path)
+    ap.add_argument("--only", help="one config: FORMAT,cal|plain,BLOCK_T,WARPS (e.g. tq4,cal,32,4)")
     args = ap.parse_args()
-    for name in ("tq4", "tq3"):
-        for calibrated in (True, False):
-            for block_t, nw in CONFIGS:
+    runs = [(n, c, b, w) for n in ("tq4", "tq3") for c in (True, False) for b, w in CONFIGS[c]]
+    if args.only:
+        n, c, b, w = args.only.split(",")
+        runs = [(n, c == "cal", int(b), int(w))]
+    for name, calibrated, block_t, nw in runs:
+        if True:
+            if True:
                 k = store_kernel(name, calibrated, block_t, nw)
                 total, loop, sass = sass_stats(k)
                 ops = sum(total.values()) if not calibrated else sum(loop.values())

@@ -18,6 +18,12 @@ Under the CPU interpreter (SPLIT=0) every dot is float32.
 Codes: the codebooks are symmetric (codebook.py), so a code is the sign plus the number of
 positive thresholds below |y| (half the compares of a plain count); torch.bucketize's tie rule
 (thresholds strictly below y) is kept by comparing |y| of a non-positive y as the next float up.
+
+The rotation columns are loaded once per program (the head loop reuses them from shared memory;
+the unrotation is the transposed dot of the same columns). With the raw-key fallback both codings
+of a key are packed, the better one is chosen per row in registers and stored once, as 32-bit
+words where the slot is 4-byte aligned (16-bit where a stream starts 2 bytes off, e.g. the value
+codes after the key norm) and the norms as 16-bit stores.
 """
 
 import torch
@@ -42,21 +48,44 @@ def _dot_split(x, h16):
 
 
 @triton.jit
-def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
+def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
+           CODES: tl.constexpr):
     """Codes (torch.bucketize, right=False, of a symmetric codebook) and levels of y [rows, W];
-    levels are 0 in padding columns."""
+    levels are 0 in padding columns. A code is the sign plus the number m of positive thresholds
+    below |y|. CODES 0: a compare and two selects per threshold; 1: no predicates: each
+    threshold t below |y| is the sign bit s of t - |y| (exact: a float difference is 0 only for
+    equal operands), m adds the s and the level's float bits add s * (the step between the bits
+    of consecutive positive levels), exact integer arithmetic; 2: m as in 1, the level a lookup."""
     HALF: tl.constexpr = 1 << (BITS - 1)
     pos = y > 0
     a = tl.abs(y)
     # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
     a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
-    m = tl.zeros(y.shape, dtype=tl.int32)
-    c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
-    for j in tl.static_range(HALF - 1):
-        above = a > tl.load(cb_ptr + 256 + HALF + j)
-        m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
-        c = tl.where(above, tl.load(cb_ptr + HALF + 1 + j), c)
-    code = tl.where(pos, HALF + m, HALF - 1 - m)
+    if CODES == 0:
+        m = tl.zeros(y.shape, dtype=tl.int32)
+        c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
+        for j in tl.static_range(HALF - 1):
+            above = a > tl.load(cb_ptr + 256 + HALF + j)
+            m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
+            c = tl.where(above, tl.load(cb_ptr + HALF + 1 + j), c)
+        code = tl.where(pos, HALF + m, HALF - 1 - m)
+    else:
+        mu = tl.zeros(y.shape, dtype=tl.uint32)
+        lv = tl.load(cb_ptr + HALF).to(tl.uint32, bitcast=True)
+        cb = tl.zeros(y.shape, dtype=tl.uint32) + lv
+        for j in tl.static_range(HALF - 1):
+            s = (tl.load(cb_ptr + 256 + HALF + j) - a).to(tl.uint32, bitcast=True) >> 31
+            mu += s
+            if CODES == 1:
+                nxt = tl.load(cb_ptr + HALF + 1 + j).to(tl.uint32, bitcast=True)
+                cb += s * (nxt - lv)
+                lv = nxt
+        m = mu.to(tl.int32, bitcast=True)
+        code = tl.where(pos, HALF + m, HALF - 1 - m)
+        if CODES == 1:
+            c = cb.to(tl.float32, bitcast=True)
+        else:
+            c = tl.load(cb_ptr + HALF + m)
     c = tl.where(pos, c, -c)
     if N < W:
         c = tl.where(tl.arange(0, W)[None, :] < N, c, 0.0)
@@ -64,24 +93,37 @@ def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _stream(x, xb, inv_n, h32_ptr, h16_ptr, hx_ptr, rot_mean_ptr, cb_ptr, D: tl.constexpr,
+def _mats(p32, p16, px, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
+    """A stream's rotation columns [D, W]: (float32 or float16 per SPLIT, the 16-bit input's
+    dtype); loaded once per program where the loop reuses them (kept in shared memory)."""
+    if SPLIT == 0:
+        hf = _load_mat(p32, D, W)
+        hx = hf
+    else:
+        hf = _load_mat(p16, D, W)
+        hx = _load_mat(px, D, W)
+    return hf, hx
+
+
+@triton.jit
+def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
-            INPUT: tl.constexpr):
+            INPUT: tl.constexpr, CODES: tl.constexpr):
     """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
     INPUT (GPU only): 0 float32 x; 1 16-bit xb == x; 2 16-bit xb, x = xb - mean (rot_mean
-    given). hx: the columns in xb's dtype."""
+    given). hf: the columns in float32 (SPLIT 0) or float16; hx: in xb's dtype."""
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     if SPLIT == 0:
-        y = tl.dot(x, _load_mat(h32_ptr, D, W), input_precision="ieee") * SCALE * inv_n[:, None]
+        y = tl.dot(x, hf, input_precision="ieee") * SCALE * inv_n[:, None]
     elif INPUT == 0:
         xs = x * (inv_n * 256.0)[:, None]
-        y = _dot_split(xs, _load_mat(h16_ptr, D, W)) * (SCALE / 256.0)
+        y = _dot_split(xs, hf) * (SCALE / 256.0)
     else:
-        y = tl.dot(xb, _load_mat(hx_ptr, D, W))
+        y = tl.dot(xb, hx)
         if INPUT == 2:
             y -= tl.load(rot_mean_ptr + tl.arange(0, W))[None, :]
         y = y * SCALE * inv_n[:, None]
-    code, c = _codes(y, cb_ptr, BITS, N, W)
+    code, c = _codes(y, cb_ptr, BITS, N, W, CODES)
     return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1)
 
 
@@ -102,28 +144,69 @@ def _fp16_round(x):
 
 
 @triton.jit
-def _unrotate(c, norm16, h32_ptr, h16_ptr, D: tl.constexpr, W: tl.constexpr,
-              SPLIT: tl.constexpr):
-    """norm * unrotate(c) of one stream's levels c [rows, W] -> [rows, D] (signs included)."""
+def _unrotate(c, norm16, hf, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
+    """norm * unrotate(c) of one stream's levels c [rows, W] -> [rows, D] (signs included);
+    hf: the stream's columns [D, W] as _mats gives them (their transpose is the inverse)."""
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     if SPLIT == 0:
-        return tl.dot(c * norm16[:, None], _load_mat(h32_ptr, W, D), input_precision="ieee") * SCALE
+        return tl.dot(c * norm16[:, None], tl.trans(hf), input_precision="ieee") * SCALE
     else:
-        out = _dot_split(c * 256.0, _load_mat(h16_ptr, W, D))
+        out = _dot_split(c * 256.0, tl.trans(hf))
         return out * (norm16 * (SCALE / 256.0))[:, None]
 
 
 @triton.jit
-def _store_codes(slot_ptrs, row_mask, code_a, code_b, norm,
-                 A_OFF: tl.constexpr, A_BITS: tl.constexpr, A_N: tl.constexpr,
-                 A_U: tl.constexpr, A_K: tl.constexpr, A_NU: tl.constexpr,
-                 B_OFF: tl.constexpr, B_BITS: tl.constexpr, B_N: tl.constexpr,
-                 B_U: tl.constexpr, B_K: tl.constexpr, B_NU: tl.constexpr,
-                 NORM_OFF: tl.constexpr):
-    store_stream_codes(slot_ptrs, row_mask, code_b, B_OFF, B_BITS, B_N, B_U, B_K, B_NU)
-    if A_N > 0:
-        store_stream_codes(slot_ptrs, row_mask, code_a, A_OFF, A_BITS, A_N, A_U, A_K, A_NU)
-    store_norm(slot_ptrs, row_mask, norm, NORM_OFF)
+def _pack(code, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, WIDE: tl.constexpr):
+    """Codes [rows, W] as the stream's 32-bit words [rows, W * BITS // 32] (little-endian bit
+    order, as packing.py) where whole words hold whole codes; else the codes unchanged."""
+    WORDS: tl.constexpr = WIDE & (32 % BITS == 0) & ((N * BITS) % 32 == 0)
+    if WORDS:
+        ROWS: tl.constexpr = code.shape[0]
+        CPW: tl.constexpr = 32 // BITS
+        c3 = tl.reshape(code, [ROWS, W // CPW, CPW])
+        shifts = tl.arange(0, CPW) * BITS
+        return tl.sum(c3 << shifts[None, None, :], axis=2)  # no bits overlap: sum == or
+    else:
+        return code
+
+
+@triton.jit
+def _store_stream(slot_ptrs, row_mask, packed, OFF: tl.constexpr, BITS: tl.constexpr,
+                  N: tl.constexpr, U: tl.constexpr, K: tl.constexpr, NU: tl.constexpr,
+                  ALIGN: tl.constexpr, WIDE: tl.constexpr):
+    """Store _pack's output: 32-bit stores (16-bit where the stream starts 2 bytes off a word,
+    e.g. a value stream after a 2-byte key norm), else store_stream_codes' bytes."""
+    WORDS: tl.constexpr = WIDE & (32 % BITS == 0) & ((N * BITS) % 32 == 0)
+    if WORDS:
+        NW: tl.constexpr = N * BITS // 32
+        WP: tl.constexpr = packed.shape[1]
+        u = tl.arange(0, WP)
+        mask = row_mask[:, None] & (u[None, :] < NW)
+        if (ALIGN >= 4) & (OFF % 4 == 0):
+            p = (slot_ptrs + OFF).to(tl.pointer_type(tl.int32))
+            tl.store(p[:, None] + u[None, :], packed, mask=mask)
+        elif (ALIGN >= 2) & (OFF % 2 == 0):
+            p = (slot_ptrs + OFF).to(tl.pointer_type(tl.int16))
+            tl.store(p[:, None] + 2 * u[None, :], packed.to(tl.int16), mask=mask)
+            tl.store(p[:, None] + (2 * u[None, :] + 1), (packed >> 16).to(tl.int16), mask=mask)
+        else:
+            base = slot_ptrs[:, None] + (OFF + 4 * u[None, :])
+            for j in tl.static_range(4):
+                tl.store(base + j, ((packed >> (8 * j)) & 255).to(tl.uint8), mask=mask)
+    else:
+        store_stream_codes(slot_ptrs, row_mask, packed, OFF, BITS, N, U, K, NU)
+
+
+@triton.jit
+def _store_norm16(slot_ptrs, row_mask, norm, OFF: tl.constexpr, ALIGN: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """store_norm, in one 16-bit store where the slot allows (WIDE)."""
+    if WIDE & (ALIGN >= 2) & (OFF % 2 == 0):
+        n16 = tl.minimum(tl.maximum(norm, -65504.0), 65504.0).to(tl.float16)
+        p = (slot_ptrs + OFF).to(tl.pointer_type(tl.int16))
+        tl.store(p, n16.to(tl.int16, bitcast=True), mask=row_mask)
+    else:
+        store_norm(slot_ptrs, row_mask, norm, OFF)
 
 
 @triton.jit
@@ -147,7 +230,8 @@ def _tq_store_kernel(
     VB_BITS: tl.constexpr, VB_N: tl.constexpr, VB_OFF: tl.constexpr, VB_U: tl.constexpr,
     VB_K: tl.constexpr, VB_NU: tl.constexpr, VB_W: tl.constexpr,
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
-    K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr,
+    K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr = 1,
+    SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -166,6 +250,12 @@ def _tq_store_kernel(
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
     R_INPUT: tl.constexpr = 1 if EXACT16 else 0
     V_INPUT: tl.constexpr = (2 if VMEAN else 1) if EXACT16 else 0
+    hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB_W, SPLIT)
+    if SAME_KV_ROT:  # the value stream's columns are the key stream's (same extra coordinates)
+        hvbx = hkbx
+        hvb = hkb
+    else:
+        hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB_W, SPLIT)
     for i in range(HEADS):
         head = tl.program_id(1) * HEADS + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
@@ -186,59 +276,65 @@ def _tq_store_kernel(
             x = k
         n = tl.sqrt_rn(tl.sum(x * x, axis=1))
         inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(x, kb, inv_n, kfb32, kfb16, kfbx, rot_vm_ptr,
-                                      codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT)
-        code_a = code_b
+        code_b, c_b, yc, cc = _stream(x, kb, inv_n, hkb, hkbx, rot_vm_ptr,
+                                      codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
+                                      CODES)
+        pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+        pk_a = pk_b
         c_a = c_b
         if KA_N > 0:
-            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, kfa32, kfa16, kfax, rot_vm_ptr,
-                                              codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT, K_INPUT)
+            hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
+            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, hka, hkax, rot_vm_ptr,
+                                              codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
+                                              K_INPUT, CODES)
+            pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
             yc += yc_a
             cc += cc_a
         norm = _norm_of(n, yc, cc, K_NORM_RULE)
         if ABS_NORM:
             norm = tl.abs(norm)
         if FALLBACK:
-            # Store the calibrated coding, then overwrite the rows where the raw one is better.
+            # Code the raw key too and keep, per row, the coding with the smaller weighted error
+            # (ties: calibrated); the sign of the stored norm flags a raw key.
             norm16 = _fp16_round(norm)
-            _store_codes(slot_ptrs, row_mask, code_a, code_b, tl.abs(norm16),
-                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
-                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
-            k_hat = _unrotate(c_b, norm16, kib32, kib16, D, KB_W, SPLIT)
+            k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
             if KA_N > 0:
-                k_hat += _unrotate(c_a, norm16, kia32, kia16, D, KA_W, SPLIT)
+                k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
             k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
             w = tl.load(key_weight_ptr + head * D + d)[None, :]
             err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
 
             rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
             inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, kfb32, kfb16, kfbx, rot_vm_ptr,
+            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, hkb, hkbx, rot_vm_ptr,
                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                              SPLIT, R_INPUT)
-            rcode_a = rcode_b
+                                              SPLIT, R_INPUT, CODES)
+            rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
+            rpk_a = rpk_b
             rc_a = rc_b
             if KA_N > 0:
-                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, kfa32, kfa16, kfax,
+                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, hka, hkax,
                                                       rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                      KA_N, KA_W, SPLIT, R_INPUT)
+                                                      KA_N, KA_W, SPLIT, R_INPUT, CODES)
+                rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
                 ryc += ryc_a
                 rcc += rcc_a
             rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-            r_hat = _unrotate(rc_b, rnorm16, kib32, kib16, D, KB_W, SPLIT)
+            r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
             if KA_N > 0:
-                r_hat += _unrotate(rc_a, rnorm16, kia32, kia16, D, KA_W, SPLIT)
+                r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
             rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
-            raw = row_mask & (rerr < err)
-            tl.debug_barrier()  # the calibrated bytes land first, whichever thread wrote them
-            # The sign of the stored norm flags a raw key.
-            _store_codes(slot_ptrs, raw, rcode_a, rcode_b, -tl.abs(rnorm16),
-                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
-                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
-        else:
-            _store_codes(slot_ptrs, row_mask, code_a, code_b, norm,
-                         KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
-                         KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, K_NORM_OFF)
+            raw = rerr < err
+            pk_b = tl.where(raw[:, None], rpk_b, pk_b)
+            if KA_N > 0:
+                pk_a = tl.where(raw[:, None], rpk_a, pk_a)
+            norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
+        _store_stream(slot_ptrs, row_mask, pk_b, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, ALIGN,
+                      WIDE)
+        if KA_N > 0:
+            _store_stream(slot_ptrs, row_mask, pk_a, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+                          ALIGN, WIDE)
+        _store_norm16(slot_ptrs, row_mask, norm, K_NORM_OFF, ALIGN, WIDE)
 
         vb = tl.load(value_ptr + t64[:, None] * stride_vt + head * stride_vh + d[None, :],
                      mask=row_mask[:, None], other=0.0)
@@ -248,19 +344,22 @@ def _tq_store_kernel(
                          0.0)
         n = tl.sqrt_rn(tl.sum(v * v, axis=1))
         inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(v, vb, inv_n, vfb32, vfb16, vfbx,
+        code_b, c_b, yc, cc = _stream(v, vb, inv_n, hvb, hvbx,
                                       rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
-                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT)
-        code_a = code_b
+                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES)
+        _store_stream(slot_ptrs, row_mask, _pack(code_b, VB_BITS, VB_N, VB_W, WIDE), VB_OFF,
+                      VB_BITS, VB_N, VB_U, VB_K, VB_NU, ALIGN, WIDE)
         if VA_N > 0:
-            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, vfa32, vfa16, vfax,
+            hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
+            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, hva, hvax,
                                               rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
-                                              D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT)
+                                              D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES)
+            _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
+                          VA_BITS, VA_N, VA_U, VA_K, VA_NU, ALIGN, WIDE)
             yc += yc_a
             cc += cc_a
-        _store_codes(slot_ptrs, row_mask, code_a, code_b, _norm_of(n, yc, cc, V_NORM_RULE),
-                     VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU,
-                     VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU, V_NORM_OFF)
+        _store_norm16(slot_ptrs, row_mask, _norm_of(n, yc, cc, V_NORM_RULE), V_NORM_OFF, ALIGN,
+                      WIDE)
 
 
 def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dict:
@@ -292,8 +391,18 @@ def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dic
     kcal = bool(tables.has_mean or (tables.key_mean != 0).any() or (tables.key_scale != 1).any())
     c["kcal"] = kcal
     c["vmean"] = bool((tables.value_mean != 0).any())
+    c["same_rot"] = bool(torch.equal(c["kb_x"], c["vb_x"])
+                         and torch.equal(c["kb_f16"], c["vb_f16"]))
     cache[split, dtype] = c
     return c
+
+
+def _alignment(kv_cache: torch.Tensor) -> int:
+    """4, 2 or 1: the widest store every slot's start is aligned to (pointer and strides)."""
+    g = kv_cache.data_ptr()
+    for st in kv_cache.stride()[:3]:
+        g |= st
+    return 4 if g % 4 == 0 else 2 if g % 2 == 0 else 1
 
 
 def _heads_per_program(h: int, has_mean: bool) -> int:
@@ -302,15 +411,19 @@ def _heads_per_program(h: int, has_mean: bool) -> int:
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, tables: LayerTables, block_t: int = 64,
+             slot_mapping: torch.Tensor, tables: LayerTables, block_t: int | None = None,
              split: int | None = None, num_warps: int | None = None,
-             positions: torch.Tensor | None = None) -> None:
+             positions: torch.Tensor | None = None, heads_per_program: int | None = None,
+             maxnreg: int | None = None, codes: int = 0,
+             wide_stores: bool | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
     split: 0 float32 dots (the CPU interpreter), 1 the GPU's bf16/fp16 dots; by default 0 where
-    the tables' dot type is float32. num_warps: by default 4 with the raw-key fallback, else 8
-    (measured on an H200, benchmarks/RESULTS.md)."""
+    the tables' dot type is float32. Launch defaults (measured on an H200, benchmarks/RESULTS.md,
+    benchmarks/kv_store_sweep.py): with the raw-key fallback 16-token tiles, 4 warps, 32-bit
+    stores; else 64-token tiles, 8 warps, byte stores. codes: the code search (_codes' CODES);
+    wide_stores: 32/16-bit stores of whole code words; heads_per_program, maxnreg: for sweeps."""
     T, H, D = key.shape
     if T == 0:
         return
@@ -329,7 +442,12 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     fallback = tables.fallback and kcal
     if num_warps is None:
         num_warps = 4 if fallback else 8
-    heads = _heads_per_program(H, tables.has_mean)
+    if block_t is None:
+        block_t = 16 if fallback else 64
+    heads = heads_per_program or _heads_per_program(H, tables.has_mean)
+    if H % heads:
+        raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
+    extra = {} if maxnreg is None or key.device.type != "cuda" else {"maxnreg": maxnreg}
     grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
@@ -344,5 +462,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
         BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
         FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
-        MEAN=tables.has_mean, VMEAN=c["vmean"], num_warps=num_warps, **layout_kwargs(layout),
+        MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
+        num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes,
+        WIDE=fallback if wide_stores is None else wide_stores,
+        **layout_kwargs(layout), **extra,
     )

@@ -1,0 +1,123 @@
+"""Store kernel launch sweep on the GPU (kv_bench's inputs), with the previous kernel as a
+baseline in the same run:
+
+    git show ebbcfd8:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
+    ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_store_sweep.py
+
+32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
+search (tq_store's codes=); the device copy in the same run; bytes against the reference
+(kv_bench.store_check) for several launches. Prints a table last and writes kv_store_sweep.json
+under --out (benchmarks/kv_store_sweep.json: the run in benchmarks/RESULTS.md)."""
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import kv_bench as kb  # noqa: E402
+
+N = None
+# (label, format, mode, launch keyword arguments); "prev" runs kernels/tq_store_prev.py where the
+# command put the previous commit's kernel there (a baseline in the same run).
+PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
+        ("prev", "tq3", "mean", {}), ("prev", "tq3", "uncalibrated", {})]
+for cfg in [(16, 4, 1), (16, 4, 0), (16, 4, 2), (32, 8, 1), (32, 4, 1), (64, 8, 1)]:
+    PLAN.append(("new", "tq4", "mean", dict(block_t=cfg[0], num_warps=cfg[1], codes=cfg[2])))
+for cfg in [(64, 8, 1), (64, 8, 0), (64, 8, 2), (64, 4, 1), (128, 8, 1), (32, 4, 1)]:
+    PLAN.append(("new", "tq4", "uncalibrated", dict(block_t=cfg[0], num_warps=cfg[1],
+                                                    codes=cfg[2])))
+for mode, cfgs in (("mean", [(16, 4, 1), (32, 8, 1)]), ("uncalibrated", [(64, 8, 1), (64, 4, 1)]),):
+    for cfg in cfgs:
+        PLAN.append(("new", "tq3", mode, dict(block_t=cfg[0], num_warps=cfg[1], codes=cfg[2])))
+PLAN += [("new", "tq4", "no mean", dict(block_t=16, num_warps=4)),
+         ("new", "tq4", "no mean", dict(block_t=64, num_warps=8))]
+CHECKS = [("tq4", "mean", dict(codes=1)), ("tq4", "mean", dict(codes=0)),
+          ("tq4", "mean", dict(codes=2)), ("tq4", "uncalibrated", dict(codes=1)),
+          ("tq3", "mean", dict(codes=1)), ("tq4", "no mean", dict(codes=1))]
+
+
+def _store_fn(label):
+    if label == "prev":
+        from vllm_gds.kernels.tq_store_prev import tq_store
+    else:
+        from vllm_gds.kernels import tq_store
+    return tq_store
+
+
+def bandwidth(label, name, mode, launch, tokens=32768):
+    from vllm_gds.kernels import LayerTables
+    from vllm_gds.kvcache.formats import get_format
+    tq_store = _store_fn(label)
+    calibrated, mean = kb.STORE_MODES[mode]
+    hq, hk, d = kb.SHAPES["Llama-3-8B"]
+    dev = "cuda"
+    if calibrated:
+        tables = kb.our_tables(torch, name, hk, d, dev, mean)
+    else:
+        tables = LayerTables(get_format(name), d, 0, 0, dev, torch.bfloat16, hk)
+    cache = torch.empty(tokens // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes, device=dev,
+                        dtype=torch.uint8)
+    k = torch.randn(tokens, hk, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(tokens, hk, d, device=dev, dtype=torch.bfloat16)
+    slots = torch.randperm(tokens, device=dev)
+    positions = torch.arange(tokens, device=dev)
+    t = kb.bench(lambda: tq_store(k, v, cache, slots, tables, positions=positions, **launch),
+                 triton)
+    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
+    return t, moved / (t * 1e-3) / 1e9
+
+
+def check(name, mode, launch):
+    """kv_bench.store_check with these launch arguments."""
+    import functools
+    import vllm_gds.kernels as K
+    orig = K.tq_store
+    K.tq_store = functools.partial(orig, **launch)
+    try:
+        return kb.store_check(torch, name, mode, "cuda")
+    finally:
+        K.tq_store = orig
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = ap.parse_args()
+    res = {"info": torch.cuda.get_device_name(), "copy_gbs": kb.copy_bandwidth(torch, triton, "cuda"),
+           "store": [], "check": []}
+    copy = res["copy_gbs"]
+    print(f"copy {copy:.0f} GB/s", flush=True)
+    for name, mode, launch in CHECKS:
+        try:
+            frac, ok = check(name, mode, launch)
+            res["check"].append(dict(format=name, mode=mode, launch=launch, byte_mismatch=frac,
+                                     untouched_ok=ok))
+            print(f"check {name} {mode} {launch}: {frac:.2e} bytes differ, untouched {ok}",
+                  flush=True)
+        except Exception:
+            print(f"check {name} {mode} FAILED\n{traceback.format_exc()}", flush=True)
+    for label, name, mode, launch in PLAN:
+        row = dict(kernel=label, format=name, mode=mode, **launch)
+        try:
+            t, gbs = bandwidth(label, name, mode, launch)
+            row.update(ms=t, gbs=gbs, of_copy=gbs / copy)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        res["store"].append(row)
+        (args.out / "kv_store_sweep.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{'kernel':6} {'format':6} {'mode':13} {'launch':40} {'ms':>8} {'GB/s':>6} copy")
+    for r in res["store"]:
+        launch = {k: v for k, v in r.items() if k in ("block_t", "num_warps", "codes")}
+        head = f"{r['kernel']:6} {r['format']:6} {r['mode']:13} {str(launch):40}"
+        if "error" in r:
+            print(f"{head} ERROR {r['error'][:80]}")
+        else:
+            print(f"{head} {r['ms']:8.4f} {r['gbs']:6.0f} {r['of_copy']:.1%}")
+
+if __name__ == "__main__":
+    main()
