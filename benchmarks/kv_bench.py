@@ -514,18 +514,21 @@ def store_only(args, torch, triton, device, info, log):
         except Exception:
             log(f"store check {name} {mode} FAILED\n{traceback.format_exc()}")
         save()
-    for name, mode, warps in (("tq4", "mean", 4), ("tq4", "mean", 8), ("tq4", "no mean", 4),
-                              ("tq4", "uncalibrated", 4), ("tq4", "uncalibrated", 8),
-                              ("tq3", "mean", 4), ("tq3", "no mean", 4),
-                              ("tq3", "uncalibrated", 4)):
+    # block_t / warps None: tq_store's default launch (16 x 4 with the raw-key fallback, 64 x 8
+    # without); the sweep over launches is benchmarks/kv_store_sweep.py
+    for name, mode, block_t, warps in (("tq4", "mean", None, None), ("tq4", "mean", 64, 4),
+                                       ("tq4", "no mean", None, None),
+                                       ("tq4", "uncalibrated", None, None),
+                                       ("tq3", "mean", None, None), ("tq3", "no mean", None, None),
+                                       ("tq3", "uncalibrated", None, None)):
         calibrated, mean = STORE_MODES[mode]
         try:
-            t, gbs = store_bandwidth(torch, triton, name, device, 64, warps, calibrated,
+            t, gbs = store_bandwidth(torch, triton, name, device, block_t, warps, calibrated,
                                      mean=mean)
-            results["store"].append(dict(format=name, mode=mode, block_t=64, num_warps=warps,
+            results["store"].append(dict(format=name, mode=mode, block_t=block_t, num_warps=warps,
                                          ms=t, gbs=gbs, of_copy=gbs / copy_gbs))
-            log(f"store {name} {mode} 32K tokens warps={warps}: {t:.4f} ms, {gbs:.0f} GB/s = "
-                f"{gbs / copy_gbs:.0%} of copy")
+            log(f"store {name} {mode} 32K tokens block_t={block_t} warps={warps}: {t:.4f} ms, "
+                f"{gbs:.0f} GB/s = {gbs / copy_gbs:.1%} of copy")
         except Exception:
             log(f"store {name} {mode} FAILED\n{traceback.format_exc()}")
         save()
