@@ -21,7 +21,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_sm90(fn, types: dict, constexprs: dict, num_warps=4, num_stages=3,
-                 divisible=()):
+                 divisible=(), maxnreg=None):
     """divisible: argument names a launch would specialize as divisible by 16 (pointers from
     torch, strides that are multiples of 16), which lets Triton vectorize loads and stores."""
     sig = {}
@@ -32,8 +32,10 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps=4, num_stages=3,
             sig[name] = types.get(name, "i32")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs or None)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps,
-                                                         "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

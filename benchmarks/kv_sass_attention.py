@@ -10,6 +10,7 @@ from kv_sass import compile_sm90, report  # noqa: E402
 
 from vllm_gds.kernels.tq_attention import _tq_attention_kernel  # noqa: E402
 from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
+from vllm_gds.kvcache.calibration_file import top_pairs  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
 
 TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -21,11 +22,14 @@ TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_
 
 
 def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fallback=True,
-           num_stages=3):
+           num_stages=1, maxnreg=128):
+    """The decode launch tq_attention uses on the register path (num_stages 1, maxnreg 128);
+    mean: a key mean on the format's share of RoPE pairs, as served."""
     d = 128
     kw = {}
     if mean:
-        kw = dict(key_mean=torch.zeros(1, d), rope_inv_freq=torch.ones(d // 2))
+        mu = top_pairs(torch.randn(1, d), None, FORMATS[name].key_mean_pairs, d // 2)
+        kw = dict(key_mean=mu, rope_inv_freq=torch.ones(d // 2))
     t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1, **kw)
     fast_k = fast and "k" in t.lut4_asm
     fast_v = fast and "v" in t.lut4_asm
@@ -35,7 +39,10 @@ def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fall
               V_ASM=t.lut4_asm.get("v", "") if fast_v else "", MEAN=mean, ROT_HALF=t.rot_half,
               RH=t.rot_half_pad, MEAN_DOT=tl.float16, PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes,
               STRIDE_HEAD=t.layout.slot_bytes, **layout_kwargs(t.layout))
-    k = compile_sm90(_tq_attention_kernel, TYPES, cx, num_warps=num_warps, num_stages=num_stages)
+    divisible = ("q_ptr", "cache_ptr", "block_table_ptr", "out_ptr", "part_ptr", "stride_blk",
+                 "stride_bt", "stride_qt", "stride_ot")  # as torch tensors specialize them
+    k = compile_sm90(_tq_attention_kernel, TYPES, cx, num_warps=num_warps, num_stages=num_stages,
+                     divisible=divisible, maxnreg=maxnreg)
     threads = 32 * num_warps
     codes = block_n * 2 * d  # key and value codes of one tile
     return report(f"{name} fast={fast} mean={mean} BLOCK_N={block_n} warps={num_warps}", k,
