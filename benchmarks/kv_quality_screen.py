@@ -89,6 +89,15 @@ for m in (2, 4, 8, 12, 16):
             VARIANTS[name] = (fmt() if fb else dataclasses.replace(fmt(), key_raw_fallback=False),
                               "none", False, False)
             SPARSE[name] = (m, weight)
+# The raw fallback only for the keys at positions < P (the attention sink), calibrated beyond:
+# what a kernel that runs the raw dots only in the first tile would serve.
+FALLBACK_BELOW = {}
+for p_ in (1, 4, 16):
+    VARIANTS[f"cal-tq4-fb{p_}"] = (FORMATS["tq4"], "none", False, False)
+    FALLBACK_BELOW[f"cal-tq4-fb{p_}"] = p_
+    VARIANTS[f"cal-m8-fb{p_}"] = (fmt(), "none", False, False)
+    SPARSE[f"cal-m8-fb{p_}"] = (8, "query")
+    FALLBACK_BELOW[f"cal-m8-fb{p_}"] = p_
 
 
 def log8_norms(fixed=None):
@@ -155,6 +164,14 @@ def make_hook(variant, seed, calib, num_layers):
             kpre = apply_rope(kt, pos[:, None], inv, sc, inverse=True)
             khat = apply_rope(lq.roundtrip_keys(kpre, torch.zeros(t, dtype=torch.long)),
                               pos[:, None], inv, sc)
+        elif variant in FALLBACK_BELOW:
+            khat = lq.roundtrip_keys(kt, pos)
+            lq.fallback = False
+            try:
+                calibrated = lq.roundtrip_keys(kt, pos)
+            finally:
+                lq.fallback = True
+            khat = torch.where((pos < FALLBACK_BELOW[variant])[:, None, None], khat, calibrated)
         else:
             khat = lq.roundtrip_keys(kt, pos)
         kq_ = khat.transpose(0, 1)[None]
