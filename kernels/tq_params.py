@@ -209,8 +209,8 @@ class LayerTables:
                 self.lut4_asm[name] = levels4_asm(codebook(d, 4)[0])
         heads = num_kv_heads
         self.has_mean = key_mean is not None
-        self.rot_half, self.rot_half_pad = 0, 16
-        self.rope_theta = self.rope_sign = self.rope_theta_half = torch.zeros(d, device=device)
+        self.rot_half = 0
+        self.rope_theta = self.rope_sign = torch.zeros(d, device=device)
         self.rope_partner = torch.zeros(d, dtype=torch.int32, device=device)
         if self.has_mean:
             key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
@@ -231,11 +231,9 @@ class LayerTables:
     def _rope_tables(self, key_mean, inv_freq, attention_scaling, d, device):
         """Per-coordinate RoPE constants for RoPE_p(key_mean) (rope.py, neox pairs (i, i + r/2)):
         RoPE_p(mu)[c] = mu[c] cos(p theta[c]) + sign[c] mu[partner[c]] sin(p theta[c]), theta = 0
-        past the rotary dims; and the frequencies padded to a power of two (>= 16) for the
-        attention's per-tile term. Returns the mean with attention_scaling on its rotary part."""
+        past the rotary dims. Returns the mean with attention_scaling on its rotary part."""
         half = inv_freq.shape[-1]
         self.rot_half = half
-        self.rot_half_pad = max(16, _next_pow2(half))
         c = torch.arange(d)
         theta = torch.zeros(d)
         theta[: 2 * half] = inv_freq.float().cpu().repeat(2)
@@ -244,9 +242,6 @@ class LayerTables:
         self.rope_theta = theta.to(device)
         self.rope_partner = partner.to(torch.int32).to(device)
         self.rope_sign = sign.to(device)
-        pad = torch.zeros(self.rot_half_pad)
-        pad[:half] = inv_freq.float().cpu()
-        self.rope_theta_half = pad.to(device)
         mean = key_mean.clone()
         mean[..., : 2 * half] *= attention_scaling
         return mean
@@ -267,7 +262,7 @@ class LayerTables:
         pairs = torch.full((heads, rh), -1, dtype=torch.int32)
         theta = torch.zeros(heads, rh)
         mu = torch.zeros(heads, rh, 2)
-        inv_freq = self.rope_theta_half.cpu()
+        inv_freq = self.rope_theta[:half].cpu()
         for h in range(heads):
             idx = used[h].nonzero().flatten()
             n = idx.numel()
