@@ -9,13 +9,13 @@ Keys, at token position p:
        RoPE_p is the model's rotary embedding (rope.py: neox style) with exact angles (p *
        rope_inv_freq[i] in float64, cos and sin rounded once to float32); inv_scale =
        1 / key_scale, key_scale [d] equal on both channels of each RoPE pair.  Without a calibration file: x = k.
-       key_mean is zero outside the format's key_mean_pairs share of RoPE pairs (tq4, tq3:
-       half, those of most |mu|^2 / key_scale^2; calibration_file.top_pairs).
+       key_mean is zero outside the format's key_mean_pairs share of RoPE pairs (tq4, tq5:
+       half, those of most |mu|^2 / key_scale^2; calibration_file.top_pairs; tq3: all).
     2. n = |x|_2;  y = rotate(x) / n          (rotation.py: seeded randomized Hadamard, per layer)
     3. code[i] = number of thresholds below y[i]   (codebook.py: Lloyd-Max for the exact density of
        a rotated unit vector's coordinate at head size d; coordinates [0, extra) use the
        (bits+1)-bit codebook, the others the bits-bit one)
-    4. c[i] = levels[code[i]];  norm = n / |c|   (rule "unit", tq4 and tq3: the decoded vector
+    4. c[i] = levels[code[i]];  norm = n / |c|   (rule "unit", tq4, tq3, tq5: the decoded vector
        keeps the exact norm; "ls": n * <y, c> / <c, c>, the least-squares scale; "plain": n),
        stored as float16
     5. raw fallback (key_raw_fallback): steps 2-4 also run on x = k; of the two decodings k^
@@ -91,7 +91,8 @@ class KVFormat:
     # The pre-RoPE key mean is kept on this share of the RoPE pairs, those of most mean energy
     # in the scaled domain (at least 16, the kernels' least tile), and zero on the rest: the
     # decode kernel's per-key mean term costs in proportion to the pairs kept (RESULTS.md:
-    # half the pairs at head 64 measured as good as all, and decode 1.5x faster at head 128).
+    # for 4-bit keys half the pairs at head 64 measured as good as all, and decode 1.3x faster
+    # at head 128; 3-bit keys lost 0.2 points of perplexity with half, so tq3 keeps all).
     key_mean_pairs: float = 1.0
 
     def __post_init__(self):
@@ -117,8 +118,7 @@ class KVFormat:
 FORMATS: dict[str, KVFormat] = {
     "tq4": KVFormat("tq4", key=VectorCode(4, norm="unit"), value=VectorCode(4, norm="unit"),
                     key_mean_pairs=0.5),
-    "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit"),
-                    key_mean_pairs=0.5),
+    "tq3": KVFormat("tq3", key=VectorCode(3, norm="unit"), value=VectorCode(3, norm="unit")),
     # 5-bit keys, 4-bit values: the quality option (keys carry most of the error).
     "tq5": KVFormat("tq5", key=VectorCode(5, norm="unit"), value=VectorCode(4, norm="unit"),
                     key_mean_pairs=0.5),
