@@ -43,10 +43,15 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
               KCAL=calibrated, FALLBACK=calibrated, ABS_NORM=False, MEAN=calibrated,
               VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated, **layout_kwargs(t.layout))
+    cx.update({k: v for k, v in EXTRA.items() if k != "CB"})
+    if EXTRA.get("CB") and calibrated:  # the codebooks as immediates, as tq_store launches them
+        from vllm_gds.kernels.tq_store import _store_constants
+        const = _store_constants(t, 1, torch.bfloat16)
+        cx.update(KB_CB=const["cb_kb"], VB_CB=const["cb_vb"])
     divisible = [a for a in _tq_store_kernel.arg_names if a in types and types[a].startswith("*")]
     divisible += ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_blk"]
     return compile_sm90(_tq_store_kernel, types, cx, num_warps=num_warps, divisible=divisible,
-                        num_stages=STAGES)
+                        num_stages=STAGES, maxnreg=MAXNREG)
 
 
 def resources(kernel) -> str:
@@ -62,13 +67,22 @@ def resources(kernel) -> str:
 
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
+MAXNREG = None  # --maxnreg (tq_store's maxnreg=)
+EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", type=Path)
     ap.add_argument("--only", help="one config: FORMAT,cal|plain,BLOCK_T,WARPS (e.g. tq4,cal,32,4)")
+    ap.add_argument("--set", help="constexprs NAME=INT,... (e.g. ERR=0,CODES=1)")
+    ap.add_argument("--maxnreg", type=int)
     args = ap.parse_args()
+    global MAXNREG
+    MAXNREG = args.maxnreg
+    for kv in (args.set.split(",") if args.set else []):
+        name, value = kv.split("=")
+        EXTRA[name] = int(value)
     runs = [(n, c, b, w) for n in ("tq4", "tq3") for c in (True, False) for b, w in CONFIGS[c]]
     if args.only:
         n, c, b, w = args.only.split(",")

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .tq_common import cache_slot_ptrs, rope_cos_sin, store_norm, store_stream_codes
-from .tq_params import LayerTables, layout_kwargs
+from .tq_params import LayerTables, _stream_table, layout_kwargs
 
 
 @triton.jit
@@ -49,19 +49,29 @@ def _dot_split(x, h16):
 
 @triton.jit
 def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-           CODES: tl.constexpr):
+           CODES: tl.constexpr, CB: tl.constexpr = ()):
     """Codes (torch.bucketize, right=False, of a symmetric codebook) and levels of y [rows, W];
     levels are 0 in padding columns. A code is the sign plus the number m of positive thresholds
     below |y|. CODES 0: a compare and two selects per threshold; 1: no predicates: each
     threshold t below |y| is the sign bit s of t - |y| (exact: a float difference is 0 only for
     equal operands), m adds the s and the level's float bits add s * (the step between the bits
-    of consecutive positive levels), exact integer arithmetic; 2: m as in 1, the level a lookup."""
+    of consecutive positive levels), exact integer arithmetic; 2: m as in 1, the level a lookup.
+    CB (CODES 0): the positive levels then the positive thresholds as constants (compiled in as
+    immediates: no loads, no registers), else () and the table at cb_ptr."""
     HALF: tl.constexpr = 1 << (BITS - 1)
     pos = y > 0
     a = tl.abs(y)
     # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
     a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
-    if CODES == 0:
+    if (CODES == 0) and (len(CB) > 0):
+        m = tl.zeros(y.shape, dtype=tl.int32)
+        c = tl.zeros(y.shape, dtype=tl.float32) + CB[0]
+        for j in tl.static_range(HALF - 1):
+            above = a > CB[HALF + j]
+            m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
+            c = tl.where(above, CB[1 + j], c)
+        code = tl.where(pos, HALF + m, HALF - 1 - m)
+    elif CODES == 0:
         m = tl.zeros(y.shape, dtype=tl.int32)
         c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
         for j in tl.static_range(HALF - 1):
@@ -108,7 +118,7 @@ def _mats(p32, p16, px, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
 @triton.jit
 def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
-            INPUT: tl.constexpr, CODES: tl.constexpr):
+            INPUT: tl.constexpr, CODES: tl.constexpr, CB: tl.constexpr = ()):
     """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
     INPUT (GPU only): 0 float32 x; 1 16-bit xb == x; 2 16-bit xb, x = xb - mean (rot_mean
     given). hf: the columns in float32 (SPLIT 0) or float16; hx: in xb's dtype."""
@@ -123,8 +133,19 @@ def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
         if INPUT == 2:
             y -= tl.load(rot_mean_ptr + tl.arange(0, W))[None, :]
         y = y * SCALE * inv_n[:, None]
-    code, c = _codes(y, cb_ptr, BITS, N, W, CODES)
-    return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1)
+    code, c = _codes(y, cb_ptr, BITS, N, W, CODES, CB)
+    return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1), y
+
+
+@triton.jit
+def _pin(x, ASM: tl.constexpr):
+    """x unchanged; on the GPU (ASM) through an opaque move, so that Triton converts this row
+    vector to another layout instead of recomputing everything it depends on there."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=False, pack=1)
+    else:
+        return x
 
 
 @triton.jit
@@ -153,6 +174,23 @@ def _unrotate(c, norm16, hf, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constex
     else:
         out = _dot_split(c * 256.0, tl.trans(hf))
         return out * (norm16 * (SCALE / 256.0))[:, None]
+
+
+@triton.jit
+def _unrotate_unit(r, hf, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
+                   SYM: tl.constexpr):
+    """unrotate(r) of one stream's rotated coordinates r [rows, W] (|r| <= 2^8) -> [rows, D],
+    without the signs where SYM (hf is H itself: symmetric, its own transpose)."""
+    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
+    if SYM:
+        ht = hf
+    else:
+        ht = tl.trans(hf)
+    if SPLIT == 0:
+        return tl.dot(r, ht, input_precision="ieee") * SCALE
+    else:
+        return _dot_split(r * 256.0, ht) * (SCALE / 256.0)
+
 
 
 @triton.jit
@@ -216,7 +254,7 @@ def _tq_store_kernel(
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
-    kfax, kfbx, vfax, vfbx, rot_vm_ptr,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
@@ -232,6 +270,8 @@ def _tq_store_kernel(
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr = 1,
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
+    ERR: tl.constexpr = 1, ASM: tl.constexpr = False, SYM: tl.constexpr = False,
+    KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (),
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -250,6 +290,8 @@ def _tq_store_kernel(
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
     R_INPUT: tl.constexpr = 1 if EXACT16 else 0
     V_INPUT: tl.constexpr = (2 if VMEAN else 1) if EXACT16 else 0
+    if SYM:  # one full stream per vector: the columns are H itself, the signs go on the input
+        sg = tl.load(signs_ptr + d)
     hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB_W, SPLIT)
     if SAME_KV_ROT:  # the value stream's columns are the key stream's (same extra coordinates)
         hvbx = hkbx
@@ -263,72 +305,132 @@ def _tq_store_kernel(
         kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
                      mask=row_mask[:, None], other=0.0)
         k = kb.to(tl.float32)
-        if KCAL:
+        kbs = kb  # 16-bit inputs rotate with the signed columns (hkbx) in either mode
+        ks = k
+        if SYM:  # float32 inputs rotate with H: their signs first (exact)
+            ks = k * sg[None, :]
+        if SYM:
+            # The raw coding first (its residual's weighted error is all that stays live), then
+            # the calibrated one; the smaller weighted error wins (ties: calibrated), a raw key
+            # stores -norm. The residual of a coding, in rotated unit coordinates: k - k^ =
+            # rn * U(ry - rg rc) raw (rg = rnorm16 / rn), key_scale * n * U(y - g c) calibrated.
+            w = tl.load(key_weight_ptr + head * D + d)
+            rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
+            inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+            rcode, rc, ryc, rcc, ry = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
+                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                              SPLIT, R_INPUT, CODES, KB_CB)
+            rpk = _pack(rcode, KB_BITS, KB_N, KB_W, WIDE)
+            rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+            re = _unrotate_unit(ry - (rnorm16 * inv_rn)[:, None] * rc, hkb, D, KB_W, SPLIT, SYM)
+            rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+
             if MEAN:
                 mu = tl.load(key_mean_ptr + head * D + d)
                 mu_partner = tl.load(key_mean_ptr + head * D + partner)
                 k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
             else:
                 k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
-            k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
+            k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
             x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
-        else:
-            x = k
-        n = tl.sqrt_rn(tl.sum(x * x, axis=1))
-        inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(x, kb, inv_n, hkb, hkbx, rot_vm_ptr,
-                                      codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
-                                      CODES)
-        pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
-        pk_a = pk_b
-        c_a = c_b
-        if KA_N > 0:
-            hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
-            code_a, c_a, yc_a, cc_a = _stream(x, kb, inv_n, hka, hkax, rot_vm_ptr,
-                                              codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
-                                              K_INPUT, CODES)
-            pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
-            yc += yc_a
-            cc += cc_a
-        norm = _norm_of(n, yc, cc, K_NORM_RULE)
-        if ABS_NORM:
-            norm = tl.abs(norm)
-        if FALLBACK:
-            # Code the raw key too and keep, per row, the coding with the smaller weighted error
-            # (ties: calibrated); the sign of the stored norm flags a raw key.
-            norm16 = _fp16_round(norm)
-            k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
-            if KA_N > 0:
-                k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
-            k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
-            w = tl.load(key_weight_ptr + head * D + d)[None, :]
-            err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
-
-            rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
-            inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-            rcode_b, rc_b, ryc, rcc = _stream(k, kb, inv_rn, hkb, hkbx, rot_vm_ptr,
-                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                              SPLIT, R_INPUT, CODES)
-            rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
-            rpk_a = rpk_b
-            rc_a = rc_b
-            if KA_N > 0:
-                rcode_a, rc_a, ryc_a, rcc_a = _stream(k, kb, inv_rn, hka, hkax,
-                                                      rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                      KA_N, KA_W, SPLIT, R_INPUT, CODES)
-                rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
-                ryc += ryc_a
-                rcc += rcc_a
-            rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-            r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
-            if KA_N > 0:
-                r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
-            rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
+            n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
+            inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+            code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
+                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                               SPLIT, K_INPUT, CODES, KB_CB)
+            pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+            norm16 = _fp16_round(_norm_of(n, yc, cc, K_NORM_RULE))
+            e = _unrotate_unit(y_b - (norm16 * inv_n)[:, None] * c_b, hkb, D, KB_W, SPLIT, SYM)
+            sc = tl.load(key_scale_ptr + head * D + d)
+            err = tl.sum((w * sc * sc)[None, :] * e * e, axis=1) * (n * n)
             raw = rerr < err
-            pk_b = tl.where(raw[:, None], rpk_b, pk_b)
-            if KA_N > 0:
-                pk_a = tl.where(raw[:, None], rpk_a, pk_a)
+            pk_b = tl.where(raw[:, None], rpk, pk_b)
+            pk_a = pk_b
             norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
+        else:
+            if KCAL:
+                if MEAN:
+                    mu = tl.load(key_mean_ptr + head * D + d)
+                    mu_partner = tl.load(key_mean_ptr + head * D + partner)
+                    k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
+                else:
+                    k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
+                k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
+                if SYM:
+                    k_inv_scale = k_inv_scale * sg
+                x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
+            else:
+                x = ks
+            n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
+            inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+            code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
+                                          codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
+                                          CODES)
+            pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+            pk_a = pk_b
+            c_a = c_b
+            if KA_N > 0:
+                hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
+                code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
+                                                  codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
+                                                  K_INPUT, CODES)
+                pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
+                yc += yc_a
+                cc += cc_a
+            norm = _norm_of(n, yc, cc, K_NORM_RULE)
+            if ABS_NORM:
+                norm = tl.abs(norm)
+            if FALLBACK:
+                # Code the raw key too and keep, per row, the coding with the smaller weighted error
+                # (ties: calibrated); the sign of the stored norm flags a raw key.
+                norm16 = _fp16_round(norm)
+                rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
+                inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+                if ERR == 0:
+                    k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
+                    if KA_N > 0:
+                        k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
+                    k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
+                    w = tl.load(key_weight_ptr + head * D + d)[None, :]
+                    err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
+                rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
+                                                        codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                        SPLIT, R_INPUT, CODES)
+                rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
+                rpk_a = rpk_b
+                rc_a = rc_b
+                if KA_N > 0:
+                    rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
+                                                                rot_vm_ptr, codebooks_ptr, D, KA_BITS,
+                                                                KA_N, KA_W, SPLIT, R_INPUT, CODES)
+                    rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
+                    ryc += ryc_a
+                    rcc += rcc_a
+                rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+                if ERR == 0:
+                    r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
+                    if KA_N > 0:
+                        r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
+                    rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
+                else:
+                    # The residuals in rotated, unit coordinates: k - k^ = key_scale * n * U(y - g c)
+                    # (g = norm16 / n) for the calibrated coding, k - k^ = rn * U(ry - rg rc) raw.
+                    g = (norm16 * inv_n)[:, None]
+                    rg = (rnorm16 * inv_rn)[:, None]
+                    e = _unrotate_unit(y_b - g * c_b, hkb, D, KB_W, SPLIT, SYM)
+                    re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB_W, SPLIT, SYM)
+                    if KA_N > 0:
+                        e += _unrotate_unit(y_a - g * c_a, hka, D, KA_W, SPLIT, SYM)
+                        re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA_W, SPLIT, SYM)
+                    w = tl.load(key_weight_ptr + head * D + d)
+                    s = tl.load(key_scale_ptr + head * D + d)
+                    err = tl.sum((w * s * s)[None, :] * e * e, axis=1) * (n * n)
+                    rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+                raw = rerr < err
+                pk_b = tl.where(raw[:, None], rpk_b, pk_b)
+                if KA_N > 0:
+                    pk_a = tl.where(raw[:, None], rpk_a, pk_a)
+                norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
         _store_stream(slot_ptrs, row_mask, pk_b, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, ALIGN,
                       WIDE)
         if KA_N > 0:
@@ -344,14 +446,16 @@ def _tq_store_kernel(
                          0.0)
         n = tl.sqrt_rn(tl.sum(v * v, axis=1))
         inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        code_b, c_b, yc, cc = _stream(v, vb, inv_n, hvb, hvbx,
+        if SYM and (V_INPUT == 0):
+            v = v * sg[None, :]
+        code_b, c_b, yc, cc, y_b = _stream(v, vb, inv_n, hvb, hvbx,
                                       rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
-                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES)
+                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES, VB_CB)
         _store_stream(slot_ptrs, row_mask, _pack(code_b, VB_BITS, VB_N, VB_W, WIDE), VB_OFF,
                       VB_BITS, VB_N, VB_U, VB_K, VB_NU, ALIGN, WIDE)
         if VA_N > 0:
             hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
-            code_a, c_a, yc_a, cc_a = _stream(v, vb, inv_n, hva, hvax,
+            code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
                                               rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
                                               D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES)
             _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
@@ -393,6 +497,22 @@ def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dic
     c["vmean"] = bool((tables.value_mean != 0).any())
     c["same_rot"] = bool(torch.equal(c["kb_x"], c["vb_x"])
                          and torch.equal(c["kb_f16"], c["vb_f16"]))
+    # One full-width stream per vector (tq4, tq3): H itself (symmetric, +-1) rotates the signed
+    # inputs and unrotates the residuals (tq_store's sym).
+    lay = tables.layout
+    c["sym_ok"] = (lay.key.a.n == 0 and lay.value.a.n == 0 and lay.key.b.n == d
+                   and lay.value.b.n == d and lay.key.b.width == d and lay.value.b.width == d)
+    h = tables.h_cols["kb"].double()
+    c["h_f32"] = h.float().contiguous()
+    c["h_f16"] = h.half().contiguous()
+
+    # Stream B's codebooks as constants (tq_store's imm_codebooks): the positive levels, then the
+    # positive thresholds, as Python floats (exactly the float32 table values), from the host.
+    for name, st in (("kb", lay.key.b), ("vb", lay.value.b)):
+        lv, th = _stream_table(d, st)
+        half = 1 << (st.bits - 1)
+        c["cb_" + name] = tuple(float(v) for v in lv[half: 2 * half]) + tuple(
+            float(v) for v in th[half: 2 * half - 1])
     cache[split, dtype] = c
     return c
 
@@ -415,7 +535,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              split: int | None = None, num_warps: int | None = None,
              positions: torch.Tensor | None = None, heads_per_program: int | None = None,
              maxnreg: int | None = None, codes: int = 0,
-             wide_stores: bool | None = None) -> None:
+             wide_stores: bool | None = None, err: int = 1, sym: bool | None = None,
+             imm_codebooks: bool | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
@@ -447,6 +568,14 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     heads = heads_per_program or _heads_per_program(H, tables.has_mean)
     if H % heads:
         raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
+    if sym is None:
+        sym = fallback and err == 1
+    sym = bool(sym and c["sym_ok"] and fallback)
+    kb = ("h_f32", "h_f16", "kb_x") if sym else ("kb_f32", "kb_f16", "kb_x")
+    vb = ("h_f32", "h_f16", "vb_x") if sym else ("vb_f32", "vb_f16", "vb_x")
+    if imm_codebooks is None:
+        imm_codebooks = fallback
+    cbs = dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0 else {}
     extra = {} if maxnreg is None or key.device.type != "cuda" else {"maxnreg": maxnreg}
     grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
@@ -456,14 +585,15 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         tables.key_weight, tables.value_mean,
         slot_mapping if positions is None else positions, tables.rope_theta,
         tables.rope_partner, tables.rope_sign,
-        c["ka_f32"], c["kb_f32"], c["va_f32"], c["vb_f32"], c["ka_i32"], c["kb_i32"],
-        c["ka_f16"], c["kb_f16"], c["va_f16"], c["vb_f16"], c["ka_i16"], c["kb_i16"],
-        c["ka_x"], c["kb_x"], c["va_x"], c["vb_x"], c["rot_vm"],
+        c["ka_f32"], c[kb[0]], c["va_f32"], c[vb[0]], c["ka_i32"], c["kb_i32"],
+        c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
+        c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs,
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
         BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
         FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
-        num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes,
-        WIDE=fallback if wide_stores is None else wide_stores,
-        **layout_kwargs(layout), **extra,
+        num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym,
+        WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
+        ASM=key.device.type == "cuda",
+        **layout_kwargs(layout), **cbs, **extra,
     )
