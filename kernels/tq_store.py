@@ -149,6 +149,18 @@ def _pin(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def _via_memory(v, scr_ptrs, mask, SCR: tl.constexpr):
+    """v [rows] unchanged; with SCR (the GPU) stored and loaded back behind a barrier, so that
+    Triton moves this row vector into another layout by a load instead of recomputing there
+    everything it depends on (the calibrated key tile and its key mean)."""
+    if SCR:
+        tl.store(scr_ptrs, v, mask=mask)
+        tl.debug_barrier()
+        v = tl.load(scr_ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _norm_of(n, yc, cc, NORM_RULE: tl.constexpr):
     if NORM_RULE == 0:  # plain
         norm = n
@@ -254,7 +266,7 @@ def _tq_store_kernel(
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
-    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
@@ -271,7 +283,7 @@ def _tq_store_kernel(
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr = 1,
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
     ERR: tl.constexpr = 1, ASM: tl.constexpr = False, SYM: tl.constexpr = False,
-    KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (),
+    KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), SCR: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -315,7 +327,8 @@ def _tq_store_kernel(
             # stores -norm. The residual of a coding, in rotated unit coordinates: k - k^ =
             # rn * U(ry - rg rc) raw (rg = rnorm16 / rn), key_scale * n * U(y - g c) calibrated.
             w = tl.load(key_weight_ptr + head * D + d)
-            rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
+            scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
+            rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
             inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
             rcode, rc, ryc, rcc, ry = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
@@ -333,7 +346,7 @@ def _tq_store_kernel(
                 k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
             k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
             x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
-            n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
+            n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
             inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
             code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
                                                codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
@@ -536,7 +549,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              positions: torch.Tensor | None = None, heads_per_program: int | None = None,
              maxnreg: int | None = None, codes: int = 0,
              wide_stores: bool | None = None, err: int = 1, sym: bool | None = None,
-             imm_codebooks: bool | None = None) -> None:
+             imm_codebooks: bool | None = None, via_memory: bool | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
@@ -576,6 +589,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if imm_codebooks is None:
         imm_codebooks = fallback
     cbs = dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0 else {}
+    if via_memory is None:
+        via_memory = sym
+    scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device)
+           if via_memory and sym and key.device.type == "cuda" else tables.signs)
     extra = {} if maxnreg is None or key.device.type != "cuda" else {"maxnreg": maxnreg}
     grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
@@ -587,12 +604,13 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         tables.rope_partner, tables.rope_sign,
         c["ka_f32"], c[kb[0]], c["va_f32"], c[vb[0]], c["ka_i32"], c["kb_i32"],
         c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
-        c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs,
+        c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs, scr,
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
         BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
         FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
         num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym,
+        SCR=scr is not tables.signs,
         WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
         ASM=key.device.type == "cuda",
         **layout_kwargs(layout), **cbs, **extra,
