@@ -38,6 +38,8 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     for arg in ("kfax", "kfbx", "vfax", "vfbx"):
         types[arg] = "*bf16"
     types["rot_vm_ptr"] = "*fp32"
+    types["hc32"] = "*fp32"
+    types["hc16"] = "*fp16"
     t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1)
     cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
@@ -68,7 +70,7 @@ def resources(kernel) -> str:
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
 MAXNREG = None  # --maxnreg (tq_store's maxnreg=)
-EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1, "SCR": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
+EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 0}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():

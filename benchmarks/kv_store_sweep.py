@@ -1,7 +1,7 @@
 """Store kernel launch sweep on the GPU (kv_bench's inputs), with the previous kernel as a
 baseline in the same run:
 
-    git show ebbcfd8:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
+    git show 3d28f13~2:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
     ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_store_sweep.py
 
 32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
@@ -23,22 +23,25 @@ import kv_bench as kb  # noqa: E402
 
 N = None
 # (label, format, mode, launch keyword arguments); "prev" runs kernels/tq_store_prev.py where the
-# command put the previous commit's kernel there (a baseline in the same run).
+# command put the previous commit's kernel there (a baseline in the same run). Fourth pass: the
+# fallback path's variants (tq_store's sym, err, imm_codebooks, via_memory, chunks) and launches.
 PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
-        ("prev", "tq3", "mean", {}), ("prev", "tq3", "uncalibrated", {})]
-for cfg in [(16, 4, 1), (16, 4, 0), (16, 4, 2), (32, 8, 1), (32, 4, 1), (64, 8, 1)]:
-    PLAN.append(("new", "tq4", "mean", dict(block_t=cfg[0], num_warps=cfg[1], codes=cfg[2])))
-for cfg in [(64, 8, 1), (64, 8, 0), (64, 8, 2), (64, 4, 1), (128, 8, 1), (32, 4, 1)]:
-    PLAN.append(("new", "tq4", "uncalibrated", dict(block_t=cfg[0], num_warps=cfg[1],
-                                                    codes=cfg[2])))
-for mode, cfgs in (("mean", [(16, 4, 1), (32, 8, 1)]), ("uncalibrated", [(64, 8, 1), (64, 4, 1)]),):
-    for cfg in cfgs:
-        PLAN.append(("new", "tq3", mode, dict(block_t=cfg[0], num_warps=cfg[1], codes=cfg[2])))
-PLAN += [("new", "tq4", "no mean", dict(block_t=16, num_warps=4)),
-         ("new", "tq4", "no mean", dict(block_t=64, num_warps=8))]
-CHECKS = [("tq4", "mean", dict(codes=1)), ("tq4", "mean", dict(codes=0)),
-          ("tq4", "mean", dict(codes=2)), ("tq4", "uncalibrated", dict(codes=1)),
-          ("tq3", "mean", dict(codes=1)), ("tq4", "no mean", dict(codes=1))]
+        ("prev", "tq3", "mean", {})]
+for launch in [{}, dict(maxnreg=168), dict(block_t=16, num_warps=8),
+               dict(block_t=16, num_warps=8, maxnreg=128), dict(via_memory=False),
+               dict(sym=False), dict(imm_codebooks=False),
+               dict(err=0, sym=False, imm_codebooks=False),
+               dict(chunks=True), dict(chunks=True, maxnreg=128), dict(chunks=True, maxnreg=168)]:
+    PLAN.append(("new", "tq4", "mean", launch))
+PLAN += [("new", "tq4", "no mean", {}), ("new", "tq4", "no mean", dict(chunks=True)),
+         ("new", "tq3", "mean", {}), ("new", "tq3", "mean", dict(chunks=True)),
+         ("new", "tq4", "uncalibrated", {})]
+CHECKS = [("tq4", "mean", {}), ("tq4", "mean", dict(chunks=True)),
+          ("tq4", "mean", dict(via_memory=False)), ("tq4", "mean", dict(block_t=16, num_warps=8)),
+          ("tq3", "mean", {}), ("tq3", "mean", dict(chunks=True)), ("tq4", "no mean", {}),
+          ("tq4", "uncalibrated", {})]
+LAUNCH_KEYS = ("block_t", "num_warps", "codes", "maxnreg", "sym", "err", "imm_codebooks",
+               "via_memory", "chunks")
 
 
 def _store_fn(label):
@@ -87,32 +90,49 @@ def check(name, mode, launch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--budget", type=float, default=250.0,
+                    help="seconds; launches not started by then are skipped (listed as such)")
     args = ap.parse_args()
+    import time
+    started = time.time()
     res = {"info": torch.cuda.get_device_name(), "copy_gbs": kb.copy_bandwidth(torch, triton, "cuda"),
            "store": [], "check": []}
     copy = res["copy_gbs"]
     print(f"copy {copy:.0f} GB/s", flush=True)
-    for name, mode, launch in CHECKS:
-        try:
-            frac, ok = check(name, mode, launch)
-            res["check"].append(dict(format=name, mode=mode, launch=launch, byte_mismatch=frac,
-                                     untouched_ok=ok))
-            print(f"check {name} {mode} {launch}: {frac:.2e} bytes differ, untouched {ok}",
-                  flush=True)
-        except Exception:
-            print(f"check {name} {mode} FAILED\n{traceback.format_exc()}", flush=True)
+    def run_checks(checks):
+        for name, mode, launch in checks:
+            if time.time() - started > args.budget + 30:
+                print(f"check {name} {mode} {launch}: skipped (time budget)", flush=True)
+                continue
+            try:
+                frac, ok = check(name, mode, launch)
+                res["check"].append(dict(format=name, mode=mode, launch=launch,
+                                         byte_mismatch=frac, untouched_ok=ok))
+                print(f"check {name} {mode} {launch}: {frac:.2e} bytes differ, untouched {ok}",
+                      flush=True)
+            except Exception:
+                print(f"check {name} {mode} FAILED\n{traceback.format_exc()}", flush=True)
+            (args.out / "kv_store_sweep.json").write_text(json.dumps(res, indent=1))
+
+    run_checks(CHECKS[:2])
     for label, name, mode, launch in PLAN:
         row = dict(kernel=label, format=name, mode=mode, **launch)
+        if time.time() - started > args.budget:
+            row["error"] = "skipped: time budget"
+            res["store"].append(row)
+            continue
         try:
             t, gbs = bandwidth(label, name, mode, launch)
             row.update(ms=t, gbs=gbs, of_copy=gbs / copy)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"{time.time() - started:6.1f}s {row}", flush=True)
         res["store"].append(row)
         (args.out / "kv_store_sweep.json").write_text(json.dumps(res, indent=1))
+    run_checks(CHECKS[2:])
     print(f"\n{'kernel':6} {'format':6} {'mode':13} {'launch':40} {'ms':>8} {'GB/s':>6} copy")
     for r in res["store"]:
-        launch = {k: v for k, v in r.items() if k in ("block_t", "num_warps", "codes")}
+        launch = {k: v for k, v in r.items() if k in LAUNCH_KEYS}
         head = f"{r['kernel']:6} {r['format']:6} {r['mode']:13} {str(launch):40}"
         if "error" in r:
             print(f"{head} ERROR {r['error'][:80]}")

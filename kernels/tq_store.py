@@ -259,6 +259,209 @@ def _store_norm16(slot_ptrs, row_mask, norm, OFF: tl.constexpr, ALIGN: tl.conste
         store_norm(slot_ptrs, row_mask, norm, OFF)
 
 
+# ------------------------------------------------------------------------------------------------
+# CHUNK: the rotation of one full-width stream as two Walsh-Hadamard butterfly levels on four
+# column chunks (float32, elementwise) and one small dot per chunk with H_C (C = D / 4). Sylvester's
+# H_D[(a, i), (b, j)] = H_4[a, b] H_C[i, j] for chunk indices a, b (the two top bits of a column),
+# so x H_D = [z_0 H_C, ..., z_3 H_C] with z = the 4-point transform of x's chunks. A quarter of
+# the tensor-core work of a full dot, a 2 KB matrix, and small operands (fewer registers).
+
+
+@triton.jit
+def _wht4(x0, x1, x2, x3):
+    """The 4-point Walsh-Hadamard transform of four chunks: z_b = sum_a (-1)^popcount(a & b) x_a."""
+    s01 = x0 + x1
+    d01 = x0 - x1
+    s23 = x2 + x3
+    d23 = x2 - x3
+    return s01 + s23, d01 + d23, s01 - s23, d01 - d23
+
+
+@triton.jit
+def _cdot(z, scale_row, hc, SCALE: tl.constexpr, SPLIT: tl.constexpr):
+    """(z * scale_row[:, None]) @ H_C * SCALE, float32 accurate (two float16 passes on the GPU;
+    |z * scale_row| <= 2^8)."""
+    if SPLIT == 0:
+        return tl.dot(z * scale_row[:, None], hc, input_precision="ieee") * SCALE
+    else:
+        return _dot_split(z * (scale_row * 256.0)[:, None], hc) * (SCALE / 256.0)
+
+
+@triton.jit
+def _crot(x0, x1, x2, x3, scale_row, hc, SCALE: tl.constexpr, SPLIT: tl.constexpr):
+    z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
+    return (_cdot(z0, scale_row, hc, SCALE, SPLIT), _cdot(z1, scale_row, hc, SCALE, SPLIT),
+            _cdot(z2, scale_row, hc, SCALE, SPLIT), _cdot(z3, scale_row, hc, SCALE, SPLIT))
+
+
+@triton.jit
+def _cload(ptrs, row_mask, a: tl.constexpr, C: tl.constexpr):
+    """Chunk a [rows, C] (float32) of the rows at ptrs [rows] (16-bit or float32 elements)."""
+    return tl.load(ptrs[:, None] + (a * C + tl.arange(0, C))[None, :], mask=row_mask[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cvec(ptr, a: tl.constexpr, C: tl.constexpr):
+    return tl.load(ptr + a * C + tl.arange(0, C))
+
+
+@triton.jit
+def _ccode(y, cb_ptr, BITS: tl.constexpr, C: tl.constexpr, CODES: tl.constexpr,
+           CB: tl.constexpr, WIDE: tl.constexpr):
+    """Packed codes and levels of one chunk."""
+    code, c = _codes(y, cb_ptr, BITS, C, C, CODES, CB)
+    return _pack(code, BITS, C, C, WIDE), c
+
+
+@triton.jit
+def _cstore(slot_ptrs, row_mask, pk, a: tl.constexpr, OFF: tl.constexpr, BITS: tl.constexpr,
+            C: tl.constexpr, U: tl.constexpr, K: tl.constexpr, ALIGN: tl.constexpr,
+            WIDE: tl.constexpr):
+    _store_stream(slot_ptrs, row_mask, pk, OFF + a * (C * BITS // 8), BITS, C, U, K, C // K,
+                  ALIGN, WIDE)
+
+
+@triton.jit
+def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
+          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr):
+    """sum_i w_i (r H_D)_i^2 * SCALE^2 for residual chunks r (unit-scale rotated coordinates):
+    w = wt (times ws^2 where WSQ)."""
+    one = tl.full([r0.shape[0]], 1.0, tl.float32)
+    e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
+    w0 = _cvec(wt_ptr, 0, C)
+    w1 = _cvec(wt_ptr, 1, C)
+    w2 = _cvec(wt_ptr, 2, C)
+    w3 = _cvec(wt_ptr, 3, C)
+    if WSQ:
+        w0 = w0 * _cvec(ws_ptr, 0, C) * _cvec(ws_ptr, 0, C)
+        w1 = w1 * _cvec(ws_ptr, 1, C) * _cvec(ws_ptr, 1, C)
+        w2 = w2 * _cvec(ws_ptr, 2, C) * _cvec(ws_ptr, 2, C)
+        w3 = w3 * _cvec(ws_ptr, 3, C) * _cvec(ws_ptr, 3, C)
+    return tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
+                  + w3[None, :] * e3 * e3, axis=1)
+
+
+@triton.jit
+def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, cos1, cos2,
+                  cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
+                  key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
+                  value_mean_ptr, codebooks_ptr,
+                  D: tl.constexpr, SPLIT: tl.constexpr, MEAN: tl.constexpr,
+                  VMEAN: tl.constexpr, CODES: tl.constexpr, SCR: tl.constexpr,
+                  KB_BITS: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
+                  KB_K: tl.constexpr, VB_BITS: tl.constexpr, VB_OFF: tl.constexpr,
+                  VB_U: tl.constexpr, VB_K: tl.constexpr, K_NORM_OFF: tl.constexpr,
+                  V_NORM_OFF: tl.constexpr, K_NORM_RULE: tl.constexpr,
+                  V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr,
+                  KB_CB: tl.constexpr, VB_CB: tl.constexpr):
+    """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks."""
+    C: tl.constexpr = D // 4
+    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
+    kcb = codebooks_ptr + 512
+    k0 = _cload(kptr, row_mask, 0, C)
+    k1 = _cload(kptr, row_mask, 1, C)
+    k2 = _cload(kptr, row_mask, 2, C)
+    k3 = _cload(kptr, row_mask, 3, C)
+    sg0 = _cvec(sg_ptr, 0, C)[None, :]
+    sg1 = _cvec(sg_ptr, 1, C)[None, :]
+    sg2 = _cvec(sg_ptr, 2, C)[None, :]
+    sg3 = _cvec(sg_ptr, 3, C)[None, :]
+    hd = head * D
+
+    # the raw coding
+    rn = tl.sqrt_rn(tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1))
+    rn = _via_memory(rn, scr, row_mask, SCR)
+    inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+    y0, y1, y2, y3 = _crot(k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, inv_rn, hc, SCALE, SPLIT)
+    rp0, c0 = _ccode(y0, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    rp1, c1 = _ccode(y1, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    rp2, c2 = _ccode(y2, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    rp3, c3 = _ccode(y3, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    rcc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
+    ryc = rcc
+    if K_NORM_RULE == 2:
+        ryc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
+    rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+    g = (rnorm16 * inv_rn)[:, None]
+    rerr = _cerr(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, key_weight_ptr + hd, hc,
+                 C, SCALE, SPLIT, False, key_scale_ptr) * (rn * rn)
+
+    # the calibrated coding
+    if MEAN:
+        mu0 = _cvec(key_mean_ptr + hd, 0, C)[None, :] * cos0 + (
+            _cvec(rope_sign_ptr, 0, C) * tl.load(key_mean_ptr + hd + _cvec(rope_partner_ptr, 0, C)))[None, :] * sin0
+        mu1 = _cvec(key_mean_ptr + hd, 1, C)[None, :] * cos1 + (
+            _cvec(rope_sign_ptr, 1, C) * tl.load(key_mean_ptr + hd + _cvec(rope_partner_ptr, 1, C)))[None, :] * sin1
+        mu2 = _cvec(key_mean_ptr + hd, 2, C)[None, :] * cos2 + (
+            _cvec(rope_sign_ptr, 2, C) * tl.load(key_mean_ptr + hd + _cvec(rope_partner_ptr, 2, C)))[None, :] * sin2
+        mu3 = _cvec(key_mean_ptr + hd, 3, C)[None, :] * cos3 + (
+            _cvec(rope_sign_ptr, 3, C) * tl.load(key_mean_ptr + hd + _cvec(rope_partner_ptr, 3, C)))[None, :] * sin3
+    else:
+        mu0 = _cvec(key_mean_ptr + hd, 0, C)[None, :]
+        mu1 = _cvec(key_mean_ptr + hd, 1, C)[None, :]
+        mu2 = _cvec(key_mean_ptr + hd, 2, C)[None, :]
+        mu3 = _cvec(key_mean_ptr + hd, 3, C)[None, :]
+    m = row_mask[:, None]
+    x0 = tl.where(m, (k0 - mu0) * (_cvec(key_inv_scale_ptr + hd, 0, C)[None, :] * sg0), 0.0)
+    x1 = tl.where(m, (k1 - mu1) * (_cvec(key_inv_scale_ptr + hd, 1, C)[None, :] * sg1), 0.0)
+    x2 = tl.where(m, (k2 - mu2) * (_cvec(key_inv_scale_ptr + hd, 2, C)[None, :] * sg2), 0.0)
+    x3 = tl.where(m, (k3 - mu3) * (_cvec(key_inv_scale_ptr + hd, 3, C)[None, :] * sg3), 0.0)
+    n = tl.sqrt_rn(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
+    n = _via_memory(n, scr + 1, row_mask, SCR)
+    inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+    y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
+    p0, c0 = _ccode(y0, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    p1, c1 = _ccode(y1, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    p2, c2 = _ccode(y2, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    p3, c3 = _ccode(y3, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
+    cc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
+    yc = cc
+    if K_NORM_RULE == 2:
+        yc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_NORM_RULE))
+    g = (norm16 * inv_n)[:, None]
+    err = _cerr(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, key_weight_ptr + hd, hc,
+                C, SCALE, SPLIT, True, key_scale_ptr + hd) * (n * n)
+    raw = rerr < err
+    rw = raw[:, None]
+    _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, tl.where(rw, rp1, p1), 1, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, tl.where(rw, rp2, p2), 2, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, tl.where(rw, rp3, p3), 3, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _store_norm16(slot_ptrs, row_mask, tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16)),
+                  K_NORM_OFF, ALIGN, WIDE)
+
+    # values
+    v0 = _cload(vptr, row_mask, 0, C)
+    v1 = _cload(vptr, row_mask, 1, C)
+    v2 = _cload(vptr, row_mask, 2, C)
+    v3 = _cload(vptr, row_mask, 3, C)
+    if VMEAN:
+        v0 = tl.where(m, v0 - _cvec(value_mean_ptr + hd, 0, C)[None, :], 0.0)
+        v1 = tl.where(m, v1 - _cvec(value_mean_ptr + hd, 1, C)[None, :], 0.0)
+        v2 = tl.where(m, v2 - _cvec(value_mean_ptr + hd, 2, C)[None, :], 0.0)
+        v3 = tl.where(m, v3 - _cvec(value_mean_ptr + hd, 3, C)[None, :], 0.0)
+    vn = tl.sqrt_rn(tl.sum(v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3, axis=1))
+    vcb = codebooks_ptr + 3 * 512
+    y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3,
+                           tl.div_rn(1.0, tl.maximum(vn, 1e-30)), hc, SCALE, SPLIT)
+    p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    _cstore(slot_ptrs, row_mask, p0, 0, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
+    p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    _cstore(slot_ptrs, row_mask, p1, 1, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
+    p2, c2 = _ccode(y2, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    _cstore(slot_ptrs, row_mask, p2, 2, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
+    p3, c3 = _ccode(y3, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    _cstore(slot_ptrs, row_mask, p3, 3, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
+    vcc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
+    vyc = vcc
+    if V_NORM_RULE == 2:
+        vyc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
+    _store_norm16(slot_ptrs, row_mask, _norm_of(vn, vyc, vcc, V_NORM_RULE), V_NORM_OFF, ALIGN,
+                  WIDE)
+
+
 @triton.jit
 def _tq_store_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
@@ -266,7 +469,7 @@ def _tq_store_kernel(
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
-    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
@@ -284,6 +487,7 @@ def _tq_store_kernel(
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
     ERR: tl.constexpr = 1, ASM: tl.constexpr = False, SYM: tl.constexpr = False,
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), SCR: tl.constexpr = False,
+    CHUNK: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -294,9 +498,30 @@ def _tq_store_kernel(
     t64 = t.to(tl.int64)
     if MEAN:  # RoPE_p(key_mean) at each token's position p: its cos/sin, shared by the heads
         pos = tl.load(positions_ptr + t, mask=in_range, other=0)
-        cos, sin = rope_cos_sin(pos[:, None], tl.load(rope_theta_ptr + d)[None, :])
-        rope_sign = tl.load(rope_sign_ptr + d)
-        partner = tl.load(rope_partner_ptr + d)
+        if CHUNK:
+            CC: tl.constexpr = D // 4
+            cos0, sin0 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 0, CC)[None, :])
+            cos1, sin1 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 1, CC)[None, :])
+            cos2, sin2 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 2, CC)[None, :])
+            cos3, sin3 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 3, CC)[None, :])
+        else:
+            cos, sin = rope_cos_sin(pos[:, None], tl.load(rope_theta_ptr + d)[None, :])
+            rope_sign = tl.load(rope_sign_ptr + d)
+            partner = tl.load(rope_partner_ptr + d)
+    else:
+        cos0 = 0.0
+        cos1 = 0.0
+        cos2 = 0.0
+        cos3 = 0.0
+        sin0 = 0.0
+        sin1 = 0.0
+        sin2 = 0.0
+        sin3 = 0.0
+    if CHUNK:
+        if SPLIT == 0:
+            hc = _load_mat(hc32, D // 4, D // 4)
+        else:
+            hc = _load_mat(hc16, D // 4, D // 4)
 
     # How the GPU rotates (_stream's INPUT): 16-bit inputs exactly where no calibration changed them
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
@@ -304,179 +529,191 @@ def _tq_store_kernel(
     V_INPUT: tl.constexpr = (2 if VMEAN else 1) if EXACT16 else 0
     if SYM:  # one full stream per vector: the columns are H itself, the signs go on the input
         sg = tl.load(signs_ptr + d)
-    hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB_W, SPLIT)
-    if SAME_KV_ROT:  # the value stream's columns are the key stream's (same extra coordinates)
-        hvbx = hkbx
-        hvb = hkb
-    else:
-        hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB_W, SPLIT)
+    if not CHUNK:
+        hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB_W, SPLIT)
+        if SAME_KV_ROT:  # the value stream's columns are the key stream's (same extra coordinates)
+            hvbx = hkbx
+            hvb = hkb
+        else:
+            hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB_W, SPLIT)
     for i in range(HEADS):
         head = tl.program_id(1) * HEADS + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
                                     STRIDE_TOK, STRIDE_HEAD)
-        kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
-                     mask=row_mask[:, None], other=0.0)
-        k = kb.to(tl.float32)
-        kbs = kb  # 16-bit inputs rotate with the signed columns (hkbx) in either mode
-        ks = k
-        if SYM:  # float32 inputs rotate with H: their signs first (exact)
-            ks = k * sg[None, :]
-        if SYM:
-            # The raw coding first (its residual's weighted error is all that stays live), then
-            # the calibrated one; the smaller weighted error wins (ties: calibrated), a raw key
-            # stores -norm. The residual of a coding, in rotated unit coordinates: k - k^ =
-            # rn * U(ry - rg rc) raw (rg = rnorm16 / rn), key_scale * n * U(y - g c) calibrated.
-            w = tl.load(key_weight_ptr + head * D + d)
-            scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
-            rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
-            inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-            rcode, rc, ryc, rcc, ry = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
-                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                              SPLIT, R_INPUT, CODES, KB_CB)
-            rpk = _pack(rcode, KB_BITS, KB_N, KB_W, WIDE)
-            rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-            re = _unrotate_unit(ry - (rnorm16 * inv_rn)[:, None] * rc, hkb, D, KB_W, SPLIT, SYM)
-            rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
-
-            if MEAN:
-                mu = tl.load(key_mean_ptr + head * D + d)
-                mu_partner = tl.load(key_mean_ptr + head * D + partner)
-                k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
-            else:
-                k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
-            k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
-            x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
-            n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
-            inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-            code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
-                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                               SPLIT, K_INPUT, CODES, KB_CB)
-            pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
-            norm16 = _fp16_round(_norm_of(n, yc, cc, K_NORM_RULE))
-            e = _unrotate_unit(y_b - (norm16 * inv_n)[:, None] * c_b, hkb, D, KB_W, SPLIT, SYM)
-            sc = tl.load(key_scale_ptr + head * D + d)
-            err = tl.sum((w * sc * sc)[None, :] * e * e, axis=1) * (n * n)
-            raw = rerr < err
-            pk_b = tl.where(raw[:, None], rpk, pk_b)
-            pk_a = pk_b
-            norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
+        if CHUNK:
+            _chunked_head(key_ptr + t64 * stride_kt + head * stride_kh,
+                          value_ptr + t64 * stride_vt + head * stride_vh, slot_ptrs, row_mask,
+                          scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2, head,
+                          hc, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
+                          rope_sign_ptr, rope_partner_ptr, key_mean_ptr, key_inv_scale_ptr,
+                          key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr,
+                          D, SPLIT, MEAN, VMEAN, CODES, SCR, KB_BITS, KB_OFF, KB_U, KB_K,
+                          VB_BITS, VB_OFF, VB_U, VB_K, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
+                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB)
         else:
-            if KCAL:
+            kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
+                         mask=row_mask[:, None], other=0.0)
+            k = kb.to(tl.float32)
+            kbs = kb  # 16-bit inputs rotate with the signed columns (hkbx) in either mode
+            ks = k
+            if SYM:  # float32 inputs rotate with H: their signs first (exact)
+                ks = k * sg[None, :]
+            if SYM:
+                # The raw coding first (its residual's weighted error is all that stays live), then
+                # the calibrated one; the smaller weighted error wins (ties: calibrated), a raw key
+                # stores -norm. The residual of a coding, in rotated unit coordinates: k - k^ =
+                # rn * U(ry - rg rc) raw (rg = rnorm16 / rn), key_scale * n * U(y - g c) calibrated.
+                w = tl.load(key_weight_ptr + head * D + d)
+                scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
+                rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
+                inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+                rcode, rc, ryc, rcc, ry = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
+                                                  codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                  SPLIT, R_INPUT, CODES, KB_CB)
+                rpk = _pack(rcode, KB_BITS, KB_N, KB_W, WIDE)
+                rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+                re = _unrotate_unit(ry - (rnorm16 * inv_rn)[:, None] * rc, hkb, D, KB_W, SPLIT, SYM)
+                rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+
                 if MEAN:
                     mu = tl.load(key_mean_ptr + head * D + d)
                     mu_partner = tl.load(key_mean_ptr + head * D + partner)
                     k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
                 else:
                     k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
-                k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
-                if SYM:
-                    k_inv_scale = k_inv_scale * sg
+                k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
                 x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
+                n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
+                inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+                code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
+                                                   codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                   SPLIT, K_INPUT, CODES, KB_CB)
+                pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+                norm16 = _fp16_round(_norm_of(n, yc, cc, K_NORM_RULE))
+                e = _unrotate_unit(y_b - (norm16 * inv_n)[:, None] * c_b, hkb, D, KB_W, SPLIT, SYM)
+                sc = tl.load(key_scale_ptr + head * D + d)
+                err = tl.sum((w * sc * sc)[None, :] * e * e, axis=1) * (n * n)
+                raw = rerr < err
+                pk_b = tl.where(raw[:, None], rpk, pk_b)
+                pk_a = pk_b
+                norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
             else:
-                x = ks
-            n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
-            inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-            code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
-                                          codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
-                                          CODES)
-            pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
-            pk_a = pk_b
-            c_a = c_b
+                if KCAL:
+                    if MEAN:
+                        mu = tl.load(key_mean_ptr + head * D + d)
+                        mu_partner = tl.load(key_mean_ptr + head * D + partner)
+                        k_mean = mu[None, :] * cos + (rope_sign * mu_partner)[None, :] * sin
+                    else:
+                        k_mean = tl.load(key_mean_ptr + head * D + d)[None, :]
+                    k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d)
+                    if SYM:
+                        k_inv_scale = k_inv_scale * sg
+                    x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
+                else:
+                    x = ks
+                n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
+                inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+                code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
+                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
+                                              CODES)
+                pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+                pk_a = pk_b
+                c_a = c_b
+                if KA_N > 0:
+                    hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
+                    code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
+                                                      codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
+                                                      K_INPUT, CODES)
+                    pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
+                    yc += yc_a
+                    cc += cc_a
+                norm = _norm_of(n, yc, cc, K_NORM_RULE)
+                if ABS_NORM:
+                    norm = tl.abs(norm)
+                if FALLBACK:
+                    # Code the raw key too and keep, per row, the coding with the smaller weighted error
+                    # (ties: calibrated); the sign of the stored norm flags a raw key.
+                    norm16 = _fp16_round(norm)
+                    rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
+                    inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+                    if ERR == 0:
+                        k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
+                        if KA_N > 0:
+                            k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
+                        k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
+                        w = tl.load(key_weight_ptr + head * D + d)[None, :]
+                        err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
+                    rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
+                                                            codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                            SPLIT, R_INPUT, CODES)
+                    rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
+                    rpk_a = rpk_b
+                    rc_a = rc_b
+                    if KA_N > 0:
+                        rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
+                                                                    rot_vm_ptr, codebooks_ptr, D, KA_BITS,
+                                                                    KA_N, KA_W, SPLIT, R_INPUT, CODES)
+                        rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
+                        ryc += ryc_a
+                        rcc += rcc_a
+                    rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
+                    if ERR == 0:
+                        r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
+                        if KA_N > 0:
+                            r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
+                        rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
+                    else:
+                        # The residuals in rotated, unit coordinates: k - k^ = key_scale * n * U(y - g c)
+                        # (g = norm16 / n) for the calibrated coding, k - k^ = rn * U(ry - rg rc) raw.
+                        g = (norm16 * inv_n)[:, None]
+                        rg = (rnorm16 * inv_rn)[:, None]
+                        e = _unrotate_unit(y_b - g * c_b, hkb, D, KB_W, SPLIT, SYM)
+                        re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB_W, SPLIT, SYM)
+                        if KA_N > 0:
+                            e += _unrotate_unit(y_a - g * c_a, hka, D, KA_W, SPLIT, SYM)
+                            re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA_W, SPLIT, SYM)
+                        w = tl.load(key_weight_ptr + head * D + d)
+                        s = tl.load(key_scale_ptr + head * D + d)
+                        err = tl.sum((w * s * s)[None, :] * e * e, axis=1) * (n * n)
+                        rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+                    raw = rerr < err
+                    pk_b = tl.where(raw[:, None], rpk_b, pk_b)
+                    if KA_N > 0:
+                        pk_a = tl.where(raw[:, None], rpk_a, pk_a)
+                    norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
+            _store_stream(slot_ptrs, row_mask, pk_b, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, ALIGN,
+                          WIDE)
             if KA_N > 0:
-                hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
-                code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
-                                                  codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
-                                                  K_INPUT, CODES)
-                pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
+                _store_stream(slot_ptrs, row_mask, pk_a, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+                              ALIGN, WIDE)
+            _store_norm16(slot_ptrs, row_mask, norm, K_NORM_OFF, ALIGN, WIDE)
+
+            vb = tl.load(value_ptr + t64[:, None] * stride_vt + head * stride_vh + d[None, :],
+                         mask=row_mask[:, None], other=0.0)
+            v = vb.to(tl.float32)
+            if VMEAN:
+                v = tl.where(row_mask[:, None], v - tl.load(value_mean_ptr + head * D + d)[None, :],
+                             0.0)
+            n = tl.sqrt_rn(tl.sum(v * v, axis=1))
+            inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+            if SYM and (V_INPUT == 0):
+                v = v * sg[None, :]
+            code_b, c_b, yc, cc, y_b = _stream(v, vb, inv_n, hvb, hvbx,
+                                          rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
+                                          VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES, VB_CB)
+            _store_stream(slot_ptrs, row_mask, _pack(code_b, VB_BITS, VB_N, VB_W, WIDE), VB_OFF,
+                          VB_BITS, VB_N, VB_U, VB_K, VB_NU, ALIGN, WIDE)
+            if VA_N > 0:
+                hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
+                code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
+                                                  rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
+                                                  D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES)
+                _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
+                              VA_BITS, VA_N, VA_U, VA_K, VA_NU, ALIGN, WIDE)
                 yc += yc_a
                 cc += cc_a
-            norm = _norm_of(n, yc, cc, K_NORM_RULE)
-            if ABS_NORM:
-                norm = tl.abs(norm)
-            if FALLBACK:
-                # Code the raw key too and keep, per row, the coding with the smaller weighted error
-                # (ties: calibrated); the sign of the stored norm flags a raw key.
-                norm16 = _fp16_round(norm)
-                rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
-                inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-                if ERR == 0:
-                    k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
-                    if KA_N > 0:
-                        k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
-                    k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
-                    w = tl.load(key_weight_ptr + head * D + d)[None, :]
-                    err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
-                rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
-                                                        codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                                        SPLIT, R_INPUT, CODES)
-                rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
-                rpk_a = rpk_b
-                rc_a = rc_b
-                if KA_N > 0:
-                    rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
-                                                                rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                                KA_N, KA_W, SPLIT, R_INPUT, CODES)
-                    rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
-                    ryc += ryc_a
-                    rcc += rcc_a
-                rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-                if ERR == 0:
-                    r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
-                    if KA_N > 0:
-                        r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
-                    rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
-                else:
-                    # The residuals in rotated, unit coordinates: k - k^ = key_scale * n * U(y - g c)
-                    # (g = norm16 / n) for the calibrated coding, k - k^ = rn * U(ry - rg rc) raw.
-                    g = (norm16 * inv_n)[:, None]
-                    rg = (rnorm16 * inv_rn)[:, None]
-                    e = _unrotate_unit(y_b - g * c_b, hkb, D, KB_W, SPLIT, SYM)
-                    re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB_W, SPLIT, SYM)
-                    if KA_N > 0:
-                        e += _unrotate_unit(y_a - g * c_a, hka, D, KA_W, SPLIT, SYM)
-                        re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA_W, SPLIT, SYM)
-                    w = tl.load(key_weight_ptr + head * D + d)
-                    s = tl.load(key_scale_ptr + head * D + d)
-                    err = tl.sum((w * s * s)[None, :] * e * e, axis=1) * (n * n)
-                    rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
-                raw = rerr < err
-                pk_b = tl.where(raw[:, None], rpk_b, pk_b)
-                if KA_N > 0:
-                    pk_a = tl.where(raw[:, None], rpk_a, pk_a)
-                norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
-        _store_stream(slot_ptrs, row_mask, pk_b, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, ALIGN,
-                      WIDE)
-        if KA_N > 0:
-            _store_stream(slot_ptrs, row_mask, pk_a, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
-                          ALIGN, WIDE)
-        _store_norm16(slot_ptrs, row_mask, norm, K_NORM_OFF, ALIGN, WIDE)
-
-        vb = tl.load(value_ptr + t64[:, None] * stride_vt + head * stride_vh + d[None, :],
-                     mask=row_mask[:, None], other=0.0)
-        v = vb.to(tl.float32)
-        if VMEAN:
-            v = tl.where(row_mask[:, None], v - tl.load(value_mean_ptr + head * D + d)[None, :],
-                         0.0)
-        n = tl.sqrt_rn(tl.sum(v * v, axis=1))
-        inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-        if SYM and (V_INPUT == 0):
-            v = v * sg[None, :]
-        code_b, c_b, yc, cc, y_b = _stream(v, vb, inv_n, hvb, hvbx,
-                                      rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
-                                      VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES, VB_CB)
-        _store_stream(slot_ptrs, row_mask, _pack(code_b, VB_BITS, VB_N, VB_W, WIDE), VB_OFF,
-                      VB_BITS, VB_N, VB_U, VB_K, VB_NU, ALIGN, WIDE)
-        if VA_N > 0:
-            hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
-            code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
-                                              rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
-                                              D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES)
-            _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
-                          VA_BITS, VA_N, VA_U, VA_K, VA_NU, ALIGN, WIDE)
-            yc += yc_a
-            cc += cc_a
-        _store_norm16(slot_ptrs, row_mask, _norm_of(n, yc, cc, V_NORM_RULE), V_NORM_OFF, ALIGN,
-                      WIDE)
+            _store_norm16(slot_ptrs, row_mask, _norm_of(n, yc, cc, V_NORM_RULE), V_NORM_OFF, ALIGN,
+                          WIDE)
 
 
 def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dict:
@@ -518,6 +755,9 @@ def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dic
     h = tables.h_cols["kb"].double()
     c["h_f32"] = h.float().contiguous()
     c["h_f16"] = h.half().contiguous()
+    hc = h[: d // 4, : d // 4]  # H_C, C = d / 4 (tq_store's chunks)
+    c["hc_f32"] = hc.float().contiguous()
+    c["hc_f16"] = hc.half().contiguous()
 
     # Stream B's codebooks as constants (tq_store's imm_codebooks): the positive levels, then the
     # positive thresholds, as Python floats (exactly the float32 table values), from the host.
@@ -549,7 +789,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              positions: torch.Tensor | None = None, heads_per_program: int | None = None,
              maxnreg: int | None = None, codes: int = 0,
              wide_stores: bool | None = None, err: int = 1, sym: bool | None = None,
-             imm_codebooks: bool | None = None, via_memory: bool | None = None) -> None:
+             imm_codebooks: bool | None = None, via_memory: bool | None = None,
+             chunks: bool = False) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
@@ -605,12 +846,13 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         c["ka_f32"], c[kb[0]], c["va_f32"], c[vb[0]], c["ka_i32"], c["kb_i32"],
         c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
         c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs, scr,
+        c["hc_f32"], c["hc_f16"],
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1), STRIDE_HEAD=kv_cache.stride(2),
         BLOCK_T=block_t, HEADS=heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
         FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
         num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym,
-        SCR=scr is not tables.signs,
+        SCR=scr is not tables.signs, CHUNK=bool(chunks and sym),
         WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
         ASM=key.device.type == "cuda",
         **layout_kwargs(layout), **cbs, **extra,
