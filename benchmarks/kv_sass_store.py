@@ -70,7 +70,7 @@ def resources(kernel) -> str:
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
 MAXNREG = None  # --maxnreg (tq_store's maxnreg=)
-EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 0}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
+EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 0, "NEOX": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():

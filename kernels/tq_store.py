@@ -354,7 +354,7 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                   VB_U: tl.constexpr, VB_K: tl.constexpr, K_NORM_OFF: tl.constexpr,
                   V_NORM_OFF: tl.constexpr, K_NORM_RULE: tl.constexpr,
                   V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr,
-                  KB_CB: tl.constexpr, VB_CB: tl.constexpr):
+                  KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr):
     """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks."""
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
@@ -388,7 +388,16 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                  C, SCALE, SPLIT, False, key_scale_ptr) * (rn * rn)
 
     # the calibrated coding
-    if MEAN:
+    if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
+        u0 = _cvec(key_mean_ptr + hd, 0, C)[None, :]
+        u1 = _cvec(key_mean_ptr + hd, 1, C)[None, :]
+        u2 = _cvec(key_mean_ptr + hd, 2, C)[None, :]
+        u3 = _cvec(key_mean_ptr + hd, 3, C)[None, :]
+        mu0 = u0 * cos0 - u2 * sin0
+        mu2 = u2 * cos0 + u0 * sin0
+        mu1 = u1 * cos1 - u3 * sin1
+        mu3 = u3 * cos1 + u1 * sin1
+    elif MEAN:
         mu0 = _cvec(key_mean_ptr + hd, 0, C)[None, :] * cos0 + (
             _cvec(rope_sign_ptr, 0, C) * tl.load(key_mean_ptr + hd + _cvec(rope_partner_ptr, 0, C)))[None, :] * sin0
         mu1 = _cvec(key_mean_ptr + hd, 1, C)[None, :] * cos1 + (
@@ -487,7 +496,7 @@ def _tq_store_kernel(
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
     ERR: tl.constexpr = 1, ASM: tl.constexpr = False, SYM: tl.constexpr = False,
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), SCR: tl.constexpr = False,
-    CHUNK: tl.constexpr = False,
+    CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -502,8 +511,14 @@ def _tq_store_kernel(
             CC: tl.constexpr = D // 4
             cos0, sin0 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 0, CC)[None, :])
             cos1, sin1 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 1, CC)[None, :])
-            cos2, sin2 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 2, CC)[None, :])
-            cos3, sin3 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 3, CC)[None, :])
+            if NEOX:  # the second half's angles are the first half's
+                cos2 = cos0
+                sin2 = sin0
+                cos3 = cos1
+                sin3 = sin1
+            else:
+                cos2, sin2 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 2, CC)[None, :])
+                cos3, sin3 = rope_cos_sin(pos[:, None], _cvec(rope_theta_ptr, 3, CC)[None, :])
         else:
             cos, sin = rope_cos_sin(pos[:, None], tl.load(rope_theta_ptr + d)[None, :])
             rope_sign = tl.load(rope_sign_ptr + d)
@@ -549,7 +564,7 @@ def _tq_store_kernel(
                           key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr,
                           D, SPLIT, MEAN, VMEAN, CODES, SCR, KB_BITS, KB_OFF, KB_U, KB_K,
                           VB_BITS, VB_OFF, VB_U, VB_K, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
-                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB)
+                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX)
         else:
             kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
                          mask=row_mask[:, None], other=0.0)
@@ -853,6 +868,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
         num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym,
         SCR=scr is not tables.signs, CHUNK=bool(chunks and sym),
+        NEOX=bool(tables.has_mean and 2 * tables.rot_half == D),
         WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
         ASM=key.device.type == "cuda",
         **layout_kwargs(layout), **cbs, **extra,
