@@ -46,6 +46,9 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
               KCAL=calibrated, FALLBACK=calibrated, ABS_NORM=False, MEAN=calibrated,
               VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated, **layout_kwargs(t.layout))
     cx.update({k: v for k, v in EXTRA.items() if k != "CB"})
+    if not calibrated:  # as tq_store launches without the raw-key fallback
+        cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0)
+    cx.update(KB_CB=(), VB_CB=(), NO_CB=())
     if EXTRA.get("CB") and calibrated:  # the codebooks as immediates, as tq_store launches them
         from vllm_gds.kernels.tq_store import _store_constants
         const = _store_constants(t, 1, torch.bfloat16)
@@ -53,7 +56,9 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     divisible = [a for a in _tq_store_kernel.arg_names if a in types and types[a].startswith("*")]
     divisible += ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_blk"]
     return compile_sm90(_tq_store_kernel, types, cx, num_warps=num_warps, divisible=divisible,
-                        num_stages=STAGES, maxnreg=MAXNREG)
+                        num_stages=STAGES,
+                        maxnreg=(128 if calibrated and cx["CHUNK"] else None) if MAXNREG is None
+                        else (MAXNREG or None))
 
 
 def resources(kernel) -> str:
@@ -69,8 +74,8 @@ def resources(kernel) -> str:
 
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
-MAXNREG = None  # --maxnreg (tq_store's maxnreg=)
-EXTRA = {"ERR": 1, "ASM": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 0, "NEOX": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
+MAXNREG = None  # --maxnreg (tq_store's maxnreg=; 0: no limit; default: tq_store's)
+EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():

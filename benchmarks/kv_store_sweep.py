@@ -7,7 +7,8 @@ baseline in the same run:
 32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
 search (tq_store's codes=); the device copy in the same run; bytes against the reference
 (kv_bench.store_check) for several launches. Prints a table last and writes kv_store_sweep.json
-under --out (benchmarks/kv_store_sweep.json: the run in benchmarks/RESULTS.md)."""
+under --out (benchmarks/kv_store_sweep_4.json: the fourth pass in benchmarks/RESULTS.md;
+benchmarks/kv_store_sweep.json: the third)."""
 import argparse
 import json
 import os
@@ -25,21 +26,27 @@ N = None
 # (label, format, mode, launch keyword arguments); "prev" runs kernels/tq_store_prev.py where the
 # command put the previous commit's kernel there (a baseline in the same run). Fourth pass: the
 # fallback path's variants (tq_store's sym, err, imm_codebooks, via_memory, chunks) and launches.
+# The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; kv_store_sweep_4.json) as
+# tq_store's launch arguments now spell it: it ran before chunks (with maxnreg 128) became the
+# default, so chunks=False / maxnreg=0 (no limit) name the launches that were then the default.
 PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
         ("prev", "tq3", "mean", {})]
-for launch in [{}, dict(maxnreg=168), dict(block_t=16, num_warps=8),
-               dict(block_t=16, num_warps=8, maxnreg=128), dict(via_memory=False),
-               dict(sym=False), dict(imm_codebooks=False),
+OLD = dict(chunks=False)
+for launch in [OLD, dict(OLD, maxnreg=168), dict(OLD, block_t=16, num_warps=8),
+               dict(OLD, block_t=16, num_warps=8, maxnreg=128), dict(OLD, via_memory=False),
+               dict(sym=False), dict(OLD, imm_codebooks=False),
                dict(err=0, sym=False, imm_codebooks=False),
-               dict(chunks=True), dict(chunks=True, maxnreg=128), dict(chunks=True, maxnreg=168)]:
+               dict(chunks=True, maxnreg=0), dict(chunks=True, maxnreg=128),
+               dict(chunks=True, maxnreg=168)]:
     PLAN.append(("new", "tq4", "mean", launch))
-PLAN += [("new", "tq4", "no mean", {}), ("new", "tq4", "no mean", dict(chunks=True)),
-         ("new", "tq3", "mean", {}), ("new", "tq3", "mean", dict(chunks=True)),
+PLAN += [("new", "tq4", "no mean", OLD), ("new", "tq4", "no mean", dict(chunks=True, maxnreg=0)),
+         ("new", "tq3", "mean", OLD), ("new", "tq3", "mean", dict(chunks=True, maxnreg=0)),
          ("new", "tq4", "uncalibrated", {})]
-CHECKS = [("tq4", "mean", {}), ("tq4", "mean", dict(chunks=True)),
-          ("tq4", "mean", dict(via_memory=False)), ("tq4", "mean", dict(block_t=16, num_warps=8)),
-          ("tq3", "mean", {}), ("tq3", "mean", dict(chunks=True)), ("tq4", "no mean", {}),
-          ("tq4", "uncalibrated", {})]
+CHECKS = [("tq4", "mean", OLD), ("tq4", "mean", dict(chunks=True, maxnreg=0)),
+          ("tq4", "mean", dict(OLD, via_memory=False)),
+          ("tq4", "mean", dict(OLD, block_t=16, num_warps=8)),
+          ("tq3", "mean", OLD), ("tq3", "mean", dict(chunks=True, maxnreg=0)),
+          ("tq4", "no mean", OLD), ("tq4", "uncalibrated", {})]
 LAUNCH_KEYS = ("block_t", "num_warps", "codes", "maxnreg", "sym", "err", "imm_codebooks",
                "via_memory", "chunks")
 

@@ -24,6 +24,19 @@ the unrotation is the transposed dot of the same columns). With the raw-key fall
 of a key are packed, the better one is chosen per row in registers and stored once, as 32-bit
 words where the slot is 4-byte aligned (16-bit where a stream starts 2 bytes off, e.g. the value
 codes after the key norm) and the norms as 16-bit stores.
+
+The raw-key fallback's weighted errors (ERR=1) come from residuals in rotated unit coordinates:
+k - k^ = key_scale * n * U(y - g c) for the calibrated coding (g = norm16 / n) and rn * U(ry - rg rc)
+for the raw one, one unrotation each (the decoded keys and the key mean are never formed; the
+float32 difference is at least as accurate as the reference's k - k^). Where a vector is one
+full-width stream (tq4, tq3, tq5: SYM) the float32 rotations and unrotations use H itself (the
+signs go on the input; H is symmetric, so the unrotation needs no transposed copy), the code search
+compiles the stream's codebook in as immediates, and the key norms reach the MMA layout through a
+small scratch store/load (SCR) so that Triton does not recompute the calibrated key in a second
+layout. CHUNK (the default there) splits each rotation into two Walsh-Hadamard butterfly levels on
+four column chunks (float32, elementwise) and one [C, C] dot per chunk (C = D / 4): a quarter of
+the tensor-core work, a 2 KB matrix instead of 64 KB of columns; launched with maxnreg 128 (four
+4-warp programs per SM; measured, benchmarks/RESULTS.md "Store kernel, fourth pass").
 """
 
 import torch
@@ -49,7 +62,7 @@ def _dot_split(x, h16):
 
 @triton.jit
 def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-           CODES: tl.constexpr, CB: tl.constexpr = ()):
+           CODES: tl.constexpr, CB: tl.constexpr):
     """Codes (torch.bucketize, right=False, of a symmetric codebook) and levels of y [rows, W];
     levels are 0 in padding columns. A code is the sign plus the number m of positive thresholds
     below |y|. CODES 0: a compare and two selects per threshold; 1: no predicates: each
@@ -118,7 +131,7 @@ def _mats(p32, p16, px, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
 @triton.jit
 def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
-            INPUT: tl.constexpr, CODES: tl.constexpr, CB: tl.constexpr = ()):
+            INPUT: tl.constexpr, CODES: tl.constexpr, CB: tl.constexpr):
     """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
     INPUT (GPU only): 0 float32 x; 1 16-bit xb == x; 2 16-bit xb, x = xb - mean (rot_mean
     given). hf: the columns in float32 (SPLIT 0) or float16; hx: in xb's dtype."""
@@ -135,17 +148,6 @@ def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
         y = y * SCALE * inv_n[:, None]
     code, c = _codes(y, cb_ptr, BITS, N, W, CODES, CB)
     return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1), y
-
-
-@triton.jit
-def _pin(x, ASM: tl.constexpr):
-    """x unchanged; on the GPU (ASM) through an opaque move, so that Triton converts this row
-    vector to another layout instead of recomputing everything it depends on there."""
-    if ASM:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=False, pack=1)
-    else:
-        return x
 
 
 @triton.jit
@@ -494,8 +496,9 @@ def _tq_store_kernel(
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr = 1,
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
-    ERR: tl.constexpr = 1, ASM: tl.constexpr = False, SYM: tl.constexpr = False,
-    KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), SCR: tl.constexpr = False,
+    ERR: tl.constexpr = 1, SYM: tl.constexpr = False,
+    KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), NO_CB: tl.constexpr = (),
+    SCR: tl.constexpr = False,
     CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -626,11 +629,11 @@ def _tq_store_kernel(
                     x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
                 else:
                     x = ks
-                n = _pin(tl.sqrt_rn(tl.sum(x * x, axis=1)), ASM)
+                n = tl.sqrt_rn(tl.sum(x * x, axis=1))
                 inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
                 code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
                                               codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
-                                              CODES)
+                                              CODES, KB_CB)
                 pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
                 pk_a = pk_b
                 c_a = c_b
@@ -638,7 +641,7 @@ def _tq_store_kernel(
                     hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
                     code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
                                                       codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
-                                                      K_INPUT, CODES)
+                                                      K_INPUT, CODES, NO_CB)
                     pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
                     yc += yc_a
                     cc += cc_a
@@ -649,7 +652,7 @@ def _tq_store_kernel(
                     # Code the raw key too and keep, per row, the coding with the smaller weighted error
                     # (ties: calibrated); the sign of the stored norm flags a raw key.
                     norm16 = _fp16_round(norm)
-                    rn = _pin(tl.sqrt_rn(tl.sum(k * k, axis=1)), ASM)
+                    rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
                     inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
                     if ERR == 0:
                         k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
@@ -660,14 +663,15 @@ def _tq_store_kernel(
                         err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
                     rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
                                                             codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
-                                                            SPLIT, R_INPUT, CODES)
+                                                            SPLIT, R_INPUT, CODES, KB_CB)
                     rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
                     rpk_a = rpk_b
                     rc_a = rc_b
                     if KA_N > 0:
                         rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
                                                                     rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                                    KA_N, KA_W, SPLIT, R_INPUT, CODES)
+                                                                    KA_N, KA_W, SPLIT, R_INPUT, CODES,
+                                                                    NO_CB)
                         rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
                         ryc += ryc_a
                         rcc += rcc_a
@@ -722,7 +726,8 @@ def _tq_store_kernel(
                 hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
                 code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
                                                   rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
-                                                  D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES)
+                                                  D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES,
+                                                  NO_CB)
                 _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
                               VA_BITS, VA_N, VA_U, VA_K, VA_NU, ALIGN, WIDE)
                 yc += yc_a
@@ -805,15 +810,20 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              maxnreg: int | None = None, codes: int = 0,
              wide_stores: bool | None = None, err: int = 1, sym: bool | None = None,
              imm_codebooks: bool | None = None, via_memory: bool | None = None,
-             chunks: bool = False) -> None:
+             chunks: bool | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
     positions [T] (the tokens' positions in their sequences) are needed with a key mean.
     split: 0 float32 dots (the CPU interpreter), 1 the GPU's bf16/fp16 dots; by default 0 where
-    the tables' dot type is float32. Launch defaults (measured on an H200, benchmarks/RESULTS.md,
-    benchmarks/kv_store_sweep.py): with the raw-key fallback 16-token tiles, 4 warps, 32-bit
-    stores; else 64-token tiles, 8 warps, byte stores. codes: the code search (_codes' CODES);
-    wide_stores: 32/16-bit stores of whole code words; heads_per_program, maxnreg: for sweeps."""
+    the tables' dot type is float32. Launch defaults (measured on an H200, benchmarks/RESULTS.md
+    "Store kernel, fourth pass", benchmarks/kv_store_sweep.py): with the raw-key fallback 16-token
+    tiles, 4 warps, 32-bit stores, and for one full-width stream per vector (tq4, tq3) chunks with
+    maxnreg 128 (0.66 ms at 32K tokens, Llama-3-8B shape, against 0.95 before; 0.68 ms without
+    chunks at maxnreg 168); else 64-token tiles, 8 warps, byte stores (unchanged).
+    codes: the code search (_codes' CODES); wide_stores: 32/16-bit stores of whole code words;
+    err: 1 residual weighted errors, 0 the decoded keys'; sym, imm_codebooks, via_memory, chunks:
+    the fallback path's variants above (None: on where they apply); heads_per_program, maxnreg
+    (0: no limit): for sweeps."""
     T, H, D = key.shape
     if T == 0:
         return
@@ -845,11 +855,16 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if imm_codebooks is None:
         imm_codebooks = fallback
     cbs = dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0 else {}
+    if chunks is None:
+        chunks = sym
+    chunks = bool(chunks and sym)
+    if maxnreg is None and chunks:
+        maxnreg = 128
     if via_memory is None:
         via_memory = sym
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device)
            if via_memory and sym and key.device.type == "cuda" else tables.signs)
-    extra = {} if maxnreg is None or key.device.type != "cuda" else {"maxnreg": maxnreg}
+    extra = {} if not maxnreg or key.device.type != "cuda" else {"maxnreg": maxnreg}
     grid = (triton.cdiv(T, block_t), H // heads)
     _tq_store_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
@@ -867,9 +882,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
         MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=_alignment(kv_cache), num_warps=num_warps,
         num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym,
-        SCR=scr is not tables.signs, CHUNK=bool(chunks and sym),
+        SCR=scr is not tables.signs, CHUNK=chunks,
         NEOX=bool(tables.has_mean and 2 * tables.rot_half == D),
         WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
-        ASM=key.device.type == "cuda",
         **layout_kwargs(layout), **cbs, **extra,
     )
