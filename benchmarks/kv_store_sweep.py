@@ -1,7 +1,7 @@
 """Store kernel launch sweep on the GPU (kv_bench's inputs), with the previous kernel as a
 baseline in the same run:
 
-    git show 3d28f13~2:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
+    git show b44572f:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
     ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_store_sweep.py
 
 32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
