@@ -141,6 +141,30 @@ def test_store_gpu_dots_match_the_reference(name, dtype, d, calibrated):
     assert (got != want).sum() <= 2, f"{(got != want).sum()} of {got.numel()} bytes differ"
 
 
+
+@pytest.mark.parametrize("name", ["tq4", "tq3"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("split", [0, 1])
+def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
+    """The raw-key fallback's code paths (tq_store's chunks, sym, err) store the same bytes: the
+    chunked Walsh-Hadamard rotation (the default), full-width dots with H, the signed columns with
+    residual errors, and the decoded keys' errors; split 1 with float16 inputs as the GPU runs."""
+    fmt = FORMATS[name]
+    h, t, page = 2, 24, 16
+    lq, tables = _pair(fmt, d, h, True)
+    positions = torch.randint(0, 1 << 17, (t,))
+    k, v = _keys_values(t, h, d, lq, positions)
+    if split:
+        k, v = k.half(), v.half()
+    want = _reference_slots(lq, k.float(), v.float(), positions)
+    for launch in ({}, dict(chunks=False), dict(sym=False), dict(err=0, sym=False)):
+        cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
+        slots = torch.randperm(2 * page)[:t]
+        tq_store(k, v, cache, slots, tables, block_t=16, split=split, positions=positions,
+                 **launch)
+        got = cache.view(-1, h, tables.layout.slot_bytes)[slots]
+        assert (got != want).sum() <= (2 if split else 0), (launch, (got != want).sum().item())
+
 def _paged(lq, layout, h, d, seq_lens, page):
     """A paged cache holding the reference's coding of random K/V, and their decodings."""
     blocks = [-(-s // page) for s in seq_lens]
