@@ -4,11 +4,12 @@ heads, head 128); BF16 = torch SDPA on a contiguous cache, timed in the same run
 
     ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_decode_sweep.py
 
-Variants: the key mean on all 64 RoPE pairs (as calibrated today), on the 8 pairs of largest mean
-energy per head (calibration.sparse_mean), or none; the raw-key fallback on or off. Each variant's
-cache is filled once per shape and timed under every launch (block_n, num_warps, num_stages,
-maxnreg, split factor). The register path (fast) is checked against the gather path on the same
-cache. Prints a table of ms and ratios to BF16 last.
+Variants: the key mean on all 64 RoPE pairs, on the 32 (tq4 as served), 16 or 8 pairs of largest
+mean energy per head (calibration_file.top_pairs), or none; the raw-key fallback on or off. Each
+variant's cache is filled once per shape and timed under every launch (block_n, num_warps,
+num_stages, maxnreg, split factor, the key mean's per-tile rotation step, page-wise addresses).
+Every launch is checked against the gather path with neither of the last two on the same cache
+(the mean's cos/sin computed exactly every tile). Prints a table of ms and ratios to BF16 last.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_bench as kb  # noqa: E402
 
 SHAPES = [(32, 4096), (64, 8192), (8, 32768)]
-LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor; the first is the default
-    (64, 4, None, None, 1), (64, 4, 1, None, 1), (64, 4, 1, 128, 1), (32, 4, 1, None, 1),
-    (64, 8, 1, None, 1), (64, 4, 1, None, 2), (128, 8, 1, None, 1), (64, 4, 1, 96, 1),
+LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor, mean step, paged; the
+    # first is the default
+    (64, 4, 1, 128, 1, True, True), (64, 4, 1, 128, 1, False, False),
+    (64, 4, 1, 128, 1, True, False), (64, 4, 1, 128, 1, False, True),
+    (64, 4, 1, 168, 1, True, True), (32, 4, 1, 128, 1, True, True),
+    (64, 4, 1, 128, 2, True, True),
 ]
 VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
     ("mean64+fb", None, True), ("mean64", None, False), ("mean8+fb", 8, True), ("mean8", 8, False),
@@ -87,22 +91,23 @@ def main():
             tables = tables_for(pairs, fallback, hk, d, device)
             cache = fill(tables, num_blocks, hk, d, device)
             ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
-                               fast=False).float()
-            for bn, nw, st, mr, sf in LAUNCHES:
+                               fast=False, mean_step=False, paged=False).float()
+            for bn, nw, st, mr, sf, mst, pg in LAUNCHES:
                 splits = default_splits(b, hk, device) * sf
                 out = torch.empty_like(q)
 
                 def run():
                     tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, out,
                                  max_query_len=1, splits=splits, block_n=bn, num_warps=nw,
-                                 num_stages=st, maxnreg=mr)
+                                 num_stages=st, maxnreg=mr, mean_step=mst, paged=pg)
                 try:
                     ms = kb.bench(run, triton)
                     err = float((out.float() - ref).norm() / ref.norm())
                 except Exception as e:  # a launch the compiler refuses: say so, go on
                     ms, err = float("nan"), str(e).splitlines()[0][:80]
                 row = dict(batch=b, ctx=ctx, variant=vname, block_n=bn, warps=nw, stages=st,
-                           maxnreg=mr, split_factor=sf, ms=ms, sdpa_ms=sdpa, err=err)
+                           maxnreg=mr, split_factor=sf, mean_step=mst, paged=pg,
+                           ms=ms, sdpa_ms=sdpa, err=err)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del cache
@@ -119,7 +124,8 @@ def main():
             dflt = rs[0]
             cells.append(f"{best['ms']:.3f} ({best['ms'] / best['sdpa_ms']:.2f}x) | "
                          f"{best['block_n']}/{best['warps']}/{best['stages']}/{best['maxnreg']}/"
-                         f"{best['split_factor']} | {dflt['ms']:.3f}")
+                         f"{best['split_factor']}/{best['mean_step']:d}/{best['paged']:d} | "
+                         f"{dflt['ms']:.3f}")
         print(f"| {vname} | " + " | ".join(cells) + " |")
     print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b):.3f}"
                                        for b, c in SHAPES))

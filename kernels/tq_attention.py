@@ -16,12 +16,18 @@ KV head's GQA group): BLOCK_M rows = BLOCK_Q tokens x G heads, padded. It
 Pre-RoPE key mean (MEAN): a calibrated key at position p adds q . RoPE_p(mu) to its score, a
 different number for every key. Per (query, RoPE pair i) it is A_i cos(p t_i) + B_i sin(p t_i);
 for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(j t), so the tile's
-term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 once per tile: one more small
-tl.dot against a constant [pairs, BLOCK_N] table built on the host (tables.mean_table; fp16 on the
-GPU, where the scores use bf16 levels; read from cache every tile rather than held in registers,
-which left too few for four programs per SM), plus pairs sin/cos per tile. Raw keys get no term. Only
+term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 (exactly for the program's
+first tile, then by one float32 rotation of BLOCK_N t per tile, MEAN_STEP; drift ~1e-7 rad a
+tile): one more small tl.dot against a constant [pairs, BLOCK_N] table built on the host
+(tables.mean_table; fp16 on the GPU, where the scores use bf16 levels; read from cache every tile
+rather than held in registers, which left too few for four programs per SM). Raw keys get no
+term. Only
 the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on
 a few pairs costs a few pairs.
+
+Addresses (PAGED, where BLOCK_N is a multiple of the page): one block-table load and one 64-bit
+product per page of a tile, the code words loaded as [pages, page, words] (measured on an H200:
+with MEAN_STEP 1.3x faster decode, benchmarks/RESULTS.md).
 
 Causality: query token i of a chunk sits at position context_len + i and sees cache positions
 <= its own. Within the current chunk the kernel reads the keys and values that the store kernel
@@ -94,6 +100,33 @@ def _load_norm16(slot_ptrs, row_mask, OFF: tl.constexpr):
 
 
 @triton.jit
+def _page_bases(cache_ptr, bt_row, tile, kv_end, head, stride_blk, BLOCK_N: tl.constexpr,
+                PAGE: tl.constexpr, STRIDE_HEAD: tl.constexpr):
+    """Byte pointers to this KV head's slot 0 in each page of a tile [BLOCK_N // PAGE]: one
+    block-table load and one 64-bit product per page (not per token)."""
+    pg = tile * (BLOCK_N // PAGE) + tl.arange(0, BLOCK_N // PAGE)
+    blk = tl.load(bt_row + pg, mask=pg * PAGE < kv_end, other=0)
+    return cache_ptr + (blk.to(tl.int64) * stride_blk + head * STRIDE_HEAD)
+
+
+@triton.jit
+def _paged_rows(base, x, PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr):
+    """[pages, PAGE] of base + offset * STRIDE_TOK + x: a tile's rows, page by page."""
+    return base[:, None] + (tl.arange(0, PAGE) * STRIDE_TOK)[None, :] + x
+
+
+@triton.jit
+def _load_words16(base, n_mask2, OFF: tl.constexpr, WORDS: tl.constexpr, PAGE: tl.constexpr,
+                  STRIDE_TOK: tl.constexpr):
+    """int16 words [OFF/2, OFF/2 + WORDS) of each slot of a tile, as [BLOCK_N, WORDS]: loaded as
+    [pages, PAGE, WORDS], so each address is a page's base plus a constant."""
+    rows = _paged_rows(base, OFF, PAGE, STRIDE_TOK)
+    ptrs = rows.to(tl.pointer_type(tl.int16))[:, :, None] + tl.arange(0, WORDS)[None, None, :]
+    w = tl.load(ptrs, mask=n_mask2[:, :, None], other=0)
+    return tl.reshape(w, [n_mask2.shape[0] * PAGE, WORDS])
+
+
+@triton.jit
 def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     """The sequence whose query blocks contain program pid; block b of sequence s is program
     query_start[s] // BLOCK_Q + s + b (so the grid needs num_tokens // BLOCK_Q + num_seqs)."""
@@ -121,6 +154,7 @@ def _tq_attention_kernel(
     DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr, FALLBACK: tl.constexpr,
     FAST_K: tl.constexpr, FAST_V: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     MEAN: tl.constexpr, ROT_HALF: tl.constexpr, RH: tl.constexpr, MEAN_DOT: tl.constexpr,
+    MEAN_STEP: tl.constexpr, PAGED: tl.constexpr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
@@ -217,6 +251,17 @@ def _tq_attention_kernel(
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
+    if MEAN:
+        if MEAN_STEP:
+            # [A', B'] of the first tile exactly; each later tile's by one rotation by
+            # BLOCK_N * theta (float32; drifts about 1e-7 rad a tile, 3e-5 after 256 tiles)
+            c0, s0 = rope_cos_sin(tile_lo * BLOCK_N, theta)
+            a_t = m_a * c0[None, :] + m_b * s0[None, :]
+            b_t = m_b * c0[None, :] - m_a * s0[None, :]
+            c_step, s_step = rope_cos_sin(BLOCK_N, theta)
+            c_step = c_step[None, :]
+            s_step = s_step[None, :]
+
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     VQ: tl.constexpr = VB_N // 4
@@ -231,14 +276,23 @@ def _tq_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < kv_end
-        blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
-        slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
-                                STRIDE_TOK, STRIDE_HEAD)
+        if PAGED:  # BLOCK_N is a multiple of PAGE: addresses page by page
+            base = _page_bases(cache_ptr, block_table_ptr + seq * stride_bt, tile, kv_end, head,
+                               stride_blk, BLOCK_N, PAGE, STRIDE_HEAD)
+            n_mask2 = tl.reshape(n_mask, [BLOCK_N // PAGE, PAGE])
+            slots = tl.reshape(_paged_rows(base, 0, PAGE, STRIDE_TOK), [BLOCK_N])
+        else:
+            blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
+            slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
+                                    STRIDE_TOK, STRIDE_HEAD)
 
         if FAST_K:
-            slots16 = slots.to(tl.pointer_type(tl.int16))
-            kw16 = tl.load(slots16[:, None] + (KB_OFF // 2 + tl.arange(0, KQ))[None, :],
-                           mask=n_mask[:, None], other=0)
+            if PAGED:
+                kw16 = _load_words16(base, n_mask2, KB_OFF, KQ, PAGE, STRIDE_TOK)
+            else:
+                slots16 = slots.to(tl.pointer_type(tl.int16))
+                kw16 = tl.load(slots16[:, None] + (KB_OFF // 2 + tl.arange(0, KQ))[None, :],
+                               mask=n_mask[:, None], other=0)
             k0, k1, k2, k3 = levels4(kw16, K_ASM)
             s = tl.dot(qb, tl.trans(k0))
             s = tl.dot(qb1, tl.trans(k1), s)
@@ -270,12 +324,19 @@ def _tq_attention_kernel(
         else:
             s = s * k_norm[None, :]
         if MEAN:
-            c0, s0 = rope_cos_sin(tile * BLOCK_N, theta)
-            a_t = (m_a * c0[None, :] + m_b * s0[None, :]).to(MEAN_DOT)
-            b_t = (m_b * c0[None, :] - m_a * s0[None, :]).to(MEAN_DOT)
-            t_cos = tl.load(t_ptrs)
-            t_sin = tl.load(t_ptrs + RH * BLOCK_N)
-            s += tl.dot(b_t, t_sin, tl.dot(a_t, t_cos)) + m_c[:, None]
+            if MEAN_STEP:
+                t_cos = tl.load(t_ptrs)
+                t_sin = tl.load(t_ptrs + RH * BLOCK_N)
+                s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos))
+                s += m_c[:, None]
+                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+            else:
+                c0, s0 = rope_cos_sin(tile * BLOCK_N, theta)
+                a_t = (m_a * c0[None, :] + m_b * s0[None, :]).to(MEAN_DOT)
+                b_t = (m_b * c0[None, :] - m_a * s0[None, :]).to(MEAN_DOT)
+                t_cos = tl.load(t_ptrs)
+                t_sin = tl.load(t_ptrs + RH * BLOCK_N)
+                s += tl.dot(b_t, t_sin, tl.dot(a_t, t_cos)) + m_c[:, None]
         if FALLBACK:
             s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
         if DECODE:
@@ -296,9 +357,12 @@ def _tq_attention_kernel(
             v_norm = load_norm(slots, n_mask, V_NORM_OFF)
         pv = (p * v_norm[None, :]).to(DOT)
         if FAST_V:
-            slots16 = slots.to(tl.pointer_type(tl.int16))
-            vw16 = tl.load(slots16[:, None] + (VB_OFF // 2 + tl.arange(0, VQ))[None, :],
-                           mask=n_mask[:, None], other=0)
+            if PAGED:
+                vw16 = _load_words16(base, n_mask2, VB_OFF, VQ, PAGE, STRIDE_TOK)
+            else:
+                slots16 = slots.to(tl.pointer_type(tl.int16))
+                vw16 = tl.load(slots16[:, None] + (VB_OFF // 2 + tl.arange(0, VQ))[None, :],
+                               mask=n_mask[:, None], other=0)
             v0, v1, v2, v3 = levels4(vw16, V_ASM)
             acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
             acc_b1 = tl.dot(pv, v1, acc_b1 * alpha[:, None])
@@ -417,7 +481,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  max_query_len: int | None = None, splits: int | None = None,
                  block_n: int | None = None, block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None,
-                 maxnreg: int | None = None, fast: bool | None = None) -> torch.Tensor:
+                 maxnreg: int | None = None, fast: bool | None = None,
+                 mean_step: bool = True, paged: bool = True) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the quantized paged cache.
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
@@ -491,7 +556,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         K_ASM=tables.lut4_asm.get("k", "") if fast_k else "",
         V_ASM=tables.lut4_asm.get("v", "") if fast_v else "",
         MEAN=tables.has_mean, ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
-        MEAN_DOT=tl.float32 if interpreted else tl.float16,
+        MEAN_DOT=tl.float32 if interpreted else tl.float16, MEAN_STEP=mean_step,
+        PAGED=paged and block_n % kv_cache.shape[1] == 0,
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1),
         STRIDE_HEAD=kv_cache.stride(2), num_warps=num_warps, **kw, **extra,
     )
