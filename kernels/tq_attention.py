@@ -116,14 +116,27 @@ def _paged_rows(base, x, PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr):
 
 
 @triton.jit
-def _load_words16(base, n_mask2, OFF: tl.constexpr, WORDS: tl.constexpr, PAGE: tl.constexpr,
-                  STRIDE_TOK: tl.constexpr):
-    """int16 words [OFF/2, OFF/2 + WORDS) of each slot of a tile, as [BLOCK_N, WORDS]: loaded as
-    [pages, PAGE, WORDS], so each address is a page's base plus a constant."""
-    rows = _paged_rows(base, OFF, PAGE, STRIDE_TOK)
-    ptrs = rows.to(tl.pointer_type(tl.int16))[:, :, None] + tl.arange(0, WORDS)[None, None, :]
-    w = tl.load(ptrs, mask=n_mask2[:, :, None], other=0)
-    return tl.reshape(w, [n_mask2.shape[0] * PAGE, WORDS])
+def _load_words16(slots, n_mask, base, n_mask2, OFF: tl.constexpr, WORDS: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr):
+    """int16 words [OFF/2, OFF/2 + WORDS) of each slot of a tile, as [BLOCK_N, WORDS]. PAGED:
+    loaded as [pages, PAGE, WORDS] from the pages' bases, so each address is a base plus a
+    constant; else from the rows' slot pointers."""
+    if PAGED:
+        rows = _paged_rows(base, OFF, PAGE, STRIDE_TOK)
+        ptrs = rows.to(tl.pointer_type(tl.int16))[:, :, None] + tl.arange(0, WORDS)[None, None, :]
+        w = tl.load(ptrs, mask=n_mask2[:, :, None], other=0)
+        return tl.reshape(w, [n_mask2.shape[0] * PAGE, WORDS])
+    else:
+        slots16 = slots.to(tl.pointer_type(tl.int16))
+        return tl.load(slots16[:, None] + (OFF // 2 + tl.arange(0, WORDS))[None, :],
+                       mask=n_mask[:, None], other=0)
+
+
+@triton.jit
+def _mean_ab(m_a, m_b, p0, theta):
+    """[A', B'] of the key-mean term for a tile starting at position p0."""
+    c0, s0 = rope_cos_sin(p0, theta)
+    return m_a * c0[None, :] + m_b * s0[None, :], m_b * c0[None, :] - m_a * s0[None, :]
 
 
 @triton.jit
@@ -255,9 +268,7 @@ def _tq_attention_kernel(
         if MEAN_STEP:
             # [A', B'] of the first tile exactly; each later tile's by one rotation by
             # BLOCK_N * theta (float32; drifts about 1e-7 rad a tile, 3e-5 after 256 tiles)
-            c0, s0 = rope_cos_sin(tile_lo * BLOCK_N, theta)
-            a_t = m_a * c0[None, :] + m_b * s0[None, :]
-            b_t = m_b * c0[None, :] - m_a * s0[None, :]
+            a_t, b_t = _mean_ab(m_a, m_b, tile_lo * BLOCK_N, theta)
             c_step, s_step = rope_cos_sin(BLOCK_N, theta)
             c_step = c_step[None, :]
             s_step = s_step[None, :]
@@ -276,6 +287,8 @@ def _tq_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < kv_end
+        base = 0
+        n_mask2 = 0
         if PAGED:  # BLOCK_N is a multiple of PAGE: addresses page by page
             base = _page_bases(cache_ptr, block_table_ptr + seq * stride_bt, tile, kv_end, head,
                                stride_blk, BLOCK_N, PAGE, STRIDE_HEAD)
@@ -287,12 +300,8 @@ def _tq_attention_kernel(
                                     STRIDE_TOK, STRIDE_HEAD)
 
         if FAST_K:
-            if PAGED:
-                kw16 = _load_words16(base, n_mask2, KB_OFF, KQ, PAGE, STRIDE_TOK)
-            else:
-                slots16 = slots.to(tl.pointer_type(tl.int16))
-                kw16 = tl.load(slots16[:, None] + (KB_OFF // 2 + tl.arange(0, KQ))[None, :],
-                               mask=n_mask[:, None], other=0)
+            kw16 = _load_words16(slots, n_mask, base, n_mask2, KB_OFF, KQ, PAGED, PAGE,
+                                 STRIDE_TOK)
             k0, k1, k2, k3 = levels4(kw16, K_ASM)
             s = tl.dot(qb, tl.trans(k0))
             s = tl.dot(qb1, tl.trans(k1), s)
@@ -324,19 +333,13 @@ def _tq_attention_kernel(
         else:
             s = s * k_norm[None, :]
         if MEAN:
+            if not MEAN_STEP:
+                a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
+            t_cos = tl.load(t_ptrs)
+            t_sin = tl.load(t_ptrs + RH * BLOCK_N)
+            s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos)) + m_c[:, None]
             if MEAN_STEP:
-                t_cos = tl.load(t_ptrs)
-                t_sin = tl.load(t_ptrs + RH * BLOCK_N)
-                s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos))
-                s += m_c[:, None]
                 a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-            else:
-                c0, s0 = rope_cos_sin(tile * BLOCK_N, theta)
-                a_t = (m_a * c0[None, :] + m_b * s0[None, :]).to(MEAN_DOT)
-                b_t = (m_b * c0[None, :] - m_a * s0[None, :]).to(MEAN_DOT)
-                t_cos = tl.load(t_ptrs)
-                t_sin = tl.load(t_ptrs + RH * BLOCK_N)
-                s += tl.dot(b_t, t_sin, tl.dot(a_t, t_cos)) + m_c[:, None]
         if FALLBACK:
             s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
         if DECODE:
@@ -357,12 +360,8 @@ def _tq_attention_kernel(
             v_norm = load_norm(slots, n_mask, V_NORM_OFF)
         pv = (p * v_norm[None, :]).to(DOT)
         if FAST_V:
-            if PAGED:
-                vw16 = _load_words16(base, n_mask2, VB_OFF, VQ, PAGE, STRIDE_TOK)
-            else:
-                slots16 = slots.to(tl.pointer_type(tl.int16))
-                vw16 = tl.load(slots16[:, None] + (VB_OFF // 2 + tl.arange(0, VQ))[None, :],
-                               mask=n_mask[:, None], other=0)
+            vw16 = _load_words16(slots, n_mask, base, n_mask2, VB_OFF, VQ, PAGED, PAGE,
+                                 STRIDE_TOK)
             v0, v1, v2, v3 = levels4(vw16, V_ASM)
             acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
             acc_b1 = tl.dot(pv, v1, acc_b1 * alpha[:, None])
