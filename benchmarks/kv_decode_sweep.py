@@ -7,9 +7,10 @@ heads, head 128); BF16 = torch SDPA on a contiguous cache, timed in the same run
 Variants: the key mean on all 64 RoPE pairs, on the 32 (tq4 as served), 16 or 8 pairs of largest
 mean energy per head (calibration_file.top_pairs), or none; the raw-key fallback on or off. Each
 variant's cache is filled once per shape and timed under every launch (block_n, num_warps,
-num_stages, maxnreg, split factor, the key mean's per-tile rotation step, page-wise addresses).
+num_stages, maxnreg, split factor, the key mean's per-tile rotation step, page-wise addresses,
+the raw keys folded into the spare rows of the score dots).
 Every launch is checked against the gather path with neither of the last two on the same cache
-(the mean's cos/sin computed exactly every tile). Prints a table of ms and ratios to BF16 last.
+(the mean's cos/sin computed exactly every tile, raw keys scored by their own dots). Prints a table of ms and ratios to BF16 last.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_bench as kb  # noqa: E402
 
 SHAPES = [(32, 4096), (64, 8192), (8, 32768)]
-LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor, mean step, paged; the
-    # first is the default
-    (64, 4, 1, 128, 1, True, True), (64, 4, 1, 128, 1, False, False),
-    (64, 4, 1, 128, 1, True, False), (64, 4, 1, 128, 1, False, True),
-    (64, 4, 1, 168, 1, True, True), (32, 4, 1, 128, 1, True, True),
-    (64, 4, 1, 128, 2, True, True),
+LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor, mean step, paged, fold;
+    # the first is the default
+    (64, 4, 1, 128, 1, True, True, True), (64, 4, 1, 128, 1, True, True, False),
+    (64, 4, 1, 96, 1, True, True, True), (64, 4, 1, 112, 1, True, True, True),
+    (64, 4, 1, 128, 2, True, True, True), (64, 2, 1, 128, 1, True, True, True),
+    (128, 8, 1, 128, 1, True, True, True), (32, 4, 1, 96, 1, True, True, True),
 ]
 VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
     ("mean64+fb", None, True), ("mean64", None, False), ("mean8+fb", 8, True), ("mean8", 8, False),
@@ -67,6 +68,21 @@ def fill(tables, num_blocks, hk, d, device, chunk=1 << 16):
     return cache
 
 
+LAUNCH_KEYS = ("block_n", "warps", "stages", "maxnreg", "split_factor", "mean_step", "paged", "fold")
+
+
+def compiled(fn):
+    """The attention kernels compiled so far, oldest first (Triton's cache; [] where another
+    Triton keeps it elsewhere)."""
+    import importlib
+
+    mod = importlib.import_module(fn.__module__)
+    try:
+        return [k for c in mod._tq_attention_kernel.device_caches.values() for k in c[0].values()]
+    except Exception:
+        return []
+
+
 def main():
     from vllm_gds.kernels import default_splits, tq_attention
 
@@ -81,6 +97,7 @@ def main():
     props = torch.cuda.get_device_properties(device)
     print(json.dumps({"card": props.name, "torch": torch.__version__, "triton": triton.__version__}))
     rows = []
+    regs_of = {}  # registers and spilled bytes per launch, from its first compile
     for b, ctx in SHAPES:
         sdpa, _ = kb.time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
         num_blocks, bt = kb.paged_layout(torch, b, ctx, device)
@@ -91,23 +108,29 @@ def main():
             tables = tables_for(pairs, fallback, hk, d, device)
             cache = fill(tables, num_blocks, hk, d, device)
             ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
-                               fast=False, mean_step=False, paged=False).float()
-            for bn, nw, st, mr, sf, mst, pg in LAUNCHES:
+                               fast=False, mean_step=False, paged=False, fold=False).float()
+            for bn, nw, st, mr, sf, mst, pg, fd in LAUNCHES:
                 splits = default_splits(b, hk, device) * sf
                 out = torch.empty_like(q)
 
                 def run():
                     tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, out,
                                  max_query_len=1, splits=splits, block_n=bn, num_warps=nw,
-                                 num_stages=st, maxnreg=mr, mean_step=mst, paged=pg)
+                                 num_stages=st, maxnreg=mr, mean_step=mst, paged=pg, fold=fd)
                 try:
+                    before = len(compiled(tq_attention))
                     ms = kb.bench(run, triton)
                     err = float((out.float() - ref).norm() / ref.norm())
+                    new = compiled(tq_attention)[before:]  # none: compiled for an earlier shape
+                    regs, spills = ((new[-1].n_regs, new[-1].n_spills) if new
+                                    else regs_of.get((vname, bn, nw, st, mr, mst, pg, fd), (None, None)))
+                    regs_of[(vname, bn, nw, st, mr, mst, pg, fd)] = (regs, spills)
                 except Exception as e:  # a launch the compiler refuses: say so, go on
                     ms, err = float("nan"), str(e).splitlines()[0][:80]
+                    regs = spills = None
                 row = dict(batch=b, ctx=ctx, variant=vname, block_n=bn, warps=nw, stages=st,
                            maxnreg=mr, split_factor=sf, mean_step=mst, paged=pg,
-                           ms=ms, sdpa_ms=sdpa, err=err)
+                           fold=fd, regs=regs, spills=spills, ms=ms, sdpa_ms=sdpa, err=err)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del cache
@@ -124,9 +147,19 @@ def main():
             dflt = rs[0]
             cells.append(f"{best['ms']:.3f} ({best['ms'] / best['sdpa_ms']:.2f}x) | "
                          f"{best['block_n']}/{best['warps']}/{best['stages']}/{best['maxnreg']}/"
-                         f"{best['split_factor']}/{best['mean_step']:d}/{best['paged']:d} | "
+                         f"{best['split_factor']}/{best['mean_step']:d}/{best['paged']:d}/{best['fold']:d} | "
                          f"{dflt['ms']:.3f}")
         print(f"| {vname} | " + " | ".join(cells) + " |")
+    print("\nevery launch (block_n/warps/stages/maxnreg/split factor/mean step/paged/fold): ms, "
+          "registers/spilled bytes")
+    for vname, _, _ in VARIANTS:
+        for launch in LAUNCHES:
+            cells = []
+            for b, ctx in SHAPES:
+                r = next(r for r in rows if r["variant"] == vname and r["batch"] == b
+                         and tuple(r[k] for k in LAUNCH_KEYS) == launch)
+                cells.append(f"{r['ms']:.3f} ({r['regs']}/{r['spills']})")
+            print(f"| {vname} | {'/'.join(str(int(x)) for x in launch)} | " + " | ".join(cells) + " |")
     print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b):.3f}"
                                        for b, c in SHAPES))
     print("max rel err fast vs gather path: " + str(max(r["err"] for r in rows if isinstance(r["err"], float))))

@@ -22,7 +22,7 @@ TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_
 
 
 def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fallback=True,
-           num_stages=1, maxnreg=128, mean_step=True, paged=True):
+           num_stages=1, maxnreg=128, mean_step=True, paged=True, fold=True):
     """The decode launch tq_attention uses on the register path (num_stages 1, maxnreg 128);
     mean: a key mean on the format's share of RoPE pairs, as served."""
     d = 128
@@ -33,7 +33,8 @@ def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fall
     t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1, **kw)
     fast_k = fast and "k" in t.lut4_asm
     fast_v = fast and "v" in t.lut4_asm
-    cx = dict(G=g, BLOCK_Q=1, BLOCK_M=max(16, g), BLOCK_N=block_n, DECODE=True, SPLITS=4, MEAN_STEP=mean_step, PAGED=paged,
+    cx = dict(G=g, BLOCK_Q=1, BLOCK_M=max(16, 2 * g if fold and fallback else g), BLOCK_N=block_n, DECODE=True, SPLITS=4,
+              MEAN_STEP=mean_step, PAGED=paged, FOLD=fold and fallback,
               DOT=tl.bfloat16, FALLBACK=fallback, FAST_K=fast_k, FAST_V=fast_v,
               K_ASM=t.lut4_asm.get("k", "") if fast_k else "",
               V_ASM=t.lut4_asm.get("v", "") if fast_v else "", MEAN=mean, ROT_HALF=t.rot_half,

@@ -25,6 +25,12 @@ term. Only
 the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on
 a few pairs costs a few pairs.
 
+Raw-key fallback: a raw key (negative norm) is scored against the uncalibrated query. In decode
+(FOLD) the G query heads take 2G rows of the same dots, calibrated query in one half of the rows and
+uncalibrated in the other; each half is a softmax over its own kind of keys, and the two partials
+are merged after the loop, so the raw keys cost no second set of dots and no second query tiles in
+registers. Chunked prefill (rows already full of query tokens) scores both and selects.
+
 Addresses (PAGED, where BLOCK_N is a multiple of the page): one block-table load and one 64-bit
 product per page of a tile, the code words loaded as [pages, page, words] (measured on an H200:
 with MEAN_STEP 1.3x faster decode, benchmarks/RESULTS.md).
@@ -140,6 +146,28 @@ def _mean_ab(m_a, m_b, p0, theta):
 
 
 @triton.jit
+def _pair_max(x, HALF: tl.constexpr):
+    """x [2 * HALF] -> max(x[r], x[(r + HALF) % (2 * HALF)]) in every row r."""
+    y = tl.max(tl.reshape(x, [2, HALF]), axis=0)
+    return tl.reshape(tl.broadcast_to(y[None, :], [2, HALF]), [2 * HALF])
+
+
+@triton.jit
+def _pair_sum(x, HALF: tl.constexpr):
+    """x [2 * HALF] -> x[r] + x[(r + HALF) % (2 * HALF)] in every row r."""
+    y = tl.sum(tl.reshape(x, [2, HALF]), axis=0)
+    return tl.reshape(tl.broadcast_to(y[None, :], [2, HALF]), [2 * HALF])
+
+
+@triton.jit
+def _pair_sum2(x, HALF: tl.constexpr):
+    """x [2 * HALF, W] -> x[r] + x[(r + HALF) % (2 * HALF)] in every row r."""
+    W: tl.constexpr = x.shape[1]
+    y = tl.sum(tl.reshape(x, [2, HALF, W]), axis=0)
+    return tl.reshape(tl.broadcast_to(y[None, :, :], [2, HALF, W]), [2 * HALF, W])
+
+
+@triton.jit
 def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
     """The sequence whose query blocks contain program pid; block b of sequence s is program
     query_start[s] // BLOCK_Q + s + b (so the grid needs num_tokens // BLOCK_Q + num_seqs)."""
@@ -167,7 +195,7 @@ def _tq_attention_kernel(
     DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr, FALLBACK: tl.constexpr,
     FAST_K: tl.constexpr, FAST_V: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     MEAN: tl.constexpr, ROT_HALF: tl.constexpr, RH: tl.constexpr, MEAN_DOT: tl.constexpr,
-    MEAN_STEP: tl.constexpr, PAGED: tl.constexpr,
+    MEAN_STEP: tl.constexpr, PAGED: tl.constexpr, FOLD: tl.constexpr,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     D: tl.constexpr, SLOT: tl.constexpr,
     KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
@@ -197,22 +225,37 @@ def _tq_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
-    # Rows: (query token, query head of this KV head's group).
+    # Rows: (query token, query head of this KV head's group). FOLD (decode with the raw-key
+    # fallback): the upper half of the rows repeats the group's heads with the uncalibrated
+    # query and scores only the raw keys, the lower half only the calibrated ones; the halves
+    # are two softmax partials over disjoint keys, merged once after the loop.
     r = tl.arange(0, BLOCK_M)
-    q_idx = q_block * BLOCK_Q + r // G
-    row_mask = (r < BLOCK_Q * G) & (q_idx < q_len)
+    if FOLD:
+        HALF_M: tl.constexpr = BLOCK_M // 2
+        raw_row = r >= HALF_M
+        q_idx = q_block + r * 0
+        q_mask = (r % HALF_M) < G
+        row_mask = r < G
+        rows_head = head * G + r % HALF_M
+    else:
+        q_idx = q_block * BLOCK_Q + r // G
+        row_mask = (r < BLOCK_Q * G) & (q_idx < q_len)
+        q_mask = row_mask
+        rows_head = head * G + r % G
     rows_tok = q_start + q_idx
-    rows_head = head * G + r % G
     q_pos = context_len + q_idx
 
     # 1. The query, transformed once (FAST_K: stream B in four phases, codes 4e + j;
     #    the host passes H's columns permuted to match).
     d = tl.arange(0, D)
     q_rows = q_ptr + rows_tok.to(tl.int64)[:, None] * stride_qt + rows_head[:, None] * stride_qh
-    q = tl.load(q_rows + d[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_rows + d[None, :], mask=q_mask[:, None], other=0.0).to(tl.float32)
     k_scale = tl.load(key_scale_ptr + head * D + d)
     signs = tl.load(signs_ptr + d)
-    x = q * (k_scale * signs)[None, :]
+    if FOLD:  # raw keys are scored against the uncalibrated rotated query
+        x = q * tl.where(raw_row[:, None], signs[None, :], (k_scale * signs)[None, :])
+    else:
+        x = q * (k_scale * signs)[None, :]
     KQ: tl.constexpr = KB_N // 4
     if FAST_K:
         qb = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 0) * qk_scale).to(DOT)
@@ -223,7 +266,7 @@ def _tq_attention_kernel(
         qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
     if KA_N > 0:
         qa = (_stream_query(x, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
-    if FALLBACK:
+    if FALLBACK and not FOLD:
         # Raw keys (negative norm) are scored against the uncalibrated rotated query.
         x_raw = q * signs[None, :]
         if FAST_K:
@@ -243,7 +286,10 @@ def _tq_attention_kernel(
         # frequencies and mean halves, contiguous
         j = head * RH + tl.arange(0, RH)
         i = tl.load(mean_pairs_ptr + j)
-        i_mask = row_mask[:, None] & (i >= 0)[None, :]
+        if FOLD:
+            i_mask = (q_mask & ~raw_row)[:, None] & (i >= 0)[None, :]
+        else:
+            i_mask = row_mask[:, None] & (i >= 0)[None, :]
         q_a = tl.load(q_rows + i[None, :], mask=i_mask, other=0.0).to(tl.float32)
         q_b = tl.load(q_rows + ROT_HALF + i[None, :], mask=i_mask, other=0.0).to(tl.float32)
         mu_a = tl.load(mean_mu_ptr + 2 * j)[None, :]
@@ -252,6 +298,8 @@ def _tq_attention_kernel(
         m_b = (q_b * mu_a - q_a * mu_b) * qs
         mu = tl.load(key_mean_ptr + head * D + d)
         m_c = tl.sum(tl.where(d[None, :] >= 2 * ROT_HALF, q * mu[None, :], 0.0), axis=1) * qs
+        if FOLD:
+            m_c = tl.where(raw_row, 0.0, m_c)
         theta = tl.load(mean_theta_ptr + j)  # 0 in padding columns
         # cos / sin(j theta) [RH, BLOCK_N], read again every tile (not kept in registers)
         t_ptrs = (mean_table_ptr + head * 2 * RH * BLOCK_N + tl.arange(0, RH)[:, None] * BLOCK_N
@@ -307,7 +355,7 @@ def _tq_attention_kernel(
             s = tl.dot(qb1, tl.trans(k1), s)
             s = tl.dot(qb2, tl.trans(k2), s)
             s = tl.dot(qb3, tl.trans(k3), s)
-            if FALLBACK:
+            if FALLBACK and not FOLD:
                 s_raw = tl.dot(qrb, tl.trans(k0))
                 s_raw = tl.dot(qrb1, tl.trans(k1), s_raw)
                 s_raw = tl.dot(qrb2, tl.trans(k2), s_raw)
@@ -316,13 +364,13 @@ def _tq_attention_kernel(
             kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
             kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
             s = tl.dot(qb, kl)
-            if FALLBACK:
+            if FALLBACK and not FOLD:
                 s_raw = tl.dot(qrb, kl)
         if KA_N > 0:
             kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
             kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
             s = tl.dot(qa, kl_a, s)
-            if FALLBACK:
+            if FALLBACK and not FOLD:
                 s_raw = tl.dot(qra, kl_a, s_raw)
         if FAST_K:  # the register path needs even norm offsets: one 16-bit load
             k_norm = _load_norm16(slots, n_mask, K_NORM_OFF)
@@ -340,9 +388,11 @@ def _tq_attention_kernel(
             s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos)) + m_c[:, None]
             if MEAN_STEP:
                 a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-        if FALLBACK:
+        if FALLBACK and not FOLD:
             s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
-        if DECODE:
+        if FOLD:
+            visible = n_mask[None, :] & ((k_norm < 0)[None, :] == raw_row[:, None])
+        elif DECODE:
             visible = n_mask[None, :]
         else:
             visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
@@ -377,7 +427,19 @@ def _tq_attention_kernel(
                            acc_a * alpha[:, None])
 
     # 3. Finish, or leave partials for the reduction (FAST_V: the phases in turn, the order of
-    #    the permuted H rows).
+    #    the permuted H rows). FOLD: first the two halves' partials, merged into every row.
+    if FOLD:
+        m_pair = _pair_max(m_i, HALF_M)
+        w = tl.exp2(m_i - m_pair)
+        l_i = _pair_sum(l_i * w, HALF_M)
+        m_i = m_pair
+        acc_b = _pair_sum2(acc_b * w[:, None], HALF_M)
+        if FAST_V:
+            acc_b1 = _pair_sum2(acc_b1 * w[:, None], HALF_M)
+            acc_b2 = _pair_sum2(acc_b2 * w[:, None], HALF_M)
+            acc_b3 = _pair_sum2(acc_b3 * w[:, None], HALF_M)
+        if VA_N > 0:
+            acc_a = _pair_sum2(acc_a * w[:, None], HALF_M)
     if SPLITS == 1:
         inv_l = 1.0 / tl.maximum(l_i, 1e-30)
         if FAST_V:
@@ -481,7 +543,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                  block_n: int | None = None, block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None,
                  maxnreg: int | None = None, fast: bool | None = None,
-                 mean_step: bool = True, paged: bool = True) -> torch.Tensor:
+                 mean_step: bool = True, paged: bool = True,
+                 fold: bool = True) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the quantized paged cache.
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
@@ -490,7 +553,9 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     position is its index in its sequence (what the key mean's RoPE uses).
     max_query_len: 1 selects the decode path (one query token per sequence); None reads it from
     query_start_loc (a device sync). fast: the GPU's 4-bit register lookup where the format allows
-    it (default: on the GPU); the interpreter always takes the plain path.
+    it (default: on the GPU); the interpreter always takes the plain path. fold (decode with the
+    raw-key fallback): the raw keys scored in the spare rows of the same dots (FOLD) instead of a
+    second set of dots; the other switches (mean_step, paged, fold) are for measuring only.
     """
     T, Hq, D = query.shape
     num_seqs = seq_lens.shape[0]
@@ -512,9 +577,10 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     use_fast = use_fast and max_query_len == 1
     fast_k = use_fast and "k" in tables.lut4_asm
     fast_v = use_fast and "v" in tables.lut4_asm
+    fold = fold and decode and tables.fallback
     if decode:
         block_q = 1
-        block_m = _pow2_at_least(G)
+        block_m = _pow2_at_least(2 * G if fold else G)
         grid0 = num_seqs
         if splits is None:
             splits = default_splits(num_seqs, H, query.device)
@@ -556,7 +622,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         V_ASM=tables.lut4_asm.get("v", "") if fast_v else "",
         MEAN=tables.has_mean, ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         MEAN_DOT=tl.float32 if interpreted else tl.float16, MEAN_STEP=mean_step,
-        PAGED=paged and block_n % kv_cache.shape[1] == 0,
+        PAGED=paged and block_n % kv_cache.shape[1] == 0, FOLD=fold,
         PAGE=kv_cache.shape[1], STRIDE_TOK=kv_cache.stride(1),
         STRIDE_HEAD=kv_cache.stride(2), num_warps=num_warps, **kw, **extra,
     )
