@@ -345,6 +345,28 @@ def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
 
 
 @triton.jit
+def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
+               CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
+               NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr):
+    """One coding of a key given as four chunks x (signs applied) of norm n: the packed codes
+    of the chunks, the norm as stored (float16-rounded), and the residual chunks y - g c in
+    unit rotated coordinates (g = stored norm / n) that _cerr weighs."""
+    inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
+    y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
+    p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE)
+    p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE)
+    p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE)
+    p3, c3 = _ccode(y3, cb_ptr, BITS, C, CODES, CB, WIDE)
+    cc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
+    yc = cc
+    if NORM_RULE == 2:
+        yc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
+    norm16 = _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
+    g = (norm16 * inv_n)[:, None]
+    return p0, p1, p2, p3, norm16, y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3
+
+
+@triton.jit
 def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, cos1, cos2,
                   cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
                   key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
@@ -374,20 +396,11 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     # the raw coding
     rn = tl.sqrt_rn(tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1))
     rn = _via_memory(rn, scr, row_mask, SCR)
-    inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-    y0, y1, y2, y3 = _crot(k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, inv_rn, hc, SCALE, SPLIT)
-    rp0, c0 = _ccode(y0, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    rp1, c1 = _ccode(y1, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    rp2, c2 = _ccode(y2, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    rp3, c3 = _ccode(y3, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    rcc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
-    ryc = rcc
-    if K_NORM_RULE == 2:
-        ryc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
-    rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-    g = (rnorm16 * inv_rn)[:, None]
-    rerr = _cerr(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, key_weight_ptr + hd, hc,
-                 C, SCALE, SPLIT, False, key_scale_ptr) * (rn * rn)
+    rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
+        k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
+        K_NORM_RULE, SCALE, SPLIT)
+    rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
+                 key_scale_ptr) * (rn * rn)
 
     # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
@@ -420,20 +433,10 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     x3 = tl.where(m, (k3 - mu3) * (_cvec(key_inv_scale_ptr + hd, 3, C)[None, :] * sg3), 0.0)
     n = tl.sqrt_rn(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
     n = _via_memory(n, scr + 1, row_mask, SCR)
-    inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-    y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
-    p0, c0 = _ccode(y0, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    p1, c1 = _ccode(y1, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    p2, c2 = _ccode(y2, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    p3, c3 = _ccode(y3, kcb, KB_BITS, C, CODES, KB_CB, WIDE)
-    cc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
-    yc = cc
-    if K_NORM_RULE == 2:
-        yc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, K_NORM_RULE))
-    g = (norm16 * inv_n)[:, None]
-    err = _cerr(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, key_weight_ptr + hd, hc,
-                C, SCALE, SPLIT, True, key_scale_ptr + hd) * (n * n)
+    p0, p1, p2, p3, norm16, r0, r1, r2, r3 = _ccode_key(
+        x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT)
+    err = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, True,
+                key_scale_ptr + hd) * (n * n)
     raw = rerr < err
     rw = raw[:, None]
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
