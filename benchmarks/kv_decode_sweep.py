@@ -88,6 +88,13 @@ def main():
     global VARIANTS, LAUNCHES  # a subset: KV_SWEEP_VARIANTS=mean64+fb,mean8 KV_SWEEP_LAUNCHES=0,2
     if os.environ.get("KV_SWEEP_VARIANTS"):
         VARIANTS = [v for v in VARIANTS if v[0] in os.environ["KV_SWEEP_VARIANTS"].split(",")]
+    global SHAPES  # KV_SWEEP_SHAPES=1x32768,8x131072
+    if os.environ.get("KV_SWEEP_SHAPES"):
+        SHAPES = [tuple(map(int, x.split("x"))) for x in os.environ["KV_SWEEP_SHAPES"].split(",")]
+    if os.environ.get("KV_SWEEP_SPLITS"):  # launches: the default at these split factors
+        LAUNCHES = [LAUNCHES[0][:4] + (float(f),) + LAUNCHES[0][5:]
+                    for f in os.environ["KV_SWEEP_SPLITS"].split(",")] + [
+            (128, 8, 2, 128, 1.0, True, True, True)]
     if os.environ.get("KV_SWEEP_LAUNCHES"):
         LAUNCHES = [LAUNCHES[int(i)] for i in os.environ["KV_SWEEP_LAUNCHES"].split(",")]
 
@@ -110,7 +117,7 @@ def main():
             ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
                                fast=False, mean_step=False, paged=False, fold=False).float()
             for bn, nw, st, mr, sf, mst, pg, fd in LAUNCHES:
-                splits = default_splits(b, hk, device) * sf
+                splits = max(1, int(default_splits(b, hk, device) * sf))
                 out = torch.empty_like(q)
 
                 def run():
@@ -159,7 +166,7 @@ def main():
                 r = next(r for r in rows if r["variant"] == vname and r["batch"] == b
                          and tuple(r[k] for k in LAUNCH_KEYS) == launch)
                 cells.append(f"{r['ms']:.3f} ({r['regs']}/{r['spills']})")
-            print(f"| {vname} | {'/'.join(str(int(x)) for x in launch)} | " + " | ".join(cells) + " |")
+            print(f"| {vname} | {'/'.join(f"{x:g}" for x in launch)} | " + " | ".join(cells) + " |")
     print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b):.3f}"
                                        for b, c in SHAPES))
     print("max rel err fast vs gather path: " + str(max(r["err"] for r in rows if isinstance(r["err"], float))))

@@ -18,16 +18,15 @@ different number for every key. Per (query, RoPE pair i) it is A_i cos(p t_i) + 
 for a tile starting at p0, cos((p0 + j) t) = cos(p0 t) cos(j t) - sin(p0 t) sin(j t), so the tile's
 term is [A', B'] . [cos(j t); sin(j t)] with A', B' rotated by p0 (exactly for the program's
 first tile, then by one float32 rotation of BLOCK_N t per tile, MEAN_STEP; drift ~1e-7 rad a
-tile): one more small tl.dot against a constant [pairs, BLOCK_N] table built on the host
-(tables.mean_table; fp16 on the GPU, where the scores use bf16 levels; read from cache every tile
-rather than held in registers, which left too few for four programs per SM). Raw keys get no
-term. Only
-the pairs where the head's mean is not zero take part (tables.mean_pairs): a mean kept on
-a few pairs costs a few pairs.
+tile, so every 32nd tile is exact again): one more small tl.dot against a constant [pairs,
+BLOCK_N] table built on the host (tables.mean_table; fp16 on the GPU, where the scores use bf16
+levels; read from cache every tile rather than held in registers, which left too few for four
+programs per SM). Raw keys get no term. Only the pairs where the head's mean is not zero take
+part (tables.mean_pairs): a mean kept on a few pairs costs a few pairs.
 
 Raw-key fallback: a raw key (negative norm) is scored against the uncalibrated query. In decode
-(FOLD) the G query heads take 2G rows of the same dots, calibrated query in one half of the rows and
-uncalibrated in the other; each half is a softmax over its own kind of keys, and the two partials
+(FOLD) the G query heads take 2G rows of the same dots, calibrated query in one half of the rows
+and uncalibrated in the other; each half is a softmax over its own kind of keys, and the partials
 are merged after the loop, so the raw keys cost no second set of dots and no second query tiles in
 registers. Chunked prefill (rows already full of query tokens) scores both and selects.
 
@@ -50,6 +49,7 @@ from .tq_lut4 import levels4
 from .tq_params import LayerTables, layout_kwargs
 
 LOG2E = 1.4426950408889634
+MEAN_ANCHOR = tl.constexpr(32)  # MEAN_STEP: every this many tiles the key mean's [A', B'] is exact
 
 
 @triton.jit
@@ -315,7 +315,8 @@ def _tq_attention_kernel(
     if MEAN:
         if MEAN_STEP:
             # [A', B'] of the first tile exactly; each later tile's by one rotation by
-            # BLOCK_N * theta (float32; drifts about 1e-7 rad a tile, 3e-5 after 256 tiles)
+            # BLOCK_N * theta (float32; drifts about 1e-7 rad a tile), and exactly again every
+            # MEAN_ANCHOR tiles
             a_t, b_t = _mean_ab(m_a, m_b, tile_lo * BLOCK_N, theta)
             c_step, s_step = rope_cos_sin(BLOCK_N, theta)
             c_step = c_step[None, :]
@@ -382,6 +383,9 @@ def _tq_attention_kernel(
             s = s * k_norm[None, :]
         if MEAN:
             if not MEAN_STEP:
+                a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
+            elif (tile - tile_lo) % MEAN_ANCHOR == MEAN_ANCHOR - 1:
+                # exact again every MEAN_ANCHOR tiles: the float32 steps drift
                 a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
             t_cos = tl.load(t_ptrs)
             t_sin = tl.load(t_ptrs + RH * BLOCK_N)

@@ -242,6 +242,13 @@ def test_decode_with_a_sparse_key_mean(d):
                    mean_pairs=[[0, 5, 17], [2, 23]])
 
 
+def test_decode_past_the_key_mean_anchor():
+    """Over 32 tiles in one program: the key mean's stepped [A', B'] is made exact again
+    (tq_attention.MEAN_ANCHOR) and the scores stay the reference's."""
+    seq_lens = [int(torch.randint(16 * 33, 16 * 40, ()))]
+    _run_attention(FORMATS["tq4"], 64, 1, 4, seq_lens, [1], 16, 1)
+
+
 @pytest.mark.parametrize(
     "name, d, h, g, page",
     [("tq4", 64, 1, 3, 16), ("tq3", 128, 1, 8, 32), ("k3+16/v2+8", 64, 2, 1, 16)],
