@@ -49,7 +49,7 @@ from .tq_lut4 import levels4
 from .tq_params import LayerTables, layout_kwargs
 
 LOG2E = 1.4426950408889634
-MEAN_ANCHOR = tl.constexpr(32)  # MEAN_STEP: every this many tiles the key mean's [A', B'] is exact
+MEAN_ANCHOR = tl.constexpr(32)  # tiles per run; MEAN_STEP: [A', B'] exact at each run's start
 
 
 @triton.jit
@@ -314,10 +314,8 @@ def _tq_attention_kernel(
 
     if MEAN:
         if MEAN_STEP:
-            # [A', B'] of the first tile exactly; each later tile's by one rotation by
-            # BLOCK_N * theta (float32; drifts about 1e-7 rad a tile), and exactly again every
-            # MEAN_ANCHOR tiles
-            a_t, b_t = _mean_ab(m_a, m_b, tile_lo * BLOCK_N, theta)
+            # [A', B'] exact at the start of every MEAN_ANCHOR tiles, stepped to each later
+            # tile by one rotation by BLOCK_N * theta (float32; drifts about 1e-7 rad a tile)
             c_step, s_step = rope_cos_sin(BLOCK_N, theta)
             c_step = c_step[None, :]
             s_step = s_step[None, :]
@@ -333,102 +331,105 @@ def _tq_attention_kernel(
     else:
         acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < kv_end
-        base = 0
-        n_mask2 = 0
-        if PAGED:  # BLOCK_N is a multiple of PAGE: addresses page by page
-            base = _page_bases(cache_ptr, block_table_ptr + seq * stride_bt, tile, kv_end, head,
-                               stride_blk, BLOCK_N, PAGE, STRIDE_HEAD)
-            n_mask2 = tl.reshape(n_mask, [BLOCK_N // PAGE, PAGE])
-            slots = tl.reshape(_paged_rows(base, 0, PAGE, STRIDE_TOK), [BLOCK_N])
-        else:
-            blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
-            slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
-                                    STRIDE_TOK, STRIDE_HEAD)
-
-        if FAST_K:
-            kw16 = _load_words16(slots, n_mask, base, n_mask2, KB_OFF, KQ, PAGED, PAGE,
-                                 STRIDE_TOK)
-            k0, k1, k2, k3 = levels4(kw16, K_ASM)
-            s = tl.dot(qb, tl.trans(k0))
-            s = tl.dot(qb1, tl.trans(k1), s)
-            s = tl.dot(qb2, tl.trans(k2), s)
-            s = tl.dot(qb3, tl.trans(k3), s)
-            if FALLBACK and not FOLD:
-                s_raw = tl.dot(qrb, tl.trans(k0))
-                s_raw = tl.dot(qrb1, tl.trans(k1), s_raw)
-                s_raw = tl.dot(qrb2, tl.trans(k2), s_raw)
-                s_raw = tl.dot(qrb3, tl.trans(k3), s_raw)
-        else:
-            kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
-            kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
-            s = tl.dot(qb, kl)
-            if FALLBACK and not FOLD:
-                s_raw = tl.dot(qrb, kl)
-        if KA_N > 0:
-            kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
-            kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
-            s = tl.dot(qa, kl_a, s)
-            if FALLBACK and not FOLD:
-                s_raw = tl.dot(qra, kl_a, s_raw)
-        if FAST_K:  # the register path needs even norm offsets: one 16-bit load
-            k_norm = _load_norm16(slots, n_mask, K_NORM_OFF)
-        else:
-            k_norm = load_norm(slots, n_mask, K_NORM_OFF)
-        if FALLBACK:
-            s = s * tl.abs(k_norm)[None, :]
-        else:
-            s = s * k_norm[None, :]
+    # Runs of MEAN_ANCHOR tiles: with MEAN_STEP the key mean's [A', B'] is exact at the start of
+    # each (the float32 steps drift) and stepped within it.
+    for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
-            if not MEAN_STEP:
-                a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
-            elif (tile - tile_lo) % MEAN_ANCHOR == MEAN_ANCHOR - 1:
-                # exact again every MEAN_ANCHOR tiles: the float32 steps drift
-                a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
-            t_cos = tl.load(t_ptrs)
-            t_sin = tl.load(t_ptrs + RH * BLOCK_N)
-            s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos)) + m_c[:, None]
             if MEAN_STEP:
-                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-        if FALLBACK and not FOLD:
-            s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
-        if FOLD:
-            visible = n_mask[None, :] & ((k_norm < 0)[None, :] == raw_row[:, None])
-        elif DECODE:
-            visible = n_mask[None, :]
-        else:
-            visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+                a_t, b_t = _mean_ab(m_a, m_b, chunk * BLOCK_N, theta)
+        for tile in range(chunk, tl.minimum(chunk + MEAN_ANCHOR, tile_hi)):
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = n < kv_end
+            base = 0
+            n_mask2 = 0
+            if PAGED:  # BLOCK_N is a multiple of PAGE: addresses page by page
+                base = _page_bases(cache_ptr, block_table_ptr + seq * stride_bt, tile, kv_end, head,
+                                   stride_blk, BLOCK_N, PAGE, STRIDE_HEAD)
+                n_mask2 = tl.reshape(n_mask, [BLOCK_N // PAGE, PAGE])
+                slots = tl.reshape(_paged_rows(base, 0, PAGE, STRIDE_TOK), [BLOCK_N])
+            else:
+                blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
+                slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
+                                        STRIDE_TOK, STRIDE_HEAD)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+            if FAST_K:
+                kw16 = _load_words16(slots, n_mask, base, n_mask2, KB_OFF, KQ, PAGED, PAGE,
+                                     STRIDE_TOK)
+                k0, k1, k2, k3 = levels4(kw16, K_ASM)
+                s = tl.dot(qb, tl.trans(k0))
+                s = tl.dot(qb1, tl.trans(k1), s)
+                s = tl.dot(qb2, tl.trans(k2), s)
+                s = tl.dot(qb3, tl.trans(k3), s)
+                if FALLBACK and not FOLD:
+                    s_raw = tl.dot(qrb, tl.trans(k0))
+                    s_raw = tl.dot(qrb1, tl.trans(k1), s_raw)
+                    s_raw = tl.dot(qrb2, tl.trans(k2), s_raw)
+                    s_raw = tl.dot(qrb3, tl.trans(k3), s_raw)
+            else:
+                kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
+                kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
+                s = tl.dot(qb, kl)
+                if FALLBACK and not FOLD:
+                    s_raw = tl.dot(qrb, kl)
+            if KA_N > 0:
+                kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
+                kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
+                s = tl.dot(qa, kl_a, s)
+                if FALLBACK and not FOLD:
+                    s_raw = tl.dot(qra, kl_a, s_raw)
+            if FAST_K:  # the register path needs even norm offsets: one 16-bit load
+                k_norm = _load_norm16(slots, n_mask, K_NORM_OFF)
+            else:
+                k_norm = load_norm(slots, n_mask, K_NORM_OFF)
+            if FALLBACK:
+                s = s * tl.abs(k_norm)[None, :]
+            else:
+                s = s * k_norm[None, :]
+            if MEAN:
+                if not MEAN_STEP:
+                    a_t, b_t = _mean_ab(m_a, m_b, tile * BLOCK_N, theta)
+                t_cos = tl.load(t_ptrs)
+                t_sin = tl.load(t_ptrs + RH * BLOCK_N)
+                s += tl.dot(b_t.to(MEAN_DOT), t_sin, tl.dot(a_t.to(MEAN_DOT), t_cos)) + m_c[:, None]
+                if MEAN_STEP:
+                    a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+            if FALLBACK and not FOLD:
+                s = tl.where(k_norm[None, :] < 0, s_raw * tl.abs(k_norm)[None, :], s)
+            if FOLD:
+                visible = n_mask[None, :] & ((k_norm < 0)[None, :] == raw_row[:, None])
+            elif DECODE:
+                visible = n_mask[None, :]
+            else:
+                visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
 
-        if FAST_V:
-            v_norm = _load_norm16(slots, n_mask, V_NORM_OFF)
-        else:
-            v_norm = load_norm(slots, n_mask, V_NORM_OFF)
-        pv = (p * v_norm[None, :]).to(DOT)
-        if FAST_V:
-            vw16 = _load_words16(slots, n_mask, base, n_mask2, VB_OFF, VQ, PAGED, PAGE,
-                                 STRIDE_TOK)
-            v0, v1, v2, v3 = levels4(vw16, V_ASM)
-            acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
-            acc_b1 = tl.dot(pv, v1, acc_b1 * alpha[:, None])
-            acc_b2 = tl.dot(pv, v2, acc_b2 * alpha[:, None])
-            acc_b3 = tl.dot(pv, v3, acc_b3 * alpha[:, None])
-        else:
-            vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
-            acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W),
-                           acc_b * alpha[:, None])
-        if VA_N > 0:
-            vc_a = load_stream_codes(slots, n_mask, VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU)
-            acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
-                           acc_a * alpha[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+
+            if FAST_V:
+                v_norm = _load_norm16(slots, n_mask, V_NORM_OFF)
+            else:
+                v_norm = load_norm(slots, n_mask, V_NORM_OFF)
+            pv = (p * v_norm[None, :]).to(DOT)
+            if FAST_V:
+                vw16 = _load_words16(slots, n_mask, base, n_mask2, VB_OFF, VQ, PAGED, PAGE,
+                                     STRIDE_TOK)
+                v0, v1, v2, v3 = levels4(vw16, V_ASM)
+                acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
+                acc_b1 = tl.dot(pv, v1, acc_b1 * alpha[:, None])
+                acc_b2 = tl.dot(pv, v2, acc_b2 * alpha[:, None])
+                acc_b3 = tl.dot(pv, v3, acc_b3 * alpha[:, None])
+            else:
+                vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
+                acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W),
+                               acc_b * alpha[:, None])
+            if VA_N > 0:
+                vc_a = load_stream_codes(slots, n_mask, VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU)
+                acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
+                               acc_a * alpha[:, None])
 
     # 3. Finish, or leave partials for the reduction (FAST_V: the phases in turn, the order of
     #    the permuted H rows). FOLD: first the two halves' partials, merged into every row.
