@@ -149,7 +149,8 @@ def main():
     for vname, _, _ in VARIANTS:
         cells = []
         for b, ctx in SHAPES:
-            rs = [r for r in rows if r["variant"] == vname and r["batch"] == b and r["ms"] == r["ms"]]
+            rs = [r for r in rows if r["variant"] == vname and r["batch"] == b and r["ctx"] == ctx
+                  and r["ms"] == r["ms"]]
             best = min(rs, key=lambda r: r["ms"])
             dflt = rs[0]
             cells.append(f"{best['ms']:.3f} ({best['ms'] / best['sdpa_ms']:.2f}x) | "
@@ -164,10 +165,10 @@ def main():
             cells = []
             for b, ctx in SHAPES:
                 r = next(r for r in rows if r["variant"] == vname and r["batch"] == b
-                         and tuple(r[k] for k in LAUNCH_KEYS) == launch)
+                         and r["ctx"] == ctx and tuple(r[k] for k in LAUNCH_KEYS) == launch)
                 cells.append(f"{r['ms']:.3f} ({r['regs']}/{r['spills']})")
-            print(f"| {vname} | {'/'.join(f"{x:g}" for x in launch)} | " + " | ".join(cells) + " |")
-    print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b):.3f}"
+            print(f"| {vname} | {'/'.join(format(x, 'g') for x in launch)} | " + " | ".join(cells) + " |")
+    print("SDPA BF16 ms: " + ", ".join(f"{b}x{c // 1024}K {next(r['sdpa_ms'] for r in rows if r['batch'] == b and r['ctx'] == c):.3f}"
                                        for b, c in SHAPES))
     print("max rel err fast vs gather path: " + str(max(r["err"] for r in rows if isinstance(r["err"], float))))
 

@@ -605,10 +605,9 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     hvb = h_rows["vb_perm"] if fast_v else h_rows["vb"]
     kw = layout_kwargs(layout)
     if decode and (fast_k or fast_v):
-        # Measured on an H200 (benchmarks/kv_decode_sweep.py, RESULTS.md): at most 128
-        # registers (four programs per SM) were 1.3x faster; software pipelining only pays
-        # where FOLD frees the registers of the second query tiles.
-        num_stages = num_stages or (2 if fold else 1)
+        # Measured on an H200 (benchmarks/kv_decode_sweep.py, RESULTS.md): no software
+        # pipelining and at most 128 registers (four programs per SM) were fastest.
+        num_stages = num_stages or 1
         maxnreg = maxnreg or 128
     extra = {} if num_stages is None else {"num_stages": num_stages}
     if maxnreg is not None and not interpreted:
