@@ -348,7 +348,8 @@ def _tq_attention_kernel(
                 n_mask2 = tl.reshape(n_mask, [BLOCK_N // PAGE, PAGE])
                 slots = tl.reshape(_paged_rows(base, 0, PAGE, STRIDE_TOK), [BLOCK_N])
             else:
-                blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask, other=0)
+                blocks = tl.load(block_table_ptr + seq * stride_bt + n // PAGE, mask=n_mask,
+                                 other=0)
                 slots = cache_slot_ptrs(cache_ptr, blocks, n % PAGE, head, stride_blk,
                                         STRIDE_TOK, STRIDE_HEAD)
 
