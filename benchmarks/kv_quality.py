@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     if args.model is None:
-        from vllm_gds.fixtures import smollm2
+        from vllm_gds.demo.smollm2 import smollm2
 
         args.model = smollm2()
     from transformers import AutoTokenizer

@@ -190,7 +190,7 @@ def make_hook(variant, seed, calib, num_layers):
 def main():
     w, seeds, variants = int(sys.argv[1]), [int(x) for x in sys.argv[2].split(",")], sys.argv[3:]
     from transformers import AutoTokenizer
-    from vllm_gds.fixtures import smollm2
+    from vllm_gds.demo.smollm2 import smollm2
 
     model_dir = smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)

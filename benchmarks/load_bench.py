@@ -240,7 +240,7 @@ def check_loaded(tensors, shards) -> str:
     """Every manifest tensor present with the right checksum (computed on the GPU)."""
     import torch
 
-    from vllm_gds.shards.checksum import checksum_tensor, format_checksum
+    from vllm_gds.checksum import checksum_tensor, format_checksum
 
     entries = [e for f in shards.files for e in f.tensors]
     sums = []

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gds import fixtures
-from vllm_gds.prepare import PrepareRequest, prepare
+from vllm_gds.demo import smollm2 as fixtures
+from vllm_gds.prepare.orchestrate import PrepareRequest, prepare
 
 TESTS = Path(__file__).parent
 PROMPTS = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vllm_gds.kernels.checksum import weighted_word_sum
-from vllm_gds.shards import checksum
+from vllm_gds import checksum
 
 
 def _reference(words: torch.Tensor, first_position: int) -> int:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from vllm_gds.cli import main
-from vllm_gds.prepare import PrepareRequest, prepare
+from vllm_gds.prepare.orchestrate import PrepareRequest, prepare
 from vllm_gds.errors import GdsError
 from vllm_gds.shards.manifest import read_manifest
 
@@ -54,7 +54,7 @@ def test_failed_prepare_leaves_nothing_that_looks_prepared(tiny_model, tmp_path)
 
 
 def test_report_prints_per_rank_and_aggregate(tmp_path, capsys):
-    from vllm_gds.report import LoadReport
+    from vllm_gds.loader.report import LoadReport
 
     for rank, seconds in [(0, 1.0), (1, 2.0)]:
         LoadReport(model="m", source="prepared", rank=rank, tp_rank=rank, pp_rank=0, mode="compat",
@@ -67,7 +67,7 @@ def test_report_prints_per_rank_and_aggregate(tmp_path, capsys):
 
 
 def test_prepare_checks_free_disk_space_first(tiny_model, tmp_path):
-    from vllm_gds.prepare import _check_disk
+    from vllm_gds.prepare.orchestrate import _check_disk
 
     request = PrepareRequest(source=tiny_model, out=tmp_path / "out")
     _check_disk(request, 1 << 20)

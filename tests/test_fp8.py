@@ -8,9 +8,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from vllm_gds.install import install
+from vllm_gds.loader.parameters import install
 from vllm_gds.io.reader import ReadOptions
-from vllm_gds.quantize import FP8_DTYPE, QUANTIZATION_CONFIG, quantize_checkpoint
+from vllm_gds.prepare.fp8 import FP8_DTYPE, QUANTIZATION_CONFIG, quantize_checkpoint
 from vllm_gds.shards.manifest import read_manifest
 from test_loader_errors import _module_for
 

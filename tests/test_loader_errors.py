@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vllm_gds.errors import ChecksumError, LayoutMismatchError, ManifestError, ShardReadError
-from vllm_gds.install import install, plan_install
+from vllm_gds.loader.parameters import install, plan_install
 from vllm_gds.io.reader import ReadOptions
 from vllm_gds.shards import dtypes
 from vllm_gds.shards.manifest import MANIFEST_NAME, read_manifest

@@ -5,7 +5,7 @@ import importlib.metadata
 import pytest
 
 from vllm_gds.errors import GdsError
-from vllm_gds.options import LoaderOptions
+from vllm_gds.loader.options import LoaderOptions
 
 
 def test_entry_point_is_declared_and_registration_is_idempotent(caplog):
@@ -16,7 +16,7 @@ def test_entry_point_is_declared_and_registration_is_idempotent(caplog):
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, get_model_loader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-    from vllm_gds.loader import GdsModelLoader
+    from vllm_gds.loader.model_loader import GdsModelLoader
 
     guard = DefaultModelLoader._prepare_weights
     register()
@@ -53,7 +53,7 @@ def test_bad_extra_config_values(extra, message):
 def test_data_and_expert_parallel_layouts_are_refused():
     from vllm.config import ParallelConfig, VllmConfig
 
-    from vllm_gds.loader import check_supported_parallelism
+    from vllm_gds.loader.model_loader import check_supported_parallelism
 
     for parallel in (ParallelConfig(enable_expert_parallel=True), ParallelConfig(data_parallel_size=2)):
         with pytest.raises(GdsError, match="does not support data-parallel or expert-parallel layouts"):
@@ -77,7 +77,7 @@ def test_loader_registers_against_vllm_033_sources():
         from vllm.config.load import LoadConfig
         from vllm.model_executor.model_loader import get_model_loader
         from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-        from vllm_gds.loader import GdsModelLoader, register_loaders
+        from vllm_gds.loader.model_loader import GdsModelLoader, register_loaders
         register_loaders()
         loader = get_model_loader(LoadConfig(load_format="gds", model_loader_extra_config={{"gds": "off"}}))
         assert isinstance(loader, GdsModelLoader) and loader.options.read.policy == "off"

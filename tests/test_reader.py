@@ -17,7 +17,7 @@ from vllm_gds.io import gds_env
 from vllm_gds.io.pipeline import _read_span
 from vllm_gds.io.plan import Span, plan_spans
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, gds_problems, read_files, resolve_mode
-from vllm_gds.shards.checksum import checksum_hex
+from vllm_gds.checksum import checksum_hex
 from vllm_gds.shards.writer import write_rank
 
 CPU = torch.device("cpu")

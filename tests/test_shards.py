@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from vllm_gds.errors import ManifestError
-from vllm_gds.shards import checksum
+from vllm_gds import checksum
 from vllm_gds.shards.manifest import ALIGNMENT, MANIFEST_NAME, read_manifest
 from vllm_gds.shards.safetensors_layout import PADDING_PREFIX, tensor_placements
 from vllm_gds.shards.writer import write_rank

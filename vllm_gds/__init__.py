@@ -19,7 +19,7 @@ def register() -> None:
         return
     _registered = True
 
-    from vllm_gds.loader import register_loaders
+    from vllm_gds.loader.model_loader import register_loaders
 
     register_loaders()
 

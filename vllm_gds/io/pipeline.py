@@ -33,7 +33,7 @@ class Checksums:
     destination's last piece has landed, so that verification overlaps the reads that follow."""
 
     def __init__(self, flat_targets, paths, device: torch.device):
-        from vllm_gds.shards.checksum import checksum_tensor
+        from vllm_gds.checksum import checksum_tensor
 
         self._checksum = checksum_tensor
         self._targets = flat_targets  # (file index, ReadTarget)

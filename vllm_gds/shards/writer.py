@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_gds.shards import checksum, dtypes
+from vllm_gds import checksum
+from vllm_gds.shards import dtypes
 from vllm_gds.shards.manifest import ALIGNMENT, RankShards, ShardFile, TensorEntry, global_rank
 from vllm_gds.shards.safetensors_layout import write_file
 

@@ -27,11 +27,11 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_gds import _vllm_compat
 from vllm_gds.errors import GdsError
-from vllm_gds.hf_stream import safetensors_files, stream_safetensors
-from vllm_gds.install import install
+from vllm_gds.loader.hf_stream import safetensors_files, stream_safetensors
+from vllm_gds.loader.parameters import install
 from vllm_gds.io.reader import ReadOptions, ReadStats, gds_problems, resolve_mode, with_threads
-from vllm_gds.options import LoaderOptions
-from vllm_gds.report import LoadReport
+from vllm_gds.loader.options import LoaderOptions
+from vllm_gds.loader.report import LoadReport
 from vllm_gds.shards.manifest import BEFORE_POST_PROCESSING, MANIFEST_NAME, is_prepared, read_manifest
 from vllm_gds.shards.validate import check_compatible, check_rank_files
 
@@ -225,8 +225,8 @@ def _refuse_prepared_directories() -> None:
 def register_loaders() -> None:
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
-    from vllm_gds.capture import CaptureModelLoader
-    from vllm_gds.capture_protocol import CAPTURE_FORMAT
+    from vllm_gds.prepare.capture_loader import CaptureModelLoader
+    from vllm_gds.prepare.capture_protocol import CAPTURE_FORMAT
 
     if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
         register_model_loader(LOAD_FORMAT)(GdsModelLoader)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from vllm_gds.prepare import DTYPE_BYTES, QUANTIZATIONS, PrepareRequest, prepare
+from vllm_gds.prepare.orchestrate import DTYPE_BYTES, QUANTIZATIONS, PrepareRequest, prepare
 from vllm_gds.shards.writer import DEFAULT_MAX_FILE_BYTES
 
 
@@ -23,7 +23,7 @@ def add_prepare_arguments(parser) -> None:
 
 
 def run_prepare(args) -> int:
-    from vllm_gds.inspect import summary
+    from vllm_gds.cli.inspect_prepared import summary
     from vllm_gds.shards.manifest import read_manifest
 
     out = prepare(PrepareRequest(

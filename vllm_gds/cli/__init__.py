@@ -8,13 +8,13 @@ from vllm_gds.errors import GdsError
 
 # subcommand -> (module, add-arguments function, run function, help)
 SUBCOMMANDS = {
-    "prepare": ("vllm_gds.cli_prepare", "add_prepare_arguments", "run_prepare",
+    "prepare": ("vllm_gds.cli.prepare", "add_prepare_arguments", "run_prepare",
                 "shard a model once per parallel layout for --load-format gds"),
-    "inspect": ("vllm_gds.inspect", "add_inspect_arguments", "run_inspect",
+    "inspect": ("vllm_gds.cli.inspect_prepared", "add_inspect_arguments", "run_inspect",
                 "summarize a prepared directory and check that it is intact"),
-    "report": ("vllm_gds.cli_report", "add_report_arguments", "run_report",
+    "report": ("vllm_gds.cli.report", "add_report_arguments", "run_report",
                "print the per-rank load reports written by --load-format gds"),
-    "doctor": ("vllm_gds.doctor", "add_doctor_arguments", "run_doctor",
+    "doctor": ("vllm_gds.cli.doctor", "add_doctor_arguments", "run_doctor",
                "say whether this node can use GPUDirect Storage for a path, and how to fix it"),
     "calibrate": ("vllm_gds.kvcache.calibration", "add_calibrate_arguments", "run_calibrate",
                   "write the KV cache calibration file beside a model"),

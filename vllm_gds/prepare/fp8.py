@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_gds.hf_stream import INDEX_NAME, safetensors_files
+from vllm_gds.loader.hf_stream import INDEX_NAME, safetensors_files
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEFAULT_CACHE = Path(os.environ.get("VLLM_GDS_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+DEFAULT_CACHE = Path(os.environ.get("VLLM_GDS_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

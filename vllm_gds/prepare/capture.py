@@ -1,4 +1,4 @@
-"""`python -m vllm_gds.capture_run`: one vLLM engine that captures every rank's parameters.
+"""`python -m vllm_gds.prepare.capture`: one vLLM engine that captures every rank's parameters.
 
 Run by `vllm-gds prepare` in a child process, whose output goes to a log file:
 the engine ends with the ranks' deliberate CaptureComplete errors. Exit code 0
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vllm_gds.capture_protocol import CAPTURE_FORMAT, record_name
+from vllm_gds.prepare.capture_protocol import CAPTURE_FORMAT, record_name
 
 
 def main() -> int:

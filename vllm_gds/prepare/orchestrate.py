@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_gds.capture_protocol import record_name
+from vllm_gds.prepare.capture_protocol import record_name
 from vllm_gds.errors import GdsError
-from vllm_gds.hf_stream import safetensors_files
-from vllm_gds.shards import checksum
+from vllm_gds.loader.hf_stream import safetensors_files
+from vllm_gds import checksum
 from vllm_gds.shards.manifest import (
     ALIGNMENT, BEFORE_POST_PROCESSING, Manifest, RankShards, ShardFile, TensorEntry, write_manifest,
 )
@@ -106,7 +106,7 @@ def _dir_bytes(path: Path) -> int:
 
 def _run_capture(req: PrepareRequest, model: Path, capture_dir: Path, expected_bytes: int, log: Path) -> None:
     cmd = [
-        sys.executable, "-m", "vllm_gds.capture_run", "--model", str(model),
+        sys.executable, "-m", "vllm_gds.prepare.capture", "--model", str(model),
         "--capture-dir", str(capture_dir),
         "--tensor-parallel-size", str(req.tensor_parallel_size),
         "--pipeline-parallel-size", str(req.pipeline_parallel_size),
@@ -192,7 +192,7 @@ def prepare(req: PrepareRequest) -> Path:
     try:
         model = req.source
         if req.quantization == "fp8":
-            from vllm_gds.quantize import quantize_checkpoint
+            from vllm_gds.prepare.fp8 import quantize_checkpoint
 
             model = quantize_checkpoint(req.source, tmp / ".fp8-source")
         log = req.log or (tmp.parent / f".{req.out.name}.prepare.log")

@@ -17,8 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_gds import fixtures
-from vllm_gds.report import format_reports, read_reports
+from vllm_gds.demo import smollm2 as fixtures
+from vllm_gds.loader.report import format_reports, read_reports
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from vllm_gds.errors import GdsError
-from vllm_gds.report import format_reports, read_reports
+from vllm_gds.loader.report import format_reports, read_reports
 
 
 def add_report_arguments(parser) -> None:
