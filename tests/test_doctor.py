@@ -5,7 +5,8 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
-from vllm_gds.cli.doctor import FAIL, OK, WARN, add_doctor_arguments, diagnose, format_diagnosis, run_doctor
+from vllm_gds.cli.doctor import FAIL, OK, WARN, diagnose, format_diagnosis
+from vllm_gds.cli.doctor import add_arguments as add_doctor_arguments, run as run_doctor
 from vllm_gds.shards.writer import write_rank
 
 

@@ -1,4 +1,8 @@
-"""The `vllm-gds` command: prepare | inspect | report | doctor | calibrate | kv-plan."""
+"""The `vllm-gds` command: prepare | inspect | report | doctor | calibrate | kv-plan.
+
+One module per subcommand under vllm_gds/cli/, each with ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> exit code``.
+"""
 
 import argparse
 import importlib
@@ -6,37 +10,25 @@ import sys
 
 from vllm_gds.errors import GdsError
 
-# subcommand -> (module, add-arguments function, run function, help)
+# subcommand -> its module
 SUBCOMMANDS = {
-    "prepare": ("vllm_gds.cli.prepare", "add_prepare_arguments", "run_prepare",
-                "shard a model once per parallel layout for --load-format gds"),
-    "inspect": ("vllm_gds.cli.inspect_prepared", "add_inspect_arguments", "run_inspect",
-                "summarize a prepared directory and check that it is intact"),
-    "report": ("vllm_gds.cli.report", "add_report_arguments", "run_report",
-               "print the per-rank load reports written by --load-format gds"),
-    "doctor": ("vllm_gds.cli.doctor", "add_doctor_arguments", "run_doctor",
-               "say whether this node can use GPUDirect Storage for a path, and how to fix it"),
-    "calibrate": ("vllm_gds.kvcache.calibration", "add_calibrate_arguments", "run_calibrate",
-                  "write the KV cache calibration file beside a model"),
-    "kv-plan": ("vllm_gds.kvcache.kv_plan", "add_kv_plan_arguments", "run_kv_plan",
-                "how many tokens and sequences fit per KV cache dtype"),
+    "prepare": "vllm_gds.cli.prepare",
+    "inspect": "vllm_gds.cli.inspect_prepared",
+    "report": "vllm_gds.cli.report",
+    "doctor": "vllm_gds.cli.doctor",
+    "calibrate": "vllm_gds.cli.calibrate",
+    "kv-plan": "vllm_gds.cli.kv_plan",
 }
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="vllm-gds", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vllm-gds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
-    for name, (module_name, add_name, run_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(module, add_name)(sub_parser)
-        runners[name] = getattr(module, run_name)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        runners[name] = module.run
     return parser, runners
 
 
@@ -48,7 +40,3 @@ def main(argv: list[str] | None = None) -> int:
     except GdsError as e:
         print(f"vllm-gds {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

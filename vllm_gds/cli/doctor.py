@@ -13,12 +13,12 @@ import argparse
 import json
 import mmap
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_gds.io import gds_env
 
+HELP = "say whether this node can use GPUDirect Storage for a path, and how to fix it"
 OK, FAIL, WARN, SKIP = "ok", "no", "warn", "--"
 
 
@@ -216,7 +216,7 @@ def format_diagnosis(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-def add_doctor_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("path", nargs="?", default=".", help="the model directory (or a file) to be loaded")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--no-driver", action="store_true",
@@ -224,19 +224,10 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def run_doctor(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     d = diagnose(args.path, query_driver=not getattr(args, "no_driver", False))
     if getattr(args, "json", False):
         print(json.dumps({"path": d.path, "gds": d.gds, "checks": [asdict(c) for c in d.checks]}, indent=1))
     else:
         print(format_diagnosis(d))
     return 0 if d.gds else 1
-
-
-def main(argv=None) -> int:
-    parser = add_doctor_arguments(argparse.ArgumentParser(prog="vllm-gds doctor", description=__doc__.split("\n")[0]))
-    return run_doctor(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

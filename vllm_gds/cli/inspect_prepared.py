@@ -10,6 +10,8 @@ from vllm_gds.shards import dtypes
 from vllm_gds.shards.manifest import MANIFEST_NAME, Manifest, RankShards, read_manifest
 from vllm_gds.shards.validate import check_rank_files
 
+HELP = "summarize a prepared directory and check that it is intact"
+
 
 def summary(manifest: Manifest, model_dir: Path) -> str:
     platform = manifest.platform.get("device_type")
@@ -46,12 +48,12 @@ def verify_rank(model_dir: Path, shards: RankShards, with_checksums: bool) -> No
         read_files([FileRead(model_dir / shard.path, targets, shard.size)], ReadOptions(), torch.device("cpu"))
 
 
-def add_inspect_arguments(parser) -> None:
+def add_arguments(parser) -> None:
     parser.add_argument("path", type=Path, help="a directory made by `vllm-gds prepare`")
     parser.add_argument("--no-checksums", action="store_true", help="check sizes and headers only")
 
 
-def run_inspect(args) -> int:
+def run(args) -> int:
     model_dir = args.path
     manifest = read_manifest(model_dir)
     print(summary(manifest, model_dir))

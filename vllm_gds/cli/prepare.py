@@ -1,12 +1,14 @@
-"""Arguments of `vllm-gds prepare`."""
+"""`vllm-gds prepare MODEL OUT`: its arguments; the work is vllm_gds/prepare/."""
 
 from pathlib import Path
 
 from vllm_gds.prepare.orchestrate import DTYPE_BYTES, QUANTIZATIONS, PrepareRequest, prepare
 from vllm_gds.shards.writer import DEFAULT_MAX_FILE_BYTES
 
+HELP = "shard a model once per parallel layout for --load-format gds"
 
-def add_prepare_arguments(parser) -> None:
+
+def add_arguments(parser) -> None:
     parser.add_argument("model", type=Path, help="a local Hugging Face safetensors model directory")
     parser.add_argument("out", type=Path, help="the prepared directory to create (must not exist)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -22,7 +24,7 @@ def add_prepare_arguments(parser) -> None:
                         help="do not write the quantized KV cache's calibration file")
 
 
-def run_prepare(args) -> int:
+def run(args) -> int:
     from vllm_gds.cli.inspect_prepared import summary
     from vllm_gds.shards.manifest import read_manifest
 
