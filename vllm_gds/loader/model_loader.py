@@ -226,7 +226,7 @@ def register_loaders() -> None:
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
     from vllm_gds.prepare.capture_loader import CaptureModelLoader
-    from vllm_gds.prepare.capture_protocol import CAPTURE_FORMAT
+    from vllm_gds.prepare.capture import CAPTURE_FORMAT
 
     if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
         register_model_loader(LOAD_FORMAT)(GdsModelLoader)

@@ -2,14 +2,20 @@
 
 Run by `vllm-gds prepare` in a child process, whose output goes to a log file:
 the engine ends with the ranks' deliberate CaptureComplete errors. Exit code 0
-when every rank wrote its record.
+when every rank wrote its record. Also what prepare and the capture engine's
+loader (capture_loader.py) agree on; importable without vLLM.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from vllm_gds.prepare.capture_protocol import CAPTURE_FORMAT, record_name
+CAPTURE_FORMAT = "vllm_gds_capture"
+
+
+def record_name(rank: int) -> str:
+    """The JSON record each rank writes beside its shard files once they are complete."""
+    return f"capture-rank-{rank:05d}.json"
 
 
 def main() -> int:

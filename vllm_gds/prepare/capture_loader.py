@@ -19,7 +19,7 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from vllm_gds import _vllm_compat
-from vllm_gds.prepare.capture_protocol import record_name
+from vllm_gds.prepare.capture import record_name
 from vllm_gds.shards.writer import DEFAULT_MAX_FILE_BYTES, write_rank
 
 class CaptureComplete(RuntimeError):

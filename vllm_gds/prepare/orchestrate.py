@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_gds.prepare.capture_protocol import record_name
+from vllm_gds.prepare.capture import record_name
 from vllm_gds.errors import GdsError
 from vllm_gds.loader.hf_stream import safetensors_files
 from vllm_gds import checksum
