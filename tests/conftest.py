@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gds.demo import smollm2 as fixtures
+from vllm_gds.demo.smollm2 import smollm2
 from vllm_gds.prepare.orchestrate import PrepareRequest, prepare
+
+from tiny_model import tiny_llama
 
 TESTS = Path(__file__).parent
 PROMPTS = [
@@ -28,12 +30,12 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    return fixtures.tiny_llama()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
-    return fixtures.smollm2()
+    return smollm2()
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ def test_other_format_version_is_refused(tmp_path):
 
 
 def test_calibrate_the_tiny_model(tmp_path):
-    from vllm_gds.demo.smollm2 import tiny_llama
+    from tiny_model import tiny_llama
 
     model = tiny_llama()
     calibrate(model, tokens=600, window=300, device="cpu", out_dir=tmp_path)
@@ -95,7 +95,7 @@ def test_calibrate_the_tiny_model(tmp_path):
 
 
 def test_the_old_file_name_is_still_read(tmp_path):
-    from vllm_gds.demo.smollm2 import tiny_llama
+    from tiny_model import tiny_llama
     from vllm_gds.kvcache.calibration_file import LEGACY_TENSORS_NAME
 
     calibrate(tiny_llama(), tokens=300, window=300, device="cpu", out_dir=tmp_path)
@@ -104,7 +104,7 @@ def test_the_old_file_name_is_still_read(tmp_path):
 
 
 def test_kv_hook_with_plain_attention_reproduces_the_model():
-    from vllm_gds.demo.smollm2 import tiny_llama
+    from tiny_model import tiny_llama
     from vllm_gds.kvcache.hf_attention import causal_attention, load_causal_lm, use_kv_hook
 
     model = load_causal_lm(tiny_llama())

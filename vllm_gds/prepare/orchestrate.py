@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_gds.prepare.capture import record_name
+from vllm_gds import checksum
 from vllm_gds.errors import GdsError
 from vllm_gds.loader.hf_stream import safetensors_files
-from vllm_gds import checksum
+from vllm_gds.prepare.capture import record_name
 from vllm_gds.shards.manifest import (
     ALIGNMENT, BEFORE_POST_PROCESSING, Manifest, RankShards, ShardFile, TensorEntry, write_manifest,
 )
