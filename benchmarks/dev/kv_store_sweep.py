@@ -30,7 +30,7 @@ N = None
 # (label, format, mode, launch keyword arguments); "prev" runs the kernel file given with --prev
 # (a baseline in the same run; those rows are left out without it). Fourth pass: the
 # fallback path's variants (tq_store's sym, err, imm_codebooks, via_memory, chunks) and launches.
-# The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; kv_store_sweep_4.json) as
+# The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; results/kv_store_sweep.json) as
 # tq_store's launch arguments now spell it: it ran before chunks (with maxnreg 128) became the
 # default, so chunks=False / maxnreg=0 (no limit) name the launches that were then the default.
 PREV_PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
