@@ -33,7 +33,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _source_tree import ROOT  # this tree's vllm_gds importable (benchmarks/_source_tree.py)
 CARRY = ROOT / ".carry" / "vllm_kernels"
 VLLM_FILES = [
     "vllm/v1/attention/ops/triton_unified_attention.py",
@@ -565,7 +565,8 @@ def store_only(args, torch, triton, device, info, log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extract", type=Path, help="copy vLLM's Triton files from this wheel and exit")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--out", type=Path,
+                    default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--quick", action="store_true", help="one shape, two batches")
     ap.add_argument("--store-only", action="store_true",
                     help="only the store kernel: copy bandwidth, store GB/s, store bytes")

@@ -42,8 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _source_tree import ROOT  # this tree's vllm_gds (benchmarks/_source_tree.py)
 
 from vllm_gds.kvcache.calibration import calibrate  # noqa: E402
 from vllm_gds.kvcache.calibration_file import Calibration, load_calibration  # noqa: E402

@@ -32,14 +32,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _source_tree import ROOT  # this tree's vllm_gds importable (benchmarks/_source_tree.py)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -607,7 +604,7 @@ def main():
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="also try pipeline thread/task sizes")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     ap.add_argument("--render", help="print the RESULTS.md section for a load_results.json")
     args = ap.parse_args()
     if args.render:

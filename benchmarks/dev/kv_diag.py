@@ -1,12 +1,11 @@
 """One correctness case of kv_bench per process (a fault cannot spoil the next):
-python benchmarks/kv_diag.py NAME SHAPE MODE FAST MEAN"""
+python benchmarks/dev/kv_diag.py NAME SHAPE MODE FAST MEAN"""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import torch  # noqa: E402
+import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
+import torch
 
-import kv_bench as kb  # noqa: E402
+import kv_bench as kb
 
 
 def main(name, shape, mode, fast, mean):

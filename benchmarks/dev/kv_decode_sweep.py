@@ -2,7 +2,7 @@
 raw-key fallback and the launch parameters cost. Llama-3-8B attention shape (32 query heads, 8 KV
 heads, head 128); BF16 = torch SDPA on a contiguous cache, timed in the same run.
 
-    ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_decode_sweep.py
+    python3 benchmarks/dev/kv_decode_sweep.py      # writes $OUT/kv_decode_sweep.json (default benchmarks/results/)
 
 Variants: the key mean on all 64 RoPE pairs, on the 32 (tq4 as served), 16 or 8 pairs of largest
 mean energy per head (calibration_file.top_pairs), or none; the raw-key fallback on or off. Each
@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kv_bench as kb  # noqa: E402
+from _source_tree import ROOT  # this tree's vllm_gds and benchmarks/ importable
+import kv_bench as kb
 
 SHAPES = [(32, 4096), (64, 8192), (8, 32768)]
 LAUNCHES = [  # block_n, num_warps, num_stages, maxnreg, split factor, mean step, paged, fold;
@@ -142,7 +141,8 @@ def main():
                 print(json.dumps(row), flush=True)
             del cache
             torch.cuda.empty_cache()
-    out = Path(os.environ.get("OUT", "."))
+    out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "kv_decode_sweep.json").write_text(json.dumps(rows, indent=1))
     print("\nbest launch per variant and shape (ms, x BF16 SDPA), default launch beside it")
     print("| variant | " + " | ".join(f"{b}x{c // 1024}K best | launch | default" for b, c in SHAPES) + " |")

@@ -2,7 +2,7 @@
 sizes, and which copy source load a warm checkpoint fastest. One process, one checkpoint written by
 the project's shard writer, InstantTensor beside it as the yardstick, best of two runs per row.
 
-    PYTHONPATH=. python3 benchmarks/engine_sweep.py --gib 16
+    python3 benchmarks/dev/engine_sweep.py --gib 16
 """
 
 import argparse
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_bench import load_instanttensor, load_vllm_gds, write_checkpoint  # noqa: E402
+import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
+from load_bench import load_instanttensor, load_vllm_gds, write_checkpoint
 
 MiB = 1 << 20
 

@@ -1,7 +1,7 @@
 """Issue 4 screening: what lets ours beat KIVI-style int4 (+0.87%, 4.5 bits) at <= 4.5 bits?
 
 Same machinery as benchmarks/kv_quality.py (decode mode, bf16 K/V first, KL vs the bf16 cache).
-Usage: python benchmarks/kv_quality_screen.py WINDOW SEED VARIANT [VARIANT ...]
+Usage: python benchmarks/dev/kv_quality_screen.py WINDOW SEED VARIANT [VARIANT ...]
 (rows appended as JSON lines to $Q4_OUT, default .cache/kv_quality/screen.jsonl; run
 benchmarks/kv_quality.py once first: it writes the calibration used here)
 """
@@ -17,17 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+from _source_tree import ROOT  # this tree's vllm_gds and benchmarks/ importable
 
-import kv_quality as kq  # noqa: E402
-from vllm_gds.kvcache.calibration import sparse_mean  # noqa: E402
-from vllm_gds.kvcache.calibration_file import load_calibration  # noqa: E402
-from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
-from vllm_gds.kvcache.hf_attention import load_causal_lm  # noqa: E402
-from vllm_gds.kvcache.quantizer import FP16_MAX, KVLayerQuantizer, VectorQuantizer  # noqa: E402
-from vllm_gds.kvcache.rope import apply_rope  # noqa: E402
+import kv_quality as kq
+from vllm_gds.kvcache.calibration import sparse_mean
+from vllm_gds.kvcache.calibration_file import load_calibration
+from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode
+from vllm_gds.kvcache.hf_attention import load_causal_lm
+from vllm_gds.kvcache.quantizer import FP16_MAX, KVLayerQuantizer, VectorQuantizer
+from vllm_gds.kvcache.rope import apply_rope
 
 RANGES = []
 FIXED = (-3.0, 6.0)  # log2 norm range of the fixed-range 8-bit norm, all layers (step 0.035 octave)

@@ -1,14 +1,18 @@
-"""Store kernel launch sweep on the GPU (kv_bench's inputs), with the previous kernel as a
-baseline in the same run:
+"""Store kernel launch sweep on the GPU (kv_bench's inputs):
 
-    git show b44572f:kernels/tq_store.py > kernels/tq_store_prev.py   # not committed
-    ln -sfn ../kernels vllm_gds/kernels && PYTHONPATH=$PWD python3 benchmarks/kv_store_sweep.py
+    python3 benchmarks/dev/kv_store_sweep.py [--out DIR] [--budget SECONDS]
+
+Optionally with an older kernel file as a baseline in the same run (rows "prev"; it must still
+import against today's kernels/), e.g. the one the fourth pass compared with:
+
+    git show b44572f:kernels/tq_store.py > /tmp/tq_store_prev.py
+    python3 benchmarks/dev/kv_store_sweep.py --prev /tmp/tq_store_prev.py
 
 32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
 search (tq_store's codes=); the device copy in the same run; bytes against the reference
 (kv_bench.store_check) for several launches. Prints a table last and writes kv_store_sweep.json
-under --out (benchmarks/kv_store_sweep_4.json: the fourth pass in benchmarks/RESULTS.md;
-benchmarks/kv_store_sweep.json: the third)."""
+under --out (default $OUT, else benchmarks/results/; benchmarks/results/kv_store_sweep.json is
+the fourth pass in benchmarks/RESULTS.md, run with the b44572f baseline)."""
 import argparse
 import json
 import os
@@ -16,21 +20,22 @@ import sys
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from _source_tree import ROOT  # this tree's vllm_gds and benchmarks/ importable
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import kv_bench as kb  # noqa: E402
+import torch
+import triton
+import kv_bench as kb
 
 N = None
-# (label, format, mode, launch keyword arguments); "prev" runs kernels/tq_store_prev.py where the
-# command put the previous commit's kernel there (a baseline in the same run). Fourth pass: the
+# (label, format, mode, launch keyword arguments); "prev" runs the kernel file given with --prev
+# (a baseline in the same run; those rows are left out without it). Fourth pass: the
 # fallback path's variants (tq_store's sym, err, imm_codebooks, via_memory, chunks) and launches.
-# The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; kv_store_sweep_4.json) as
+# The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; results/kv_store_sweep.json) as
 # tq_store's launch arguments now spell it: it ran before chunks (with maxnreg 128) became the
 # default, so chunks=False / maxnreg=0 (no limit) name the launches that were then the default.
-PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
-        ("prev", "tq3", "mean", {})]
+PREV_PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
+             ("prev", "tq3", "mean", {})]
+PLAN = []
 OLD = dict(chunks=False)
 for launch in [OLD, dict(OLD, maxnreg=168), dict(OLD, block_t=16, num_warps=8),
                dict(OLD, block_t=16, num_warps=8, maxnreg=128), dict(OLD, via_memory=False),
@@ -51,11 +56,27 @@ LAUNCH_KEYS = ("block_t", "num_warps", "codes", "maxnreg", "sym", "err", "imm_co
                "via_memory", "chunks")
 
 
+def load_prev(path):
+    """tq_store of an older kernel file, loaded as vllm_gds.kernels.tq_store_prev (so its
+    relative imports find today's kernels/ modules)."""
+    import importlib.util
+
+    import vllm_gds.kernels  # noqa: F401  the parent package first
+
+    spec = importlib.util.spec_from_file_location("vllm_gds.kernels.tq_store_prev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.tq_store
+
+
+PREV = None  # tq_store of --prev
+
+
 def _store_fn(label):
     if label == "prev":
-        from vllm_gds.kernels.tq_store_prev import tq_store
-    else:
-        from vllm_gds.kernels import tq_store
+        return PREV
+    from vllm_gds.kernels import tq_store
     return tq_store
 
 
@@ -96,10 +117,17 @@ def check(name, mode, launch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--out", type=Path,
+                    default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--budget", type=float, default=250.0,
                     help="seconds; launches not started by then are skipped (listed as such)")
+    ap.add_argument("--prev", type=Path, help="an older tq_store.py to time beside today's "
+                    "(e.g. from git show b44572f:kernels/tq_store.py); rows 'prev'")
     args = ap.parse_args()
+    global PREV
+    if args.prev:
+        PREV = load_prev(args.prev)
+    args.out.mkdir(parents=True, exist_ok=True)
     import time
     started = time.time()
     res = {"info": torch.cuda.get_device_name(), "copy_gbs": kb.copy_bandwidth(torch, triton, "cuda"),
@@ -122,7 +150,7 @@ def main():
             (args.out / "kv_store_sweep.json").write_text(json.dumps(res, indent=1))
 
     run_checks(CHECKS[:2])
-    for label, name, mode, launch in PLAN:
+    for label, name, mode, launch in (PREV_PLAN if PREV else []) + PLAN:
         row = dict(kernel=label, format=name, mode=mode, **launch)
         if time.time() - started > args.budget:
             row["error"] = "skipped: time budget"

@@ -1,4 +1,4 @@
-"""sm_90 SASS of the store kernel (no GPU needed): python benchmarks/kv_sass_store.py [--dump DIR]
+"""sm_90 SASS of the store kernel (no GPU needed): python benchmarks/dev/kv_sass_store.py [--dump DIR]
 
 Compiles tq_store's kernel for the Llama-3-8B shape (head 128, tq4 / tq3; with the key mean,
 raw-key fallback and value mean, and uncalibrated; tq_store's default launch first) and prints
@@ -8,18 +8,16 @@ instruction counts, registers and spills; per code = SASS instructions of one he
 import argparse
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import _source_tree  # noqa: F401  this tree's vllm_gds importable
+import torch
+from kv_sass import BIN, compile_sm90, sass_stats
 
-import torch  # noqa: E402
-from kv_sass import BIN, compile_sm90, sass_stats  # noqa: E402
-
-from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
-from vllm_gds.kernels.tq_store import _tq_store_kernel  # noqa: E402
-from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs
+from vllm_gds.kernels.tq_store import _tq_store_kernel
+from vllm_gds.kvcache.formats import FORMATS
 
 PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
         "positions_ptr": "*i64", "rope_partner_ptr": "*i32"}

@@ -1,7 +1,6 @@
 """Compile the KV kernels for sm_90 without a GPU (Triton's bundled ptxas) and count SASS
-instructions: a cheap look at what the GPU will run, before spending device time.
-
-    python benchmarks/kv_sass.py [--dump DIR]
+instructions: a cheap look at what the GPU will run, before spending device time. Imported by
+kv_sass_attention.py and kv_sass_store.py (this module has no command of its own).
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
-"""sm_90 SASS of the tq4 decode loop (no GPU needed): python benchmarks/kv_sass_attention.py"""
-import sys
-from pathlib import Path
+"""sm_90 SASS of the tq4 decode loop (no GPU needed): python benchmarks/dev/kv_sass_attention.py"""
 
-sys.path.insert(0, str(Path(__file__).parent))
+import _source_tree  # noqa: F401  this tree's vllm_gds importable
+import torch
+import triton.language as tl
+from kv_sass import compile_sm90, report
 
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from kv_sass import compile_sm90, report  # noqa: E402
-
-from vllm_gds.kernels.tq_attention import _tq_attention_kernel  # noqa: E402
-from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
-from vllm_gds.kvcache.calibration_file import top_pairs  # noqa: E402
-from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+from vllm_gds.kernels.tq_attention import _tq_attention_kernel
+from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs
+from vllm_gds.kvcache.calibration_file import top_pairs
+from vllm_gds.kvcache.formats import FORMATS
 
 TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
          "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "levels_ptr": "*bf16",

@@ -9,9 +9,9 @@ each read their own range of a file in chunks into two buffers of their own, (a)
 place from the back (do they get in each other's way?). ``--register-mib N``: how long making N
 MiB of pinned memory takes, several ways. Needs a GPU, torch and cuda-bindings.
 
-    python3 benchmarks/pinned_probe.py --gib 4 --threads 8 12 16 --sources pread mmap
-    python3 benchmarks/pinned_probe.py --mixed --threads 0 16 --pin-mib 0 256
-    python3 benchmarks/pinned_probe.py --register-mib 384
+    python3 benchmarks/dev/pinned_probe.py --gib 4 --threads 8 12 16 --sources pread mmap
+    python3 benchmarks/dev/pinned_probe.py --mixed --threads 0 16 --pin-mib 0 256
+    python3 benchmarks/dev/pinned_probe.py --register-mib 384
 """
 
 import argparse
