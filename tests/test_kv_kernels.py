@@ -96,7 +96,7 @@ def _decode_slots(lq, layout, slots, positions):
 
 
 @pytest.mark.parametrize("name", list(FORMAT_CASES))
-@pytest.mark.parametrize("d, page, calibrated", [(64, 16, True), (128, 32, False)])
+@pytest.mark.parametrize("d, page, calibrated", [(64, 16, True), (128, 32, False), (64, 64, True)])
 def test_store_writes_the_reference_bytes(name, d, page, calibrated):
     fmt = FORMAT_CASES[name]
     h, t = 2, 21
@@ -247,6 +247,13 @@ def test_decode_past_the_key_mean_anchor():
     (tq_attention.MEAN_ANCHOR) and the scores stay the reference's."""
     seq_lens = [int(torch.randint(16 * 33, 16 * 40, ()))]
     _run_attention(FORMATS["tq4"], 64, 1, 4, seq_lens, [1], 16, 1)
+
+
+def test_decode_and_prefill_on_pages_of_64():
+    """vLLM 0.34's default block size: pages of 64 tokens, sequences across page boundaries."""
+    seq_lens = [int(x) for x in torch.randint(65, 140, (2,))]
+    _run_attention(FORMATS["tq4"], 64, 1, 2, seq_lens, [1, 1], 64, 2)
+    _run_attention(FORMATS["tq4"], 64, 1, 2, [70, 9], [3, 9], 64)
 
 
 @pytest.mark.parametrize(

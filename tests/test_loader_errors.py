@@ -159,3 +159,32 @@ def test_shape_mismatch_is_refused(prepared_tiny):
     setattr(owner, leaf, nn.Parameter(torch.zeros(3, 3), requires_grad=False))
     with pytest.raises(ManifestError, match=f"tensor {name} is float32.*expects float32\\[3, 3\\]"):
         plan_install(module, prepared_tiny, shards)
+
+
+def _manifest_made_by(version: str):
+    from vllm_gds.shards.manifest import ALIGNMENT, BEFORE_POST_PROCESSING, Manifest
+
+    return Manifest(tensor_parallel_size=2, pipeline_parallel_size=1, dtype="bfloat16",
+                    quantization=None, vllm_version=version,
+                    platform={"device_type": "cuda", "compute_capability": "9.0"},
+                    capture_point=BEFORE_POST_PROCESSING, checksum_algorithm="wsum32",
+                    alignment=ALIGNMENT, ranks=())
+
+
+@pytest.mark.parametrize("made, serving", [("0.33.0", "0.34.0"), ("0.34.1", "0.33.2")])
+def test_shards_are_not_carried_between_033_and_034(tmp_path, made, serving):
+    """0.34 changed the weight loaders and model classes the shards were captured from, so a
+    manifest cannot prove the parameters the same: refused, naming both versions and the one
+    command that prepares the model again under the running vLLM."""
+    manifest = _manifest_made_by(made)
+    running = RunningSetup(tensor_parallel_size=2, pipeline_parallel_size=1, dtype="bfloat16",
+                           quantization=None, vllm_version=serving, platform=dict(manifest.platform))
+    with pytest.raises(LayoutMismatchError) as err:
+        check_compatible(manifest, running, tmp_path)
+    message = str(err.value)
+    assert f"the shards were made by vLLM {made}, this is vLLM {serving}" in message
+    assert "changed the weight loaders" in message
+    assert ("prepare again with `vllm-gds prepare SOURCE OUT --tensor-parallel-size 2 "
+            f"--pipeline-parallel-size 1 --dtype bfloat16` under vLLM {serving}") in message
+    # Within one minor version (0.34.0 and 0.34.3, say) the same shards load.
+    check_compatible(manifest, dataclasses.replace(running, vllm_version=made[:-1] + "3"), tmp_path)

@@ -5,6 +5,7 @@ import importlib.metadata
 import pytest
 
 from vllm_gds.errors import GdsError
+from vllm_sources import RELEASES, run_on_sources
 from vllm_gds.loader.options import LoaderOptions
 
 
@@ -61,28 +62,29 @@ def test_data_and_expert_parallel_layouts_are_refused():
     check_supported_parallelism(VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=1)))
 
 
-def test_loader_registers_against_vllm_033_sources():
-    """The loader's imports and registration work on vLLM 0.33 (its Python files; no GPU here)."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from test_kv_backend import ROOT, _vllm033_sources
-
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = [{str(_vllm033_sources())!r}, {str(ROOT)!r}]
-        import vllm
-        assert vllm.__file__.startswith({str(_vllm033_sources())!r}), vllm.__file__
+@pytest.mark.parametrize("minor", RELEASES)
+def test_loader_registers_against_gpu_release_sources(minor):
+    """The plugin's entry point, the `gds` load format and the loader's guard work on each GPU
+    release (its Python files; no GPU here): register() idempotent, the tq dtypes registered."""
+    run_on_sources(minor, """
+        import vllm_gds
         from vllm.config.load import LoadConfig
-        from vllm.model_executor.model_loader import get_model_loader
+        from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, get_model_loader
         from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-        from vllm_gds.loader.model_loader import GdsModelLoader, register_loaders
-        register_loaders()
-        loader = get_model_loader(LoadConfig(load_format="gds", model_loader_extra_config={{"gds": "off"}}))
+        from vllm.config.cache import get_kv_cache_dtype_handler
+        from vllm_gds.loader.model_loader import GdsModelLoader
+        vllm_gds.register()
+        guard = DefaultModelLoader._prepare_weights
+        vllm_gds.register()
+        from vllm_gds.loader.model_loader import register_loaders
+        from vllm_gds.kvcache.registration import register as register_kv_cache
+        register_loaders()  # past register()'s own flag: each step is idempotent by itself
+        assert register_kv_cache() is True
+        assert DefaultModelLoader._prepare_weights is guard and guard._vllm_gds_guard
+        assert _LOAD_FORMAT_TO_MODEL_LOADER["gds"] is GdsModelLoader
+        loader = get_model_loader(LoadConfig(load_format="gds", model_loader_extra_config={"gds": "off"}))
         assert isinstance(loader, GdsModelLoader) and loader.options.read.policy == "off"
-        assert DefaultModelLoader._prepare_weights._vllm_gds_guard
+        for name in ("tq3", "tq4", "tq5"):
+            assert get_kv_cache_dtype_handler(name) is not None, name
         print("OK")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

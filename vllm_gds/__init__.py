@@ -23,7 +23,7 @@ def register() -> None:
 
     register_loaders()
 
-    # The quantized KV cache dtypes (tq4, ...) and their attention backend: vLLM 0.33 hooks; a
+    # The quantized KV cache dtypes (tq4, ...) and their attention backend: vLLM 0.33/0.34 hooks; a
     # no-op on builds without them (vLLM 0.32, the CPU build).
     from vllm_gds.kvcache.registration import register as register_kv_cache
 

@@ -1,4 +1,4 @@
-"""The vLLM 0.33 attention backend of the quantized KV cache (``--kv-cache-dtype tq4
+"""The vLLM 0.33/0.34 attention backend of the quantized KV cache (``--kv-cache-dtype tq4
 --attention-backend CUSTOM``).
 
 Cache: one uint8 slot per (token, KV head) in vLLM's paged cache, laid out as formats.py says
@@ -104,7 +104,7 @@ class TQAttentionBackend(AttentionBackend):
         """One slot of the format's bytes per (token, KV head).
 
         The spec's kv_quant_mode cannot tell the formats apart (each is KVQuantMode.CUSTOM, which
-        vLLM 0.33 aliases to OCTAVE_K3V4), so the format comes from the current cache config."""
+        vLLM 0.33 and 0.34 alias to OCTAVE_K3V4), so the format comes from the current cache config."""
         name = _current_format_name()
         if spec.state_content_bytes is not None or name is None:
             return spec

@@ -1,10 +1,16 @@
 """`vllm-gds kv-plan MODEL`: how many tokens and sequences fit in the KV cache, per KV dtype.
 
-Reads only config.json and the size of the weight files (no vLLM, no GPU). Per GPU:
+Reads only config.json and the size of the weight files (no vLLM, no GPU). Per GPU, sized as the
+vLLM version in use sizes it (``--vllm-version``, default the installed one):
 
-    KV memory = G * utilization - weights / (TP * PP) - overhead
+    estimate-based (0.32, 0.33; 0.34 with --no-extensible-kv-cache):
+        KV memory = G * utilization - weights / (TP * PP) - overhead       (utilization 0.92)
+    extensible KV cache (0.34's default on CUDA), sized from the memory measured after warmup:
+        KV memory = min(G * utilization, G - margin) - weights / (TP * PP) - overhead
+                                   (utilization 1.0; margin = max(1 GiB, 0.75 x overhead))
     bytes per token = layers / PP * ceil(KV heads / TP) * (bytes of one token's K and V per head)
-    tokens = whole blocks of 16 that fit;  sequences = tokens // (blocks of L, rounded up)
+    tokens = whole blocks that fit (16 tokens a block up to 0.33, 64 from 0.34; or --block-size)
+    sequences = blocks // (blocks of L, rounded up)
 """
 
 from __future__ import annotations
@@ -12,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from vllm_gds import _vllm_compat
 
 from .formats import FORMATS, PLAIN_DTYPE_BYTES, kv_bytes_per_token_per_head
 from .rotation import SUPPORTED_HEAD_SIZES
 
 GIB = 1 << 30
-BLOCK_SIZE = 16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -63,20 +70,70 @@ def bytes_per_token(shape: ModelShape, dtype: str, tp: int = 1, pp: int = 1) -> 
     return layers * kv_heads * kv_bytes_per_token_per_head(dtype, shape.head_size)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """How one vLLM version sizes the KV cache: the knobs kv-plan resolves from the version."""
+
+    vllm_version: str
+    block_size: int
+    utilization: float
+    extensible: bool
+
+    @classmethod
+    def of(cls, vllm_version: str | None = None, block_size: int | None = None,
+           utilization: float | None = None, extensible: bool | None = None) -> "Sizing":
+        version = vllm_version or _vllm_compat.installed_vllm_version() or ".".join(
+            map(str, _vllm_compat.NEWEST_MINOR))
+        minor = _vllm_compat.minor_of(version)
+        if minor not in _vllm_compat.SUPPORTED_MINORS:
+            supported = ", ".join(f"{a}.{b}" for a, b in _vllm_compat.SUPPORTED_MINORS)
+            raise ValueError(f"--vllm-version {version}: kv-plan knows vLLM {supported}")
+        can_extend = _vllm_compat.has_extensible_kv_cache(minor)
+        if extensible and not can_extend:
+            raise ValueError(f"vLLM {version} has no extensible KV cache (it came with 0.34)")
+        extensible = can_extend if extensible is None else extensible
+        return cls(
+            vllm_version=version,
+            block_size=block_size or _vllm_compat.default_block_size(minor),
+            utilization=(utilization if utilization is not None
+                         else _vllm_compat.default_gpu_memory_utilization(minor, extensible)),
+            extensible=extensible,
+        )
+
+
+def kv_budget(shape: ModelShape, gpu_memory_gib: float, tp: int, pp: int, sizing: Sizing,
+              overhead_gib: float) -> float:
+    """Bytes of KV cache one GPU gets (see the module's docstring for both sizing modes)."""
+    usable = gpu_memory_gib * GIB * sizing.utilization
+    if sizing.extensible:
+        margin = max(_vllm_compat.EXTENSIBLE_MARGIN_FLOOR_GIB,
+                     _vllm_compat.EXTENSIBLE_MARGIN_FRACTION * overhead_gib)
+        usable = min(usable, (gpu_memory_gib - margin) * GIB)
+    return usable - shape.weight_bytes / (tp * pp) - overhead_gib * GIB
+
+
 def plan(shape: ModelShape, gpu_memory_gib: float, tp: int = 1, pp: int = 1,
-         max_model_len: int | None = None, utilization: float = 0.9, overhead_gib: float = 1.0):
-    """Rows of (dtype, bytes per token, tokens, sequences of max_model_len) plus the KV budget."""
+         max_model_len: int | None = None, utilization: float | None = None,
+         overhead_gib: float = 1.0, sizing: Sizing | None = None):
+    """Rows of (dtype, bytes per token, tokens, sequences of max_model_len) plus the KV budget.
+
+    sizing: the vLLM version's block size and memory rule (default: the installed vLLM's);
+    utilization, where given, overrides its --gpu-memory-utilization."""
+    sizing = sizing or Sizing.of()
+    if utilization is not None:
+        sizing = replace(sizing, utilization=utilization)
+    block = sizing.block_size
     length = max_model_len or shape.max_model_len or 4096
-    budget = gpu_memory_gib * GIB * utilization - shape.weight_bytes / (tp * pp) - overhead_gib * GIB
+    budget = kv_budget(shape, gpu_memory_gib, tp, pp, sizing, overhead_gib)
     rows = []
     for dtype in list(PLAIN_DTYPE_BYTES) + list(FORMATS):
         if dtype in FORMATS and shape.head_size not in SUPPORTED_HEAD_SIZES:
             rows.append((dtype, None, None, None))
             continue
         per_token = bytes_per_token(shape, dtype, tp, pp)
-        blocks = max(0, int(budget // (per_token * BLOCK_SIZE)))
-        tokens = blocks * BLOCK_SIZE
-        sequences = blocks // math.ceil(length / BLOCK_SIZE)
+        blocks = max(0, int(budget // (per_token * block)))
+        tokens = blocks * block
+        sequences = blocks // math.ceil(length / block)
         rows.append((dtype, per_token, tokens, sequences))
     return rows, budget, length
 
@@ -89,8 +146,18 @@ def add_kv_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="sequence length for the concurrency column (default: the model's)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="vLLM's --gpu-memory-utilization (default 0.9)")
+    parser.add_argument("--vllm-version", default=None,
+                        help="size the cache as this vLLM does (default: the installed vLLM, "
+                             "else the newest supported)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vLLM's --block-size (default: the version's, 16 up to 0.33, 64 from 0.34)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="vLLM's --gpu-memory-utilization (default: the version's, 0.92; "
+                             "1.0 under 0.34's extensible KV cache)")
+    parser.add_argument("--no-extensible-kv-cache", dest="extensible", action="store_false",
+                        default=None,
+                        help="0.34 with --no-enable-extensible-kv-cache (estimate-based sizing, "
+                             "as on 0.33)")
     parser.add_argument("--overhead-gib", type=float, default=1.0,
                         help="activations, CUDA graphs and the rest, per GPU (default 1)")
 
@@ -98,13 +165,25 @@ def add_kv_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_kv_plan(args: argparse.Namespace) -> int:
     shape = read_shape(args.model)
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    try:
+        sizing = Sizing.of(args.vllm_version, args.block_size, args.gpu_memory_utilization,
+                           args.extensible)
+    except ValueError as e:
+        print(f"vllm-gds kv-plan: {e}")
+        return 2
     rows, budget, length = plan(shape, args.gpu_memory_gib, tp, pp, args.max_model_len,
-                                args.gpu_memory_utilization, args.overhead_gib)
+                                overhead_gib=args.overhead_gib, sizing=sizing)
     print(f"{args.model.name}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads, head size "
           f"{shape.head_size}; weights {shape.weight_bytes / GIB:.2f} GiB "
           f"({shape.weight_bytes / GIB / (tp * pp):.2f} GiB per GPU at TP={tp}, PP={pp})")
-    print(f"KV cache per GPU: {args.gpu_memory_gib:g} GiB x {args.gpu_memory_utilization:g} - weights - "
-          f"{args.overhead_gib:g} GiB overhead = {budget / GIB:.2f} GiB")
+    memory = f"{args.gpu_memory_gib:g} GiB x {sizing.utilization:g}"
+    if sizing.extensible:
+        memory = f"min({memory}, {args.gpu_memory_gib:g} GiB - margin)"
+    print(f"vLLM {sizing.vllm_version}: block size {sizing.block_size}, "
+          + ("extensible KV cache (sized from memory measured after warmup)" if sizing.extensible
+             else "KV cache sized from the profiling estimate"))
+    print(f"KV cache per GPU: {memory} - weights - {args.overhead_gib:g} GiB overhead "
+          f"= {budget / GIB:.2f} GiB")
     if budget <= 0:
         print("the weights do not leave room for a KV cache: raise --tensor-parallel-size or "
               "--gpu-memory-gib")

