@@ -80,3 +80,31 @@ def resident_fraction(path) -> float:
         return cached / total if total else 1.0
     finally:
         os.close(fd)
+
+
+def resident_fraction_of(paths) -> float | None:
+    """Share of the pages of all ``paths`` together in memory (mincore; nothing is faulted in):
+    1.0 means a warm load (tmpfs or page cache), 0.0 a cold one. None where a file cannot be
+    mapped (some file systems refuse mmap) or does not exist."""
+    cached = total = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                continue
+            m = FileMapping(fd, size)
+            try:
+                c, t = m.resident_pages()
+            finally:
+                m.close()
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        cached += c
+        total += t
+    return cached / total if total else 1.0
