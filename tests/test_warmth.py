@@ -67,3 +67,23 @@ def test_residency_of_several_files_and_missing_ones(tmp_path):
     assert LoadReport(model="m", source="prepared", rank=0, tp_rank=0, pp_rank=0, mode="host", files=1,
                       tensors=1, nbytes=1, read_seconds=1.0, checksums_verified=False, verify_seconds=0.0,
                       total_seconds=1.0).warmth == "page cache not measured"
+
+
+def test_large_files_are_sampled_and_still_tell_warm_from_cold(tmp_path, monkeypatch):
+    from vllm_gds.io import pagecache
+
+    monkeypatch.setattr(pagecache, "SAMPLE_ABOVE_PAGES", 64)  # an 8 MiB file (2048 pages) is sampled
+    monkeypatch.setattr(pagecache, "SAMPLES_PER_FILE", 32)
+    path = tmp_path / "s.bin"
+    _written(path)
+    path.read_bytes()
+    assert resident_fraction_of([path]) > 0.9
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 4 << 20, os.POSIX_FADV_DONTNEED)  # the first half
+    finally:
+        os.close(fd)
+    half = resident_fraction_of([path])
+    if half > 0.9:
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED")
+    assert 0.3 < half < 0.7
