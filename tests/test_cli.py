@@ -59,10 +59,12 @@ def test_report_prints_per_rank_and_aggregate(tmp_path, capsys):
     for rank, seconds in [(0, 1.0), (1, 2.0)]:
         LoadReport(model="m", source="prepared", rank=rank, tp_rank=rank, pp_rank=0, mode="compat",
                    files=2, tensors=10, nbytes=4_000_000_000, read_seconds=seconds,
-                   checksums_verified=True, verify_seconds=0.1, total_seconds=seconds + 0.5).write(tmp_path)
+                   checksums_verified=True, verify_seconds=0.1, total_seconds=seconds + 0.5,
+                   threads=16, task_size=4 << 20, resident_fraction=1.0 - rank).write(tmp_path)
     assert main(["report", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:7] == ["0", "prepared", "compat", "2", "4.000", "1.00", "4.00"]
+    assert lines[1].split()[8:] == ["100%", "16", "x", "4", "MiB"] and lines[2].split()[8] == "0%"
     assert lines[-1].split() == ["all", "4", "8.000", "2.00", "4.00"]  # bytes over the slowest rank
 
 

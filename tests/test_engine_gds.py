@@ -35,6 +35,10 @@ def test_prepared_smollm2_matches_default_loader(prepared_smollm2, smollm2_refer
     manifest = json.loads((prepared_smollm2 / "vllm-gds-manifest.json").read_text())
     expected = sum(t["nbytes"] for f in manifest["ranks"][0]["files"] for t in f["tensors"])
     assert report["nbytes"] == expected > 500e6
+    # How the reads ran, chosen from this machine, and whether the page cache held the files.
+    assert report["engine"] == "kvikio" and report["threads"] >= 2 and "CPUs" in report["choice"]
+    assert 0.0 <= report["resident_fraction"] <= 1.0
+    assert "of the files' pages were in memory before reading" in result.log
 
 
 def test_huggingface_directory_through_gds_matches_default_loader(smollm2_model, smollm2_reference, tmp_path):

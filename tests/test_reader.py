@@ -174,8 +174,9 @@ def test_options_are_validated():
         ReadOptions(policy="always")
     with pytest.raises(GdsError, match="engine"):
         ReadOptions(engine="magic")
-    with pytest.raises(GdsError, match="max_pinned_bytes"):
-        ReadOptions(task_size=64 << 20, max_pinned_bytes=1 << 20)
+    with pytest.raises(GdsError, match="max_pinned_bytes 4096 cannot hold one bounce buffer"):
+        ReadOptions(max_pinned_bytes=4096)
+    ReadOptions(task_size=64 << 20, max_pinned_bytes=1 << 20)  # kvikio reads it through smaller buffers
     with pytest.raises(ValueError, match="contiguous"):
         dest = torch.empty(8, 8, dtype=torch.uint8).t()
         read_files([FileRead(Path(__file__), (ReadTarget(0, dest),), None)], ReadOptions(), CPU)
@@ -234,3 +235,34 @@ def test_automatic_threads_share_the_cpus_between_ranks():
     assert with_threads(ReadOptions(), 1).num_threads == auto_threads(1)
     with pytest.raises(GdsError, match="num_threads"):
         ReadOptions(num_threads=-1)
+
+
+@pytest.mark.parametrize("bound, threads, task", [(1 << 30, 0, 0), (1 << 20, 0, 64 << 20), (256 << 10, 16, 0),
+                                                  (64 << 10, 24, 4 << 20)])
+def test_kvikio_bounce_buffers_stay_within_max_pinned_bytes(tmp_path, bound, threads, task):
+    """The real kvikio is configured (and read back) with threads x bounce buffer <= the bound, and
+    still reads every byte."""
+    path = tmp_path / "b.bin"
+    data = _random_file(path, 3 << 20, seed=9)
+    dest = torch.empty(len(data), dtype=torch.uint8)
+    options = ReadOptions(engine="kvikio", max_pinned_bytes=bound, num_threads=threads, task_size=task)
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))], options, CPU)
+    assert bytes(dest.numpy()) == data
+    d = stats.detail
+    assert d["engine"] == "kvikio"
+    assert d["threads"] * d["bounce_size"] == d["pinned_bound_bytes"] <= bound
+    assert d["bounce_size"] <= d["task_size"]
+    assert d["machine"]["cpus"] == len(os.sched_getaffinity(0)) and d["choice"]
+
+
+def test_pipeline_engine_refuses_a_task_larger_than_the_pinned_bound(tmp_path):
+    path = tmp_path / "p.bin"
+    data = _random_file(path, 1 << 20, seed=10)
+    dest = torch.empty(len(data), dtype=torch.uint8)
+    with pytest.raises(GdsError, match="max_pinned_bytes"):
+        read_files([FileRead(path, (ReadTarget(0, dest),), len(data))],
+                   ReadOptions(engine="pipeline", task_size=4 << 20, max_pinned_bytes=1 << 20), CPU)
+    # with the task size left automatic it fits the bound and reads
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))],
+                       ReadOptions(engine="pipeline", max_pinned_bytes=256 << 10), CPU)
+    assert bytes(dest.numpy()) == data and stats.detail["task_size"] <= 256 << 10

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
-from vllm_gds.io import gds_env
+from vllm_gds.io import gds_env, pagecache
+from vllm_gds.io.engine_choice import MAX_THREADS, MIN_BOUNCE, EngineChoice, Machine, choose
 from vllm_gds.io.pipeline import Checksums, run_pipeline
 
 POLICIES = ("auto", "require", "off")
@@ -41,11 +42,14 @@ ENGINES = ("auto", "pipeline", "kvikio")
 @dataclass(frozen=True)
 class ReadOptions:
     policy: str = "auto"  # auto: GDS where available; require: fail unless GDS; off: never GDS
-    # Defaults measured on one H200 from tmpfs, 16 GiB (benchmarks/RESULTS.md, "Load (issue 3)").
-    num_threads: int = 0  # kvikio's pool or the pipeline's readers; 0: this rank's share of the CPUs
-    task_size: int = 4 << 20  # bytes per read (kvikio: per task and bounce buffer; pipeline: per buffer)
+    # 0: chosen from the machine (CPUs, ranks on the node, file system): vllm_gds.io.engine_choice.
+    num_threads: int = 0  # kvikio's pool or the pipeline's readers
+    task_size: int = 0  # bytes per read (kvikio: per task, bounce buffer at most this; pipeline: per buffer)
     num_buffers: int = 0  # pipeline: pinned buffers in the ring; 0: one per reader thread
-    max_pinned_bytes: int = 1 << 30  # pinned host memory (ring and pages pinned in place) stays below
+    # pinned host memory stays below this: kvikio's bounce buffers (threads x bounce size), the
+    # pipeline's ring and pages pinned in place
+    max_pinned_bytes: int = 1 << 30
+    ranks_on_node: int = 0  # processes of this load sharing the node's CPUs; 0: one (set by the loader)
     engine: str = "auto"  # auto: kvikio (GDS where active, else its compat mode); or "pipeline"
     direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
     # pipeline: one extra thread pins page-cache pages of files resident in memory (tmpfs, warm
@@ -58,22 +62,35 @@ class ReadOptions:
             raise GdsError(f"gds policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.engine not in ENGINES:
             raise GdsError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.num_threads < 0 or self.task_size < 4096:
-            raise GdsError("num_threads must be >= 0 (0: automatic) and task_size >= 4096")
-        if self.num_buffers < 0 or self.max_pinned_bytes < self.task_size:
+        if self.num_threads < 0 or self.ranks_on_node < 0 or (self.task_size and self.task_size < 4096):
+            raise GdsError("num_threads and ranks_on_node must be >= 0 (0: automatic) and task_size "
+                           ">= 4096 bytes (0: automatic)")
+        if self.num_buffers < 0:
+            raise GdsError("num_buffers must be >= 0 (0: one per reader thread)")
+        if self.max_pinned_bytes < MIN_BOUNCE:
             raise GdsError(
-                "num_buffers must be >= 0 and max_pinned_bytes at least one task_size "
-                f"({self.task_size} bytes)"
+                f"max_pinned_bytes {self.max_pinned_bytes} cannot hold one bounce buffer of {MIN_BOUNCE} "
+                f"bytes, so nothing could be read: raise it to at least {MIN_BOUNCE} (default 1 GiB)"
             )
 
 
-MAX_AUTO_THREADS = 24  # 24 beat 16 on a 32-CPU host; 32 did not beat 16 on a 16-CPU one
+MAX_AUTO_THREADS = MAX_THREADS
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def auto_threads(ranks_on_node: int = 1) -> int:
-    """Reader threads for one rank: its share of the CPUs this process may run on, 2..24."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(2, min(MAX_AUTO_THREADS, cpus // max(1, ranks_on_node)))
+    """Reader threads for one rank on a local or memory file system (see engine_choice.choose)."""
+    return choose(Machine(cpus=available_cpus(), ranks_on_node=max(1, ranks_on_node), mode="host")).threads
+
+
+def describe_machine(reads: list["FileRead"], options: "ReadOptions", mode: str, ranks_on_node: int = 1) -> Machine:
+    """What this process may use for ``reads``: its CPUs, the ranks sharing them, the files' file system."""
+    mount = gds_env.mount_of(reads[0].path) if reads else None
+    return Machine(cpus=available_cpus(), ranks_on_node=max(1, options.ranks_on_node or ranks_on_node),
+                   fstype=mount.fstype if mount else "", mode=mode, max_pinned_bytes=options.max_pinned_bytes)
 
 
 def with_threads(options: "ReadOptions", ranks_on_node: int = 1) -> "ReadOptions":
@@ -262,17 +279,24 @@ def _engine(mode: str, options: ReadOptions) -> str:
     return options.engine
 
 
-def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> dict:
+def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None) -> dict:
     kvikio = _kvikio()
-    settings = {"num_threads": options.num_threads, "task_size": options.task_size}
+    # One pinned bounce buffer per thread at a time (a task larger than it is read through it in
+    # pieces): kvikio's pinned memory is num_threads x bounce_buffer_size, which choose() bounds.
+    # Set under GDS too: a file that falls back to compat mode reads through the same buffers.
+    settings = {"num_threads": choice.threads, "task_size": choice.task_size,
+                "bounce_buffer_size": choice.bounce_size}
     if mode == "gds":
         # require: no silent per-file fallback; auto: kvikio's AUTO falls back where it must.
         settings["compat_mode"] = kvikio.CompatMode.OFF if options.policy == "require" else kvikio.CompatMode.AUTO
     else:
         settings["compat_mode"] = kvikio.CompatMode.ON
-        # One pinned bounce buffer per task in flight: pinned memory is num_threads x task_size.
-        settings["bounce_buffer_size"] = options.task_size
     with kvikio.defaults.set(settings):
+        # What kvikio will use, read back from it: the bound the load report states.
+        threads, bounce = kvikio.defaults.get("num_threads"), kvikio.defaults.get("bounce_buffer_size")
+        if threads * bounce > options.max_pinned_bytes:
+            raise GdsError(f"kvikio would pin {threads} x {bounce} bytes, over max_pinned_bytes "
+                           f"{options.max_pinned_bytes}")
         handles = []
         try:
             for read in reads:  # every file opens before the first byte is read
@@ -305,10 +329,10 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> d
         finally:
             for handle in handles:
                 handle.close()
-    # Under GDS nothing is pinned on the host; in compat mode kvikio pins its own bounce buffers
-    # (and keeps them in its pool for the next load).
-    return {"engine": "kvikio", "threads": options.num_threads, "task_size": options.task_size,
-            "pinned_bytes": 0 if mode == "gds" else options.num_threads * options.task_size}
+    # Under GDS (unless a file falls back) and into host memory nothing is pinned; in compat mode
+    # kvikio pins its bounce buffers (and keeps them in its pool for the next load).
+    return {"engine": "kvikio", "threads": threads, "task_size": choice.task_size, "bounce_size": bounce,
+            "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce}
 
 
 def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device,
@@ -321,11 +345,17 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     as ``tqdm.update`` is). ``ranks_on_node``: processes of this load sharing the
     node's CPUs, for the automatic thread count.
     """
-    options = with_threads(options, ranks_on_node)
     mode = resolve_mode(device, options.policy)
     for read in reads:
         _check_file(read)
     engine = _engine(mode, options)
+    machine = describe_machine(reads, options, mode, ranks_on_node)
+    choice = choose(machine, options.num_threads, options.task_size)
+    task_size = choice.task_size
+    if engine == "pipeline" and not options.task_size:  # its ring needs one whole task pinned
+        task_size = min(task_size, options.max_pinned_bytes // 4096 * 4096)
+    options = replace(options, num_threads=choice.threads, task_size=task_size)
+    resident = pagecache.resident_fraction_of([r.path for r in reads])  # before the reads warm them
     flat = [(i, t) for i, read in enumerate(reads) for t in read.targets]
     checks = Checksums(flat, [r.path for r in reads], device)
     stats = ReadStats(mode=mode, files=len(reads))
@@ -336,7 +366,7 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
         else:
             checks.expect({t: 1 for t in range(len(flat))})
             checks.start()
-            detail = _read_kvikio(reads, options, mode, flat, checks, progress)
+            detail = _read_kvikio(reads, options, mode, flat, checks, choice, progress)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         verify_start = time.perf_counter()
@@ -347,5 +377,7 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
         raise
     stats.seconds = time.perf_counter() - start
     stats.nbytes = sum(t.dest.numel() * t.dest.element_size() for _, t in flat)
-    stats.detail = detail
+    stats.detail = {**detail, "choice": choice.reason, "machine": {
+        "cpus": machine.cpus, "ranks_on_node": machine.ranks_on_node, "fstype": machine.fstype},
+        "resident_fraction": resident}
     return stats

@@ -42,6 +42,12 @@ def stream_safetensors(
         stats.nbytes += file_stats.nbytes
         stats.seconds += file_stats.seconds
         stats.files += 1
+        # The engine as the last file read it; residency over all files so far, by bytes.
+        before = stats.detail.get("resident_fraction")
+        now = file_stats.detail.get("resident_fraction")
+        if before is not None and now is not None and stats.nbytes:
+            now = (before * (stats.nbytes - file_stats.nbytes) + now * file_stats.nbytes) / stats.nbytes
+        stats.detail = {**file_stats.detail, "resident_fraction": now if stats.files == 1 or before is not None else None}
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -29,7 +29,7 @@ from vllm_gds import _vllm_compat
 from vllm_gds.errors import GdsError
 from vllm_gds.loader.hf_stream import safetensors_files, stream_safetensors
 from vllm_gds.loader.parameters import install
-from vllm_gds.io.reader import ReadOptions, ReadStats, gds_problems, resolve_mode, with_threads
+from vllm_gds.io.reader import ReadOptions, ReadStats, gds_problems, resolve_mode
 from vllm_gds.loader.options import LoaderOptions
 from vllm_gds.loader.report import LoadReport
 from vllm_gds.shards.manifest import BEFORE_POST_PROCESSING, MANIFEST_NAME, is_prepared, read_manifest
@@ -78,7 +78,7 @@ class GdsModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         self.options = LoaderOptions.from_extra_config(load_config.model_loader_extra_config)
-        self.read_options = self.options.read  # thread count resolved per load (_resolve_threads)
+        self.read_options = self.options.read  # ranks on the node filled in per load (_resolve_threads)
 
     def download_model(self, model_config: ModelConfig) -> None:
         if not os.path.isdir(model_config.model):
@@ -109,12 +109,16 @@ class GdsModelLoader(BaseModelLoader):
             loader.load_weights(model, model_config)
 
     def _resolve_threads(self, vllm_config: VllmConfig) -> None:
-        # The ranks of this node share its CPUs: each rank reads with its share.
+        # The ranks of this node share its CPUs: the reader picks threads from this rank's share.
         parallel = vllm_config.parallel_config
         ranks = parallel.world_size
         if torch.cuda.is_available():
             ranks = min(ranks, max(1, torch.cuda.device_count()))
-        self.read_options = with_threads(self.options.read, ranks)
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if local.isdigit() and int(local) > 0:
+            ranks = int(local)
+        read = self.options.read
+        self.read_options = dataclasses.replace(read, ranks_on_node=read.ranks_on_node or ranks)
 
     def _hf_loader(self, device: torch.device) -> _StreamingHfLoader:
         inner = dataclasses.replace(self.load_config, load_format="safetensors", model_loader_extra_config={})
@@ -154,6 +158,7 @@ class GdsModelLoader(BaseModelLoader):
             mode=stats.mode, files=stats.files, tensors=tensors, nbytes=stats.nbytes,
             read_seconds=stats.seconds, checksums_verified=self.options.verify_checksums,
             verify_seconds=verify_seconds, total_seconds=time.perf_counter() - start,
+            **LoadReport.engine_fields(stats.detail),
         ))
 
     def _load_huggingface(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -> nn.Module:
@@ -174,7 +179,7 @@ class GdsModelLoader(BaseModelLoader):
             mode=loader.stats.mode, files=loader.stats.files,
             tensors=sum(1 for _ in model.parameters()), nbytes=loader.stats.nbytes,
             read_seconds=loader.stats.seconds, checksums_verified=False, verify_seconds=0.0,
-            total_seconds=time.perf_counter() - start,
+            total_seconds=time.perf_counter() - start, **LoadReport.engine_fields(loader.stats.detail),
         ))
         return model
 

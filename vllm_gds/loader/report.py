@@ -20,6 +20,27 @@ class LoadReport:
     checksums_verified: bool
     verify_seconds: float
     total_seconds: float
+    # How the reads ran, as the reader chose them from the machine (vllm_gds.io.engine_choice).
+    engine: str = ""
+    threads: int = 0
+    task_size: int = 0
+    pinned_bytes: int = 0  # pinned host memory the reads held (kvikio's bounce buffers, the ring)
+    choice: str = ""  # why these threads and sizes
+    resident_fraction: float | None = None  # share of the files' pages in memory before reading
+
+    @staticmethod
+    def engine_fields(detail: dict) -> dict:
+        """The report's engine fields from a ReadStats.detail."""
+        return {"engine": str(detail.get("engine", "")), "threads": int(detail.get("threads", 0)),
+                "task_size": int(detail.get("task_size", 0)), "pinned_bytes": int(detail.get("pinned_bytes", 0)),
+                "choice": str(detail.get("choice", "")), "resident_fraction": detail.get("resident_fraction")}
+
+    @property
+    def warmth(self) -> str:
+        if self.resident_fraction is None:
+            return "page cache not measured"
+        kind = "warm" if self.resident_fraction >= 0.9 else "cold" if self.resident_fraction <= 0.1 else "partly warm"
+        return f"{kind}: {self.resident_fraction:.0%} of the files' pages were in memory before reading"
 
     @property
     def gb_per_s(self) -> float:
@@ -34,7 +55,9 @@ class LoadReport:
             f"vllm-gds rank {self.rank} (tp {self.tp_rank}, pp {self.pp_rank}): read {self.nbytes / 1e9:.3f} GB "
             f"of {self.source} weights from {self.files} file(s) via {self.mode} in {self.read_seconds:.2f} s "
             f"({self.gb_per_s:.2f} GB/s); {verified}; {self.tensors} tensors installed; "
-            f"load took {self.total_seconds:.2f} s"
+            f"load took {self.total_seconds:.2f} s; {self.warmth}"
+            + (f"; {self.engine} engine, {self.threads} threads x {self.task_size >> 10} KiB tasks, "
+               f"{self.pinned_bytes >> 20} MiB pinned ({self.choice})" if self.engine else "")
         )
 
     def to_json(self) -> dict:
@@ -53,17 +76,19 @@ def read_reports(report_dir: Path) -> list[dict]:
 
 def format_reports(reports: list[dict]) -> str:
     """A table of per-rank reports, with the aggregate (bytes over the slowest rank's time)."""
-    rows = [("rank", "source", "path", "files", "GB", "seconds", "GB/s", "checksums")]
+    rows = [("rank", "source", "path", "files", "GB", "seconds", "GB/s", "checksums", "in page cache", "threads x task")]
     for r in reports:
         rows.append((
             str(r["rank"]), r["source"], r["mode"], str(r["files"]), f"{r['nbytes'] / 1e9:.3f}",
             f"{r['read_seconds']:.2f}", f"{r['gb_per_s']:.2f}",
             "verified" if r["checksums_verified"] else "off",
+            "?" if r.get("resident_fraction") is None else f"{r['resident_fraction']:.0%}",
+            f"{r['threads']} x {r['task_size'] >> 20} MiB" if r.get("threads") else "",
         ))
     if len(reports) > 1:
         total = sum(r["nbytes"] for r in reports)
         slowest = max(r["read_seconds"] for r in reports)
         rows.append(("all", "", "", str(sum(r["files"] for r in reports)), f"{total / 1e9:.3f}",
-                     f"{slowest:.2f}", f"{total / slowest / 1e9 if slowest else 0:.2f}", ""))
+                     f"{slowest:.2f}", f"{total / slowest / 1e9 if slowest else 0:.2f}", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

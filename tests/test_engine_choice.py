@@ -1,0 +1,79 @@
+"""The reader's threads, task and bounce-buffer sizes, chosen from described machines."""
+
+import pytest
+
+from vllm_gds.errors import GdsError
+from vllm_gds.io.engine_choice import (DEFAULT_TASK, MAX_NETWORK_THREADS, MAX_THREADS, MIN_BOUNCE, MIN_THREADS,
+                                       NETWORK_TASK, Machine, PinnedBoundError, choose)
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("cpus, ranks, threads", [
+    (16, 1, 16),  # the one-GPU H200 host: 16 threads measured best
+    (32, 1, 24),  # 24 beat 16 there; capped
+    (32, 2, 16),
+    (64, 4, 16),
+    (128, 8, 16),
+    (2, 1, MIN_THREADS),
+    (16, 8, MIN_THREADS),
+    (1, 1, MIN_THREADS),
+])
+def test_threads_are_the_ranks_share_of_the_cpus(cpus, ranks, threads):
+    c = choose(Machine(cpus=cpus, ranks_on_node=ranks, fstype="tmpfs"))
+    assert c.threads == threads
+    assert c.task_size == DEFAULT_TASK == c.bounce_size
+    assert c.pinned_bytes == c.threads * c.bounce_size <= 1 << 30
+    assert f"{cpus} CPUs / {ranks} rank(s)" in c.reason
+
+
+def test_network_file_systems_get_more_reads_in_flight_and_larger_tasks():
+    local = choose(Machine(cpus=16, fstype="ext4"))
+    lustre = choose(Machine(cpus=16, fstype="lustre"))
+    assert lustre.threads == 2 * local.threads == MAX_NETWORK_THREADS
+    assert lustre.task_size == NETWORK_TASK > local.task_size
+    assert "lustre" in lustre.reason
+    assert choose(Machine(cpus=128, ranks_on_node=1, fstype="nfs")).threads == MAX_NETWORK_THREADS
+
+
+def test_settings_given_are_kept():
+    c = choose(Machine(cpus=16), threads=5, task_size=1 * MiB)
+    assert (c.threads, c.task_size, c.bounce_size) == (5, MiB, MiB)
+    assert "(set)" in c.reason
+
+
+@pytest.mark.parametrize("bound", [MIN_BOUNCE, 100 << 10, MiB, 5 * MiB, 16 * MiB, 63 * MiB, 64 * MiB, 1 << 30])
+@pytest.mark.parametrize("cpus", [2, 16, 32])
+def test_pinned_bytes_stay_within_the_bound(bound, cpus):
+    c = choose(Machine(cpus=cpus, max_pinned_bytes=bound))
+    assert 0 < c.pinned_bytes == c.threads * c.bounce_size <= bound
+    assert c.bounce_size <= c.task_size and c.bounce_size % 4096 == 0 and c.bounce_size >= MIN_BOUNCE
+    assert c.threads >= 1
+    unbounded = choose(Machine(cpus=cpus))
+    if unbounded.pinned_bytes <= bound:
+        assert (c.threads, c.task_size, c.bounce_size) == (unbounded.threads, unbounded.task_size,
+                                                         unbounded.bounce_size)  # not binding: no change
+    else:
+        assert "max_pinned_bytes" in c.reason
+
+
+def test_a_tight_bound_shrinks_buffers_before_threads():
+    c = choose(Machine(cpus=16, max_pinned_bytes=16 * MiB))  # 16 x 1 MiB fits
+    assert (c.threads, c.bounce_size) == (16, MiB)
+    c = choose(Machine(cpus=16, max_pinned_bytes=4 * MiB))  # 1 MiB buffers kept, threads cut
+    assert (c.threads, c.bounce_size) == (4, MiB)
+    assert "threads cut from 16 to 4" in c.reason
+
+
+def test_a_bound_too_small_to_read_is_refused():
+    with pytest.raises(PinnedBoundError, match="max_pinned_bytes 4096 .* raise max_pinned_bytes"):
+        choose(Machine(cpus=16, max_pinned_bytes=4096))
+    assert issubclass(PinnedBoundError, GdsError)
+
+
+def test_gds_reads_are_bounded_too_and_host_reads_keep_their_threads():
+    gds = choose(Machine(cpus=16, mode="gds", max_pinned_bytes=2 * MiB))
+    assert 0 < gds.pinned_bytes <= 2 * MiB and "falls back to compat mode" in gds.reason
+    host = choose(Machine(cpus=16, mode="host", max_pinned_bytes=2 * MiB))
+    assert host.threads == 16 and host.pinned_bytes == 0 and "nothing pinned" in host.reason
+    assert host.threads * host.bounce_size <= 2 * MiB

@@ -1,0 +1,136 @@
+"""How many reader threads, how large a task and a bounce buffer: chosen from the machine.
+
+One pure function, :func:`choose`, from a :class:`Machine` (what the process may
+use) and the user's explicit settings to an :class:`EngineChoice` that says what
+was picked and why. Nothing here touches the system; :func:`describe_machine`
+(in :mod:`vllm_gds.io.reader`) fills a Machine from the running process.
+
+Where the numbers come from (benchmarks/RESULTS.md, "Load"): kvikio's compat
+path from tmpfs on one H200 is bound by the host's memory copies, one reader
+thread per CPU the rank may use: 16 CPUs: 16 threads beat 8 and 32; 32 CPUs:
+24 beat 16. 4 MiB tasks beat 1, 2, 16 and 64 MiB on both. Ranks on one node
+split its CPUs. Network file systems (latency-bound) get more reads in flight
+than CPUs and larger tasks: that part is a rule of thumb, not yet measured.
+"""
+
+from dataclasses import dataclass
+
+from vllm_gds.errors import GdsError
+
+KiB, MiB = 1 << 10, 1 << 20
+
+MIN_THREADS = 2
+MAX_THREADS = 24  # 24 beat 16 on a 32-CPU host; 32 did not beat 16 on a 16-CPU one
+MAX_NETWORK_THREADS = 32
+DEFAULT_TASK = 4 * MiB
+NETWORK_TASK = 8 * MiB
+# Smallest bounce buffer worth reading through: below it a pread costs more than it copies.
+# A pinned bound too small for one such buffer cannot read at all.
+MIN_BOUNCE = 64 * KiB
+# Under a tight pinned bound, bounce buffers shrink to this before threads are cut.
+PREFERRED_MIN_BOUNCE = 1 * MiB
+ALIGN = 4 * KiB
+
+# Shared or parallel file systems: reads wait on the network, so more can be in flight than CPUs.
+NETWORK_FILESYSTEMS = frozenset({"lustre", "nfs", "nfs4", "wekafs", "gpfs", "beegfs", "vast", "cifs",
+                                 "smb3", "fuse.s3fs", "fuse.mountpoint-s3", "9p", "ceph", "glusterfs"})
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
+
+
+class PinnedBoundError(GdsError):
+    """max_pinned_bytes is too small for even one reader with the smallest bounce buffer."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpus: int  # CPUs this process may run on (sched_getaffinity)
+    ranks_on_node: int = 1  # processes of this load sharing those CPUs (local world size)
+    fstype: str = ""  # file system of the files (/proc/self/mountinfo), "" if unknown
+    mode: str = "compat"  # gds | compat | host (see reader.resolve_mode)
+    max_pinned_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    threads: int
+    task_size: int  # bytes per read task
+    bounce_size: int  # bytes per pinned bounce buffer (kvikio's compat path)
+    pinned_bytes: int  # threads x bounce_size: the most pinned host memory kvikio's reads can hold
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"threads": self.threads, "task_size": self.task_size, "bounce_size": self.bounce_size,
+                "pinned_bytes": self.pinned_bytes, "reason": self.reason}
+
+
+def _fs_kind(fstype: str) -> str:
+    if fstype in MEMORY_FILESYSTEMS:
+        return "memory"
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
+        return "network"
+    return "local" if fstype else "unknown"
+
+
+def _align_down(n: int) -> int:
+    return n // ALIGN * ALIGN
+
+
+def choose(machine: Machine, threads: int = 0, task_size: int = 0) -> EngineChoice:
+    """Threads, task and bounce-buffer size for one rank; ``threads``/``task_size`` > 0 are the
+    user's and kept (only the pinned bound can lower them). Raises PinnedBoundError when
+    ``max_pinned_bytes`` cannot hold one bounce buffer of MIN_BOUNCE bytes."""
+    if machine.cpus < 1 or machine.ranks_on_node < 1:
+        raise ValueError(f"a machine has at least one CPU and one rank, not {machine}")
+    why = []
+    share = max(1, machine.cpus // machine.ranks_on_node)
+    kind = _fs_kind(machine.fstype)
+    where = f"{machine.cpus} CPUs / {machine.ranks_on_node} rank(s) on the node"
+    if threads:
+        why.append(f"{threads} threads (set)")
+    elif kind == "network":
+        threads = max(MIN_THREADS, min(MAX_NETWORK_THREADS, 2 * share))
+        why.append(f"{threads} threads: 2 per CPU of this rank's share ({where}), {machine.fstype} waits on "
+                   f"the network (2..{MAX_NETWORK_THREADS})")
+    else:
+        threads = max(MIN_THREADS, min(MAX_THREADS, share))
+        why.append(f"{threads} threads: one per CPU of this rank's share ({where}; {MIN_THREADS}..{MAX_THREADS})")
+    if task_size:
+        why.append(f"{task_size >> 10} KiB tasks (set)")
+    elif kind == "network":
+        task_size = NETWORK_TASK
+        why.append(f"{task_size >> 20} MiB tasks ({machine.fstype}: fewer, larger requests)")
+    else:
+        task_size = DEFAULT_TASK
+        why.append(f"{task_size >> 20} MiB tasks (fastest measured from memory, {machine.fstype or 'fs unknown'})")
+
+    bound = machine.max_pinned_bytes
+    if bound < MIN_BOUNCE:
+        raise PinnedBoundError(
+            f"max_pinned_bytes {bound} is smaller than one bounce buffer of {MIN_BOUNCE} bytes: nothing "
+            f"could be read; raise max_pinned_bytes to at least {MIN_BOUNCE} (the default is 1 GiB)"
+        )
+    # One bounce buffer per thread, of at most one task; kvikio splits a task over its buffer.
+    bounce = task_size
+    host = machine.mode == "host"  # reads into host memory pin nothing; kvikio's settings still fit
+    if threads * bounce > bound:
+        # buffers shrink to this before threads go (host reads use no buffer: keep the threads)
+        floor = min(task_size, ALIGN if host else PREFERRED_MIN_BOUNCE)
+        fit = _align_down(bound // threads)
+        if fit >= floor:
+            bounce = fit
+            why.append(f"bounce buffers cut to {bounce >> 10} KiB to keep {threads} x bounce within "
+                       f"max_pinned_bytes {bound}")
+        else:
+            cut = max(1, min(threads, bound // floor))
+            why.append(f"threads cut from {threads} to {cut} and bounce buffers to at most "
+                       f"{bound // cut >> 10} KiB to stay within max_pinned_bytes {bound}")
+            threads = cut
+            bounce = min(task_size, _align_down(bound // threads))
+    pinned = threads * bounce
+    assert 0 < pinned <= bound, (threads, bounce, bound)
+    if host:
+        why.append("host destinations: nothing pinned")
+        return EngineChoice(threads, task_size, bounce, 0, "; ".join(why))
+    why.append(f"pinned {threads} x {bounce >> 10} KiB = {pinned >> 20} MiB of {bound >> 20} MiB allowed"
+               + (" (only where a file falls back to compat mode)" if machine.mode == "gds" else ""))
+    return EngineChoice(threads, task_size, bounce, pinned, "; ".join(why))
