@@ -9,9 +9,9 @@ import triton.language as tl  # noqa: E402
 from kv_sass import compile_sm90, report  # noqa: E402
 
 from vllm_gds.kernels.tq_attention import _tq_attention_kernel  # noqa: E402
-from vllm_gds.kernels.tq_params import LayerTables, layout_kwargs  # noqa: E402
 from vllm_gds.kvcache.calibration_file import top_pairs  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
 
 TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
          "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "levels_ptr": "*bf16",
@@ -39,7 +39,7 @@ def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fall
               K_ASM=t.lut4_asm.get("k", "") if fast_k else "",
               V_ASM=t.lut4_asm.get("v", "") if fast_v else "", MEAN=mean, ROT_HALF=t.rot_half,
               RH=t.rot_half_pad, MEAN_DOT=tl.float16, PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes,
-              STRIDE_HEAD=t.layout.slot_bytes, **layout_kwargs(t.layout))
+              STRIDE_HEAD=t.layout.slot_bytes, **t.constexprs)
     divisible = ("q_ptr", "cache_ptr", "block_table_ptr", "out_ptr", "part_ptr", "stride_blk",
                  "stride_bt", "stride_qt", "stride_ot")  # as torch tensors specialize them
     k = compile_sm90(_tq_attention_kernel, TYPES, cx, num_warps=num_warps, num_stages=num_stages,

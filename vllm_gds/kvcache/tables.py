@@ -1,133 +1,21 @@
-"""Host-side constants of a quantized KV format, arranged for the Triton kernels.
+"""Host-side constants of one layer of a quantized KV format: the tensors the Triton kernels read.
 
-A vector code (formats.VectorCode) is read by the kernels as two *streams* of rotated coordinates:
-stream A, the ``extra`` coordinates [0, e) at bits+1 bits, and stream B, the coordinates [e, d) at
-``bits`` bits. Each stream is a little-endian bit stream (packing.py); the kernels read it in
-*units* of U bytes that hold K whole codes (U = b / gcd(b, 8), K = 8 / gcd(b, 8): b=4 -> one byte
-holds two codes, b=3 -> three bytes hold eight), so every unit is loaded once and split with
-shifts. A stream of n codes is a tile of width W = next_pow2(n) (Triton tiles are powers of two);
-columns >= n are masked to zero.
-
-Per layer the kernels also need the codebook levels and thresholds of each stream, the +-1 signs,
+Per layer the kernels read the codebook levels and thresholds of each stream, the +-1 signs,
 and the Sylvester Hadamard matrix (entries +-1, exact in bf16; the 1/sqrt(d) goes on separately).
+The slot layout (slot_layout.py) says where each stream lies in a slot.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from vllm_gds.kvcache.codebook import codebook
-from vllm_gds.kvcache.formats import NORM_BYTES, KVFormat, VectorCode
-from vllm_gds.kvcache.packing import packed_bytes
-from vllm_gds.kvcache.rotation import check_head_size, signs
-
-from .tq_lut4 import levels4_asm, phase_permutation
-
-NORM_RULE_IDS = {"plain": 0, "unit": 1, "ls": 2}
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class Stream:
-    """One run of equal-width codes inside a vector's bytes."""
-
-    bits: int
-    n: int  # codes
-    offset: int  # byte offset inside the vector's bytes
-
-    @property
-    def unit_bytes(self) -> int:
-        return self.bits // math.gcd(self.bits, 8)
-
-    @property
-    def unit_codes(self) -> int:
-        return 8 // math.gcd(self.bits, 8)
-
-    @property
-    def units(self) -> int:
-        return self.n // self.unit_codes
-
-    @property
-    def width(self) -> int:
-        """Tile width: a power of two >= n, and >= 16 (tl.dot's least inner size)."""
-        return max(16, _next_pow2(self.n)) if self.n else 0
-
-    @property
-    def units_pad(self) -> int:
-        return self.width // self.unit_codes if self.n else 0
-
-
-@dataclass(frozen=True)
-class VectorLayout:
-    """Streams and norm position of one key or value vector (offsets relative to the slot)."""
-
-    a: Stream  # extra-bit coordinates [0, e); n == 0 when the code has none
-    b: Stream  # coordinates [e, d)
-    norm_offset: int
-    norm_rule: int
-
-    @classmethod
-    def of(cls, code: VectorCode, d: int, base: int) -> "VectorLayout":
-        e = code.extra
-        a_bytes = packed_bytes(e, code.bits + 1)
-        a = Stream(code.bits + 1, e, base)
-        b = Stream(code.bits, d - e, base + a_bytes)
-        return cls(a, b, base + code.code_bytes(d), NORM_RULE_IDS[code.norm])
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Byte layout of one (token, KV head) slot: key vector, then value vector (formats.py)."""
-
-    head_size: int
-    key: VectorLayout
-    value: VectorLayout
-    slot_bytes: int
-
-    @classmethod
-    def of(cls, fmt: KVFormat, d: int) -> "SlotLayout":
-        check_head_size(d)
-        for code in (fmt.key, fmt.value):
-            if code.extra % 8 or not 0 <= code.extra < d or code.bits + (code.extra > 0) > 8:
-                raise ValueError(f"{fmt.name}: unsupported vector code {code} for head size {d}")
-        key = VectorLayout.of(fmt.key, d, 0)
-        value = VectorLayout.of(fmt.value, d, fmt.key.vector_bytes(d))
-        return cls(d, key, value, fmt.slot_bytes(d))
-
-
-def stream_kwargs(prefix: str, s: Stream) -> dict:
-    """Constexpr arguments that describe a stream to a kernel (``{prefix}_BITS`` ...)."""
-    return {
-        f"{prefix}_BITS": s.bits,
-        f"{prefix}_N": s.n,
-        f"{prefix}_OFF": s.offset,
-        f"{prefix}_U": max(1, s.unit_bytes),
-        f"{prefix}_K": max(1, s.unit_codes),
-        f"{prefix}_NU": max(1, s.units_pad),
-        f"{prefix}_W": max(16, s.width),
-    }
-
-
-def layout_kwargs(layout: SlotLayout) -> dict:
-    kw = {"D": layout.head_size, "SLOT": layout.slot_bytes}
-    for prefix, vec in (("KA", layout.key), ("VA", layout.value)):
-        kw |= stream_kwargs(prefix, vec.a)
-    for prefix, vec in (("KB", layout.key), ("VB", layout.value)):
-        kw |= stream_kwargs(prefix, vec.b)
-    kw |= {
-        "K_NORM_OFF": layout.key.norm_offset,
-        "V_NORM_OFF": layout.value.norm_offset,
-        "K_NORM_RULE": layout.key.norm_rule,
-        "V_NORM_RULE": layout.value.norm_rule,
-    }
-    return kw
+from .codebook import codebook
+from .formats import KVFormat
+from .lut4_ptx import levels4_asm, phase_permutation
+from .rotation import signs
+from .slot_layout import SlotLayout, Stream, layout_kwargs, next_pow2
 
 
 @lru_cache(maxsize=None)
@@ -178,6 +66,7 @@ class LayerTables:
         layout = SlotLayout.of(fmt, head_size)
         d = layout.head_size
         self.layout = layout
+        self.constexprs = layout_kwargs(layout)  # the layout's constexprs, as both kernels take them
         streams = (layout.key.a, layout.key.b, layout.value.a, layout.value.b)
         tabs = [torch.stack(_stream_table(d, s)) for s in streams]
         self.codebooks = torch.stack(tabs).to(device=device, dtype=torch.float32).contiguous()
@@ -257,7 +146,7 @@ class LayerTables:
         used = torch.zeros(heads, half, dtype=torch.bool)
         if self.has_mean and half:
             used = (key_mean[:, :half] != 0) | (key_mean[:, half : 2 * half] != 0)
-        rh = max(16, _next_pow2(int(used.sum(1).max()) if half else 1))
+        rh = max(16, next_pow2(int(used.sum(1).max()) if half else 1))
         self.rot_half_pad = rh
         pairs = torch.full((heads, rh), -1, dtype=torch.int32)
         theta = torch.zeros(heads, rh)
