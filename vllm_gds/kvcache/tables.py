@@ -7,23 +7,14 @@ The slot layout (slot_layout.py) says where each stream lies in a slot.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .codebook import codebook
 from .formats import KVFormat
+from .layer_calibration import LayerCalibration
 from .lut4_ptx import levels4_asm, phase_permutation
-from .rotation import signs
+from .rotation import hadamard_pm1, signs
 from .slot_layout import SlotLayout, Stream, layout_kwargs, next_pow2
-
-
-@lru_cache(maxsize=None)
-def _hadamard_pm1(d: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
 
 
 def _stream_table(d: int, s: Stream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,28 +32,18 @@ class LayerTables:
     """Device tensors one layer's kernels read: codebooks, signs, Hadamard column/row blocks,
     calibration. ``dot_dtype`` is the tensor-core input type (float32 in the CPU interpreter).
 
+    ``calibration``: the fields of layer_calibration.LayerCalibration, as keywords (the same as
+    quantizer.KVLayerQuantizer's).
+
     Codebook table layout (float32 [4, 2, 256]): index 0..3 = KA, KB, VA, VB streams;
     [.., 0, :] levels, [.., 1, :] thresholds (+inf past the last one).
     """
 
-    def __init__(
-        self,
-        fmt: KVFormat,
-        head_size: int,
-        layer: int,
-        seed: int,
-        device,
-        dot_dtype: torch.dtype,
-        num_kv_heads: int = 1,
-        key_mean: torch.Tensor | None = None,
-        key_scale: torch.Tensor | None = None,
-        value_mean: torch.Tensor | None = None,
-        key_weight: torch.Tensor | None = None,
-        rope_inv_freq: torch.Tensor | None = None,
-        rope_attention_scaling: float = 1.0,
-    ):
-        if key_mean is not None and rope_inv_freq is None:
-            raise ValueError("a key mean needs the model's RoPE frequencies (rope_inv_freq)")
+    def __init__(self, fmt: KVFormat, head_size: int, layer: int, seed: int, device,
+                 dot_dtype: torch.dtype, num_kv_heads: int = 1, **calibration):
+        cal = LayerCalibration(**calibration)
+        key_mean, key_scale, value_mean, key_weight = (
+            cal.key_mean, cal.key_scale, cal.value_mean, cal.key_weight)
         layout = SlotLayout.of(fmt, head_size)
         d = layout.head_size
         self.layout = layout
@@ -72,7 +53,7 @@ class LayerTables:
         self.codebooks = torch.stack(tabs).to(device=device, dtype=torch.float32).contiguous()
         self.level_tables = self.codebooks[:, 0].to(dot_dtype).contiguous()
         self.signs = signs(d, layer, seed).to(device)
-        h = _hadamard_pm1(d)
+        h = hadamard_pm1(d)
         # Column blocks (query and store transforms) and row blocks (output transform) of H for
         # streams A and B, zero-padded to the stream tile widths: [D, W] and [W, D].
         self.h_cols = {}
@@ -102,8 +83,8 @@ class LayerTables:
         self.rope_theta = self.rope_sign = torch.zeros(d, device=device)
         self.rope_partner = torch.zeros(d, dtype=torch.int32, device=device)
         if self.has_mean:
-            key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
-                                         rope_attention_scaling, d, device)
+            key_mean = self._rope_tables(key_mean.float().cpu(), cal.rope_inv_freq,
+                                         cal.rope_attention_scaling, d, device)
         self.key_mean = self._per_head(key_mean, 0.0, device, heads, d)
         self._mean_pairs(self.key_mean.cpu(), device)
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
@@ -112,10 +93,7 @@ class LayerTables:
         self.key_weight = self._per_head(
             None if key_weight is None else key_weight.float().clamp_min(0), 1.0, device, heads, d
         )
-        # As the reference: the raw-key fallback only where there is a calibration to fall from.
-        self.fallback = bool(getattr(fmt, "key_raw_fallback", False)) and (
-            key_mean is not None or key_scale is not None
-        )
+        self.fallback = cal.fallback(fmt)
 
     def _rope_tables(self, key_mean, inv_freq, attention_scaling, d, device):
         """Per-coordinate RoPE constants for RoPE_p(key_mean) (rope.py, neox pairs (i, i + r/2)):
