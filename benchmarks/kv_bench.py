@@ -171,8 +171,8 @@ def served_calibration(torch, name, hk, d, mean=True):
 
 
 def our_tables(torch, name, hk, d, device, mean=True):
-    from vllm_gds.kernels import LayerTables
     from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.tables import LayerTables
 
     return LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk,
                        **served_calibration(torch, name, hk, d, mean))
@@ -452,8 +452,9 @@ def copy_bandwidth(torch, triton, device):
 
 def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768,
                     mean=True):
-    from vllm_gds.kernels import LayerTables, tq_store
+    from vllm_gds.kernels import tq_store
     from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.tables import LayerTables
 
     hq, hk, d = SHAPES["Llama-3-8B"]
     if calibrated:
@@ -477,9 +478,10 @@ STORE_MODES = {"mean": (True, True), "no mean": (True, False), "uncalibrated": (
 
 def store_check(torch, name, mode, device, tokens=32768):
     """Store bytes vs the reference encoder at full size (Llama-3-8B shape): fraction differing."""
-    from vllm_gds.kernels import LayerTables, tq_store
+    from vllm_gds.kernels import tq_store
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.quantizer import KVLayerQuantizer
+    from vllm_gds.kvcache.tables import LayerTables
 
     calibrated, mean = STORE_MODES[mode]
     hq, hk, d = SHAPES["Llama-3-8B"]

@@ -193,7 +193,8 @@ def our_hook(fmt: KVFormat, seed: int, calib: Calibration | None, head_size: int
             value_mean = calib.value_transform(layer, fmt.value_calibration)
             key_weight = calib.query_ms[layer]
         quantizers.append(KVLayerQuantizer(
-            fmt, head_size, layer, seed, key_mean, key_scale, value_mean, key_weight,
+            fmt, head_size, layer, seed, key_mean=key_mean, key_scale=key_scale,
+            value_mean=value_mean, key_weight=key_weight,
             rope_inv_freq=None if calib is None else calib.rope_inv_freq,
             rope_attention_scaling=1.0 if calib is None else calib.rope_attention_scaling,
         ))

@@ -1,7 +1,10 @@
-"""Triton kernels of the quantized KV cache (installed as ``vllm_gds.kernels``)."""
+"""Triton kernels of the quantized KV cache (installed as ``vllm_gds.kernels``).
+
+Imports only triton, torch and the standard library: the launchers read a layer's host-side
+tables (vllm_gds/kvcache/tables.LayerTables) by attribute, never importing the package.
+"""
 
 from .tq_attention import default_splits, tq_attention
-from .tq_params import LayerTables, SlotLayout
 from .tq_store import tq_store
 
-__all__ = ["LayerTables", "SlotLayout", "default_splits", "tq_attention", "tq_store"]
+__all__ = ["default_splits", "tq_attention", "tq_store"]

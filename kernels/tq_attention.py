@@ -46,7 +46,6 @@ import triton.language as tl
 
 from .tq_common import cache_slot_ptrs, load_norm, load_stream_codes, lookup_levels, rope_cos_sin
 from .tq_lut4 import levels4
-from .tq_params import LayerTables, layout_kwargs
 
 LOG2E = 1.4426950408889634
 MEAN_ANCHOR = tl.constexpr(32)  # tiles per run; MEAN_STEP: [A', B'] exact at each run's start
@@ -543,7 +542,7 @@ def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> in
 
 
 def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables: LayerTables,
+                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                  softmax_scale: float, out: torch.Tensor | None = None, *,
                  max_query_len: int | None = None, splits: int | None = None,
                  block_n: int | None = None, block_m: int | None = None,
@@ -555,7 +554,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
 
     kv_cache: uint8 with axes [blocks, page, H_kv, slot bytes] (any strides); block_table
     [num_seqs, max_blocks] int32; seq_lens [num_seqs] (context + query tokens); query_start_loc
-    [num_seqs + 1]. The cache already holds the keys and values of the query tokens, and a key's
+    [num_seqs + 1]; tables: the layer's vllm_gds.kvcache.tables.LayerTables (read by attribute:
+    kernels/ never imports the package). The cache already holds the keys and values of the query tokens, and a key's
     position is its index in its sequence (what the key mean's RoPE uses).
     max_query_len: 1 selects the decode path (one query token per sequence); None reads it from
     query_start_loc (a device sync). fast: the GPU's 4-bit register lookup where the format allows
@@ -604,7 +604,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     h_cols, h_rows = tables.h_cols, tables.h_rows
     hkb = h_cols["kb_perm"] if fast_k else h_cols["kb"]
     hvb = h_rows["vb_perm"] if fast_v else h_rows["vb"]
-    kw = layout_kwargs(layout)
+    kw = tables.constexprs
     if decode and (fast_k or fast_v):
         # Measured on an H200 (benchmarks/kv_decode_sweep.py, RESULTS.md): no software
         # pipelining and at most 128 registers (four programs per SM) were fastest.

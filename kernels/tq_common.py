@@ -1,6 +1,6 @@
 """Triton helpers shared by the store and attention kernels: streams of packed codes, fp16 norms.
 
-A stream (tq_params.Stream) is read and written a unit at a time: U bytes that hold K codes of
+A stream (vllm_gds/kvcache/slot_layout.Stream) is read and written a unit at a time: U bytes that hold K codes of
 BITS bits, little-endian. Tiles hold one row per token and the stream's codes in rotated-coordinate
 order, W = K * NU columns (NU units, padded to a power of two; columns >= N are padding).
 Everything here runs under the CPU interpreter too: no inline asm, no libdevice, no block pointers.

@@ -44,7 +44,6 @@ import triton
 import triton.language as tl
 
 from .tq_common import cache_slot_ptrs, rope_cos_sin, store_norm, store_stream_codes
-from .tq_params import LayerTables, _stream_table, layout_kwargs
 
 
 @triton.jit
@@ -760,7 +759,7 @@ def _tq_store_kernel(
                           WIDE)
 
 
-def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dict:
+def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
     """Signed rotation blocks in the dtypes the store's dots take, the value mean's rotation and
     which calibration steps are on; built once per tables and split mode."""
     cache = tables.__dict__.setdefault("_tq_store_constants", {})
@@ -805,8 +804,8 @@ def _store_constants(tables: LayerTables, split: int, dtype: torch.dtype) -> dic
 
     # Stream B's codebooks as constants (tq_store's imm_codebooks): the positive levels, then the
     # positive thresholds, as Python floats (exactly the float32 table values), from the host.
-    for name, st in (("kb", lay.key.b), ("vb", lay.value.b)):
-        lv, th = _stream_table(d, st)
+    for name, st, i in (("kb", lay.key.b, 1), ("vb", lay.value.b, 3)):
+        lv, th = tables.codebooks[i].cpu()  # LayerTables.codebooks: KA, KB, VA, VB
         half = 1 << (st.bits - 1)
         c["cb_" + name] = tuple(float(v) for v in lv[half: 2 * half]) + tuple(
             float(v) for v in th[half: 2 * half - 1])
@@ -828,7 +827,7 @@ def _heads_per_program(h: int, has_mean: bool) -> int:
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, tables: LayerTables, block_t: int | None = None,
+             slot_mapping: torch.Tensor, tables, block_t: int | None = None,
              split: int | None = None, num_warps: int | None = None,
              positions: torch.Tensor | None = None, heads_per_program: int | None = None,
              maxnreg: int | None = None, codes: int = 0,
@@ -837,7 +836,9 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              chunks: bool | None = None) -> None:
     """Quantize key/value [T, H_kv, D] into kv_cache (uint8 [blocks, page, H_kv, slot] strides,
     i.e. vLLM's [B, N, H, C] order or any view with those logical axes) at slot_mapping [T].
-    positions [T] (the tokens' positions in their sequences) are needed with a key mean.
+    tables: the layer's vllm_gds.kvcache.tables.LayerTables (read by attribute: kernels/ never
+    imports the package). positions [T] (the tokens' positions in their sequences) are needed
+    with a key mean.
     split: 0 float32 dots (the CPU interpreter), 1 the GPU's bf16/fp16 dots; by default 0 where
     the tables' dot type is float32. Launch defaults (measured on an H200, benchmarks/RESULTS.md
     "Store kernel, fourth pass", benchmarks/kv_store_sweep.py): with the raw-key fallback 16-token
@@ -909,5 +910,5 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         SCR=scr is not tables.signs, CHUNK=chunks,
         NEOX=bool(tables.has_mean and 2 * tables.rot_half == D),
         WIDE=fallback if wide_stores is None else wide_stores, ERR=err,
-        **layout_kwargs(layout), **cbs, **extra,
+        **tables.constexprs, **cbs, **extra,
     )

@@ -13,9 +13,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and triton.jit) are 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_gds.kernels import LayerTables, SlotLayout, tq_attention, tq_store  # noqa: E402
+from vllm_gds.kernels import tq_attention, tq_store  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
 from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer  # noqa: E402
+from vllm_gds.kvcache.slot_layout import SlotLayout  # noqa: E402
+from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
 
 POISON = 0xAB
 LAYER, SEED = 3, 11
@@ -332,10 +334,10 @@ def _run_ptx(asm: str, regs: dict) -> dict:
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_levels4_asm_looks_up_every_code(d):
-    """The GPU-only 4-bit lookup (kernels/tq_lut4.py), run on a PTX interpreter, equals the bf16
+    """The GPU-only 4-bit lookup (kernels/tq_lut4.py, its PTX from kvcache/lut4_ptx.py), run on a PTX interpreter, equals the bf16
     codebook table for random registers of two int16 elements; output j holds phase j (code 4e+j)
     of element 0 in its low and of element 1 in its high half."""
-    from vllm_gds.kernels.tq_lut4 import levels4_asm
+    from vllm_gds.kvcache.lut4_ptx import levels4_asm
     from vllm_gds.kvcache.codebook import codebook
 
     levels = codebook(d, 4)[0]

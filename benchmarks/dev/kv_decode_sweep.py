@@ -40,9 +40,9 @@ VARIANTS = [  # name, key-mean pairs kept (None: all, 0: no mean), fallback
 
 
 def tables_for(pairs, fallback, hk, d, device):
-    from vllm_gds.kernels import LayerTables
     from vllm_gds.kvcache.calibration_file import top_pairs
     from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.tables import LayerTables
 
     fmt = dataclasses.replace(get_format("tq4"), key_raw_fallback=fallback)
     cal = kb.calibration(torch, hk, d, mean=pairs != 0)

@@ -147,7 +147,7 @@ def make_hook(variant, seed, calib, num_layers):
     for layer in range(num_layers):
         key_mean, key_scale = calib.key_transform(layer, f.key_calibration, f.key_mean_pairs)
         quantizers.append(KVLayerQuantizer(
-            f, 64, layer, seed, key_mean, key_scale, None, calib.query_ms[layer],
+            f, 64, layer, seed, key_mean=key_mean, key_scale=key_scale, key_weight=calib.query_ms[layer],
             rope_inv_freq=calib.rope_inv_freq, rope_attention_scaling=calib.rope_attention_scaling))
     masks = {}
 

@@ -81,8 +81,8 @@ def _store_fn(label):
 
 
 def bandwidth(label, name, mode, launch, tokens=32768):
-    from vllm_gds.kernels import LayerTables
     from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.tables import LayerTables
     tq_store = _store_fn(label)
     calibrated, mean = kb.STORE_MODES[mode]
     hq, hk, d = kb.SHAPES["Llama-3-8B"]

@@ -196,7 +196,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
 
     def _layer_tables(self, layer, device):
         if self._tables is None or self._tables.signs.device != device:
-            from vllm_gds.kernels import LayerTables
+            from .tables import LayerTables
 
             index = _layer_index(layer.layer_name)
             calibration = _calibration_of_layer(self._model_dir, index, self.format)

@@ -11,6 +11,7 @@ import torch
 
 from .codebook import codebook
 from .formats import KVFormat, VectorCode
+from .layer_calibration import LayerCalibration
 from .packing import pack, packed_bytes, unpack
 from .rope import apply_rope
 from .rotation import Rotation, check_head_size
@@ -103,26 +104,15 @@ class KVLayerQuantizer:
     """The keys and values of one attention layer: calibration, rotation, codes.
 
     Tensors are [..., num_kv_heads, head_size] with token positions [...] (keys only);
-    calibration tensors are [num_kv_heads, head_size]. ``key_mean`` is a pre-RoPE vector: the
-    key at position p is centred on RoPE_p(key_mean) (rope.py, with ``rope_inv_freq``).
+    ``calibration``: the fields of layer_calibration.LayerCalibration (key_mean, key_scale,
+    value_mean, key_weight, rope_inv_freq, rope_attention_scaling), as keywords.
     """
 
-    def __init__(
-        self,
-        fmt: KVFormat,
-        head_size: int,
-        layer: int,
-        seed: int,
-        key_mean: torch.Tensor | None = None,
-        key_scale: torch.Tensor | None = None,
-        value_mean: torch.Tensor | None = None,
-        key_weight: torch.Tensor | None = None,
-        rope_inv_freq: torch.Tensor | None = None,
-        rope_attention_scaling: float = 1.0,
-    ):
-        if key_mean is not None and rope_inv_freq is None:
-            raise ValueError("a key mean needs the model's RoPE frequencies (rope_inv_freq)")
-        self.rope_inv_freq, self.rope_attention_scaling = rope_inv_freq, rope_attention_scaling
+    def __init__(self, fmt: KVFormat, head_size: int, layer: int, seed: int, **calibration):
+        cal = LayerCalibration(**calibration)
+        key_mean, key_scale, value_mean, key_weight = (
+            cal.key_mean, cal.key_scale, cal.value_mean, cal.key_weight)
+        self.rope_inv_freq, self.rope_attention_scaling = cal.rope_inv_freq, cal.rope_attention_scaling
         self.fmt, self.head_size, self.layer = fmt, head_size, layer
         rotation = Rotation(head_size, layer, seed)
         self.keys = VectorQuantizer(head_size, fmt.key, rotation)
@@ -131,8 +121,7 @@ class KVLayerQuantizer:
         self.key_scale = None if key_scale is None else key_scale.float()
         self.key_inv_scale = None if key_scale is None else 1.0 / self.key_scale
         self.value_mean = None if value_mean is None else value_mean.float()
-        # The raw fallback matters only where there is a calibration to fall back from.
-        self.fallback = fmt.key_raw_fallback and (key_mean is not None or key_scale is not None)
+        self.fallback = cal.fallback(fmt)
         self.key_weight = (
             torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
         )

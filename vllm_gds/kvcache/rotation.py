@@ -56,11 +56,22 @@ def signs(d: int, layer: int, seed: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _hadamard(d: int) -> torch.Tensor:
+def _hadamard_pm1(d: int) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / d**0.5
+    return h
+
+
+def hadamard_pm1(d: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix H itself (float32, entries +-1: exact in any dtype)."""
+    check_head_size(d)
+    return _hadamard_pm1(d).clone()
+
+
+@lru_cache(maxsize=None)
+def _hadamard(d: int) -> torch.Tensor:
+    return _hadamard_pm1(d) / d**0.5
 
 
 def hadamard(d: int) -> torch.Tensor:

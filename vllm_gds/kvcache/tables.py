@@ -1,141 +1,20 @@
-"""Host-side constants of a quantized KV format, arranged for the Triton kernels.
+"""Host-side constants of one layer of a quantized KV format: the tensors the Triton kernels read.
 
-A vector code (formats.VectorCode) is read by the kernels as two *streams* of rotated coordinates:
-stream A, the ``extra`` coordinates [0, e) at bits+1 bits, and stream B, the coordinates [e, d) at
-``bits`` bits. Each stream is a little-endian bit stream (packing.py); the kernels read it in
-*units* of U bytes that hold K whole codes (U = b / gcd(b, 8), K = 8 / gcd(b, 8): b=4 -> one byte
-holds two codes, b=3 -> three bytes hold eight), so every unit is loaded once and split with
-shifts. A stream of n codes is a tile of width W = next_pow2(n) (Triton tiles are powers of two);
-columns >= n are masked to zero.
-
-Per layer the kernels also need the codebook levels and thresholds of each stream, the +-1 signs,
+Per layer the kernels read the codebook levels and thresholds of each stream, the +-1 signs,
 and the Sylvester Hadamard matrix (entries +-1, exact in bf16; the 1/sqrt(d) goes on separately).
+The slot layout (slot_layout.py) says where each stream lies in a slot.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from functools import lru_cache
-
 import torch
 
-from vllm_gds.kvcache.codebook import codebook
-from vllm_gds.kvcache.formats import NORM_BYTES, KVFormat, VectorCode
-from vllm_gds.kvcache.packing import packed_bytes
-from vllm_gds.kvcache.rotation import check_head_size, signs
-
-from .tq_lut4 import levels4_asm, phase_permutation
-
-NORM_RULE_IDS = {"plain": 0, "unit": 1, "ls": 2}
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class Stream:
-    """One run of equal-width codes inside a vector's bytes."""
-
-    bits: int
-    n: int  # codes
-    offset: int  # byte offset inside the vector's bytes
-
-    @property
-    def unit_bytes(self) -> int:
-        return self.bits // math.gcd(self.bits, 8)
-
-    @property
-    def unit_codes(self) -> int:
-        return 8 // math.gcd(self.bits, 8)
-
-    @property
-    def units(self) -> int:
-        return self.n // self.unit_codes
-
-    @property
-    def width(self) -> int:
-        """Tile width: a power of two >= n, and >= 16 (tl.dot's least inner size)."""
-        return max(16, _next_pow2(self.n)) if self.n else 0
-
-    @property
-    def units_pad(self) -> int:
-        return self.width // self.unit_codes if self.n else 0
-
-
-@dataclass(frozen=True)
-class VectorLayout:
-    """Streams and norm position of one key or value vector (offsets relative to the slot)."""
-
-    a: Stream  # extra-bit coordinates [0, e); n == 0 when the code has none
-    b: Stream  # coordinates [e, d)
-    norm_offset: int
-    norm_rule: int
-
-    @classmethod
-    def of(cls, code: VectorCode, d: int, base: int) -> "VectorLayout":
-        e = code.extra
-        a_bytes = packed_bytes(e, code.bits + 1)
-        a = Stream(code.bits + 1, e, base)
-        b = Stream(code.bits, d - e, base + a_bytes)
-        return cls(a, b, base + code.code_bytes(d), NORM_RULE_IDS[code.norm])
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Byte layout of one (token, KV head) slot: key vector, then value vector (formats.py)."""
-
-    head_size: int
-    key: VectorLayout
-    value: VectorLayout
-    slot_bytes: int
-
-    @classmethod
-    def of(cls, fmt: KVFormat, d: int) -> "SlotLayout":
-        check_head_size(d)
-        for code in (fmt.key, fmt.value):
-            if code.extra % 8 or not 0 <= code.extra < d or code.bits + (code.extra > 0) > 8:
-                raise ValueError(f"{fmt.name}: unsupported vector code {code} for head size {d}")
-        key = VectorLayout.of(fmt.key, d, 0)
-        value = VectorLayout.of(fmt.value, d, fmt.key.vector_bytes(d))
-        return cls(d, key, value, fmt.slot_bytes(d))
-
-
-def stream_kwargs(prefix: str, s: Stream) -> dict:
-    """Constexpr arguments that describe a stream to a kernel (``{prefix}_BITS`` ...)."""
-    return {
-        f"{prefix}_BITS": s.bits,
-        f"{prefix}_N": s.n,
-        f"{prefix}_OFF": s.offset,
-        f"{prefix}_U": max(1, s.unit_bytes),
-        f"{prefix}_K": max(1, s.unit_codes),
-        f"{prefix}_NU": max(1, s.units_pad),
-        f"{prefix}_W": max(16, s.width),
-    }
-
-
-def layout_kwargs(layout: SlotLayout) -> dict:
-    kw = {"D": layout.head_size, "SLOT": layout.slot_bytes}
-    for prefix, vec in (("KA", layout.key), ("VA", layout.value)):
-        kw |= stream_kwargs(prefix, vec.a)
-    for prefix, vec in (("KB", layout.key), ("VB", layout.value)):
-        kw |= stream_kwargs(prefix, vec.b)
-    kw |= {
-        "K_NORM_OFF": layout.key.norm_offset,
-        "V_NORM_OFF": layout.value.norm_offset,
-        "K_NORM_RULE": layout.key.norm_rule,
-        "V_NORM_RULE": layout.value.norm_rule,
-    }
-    return kw
-
-
-@lru_cache(maxsize=None)
-def _hadamard_pm1(d: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+from .codebook import codebook
+from .formats import KVFormat
+from .layer_calibration import LayerCalibration
+from .lut4_ptx import levels4_asm, phase_permutation
+from .rotation import hadamard_pm1, signs
+from .slot_layout import SlotLayout, Stream, layout_kwargs, next_pow2
 
 
 def _stream_table(d: int, s: Stream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,37 +32,28 @@ class LayerTables:
     """Device tensors one layer's kernels read: codebooks, signs, Hadamard column/row blocks,
     calibration. ``dot_dtype`` is the tensor-core input type (float32 in the CPU interpreter).
 
+    ``calibration``: the fields of layer_calibration.LayerCalibration, as keywords (the same as
+    quantizer.KVLayerQuantizer's).
+
     Codebook table layout (float32 [4, 2, 256]): index 0..3 = KA, KB, VA, VB streams;
     [.., 0, :] levels, [.., 1, :] thresholds (+inf past the last one).
     """
 
-    def __init__(
-        self,
-        fmt: KVFormat,
-        head_size: int,
-        layer: int,
-        seed: int,
-        device,
-        dot_dtype: torch.dtype,
-        num_kv_heads: int = 1,
-        key_mean: torch.Tensor | None = None,
-        key_scale: torch.Tensor | None = None,
-        value_mean: torch.Tensor | None = None,
-        key_weight: torch.Tensor | None = None,
-        rope_inv_freq: torch.Tensor | None = None,
-        rope_attention_scaling: float = 1.0,
-    ):
-        if key_mean is not None and rope_inv_freq is None:
-            raise ValueError("a key mean needs the model's RoPE frequencies (rope_inv_freq)")
+    def __init__(self, fmt: KVFormat, head_size: int, layer: int, seed: int, device,
+                 dot_dtype: torch.dtype, num_kv_heads: int = 1, **calibration):
+        cal = LayerCalibration(**calibration)
+        key_mean, key_scale, value_mean, key_weight = (
+            cal.key_mean, cal.key_scale, cal.value_mean, cal.key_weight)
         layout = SlotLayout.of(fmt, head_size)
         d = layout.head_size
         self.layout = layout
+        self.constexprs = layout_kwargs(layout)  # the layout's constexprs, as both kernels take them
         streams = (layout.key.a, layout.key.b, layout.value.a, layout.value.b)
         tabs = [torch.stack(_stream_table(d, s)) for s in streams]
         self.codebooks = torch.stack(tabs).to(device=device, dtype=torch.float32).contiguous()
         self.level_tables = self.codebooks[:, 0].to(dot_dtype).contiguous()
         self.signs = signs(d, layer, seed).to(device)
-        h = _hadamard_pm1(d)
+        h = hadamard_pm1(d)
         # Column blocks (query and store transforms) and row blocks (output transform) of H for
         # streams A and B, zero-padded to the stream tile widths: [D, W] and [W, D].
         self.h_cols = {}
@@ -213,8 +83,8 @@ class LayerTables:
         self.rope_theta = self.rope_sign = torch.zeros(d, device=device)
         self.rope_partner = torch.zeros(d, dtype=torch.int32, device=device)
         if self.has_mean:
-            key_mean = self._rope_tables(key_mean.float().cpu(), rope_inv_freq,
-                                         rope_attention_scaling, d, device)
+            key_mean = self._rope_tables(key_mean.float().cpu(), cal.rope_inv_freq,
+                                         cal.rope_attention_scaling, d, device)
         self.key_mean = self._per_head(key_mean, 0.0, device, heads, d)
         self._mean_pairs(self.key_mean.cpu(), device)
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
@@ -223,10 +93,7 @@ class LayerTables:
         self.key_weight = self._per_head(
             None if key_weight is None else key_weight.float().clamp_min(0), 1.0, device, heads, d
         )
-        # As the reference: the raw-key fallback only where there is a calibration to fall from.
-        self.fallback = bool(getattr(fmt, "key_raw_fallback", False)) and (
-            key_mean is not None or key_scale is not None
-        )
+        self.fallback = cal.fallback(fmt)
 
     def _rope_tables(self, key_mean, inv_freq, attention_scaling, d, device):
         """Per-coordinate RoPE constants for RoPE_p(key_mean) (rope.py, neox pairs (i, i + r/2)):
@@ -257,7 +124,7 @@ class LayerTables:
         used = torch.zeros(heads, half, dtype=torch.bool)
         if self.has_mean and half:
             used = (key_mean[:, :half] != 0) | (key_mean[:, half : 2 * half] != 0)
-        rh = max(16, _next_pow2(int(used.sum(1).max()) if half else 1))
+        rh = max(16, next_pow2(int(used.sum(1).max()) if half else 1))
         self.rot_half_pad = rh
         pairs = torch.full((heads, rh), -1, dtype=torch.int32)
         theta = torch.zeros(heads, rh)
