@@ -32,6 +32,7 @@ import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
 from vllm_gds.io import gds_env
+from vllm_gds.io.cuda_driver import CudaDriverMissing, is_missing_driver_error, missing_driver_message, require_cuda_driver
 from vllm_gds.io.pipeline import Checksums, run_pipeline
 
 POLICIES = ("auto", "require", "off")
@@ -121,6 +122,7 @@ def _kvikio():
             f"kvikio is not importable ({e}); install it with `pip install vllm-gds[gpu]` "
             "(kvikio-cu13) on GPU nodes"
         ) from None
+    require_cuda_driver()  # kvikio imports without libcuda.so.1, then fails at the first read
     return kvikio
 
 
@@ -279,6 +281,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> d
                 try:
                     handles.append(kvikio.CuFile(read.path, "r"))
                 except RuntimeError as e:
+                    if is_missing_driver_error(e):
+                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
                     raise ShardReadError(f"cannot open shard file {read.path} with cuFile: {e}") from None
             pending = []
             for t, (file_index, target) in enumerate(flat_targets):
@@ -291,6 +295,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, progress=None) -> d
                 try:
                     got = future.get()
                 except RuntimeError as e:
+                    if is_missing_driver_error(e):
+                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
                     raise ShardReadError(
                         f"reading {reads[file_index].path} at byte {target.file_offset} failed: {e}"
                     ) from None
