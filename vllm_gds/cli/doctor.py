@@ -16,18 +16,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_gds.io import gds_env
+from vllm_gds.io import gds_checklist, gds_env
+from vllm_gds.io.block_device import block_device_of
+from vllm_gds.io.gds_checklist import FAIL, OK, SKIP, WARN, Check
 
 HELP = "say whether this node can use GPUDirect Storage for a path, and how to fix it"
-OK, FAIL, WARN, SKIP = "ok", "no", "warn", "--"
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # OK, FAIL, WARN or SKIP
-    detail: str
-    fix: str = ""
 
 
 @dataclass
@@ -38,7 +31,7 @@ class Diagnosis:
     @property
     def gds(self) -> bool:
         return all(c.status in (OK, WARN, SKIP) for c in self.checks) and any(
-            c.name == "cuFile driver" and c.status == OK for c in self.checks
+            c.name == "cuFile driver" and c.status in (OK, WARN) for c in self.checks
         )
 
     def add(self, *args, **kw) -> Check:
@@ -94,6 +87,39 @@ def _alignment(files: list[Path]) -> tuple[int, int]:
     return aligned, total
 
 
+def _kvikio_check(target: Path, compat: Check) -> Check:
+    """kvikio importable, its compat mode not forced ON, and a real small read through it works."""
+    try:
+        import kvikio
+    except ImportError as e:
+        return Check("kvikio", FAIL, f"kvikio is not importable ({e})", "pip install 'vllm-gds[gpu]' (kvikio-cu13)")
+    if compat.status != OK:
+        return Check("kvikio", compat.status, compat.detail, compat.fix)
+    from vllm_gds.io.kvikio_probe import PROBE_BYTES, kvikio_read_problem
+
+    version = f"kvikio {getattr(kvikio, '__version__', '?')}, {compat.detail}"
+    problem = kvikio_read_problem(target if target.exists() else Path("."))
+    if problem is not None:
+        from vllm_gds.io.cuda_driver import missing_driver_message
+
+        fix = ("see the message: " + missing_driver_message()) if "libcuda" in problem else \
+            "reinstall kvikio-cu13 and libkvikio-cu13 of the same version"
+        return Check("kvikio", FAIL, f"{version}, but a read of {PROBE_BYTES} bytes through it failed: {problem}", fix)
+    return Check("kvikio", OK, f"{version}; a read of {PROBE_BYTES} bytes through it into host memory is byte-exact")
+
+
+def _file_system_detail(target: Path, mount, fstype: str):
+    where = f"{target} is on {fstype}" + (f" ({mount.source} at {mount.point})" if mount else "")
+    device = block_device_of(target)
+    return where + (f", {device.describe()}" if device else ""), device
+
+
+def _report_mode(d: "Diagnosis") -> str:
+    """What the load report's path column will say when GDS is not used, on this platform."""
+    gpus = next((c for c in d.checks if c.name == "GPUs"), None)
+    return "host" if gpus is not None and gpus.status != OK else "compat"
+
+
 def diagnose(path: str | os.PathLike = ".", *, query_driver: bool = True) -> Diagnosis:
     target = Path(path)
     d = Diagnosis(path=str(target))
@@ -105,41 +131,9 @@ def diagnose(path: str | os.PathLike = ".", *, query_driver: bool = True) -> Dia
         d.add("GPUs", FAIL, "no NVIDIA GPU is visible (no /proc/driver/nvidia/gpus, or CUDA_VISIBLE_DEVICES hides them)",
               "run on a GPU node with the NVIDIA driver loaded, and check CUDA_VISIBLE_DEVICES")
 
-    if gds_env.nvidia_fs_loaded():
-        version = gds_env.nvidia_fs_version()
-        d.add("nvidia-fs", OK, "kernel module loaded" + (f" ({version.splitlines()[0]})" if version else ""))
-    else:
-        d.add("nvidia-fs", FAIL, "the nvidia-fs kernel module is not loaded (no /proc/driver/nvidia-fs, not in lsmod): "
-              "cuFile can only run in compatibility mode",
-              "install NVIDIA's GDS package (nvidia-gds, matching the driver) and `modprobe nvidia_fs`; on AWS, "
-              "the Deep Learning AMIs ship it; in Kubernetes, the GPU operator's `gds.enabled=true`")
-
-    config = gds_env.read_cufile_json()
-    if not config.exists:
-        d.add("cufile.json", WARN, f"{config.path} does not exist: cuFile uses its defaults (compat mode allowed, "
-              "so a file it cannot serve with GDS is read through a bounce buffer without a word)",
-              f"write {config.path} (or point CUFILE_ENV_PATH_JSON at one) with "
-              '"properties": {"allow_compat_mode": false} to make such files fail instead')
-    elif config.error:
-        d.add("cufile.json", FAIL, f"{config.path} does not parse: {config.error}",
-              f"fix the JSON in {config.path}")
-    elif config.allow_compat_mode:
-        d.add("cufile.json", WARN, f"{config.path}: properties.allow_compat_mode is true (cuFile may fall back "
-              "silently per file; gds policy 'require' refuses this)",
-              f'set "allow_compat_mode": false under "properties" in {config.path}')
-    else:
-        d.add("cufile.json", OK, f"{config.path}: allow_compat_mode false")
-
-    try:
-        import kvikio  # noqa: F401
-
-        compat = gds_env.kvikio_compat_env()
-        if compat == "ON":
-            d.add("kvikio", FAIL, "KVIKIO_COMPAT_MODE=ON forces kvikio's POSIX path", "unset KVIKIO_COMPAT_MODE")
-        else:
-            d.add("kvikio", OK, f"kvikio {getattr(kvikio, '__version__', '?')}, KVIKIO_COMPAT_MODE={compat}")
-    except ImportError as e:
-        d.add("kvikio", FAIL, f"kvikio is not importable ({e})", "pip install 'vllm-gds[gpu]' (kvikio-cu13)")
+    node = gds_checklist.node_checks()  # nvidia-fs, cufile.json, kvikio compat mode: the reader's list too
+    d.checks += node[:2]
+    d.checks.append(_kvikio_check(target, node[2]))
 
     files: list[Path] = []
     if not target.exists():
@@ -147,12 +141,18 @@ def diagnose(path: str | os.PathLike = ".", *, query_driver: bool = True) -> Dia
     else:
         mount = gds_env.mount_of(target)
         fstype = mount.fstype if mount else "?"
-        where = f"{target} is on {fstype}" + (f" ({mount.source} at {mount.point})" if mount else "")
+        where, device = _file_system_detail(target, mount, fstype)
         if fstype in ("nfs", "nfs4") and "rdma" not in (mount.options if mount else ""):
             d.add("file system", FAIL, where + " over TCP: GDS needs NFS over RDMA",
                   "mount with proto=rdma (and a GDS-capable NFS client), or copy the model to local NVMe or Lustre")
+        elif fstype in ("ext4", "xfs") and device is not None and device.kind in ("virtio", "scsi"):
+            d.add("file system", FAIL, where + f": cuFile reads {fstype} with GDS only from NVMe (local or over "
+                  "fabrics), so this disk is read through compat mode",
+                  f"put the model on an NVMe drive with {fstype} (or FSx for Lustre, NFS over RDMA, WekaFS, "
+                  "GPFS, BeeGFS with their GDS-enabled clients)")
         elif fstype in gds_env.GDS_FILESYSTEMS:
-            d.add("file system", OK, where + f": {gds_env.GDS_FILESYSTEMS[fstype]}")
+            d.add("file system", OK if device is None or device.kind == "nvme" else WARN,
+                  where + f": {gds_env.GDS_FILESYSTEMS[fstype]}")
         else:
             d.add("file system", FAIL, where + ": cuFile has no GDS path for it (tmpfs, overlay and FUSE "
                   "file systems are read through compat mode)",
@@ -182,17 +182,7 @@ def diagnose(path: str | os.PathLike = ".", *, query_driver: bool = True) -> Dia
         d.add("cuFile driver", SKIP, "not asked: " + ("the checks above already rule GDS out" if blocked
                                                       else "driver query disabled"))
     else:
-        view = gds_env.kvikio_driver_view()
-        if "error" in view:
-            d.add("cuFile driver", FAIL, f"kvikio could not query cuFile: {view['error']}",
-                  "see cufile.log in the working directory, and run /usr/local/cuda/gds/tools/gdscheck -p")
-        elif not view.get("is_gds_available") or view.get("compat_mode_preferred"):
-            d.add("cuFile driver", FAIL, f"cuFile reports is_gds_available={view.get('is_gds_available')}, "
-                  f"kvikio prefers compat mode={view.get('compat_mode_preferred')}",
-                  "run /usr/local/cuda/gds/tools/gdscheck -p and read cufile.log")
-        else:
-            d.add("cuFile driver", OK, "cuFile reports GDS available; kvikio will use it"
-                  + (" (allow_compat_mode still true)" if view.get("allow_compat_mode") else ""))
+        d.checks.append(gds_checklist.driver_check(gds_env.kvikio_driver_view()))
     return d
 
 
@@ -209,8 +199,12 @@ def format_diagnosis(d: Diagnosis) -> str:
             lines.append("To make it certain (gds policy 'require'):")
             lines += [f"  - {c.fix}" for c in warns if c.fix]
     else:
-        lines.append("Verdict: GDS WOULD NOT BE USED: --load-format gds still works, through its pinned-buffer "
-                     "compatibility path (the load report says 'compat').")
+        if _report_mode(d) == "host":
+            lines.append("Verdict: GDS WOULD NOT BE USED: no GPU is visible, so vLLM runs on its CPU platform and "
+                         "--load-format gds reads into host memory through kvikio (the load report says 'host').")
+        else:
+            lines.append("Verdict: GDS WOULD NOT BE USED: --load-format gds still works, through its pinned-buffer "
+                         "compatibility path (the load report says 'compat').")
         lines.append("To use GDS, fix in this order:")
         lines += [f"  - {c.name}: {c.fix}" for c in d.checks if c.status == FAIL and c.fix]
     return "\n".join(lines)

@@ -5,10 +5,12 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError
+from vllm_gds.io.cuda_driver import CudaDriverMissing
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, read_files
 from vllm_gds.shards import dtypes
 from vllm_gds.shards.manifest import MANIFEST_NAME, Manifest, RankShards, read_manifest
 from vllm_gds.shards.validate import check_rank_files
+from vllm_gds.units import plural
 
 HELP = "summarize a prepared directory and check that it is intact"
 
@@ -20,7 +22,7 @@ def summary(manifest: Manifest, model_dir: Path) -> str:
     lines = [
         f"{model_dir}",
         f"  layout        tensor-parallel {manifest.tensor_parallel_size} x pipeline-parallel "
-        f"{manifest.pipeline_parallel_size} ({manifest.world_size} ranks)",
+        f"{manifest.pipeline_parallel_size} ({plural(manifest.world_size, 'rank')})",
         f"  dtype         {manifest.dtype}, quantization {manifest.quantization or 'none'}",
         f"  made by       vLLM {manifest.vllm_version} on {platform}, {manifest.created}",
         f"  capture point {manifest.capture_point}",
@@ -61,9 +63,11 @@ def run(args) -> int:
     for shards in manifest.ranks:
         try:
             verify_rank(model_dir, shards, not args.no_checksums)
+        except CudaDriverMissing:
+            raise  # this machine cannot read, the files may be fine: the CLI says what to install
         except GdsError as e:
             problems += 1
             print(f"  rank {shards.rank}: DAMAGED: {e}")
     what = "sizes and headers" if args.no_checksums else "sizes, headers and checksums"
-    print(f"  {what}: " + ("all ranks intact" if not problems else f"{problems} rank(s) damaged"))
+    print(f"  {what}: " + ("all ranks intact" if not problems else f"{plural(problems, 'rank')} damaged"))
     return 1 if problems else 0

@@ -1,6 +1,7 @@
 """What this node offers GPUDirect Storage, read without creating a CUDA context.
 
-Shared by the reader (policy ``require``) and ``vllm-gds doctor``. Nothing here
+Shared by the reader (policy ``require``) and ``vllm-gds doctor``, through the one
+checklist in :mod:`vllm_gds.io.gds_checklist`. Nothing here
 opens the cuFile driver: that creates CUDA contexts on every visible GPU, so
 callers do it only after setting their device, and only where nvidia-fs exists.
 """
@@ -16,8 +17,8 @@ DEFAULT_CUFILE_JSON = "/etc/cufile.json"
 # File systems cuFile can read with GDS (given the vendor's GDS-enabled client or
 # driver); everything else (tmpfs, overlay, ...) always goes through compat mode.
 GDS_FILESYSTEMS = {
-    "ext4": "local NVMe with ext4 (data=ordered)",
-    "xfs": "local NVMe with xfs",
+    "ext4": "ext4 (data=ordered), which GDS reads from NVMe drives",
+    "xfs": "xfs, which GDS reads from NVMe drives",
     "lustre": "Lustre with a GDS-enabled client (FSx for Lustre with EFA, DDN EXAScaler)",
     "nfs": "NFS over RDMA (mount with proto=rdma)",
     "nfs4": "NFS over RDMA (mount with proto=rdma)",

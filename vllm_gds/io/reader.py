@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
-from vllm_gds.io import gds_env, pagecache
+from vllm_gds.io import gds_checklist, gds_env, pagecache
+from vllm_gds.io.cuda_driver import CudaDriverMissing, is_missing_driver_error, missing_driver_message, require_cuda_driver
 from vllm_gds.io.engine_choice import MAX_THREADS, MIN_BOUNCE, EngineChoice, Machine, choose
 from vllm_gds.io.pipeline import Checksums, run_pipeline
 
@@ -138,6 +139,7 @@ def _kvikio():
             f"kvikio is not importable ({e}); install it with `pip install vllm-gds[gpu]` "
             "(kvikio-cu13) on GPU nodes"
         ) from None
+    require_cuda_driver()  # kvikio imports without libcuda.so.1, then fails at the first read
     return kvikio
 
 
@@ -174,42 +176,18 @@ def gds_problems(device: torch.device) -> list[str]:
     4. ``KVIKIO_COMPAT_MODE`` is not ON, and kvikio does not prefer compat mode;
     5. cuFile's driver, through kvikio, reports ``is_gds_available``.
 
+    The items are :mod:`vllm_gds.io.gds_checklist`'s, the same that ``doctor`` prints.
     The reader then opens every file with kvikio's compat mode OFF before it
     reads a byte, so a file on a file system without GDS support fails the load
     at start-up, naming the file, instead of being read through a bounce buffer.
     """
     if device.type != "cuda":
         return [f"the platform is {device.type}, not CUDA: GPUDirect Storage needs an NVIDIA GPU"]
-    problems = []
-    if not gds_env.nvidia_fs_loaded():
-        problems.append("the nvidia-fs kernel module is not loaded (install the GDS package "
-                        "nvidia-gds and run `modprobe nvidia_fs`)")
-    config = gds_env.read_cufile_json()
-    if not config.exists:
-        problems.append(f"{config.path} does not exist, so cuFile allows compat mode by default "
-                        "(write one with \"properties\": {\"allow_compat_mode\": false})")
-    elif config.error:
-        problems.append(f"{config.path} does not parse ({config.error})")
-    elif config.allow_compat_mode:
-        problems.append(f"{config.path} allows cuFile's compat mode (set properties.allow_compat_mode "
-                        "to false so that no file falls back silently)")
-    if gds_env.kvikio_compat_env() == "ON":
-        problems.append("KVIKIO_COMPAT_MODE=ON forces kvikio's POSIX path (unset it)")
+    problems = gds_checklist.problems(gds_checklist.node_checks())
     if problems:  # the driver is only worth asking (and a context only worth making) past these
         return problems
     _set_device(device)
-    view = gds_env.kvikio_driver_view()
-    if "error" in view:
-        problems.append(f"kvikio could not query the cuFile driver: {view['error']}")
-    else:
-        if not view.get("is_gds_available"):
-            problems.append("cuFile's driver reports GDS unavailable (see cufile.log, and "
-                            "`/usr/local/cuda/gds/tools/gdscheck -p`)")
-        if view.get("allow_compat_mode"):
-            problems.append("cuFile's driver still allows compat mode (another cufile.json is in use?)")
-        if view.get("compat_mode_preferred"):
-            problems.append("kvikio prefers its compat mode here")
-    return problems
+    return gds_checklist.problems([gds_checklist.driver_check(gds_env.kvikio_driver_view())])
 
 
 def resolve_mode(device: torch.device, policy: str) -> str:
@@ -303,6 +281,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
                 try:
                     handles.append(kvikio.CuFile(read.path, "r"))
                 except RuntimeError as e:
+                    if is_missing_driver_error(e):
+                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
                     raise ShardReadError(f"cannot open shard file {read.path} with cuFile: {e}") from None
             pending = []
             for t, (file_index, target) in enumerate(flat_targets):
@@ -315,6 +295,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
                 try:
                     got = future.get()
                 except RuntimeError as e:
+                    if is_missing_driver_error(e):
+                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
                     raise ShardReadError(
                         f"reading {reads[file_index].path} at byte {target.file_offset} failed: {e}"
                     ) from None

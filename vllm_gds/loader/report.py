@@ -4,6 +4,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm_gds.units import format_gb_per_s, gb_per_s, plural
+
 
 @dataclass
 class LoadReport:
@@ -44,7 +46,7 @@ class LoadReport:
 
     @property
     def gb_per_s(self) -> float:
-        return self.nbytes / self.read_seconds / 1e9 if self.read_seconds > 0 else 0.0
+        return gb_per_s(self.nbytes, self.read_seconds)
 
     def log_line(self) -> str:
         verified = (
@@ -53,8 +55,9 @@ class LoadReport:
         )
         return (
             f"vllm-gds rank {self.rank} (tp {self.tp_rank}, pp {self.pp_rank}): read {self.nbytes / 1e9:.3f} GB "
-            f"of {self.source} weights from {self.files} file(s) via {self.mode} in {self.read_seconds:.2f} s "
-            f"({self.gb_per_s:.2f} GB/s); {verified}; {self.tensors} tensors installed; "
+            f"of {self.source} weights from {plural(self.files, 'file')} via {self.mode} in {self.read_seconds:.2f} s "
+            f"({format_gb_per_s(self.nbytes, self.read_seconds)} GB/s); {verified}; "
+            f"{plural(self.tensors, 'tensor')} installed; "
             f"load took {self.total_seconds:.2f} s; {self.warmth}"
             + (f"; {self.engine} engine, {self.threads} threads x {self.task_size >> 10} KiB tasks, "
                f"{self.pinned_bytes >> 20} MiB pinned ({self.choice})" if self.engine else "")
@@ -80,7 +83,7 @@ def format_reports(reports: list[dict]) -> str:
     for r in reports:
         rows.append((
             str(r["rank"]), r["source"], r["mode"], str(r["files"]), f"{r['nbytes'] / 1e9:.3f}",
-            f"{r['read_seconds']:.2f}", f"{r['gb_per_s']:.2f}",
+            f"{r['read_seconds']:.2f}", format_gb_per_s(r["nbytes"], r["read_seconds"]),
             "verified" if r["checksums_verified"] else "off",
             "?" if r.get("resident_fraction") is None else f"{r['resident_fraction']:.0%}",
             f"{r['threads']} x {r['task_size'] >> 20} MiB" if r.get("threads") else "",
@@ -89,6 +92,6 @@ def format_reports(reports: list[dict]) -> str:
         total = sum(r["nbytes"] for r in reports)
         slowest = max(r["read_seconds"] for r in reports)
         rows.append(("all", "", "", str(sum(r["files"] for r in reports)), f"{total / 1e9:.3f}",
-                     f"{slowest:.2f}", f"{total / slowest / 1e9 if slowest else 0:.2f}", "", "", ""))
+                     f"{slowest:.2f}", format_gb_per_s(total, slowest), "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
