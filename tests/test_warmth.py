@@ -7,7 +7,7 @@ import torch
 
 from vllm_gds.io.pagecache import resident_fraction_of
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, read_files
-from vllm_gds.report import LoadReport
+from vllm_gds.loader.report import LoadReport
 
 
 def _written(path, size=8 << 20):

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from vllm_gds.errors import GdsError
+from vllm_gds.interrupt import Interrupted
 
 # subcommand -> its module
 SUBCOMMANDS = {
@@ -40,3 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except GdsError as e:
         print(f"vllm-gds {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"vllm-gds {args.command}: interrupted by {e.signal_name}"
+              + (f": {e.what}" if e.what else ""), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C outside the steps that convert it
+        print(f"vllm-gds {args.command}: interrupted by SIGINT", file=sys.stderr)
+        return 130

@@ -21,6 +21,7 @@ from vllm_gds import checksum
 from vllm_gds.errors import GdsError
 from vllm_gds.loader.hf_stream import safetensors_files
 from vllm_gds.prepare.capture import record_name
+from vllm_gds.interrupt import Interrupted, remove_stale_partials, remove_tree, signals_raise, stop_process_group
 from vllm_gds.shards.manifest import (
     ALIGNMENT, BEFORE_POST_PROCESSING, Manifest, RankShards, ShardFile, TensorEntry, write_manifest,
 )
@@ -116,12 +117,20 @@ def _run_capture(req: PrepareRequest, model: Path, capture_dir: Path, expected_b
     # several ranks on a machine with one NUMA node. GPU platforms do not read this variable.
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", **os.environ}
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        with tqdm(total=expected_bytes, unit="B", unit_scale=True, desc="capturing shards", mininterval=2) as bar:
-            while proc.poll() is None:
-                bar.update(max(0, min(_dir_bytes(capture_dir), expected_bytes) - bar.n))
-                time.sleep(0.5)
-            bar.update(max(0, expected_bytes - bar.n) if proc.returncode == 0 else 0)
+        # Its own session: a Ctrl-C to the terminal reaches only this process, which stops the
+        # child's whole group (vLLM's engine processes included) on every way out.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            with tqdm(total=expected_bytes, unit="B", unit_scale=True, desc="capturing shards", mininterval=2) as bar:
+                while proc.poll() is None:
+                    bar.update(max(0, min(_dir_bytes(capture_dir), expected_bytes) - bar.n))
+                    time.sleep(0.5)
+                bar.update(max(0, expected_bytes - bar.n) if proc.returncode == 0 else 0)
+        except Interrupted as e:
+            e.what = f"while vLLM captured the shards (child PID {proc.pid}, stopped)"
+            raise
+        finally:
+            stop_process_group(proc)
     if proc.returncode != 0:
         tail = "".join(open(log, errors="replace").readlines()[-40:])
         raise GdsError(f"vLLM could not capture the model (full log: {log}):\n{tail}")
@@ -185,30 +194,40 @@ def prepare(req: PrepareRequest) -> Path:
     _check_request(req)
     expected = estimate_bytes(req)
     req.out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(req.out.parent, req.out.name):
+        print(f"removed {stale}, left by an earlier prepare that did not finish", file=sys.stderr)
     _check_disk(req, expected)
     tmp = req.out.parent / f".{req.out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model = req.source
-        if req.quantization == "fp8":
-            from vllm_gds.prepare.fp8 import quantize_checkpoint
+    with signals_raise():
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            return _prepare_into(req, tmp, expected)
+        except Interrupted as e:
+            e.what = f"prepare {req.source} -> {req.out} {e.what or ''}".rstrip() + f"; removed {tmp}"
+            raise
+        finally:
+            if tmp.exists():
+                remove_tree(tmp)
 
-            model = quantize_checkpoint(req.source, tmp / ".fp8-source")
-        log = req.log or (tmp.parent / f".{req.out.name}.prepare.log")
-        _run_capture(req, model, tmp, expected, log)
-        manifest, record = _assemble_manifest(req, tmp)
-        _write_side_files(model, tmp, record["tie_word_embeddings"])
-        if req.kv_calibration:
-            _calibrate_kv_cache(req.source, tmp)
-        shutil.rmtree(tmp / ".fp8-source", ignore_errors=True)
-        for record in tmp.glob("capture-rank-*.json"):
-            record.unlink()
-        write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
-        tmp.rename(req.out)
-        if req.log is None:
-            log.unlink(missing_ok=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+def _prepare_into(req: PrepareRequest, tmp: Path, expected: int) -> Path:
+    model = req.source
+    if req.quantization == "fp8":
+        from vllm_gds.prepare.fp8 import quantize_checkpoint
+
+        model = quantize_checkpoint(req.source, tmp / ".fp8-source")
+    log = req.log or (tmp.parent / f".{req.out.name}.prepare.log")
+    _run_capture(req, model, tmp, expected, log)
+    manifest, record = _assemble_manifest(req, tmp)
+    _write_side_files(model, tmp, record["tie_word_embeddings"])
+    if req.kv_calibration:
+        _calibrate_kv_cache(req.source, tmp)
+    shutil.rmtree(tmp / ".fp8-source", ignore_errors=True)
+    for record in tmp.glob("capture-rank-*.json"):
+        record.unlink()
+    write_manifest(tmp, manifest)  # last: a directory with a manifest is complete
+    tmp.rename(req.out)
+    if req.log is None:
+        log.unlink(missing_ok=True)
     return req.out
