@@ -419,7 +419,56 @@ def time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device):
     return bench(run, triton)
 
 
-def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True, fast=True):
+def graph_time(torch, calls):
+    """ms per call of one CUDA graph that runs every call in `calls` once (each on its own copy
+    of the inputs, >= 200 MB together, so no copy is still in the L2 when it comes round):
+    device time alone. do_bench times the host launch too where that takes longer than its
+    256 MB L2 memset before each call, which tq_attention's does (140-300 us,
+    benchmarks/dev/kv_split_sweep.py)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls[:2]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(4):
+            g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / (4 * len(calls)))
+    return sorted(ts)[2]
+
+
+def copies_for(nbytes, total=200_000_000, most=64):
+    return max(1, min(most, -(-total // max(1, nbytes))))
+
+
+def graph_sdpa(torch, b, ctx, hq, hk, d, device, backend_name):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name or "CUDNN_ATTENTION")
+    q = torch.randn(b, hq, 1, d, device=device, dtype=torch.bfloat16)
+    n = copies_for(2 * b * hk * ctx * d * 2)
+    kvs = [(torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16),
+            torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)) for _ in range(n)]
+    with sdpa_kernel(backend):
+        return graph_time(torch, [lambda k=k, v=v: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True) for k, v in kvs])
+
+
+def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True, fast=True,
+              graph=False):
     from vllm_gds.kernels import default_splits, tq_attention
 
     tables = our_tables(torch, name, hk, d, device, mean)
@@ -438,7 +487,14 @@ def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True,
         tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1,
                      fast=fast, **launch)
 
-    t = bench(run, triton)
+    if graph:
+        caches = [cache] + [cache.clone() for _ in range(copies_for(cache.numel()) - 1)]
+        t = graph_time(torch, [lambda c=c: tq_attention(
+            q, c, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1, fast=fast, **launch)
+            for c in caches])
+        del caches
+    else:
+        t = bench(run, triton)
     del cache
     return t
 
@@ -570,6 +626,13 @@ def main(argv=None):
     ap.add_argument("--out", type=Path,
                     default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--quick", action="store_true", help="one shape, two batches")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="time every row's methods this many times (ours: a fresh cache fill each)")
+    ap.add_argument("--rows", default="",
+                    help="only these rows, e.g. 'Llama-3-70B TP8:1x32768,Llama-3-8B:32x4096'")
+    ap.add_argument("--no-tuning", action="store_true", help="skip the other-launches section")
+    ap.add_argument("--no-correctness", action="store_true", help="skip the full-size checks")
+    ap.add_argument("--no-store", action="store_true", help="skip the store timings")
     ap.add_argument("--store-only", action="store_true",
                     help="only the store kernel: copy bandwidth, store GB/s, store bytes")
     args = ap.parse_args(argv)
@@ -600,7 +663,7 @@ def main(argv=None):
     warm_up(torch, device)
 
     # 1. Correctness at full size.
-    for name in OURS:
+    for name in ([] if args.no_correctness else OURS):
         for shape in ("Llama-3-8B", "SmolLM2-135M"):
             hq, hk, d = SHAPES[shape]
             try:
@@ -614,7 +677,7 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(torch, triton, device)
     results["copy_gbs"] = copy_gbs
     log(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    for name in OURS:
+    for name in ([] if args.no_store else OURS):
         for block_t, nw in ((16, 4), (16, 8)):
             for calibrated in (True, False):
                 try:
@@ -634,7 +697,7 @@ def main(argv=None):
     candidates = [dict(block_n=bn, num_warps=nw, split_factor=sf)
                   for bn, nw, sf in ((32, 4, 1), (64, 4, 1), (64, 8, 1), (64, 4, 2), (128, 8, 1))]
     scores = []
-    for tuning in candidates:
+    for tuning in ([] if args.no_tuning else candidates):
         total = 0.0
         for b, ctx in ((32, 4096), (8, 32768), (1, 32768)):
             try:
@@ -646,7 +709,7 @@ def main(argv=None):
             log(f"tune tq4 {b}x{ctx} {tuning}: {t:.4f} ms")
             total += math.log(t)
         scores.append((total, tuning))
-    results["best_tuning"] = min(scores, key=lambda s: s[0])[1]
+    results["best_tuning"] = min(scores, key=lambda s: s[0])[1] if scores else None
     log(f"[{time.time() - started:.0f}s] best of these launches over the three shapes: "
         f"{results['best_tuning']} (the table uses the served default)")
 
@@ -655,36 +718,61 @@ def main(argv=None):
     batches = BATCHES[:2] if args.quick else BATCHES
     for shape, (hq, hk, d) in shapes:
         for b, ctx in batches:
+            if args.rows and f"{shape}:{b}x{ctx}" not in args.rows.split(","):
+                continue
             row = {"shape": shape, "batch": b, "ctx": ctx}
-            try:
-                row["sdpa_bf16"], row["sdpa_backend"] = time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
-            except Exception:
-                log(f"sdpa FAILED\n{traceback.format_exc()}")
-            if have_vllm:
-                for key, fp8 in (("vllm_triton_bf16", False), ("vllm_triton_fp8", True)):
+            results["decode"].append(row)  # filled in place, saved after every method
+            runs = {}
+
+            def rep(key, fn):
+                """fn() args.repeats times: row[key] the median, key_runs every time."""
+                ts = []
+                for _ in range(args.repeats):
                     try:
-                        row[key] = time_vllm_triton(torch, triton, b, ctx, hq, hk, d, device, fp8)
+                        ts.append(fn())
                     except Exception:
                         log(f"{key} FAILED\n{traceback.format_exc()}")
+                        return
+                runs[key] = ts
+                row[key] = sorted(ts)[len(ts) // 2]
+                row[key + "_runs"] = ts
+                (args.out / "kv_bench.json").write_text(json.dumps(results, indent=1))
+
+            try:
+                best = [time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
+                        for _ in range(args.repeats)]
+                row["sdpa_bf16_runs"] = [t for t, _ in best]
+                row["sdpa_bf16"], row["sdpa_backend"] = sorted(best)[len(best) // 2]
+            except Exception:
+                log(f"sdpa FAILED\n{traceback.format_exc()}")
+            try:
+                row["sdpa_bf16_graph"] = graph_sdpa(torch, b, ctx, hq, hk, d, device,
+                                                    row.get("sdpa_backend"))
+            except Exception:
+                log(f"sdpa graph FAILED\n{traceback.format_exc()}")
+            if have_vllm:
+                for key, fp8 in (("vllm_triton_bf16", False), ("vllm_triton_fp8", True)):
+                    rep(key, lambda: time_vllm_triton(torch, triton, b, ctx, hq, hk, d, device, fp8))
                 for preset in TURBOQUANT:
-                    try:
-                        row[preset] = time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device)
-                    except Exception:
-                        log(f"{preset} FAILED\n{traceback.format_exc()}")
+                    rep(preset, lambda: time_turboquant(torch, triton, preset, b, ctx, hq, hk, d,
+                                                        device))
             for name, key, mean, fast in (("tq4", "tq4", True, True), ("tq3", "tq3", True, True),
+                                          ("tq5", "tq5", True, True),
                                           ("tq4", "tq4_nomean", False, True),
                                           ("tq4", "tq4_plain", True, False)):
                 if key == "tq4_plain" and shape != "Llama-3-8B":
                     continue
                 if key == "tq4_nomean" and os.environ.get("KV_BENCH_NOMEAN") == "0":
                     continue
-                try:
-                    row[key] = time_ours(torch, triton, name, b, ctx, hq, hk, d, device, None,
-                                         mean, fast)
-                except Exception:
-                    log(f"{key} FAILED\n{traceback.format_exc()}")
+                rep(key, lambda: time_ours(torch, triton, name, b, ctx, hq, hk, d, device, None,
+                                           mean, fast))
+                if key in ("tq4", "tq3", "tq5"):
+                    try:
+                        row[key + "_graph"] = time_ours(torch, triton, name, b, ctx, hq, hk, d,
+                                                        device, None, mean, fast, graph=True)
+                    except Exception:
+                        log(f"{key} graph FAILED\n{traceback.format_exc()}")
             torch.cuda.empty_cache()
-            results["decode"].append(row)
             log(f"[{time.time() - started:.0f}s] " + json.dumps(row))
             (args.out / "kv_bench.json").write_text(json.dumps(results, indent=1))  # so far
 
@@ -693,7 +781,7 @@ def main(argv=None):
 
     for shape, (hq, hk, d) in SHAPES.items():
         entry = {"bf16": hk * 2 * d * 2, "fp8": hk * 2 * d}
-        for name in OURS:
+        for name in (*OURS, "tq5"):
             entry[name] = hk * kv_bytes_per_token_per_head(name, d)
         if have_vllm:
             for preset in TURBOQUANT:
@@ -735,6 +823,26 @@ def table(results) -> list[str]:
         out.append(f"| {row['shape']} | {row['batch']}x{ctx} | " + " | ".join(f(g(m)) for m in METHODS)
                    + f" | {r(g('tq4'), bf16)} | {r(g('tq3'), bf16)} | {r(g('turboquant_4bit_nc'), g('tq4'))}"
                    + f" | {r(g('vllm_triton_fp8'), g('tq4'))} |")
+    out.append("")
+    out.append("Repeats (median [min-max] of do_bench medians) and CUDA-graph device time (rotated "
+               "caches, ms):")
+    out.append("| shape | batch x ctx | SDPA BF16 | tq4 | tq3 | tq5 | SDPA graph | tq4 graph "
+               "| tq3 graph | tq5 graph | tq4/BF16 graph |")
+    out.append("| --- | --- |" + " --- |" * 9)
+
+    def spread(row, k):
+        runs = row.get(k + "_runs")
+        if not runs:
+            return f(row.get(k))
+        return f"{sorted(runs)[len(runs) // 2]:.3f} [{min(runs):.3f}-{max(runs):.3f}]"
+
+    for row in results["decode"]:
+        g = row.get
+        out.append(f"| {row['shape']} | {row['batch']}x{row['ctx'] // 1024}K | "
+                   + " | ".join(spread(row, k) for k in ("sdpa_bf16", "tq4", "tq3", "tq5"))
+                   + " | " + " | ".join(f(g(k)) for k in ("sdpa_bf16_graph", "tq4_graph",
+                                                          "tq3_graph", "tq5_graph"))
+                   + f" | {r(g('tq4_graph'), g('sdpa_bf16_graph'))} |")
     out.append("")
     out.append(f"Store, 32K new tokens, Llama-3-8B shape; copy bandwidth {results.get('copy_gbs', 0):.0f} GB/s:")
     for s in results["store"]:

@@ -350,3 +350,24 @@ def test_levels4_asm_looks_up_every_code(d):
                 code = (w >> (16 * elem + 4 * j)) & 15
                 got = (out[f"${j}"] >> (16 * elem)) & 0xFFFF
                 assert got == table[code] & 0xFFFF, (hex(w), j, elem, code)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_decode_split_counts_match_reference(splits):
+    """The context split across 1, 3 and 8 programs (8 > the tiles of the shorter sequences: those
+    splits stay empty) and merged by the reduce, 8 in one step (tq_attention.reduce_chunk)."""
+    seq_lens = [int(torch.randint(60, 130, ())), int(torch.randint(1, 20, ()))]
+    _run_attention(FORMATS["tq4"], 64, 1, 8, seq_lens, [1, 1], 16, splits)
+
+
+def test_split_count_is_decided_from_the_batch_shape():
+    """2 * SMs programs rounded up to a power of two, capped; never depends on the context."""
+    from vllm_gds.kernels.tq_attention import MAX_SPLITS, reduce_chunk, split_count
+
+    assert split_count(32, 8, 132) == 2  # 264 / 256 -> 2: 512 programs
+    assert split_count(64, 8, 132) == 1
+    assert split_count(8, 1, 132) == min(64, MAX_SPLITS)
+    assert split_count(1, 1, 132) == MAX_SPLITS
+    assert split_count(1, 1, 132, max_splits=512) == 512
+    assert split_count(1024, 8, 132) == 1
+    assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
