@@ -3,9 +3,9 @@
 import math
 
 import pytest
+import kv_reference
 import torch
 
-from vllm_gds.kvcache import attention_ref
 from vllm_gds.kvcache.codebook import mse_per_coordinate
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode, get_format
 from vllm_gds.kvcache.quantizer import KVLayerQuantizer, VectorQuantizer
@@ -101,9 +101,9 @@ def test_rotated_domain_attention_equals_attention_over_decoded_cache():
     assert (ek.norms < 0).any() and (ek.norms > 0).any()  # both kinds of key are exercised
     k_hat, v_hat = lq.decode_keys(ek, pos), lq.decode_values(ev)
     expected = (q[:, None, :] * k_hat.transpose(0, 1)).sum(-1)  # [H, T]
-    assert torch.allclose(attention_ref.scores(lq, q, ek, pos), expected, atol=1e-3)
+    assert torch.allclose(kv_reference.scores(lq, q, ek, pos), expected, atol=1e-3)
     p = torch.softmax(expected / 11.3, -1)
-    assert torch.allclose(attention_ref.output(lq, p, ev), torch.einsum("ht,thd->hd", p, v_hat),
+    assert torch.allclose(kv_reference.output(lq, p, ev), torch.einsum("ht,thd->hd", p, v_hat),
                           atol=1e-4)
 
 

@@ -15,7 +15,7 @@ Two files in the model directory:
 
 The cache subtracts RoPE_p(key_mean) from the (post-RoPE) key at position p: post-RoPE keys
 have a large mean that rotates with the position, which no fixed post-RoPE vector removes. The
-score of that key gets q . RoPE_p(key_mean) back exactly (attention_ref.py). A fixed per-channel key
+score of that key gets q . RoPE_p(key_mean) back exactly (tests/kv_reference.py). A fixed per-channel key
 scale, equal on the two channels of each RoPE pair (so it commutes with RoPE), moves onto the
 query. Subtracting a fixed vector from every value shifts the output by that vector (softmax
 weights sum to one). All exact for attention.

@@ -33,7 +33,7 @@ Bytes of one vector, in this order, no padding:
 One slot per token per KV head per layer: the key vector's bytes, then the value vector's bytes.
 tq4 at d = 128: 64 B of 4-bit key codes, 2 B key norm, 64 B value codes, 2 B value norm = 132 B.
 
-Attention needs no inverse rotation per key (attention_ref.py is the reference). Per query q:
+Attention needs no inverse rotation per key (tests/kv_reference.py is the reference). Per query q:
 q_cal = rotate(key_scale * q) and q_raw = rotate(q), once. Score of a calibrated key at position
 p: q . RoPE_p(key_mean) + norm * <q_cal, c>, where q . RoPE_p(key_mean) = sum over RoPE pairs of
 A_i cos(p theta_i) + B_i sin(p theta_i) with A_i, B_i from q and key_mean (once per query);

@@ -3,14 +3,14 @@
 ``scores(lq, q, enc)`` never unrotates a key: it rotates the (scaled) query once and dots it with
 codebook levels times the stored norm; ``output(lq, p, enc)`` sums weighted levels and unrotates
 once. Both equal attention over the decoded keys and values (up to float rounding): the tests
-check it, and the kernels are checked against these functions.
+check it (test_kv_quantizer.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .quantizer import Encoded, KVLayerQuantizer
+from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer
 
 
 def scores(lq: KVLayerQuantizer, q: torch.Tensor, enc: Encoded, positions: torch.Tensor):
