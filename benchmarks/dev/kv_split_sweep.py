@@ -29,13 +29,10 @@ SHAPES = [  # name, hq, hk, d, batch, ctx
     ("Llama-3-70B TP8", 8, 1, 128, 1, 32768),
     ("Llama-3-70B TP8", 8, 1, 128, 8, 32768),
     ("Llama-3-70B TP8", 8, 1, 128, 32, 4096),
-    ("Llama-3-70B TP8", 8, 1, 128, 64, 8192),
     ("Llama-3-70B TP8", 8, 1, 128, 8, 131072),
     ("Llama-3-8B", 32, 8, 128, 1, 32768),
     ("Llama-3-8B", 32, 8, 128, 8, 32768),
-    ("Llama-3-8B", 32, 8, 128, 32, 4096),
     ("SmolLM2-135M", 9, 3, 64, 1, 32768),
-    ("SmolLM2-135M", 9, 3, 64, 32, 4096),
 ]
 
 
@@ -66,7 +63,7 @@ def main():
         sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
         dflt = default_splits(b, hk, device)
         tiles = ctx // 64
-        cands = sorted({s for s in (dflt // 2, dflt * 2, dflt * 4, dflt * 8)
+        cands = sorted({s for s in (dflt // 2, dflt * 2, dflt * 4)
                         if s <= tiles and s * b * hk <= 8 * 132 * 4 and s >= 1} | {dflt})
         for splits in cands:
             def call(c=cache, s=splits):
