@@ -30,7 +30,7 @@ def test_inspect_finds_a_damaged_rank(prepared_tiny_tp2, tmp_path, capsys):
     assert main(["inspect", str(model)]) == 1
     out = capsys.readouterr().out
     assert f"rank 1: DAMAGED: tensor {shard.tensors[-1].name} at byte {shard.tensors[-1].offset} of {model / shard.path}" in out
-    assert "1 rank(s) damaged" in out
+    assert "1 rank damaged" in out
 
 
 def test_prepare_refuses_an_existing_output(tiny_model, prepared_tiny, capsys):

@@ -26,6 +26,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from vllm_gds.cli.inspect_prepared import summary
+    from vllm_gds.serve_command import serve_command
     from vllm_gds.shards.manifest import read_manifest
 
     out = prepare(PrepareRequest(
@@ -36,9 +37,7 @@ def run(args) -> int:
         max_file_bytes=int(args.max_file_gib * 2**30), log=args.log,
         kv_calibration=not args.no_kv_calibration,
     ))
-    print(summary(read_manifest(out), out))
-    print(f"serve it with: vllm serve {out} --load-format gds "
-          f"--tensor-parallel-size {args.tensor_parallel_size}"
-          + (f" --pipeline-parallel-size {args.pipeline_parallel_size}" if args.pipeline_parallel_size > 1 else "")
-          + (f" --dtype {args.dtype}" if args.dtype != "auto" else ""))
+    manifest = read_manifest(out)
+    print(summary(manifest, out))
+    print(f"serve it with: {serve_command(manifest, out)}")
     return 0
