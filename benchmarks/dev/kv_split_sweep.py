@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kv_bench  # noqa: E402
+import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
+import kv_bench
 
 SHAPES = [  # name, hq, hk, d, batch, ctx
     ("Llama-3-70B TP8", 8, 1, 128, 1, 32768),
