@@ -80,10 +80,11 @@ class EngineResult:
         self.tokens = json.loads(lines[-1][len("RESULT "):]) if lines else None
 
 
-def run_engine(model: Path, load_format: str = "auto", timeout: int = 400, **spec) -> EngineResult:
+def run_engine(model: Path, load_format: str = "auto", timeout: int = 400, env: dict | None = None,
+               **spec) -> EngineResult:
     """Start a real vLLM engine in a child process, generate greedily for PROMPTS, return its tokens."""
     spec = {"model": str(model), "load_format": load_format, "prompts": PROMPTS, **spec}
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     if spec.get("tensor_parallel_size", 1) * spec.get("pipeline_parallel_size", 1) > 1:
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
     proc = subprocess.run(

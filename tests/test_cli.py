@@ -17,7 +17,7 @@ def test_inspect_summarizes_and_verifies(prepared_tiny_tp2, capsys):
     assert "tensor-parallel 2 x pipeline-parallel 1 (2 ranks)" in out
     assert "made by       vLLM 0.32.0 on cpu" in out
     assert "capture point before_post_processing" in out
-    assert "sizes, headers and checksums: all ranks intact" in out
+    assert "sizes, headers, checksums and serving files: all ranks intact, config and tokenizer present" in out
 
 
 def test_inspect_finds_a_damaged_rank(prepared_tiny_tp2, tmp_path, capsys):

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from vllm_gds.errors import GdsError
+from vllm_gds.errors import EXIT_UNREADABLE, GdsError, os_error_message
 from vllm_gds.interrupt import Interrupted
 
 # subcommand -> its module
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return runners[args.command](args)
     except GdsError as e:
         print(f"vllm-gds {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except OSError as e:  # the operating system refused a path no check above named
+        print(f"vllm-gds {args.command}: error: {os_error_message(e.filename or '?', e, 'use')}", file=sys.stderr)
+        return EXIT_UNREADABLE
     except Interrupted as e:
         print(f"vllm-gds {args.command}: interrupted by {e.signal_name}"
               + (f": {e.what}" if e.what else ""), file=sys.stderr)

@@ -2,13 +2,11 @@
 
 from pathlib import Path
 
-import torch
-
-from vllm_gds.errors import GdsError
+from vllm_gds.errors import EXIT_DAMAGED, GdsError
 from vllm_gds.io.cuda_driver import CudaDriverMissing
-from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, read_files
-from vllm_gds.shards import dtypes
-from vllm_gds.shards.manifest import MANIFEST_NAME, Manifest, RankShards, read_manifest
+from vllm_gds.serving_files import shown, stray_manifest_problem, serving_file_problems
+from vllm_gds.shards.manifest import Manifest, RankShards, read_manifest
+from vllm_gds.shards.stream_verify import verify_file_checksums
 from vllm_gds.shards.validate import check_rank_files
 from vllm_gds.units import plural
 
@@ -16,7 +14,12 @@ HELP = "summarize a prepared directory and check that it is intact"
 
 
 def summary(manifest: Manifest, model_dir: Path) -> str:
-    platform = manifest.platform.get("device_type")
+    """The manifest's facts; everything that comes from a file goes through shown()."""
+    return "\n".join(shown(line) for line in _summary_lines(manifest, model_dir))
+
+
+def _summary_lines(manifest: Manifest, model_dir: Path) -> list[str]:
+    platform = str(manifest.platform.get("device_type"))
     if manifest.platform.get("compute_capability"):
         platform += f" (compute capability {manifest.platform['compute_capability']})"
     lines = [
@@ -34,20 +37,17 @@ def summary(manifest: Manifest, model_dir: Path) -> str:
         lines.append(f"  {r.rank:<4}  {r.tp_rank:<2}  {r.pp_rank:<2}  {len(r.files):<5}  {tensors:<7}  {r.nbytes / 1e9:.3f}")
     total = sum(r.nbytes for r in manifest.ranks)
     lines.append(f"  total {total / 1e9:.3f} GB")
-    return "\n".join(lines)
+    return lines
 
 
 def verify_rank(model_dir: Path, shards: RankShards, with_checksums: bool) -> None:
-    """Files complete and headers consistent; with checksums, every tensor read and checked (host memory)."""
+    """Files complete and headers consistent; with checksums, every tensor read and checked in
+    bounded host memory (stream_verify), whatever the size of the file."""
     check_rank_files(model_dir, shards)
     if not with_checksums:
         return
     for shard in shards.files:
-        dests = [torch.empty(e.shape, dtype=dtypes.torch_dtype(e.dtype)) for e in shard.tensors]
-        targets = tuple(
-            ReadTarget(e.offset, d, name=e.name, checksum=e.checksum) for e, d in zip(shard.tensors, dests)
-        )
-        read_files([FileRead(model_dir / shard.path, targets, shard.size)], ReadOptions(), torch.device("cpu"))
+        verify_file_checksums(model_dir, shard)
 
 
 def add_arguments(parser) -> None:
@@ -59,7 +59,11 @@ def run(args) -> int:
     model_dir = args.path
     manifest = read_manifest(model_dir)
     print(summary(manifest, model_dir))
-    problems = 0
+    stray = stray_manifest_problem(model_dir, manifest)
+    if stray:
+        print(shown(f"  NOT PREPARED: {stray}"))
+        return EXIT_DAMAGED
+    problems, code = 0, 0
     for shards in manifest.ranks:
         try:
             verify_rank(model_dir, shards, not args.no_checksums)
@@ -67,7 +71,14 @@ def run(args) -> int:
             raise  # this machine cannot read, the files may be fine: the CLI says what to install
         except GdsError as e:
             problems += 1
-            print(f"  rank {shards.rank}: DAMAGED: {e}")
-    what = "sizes and headers" if args.no_checksums else "sizes, headers and checksums"
-    print(f"  {what}: " + ("all ranks intact" if not problems else f"{plural(problems, 'rank')} damaged"))
-    return 1 if problems else 0
+            code = max(code, e.exit_code)  # unreadable (3) over damaged (1)
+            print(shown(f"  rank {shards.rank}: DAMAGED: {e}"))
+    missing = serving_file_problems(model_dir)
+    for problem in missing:
+        print(shown(f"  serving files: {problem}"))
+    what = "sizes, headers" if args.no_checksums else "sizes, headers, checksums"
+    verdict = ("all ranks intact" if not problems else f"{plural(problems, 'rank')} damaged") + (
+        ", config and tokenizer present" if not missing else f", {plural(len(missing), 'serving file problem')}"
+    )
+    print(f"  {what} and serving files: {verdict}")
+    return code or (EXIT_DAMAGED if missing else 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vllm_gds import checksum
-from vllm_gds.errors import GdsError
+from vllm_gds.errors import GdsError, UnreadableError, os_error_message
 from vllm_gds.loader.hf_stream import safetensors_files
 from vllm_gds.prepare.capture import record_name
 from vllm_gds.interrupt import Interrupted, remove_stale_partials, remove_tree, signals_raise, stop_process_group
@@ -193,7 +193,7 @@ def prepare(req: PrepareRequest) -> Path:
     req = PrepareRequest(**{**req.__dict__, "source": req.source.resolve(), "out": req.out.resolve()})
     _check_request(req)
     expected = estimate_bytes(req)
-    req.out.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(req.out.parent, parents=True, exist_ok=True)
     for stale in remove_stale_partials(req.out.parent, req.out.name):
         print(f"removed {stale}, left by an earlier prepare that did not finish", file=sys.stderr)
     _check_disk(req, expected)
@@ -201,7 +201,7 @@ def prepare(req: PrepareRequest) -> Path:
     with signals_raise():
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            _make_dir(tmp)
             return _prepare_into(req, tmp, expected)
         except Interrupted as e:
             e.what = f"prepare {req.source} -> {req.out} {e.what or ''}".rstrip() + f"; removed {tmp}"
@@ -209,6 +209,13 @@ def prepare(req: PrepareRequest) -> Path:
         finally:
             if tmp.exists():
                 remove_tree(tmp)
+
+
+def _make_dir(path: Path, **kwargs) -> None:
+    try:
+        path.mkdir(**kwargs)
+    except OSError as e:
+        raise UnreadableError(os_error_message(path, e, "write")) from None
 
 
 def _prepare_into(req: PrepareRequest, tmp: Path, expected: int) -> Path:

@@ -102,9 +102,11 @@ def read_header(path: str | os.PathLike) -> tuple[int, dict]:
         text = f.read(length)
     if len(text) != length:
         raise ValueError("file ends inside its safetensors header")
+    from vllm_gds.shards.manifest import strict_json_loads
+
     try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = strict_json_loads(text)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
@@ -130,3 +132,56 @@ def tensor_placements(path: str | os.PathLike) -> list[PlacedTensor]:
         )
     placed.sort(key=lambda p: p.offset)
     return placed
+
+
+def check_like_safetensors(data_start: int, header: dict, file_size: int) -> None:
+    """The rules safetensors' own reader applies; ValueError naming the entry that breaks one.
+
+    Every entry a dict of a known dtype, a shape of non-negative integers and [begin, end] offsets
+    whose length is the shape's bytes; the entries, sorted, tile the data area exactly (no overlap,
+    no gap) up to the end of the file; padding entries are uint8 vectors of their own length.
+    """
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("__metadata__ must map strings to strings")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"entry {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets
+        ) and offsets[0] <= offsets[1]):
+            raise ValueError(f"entry {name!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        code = info["dtype"]
+        try:
+            itemsize = dtypes.torch_dtype(dtypes.name_from_safetensors_code(code)).itemsize
+        except (KeyError, TypeError):
+            raise ValueError(f"entry {name!r}: unknown dtype {code!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * itemsize:
+            raise ValueError(f"entry {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, its shape "
+                             f"{shape} of {code} needs {numel * itemsize}")
+        if name.startswith(PADDING_PREFIX) and (code != "U8" or len(shape) != 1):
+            raise ValueError(f"padding entry {name!r} must be a U8 vector, not {code} of shape {shape}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    cursor, previous = 0, None
+    for begin, end, name in spans:
+        if begin < cursor:
+            raise ValueError(f"entries {previous!r} and {name!r} overlap")
+        if begin > cursor:
+            raise ValueError(f"bytes {cursor}..{begin} of the data lie in no entry (before {name!r})")
+        cursor, previous = end, name
+    if data_start + cursor != file_size:
+        raise ValueError(f"the entries end at byte {data_start + cursor}, the file at byte {file_size}")

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_gds._vllm_compat import shards_portable
-from vllm_gds.errors import LayoutMismatchError, ManifestError, ShardReadError
+from vllm_gds.errors import LayoutMismatchError, ManifestError, ShardReadError, UnreadableError, os_error_message
 from vllm_gds.shards.manifest import AFTER_POST_PROCESSING, MANIFEST_NAME, Manifest, RankShards
-from vllm_gds.shards.safetensors_layout import tensor_placements
+from vllm_gds.shards.files import check_regular
+from vllm_gds.shards.safetensors_layout import check_like_safetensors, read_header, tensor_placements
 
 
 @dataclass(frozen=True)
@@ -83,19 +84,24 @@ def check_rank_files(model_dir: Path, shards: RankShards) -> None:
     """Every file of the rank exists, has the recorded size, and its header agrees with the manifest."""
     for shard in shards.files:
         path = model_dir / shard.path
-        if not path.is_file():
+        try:
+            size = check_regular(path, "shard file").st_size
+        except FileNotFoundError:
             raise ShardReadError(
                 f"shard file {path} of rank {shards.rank} is missing; the prepared directory is "
                 "incomplete: copy it again or prepare it again"
-            )
-        size = path.stat().st_size
+            ) from None
         if size != shard.size:
             raise ShardReadError(
                 f"shard file {path} is {size} bytes, the manifest says {shard.size}: it is truncated "
                 "or was modified; copy it again or prepare it again"
             )
         try:
+            data_start, header = read_header(path)
+            check_like_safetensors(data_start, header, size)
             placed = {p.name: p for p in tensor_placements(path)}
+        except OSError as e:
+            raise UnreadableError(os_error_message(path, e)) from None
         except (ValueError, KeyError, TypeError) as e:
             raise ManifestError(
                 f"shard file {path} has a malformed safetensors header ({e}); prepare it again"
