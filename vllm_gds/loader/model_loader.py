@@ -26,7 +26,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from vllm_gds import _vllm_compat
+from vllm_gds import _vllm_compat, run_dir
 from vllm_gds.errors import GdsError
 from vllm_gds.loader import failures
 from vllm_gds.loader.hf_stream import safetensors_files, stream_safetensors
@@ -226,6 +226,9 @@ class GdsModelLoader(BaseModelLoader):
 
     def _report(self, report: LoadReport) -> None:
         logger.info(report.log_line())
+        shared = run_dir.current()
+        if shared is not None:  # process 0 serves it on /metrics (vllm_gds.loader.metrics)
+            report.write(shared)
         if self.options.report_dir is not None:
             path = report.write(self.options.report_dir)
             logger.info("vllm-gds: load report written to %s", path)
