@@ -19,6 +19,19 @@ def register() -> None:
         return
     _registered = True
 
+    # Process 0 (the API server) makes the run's shared directory before vLLM starts the engine
+    # core and the workers: the loader leaves its reports (for /metrics) and failures there, and
+    # process 0 prints any failure again when it exits, after vLLM's tracebacks.
+    from vllm_gds import run_dir
+
+    shared = run_dir.claim()
+    if shared is not None:
+        import atexit
+
+        from vllm_gds.loader.failures import print_recorded
+
+        atexit.register(print_recorded, shared)  # runs before claim()'s removal (atexit is LIFO)
+
     from vllm_gds.loader.model_loader import register_loaders
 
     register_loaders()

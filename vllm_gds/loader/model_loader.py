@@ -8,6 +8,7 @@ directory is streamed through the same reader and sharded by vLLM's own weight
 loaders.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,8 +26,9 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from vllm_gds import _vllm_compat
+from vllm_gds import _vllm_compat, run_dir
 from vllm_gds.errors import GdsError
+from vllm_gds.loader import failures
 from vllm_gds.loader.hf_stream import safetensors_files, stream_safetensors
 from vllm_gds.loader.parameters import install
 from vllm_gds.io.reader import ReadOptions, ReadStats, gds_problems, resolve_mode
@@ -49,6 +51,29 @@ def check_supported_parallelism(vllm_config: VllmConfig) -> None:
             f"enable_expert_parallel={parallel.enable_expert_parallel}); "
             "supported: tensor and pipeline parallelism"
         )
+
+
+def _global_rank() -> int | None:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        tp_rank, pp_rank = _vllm_compat.parallel_ranks()
+        return pp_rank * get_tensor_model_parallel_world_size() + tp_rank
+    except Exception:  # vLLM's process groups do not exist yet (options parsed in process 0)
+        return None
+
+
+@contextlib.contextmanager
+def _said_last():
+    """A GdsError on its way out: logged at ERROR here, and kept for process 0 to print last
+    (vllm_gds.loader.failures), since vLLM's tracebacks bury it."""
+    try:
+        yield
+    except GdsError as err:
+        rank = _global_rank()
+        logger.error("vllm-gds: %s%s", "" if rank is None else f"rank {rank}: ", err)
+        failures.record(str(err), rank)
+        raise
 
 
 class _StreamingHfLoader(DefaultModelLoader):
@@ -77,7 +102,8 @@ class GdsModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
-        self.options = LoaderOptions.from_extra_config(load_config.model_loader_extra_config)
+        with _said_last():
+            self.options = LoaderOptions.from_extra_config(load_config.model_loader_extra_config)
         self.read_options = self.options.read  # ranks on the node filled in per load (_resolve_threads)
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -87,6 +113,7 @@ class GdsModelLoader(BaseModelLoader):
                 "(download the model first, then prepare it with `vllm-gds prepare`)"
             )
 
+    @_said_last()
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         check_supported_parallelism(vllm_config)
         self._resolve_threads(vllm_config)
@@ -95,6 +122,7 @@ class GdsModelLoader(BaseModelLoader):
             return self._load_prepared(vllm_config, model_config, prefix)
         return self._load_huggingface(vllm_config, model_config, prefix)
 
+    @_said_last()
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         """Reload weights into an existing model (vLLM's in-place reload path)."""
         from vllm.config import get_current_vllm_config
@@ -198,6 +226,9 @@ class GdsModelLoader(BaseModelLoader):
 
     def _report(self, report: LoadReport) -> None:
         logger.info(report.log_line())
+        shared = run_dir.current()
+        if shared is not None:  # process 0 serves it on /metrics (vllm_gds.loader.metrics)
+            report.write(shared)
         if self.options.report_dir is not None:
             path = report.write(self.options.report_dir)
             logger.info("vllm-gds: load report written to %s", path)
@@ -217,10 +248,11 @@ def _refuse_prepared_directories() -> None:
     def guarded(self, *args, **kwargs):
         path = kwargs.get("model_name_or_path", args[0] if args else None)
         if path is not None and is_prepared(path):
-            raise GdsError(
-                f"{path} was prepared by vllm-gds (it has {MANIFEST_NAME}); its shards can only be "
-                "loaded by the vllm-gds loader: add --load-format gds"
-            )
+            with _said_last():
+                raise GdsError(
+                    f"{path} was prepared by vllm-gds (it has {MANIFEST_NAME}); its shards can only be "
+                    "loaded by the vllm-gds loader: add --load-format gds"
+                )
         return original(self, *args, **kwargs)
 
     guarded._vllm_gds_guard = True

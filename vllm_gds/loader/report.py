@@ -1,6 +1,7 @@
 """What a load did, per rank: one log line, and the same as JSON where the user asks for it."""
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class LoadReport:
     def write(self, report_dir: Path) -> Path:
         report_dir.mkdir(parents=True, exist_ok=True)
         path = report_dir / f"load-report-rank-{self.rank}.json"
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        partial = path.with_name(f".{path.name}.{os.getpid()}")  # readers never see half a file
+        partial.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        os.replace(partial, path)
         return path
 
 
