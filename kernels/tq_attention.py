@@ -13,13 +13,13 @@ call does no dict building, table lookups or device queries of its own beyond th
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
 from .tq_attention_parts import _tq_reduce_kernel
 
@@ -153,17 +153,7 @@ class _Launch:
         )
 
 
-_LAUNCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tables -> {key: _Launch}
-
-
-def _launch_of(tables, key: tuple) -> _Launch:
-    plans = _LAUNCHES.get(tables)
-    if plans is None:
-        plans = _LAUNCHES[tables] = {}
-    plan = plans.get(key)
-    if plan is None:
-        plan = plans[key] = _Launch(tables, *key)
-    return plan
+_LAUNCHES = LaunchPlans(_Launch)
 
 
 def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -196,7 +186,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         splits = t.splits or default_splits(num_seqs, H, query.device)
     else:
         splits = t.splits or 1
-    plan = _launch_of(tables, (decode, Hq // H, splits, kv_cache.shape[1], kv_cache.stride(1),
+    plan = _LAUNCHES.get(tables, (decode, Hq // H, splits, kv_cache.shape[1], kv_cache.stride(1),
                                kv_cache.stride(2), query.device.type == "cpu", t))
     part = out
     if splits > 1:  # a new buffer every call: safe on any stream (vLLM's two-batch overlap)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
 
 
@@ -52,7 +53,6 @@ class StoreTuning:
 
 SERVED = StoreTuning()
 _CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tables -> {key: dict}
-_LAUNCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tables -> {key: _Launch}
 
 
 def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
@@ -173,6 +173,9 @@ class _Launch:
             self.kwargs["maxnreg"] = maxnreg
 
 
+_LAUNCHES = LaunchPlans(_Launch)
+
+
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, tables, positions: torch.Tensor | None = None, *,
              tuning: StoreTuning | None = None) -> None:
@@ -197,12 +200,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     exact16 = bool(split) and key.dtype in (torch.bfloat16, torch.float16) and value.dtype == key.dtype
     key_ = (split, key.dtype if exact16 else torch.float16, exact16, H, key.device.type == "cuda",
             kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), _alignment(kv_cache), t)
-    plans = _LAUNCHES.get(tables)
-    if plans is None:
-        plans = _LAUNCHES[tables] = {}
-    plan = plans.get(key_)
-    if plan is None:
-        plan = plans[key_] = _Launch(tables, *key_)
+    plan = _LAUNCHES.get(tables, key_)
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch
            else tables.signs)
     _tq_store_kernel[(triton.cdiv(T, plan.block_t), H // plan.heads)](
