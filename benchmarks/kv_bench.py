@@ -16,6 +16,12 @@ Ours: the formats of vllm_gds.kvcache.formats, calibrated (so with the raw-key f
 served configuration when the calibration file exists). Times are triton.testing.do_bench
 medians of one attention layer's decode. "BF16" in the ratios is the faster of SDPA and vLLM's
 Triton kernel.
+
+Why one file of ~900 lines: it is the one script the GPU machine runs (with .carry only), and the
+dev sweeps import it whole as `kv_bench` for its inputs, timers and checks (kv_store_sweep,
+kv_split_sweep, kv_decode_sweep, kv_diag). Its sections, in order: vLLM's stubs, inputs,
+correctness against the reference, timings (baselines, ours, CUDA graphs, the store), main, the
+table and the plot.
 """
 
 from __future__ import annotations
