@@ -77,15 +77,20 @@ def split_count(num_seqs: int, num_kv_heads: int, sms: int, max_splits: int = MA
 
 
 @functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _splits_on(num_seqs: int, num_kv_heads: int, cuda_index: int) -> int:
+    if cuda_index < 0:
+        return 1
+    sms = torch.cuda.get_device_properties(cuda_index).multi_processor_count
+    return split_count(num_seqs, num_kv_heads, sms)
 
 
 def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """split_count for this device; 1 off CUDA (the CPU interpreter)."""
     if device.type != "cuda":
         return 1
-    return split_count(num_seqs, num_kv_heads, _sms(device))
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _splits_on(num_seqs, num_kv_heads, index)
 
 
 class _Launch:
@@ -95,8 +100,8 @@ class _Launch:
                  "reduce_kwargs")
 
     def __init__(self, tables, decode: bool, g: int, splits: int, page: int, stride_tok: int,
-                 stride_head: int, interpreted: bool, tuning: AttentionTuning):
-        t = tuning
+                 stride_head: int, interpreted: bool, tuning: AttentionTuning | None):
+        t = tuning or SERVED
         dot = tl.float32 if interpreted else _TORCH_TO_TL[tables.level_tables.dtype]
         # The register lookup serves decode only: on an H200 with Triton 3.6 the chunked-prefill
         # launch (64-row blocks, 8 warps) with it hit an illegal memory access (not understood).
@@ -181,26 +186,25 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     num_seqs = seq_lens.shape[0]
     H = kv_cache.shape[2]
     decode = max_query_len == 1
-    t = SERVED if tuning is None else tuning
-    if decode:
-        splits = t.splits or default_splits(num_seqs, H, query.device)
-    else:
-        splits = t.splits or 1
-    plan = _LAUNCHES.get(tables, (decode, Hq // H, splits, kv_cache.shape[1], kv_cache.stride(1),
-                               kv_cache.stride(2), query.device.type == "cpu", t))
+    splits = tuning.splits if tuning is not None else None
+    if not splits:  # get_device(): the CUDA index, -1 elsewhere
+        splits = _splits_on(num_seqs, H, query.get_device() if query.is_cuda else -1) if decode else 1
+    cs = kv_cache.stride()
+    # tuning None (served) in the key: cheaper to hash than a dataclass
+    plan = _LAUNCHES.get(tables, (decode, Hq // H, splits, kv_cache.shape[1], cs[1], cs[2],
+                                  query.is_cpu, tuning))
     part = out
     if splits > 1:  # a new buffer every call: safe on any stream (vLLM's two-batch overlap)
         part = torch.empty(T * Hq * splits * plan.part_width, dtype=torch.float32,
                            device=query.device)
     grid0 = num_seqs if decode else T // plan.block_q + num_seqs
+    qs, os_ = query.stride(), out.stride()
     _tq_attention_kernel[(grid0, H, splits)](
-        query, query.stride(0), query.stride(1),
-        kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
+        query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs, *plan.tables,
-        out, out.stride(0), out.stride(1), part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
-        **plan.kwargs,
+        out, os_[0], os_[1], part, softmax_scale * LOG2E / query.shape[2] ** 0.5, **plan.kwargs,
     )
     if splits > 1:
-        _tq_reduce_kernel[(T, H)](part, out, out.stride(0), out.stride(1), *plan.reduce_args, T,
+        _tq_reduce_kernel[(T, H)](part, out, os_[0], os_[1], *plan.reduce_args, T,
                                   **plan.reduce_kwargs)
     return out

@@ -15,7 +15,6 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
@@ -109,11 +108,9 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
     return c
 
 
-def _alignment(kv_cache: torch.Tensor) -> int:
+def _alignment(kv_cache: torch.Tensor, strides) -> int:
     """4, 2 or 1: the widest store every slot's start is aligned to (pointer and strides)."""
-    g = kv_cache.data_ptr()
-    for st in kv_cache.stride()[:3]:
-        g |= st
+    g = kv_cache.data_ptr() | strides[0] | strides[1] | strides[2]
     return 4 if g % 4 == 0 else 2 if g % 2 == 0 else 1
 
 
@@ -128,8 +125,8 @@ class _Launch:
 
     def __init__(self, tables, split: int, dtype: torch.dtype, exact16: bool, h: int,
                  cuda: bool, page: int, stride_tok: int, stride_head: int, align: int,
-                 tuning: StoreTuning):
-        t = tuning
+                 tuning: StoreTuning | None):
+        t = tuning or SERVED
         d = tables.layout.head_size
         c = _store_constants(tables, split, dtype)
         kcal = c["kcal"]
@@ -191,21 +188,21 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("these tables have a pre-RoPE key mean: tq_store needs the positions")
     if kv_cache.dtype != torch.uint8 or kv_cache.shape[-1] < tables.layout.slot_bytes:
         raise ValueError(f"kv_cache must be uint8 with >= {tables.layout.slot_bytes} bytes per slot")
-    assert key.stride(-1) == 1 and value.stride(-1) == 1
-    t = SERVED if tuning is None else tuning
-    split = t.split
+    ks, vs, cs = key.stride(), value.stride(), kv_cache.stride()
+    assert ks[-1] == 1 and vs[-1] == 1
+    split = None if tuning is None else tuning.split
     if split is None:
         split = 0 if tables.level_tables.dtype == torch.float32 else 1
     split = min(split, 1)
     exact16 = bool(split) and key.dtype in (torch.bfloat16, torch.float16) and value.dtype == key.dtype
-    key_ = (split, key.dtype if exact16 else torch.float16, exact16, H, key.device.type == "cuda",
-            kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), _alignment(kv_cache), t)
+    key_ = (split, key.dtype if exact16 else torch.float16, exact16, H, key.is_cuda,
+            kv_cache.shape[1], cs[1], cs[2], _alignment(kv_cache, cs),
+            tuning)  # tuning None (served): cheaper to hash than a dataclass
     plan = _LAUNCHES.get(tables, key_)
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch
            else tables.signs)
-    _tq_store_kernel[(triton.cdiv(T, plan.block_t), H // plan.heads)](
-        key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
-        kv_cache, kv_cache.stride(0), slot_mapping, T, *plan.calib,
+    _tq_store_kernel[(-(-T // plan.block_t), H // plan.heads)](
+        key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T, *plan.calib,
         slot_mapping if positions is None else positions, *plan.mats, scr, *plan.hc,
         **plan.kwargs,
     )

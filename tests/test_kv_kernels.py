@@ -371,3 +371,21 @@ def test_split_count_is_decided_from_the_batch_shape():
     assert split_count(1, 1, 132, max_splits=512) == 512
     assert split_count(1024, 8, 132) == 1
     assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
+
+
+def test_launch_plans_are_made_once_per_tables_and_go_with_them():
+    """The launchers' memo (kernels/launch_plans.py): one plan per (tables, key), made on first
+    use, and dropped with the tables (keyed by id, so a stale entry could serve new tables)."""
+    import gc
+
+    from vllm_gds.kernels.launch_plans import LaunchPlans
+
+    made = []
+    plans = LaunchPlans(lambda tables, *key: made.append(key) or object())
+    tables = LayerTables(FORMATS["tq4"], 64, LAYER, SEED, "cpu", torch.float32)
+    first = plans.get(tables, (1, None))
+    assert plans.get(tables, (1, None)) is first and plans.get(tables, (2, None)) is not first
+    assert made == [(1, None), (2, None)]
+    del tables
+    gc.collect()
+    assert plans._by_tables == {}

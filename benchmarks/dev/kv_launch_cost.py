@@ -65,26 +65,27 @@ def _cases(batch, hq, hk, d, name="tq4", device="meta"):
     4 splits and the reduce, as served at small batches), a prefill chunk, the store."""
     from vllm_gds.kernels import AttentionTuning, tq_attention, tq_store
 
-    meta = torch.device(device)
+    dev = torch.device(device)
     tables = _tables(name, hk, d, device)
     slot = tables.layout.slot_bytes
-    cache = torch.zeros(256, 16, hk, slot, dtype=torch.uint8, device=meta)
-    bt = torch.zeros(batch, 256, dtype=torch.int32, device=meta)  # 4K tokens, all in block 0
-    seq_lens = torch.full((batch,), 4096, dtype=torch.int32, device=meta)
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device=meta)
-    q = torch.zeros(batch, hq, d, dtype=torch.bfloat16, device=meta)
+    cache = torch.zeros(256, 16, hk, slot, dtype=torch.uint8, device=dev)
+    bt = torch.zeros(batch, 256, dtype=torch.int32, device=dev)  # 4K tokens, all in block 0
+    seq_lens = torch.full((batch,), 4096, dtype=torch.int32, device=dev)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    q = torch.zeros(batch, hq, d, dtype=torch.bfloat16, device=dev)
     out = torch.empty_like(q)
-    qp = torch.zeros(512, hq, d, dtype=torch.bfloat16, device=meta)
+    qp = torch.zeros(512, hq, d, dtype=torch.bfloat16, device=dev)
     outp = torch.empty_like(qp)
-    pqsl = torch.zeros(batch + 1, dtype=torch.int32, device=meta)
+    pqsl = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     pqsl[1:] = 512  # the whole chunk in the first sequence
-    k = torch.zeros(batch, hk, d, dtype=torch.bfloat16, device=meta)
-    slots = torch.arange(batch, dtype=torch.int64, device=meta)
+    k = torch.zeros(batch, hk, d, dtype=torch.bfloat16, device=dev)
+    slots = torch.arange(batch, dtype=torch.int64, device=dev)
+    split4 = AttentionTuning(splits=4)
     return [
         ("decode", lambda: tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out,
                                         max_query_len=1)),
         ("decode/4", lambda: tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out,
-                                          max_query_len=1, tuning=AttentionTuning(splits=4))),
+                                          max_query_len=1, tuning=split4)),
         ("prefill", lambda: tq_attention(qp, cache, bt, seq_lens, pqsl, tables, d ** -0.5, outp,
                                          max_query_len=512)),
         ("store", lambda: tq_store(k, k, cache, slots, tables, positions=slots)),
