@@ -141,19 +141,6 @@ def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _phase_queries(x, h_ptr, qk_scale, D: tl.constexpr, KQ: tl.constexpr, DOT: tl.constexpr,
-                   COLS: tl.constexpr):
-    """The query tiles of the four phases of a 4-bit stream B (tq_lut4: codes 4e + j), each x @
-    its KQ columns of the phase-ordered H block, times qk_scale. (The kernel's served decode
-    writes these four lines out: through this helper ptxas scheduled one launch differently.)"""
-    q0 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 0) * qk_scale).to(DOT)
-    q1 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, KQ) * qk_scale).to(DOT)
-    q2 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 2 * KQ) * qk_scale).to(DOT)
-    q3 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 3 * KQ) * qk_scale).to(DOT)
-    return q0, q1, q2, q3
-
-
-@triton.jit
 def _tq_reduce_kernel(
     part_ptr, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
     num_tokens,
