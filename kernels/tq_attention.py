@@ -6,8 +6,11 @@ register lookup, the key mean's stepping, page-wise addresses, FOLD) that benchm
 pass to try other launches; the backend never passes one.
 
 Host cost: a launch's constexprs, its table arguments and the reduce's launch are worked out once
-per (tables, decode or prefill, G, splits, page and strides, tuning) and kept (a _Launch), so a
-call does no dict building, table lookups or device queries of its own beyond the two launches.
+per (tables, decode or prefill, G, splits, page and strides, tuning) and kept (a _Launch). A call
+reads shapes and strides, looks its plan up, allocates the split partials and launches; no dict
+building, table lookups, device queries or syncs (with max_query_len given). The partials are a
+new buffer every call (the caching allocator's, about as cheap as a kept one), which stays
+correct whatever stream or CUDA graph runs the call.
 """
 
 from __future__ import annotations
@@ -187,14 +190,15 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     H = kv_cache.shape[2]
     decode = max_query_len == 1
     splits = tuning.splits if tuning is not None else None
-    if not splits:  # get_device(): the CUDA index, -1 elsewhere
-        splits = _splits_on(num_seqs, H, query.get_device() if query.is_cuda else -1) if decode else 1
+    if not splits and decode:
+        splits = _splits_on(num_seqs, H, query.get_device() if query.is_cuda else -1)
+    splits = splits or 1
     cs = kv_cache.stride()
     # tuning None (served) in the key: cheaper to hash than a dataclass
     plan = _LAUNCHES.get(tables, (decode, Hq // H, splits, kv_cache.shape[1], cs[1], cs[2],
                                   query.is_cpu, tuning))
     part = out
-    if splits > 1:  # a new buffer every call: safe on any stream (vLLM's two-batch overlap)
+    if splits > 1:
         part = torch.empty(T * Hq * splits * plan.part_width, dtype=torch.float32,
                            device=query.device)
     grid0 = num_seqs if decode else T // plan.block_q + num_seqs

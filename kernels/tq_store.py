@@ -187,14 +187,16 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if tables.has_mean and positions is None:
         raise ValueError("these tables have a pre-RoPE key mean: tq_store needs the positions")
     if kv_cache.dtype != torch.uint8 or kv_cache.shape[-1] < tables.layout.slot_bytes:
-        raise ValueError(f"kv_cache must be uint8 with >= {tables.layout.slot_bytes} bytes per slot")
+        raise ValueError(
+            f"kv_cache must be uint8 with >= {tables.layout.slot_bytes} bytes per slot")
     ks, vs, cs = key.stride(), value.stride(), kv_cache.stride()
     assert ks[-1] == 1 and vs[-1] == 1
     split = None if tuning is None else tuning.split
     if split is None:
         split = 0 if tables.level_tables.dtype == torch.float32 else 1
     split = min(split, 1)
-    exact16 = bool(split) and key.dtype in (torch.bfloat16, torch.float16) and value.dtype == key.dtype
+    exact16 = (bool(split) and key.dtype in (torch.bfloat16, torch.float16)
+               and value.dtype == key.dtype)
     key_ = (split, key.dtype if exact16 else torch.float16, exact16, H, key.is_cuda,
             kv_cache.shape[1], cs[1], cs[2], _alignment(kv_cache, cs),
             tuning)  # tuning None (served): cheaper to hash than a dataclass
