@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import _source_tree  # noqa: F401  this tree's vllm_gds importable
 import torch
@@ -151,9 +153,6 @@ def main():
         with open(args.record, "w") as f:
             json.dump(recorded, f, indent=1)
     if args.gpu:
-        import os
-        from pathlib import Path
-
         out = Path(os.environ.get("OUT", _source_tree.ROOT / "benchmarks" / "results"))
         out.mkdir(parents=True, exist_ok=True)
         (out / "kv_launch_cost.json").write_text(json.dumps(
