@@ -16,6 +16,12 @@ Ours: the formats of vllm_gds.kvcache.formats, calibrated (so with the raw-key f
 served configuration when the calibration file exists). Times are triton.testing.do_bench
 medians of one attention layer's decode. "BF16" in the ratios is the faster of SDPA and vLLM's
 Triton kernel.
+
+Why one file of ~900 lines: it is the one script the GPU machine runs (with .carry only), and the
+dev sweeps import it whole as `kv_bench` for its inputs, timers and checks (kv_store_sweep,
+kv_split_sweep, kv_decode_sweep, kv_diag). Its sections, in order: vLLM's stubs, inputs,
+correctness against the reference, timings (baselines, ours, CUDA graphs, the store), main, the
+table and the plot.
 """
 
 from __future__ import annotations
@@ -228,7 +234,7 @@ def decode_slots(torch, lq, layout, slots, positions):
 def check_correctness(torch, name, hq, hk, d, device, log):
     """Store: bytes vs the reference encoder; attention (decode and chunked prefill): outputs vs
     exact attention over the reference's decoding of the same cache."""
-    from vllm_gds.kernels import tq_attention, tq_store
+    from vllm_gds.kernels import AttentionTuning, tq_attention, tq_store
 
     torch.manual_seed(1)
     tables = our_tables(torch, name, hk, d, device)
@@ -273,7 +279,7 @@ def check_correctness(torch, name, hq, hk, d, device, log):
         out = torch.full_like(q, float("nan"))
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=max(q_lens),
-                     fast=fast)
+                     tuning=None if fast else AttentionTuning(fast=False))
         refs = []
         for i, (s, ql) in enumerate(zip(seq_lens, q_lens)):
             kk = kd[starts[i] : starts[i] + s].double().repeat_interleave(hq // hk, 1)
@@ -469,7 +475,7 @@ def graph_sdpa(torch, b, ctx, hq, hk, d, device, backend_name):
 
 def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True, fast=True,
               graph=False):
-    from vllm_gds.kernels import default_splits, tq_attention
+    from vllm_gds.kernels import AttentionTuning, default_splits, tq_attention
 
     tables = our_tables(torch, name, hk, d, device, mean)
     num_blocks, bt = paged_layout(torch, b, ctx, device)
@@ -478,19 +484,21 @@ def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True,
     out = torch.empty_like(q)
     qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
     seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
-    launch = {}  # tuning None: the launch tq_attention chooses itself (what vLLM serves)
+    # None: the launch tq_attention chooses itself (what vLLM serves); fast=False: the gather path
+    launch = None if fast else AttentionTuning(fast=False)
     if tuning is not None:
-        launch = dict(splits=default_splits(b, hk, q.device) * tuning.get("split_factor", 1),
-                      block_n=tuning["block_n"], num_warps=tuning["num_warps"])
+        launch = AttentionTuning(
+            splits=default_splits(b, hk, q.device) * tuning.get("split_factor", 1),
+            block_n=tuning["block_n"], num_warps=tuning["num_warps"], fast=fast)
 
     def run():
         tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1,
-                     fast=fast, **launch)
+                     tuning=launch)
 
     if graph:
         caches = [cache] + [cache.clone() for _ in range(copies_for(cache.numel()) - 1)]
         t = graph_time(torch, [lambda c=c: tq_attention(
-            q, c, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1, fast=fast, **launch)
+            q, c, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1, tuning=launch)
             for c in caches])
         del caches
     else:
@@ -508,7 +516,7 @@ def copy_bandwidth(torch, triton, device):
 
 def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768,
                     mean=True):
-    from vllm_gds.kernels import tq_store
+    from vllm_gds.kernels import StoreTuning, tq_store
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.tables import LayerTables
 
@@ -523,8 +531,8 @@ def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=
     v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
     slots = torch.randperm(tokens, device=device)
     positions = torch.arange(tokens, device=device)
-    t = bench(lambda: tq_store(k, v, cache, slots, tables, block_t=block_t, num_warps=num_warps,
-                               positions=positions), triton)
+    launch = StoreTuning(block_t=block_t, num_warps=num_warps)
+    t = bench(lambda: tq_store(k, v, cache, slots, tables, positions, tuning=launch), triton)
     moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 

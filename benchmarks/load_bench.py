@@ -24,6 +24,11 @@ manifest checksums after its timing.
     python3 benchmarks/load_bench.py --render OUT/load_results.json   # RESULTS.md section
 
 Prints a table last, writes load_results.json and load_bench.png to $OUT.
+
+Why one file of ~900 lines: every rank is a spawned process that runs rank_main from this
+module (multiprocessing's spawn start method re-imports it), and the parent and the ranks share
+its loaders, probes and checkpoint writer. Its sections, in order: checkpoint, measurement
+helpers, loaders, the rank process, the parent, the report.
 """
 
 import argparse

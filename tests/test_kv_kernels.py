@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and triton.jit) are 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_gds.kernels import tq_attention, tq_store  # noqa: E402
+from vllm_gds.kernels import AttentionTuning, StoreTuning, tq_attention, tq_store  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
 from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer  # noqa: E402
 from vllm_gds.kvcache.slot_layout import SlotLayout  # noqa: E402
@@ -109,7 +109,7 @@ def test_store_writes_the_reference_bytes(name, d, page, calibrated):
     cache = torch.full((num_blocks, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
     slots = torch.randperm(num_blocks * page)[:t]
     slots[5] = -1  # vLLM's padding token: written nowhere
-    tq_store(k, v, cache, slots, tables, block_t=16, positions=positions)
+    tq_store(k, v, cache, slots, tables, positions, tuning=StoreTuning(block_t=16))
 
     flat = cache.view(-1, h, tables.layout.slot_bytes)
     written = slots >= 0
@@ -137,7 +137,7 @@ def test_store_gpu_dots_match_the_reference(name, dtype, d, calibrated):
     k, v = k.to(dtype), v.to(dtype)
     cache = torch.full((3, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
     slots = torch.randperm(3 * page)[:t]
-    tq_store(k, v, cache, slots, tables, block_t=32, split=1, positions=positions)
+    tq_store(k, v, cache, slots, tables, positions, tuning=StoreTuning(block_t=32, split=1))
     got = cache.view(-1, h, tables.layout.slot_bytes)[slots]
     want = _reference_slots(lq, k.float(), v.float(), positions)
     assert (got != want).sum() <= 2, f"{(got != want).sum()} of {got.numel()} bytes differ"
@@ -162,8 +162,8 @@ def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
     for launch in ({}, dict(chunks=False), dict(sym=False), dict(err=0, sym=False)):
         cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
         slots = torch.randperm(2 * page)[:t]
-        tq_store(k, v, cache, slots, tables, block_t=16, split=split, positions=positions,
-                 **launch)
+        tq_store(k, v, cache, slots, tables, positions,
+                 tuning=StoreTuning(block_t=16, split=split, **launch))
         got = cache.view(-1, h, tables.layout.slot_bytes)[slots]
         assert (got != want).sum() <= (2 if split else 0), (launch, (got != want).sum().item())
 
@@ -213,7 +213,7 @@ def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     tq_attention(q, cache, block_table, torch.tensor(seq_lens, dtype=torch.int32), query_start,
-                 tables, scale, out, max_query_len=max(q_lens), splits=splits)
+                 tables, scale, out, max_query_len=max(q_lens), tuning=AttentionTuning(splits=splits))
     ref = _attention_reference(q, ks, vs, seq_lens, q_lens, scale)
     assert not out.isnan().any()
     err = (out.double() - ref).norm() / ref.norm()
@@ -246,7 +246,7 @@ def test_decode_with_a_sparse_key_mean(d):
 
 def test_decode_past_the_key_mean_anchor():
     """Over 32 tiles in one program: the key mean's stepped [A', B'] is made exact again
-    (tq_attention.MEAN_ANCHOR) and the scores stay the reference's."""
+    (tq_attention_kernel.MEAN_ANCHOR) and the scores stay the reference's."""
     seq_lens = [int(torch.randint(16 * 33, 16 * 40, ()))]
     _run_attention(FORMATS["tq4"], 64, 1, 4, seq_lens, [1], 16, 1)
 
@@ -371,3 +371,21 @@ def test_split_count_is_decided_from_the_batch_shape():
     assert split_count(1, 1, 132, max_splits=512) == 512
     assert split_count(1024, 8, 132) == 1
     assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
+
+
+def test_launch_plans_are_made_once_per_tables_and_go_with_them():
+    """The launchers' memo (kernels/launch_plans.py): one plan per (tables, key), made on first
+    use, and dropped with the tables (keyed by id, so a stale entry could serve new tables)."""
+    import gc
+
+    from vllm_gds.kernels.launch_plans import LaunchPlans
+
+    made = []
+    plans = LaunchPlans(lambda tables, *key: made.append(key) or object())
+    tables = LayerTables(FORMATS["tq4"], 64, LAYER, SEED, "cpu", torch.float32)
+    first = plans.get(tables, (1, None))
+    assert plans.get(tables, (1, None)) is first and plans.get(tables, (2, None)) is not first
+    assert made == [(1, None), (2, None)]
+    del tables
+    gc.collect()
+    assert plans._by_tables == {}

@@ -53,7 +53,7 @@ def tables_for(pairs, fallback, hk, d, device):
 
 def fill(tables, num_blocks, hk, d, device, chunk=1 << 16):
     """The cache of num_blocks pages of random keys and values (16-token store tiles)."""
-    from vllm_gds.kernels import tq_store
+    from vllm_gds.kernels import StoreTuning, tq_store
 
     cache = torch.empty(num_blocks, kb.PAGE, hk, tables.layout.slot_bytes, dtype=torch.uint8,
                         device=device)
@@ -62,7 +62,7 @@ def fill(tables, num_blocks, hk, d, device, chunk=1 << 16):
         k = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
         v = torch.randn(n, hk, d, device=device, dtype=torch.bfloat16)
         slots = torch.arange(start, start + n, device=device, dtype=torch.int64)
-        tq_store(k, v, cache, slots, tables, block_t=16, positions=slots)
+        tq_store(k, v, cache, slots, tables, slots, tuning=StoreTuning(block_t=16))
     return cache
 
 
@@ -82,7 +82,7 @@ def compiled(fn):
 
 
 def main():
-    from vllm_gds.kernels import default_splits, tq_attention
+    from vllm_gds.kernels import AttentionTuning, default_splits, tq_attention
 
     global VARIANTS, LAUNCHES  # a subset: KV_SWEEP_VARIANTS=mean64+fb,mean8 KV_SWEEP_LAUNCHES=0,2
     if os.environ.get("KV_SWEEP_VARIANTS"):
@@ -113,16 +113,18 @@ def main():
         for vname, pairs, fallback in VARIANTS:
             tables = tables_for(pairs, fallback, hk, d, device)
             cache = fill(tables, num_blocks, hk, d, device)
+            plain = AttentionTuning(fast=False, mean_step=False, paged=False, fold=False)
             ref = tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, max_query_len=1,
-                               fast=False, mean_step=False, paged=False, fold=False).float()
+                               tuning=plain).float()
             for bn, nw, st, mr, sf, mst, pg, fd in LAUNCHES:
                 splits = max(1, int(default_splits(b, hk, device) * sf))
                 out = torch.empty_like(q)
+                launch = AttentionTuning(splits=splits, block_n=bn, num_warps=nw, num_stages=st,
+                                         maxnreg=mr, mean_step=mst, paged=pg, fold=fd)
 
                 def run():
                     tq_attention(q, cache, bt, seq_lens, qsl, tables, d**-0.5, out,
-                                 max_query_len=1, splits=splits, block_n=bn, num_warps=nw,
-                                 num_stages=st, maxnreg=mr, mean_step=mst, paged=pg, fold=fd)
+                                 max_query_len=1, tuning=launch)
                 try:
                     before = len(compiled(tq_attention))
                     ms = kb.bench(run, triton)

@@ -9,7 +9,7 @@ import kv_bench as kb
 
 
 def main(name, shape, mode, fast, mean):
-    from vllm_gds.kernels import tq_attention, tq_store
+    from vllm_gds.kernels import AttentionTuning, tq_attention, tq_store
 
     hq, hk, d = kb.SHAPES[shape]
     dev = torch.device("cuda")
@@ -40,12 +40,13 @@ def main(name, shape, mode, fast, mean):
     out = torch.full_like(q, float("nan"))
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
     tq_attention(q, cache, bt, sl, qsl, tables, d**-0.5, out, max_query_len=max(q_lens),
-                 fast=fast == "1")
+                 tuning=None if fast == "1" else AttentionTuning(fast=False))
     torch.cuda.synchronize()
     bad = out.isnan().any(-1)
     if fast == "1" and mode == "decode":  # against the plain path
         ref = torch.full_like(q, float("nan"))
-        tq_attention(q, cache, bt, sl, qsl, tables, d**-0.5, ref, max_query_len=1, fast=False)
+        tq_attention(q, cache, bt, sl, qsl, tables, d**-0.5, ref, max_query_len=1,
+                     tuning=AttentionTuning(fast=False))
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         print(f"fast vs plain rel diff {err:.2e}")
         if not err < 2e-2:

@@ -5,7 +5,7 @@ import torch
 import triton.language as tl
 from kv_sass import compile_sm90, report
 
-from vllm_gds.kernels.tq_attention import _tq_attention_kernel
+from vllm_gds.kernels.tq_attention_kernel import _tq_attention_kernel
 from vllm_gds.kvcache.tables import LayerTables
 from vllm_gds.kvcache.calibration_file import top_pairs
 from vllm_gds.kvcache.formats import FORMATS

@@ -16,7 +16,7 @@ import torch
 from kv_sass import BIN, compile_sm90, sass_stats
 
 from vllm_gds.kvcache.tables import LayerTables
-from vllm_gds.kernels.tq_store import _tq_store_kernel
+from vllm_gds.kernels.tq_store_kernel import _tq_store_kernel
 from vllm_gds.kvcache.formats import FORMATS
 
 PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
@@ -72,7 +72,7 @@ def resources(kernel) -> str:
 
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
-MAXNREG = None  # --maxnreg (tq_store's maxnreg=; 0: no limit; default: tq_store's)
+MAXNREG = None  # --maxnreg (StoreTuning.maxnreg; 0: no limit; default: tq_store's)
 EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 

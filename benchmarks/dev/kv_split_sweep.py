@@ -43,7 +43,7 @@ def main():
     import torch
     import triton
 
-    from vllm_gds.kernels import default_splits, tq_attention
+    from vllm_gds.kernels import AttentionTuning, default_splits, tq_attention
 
     device = torch.device("cuda")
     kv_bench.warm_up(torch, device)
@@ -65,8 +65,8 @@ def main():
         cands = sorted({s for s in (dflt // 2, dflt * 2, dflt * 4)
                         if s <= tiles and s * b * hk <= 8 * 132 * 4 and s >= 1} | {dflt})
         for splits in cands:
-            def call(c=cache, s=splits):
-                tq_attention(q, c, bt, sl, qsl, tables, d ** -0.5, out, max_query_len=1, splits=s)
+            def call(c=cache, s=AttentionTuning(splits=splits)):
+                tq_attention(q, c, bt, sl, qsl, tables, d ** -0.5, out, max_query_len=1, tuning=s)
 
             try:
                 call()

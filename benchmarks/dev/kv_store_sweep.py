@@ -9,7 +9,7 @@ import against today's kernels/), e.g. the one the fourth pass compared with:
     python3 benchmarks/dev/kv_store_sweep.py --prev /tmp/tq_store_prev.py
 
 32K new tokens at the Llama-3-8B shape; each format/calibration over tiles, warps and the code
-search (tq_store's codes=); the device copy in the same run; bytes against the reference
+search (StoreTuning's codes); the device copy in the same run; bytes against the reference
 (kv_bench.store_check) for several launches. Prints a table last and writes kv_store_sweep.json
 under --out (default $OUT, else benchmarks/results/; benchmarks/results/kv_store_sweep.json is
 the fourth pass in benchmarks/RESULTS.md, run with the b44572f baseline)."""
@@ -27,11 +27,11 @@ import triton
 import kv_bench as kb
 
 N = None
-# (label, format, mode, launch keyword arguments); "prev" runs the kernel file given with --prev
+# (label, format, mode, StoreTuning fields); "prev" runs the kernel file given with --prev
 # (a baseline in the same run; those rows are left out without it). Fourth pass: the
-# fallback path's variants (tq_store's sym, err, imm_codebooks, via_memory, chunks) and launches.
+# fallback path's variants (StoreTuning's sym, err, imm_codebooks, via_memory, chunks) and launches.
 # The run in benchmarks/RESULTS.md ("Store kernel, fourth pass"; results/kv_store_sweep.json) as
-# tq_store's launch arguments now spell it: it ran before chunks (with maxnreg 128) became the
+# StoreTuning now spells it: it ran before chunks (with maxnreg 128) became the
 # default, so chunks=False / maxnreg=0 (no limit) name the launches that were then the default.
 PREV_PLAN = [("prev", "tq4", "mean", {}), ("prev", "tq4", "uncalibrated", {}),
              ("prev", "tq3", "mean", {})]
@@ -73,17 +73,20 @@ def load_prev(path):
 PREV = None  # tq_store of --prev
 
 
-def _store_fn(label):
+def _store_fn(label, launch):
+    """tq_store(k, v, cache, slots, tables, positions) with these launch settings (the older
+    file takes them as keyword arguments, today's as a StoreTuning)."""
     if label == "prev":
-        return PREV
-    from vllm_gds.kernels import tq_store
-    return tq_store
+        return lambda *a: PREV(*a[:5], positions=a[5], **launch)
+    from vllm_gds.kernels import StoreTuning, tq_store
+    tuning = StoreTuning(**launch)
+    return lambda *a: tq_store(*a, tuning=tuning)
 
 
 def bandwidth(label, name, mode, launch, tokens=32768):
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.tables import LayerTables
-    tq_store = _store_fn(label)
+    tq_store = _store_fn(label, launch)
     calibrated, mean = kb.STORE_MODES[mode]
     hq, hk, d = kb.SHAPES["Llama-3-8B"]
     dev = "cuda"
@@ -97,18 +100,17 @@ def bandwidth(label, name, mode, launch, tokens=32768):
     v = torch.randn(tokens, hk, d, device=dev, dtype=torch.bfloat16)
     slots = torch.randperm(tokens, device=dev)
     positions = torch.arange(tokens, device=dev)
-    t = kb.bench(lambda: tq_store(k, v, cache, slots, tables, positions=positions, **launch),
-                 triton)
+    t = kb.bench(lambda: tq_store(k, v, cache, slots, tables, positions), triton)
     moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 
 
 def check(name, mode, launch):
-    """kv_bench.store_check with these launch arguments."""
+    """kv_bench.store_check with these launch settings (StoreTuning fields)."""
     import functools
     import vllm_gds.kernels as K
     orig = K.tq_store
-    K.tq_store = functools.partial(orig, **launch)
+    K.tq_store = functools.partial(orig, tuning=K.StoreTuning(**launch))
     try:
         return kb.store_check(torch, name, mode, "cuda")
     finally:
