@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
 from .tq_attention_parts import _tq_reduce_kernel
@@ -100,7 +101,7 @@ class _Launch:
     """Everything of one launch shape that does not change from call to call."""
 
     __slots__ = ("block_q", "splits", "part_width", "tables", "kwargs", "reduce_args",
-                 "reduce_kwargs")
+                 "reduce_kwargs", "compiled", "compiled_reduce")
 
     def __init__(self, tables, decode: bool, g: int, splits: int, page: int, stride_tok: int,
                  stride_head: int, interpreted: bool, tuning: AttentionTuning | None):
@@ -153,6 +154,7 @@ class _Launch:
             self.kwargs["num_stages"] = num_stages
         if maxnreg is not None and not interpreted:
             self.kwargs["maxnreg"] = maxnreg
+        self.compiled, self.compiled_reduce = {}, {}  # CachedLaunch's kernels of this plan
         sc = reduce_chunk(splits)
         self.reduce_args = (h_rows["va"], hvb, tables.signs, tables.value_mean)
         self.reduce_kwargs = dict(
@@ -162,6 +164,8 @@ class _Launch:
 
 
 _LAUNCHES = LaunchPlans(_Launch)
+_ATTENTION = CachedLaunch(_tq_attention_kernel)
+_REDUCE = CachedLaunch(_tq_reduce_kernel)
 
 
 def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -203,12 +207,12 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                            device=query.device)
     grid0 = num_seqs if decode else T // plan.block_q + num_seqs
     qs, os_ = query.stride(), out.stride()
-    _tq_attention_kernel[(grid0, H, splits)](
+    _ATTENTION((grid0, H, splits), (
         query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs, *plan.tables,
-        out, os_[0], os_[1], part, softmax_scale * LOG2E / query.shape[2] ** 0.5, **plan.kwargs,
-    )
+        out, os_[0], os_[1], part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
+    ), plan.kwargs, plan.compiled)
     if splits > 1:
-        _tq_reduce_kernel[(T, H)](part, out, os_[0], os_[1], *plan.reduce_args, T,
-                                  **plan.reduce_kwargs)
+        _REDUCE((T, H), (part, out, os_[0], os_[1], *plan.reduce_args, T), plan.reduce_kwargs,
+                plan.compiled_reduce)
     return out

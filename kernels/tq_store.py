@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
 
@@ -121,7 +122,7 @@ def _heads_per_program(h: int, has_mean: bool) -> int:
 class _Launch:
     """Everything of one launch shape that does not change from call to call."""
 
-    __slots__ = ("block_t", "heads", "scratch", "calib", "mats", "hc", "kwargs")
+    __slots__ = ("block_t", "heads", "scratch", "calib", "mats", "hc", "kwargs", "compiled")
 
     def __init__(self, tables, split: int, dtype: torch.dtype, exact16: bool, h: int,
                  cuda: bool, page: int, stride_tok: int, stride_head: int, align: int,
@@ -168,9 +169,11 @@ class _Launch:
         )
         if maxnreg and cuda:
             self.kwargs["maxnreg"] = maxnreg
+        self.compiled = {}  # CachedLaunch's kernels of this plan
 
 
 _LAUNCHES = LaunchPlans(_Launch)
+_STORE = CachedLaunch(_tq_store_kernel)
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -203,8 +206,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     plan = _LAUNCHES.get(tables, key_)
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch
            else tables.signs)
-    _tq_store_kernel[(-(-T // plan.block_t), H // plan.heads)](
+    _STORE((-(-T // plan.block_t), H // plan.heads), (
         key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T, *plan.calib,
         slot_mapping if positions is None else positions, *plan.mats, scr, *plan.hc,
-        **plan.kwargs,
-    )
+    ), plan.kwargs, plan.compiled)

@@ -1,0 +1,58 @@
+"""Relaunching a compiled Triton kernel without Triton's per-call argument binding.
+
+`kernel[grid](...)` binds and specializes every argument on every call: with Triton 3.6 its
+binder and cache key alone took 34-44 us per call of the attention kernel (37 runtime arguments,
+~50 constexprs; benchmarks/RESULTS.md, issue 15), more than the decode kernel runs at small
+batches. `CachedLaunch` makes the first call of a launch plan through Triton as usual, keeps the
+`CompiledKernel` it returns in the plan's own dict, and launches that directly afterwards
+(`CompiledKernel[grid](*args)`, the launcher Triton itself calls) for calls whose runtime
+arguments specialize the same way. The key holds each runtime argument's dtype and 16-byte
+pointer alignment, and for integers whether they equal 1, divide by 16 and fit in 32 bits:
+everything Triton specializes a launch on. The plan's constexprs and options never change (the
+cache lives and dies with the plan). Where Triton returns no compiled kernel (the CPU
+interpreter), every call goes through Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_I32 = 1 << 31
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool):
+        return bool, a
+    if isinstance(a, int):
+        return int, a == 1, a % 16 == 0, -_I32 <= a < _I32
+    return type(a)
+
+
+class CachedLaunch:
+    """Launches of `fn`, a @triton.jit kernel whose runtime parameters all come before its
+    constexpr parameters: runtime arguments positionally, constexprs and launch options as the
+    plan's `meta`, compiled kernels kept in the plan's `compiled` dict."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = getattr(fn, "params", None)  # None: the interpreter's function, never cached
+        self._const_names = None
+        if params is not None:
+            runtime = sum(1 for p in params if not p.is_constexpr)
+            if not all(p.is_constexpr for p in params[runtime:]):
+                raise TypeError(f"{fn.__name__}: runtime parameters must come before constexprs")
+            self._const_names = tuple(p.name for p in params[runtime:])
+
+    def __call__(self, grid, args: tuple, meta: dict, compiled: dict) -> None:
+        dev = args[0].device
+        key = (dev.index, tuple(map(_spec, args)))
+        hit = compiled.get(key)
+        if hit is not None:
+            kernel, consts = hit
+            kernel[(*grid, 1, 1)[:3]](*args, *consts, stream=torch.cuda.current_stream(dev).cuda_stream)
+            return
+        kernel = self.fn[grid](*args, **meta)
+        if self._const_names is not None and dev.type == "cuda" and hasattr(kernel, "function"):
+            compiled[key] = (kernel, tuple(meta[n] for n in self._const_names))
