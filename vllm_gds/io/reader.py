@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
-from vllm_gds.io import gds_checklist, gds_env, kvikio_lib, pagecache
+from vllm_gds.io import gds_checklist, gds_env, kvikio_lib, pagecache, staged
 from vllm_gds.io.engine_choice import MAX_THREADS, MIN_BOUNCE, EngineChoice, Machine, choose, fs_kind
 from vllm_gds.io.pipeline import Checksums, run_pipeline
-from vllm_gds.io.staged import run_staged
 
 POLICIES = ("auto", "require", "off")
 ENGINES = ("auto", "pipeline", "kvikio", "staged")
@@ -291,6 +290,27 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
             "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce}
 
 
+def prewarm(paths: list[Path], options: ReadOptions, device: torch.device, ranks_on_node: int = 1) -> str:
+    """Start what the first read of ``paths`` would pay for (the staged engine's pinned ring, kvikio's
+    import) in a background thread, so that it overlaps the model's construction. Reads nothing;
+    returns the engine the reads will take. :func:`release_pinned` frees the ring after the load."""
+    mode = resolve_mode(device, options.policy)
+    engine = _engine(mode, options)
+    if engine == "pipeline":
+        return engine
+    reads = [FileRead(Path(p), ()) for p in paths]
+    choice = choose(describe_machine(reads, options, mode, ranks_on_node), options.num_threads,
+                    options.task_size, engine=engine, slot_size=options.slot_size)
+    if choice.engine == "staged":
+        staged.prewarm(device, choice.slots, choice.slot_size)
+    return choice.engine
+
+
+def release_pinned() -> int:
+    """Free the pinned memory that reads keep between loads (the staged engine's ring); bytes freed."""
+    return staged.release()
+
+
 def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device,
                progress=None, ranks_on_node: int = 1) -> ReadStats:
     """Fill every target of ``reads``; all files are checked before the first byte is read.
@@ -325,7 +345,7 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
         if engine == "pipeline":
             detail = run_pipeline(reads, options, device, flat, checks, progress)
         elif engine == "staged":
-            detail = run_staged(reads, options, device, flat, checks, choice, mode, direct, progress)
+            detail = staged.run_staged(reads, options, device, flat, checks, choice, mode, direct, progress)
         else:
             checks.expect({t: 1 for t in range(len(flat))})
             checks.start()
