@@ -170,10 +170,13 @@ def run_staged(reads, options, device: torch.device, flat_targets, checks, choic
             setup_seconds = time.perf_counter() - t_open
             next_span = 0
             while next_span < len(spans) or in_flight:
-                while free and next_span < len(spans):
+                # Refill only slots whose copy has finished: this thread never waits for a copy while
+                # reads are in flight (the pool keeps reading into the other slots meanwhile).
+                while free and next_span < len(spans) and (
+                        events[free[0]] is None or events[free[0]].query() or not in_flight):
                     slot = free.popleft()
                     if events[slot] is not None:
-                        events[slot].synchronize()  # the slot's last copy has left it
+                        events[slot].synchronize()  # done already, unless nothing else was in flight
                     span = spans[next_span]
                     future = handles[span.file].pread(slot_arrays[slot], span.needed, span.offset,
                                                       choice.task_size)
