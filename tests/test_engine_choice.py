@@ -3,7 +3,7 @@
 import pytest
 
 from vllm_gds.errors import GdsError
-from vllm_gds.io.engine_choice import (COMPAT_ENGINE, DEFAULT_TASK, MAX_NETWORK_THREADS, MAX_THREADS, MIN_BOUNCE,
+from vllm_gds.io.engine_choice import (COLD_SLOT, COLD_TASK, COMPAT_ENGINE, DEFAULT_TASK, MAX_NETWORK_THREADS, MAX_THREADS, MIN_BOUNCE,
                                        MIN_THREADS, NETWORK_TASK, STAGED_MAX_RING, STAGED_SLOT, STAGED_TASK, Machine,
                                        PinnedBoundError, choose)
 
@@ -130,3 +130,11 @@ def test_staged_ring_stays_within_the_bound(bound, cpus, task, slot):
 def test_staged_host_reads_pin_nothing():
     c = choose(Machine(cpus=16, mode="host"), engine="staged")
     assert c.pinned_bytes == 0 and c.slots >= 1 and "nothing pinned" in c.reason
+
+
+def test_cold_files_get_larger_reads_and_more_bytes_in_flight():
+    warm = choose(Machine(cpus=16, fstype="ext4"))
+    cold = choose(Machine(cpus=16, fstype="ext4", cold=True))
+    assert cold.task_size == COLD_TASK > warm.task_size and cold.slot_size == COLD_SLOT
+    assert cold.pinned_bytes <= STAGED_MAX_RING and cold.slots * cold.slot_size >= 8 * COLD_TASK
+    assert "O_DIRECT" in cold.reason

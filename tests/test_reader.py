@@ -339,3 +339,23 @@ def test_staged_ring_stays_within_max_pinned_bytes(tmp_path, bound):
     assert 0 < d["slots"] * d["slot_size"] <= bound and d["task_size"] <= d["slot_size"]
     assert d["pinned_bytes"] == 0  # host destinations: plain memory
     assert staged.release() == d["slots"] * d["slot_size"] and staged.release() == 0
+
+
+def test_prewarm_pins_the_ring_before_the_load_and_release_frees_it(tmp_path):
+    """The loader pins the staged engine's ring while vLLM builds the model: the load then finds it
+    ready (nothing read by prewarm), and release frees it."""
+    from vllm_gds.io import staged
+    from vllm_gds.io.reader import prewarm, release_pinned
+
+    path = tmp_path / "w.bin"
+    data = _random_file(path, 1 << 20, seed=14)
+    options = ReadOptions(engine="staged", slot_size=128 << 10, num_threads=2)
+    release_pinned()
+    assert prewarm([path], options, CPU) == "staged"
+    staged.wait_prewarmed()
+    dest = torch.empty(len(data), dtype=torch.uint8)
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))], options, CPU)
+    assert bytes(dest.numpy()) == data and stats.detail["ring_kept"] is True
+    assert release_pinned() == stats.detail["slots"] * stats.detail["slot_size"] and release_pinned() == 0
+    assert prewarm([path], ReadOptions(), CPU) == "kvikio"  # host reads: no ring to pin
+    assert release_pinned() == 0

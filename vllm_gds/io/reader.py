@@ -290,20 +290,29 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
             "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce}
 
 
+def _plan(reads, options: ReadOptions, mode: str, ranks_on_node: int):
+    """(engine, machine, choice, resident share, whether to read with O_DIRECT) for ``reads``."""
+    engine = _engine(mode, options)
+    resident = pagecache.resident_fraction_of([r.path for r in reads])  # before the reads warm them
+    machine = describe_machine(reads, options, mode, ranks_on_node)
+    # Cold files on a local disk: read around the page cache (the staged engine; O_DIRECT).
+    direct = options.direct_io or (resident is not None and resident < COLD_BELOW
+                                   and fs_kind(machine.fstype) == "local")
+    machine = replace(machine, cold=direct)
+    choice = choose(machine, options.num_threads, options.task_size,
+                    engine="kvikio" if engine == "pipeline" else engine, slot_size=options.slot_size)
+    return ("pipeline" if engine == "pipeline" else choice.engine), machine, choice, resident, direct
+
+
 def prewarm(paths: list[Path], options: ReadOptions, device: torch.device, ranks_on_node: int = 1) -> str:
     """Start what the first read of ``paths`` would pay for (the staged engine's pinned ring, kvikio's
     import) in a background thread, so that it overlaps the model's construction. Reads nothing;
     returns the engine the reads will take. :func:`release_pinned` frees the ring after the load."""
     mode = resolve_mode(device, options.policy)
-    engine = _engine(mode, options)
-    if engine == "pipeline":
-        return engine
-    reads = [FileRead(Path(p), ()) for p in paths]
-    choice = choose(describe_machine(reads, options, mode, ranks_on_node), options.num_threads,
-                    options.task_size, engine=engine, slot_size=options.slot_size)
-    if choice.engine == "staged":
+    engine, _, choice, _, _ = _plan([FileRead(Path(p), ()) for p in paths], options, mode, ranks_on_node)
+    if engine == "staged":
         staged.prewarm(device, choice.slots, choice.slot_size)
-    return choice.engine
+    return engine
 
 
 def release_pinned() -> int:
@@ -325,18 +334,11 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     mode = resolve_mode(device, options.policy)
     for read in reads:
         _check_file(read)
-    engine = _engine(mode, options)
-    machine = describe_machine(reads, options, mode, ranks_on_node)
-    choice = choose(machine, options.num_threads, options.task_size,
-                    engine="kvikio" if engine == "pipeline" else engine, slot_size=options.slot_size)
-    engine = "pipeline" if engine == "pipeline" else choice.engine
+    engine, machine, choice, resident, direct = _plan(reads, options, mode, ranks_on_node)
     task_size = choice.task_size
     if engine == "pipeline" and not options.task_size:  # its ring needs one whole task pinned
         task_size = min(task_size, options.max_pinned_bytes // 4096 * 4096)
     options = replace(options, num_threads=choice.threads, task_size=task_size)
-    resident = pagecache.resident_fraction_of([r.path for r in reads])  # before the reads warm them
-    direct = options.direct_io or (resident is not None and resident < COLD_BELOW
-                                   and fs_kind(machine.fstype) == "local")
     flat = [(i, t) for i, read in enumerate(reads) for t in read.targets]
     checks = Checksums(flat, [r.path for r in reads], device)
     stats = ReadStats(mode=mode, files=len(reads))

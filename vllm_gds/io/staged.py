@@ -107,6 +107,14 @@ def _take_ring(slots: int, slot_size: int, device: torch.device) -> tuple[Pinned
     return ring, time.perf_counter() - start, False
 
 
+def wait_prewarmed() -> None:
+    """Block until a ring being pinned by :func:`prewarm` is ready (benchmarks time what follows)."""
+    with _lock:
+        pending = _pending
+    if pending is not None:
+        pending[1].join()
+
+
 def release() -> int:
     """Unpin and free the kept ring (and any being pinned); returns the bytes released."""
     global _ring, _pending
