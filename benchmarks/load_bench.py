@@ -192,6 +192,7 @@ def load_vllm_gds(shards, root: Path, device, options, verify: bool, ranks_on_no
     from vllm_gds.shards import dtypes
 
     tensors, reads = {}, []
+    t0 = time.perf_counter()
     for f in shards.files:
         targets = []
         for e in f.tensors:
@@ -199,8 +200,10 @@ def load_vllm_gds(shards, root: Path, device, options, verify: bool, ranks_on_no
             tensors[e.name] = t
             targets.append(ReadTarget(e.offset, t, name=e.name, checksum=e.checksum if verify else None))
         reads.append(FileRead(root / f.path, tuple(targets), f.size))
+    alloc_seconds = time.perf_counter() - t0
     stats = read_files(reads, options, device, ranks_on_node=ranks_on_node)
-    return tensors, {"mode": stats.mode, "reader_seconds": stats.seconds, **stats.detail}, None
+    return tensors, {"mode": stats.mode, "alloc_seconds": alloc_seconds, "reader_seconds": stats.seconds,
+                     **stats.detail}, None
 
 
 def load_safetensors(paths, device):
@@ -287,7 +290,7 @@ def pinned_ceiling(device, nbytes: int, streams: int) -> float:
 # --------------------------------------------------------------------------- first load in a fresh process
 
 
-def fresh_main(rank, cfg, shards, cmd, out):
+def fresh_main(rank, cfg, shards, cmd) -> dict:
     """One load as the first thing a new process does after making its CUDA context."""
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     try:
@@ -316,26 +319,31 @@ def fresh_main(rank, cfg, shards, cmd, out):
             tensors, detail, close = load_instanttensor(paths, device, **cmd.get("options", {}))
         _sync(device)
         t1 = time.perf_counter()
-        out.put({"t0": t0, "t1": t1, "nbytes": shards.nbytes, "detail": _plain({**detail, **before}),
-                 "correct": check_loaded(tensors, shards), "pid": os.getpid()})
+        return {"t0": t0, "t1": t1, "nbytes": shards.nbytes, "detail": _plain({**detail, **before}),
+                "correct": check_loaded(tensors, shards), "pid": os.getpid()}
     except Exception as e:
         import traceback
 
-        out.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]})
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
 
 
 def run_fresh(rank, cfg, shards, cmd) -> dict:
-    import multiprocessing as mp
+    """fresh_main in a new interpreter (a rank process is a daemon: it cannot fork children)."""
+    import pickle
+    import sys
+    import tempfile
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=fresh_main, args=(rank, cfg, shards, cmd, out), daemon=True)
-    proc.start()
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+        pickle.dump((rank, cfg, shards, cmd), f)
     try:
-        result = out.get(timeout=300)
+        proc = subprocess.run([sys.executable, __file__, "--fresh-child", f.name], capture_output=True,
+                              text=True, timeout=300)
     finally:
-        proc.join(timeout=60)
-    return result
+        os.unlink(f.name)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("FRESH ")]
+    if not lines:
+        return {"error": f"fresh child exited {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-1500:]}
+    return json.loads(lines[-1][len("FRESH "):])
 
 
 # --------------------------------------------------------------------------- rank process
@@ -678,7 +686,14 @@ def main():
     ap.add_argument("--safetensors", action="store_true", help="also time safetensors load_file (slow)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     ap.add_argument("--render", help="print the RESULTS.md section for a load_results.json")
+    ap.add_argument("--fresh-child", help=argparse.SUPPRESS)  # internal: one first load (run_fresh)
     args = ap.parse_args()
+    if args.fresh_child:
+        import pickle
+
+        with open(args.fresh_child, "rb") as f:
+            print("FRESH " + json.dumps(fresh_main(*pickle.load(f)), default=str), flush=True)
+        return
     if args.render:
         print(render_markdown(json.loads(Path(args.render).read_text())))
         return

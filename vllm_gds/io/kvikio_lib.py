@@ -4,7 +4,17 @@ from vllm_gds.errors import GdsError, ShardReadError
 from vllm_gds.io.cuda_driver import CudaDriverMissing, is_missing_driver_error, missing_driver_message, require_cuda_driver
 
 
+import sys
+import time
+
+# Seconds the first import of kvikio took in this process (its library loads, the CUDA driver's
+# entry points): a cost only the first load pays, reported so that it can be told apart.
+import_seconds: float | None = None
+
+
 def load_kvikio():
+    global import_seconds
+    start = time.perf_counter() if "kvikio" not in sys.modules else None
     try:
         import kvikio
         import kvikio.cufile_driver
@@ -15,6 +25,8 @@ def load_kvikio():
             "(kvikio-cu13) on GPU nodes"
         ) from None
     require_cuda_driver()  # kvikio imports without libcuda.so.1, then fails at the first read
+    if start is not None:
+        import_seconds = time.perf_counter() - start
     return kvikio
 
 

@@ -251,6 +251,7 @@ def _engine(mode: str, options: ReadOptions) -> str:
 
 
 def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None) -> dict:
+    t0 = time.perf_counter()
     kvikio = kvikio_lib.load_kvikio()
     # One pinned bounce buffer per thread at a time (a task larger than it is read through it in
     # pieces): kvikio's pinned memory is num_threads x bounce_buffer_size, which choose() bounds.
@@ -269,6 +270,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
             raise GdsError(f"kvikio would pin {threads} x {bounce} bytes, over max_pinned_bytes "
                            f"{options.max_pinned_bytes}")
         handles = kvikio_lib.open_all(kvikio, reads)  # every file opens before the first byte is read
+        setup_seconds = time.perf_counter() - t0  # import, thread pool, opens
+        first_byte = None
         try:
             pending = []
             for t, (file_index, target) in enumerate(flat_targets):
@@ -279,6 +282,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
                 pending.append((t, file_index, target, nbytes, future))
             for t, file_index, target, nbytes, future in pending:
                 kvikio_lib.wait(future, reads[file_index].path, target.file_offset, nbytes)
+                if first_byte is None:
+                    first_byte = time.perf_counter() - t0
                 checks.landed([t])
                 if progress is not None:
                     progress(nbytes)
@@ -287,7 +292,8 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
     # Under GDS (unless a file falls back) and into host memory nothing is pinned; in compat mode
     # kvikio pins its bounce buffers (and keeps them in its pool for the next load).
     return {"engine": "kvikio", "threads": threads, "task_size": choice.task_size, "bounce_size": bounce,
-            "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce}
+            "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce,
+            "setup_seconds": setup_seconds, "first_byte_seconds": first_byte}
 
 
 def _plan(reads, options: ReadOptions, mode: str, ranks_on_node: int):
@@ -364,5 +370,6 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     stats.nbytes = sum(t.dest.numel() * t.dest.element_size() for _, t in flat)
     stats.detail = {**detail, "choice": choice.reason, "machine": {
         "cpus": machine.cpus, "ranks_on_node": machine.ranks_on_node, "fstype": machine.fstype},
-        "resident_fraction": resident, "before_read_seconds": start - started}
+        "resident_fraction": resident, "before_read_seconds": start - started,
+        "kvikio_import_seconds": kvikio_lib.import_seconds}
     return stats
