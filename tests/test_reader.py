@@ -284,7 +284,8 @@ def _drop(path) -> bool:
     return resident_fraction_of([path]) < 0.1
 
 
-def test_staged_engine_reads_cold_files_with_o_direct(tmp_path):
+@pytest.mark.parametrize("engine", ["staged", "kvikio"])
+def test_cold_files_are_read_with_o_direct(tmp_path, engine):
     """A file not in the page cache, on a local disk, is read around the page cache (O_DIRECT): every
     byte lands, unaligned start and end included, and the page cache stays cold."""
     from vllm_gds.io.pagecache import resident_fraction_of
@@ -295,12 +296,12 @@ def test_staged_engine_reads_cold_files_with_o_direct(tmp_path):
         pytest.skip(f"{tmp_path} is not on a disk whose pages can be dropped")
     dest = torch.empty(len(data) - 5000, dtype=torch.uint8)
     stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))],
-                       ReadOptions(engine="staged", slot_size=1 << 20, task_size=256 << 10, num_threads=3), CPU)
+                       ReadOptions(engine=engine, slot_size=1 << 20, task_size=256 << 10, num_threads=3), CPU)
     assert bytes(dest.numpy()) == data[5000:]
     assert stats.detail["direct_io"] is True and stats.detail["resident_fraction"] < 0.1
     assert resident_fraction_of([path]) < 0.5  # read around the page cache, not through it
     path.read_bytes()  # now warm: buffered reads
-    stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))], ReadOptions(engine="staged"), CPU)
+    stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))], ReadOptions(engine=engine), CPU)
     assert stats.detail["direct_io"] is False and bytes(dest.numpy()) == data[5000:]
 
 

@@ -250,7 +250,8 @@ def _engine(mode: str, options: ReadOptions) -> str:
     return options.engine
 
 
-def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None) -> dict:
+def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None,
+                 direct: bool = False) -> dict:
     t0 = time.perf_counter()
     kvikio = kvikio_lib.load_kvikio()
     # One pinned bounce buffer per thread at a time (a task larger than it is read through it in
@@ -263,6 +264,9 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
         settings["compat_mode"] = kvikio.CompatMode.OFF if options.policy == "require" else kvikio.CompatMode.AUTO
     else:
         settings["compat_mode"] = kvikio.CompatMode.ON
+    # O_DIRECT only into host memory: into a GPU kvikio would bounce through a second pinned pool.
+    direct = direct and mode == "host"
+    settings["auto_direct_io_read"] = direct
     with kvikio.defaults.set(settings):
         # What kvikio will use, read back from it: the bound the load report states.
         threads, bounce = kvikio.defaults.get("num_threads"), kvikio.defaults.get("bounce_buffer_size")
@@ -293,7 +297,7 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
     # kvikio pins its bounce buffers (and keeps them in its pool for the next load).
     return {"engine": "kvikio", "threads": threads, "task_size": choice.task_size, "bounce_size": bounce,
             "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce,
-            "setup_seconds": setup_seconds, "first_byte_seconds": first_byte}
+            "setup_seconds": setup_seconds, "first_byte_seconds": first_byte, "direct_io": direct}
 
 
 def _plan(reads, options: ReadOptions, mode: str, ranks_on_node: int):
@@ -357,7 +361,7 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
         else:
             checks.expect({t: 1 for t in range(len(flat))})
             checks.start()
-            detail = _read_kvikio(reads, options, mode, flat, checks, choice, progress)
+            detail = _read_kvikio(reads, options, mode, flat, checks, choice, progress, direct)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         verify_start = time.perf_counter()
