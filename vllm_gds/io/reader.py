@@ -26,6 +26,7 @@ GPU, overlapped with the reads that follow); a mismatch raises ChecksumError.
 """
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -322,7 +323,17 @@ def prewarm(paths: list[Path], options: ReadOptions, device: torch.device, ranks
     engine, _, choice, _, _ = _plan([FileRead(Path(p), ()) for p in paths], options, mode, ranks_on_node)
     if engine == "staged":
         staged.prewarm(device, choice.slots, choice.slot_size)
+    elif engine == "kvikio":  # its import (libraries, the driver's entry points); under GDS the cuFile
+        # driver was opened by resolve_mode already
+        threading.Thread(target=_import_quietly, name="vllm-gds-prewarm", daemon=True).start()
     return engine
+
+
+def _import_quietly() -> None:
+    try:
+        kvikio_lib.load_kvikio()
+    except GdsError:
+        pass  # the load that needs kvikio reports it
 
 
 def release_pinned() -> int:
