@@ -39,6 +39,7 @@ from vllm_gds.io.pinned import PinnedBuffers
 from vllm_gds.io.plan import plan_spans
 
 _lock = threading.Lock()
+_in_use = threading.Lock()  # one load at a time reads through the kept ring
 _ring: tuple | None = None  # ((slots, slot_size, device), PinnedBuffers)
 _pending: tuple | None = None  # ((slots, slot_size, device), thread, {"ring" | "error": ...})
 
@@ -116,21 +117,22 @@ def wait_prewarmed() -> None:
 
 
 def release() -> int:
-    """Unpin and free the kept ring (and any being pinned); returns the bytes released."""
+    """Unpin and free the kept ring (and any being pinned), after a load using it ends; bytes freed."""
     global _ring, _pending
-    with _lock:
-        pending, _pending = _pending, None
-    if pending is not None:
-        pending[1].join()
-        if pending[2].get("ring") is not None:
-            pending[2]["ring"].close()
-    with _lock:
-        ring, _ring = _ring, None
-    if ring is None:
-        return 0
-    nbytes = ring[1].nbytes
-    ring[1].close()
-    return nbytes
+    with _in_use:
+        with _lock:
+            pending, _pending = _pending, None
+        if pending is not None:
+            pending[1].join()
+            if pending[2].get("ring") is not None:
+                pending[2]["ring"].close()
+        with _lock:
+            ring, _ring = _ring, None
+        if ring is None:
+            return 0
+        nbytes = ring[1].nbytes
+        ring[1].close()
+        return nbytes
 
 
 def pinned_now() -> int:
@@ -141,7 +143,13 @@ def pinned_now() -> int:
 
 def run_staged(reads, options, device: torch.device, flat_targets, checks, choice, mode: str,
                direct_io: bool, progress=None) -> dict:
-    """Read every target of ``reads`` through the ring; returns details for ReadStats."""
+    """Read every target of ``reads`` through the ring; returns details for ReadStats. Loads in
+    other threads of the process wait for this one (they would share the ring)."""
+    with _in_use:
+        return _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
+
+
+def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress) -> dict:
     cuda = device.type == "cuda"
     kvikio = kvikio_lib.load_kvikio()
     files = [[] for _ in reads]
