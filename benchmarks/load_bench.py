@@ -9,7 +9,14 @@ and synchronized", destination allocation included:
   safetensors      safetensors.torch.load_file(device="cuda:i"), file by file
   fastsafetensors  SafeTensorsFileLoader(nogds=True)
   instanttensor    instanttensor.safe_open(files, device=i), no process group (each rank its files)
-  vllm-gds         vllm_gds.io.read_files, checksums off and on (verified on the GPU)
+  vllm-gds         vllm_gds.io.read_files, checksums off and on (verified on the GPU): the automatic
+                   engine (staged on the compat path), kvikio's own compat path beside it, and any
+                   --alternatives (ENGINE:THREADSxTASK_MiB[xSLOT_MiB])
+
+First load in a fresh process (what a server that loads once pays: kvikio's import,
+its thread pool, pinning the ring or bounce buffers): one new process per row, the
+CUDA context made before the timing, with and without the ring pinned beforehand
+(the loader pins it while vLLM builds the model), beside InstantTensor's first load.
 
 Warm: files on tmpfs (/dev/shm). Cold: rank 0's files copied to disk, page
 cache dropped before each run and shown cold (page residency via kvikio's
@@ -20,7 +27,7 @@ pinned memory at once; memory other processes hold on each GPU (stray CUDA
 contexts) read through NVML. Every loader's result is checked against the
 manifest checksums after its timing.
 
-    python3 benchmarks/load_bench.py [--gib-per-rank 16] [--ranks N] [--sweep]
+    python3 benchmarks/load_bench.py [--gib-per-rank 16] [--ranks N] [--repeats 3] [--sweep]
     python3 benchmarks/load_bench.py --render OUT/load_results.json   # RESULTS.md section
 
 Prints a table last, writes load_results.json and load_bench.png to $OUT.
@@ -190,6 +197,7 @@ def load_vllm_gds(shards, root: Path, device, options, verify: bool, ranks_on_no
     from vllm_gds.shards import dtypes
 
     tensors, reads = {}, []
+    t0 = time.perf_counter()
     for f in shards.files:
         targets = []
         for e in f.tensors:
@@ -197,8 +205,10 @@ def load_vllm_gds(shards, root: Path, device, options, verify: bool, ranks_on_no
             tensors[e.name] = t
             targets.append(ReadTarget(e.offset, t, name=e.name, checksum=e.checksum if verify else None))
         reads.append(FileRead(root / f.path, tuple(targets), f.size))
+    alloc_seconds = time.perf_counter() - t0
     stats = read_files(reads, options, device, ranks_on_node=ranks_on_node)
-    return tensors, {"mode": stats.mode, "reader_seconds": stats.seconds, **stats.detail}, None
+    return tensors, {"mode": stats.mode, "alloc_seconds": alloc_seconds, "reader_seconds": stats.seconds,
+                     **stats.detail}, None
 
 
 def load_safetensors(paths, device):
@@ -280,6 +290,65 @@ def pinned_ceiling(device, nbytes: int, streams: int) -> float:
     if hasattr(torch._C, "_host_emptyCache"):
         torch._C._host_emptyCache()
     return seconds
+
+
+# --------------------------------------------------------------------------- first load in a fresh process
+
+
+def fresh_main(rank, cfg, shards, cmd) -> dict:
+    """One load as the first thing a new process does after making its CUDA context."""
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    try:
+        import torch
+
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.empty(1, device=device)  # the context exists in a server before the loader runs
+        root = Path(cfg["warm_dir"]) / f"rank{rank}"
+        paths = [root / f.path for f in shards.files]
+        before = {}
+        if cmd["loader"] == "vllm-gds":
+            from vllm_gds.io import staged
+            from vllm_gds.io.reader import ReadOptions, prewarm
+
+            opts = ReadOptions(**cmd.get("options", {}))
+            if cmd.get("prewarm"):
+                t = time.perf_counter()
+                before["prewarm_engine"] = prewarm(paths, opts, device)
+                staged.wait_prewarmed()
+                before["prewarm_seconds"] = time.perf_counter() - t
+            t0 = time.perf_counter()
+            tensors, detail, close = load_vllm_gds(shards, root, device, opts, cmd.get("verify", False))
+        else:
+            t0 = time.perf_counter()
+            tensors, detail, close = load_instanttensor(paths, device, **cmd.get("options", {}))
+        _sync(device)
+        t1 = time.perf_counter()
+        return {"t0": t0, "t1": t1, "nbytes": shards.nbytes, "detail": _plain({**detail, **before}),
+                "correct": check_loaded(tensors, shards), "pid": os.getpid()}
+    except Exception as e:
+        import traceback
+
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+
+
+def run_fresh(rank, cfg, shards, cmd) -> dict:
+    """fresh_main in a new interpreter (a rank process is a daemon: it cannot fork children)."""
+    import pickle
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+        pickle.dump((rank, cfg, shards, cmd), f)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--fresh-child", f.name], capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        os.unlink(f.name)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("FRESH ")]
+    if not lines:
+        return {"error": f"fresh child exited {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-1500:]}
+    return json.loads(lines[-1][len("FRESH "):])
 
 
 # --------------------------------------------------------------------------- rank process
@@ -387,6 +456,11 @@ def rank_main(rank, world, cfg, commands, results, barrier):
                 reply(op=op, loader=loader, label=cmd.get("label", loader), t0=t0, t1=t1,
                       nbytes=shards.nbytes, detail=_plain(detail), correct=correct,
                       gpu_extra=max(0, sampler.peak - sampler.base - weights), pid=os.getpid(), **extra)
+            elif op == "fresh":
+                r = run_fresh(rank, cfg, shards, cmd)
+                if "error" in r:
+                    raise RuntimeError(f"{r['error']}\n{r.get('trace', '')}")
+                reply(op=op, loader=cmd["loader"], label=cmd.get("label"), gpu_extra=0, **r)
             elif op == "driver_probe":
                 from vllm_gds.io.gds_env import kvikio_driver_view
 
@@ -607,14 +681,24 @@ def main():
     ap.add_argument("--warm-dir", default="/dev/shm/vllm-gds-bench")
     ap.add_argument("--cold-dir", default="/var/tmp/vllm-gds-bench-cold")
     ap.add_argument("--no-cold", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep", action="store_true", help="also try pipeline thread/task sizes")
-    ap.add_argument("--alternatives", nargs="*", default=[], metavar="THREADSxMIB",
-                    help="one GPU warm: kvikio engine rows with these threads x task MiB beside the "
-                         "automatic choice, e.g. 12x4 24x4 16x2")
+    ap.add_argument("--alternatives", nargs="*", default=[], metavar="[ENGINE:]THREADSxTASK[xSLOT]",
+                    help="one GPU warm: rows of an engine (staged or kvikio, default kvikio) with these threads "
+                         "x task MiB (x slot MiB, staged) beside the automatic choice, e.g. staged:12x2 "
+                         "staged:16x4x32 kvikio:24x4")
+    ap.add_argument("--no-fresh", action="store_true", help="skip the first-load-in-a-new-process rows")
+    ap.add_argument("--safetensors", action="store_true", help="also time safetensors load_file (slow)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     ap.add_argument("--render", help="print the RESULTS.md section for a load_results.json")
+    ap.add_argument("--fresh-child", help=argparse.SUPPRESS)  # internal: one first load (run_fresh)
     args = ap.parse_args()
+    if args.fresh_child:
+        import pickle
+
+        with open(args.fresh_child, "rb") as f:
+            print("FRESH " + json.dumps(fresh_main(*pickle.load(f)), default=str), flush=True)
+        return
     if args.render:
         print(render_markdown(json.loads(Path(args.render).read_text())))
         return
@@ -639,7 +723,7 @@ def main():
     cfg = {"warm_dir": args.warm_dir, "cold_dir": cold_dir, "gib_per_rank": args.gib_per_rank,
            "file_gib": args.file_gib}
     res = {"info": info, "config": vars(args), "world": world, "single": {}, "multi": {}, "cold": {},
-           "sweep": [], "stray": {}}
+           "fresh": {}, "sweep": [], "stray": {}}
     save = lambda: (out / "load_results.json").write_text(json.dumps(res, indent=1, default=str))
     ranks = Ranks(world, cfg)
     try:
@@ -663,10 +747,30 @@ PEERS = [
     ("vllm-gds", dict(loader="vllm-gds")),
     ("vllm-gds, checksums verified", dict(loader="vllm-gds", verify=True)),
     ("instanttensor", dict(loader="instanttensor")),
+    ("vllm-gds, kvikio engine", dict(loader="vllm-gds", options={"engine": "kvikio"})),
     ("fastsafetensors (nogds)", dict(loader="fastsafetensors")),
-    ("vllm-gds, pinned pipeline engine", dict(loader="vllm-gds", options={
-        "engine": "pipeline", "num_threads": 12, "task_size": 8 * MiB})),
 ]
+# One new process per row: the first load a server makes.
+FRESH = [
+    ("vllm-gds, first load in a new process", dict(loader="vllm-gds")),
+    ("vllm-gds, first load, ring pinned before (as the loader does while vLLM builds the model)",
+     dict(loader="vllm-gds", prewarm=True)),
+    ("vllm-gds, kvikio engine, first load in a new process", dict(loader="vllm-gds", options={"engine": "kvikio"})),
+    ("instanttensor, first load in a new process", dict(loader="instanttensor")),
+]
+
+
+def alternative(spec: str):
+    """'staged:16x2x16' (threads x task MiB x slot MiB), 'kvikio:24x4', or '12x4' (kvikio)."""
+    engine, _, sizes = spec.rpartition(":")
+    engine = engine or "kvikio"
+    nums = [int(x) for x in sizes.lower().split("x")]
+    options = {"engine": engine, "num_threads": nums[0], "task_size": nums[1] * MiB}
+    label = f"vllm-gds, {engine} {nums[0]} threads x {nums[1]} MiB"
+    if len(nums) > 2:
+        options["slot_size"] = nums[2] * MiB
+        label += f", {nums[2]} MiB slots"
+    return label, dict(loader="vllm-gds", options=options)
 
 
 def bench(ranks, world, args, res, save, cold_dir):
@@ -714,18 +818,24 @@ def bench(ranks, world, args, res, save, cold_dir):
     for streams in (1, 4):
         res["single"][f"ceiling_{streams}"] = timed(f"pinned copy, {streams} stream(s)", op="ceiling",
                                                     ranks_=single, repeats=2, streams=streams)
-    alternatives = []
-    for alt in args.alternatives:
-        threads, mib = (int(x) for x in alt.lower().split("x"))
-        alternatives.append((f"vllm-gds, {threads} threads x {mib} MiB", dict(loader="vllm-gds", options={
-            "engine": "kvikio", "num_threads": threads, "task_size": mib * MiB})))
+    alternatives = [alternative(a) for a in args.alternatives]
+    if args.sweep:
+        alternatives.append(("vllm-gds, pinned pipeline engine", dict(loader="vllm-gds", options={
+            "engine": "pipeline", "num_threads": 12, "task_size": 8 * MiB})))
     for label, kw in PEERS + alternatives:
         res["single"][label] = timed(label, ranks_=single, repeats=args.repeats, **kw)
         ranks.run("release", ranks=single)
         save()
-    res["single"]["safetensors"] = timed("safetensors load_file", ranks_=single, loader="safetensors")
-    ranks.run("release", ranks=single)
-    save()
+    if args.safetensors:
+        res["single"]["safetensors"] = timed("safetensors load_file", ranks_=single, loader="safetensors")
+        ranks.run("release", ranks=single)
+        save()
+    if not args.no_fresh:
+        log("== one GPU, warm, the first load in a new process")
+        res["fresh"] = {}
+        for label, kw in FRESH:
+            res["fresh"][label] = timed(label, op="fresh", ranks_=single, **kw)
+            save()
 
     if args.sweep:
         log("== sweep (one GPU, warm): the host side alone, page-cache pinning, threads x task size")
@@ -789,6 +899,8 @@ def bench(ranks, world, args, res, save, cold_dir):
             log(f"  parallel dd iflag=direct: {res['cold']['dd']['gb_per_s']:.2f} GB/s, resident before "
                 f"{r['resident_before']}, after {r['resident_after']} ({r['drop']})")
         for label, kw in [("vllm-gds", dict(loader="vllm-gds", cold=True)),
+                          ("vllm-gds, kvikio engine (buffered reads)",
+                           dict(loader="vllm-gds", cold=True, options={"engine": "kvikio"})),
                           ("vllm-gds, page cache warm (ext4)", dict(loader="vllm-gds", disk=True)),
                           *([("vllm-gds, O_DIRECT", dict(loader="vllm-gds", cold=True, options={"direct_io": True}))]
                             if args.sweep else []),
@@ -832,12 +944,38 @@ def _rows(res):
         if k.startswith("ceiling") or not isinstance(v, dict) or "gb_per_s" not in v:
             continue
         rows.append((f"{res['world']} GPUs warm", v["label"], v["gb_per_s"], itn, ceilingn, v))
+    fresh = res.get("fresh", {})
+    itf = g(fresh, "instanttensor, first load in a new process")
+    for k, v in fresh.items():
+        if isinstance(v, dict) and "gb_per_s" in v:
+            rows.append(("1 GPU 1st load", v["label"], v["gb_per_s"], itf, ceiling1, v))
     dd = g(c, "dd")
     itc = g(c, "instanttensor")
     for k, v in c.items():
         if isinstance(v, dict) and "gb_per_s" in v:
             rows.append(("1 GPU cold", v["label"], v["gb_per_s"], itc, dd, v))
     return rows, ceiling1, ceilingn, dd
+
+
+def target_lines(res) -> list[str]:
+    """Issue 17's targets, as /work/shared/checks/load_targets.py judges them, for this run."""
+    rows, c1, _, dd = _rows(res)
+    s, c = res["single"], res["cold"]
+    get = lambda d, k: (d.get(k) or {}).get("gb_per_s")
+    ours, it, ver = get(s, "vllm-gds"), get(s, "instanttensor"), get(s, "vllm-gds, checksums verified")
+    checks = []
+    if ours and it and c1:
+        checks += [("1 GPU warm x InstantTensor", ours / it, 1.15), ("1 GPU warm x pinned ceiling", ours / c1, 0.88)]
+    if ver and it:
+        checks.append(("checksums verified x InstantTensor", ver / it, 1.10))
+    cold, itc = get(c, "vllm-gds"), get(c, "instanttensor")
+    if cold and dd:
+        checks.append(("cold x dd O_DIRECT", cold / dd, 0.95))
+    if cold and itc:
+        checks.append(("cold x InstantTensor cold", cold / itc, 1.0))
+    lines = [f"{name}: {val:.2f} (>= {lim:.2f}) {'ok' if val >= lim else 'SHORT'}" for name, val, lim in checks]
+    lines.append(f"load targets: {sum(val >= lim for _, val, lim in checks)}/{len(checks)} hold")
+    return lines
 
 
 def print_table(res):
@@ -847,11 +985,14 @@ def print_table(res):
           f"date {res['info']['date']}; {res['config']['gib_per_rank']} GiB per rank")
     print(f"ceilings: pinned copy 1 GPU {c1 or 0:.2f} GB/s; all {res['world']} GPUs {cn or 0:.2f} GB/s; "
           f"cold parallel dd iflag=direct {dd or 0:.2f} GB/s")
-    print(f"{'run':<13} {'loader':<36} {'GB/s':>7} {'x InstantT':>10} {'x ceiling':>9}  per rank")
+    print(f"{'run':<14} {'loader':<52} {'GB/s':>7} {'x InstantT':>10} {'x ceiling':>9}  repeats / per rank")
     for where, label, v, it, ceil, row in rows:
-        print(f"{where:<13} {label:<36} {v:7.2f} {v / it if it else 0:10.2f} {v / ceil if ceil else 0:9.2f}  "
-              f"{row.get('per_rank', '')}")
-    print("(cold rows: 'x ceiling' is the ratio to the parallel dd iflag=direct read)")
+        print(f"{where:<14} {label[:52]:<52} {v:7.2f} {v / it if it else 0:10.2f} {v / ceil if ceil else 0:9.2f}  "
+              f"{row.get('repeats_gb_per_s') or ''} {row.get('per_rank', '') if res['world'] > 1 else ''}")
+    print("(cold rows: 'x ceiling' is the ratio to the parallel dd iflag=direct read; first-load rows: "
+          "'x InstantT' against InstantTensor's first load)")
+    for line in target_lines(res):
+        print(line)
 
 
 def plot(res, path):
@@ -861,7 +1002,7 @@ def plot(res, path):
     import matplotlib.pyplot as plt
 
     rows, c1, cn, dd = _rows(res)
-    groups = [("1 GPU warm", c1), (f"{res['world']} GPUs warm", cn), ("1 GPU cold", dd)]
+    groups = [("1 GPU warm", c1), ("1 GPU 1st load", c1), (f"{res['world']} GPUs warm", cn), ("1 GPU cold", dd)]
     groups = [(g, c) for g, c in groups if any(r[0] == g for r in rows)]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 5), squeeze=False)
     for ax, (group, ceil) in zip(axes[0], groups):

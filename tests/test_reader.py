@@ -1,8 +1,9 @@
 """The read engine on the CPU: every byte lands where it should, every failure names its file.
 
 kvikio reads into host memory through the CUDA driver stub (make test puts it
-on LD_LIBRARY_PATH); the pipeline engine runs its planner, ring and page-cache
-paths with host destinations.
+on LD_LIBRARY_PATH); the staged engine runs kvikio's pool into its ring of slots
+(plain memory here) and copies slot by slot; the pipeline engine runs its
+planner, ring and page-cache paths with host destinations.
 """
 
 import os
@@ -21,10 +22,12 @@ from vllm_gds.checksum import checksum_hex
 from vllm_gds.shards.writer import write_rank
 
 CPU = torch.device("cpu")
-# Every way a byte can travel: kvikio (the default); the pipeline reading with preadv, or pinning
-# resident files in place.
+# Every way a byte can travel: kvikio (the default into host memory); staged (the compat path's
+# default on a GPU), with slots small enough that a file needs many; the pipeline reading with
+# preadv, or pinning resident files in place.
 ENGINES = {
     "kvikio": dict(),
+    "staged": dict(engine="staged", slot_size=64 << 10),
     "pipeline": dict(engine="pipeline"),
     "pipeline-pinned": dict(engine="pipeline", pin_page_cache=True),
 }
@@ -58,7 +61,7 @@ def test_unaligned_ranges_are_byte_exact(tmp_path, engine, task_size):
         reads.append(FileRead(tmp_path / f"f{f}.bin", tuple(targets), size))
     stats = read_files(reads, ReadOptions(task_size=task_size, num_threads=3, **ENGINES[engine]), CPU)
     assert stats.mode == "host" and stats.files == 3
-    assert stats.detail["engine"] == ("kvikio" if engine == "kvikio" else "pipeline")
+    assert stats.detail["engine"] == {"kvikio": "kvikio", "staged": "staged"}.get(engine, "pipeline")
     for dest, want in expected:
         assert bytes(dest.numpy()) == want
     assert stats.nbytes == sum(len(w) for _, w in expected)
@@ -266,3 +269,94 @@ def test_pipeline_engine_refuses_a_task_larger_than_the_pinned_bound(tmp_path):
     stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))],
                        ReadOptions(engine="pipeline", max_pinned_bytes=256 << 10), CPU)
     assert bytes(dest.numpy()) == data and stats.detail["task_size"] <= 256 << 10
+
+
+def _drop(path) -> bool:
+    """Drop the file's pages from the page cache; False where the file system keeps them (tmpfs)."""
+    from vllm_gds.io.pagecache import resident_fraction_of
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_fraction_of([path]) < 0.1
+
+
+@pytest.mark.parametrize("engine", ["staged", "kvikio"])
+def test_cold_files_are_read_with_o_direct(tmp_path, engine):
+    """A file not in the page cache, on a local disk, is read around the page cache (O_DIRECT): every
+    byte lands, unaligned start and end included, and the page cache stays cold."""
+    from vllm_gds.io.pagecache import resident_fraction_of
+
+    path = tmp_path / "cold.bin"
+    data = _random_file(path, (3 << 20) + 12_345, seed=11)
+    if gds_env.mount_of(path).fstype in ("tmpfs", "ramfs") or not _drop(path):
+        pytest.skip(f"{tmp_path} is not on a disk whose pages can be dropped")
+    dest = torch.empty(len(data) - 5000, dtype=torch.uint8)
+    stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))],
+                       ReadOptions(engine=engine, slot_size=1 << 20, task_size=256 << 10, num_threads=3), CPU)
+    assert bytes(dest.numpy()) == data[5000:]
+    assert stats.detail["direct_io"] is True and stats.detail["resident_fraction"] < 0.1
+    assert resident_fraction_of([path]) < 0.5  # read around the page cache, not through it
+    path.read_bytes()  # now warm: buffered reads
+    stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))], ReadOptions(engine=engine), CPU)
+    assert stats.detail["direct_io"] is False and bytes(dest.numpy()) == data[5000:]
+
+
+def test_staged_engine_file_shrinking_mid_read_names_it_and_the_next_load_reads(tmp_path):
+    """A file cut short after its size was checked fails the load naming the file; no read of it is
+    left running into the ring, and the next load through the same ring reads every byte."""
+    path = tmp_path / "shrinks.bin"
+    data = _random_file(path, 4 << 20, seed=12)
+    dest = torch.zeros(len(data), dtype=torch.uint8)
+    cut = []
+
+    def progress(n):
+        if not cut:
+            cut.append(n)
+            os.truncate(path, 1 << 20)
+
+    options = ReadOptions(engine="staged", slot_size=64 << 10, task_size=16 << 10, num_threads=2)
+    with pytest.raises(ShardReadError, match=r"shrinks\.bin"):
+        read_files([FileRead(path, (ReadTarget(0, dest),), len(data))], options, CPU, progress)
+    path.write_bytes(data)
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))], options, CPU)
+    assert bytes(dest.numpy()) == data and stats.detail["ring_kept"] is True
+
+
+@pytest.mark.parametrize("bound", [64 << 10, 300 << 10, 8 << 20])
+def test_staged_ring_stays_within_max_pinned_bytes(tmp_path, bound):
+    from vllm_gds.io import staged
+
+    path = tmp_path / "r.bin"
+    data = _random_file(path, 2 << 20, seed=13)
+    dest = torch.empty(len(data), dtype=torch.uint8)
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))],
+                       ReadOptions(engine="staged", max_pinned_bytes=bound), CPU)
+    assert bytes(dest.numpy()) == data
+    d = stats.detail
+    assert 0 < d["slots"] * d["slot_size"] <= bound and d["task_size"] <= d["slot_size"]
+    assert d["pinned_bytes"] == 0  # host destinations: plain memory
+    assert staged.release() == d["slots"] * d["slot_size"] and staged.release() == 0
+
+
+def test_prewarm_pins_the_ring_before_the_load_and_release_frees_it(tmp_path):
+    """The loader pins the staged engine's ring while vLLM builds the model: the load then finds it
+    ready (nothing read by prewarm), and release frees it."""
+    from vllm_gds.io import staged
+    from vllm_gds.io.reader import prewarm, release_pinned
+
+    path = tmp_path / "w.bin"
+    data = _random_file(path, 1 << 20, seed=14)
+    options = ReadOptions(engine="staged", slot_size=128 << 10, num_threads=2)
+    release_pinned()
+    assert prewarm([path], options, CPU) == "staged"
+    staged.wait_prewarmed()
+    dest = torch.empty(len(data), dtype=torch.uint8)
+    stats = read_files([FileRead(path, (ReadTarget(0, dest),), len(data))], options, CPU)
+    assert bytes(dest.numpy()) == data and stats.detail["ring_kept"] is True
+    assert release_pinned() == stats.detail["slots"] * stats.detail["slot_size"] and release_pinned() == 0
+    assert prewarm([path], ReadOptions(), CPU) == "kvikio"  # host reads: no ring to pin
+    assert release_pinned() == 0

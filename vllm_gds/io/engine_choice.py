@@ -1,16 +1,25 @@
-"""How many reader threads, how large a task and a bounce buffer: chosen from the machine.
+"""Which engine, how many reader threads, how large a task and how much pinned memory: from the machine.
 
 One pure function, :func:`choose`, from a :class:`Machine` (what the process may
 use) and the user's explicit settings to an :class:`EngineChoice` that says what
 was picked and why. Nothing here touches the system; :func:`describe_machine`
 (in :mod:`vllm_gds.io.reader`) fills a Machine from the running process.
 
+Engines: ``kvikio`` reads straight into the destination (cuFile/GDS where it is
+active; into host memory on the CPU platform; through its per-thread pinned
+bounce buffers otherwise). ``staged`` (:mod:`vllm_gds.io.staged`) is the
+compatibility path without GDS: kvikio's pool reads into a ring of pinned slots
+and each slot goes to the GPU in one copy that never holds up the readers.
+
 Where the numbers come from (benchmarks/RESULTS.md, "Load"): kvikio's compat
 path from tmpfs on one H200 is bound by the host's memory copies, one reader
 thread per CPU the rank may use: 16 CPUs: 16 threads beat 8 and 32; 32 CPUs:
-24 beat 16. 4 MiB tasks beat 1, 2, 16 and 64 MiB on both. Ranks on one node
-split its CPUs. Network file systems (latency-bound) get more reads in flight
-than CPUs and larger tasks: that part is a rule of thumb, not yet measured.
+24 beat 16. 4 MiB tasks beat 1, 2, 16 and 64 MiB on both (kvikio waits for each
+task's copy before its thread reads again). Ranks on one node split its CPUs.
+Network file systems (latency-bound) get more reads in flight than CPUs and
+larger tasks: that part is a rule of thumb, not yet measured. The staged
+engine's sizes (2 MiB tasks, 16 MiB slots) follow InstantTensor's in-memory
+path and are not yet measured here either.
 """
 
 from dataclasses import dataclass
@@ -31,6 +40,24 @@ MIN_BOUNCE = 64 * KiB
 PREFERRED_MIN_BOUNCE = 1 * MiB
 ALIGN = 4 * KiB
 
+# The staged engine (compat path, no GDS). Tasks of 2 MiB as InstantTensor's in-memory path uses
+# (no stream wait per task, so small tasks cost nothing extra and stay in the CPU caches); one GPU
+# copy per 16 MiB slot (each slot costs the Python thread about 0.1 ms); enough slots that the pool
+# has about two tasks per thread queued while the oldest slot is copied.
+STAGED_TASK = 2 * MiB
+STAGED_SLOT = 16 * MiB
+STAGED_SPARE_SLOTS = 2
+# Cold reads from a disk: larger requests, more bytes in flight (dd iflag=direct measured the disk
+# with 64 MiB blocks; InstantTensor reads it with 8 MiB requests, hundreds in flight).
+COLD_TASK = 8 * MiB
+COLD_SLOT = 32 * MiB
+# Pinning runs at 1-2 GiB/s here (RESULTS.md): a larger ring costs more at the start than it saves.
+STAGED_MAX_RING = 256 * MiB
+# The engine the compat path takes unless one is named: to be confirmed by benchmarks/load_bench.py
+# (rows "vllm-gds" and "vllm-gds, kvikio engine") on the GPU machine.
+COMPAT_ENGINE = "staged"
+ENGINES = ("kvikio", "staged")
+
 # Shared or parallel file systems: reads wait on the network, so more can be in flight than CPUs.
 NETWORK_FILESYSTEMS = frozenset({"lustre", "nfs", "nfs4", "wekafs", "gpfs", "beegfs", "vast", "cifs",
                                  "smb3", "fuse.s3fs", "fuse.mountpoint-s3", "9p", "ceph", "glusterfs"})
@@ -48,6 +75,7 @@ class Machine:
     fstype: str = ""  # file system of the files (/proc/self/mountinfo), "" if unknown
     mode: str = "compat"  # gds | compat | host (see reader.resolve_mode)
     max_pinned_bytes: int = 1 << 30
+    cold: bool = False  # the files are mostly not in memory and will be read from the disk (O_DIRECT)
 
 
 @dataclass(frozen=True)
@@ -55,15 +83,20 @@ class EngineChoice:
     threads: int
     task_size: int  # bytes per read task
     bounce_size: int  # bytes per pinned bounce buffer (kvikio's compat path)
-    pinned_bytes: int  # threads x bounce_size: the most pinned host memory kvikio's reads can hold
+    pinned_bytes: int  # the most pinned host memory the reads can hold (kvikio: threads x bounce_size;
+    # staged: slots x slot_size)
     reason: str
+    engine: str = "kvikio"
+    slot_size: int = 0  # staged: bytes per pinned slot (one GPU copy each)
+    slots: int = 0  # staged: pinned slots in the ring
 
     def to_dict(self) -> dict:
-        return {"threads": self.threads, "task_size": self.task_size, "bounce_size": self.bounce_size,
+        return {"engine": self.engine, "threads": self.threads, "task_size": self.task_size,
+                "bounce_size": self.bounce_size, "slot_size": self.slot_size, "slots": self.slots,
                 "pinned_bytes": self.pinned_bytes, "reason": self.reason}
 
 
-def _fs_kind(fstype: str) -> str:
+def fs_kind(fstype: str) -> str:
     if fstype in MEMORY_FILESYSTEMS:
         return "memory"
     if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
@@ -75,25 +108,51 @@ def _align_down(n: int) -> int:
     return n // ALIGN * ALIGN
 
 
-def choose(machine: Machine, threads: int = 0, task_size: int = 0) -> EngineChoice:
-    """Threads, task and bounce-buffer size for one rank; ``threads``/``task_size`` > 0 are the
-    user's and kept (only the pinned bound can lower them). Raises PinnedBoundError when
-    ``max_pinned_bytes`` cannot hold one bounce buffer of MIN_BOUNCE bytes."""
-    if machine.cpus < 1 or machine.ranks_on_node < 1:
-        raise ValueError(f"a machine has at least one CPU and one rank, not {machine}")
-    why = []
+def pick_engine(machine: Machine, engine: str = "auto") -> str:
+    """kvikio under GDS and into host memory; the compat path's engine otherwise (or the one named)."""
+    if engine != "auto":
+        if engine not in ENGINES:
+            raise GdsError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
+        return engine
+    return COMPAT_ENGINE if machine.mode == "compat" else "kvikio"
+
+
+def _threads(machine: Machine, threads: int, why: list) -> int:
     share = max(1, machine.cpus // machine.ranks_on_node)
-    kind = _fs_kind(machine.fstype)
     where = f"{machine.cpus} CPUs / {machine.ranks_on_node} rank(s) on the node"
     if threads:
         why.append(f"{threads} threads (set)")
-    elif kind == "network":
+    elif fs_kind(machine.fstype) == "network":
         threads = max(MIN_THREADS, min(MAX_NETWORK_THREADS, 2 * share))
         why.append(f"{threads} threads: 2 per CPU of this rank's share ({where}), {machine.fstype} waits on "
                    f"the network (2..{MAX_NETWORK_THREADS})")
     else:
         threads = max(MIN_THREADS, min(MAX_THREADS, share))
         why.append(f"{threads} threads: one per CPU of this rank's share ({where}; {MIN_THREADS}..{MAX_THREADS})")
+    return threads
+
+
+def _refuse_tiny_bound(bound: int) -> None:
+    if bound < MIN_BOUNCE:
+        raise PinnedBoundError(
+            f"max_pinned_bytes {bound} is smaller than one bounce buffer of {MIN_BOUNCE} bytes: nothing "
+            f"could be read; raise max_pinned_bytes to at least {MIN_BOUNCE} (the default is 1 GiB)"
+        )
+
+
+def choose(machine: Machine, threads: int = 0, task_size: int = 0, engine: str = "auto",
+           slot_size: int = 0) -> EngineChoice:
+    """Engine, threads, task and pinned sizes for one rank; ``threads``/``task_size``/``slot_size``
+    > 0 are the user's and kept (only the pinned bound can lower them). Raises PinnedBoundError
+    when ``max_pinned_bytes`` cannot hold one buffer of MIN_BOUNCE bytes."""
+    if machine.cpus < 1 or machine.ranks_on_node < 1:
+        raise ValueError(f"a machine has at least one CPU and one rank, not {machine}")
+    engine = pick_engine(machine, engine)
+    if engine == "staged":
+        return _choose_staged(machine, threads, task_size, slot_size)
+    why = []
+    threads = _threads(machine, threads, why)
+    kind = fs_kind(machine.fstype)
     if task_size:
         why.append(f"{task_size >> 10} KiB tasks (set)")
     elif kind == "network":
@@ -104,11 +163,7 @@ def choose(machine: Machine, threads: int = 0, task_size: int = 0) -> EngineChoi
         why.append(f"{task_size >> 20} MiB tasks (fastest measured from memory, {machine.fstype or 'fs unknown'})")
 
     bound = machine.max_pinned_bytes
-    if bound < MIN_BOUNCE:
-        raise PinnedBoundError(
-            f"max_pinned_bytes {bound} is smaller than one bounce buffer of {MIN_BOUNCE} bytes: nothing "
-            f"could be read; raise max_pinned_bytes to at least {MIN_BOUNCE} (the default is 1 GiB)"
-        )
+    _refuse_tiny_bound(bound)
     # One bounce buffer per thread, of at most one task; kvikio splits a task over its buffer.
     bounce = task_size
     host = machine.mode == "host"  # reads into host memory pin nothing; kvikio's settings still fit
@@ -134,3 +189,53 @@ def choose(machine: Machine, threads: int = 0, task_size: int = 0) -> EngineChoi
     why.append(f"pinned {threads} x {bounce >> 10} KiB = {pinned >> 20} MiB of {bound >> 20} MiB allowed"
                + (" (only where a file falls back to compat mode)" if machine.mode == "gds" else ""))
     return EngineChoice(threads, task_size, bounce, pinned, "; ".join(why))
+
+
+def _choose_staged(machine: Machine, threads: int, task_size: int, slot_size: int) -> EngineChoice:
+    """The staged engine: kvikio's pool reads tasks into a ring of pinned slots, one GPU copy per slot.
+
+    Pinned memory is the ring, slots x slot_size, and nothing else: the pool reads into it (host
+    reads through kvikio pin nothing). Under a tight bound slots shrink to one task, then go, down
+    to one slot; threads stay (they pin nothing)."""
+    why = ["staged engine (kvikio's pool reads into pinned slots, one GPU copy per slot)"]
+    threads = _threads(machine, threads, why)
+    network = fs_kind(machine.fstype) == "network"
+    if task_size:
+        why.append(f"{task_size >> 10} KiB tasks (set)")
+    elif machine.cold:
+        task_size = COLD_TASK
+        why.append(f"{task_size >> 20} MiB tasks (cold files: read from the disk with O_DIRECT)")
+    else:
+        task_size = NETWORK_TASK if network else STAGED_TASK
+        why.append(f"{task_size >> 20} MiB tasks" + (f" ({machine.fstype}: fewer, larger requests)" if network else ""))
+    if slot_size:
+        why.append(f"{slot_size >> 10} KiB slots (set)")
+    else:
+        slot_size = max(COLD_SLOT if machine.cold else STAGED_SLOT, task_size)
+    slot_size = max(ALIGN, _align_down(slot_size))
+    # About two tasks per thread in the pool's queue, plus the slot being copied and one spare.
+    slots = -(-2 * threads * min(task_size, slot_size) // slot_size) + STAGED_SPARE_SLOTS
+    slots = max(1, min(slots, STAGED_MAX_RING // slot_size))
+    bound = machine.max_pinned_bytes
+    _refuse_tiny_bound(bound)
+    if slots * slot_size > bound:
+        fit = _align_down(bound // slots)
+        if fit >= min(task_size, slot_size):
+            slot_size = fit
+            why.append(f"slots cut to {slot_size >> 10} KiB to keep {slots} slots within max_pinned_bytes {bound}")
+        else:
+            slot_size = max(MIN_BOUNCE, min(task_size, slot_size, _align_down(bound // 2)))
+            cut = max(1, min(slots, bound // slot_size))
+            why.append(f"slots cut from {slots} to {cut} of {slot_size >> 10} KiB to stay within "
+                       f"max_pinned_bytes {bound}")
+            slots = cut
+    task_size = min(task_size, slot_size)
+    pinned = slots * slot_size
+    assert 0 < pinned <= bound, (slots, slot_size, bound)
+    if machine.mode == "host":
+        why.append(f"{slots} slots x {slot_size >> 10} KiB of plain memory (host destinations: nothing pinned)")
+        pinned = 0
+    else:
+        why.append(f"pinned {slots} slots x {slot_size >> 10} KiB = {pinned >> 20} MiB of {bound >> 20} MiB allowed")
+    return EngineChoice(threads, task_size, 0, pinned, "; ".join(why), engine="staged", slot_size=slot_size,
+                        slots=slots)

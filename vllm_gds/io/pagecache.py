@@ -21,7 +21,12 @@ _libc = None
 def _mincore():
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own libc: find_library would run `ldconfig -p` (a subprocess) on the first load.
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.mincore
+        except (OSError, AttributeError):
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
         _libc.mincore.restype = ctypes.c_int
     return _libc.mincore

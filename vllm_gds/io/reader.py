@@ -2,19 +2,21 @@
 
 A read is a list of :class:`FileRead`: each names a file and the (offset,
 destination tensor) pairs to fill from it. Destinations are contiguous tensors
-on the GPU or in host memory (the CPU platform). Two engines:
+on the GPU or in host memory (the CPU platform). Three engines
+(:func:`vllm_gds.io.engine_choice.choose` picks one and its sizes from the machine):
 
-* ``kvikio`` (the default): cuFile reads straight into the destination. Where
-  GPUDirect Storage is active (nvidia-fs loaded, cuFile not in compatibility
-  mode) the storage DMAs into GPU memory with no host copy; where it is not,
-  kvikio's compatibility mode reads each task into a pinned bounce buffer of
-  ``task_size`` bytes and copies it to the GPU, in its own C++ thread pool. That
-  measured fastest of everything tried without GDS (benchmarks/RESULTS.md,
-  "Load (issue 3)": 16 threads x 4 MiB, 0.97x InstantTensor on one H200).
+* ``kvikio``: cuFile reads straight into the destination. Where GPUDirect
+  Storage is active (nvidia-fs loaded, cuFile not in compatibility mode) the
+  storage DMAs into GPU memory with no host copy: the engine under GDS, and for
+  host destinations. Without GDS its compatibility mode reads each task into a
+  pinned bounce buffer and copies it to the GPU, each thread waiting for its copy.
+* ``staged`` (:mod:`vllm_gds.io.staged`), the compat path's engine: kvikio's pool
+  reads into a ring of pinned slots and one thread copies whole slots to the GPU,
+  so no reader waits for a copy; O_DIRECT for cold files on local disks.
 * ``pipeline`` (:mod:`vllm_gds.io.pipeline`): Python threads read into a
   bounded ring of pinned host buffers and copy on several CUDA streams; it can
-  read with O_DIRECT and pin page-cache pages in place. Kept for those cases and
-  for comparison; it measured slower than kvikio's pool (the GIL).
+  pin page-cache pages in place. Kept for that and for comparison; it measured
+  slower than kvikio's pool (the GIL).
 
 :func:`resolve_mode` picks the path from the node and the policy (``auto``,
 ``require``, ``off``). Every byte is accounted for: a missing, truncated or
@@ -24,6 +26,7 @@ GPU, overlapped with the reads that follow); a mismatch raises ChecksumError.
 """
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,13 +34,15 @@ from pathlib import Path
 import torch
 
 from vllm_gds.errors import GdsError, ShardReadError
-from vllm_gds.io import gds_checklist, gds_env, pagecache
-from vllm_gds.io.cuda_driver import CudaDriverMissing, is_missing_driver_error, missing_driver_message, require_cuda_driver
-from vllm_gds.io.engine_choice import MAX_THREADS, MIN_BOUNCE, EngineChoice, Machine, choose
+from vllm_gds.io import gds_checklist, gds_env, kvikio_lib, pagecache, staged
+from vllm_gds.io.engine_choice import MAX_THREADS, MIN_BOUNCE, EngineChoice, Machine, choose, fs_kind
 from vllm_gds.io.pipeline import Checksums, run_pipeline
 
 POLICIES = ("auto", "require", "off")
-ENGINES = ("auto", "pipeline", "kvikio")
+ENGINES = ("auto", "pipeline", "kvikio", "staged")
+# Files with less than this share of their pages in memory, on a local disk, are read with O_DIRECT
+# by the staged engine (cold loads: no page-cache copy, as dd iflag=direct and InstantTensor read).
+COLD_BELOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,16 @@ class ReadOptions:
     # 0: chosen from the machine (CPUs, ranks on the node, file system): vllm_gds.io.engine_choice.
     num_threads: int = 0  # kvikio's pool or the pipeline's readers
     task_size: int = 0  # bytes per read (kvikio: per task, bounce buffer at most this; pipeline: per buffer)
+    slot_size: int = 0  # staged: bytes per pinned slot, one GPU copy each; 0: automatic
     num_buffers: int = 0  # pipeline: pinned buffers in the ring; 0: one per reader thread
     # pinned host memory stays below this: kvikio's bounce buffers (threads x bounce size), the
     # pipeline's ring and pages pinned in place
     max_pinned_bytes: int = 1 << 30
     ranks_on_node: int = 0  # processes of this load sharing the node's CPUs; 0: one (set by the loader)
-    engine: str = "auto"  # auto: kvikio (GDS where active, else its compat mode); or "pipeline"
-    direct_io: bool = False  # pipeline: O_DIRECT reads (cold loads that should bypass the page cache)
+    # auto: kvikio under GDS and into host memory, the compat path's engine otherwise (engine_choice)
+    engine: str = "auto"
+    # O_DIRECT reads (pipeline, staged); the staged engine also uses them for cold files on its own
+    direct_io: bool = False
     # pipeline: one extra thread pins page-cache pages of files resident in memory (tmpfs, warm
     # page cache) in place and has the GPU copy straight from them, with no CPU copy. Off by
     # default: registering pages is serialised by the driver and measured slower than copying.
@@ -63,9 +71,10 @@ class ReadOptions:
             raise GdsError(f"gds policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.engine not in ENGINES:
             raise GdsError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.num_threads < 0 or self.ranks_on_node < 0 or (self.task_size and self.task_size < 4096):
-            raise GdsError("num_threads and ranks_on_node must be >= 0 (0: automatic) and task_size "
-                           ">= 4096 bytes (0: automatic)")
+        if self.num_threads < 0 or self.ranks_on_node < 0 or any(
+                n and n < 4096 for n in (self.task_size, self.slot_size)):
+            raise GdsError("num_threads and ranks_on_node must be >= 0 (0: automatic), task_size and "
+                           "slot_size >= 4096 bytes (0: automatic)")
         if self.num_buffers < 0:
             raise GdsError("num_buffers must be >= 0 (0: one per reader thread)")
         if self.max_pinned_bytes < MIN_BOUNCE:
@@ -127,20 +136,6 @@ class ReadStats:
     @property
     def gb_per_s(self) -> float:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-def _kvikio():
-    try:
-        import kvikio
-        import kvikio.cufile_driver
-        import kvikio.defaults
-    except ImportError as e:
-        raise GdsError(
-            f"kvikio is not importable ({e}); install it with `pip install vllm-gds[gpu]` "
-            "(kvikio-cu13) on GPU nodes"
-        ) from None
-    require_cuda_driver()  # kvikio imports without libcuda.so.1, then fails at the first read
-    return kvikio
 
 
 def _set_device(device: torch.device) -> None:
@@ -248,17 +243,18 @@ def _as_buffer(tensor: torch.Tensor):
 
 
 def _engine(mode: str, options: ReadOptions) -> str:
+    """``auto`` stays for engine_choice to resolve, except where only the pipeline can serve."""
     if options.engine == "auto":
-        if mode == "gds":
-            return "kvikio"
-        return "pipeline" if options.direct_io or options.pin_page_cache else "kvikio"
+        return "pipeline" if options.pin_page_cache and mode != "gds" else "auto"
     if options.policy == "require" and options.engine != "kvikio":
         raise GdsError(f"gds policy 'require' reads through kvikio; engine {options.engine!r} contradicts it")
     return options.engine
 
 
-def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None) -> dict:
-    kvikio = _kvikio()
+def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoice, progress=None,
+                 direct: bool = False) -> dict:
+    t0 = time.perf_counter()
+    kvikio = kvikio_lib.load_kvikio()
     # One pinned bounce buffer per thread at a time (a task larger than it is read through it in
     # pieces): kvikio's pinned memory is num_threads x bounce_buffer_size, which choose() bounds.
     # Set under GDS too: a file that falls back to compat mode reads through the same buffers.
@@ -269,21 +265,19 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
         settings["compat_mode"] = kvikio.CompatMode.OFF if options.policy == "require" else kvikio.CompatMode.AUTO
     else:
         settings["compat_mode"] = kvikio.CompatMode.ON
+    # O_DIRECT only into host memory: into a GPU kvikio would bounce through a second pinned pool.
+    direct = direct and mode == "host"
+    settings["auto_direct_io_read"] = direct
     with kvikio.defaults.set(settings):
         # What kvikio will use, read back from it: the bound the load report states.
         threads, bounce = kvikio.defaults.get("num_threads"), kvikio.defaults.get("bounce_buffer_size")
         if threads * bounce > options.max_pinned_bytes:
             raise GdsError(f"kvikio would pin {threads} x {bounce} bytes, over max_pinned_bytes "
                            f"{options.max_pinned_bytes}")
-        handles = []
+        handles = kvikio_lib.open_all(kvikio, reads)  # every file opens before the first byte is read
+        setup_seconds = time.perf_counter() - t0  # import, thread pool, opens
+        first_byte = None
         try:
-            for read in reads:  # every file opens before the first byte is read
-                try:
-                    handles.append(kvikio.CuFile(read.path, "r"))
-                except RuntimeError as e:
-                    if is_missing_driver_error(e):
-                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
-                    raise ShardReadError(f"cannot open shard file {read.path} with cuFile: {e}") from None
             pending = []
             for t, (file_index, target) in enumerate(flat_targets):
                 nbytes = target.dest.numel() * target.dest.element_size()
@@ -292,29 +286,59 @@ def _read_kvikio(reads, options, mode, flat_targets, checks, choice: EngineChoic
                 future = handles[file_index].pread(_as_buffer(target.dest), nbytes, target.file_offset)
                 pending.append((t, file_index, target, nbytes, future))
             for t, file_index, target, nbytes, future in pending:
-                try:
-                    got = future.get()
-                except RuntimeError as e:
-                    if is_missing_driver_error(e):
-                        raise CudaDriverMissing(missing_driver_message(str(e))) from None
-                    raise ShardReadError(
-                        f"reading {reads[file_index].path} at byte {target.file_offset} failed: {e}"
-                    ) from None
-                if got != nbytes:
-                    raise ShardReadError(
-                        f"short read from {reads[file_index].path}: {got} of {nbytes} bytes at offset "
-                        f"{target.file_offset}; the file is truncated: copy or prepare it again"
-                    )
+                kvikio_lib.wait(future, reads[file_index].path, target.file_offset, nbytes)
+                if first_byte is None:
+                    first_byte = time.perf_counter() - t0
                 checks.landed([t])
                 if progress is not None:
                     progress(nbytes)
         finally:
-            for handle in handles:
-                handle.close()
+            kvikio_lib.close_all(handles)
     # Under GDS (unless a file falls back) and into host memory nothing is pinned; in compat mode
     # kvikio pins its bounce buffers (and keeps them in its pool for the next load).
     return {"engine": "kvikio", "threads": threads, "task_size": choice.task_size, "bounce_size": bounce,
-            "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce}
+            "pinned_bytes": threads * bounce if mode == "compat" else 0, "pinned_bound_bytes": threads * bounce,
+            "setup_seconds": setup_seconds, "first_byte_seconds": first_byte, "direct_io": direct}
+
+
+def _plan(reads, options: ReadOptions, mode: str, ranks_on_node: int):
+    """(engine, machine, choice, resident share, whether to read with O_DIRECT) for ``reads``."""
+    engine = _engine(mode, options)
+    resident = pagecache.resident_fraction_of([r.path for r in reads])  # before the reads warm them
+    machine = describe_machine(reads, options, mode, ranks_on_node)
+    # Cold files on a local disk: read around the page cache (the staged engine; O_DIRECT).
+    direct = options.direct_io or (resident is not None and resident < COLD_BELOW
+                                   and fs_kind(machine.fstype) == "local")
+    machine = replace(machine, cold=direct)
+    choice = choose(machine, options.num_threads, options.task_size,
+                    engine="kvikio" if engine == "pipeline" else engine, slot_size=options.slot_size)
+    return ("pipeline" if engine == "pipeline" else choice.engine), machine, choice, resident, direct
+
+
+def prewarm(paths: list[Path], options: ReadOptions, device: torch.device, ranks_on_node: int = 1) -> str:
+    """Start what the first read of ``paths`` would pay for (the staged engine's pinned ring, kvikio's
+    import) in a background thread, so that it overlaps the model's construction. Reads nothing;
+    returns the engine the reads will take. :func:`release_pinned` frees the ring after the load."""
+    mode = resolve_mode(device, options.policy)
+    engine, _, choice, _, _ = _plan([FileRead(Path(p), ()) for p in paths], options, mode, ranks_on_node)
+    if engine == "staged":
+        staged.prewarm(device, choice.slots, choice.slot_size)
+    elif engine == "kvikio":  # its import (libraries, the driver's entry points); under GDS the cuFile
+        # driver was opened by resolve_mode already
+        threading.Thread(target=_import_quietly, name="vllm-gds-prewarm", daemon=True).start()
+    return engine
+
+
+def _import_quietly() -> None:
+    try:
+        kvikio_lib.load_kvikio()
+    except GdsError:
+        pass  # the load that needs kvikio reports it
+
+
+def release_pinned() -> int:
+    """Free the pinned memory that reads keep between loads (the staged engine's ring); bytes freed."""
+    return staged.release()
 
 
 def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device,
@@ -327,17 +351,15 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     as ``tqdm.update`` is). ``ranks_on_node``: processes of this load sharing the
     node's CPUs, for the automatic thread count.
     """
+    started = time.perf_counter()
     mode = resolve_mode(device, options.policy)
     for read in reads:
         _check_file(read)
-    engine = _engine(mode, options)
-    machine = describe_machine(reads, options, mode, ranks_on_node)
-    choice = choose(machine, options.num_threads, options.task_size)
+    engine, machine, choice, resident, direct = _plan(reads, options, mode, ranks_on_node)
     task_size = choice.task_size
     if engine == "pipeline" and not options.task_size:  # its ring needs one whole task pinned
         task_size = min(task_size, options.max_pinned_bytes // 4096 * 4096)
     options = replace(options, num_threads=choice.threads, task_size=task_size)
-    resident = pagecache.resident_fraction_of([r.path for r in reads])  # before the reads warm them
     flat = [(i, t) for i, read in enumerate(reads) for t in read.targets]
     checks = Checksums(flat, [r.path for r in reads], device)
     stats = ReadStats(mode=mode, files=len(reads))
@@ -345,10 +367,12 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     try:
         if engine == "pipeline":
             detail = run_pipeline(reads, options, device, flat, checks, progress)
+        elif engine == "staged":
+            detail = staged.run_staged(reads, options, device, flat, checks, choice, mode, direct, progress)
         else:
             checks.expect({t: 1 for t in range(len(flat))})
             checks.start()
-            detail = _read_kvikio(reads, options, mode, flat, checks, choice, progress)
+            detail = _read_kvikio(reads, options, mode, flat, checks, choice, progress, direct)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         verify_start = time.perf_counter()
@@ -361,5 +385,6 @@ def read_files(reads: list[FileRead], options: ReadOptions, device: torch.device
     stats.nbytes = sum(t.dest.numel() * t.dest.element_size() for _, t in flat)
     stats.detail = {**detail, "choice": choice.reason, "machine": {
         "cpus": machine.cpus, "ranks_on_node": machine.ranks_on_node, "fstype": machine.fstype},
-        "resident_fraction": resident}
+        "resident_fraction": resident, "before_read_seconds": start - started,
+        "kvikio_import_seconds": kvikio_lib.import_seconds}
     return stats

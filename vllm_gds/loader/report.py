@@ -30,13 +30,15 @@ class LoadReport:
     pinned_bytes: int = 0  # pinned host memory the reads held (kvikio's bounce buffers, the ring)
     choice: str = ""  # why these threads and sizes
     resident_fraction: float | None = None  # share of the files' pages in memory before reading
+    direct_io: bool = False  # read around the page cache (O_DIRECT): cold files on a local disk
 
     @staticmethod
     def engine_fields(detail: dict) -> dict:
         """The report's engine fields from a ReadStats.detail."""
         return {"engine": str(detail.get("engine", "")), "threads": int(detail.get("threads", 0)),
                 "task_size": int(detail.get("task_size", 0)), "pinned_bytes": int(detail.get("pinned_bytes", 0)),
-                "choice": str(detail.get("choice", "")), "resident_fraction": detail.get("resident_fraction")}
+                "choice": str(detail.get("choice", "")), "resident_fraction": detail.get("resident_fraction"),
+                "direct_io": bool(detail.get("direct_io", False))}
 
     @property
     def warmth(self) -> str:
@@ -60,8 +62,9 @@ class LoadReport:
             f"({format_gb_per_s(self.nbytes, self.read_seconds)} GB/s); {verified}; "
             f"{plural(self.tensors, 'tensor')} installed; "
             f"load took {self.total_seconds:.2f} s; {self.warmth}"
-            + (f"; {self.engine} engine, {self.threads} threads x {self.task_size >> 10} KiB tasks, "
-               f"{self.pinned_bytes >> 20} MiB pinned ({self.choice})" if self.engine else "")
+            + (f"; {self.engine} engine, {self.threads} threads x {self.task_size >> 10} KiB tasks"
+               + (", O_DIRECT" if self.direct_io else "")
+               + f", {self.pinned_bytes >> 20} MiB pinned ({self.choice})" if self.engine else "")
         )
 
     def to_json(self) -> dict:
