@@ -53,6 +53,11 @@ COLD_TASK = 8 * MiB
 COLD_SLOT = 32 * MiB
 # Pinning runs at 1-2 GiB/s here (RESULTS.md): a larger ring costs more at the start than it saves.
 STAGED_MAX_RING = 256 * MiB
+# CPUs of a rank's share left to the staged engine's copy thread, the interpreter and the CUDA
+# driver where the share is larger than 8 (InstantTensor likewise reads with CPUs - 4 threads).
+# Measured on an H100 host with 16 CPUs from tmpfs, 2026-12-06 (RESULTS.md, "Load"): 12 threads
+# x 2 MiB 39.0/45.7/41.5 GB/s, 16 threads 22.4/39.4/41.8, 24 threads 25.5/30.3/28.5.
+STAGED_RESERVED_CPUS = 4
 # The engine the compat path takes unless one is named: to be confirmed by benchmarks/load_bench.py
 # (rows "vllm-gds" and "vllm-gds, kvikio engine") on the GPU machine.
 COMPAT_ENGINE = "staged"
@@ -198,8 +203,14 @@ def _choose_staged(machine: Machine, threads: int, task_size: int, slot_size: in
     reads through kvikio pin nothing). Under a tight bound slots shrink to one task, then go, down
     to one slot; threads stay (they pin nothing)."""
     why = ["staged engine (kvikio's pool reads into pinned slots, one GPU copy per slot)"]
-    threads = _threads(machine, threads, why)
     network = fs_kind(machine.fstype) == "network"
+    share = machine.cpus // machine.ranks_on_node
+    if not threads and not network and not machine.cold and share > 2 * STAGED_RESERVED_CPUS:
+        threads = max(MIN_THREADS, min(MAX_THREADS, share - STAGED_RESERVED_CPUS))
+        why.append(f"{threads} threads: this rank's share of {share} CPUs less {STAGED_RESERVED_CPUS} "
+                   "for the copy thread and the driver")
+    else:
+        threads = _threads(machine, threads, why)
     if task_size:
         why.append(f"{task_size >> 10} KiB tasks (set)")
     elif machine.cold:
