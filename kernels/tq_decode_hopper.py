@@ -1,0 +1,534 @@
+"""tq4 decode attention for Hopper (sm_90) in Gluon: 4-bit codes decoded straight into mma.sync
+operand registers. The portable kernel (tq_attention.py) stays the reference; this file is the
+fast path for the served tq4 decode only (4-bit keys and values, one stream each, head size 64
+or 128, raw-key fallback FOLDed, pre-RoPE key mean with MEAN_STEP and the 32-tile anchor, paged
+cache with pages a multiple of 16 tokens). It writes the same (acc, max, sum) partial rows as
+tq_attention's split path, and tq_attention._tq_reduce_kernel finishes them (always, splits == 1
+too), with the output Hadamard rows permuted to this kernel's coordinate order.
+
+Why 300 lines of layouts: the portable kernel spent ~40% of its 946 SASS instructions per
+64-token tile on the nibble lookup and most of the rest moving decoded values through shared
+memory into the MMA operand layouts. Here no decoded value ever leaves its thread's registers.
+
+Design (one program = one sequence x one KV head x one split; NW warps, each warp its own
+16-token sub-tile of every 16 * NW-token tile, its own online softmax; merged once at the end):
+
+* S = Q K^T per warp with mma.sync m16n8k16 (a batched 3-D mma_v2: dim 0 is the warp). A = the
+  transformed query, M = 16 rows: G calibrated query heads in rows 0..G-1 and (FOLD) the same
+  heads' uncalibrated query in rows 8..8+G-1; B = decoded K, [K = head coordinates, N = tokens].
+  Then O += P V with A = P taken from S's accumulator registers (FA2: the C layout of m16n8 is
+  the A layout of m16k16 after the cast to bf16, no data movement), B = decoded V [tokens, coords].
+* Coordinates are summed in any order, so the kernel chooses which coordinate sits in which MMA
+  k-slot (key) or n-slot (value): thread lane%4 = c of the K operand holds 32 coordinates of a
+  token, chosen as that token's bytes [16c, 16c + 16) (D = 128; [8c, 8c + 8) at D = 64); the V
+  operand's thread lane/4 = m holds, for each of its 4 tokens, bytes [8m, 8m + 8) (D = 128). The
+  host permutes the query's Hadamard columns (k_perm) and the output's Hadamard rows (v_perm) to
+  match (vllm_gds/kvcache/hopper_tables.py). The permutation is a permutation of index *bits*,
+  so the kernel expresses it with reshape/permute on a linear layout: the decoded tensors reach
+  the dot-operand layouts by register renaming only (checked by tests/test_kv_hopper_compile.py).
+* Nibble -> bf16: tq_lut4's prmt PTX (the symmetric codebook's magnitudes in two 8-byte tables
+  in registers; ~24 instructions per 8 codes) on int16 pairs. For K a pair is two halfwords of one
+  token; for V it is the same halfword of tokens 2c and 2c + 1 (the bf16x2 B fragment of PV pairs
+  two tokens), so the V words are interleaved in registers (prmt) before the lookup.
+* Key norms scale S per token column; value norms scale P per token before the PV MMA.
+* Key mean (MEAN): s += A'.cos(j t) + B'.sin(j t) per warp-tile as two more MMAs (fp16) against
+  tables.mean_table(16) held in registers; each warp's [A', B'] are exact at the start of every
+  run of 32 tiles and stepped by one float32 rotation of 16 * NW * t per tile in between.
+* Addresses: a warp-tile of 16 tokens lies in one page: one block-table load per warp-tile.
+  PREFETCH: the next tile's code words are loaded before the current tile is computed.
+
+The cache format's bytes are unchanged. Its slot (132 B at D = 128: K codes at 0, K norm at 64, V
+codes at 66, V norm at 130) leaves the V codes 2-byte aligned and the K codes 4-byte aligned
+(head * 132), so the loads are 32-bit (K) and 16-bit (V) words, not 16-/8-byte vectors: a
+stream-contiguous page layout would allow those (see the report in git history).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+LOG2E = 1.4426950408889634
+NT = 16  # tokens per warp-tile (one m16n8k16 K step of PV)
+MEAN_ANCHOR = gl.constexpr(32)  # tiles per run of the key mean's stepped [A', B'] (as tq_attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: layouts (pure functions of the shape; also used by the compile test)
+
+
+def _bits(n: int) -> int:
+    b = n.bit_length() - 1
+    if 1 << b != n:
+        raise ValueError(f"{n} is not a power of two")
+    return b
+
+
+def _warp_bases(nw: int, rank: int) -> list:
+    return [[1 << i] + [0] * (rank - 1) for i in range(_bits(nw))]
+
+
+def k_load_layout(d: int, nw: int) -> gl.DistributedLinearLayout:
+    """int16 key words [NW, NT, D/4]: lane (c, m) loads token m (+8) words [c E/4, (c+1) E/4)."""
+    eb = _bits(d // 4)
+    reg = [[0, 0, 1 << b] for b in range(eb - 2)] + [[0, 8, 0]]
+    lane = [[0, 0, 1 << (eb - 2)], [0, 0, 1 << (eb - 1)], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // 4])
+
+
+def v_load_layout(d: int, nw: int, pair_first: bool) -> gl.DistributedLinearLayout:
+    """int16 value words [NW, NT, D/4]: lane (c, m) holds tokens 2c, 2c+1, 2c+8, 2c+9, words
+    [m E/8, (m+1) E/8). pair_first: token bit 0 as register bit 0 (the lookup's int16 pairs);
+    else the words first (the load's vectors)."""
+    eb = _bits(d // 4)
+    words = [[0, 0, 1 << b] for b in range(eb - 3)]
+    reg = ([[0, 1, 0]] + words if pair_first else words + [[0, 1, 0]]) + [[0, 8, 0]]
+    lane = [[0, 2, 0], [0, 4, 0]] + [[0, 0, 1 << b] for b in range(eb - 3, eb)]
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // 4])
+
+
+def k_order(d: int) -> list[int]:
+    """Dims of the decoded keys [NW, NT, e bits (MSB first), jl, jh] in the order that
+    reshapes to [NW, D (k-slot), NT]: k = e0 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e1 + ..."""
+    eb = _bits(d // 4)
+
+    def e(b):
+        return 2 + (eb - 1 - b)
+
+    return [0] + [e(b) for b in range(eb - 3, 0, -1)] + [3 + eb, 2 + eb, e(eb - 1), e(eb - 2),
+                                                         e(0), 1]
+
+
+def v_order(d: int) -> list[int]:
+    """Dims of the decoded values [NW, NT, e bits (MSB first), jl, jh] in the order that reshapes
+    to [NW, NT, D (n-slot)]: n = e_{top3} + 2 e_{top2} + 4 e_{top1} + 8 jl + 16 jh + 32 e0 + ..."""
+    eb = _bits(d // 4)
+
+    def e(b):
+        return 2 + (eb - 1 - b)
+
+    return [0, 1] + [e(b) for b in range(eb - 4, -1, -1)] + [3 + eb, 2 + eb, e(eb - 1),
+                                                             e(eb - 2), e(eb - 3)]
+
+
+def slot_coordinates(d: int, order: list[int], token_dims=(0, 1)) -> list[int]:
+    """The code index (coordinate of the rotated vector) of each k- or n-slot, following the
+    kernel's reshape/permute: a slot's index bits, read in `order`, give (e bits, jl, jh);
+    coordinate = 4 e + 2 jh + jl."""
+    eb = _bits(d // 4)
+    dims = [x for x in order if x not in token_dims]  # MSB first
+    sizes = {x: 2 for x in dims}
+    coords = []
+    for slot in range(d):
+        idx = {}
+        rem = slot
+        for x in reversed(dims):
+            idx[x] = rem % sizes[x]
+            rem //= sizes[x]
+        e = sum(idx[2 + (eb - 1 - b)] << b for b in range(eb))
+        coords.append(4 * e + 2 * idx[3 + eb] + idx[2 + eb])
+    return coords
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@gluon.jit
+def _rope_cos_sin(a):
+    """cos and sin (float32) of a float64 angle reduced to [-pi, pi] (tq_common.rope_cos_sin)."""
+    k = gl.floor(a * 0.15915494309189535 + 0.5)
+    r = ((a - k * 6.2831854820251465) + k * 1.7484555314695172e-07) + k * 7.105427357601002e-15
+    r = r.to(gl.float32)
+    return gl.cos(r), gl.sin(r)
+
+
+@gluon.jit
+def _lut4(words, ASM: gl.constexpr):
+    return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words],
+                                     dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                                     is_pure=True, pack=2)
+
+
+@gluon.jit
+def _join4(p0, p1, p2, p3):
+    """[..., E] x 4 phases -> [..., E, 2 (jl), 2 (jh)], phase j = jl + 2 jh."""
+    return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+
+
+@gluon.jit
+def _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: gl.constexpr,
+               NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
+               STRIDE_HEAD: gl.constexpr):
+    """Byte offsets [NW, NT] (int64) of this tile's slots of this KV head, and their positions
+    and mask, in a 2-D layout pos_layout (one block-table entry per warp-tile)."""
+    w = gl.arange(0, NW, gl.SliceLayout(1, pos_layout))
+    t = gl.arange(0, 16, gl.SliceLayout(0, pos_layout))
+    tok0 = (tile * NW + w) * 16  # [NW]
+    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)
+    base = blk.to(gl.int64) * stride_blk + head * STRIDE_HEAD + (tok0 % PAGE) * STRIDE_TOK
+    pos = tok0[:, None] + t[None, :]
+    rows = base[:, None] + (t * STRIDE_TOK)[None, :]
+    return rows, pos, pos < kv_end
+
+
+@gluon.jit
+def _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, layout: gl.constexpr,
+                OFF: gl.constexpr, NW: gl.constexpr, E: gl.constexpr, PAGE: gl.constexpr,
+                STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
+    """int16 code words [NW, NT, E] of one stream of the tile's slots."""
+    pos_layout: gl.constexpr = gl.SliceLayout(2, layout)
+    rows, pos, ok = _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout, NW,
+                               PAGE, STRIDE_TOK, STRIDE_HEAD)
+    e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    ptrs = (cache_ptr + rows[:, :, None] + OFF).to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    return gl.load(ptrs, mask=ok[:, :, None], other=0)
+
+
+@gluon.jit
+def _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: gl.constexpr,
+                K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr, NW: gl.constexpr,
+                PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
+    rows, pos, ok = _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout, NW,
+                               PAGE, STRIDE_TOK, STRIDE_HEAD)
+    p16 = (cache_ptr + rows).to(gl.pointer_type(gl.int16))
+    kn = gl.load(p16 + K_NORM_OFF // 2, mask=ok, other=0).to(gl.float16, bitcast=True)
+    vn = gl.load(p16 + V_NORM_OFF // 2, mask=ok, other=0).to(gl.float16, bitcast=True)
+    return kn.to(gl.float32), vn.to(gl.float32), pos, ok
+
+
+@gluon.jit
+def _decode_k(kw, ASM: gl.constexpr, LB: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+              K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr):
+    """int16 key words [NW, NT, D/4] -> bf16 B operand [NW, D (k-slots), NT], in registers."""
+    p0, p1, p2, p3 = _lut4(kw, ASM)
+    x = _join4(p0, p1, p2, p3)
+    x = gl.reshape(x, BIT_SHAPE)
+    x = gl.permute(x, K_ORDER)
+    x = gl.reshape(x, [NW, D, 16])
+    return gl.convert_layout(x, LB)
+
+
+@gluon.jit
+def _decode_v(vw, ASM: gl.constexpr, LB: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+              NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr,
+              BIT_SHAPE: gl.constexpr):
+    """int16 value words [NW, NT, D/4] -> bf16 B operand [NW, NT, D (n-slots)], in registers."""
+    vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one word side by side
+    p0, p1, p2, p3 = _lut4(vw, ASM)
+    x = _join4(p0, p1, p2, p3)
+    x = gl.reshape(x, BIT_SHAPE)
+    x = gl.permute(x, V_ORDER)
+    x = gl.reshape(x, [NW, 16, D])
+    return gl.convert_layout(x, LB)
+
+
+@gluon.jit
+def _mean_ab(m_a, m_b, p0, theta):
+    """[A', B'] [NW, 16, RH] for warp-tiles starting at positions p0 [NW]."""
+    ang = p0.to(gl.float64)[:, None] * theta.to(gl.float64)[None, :]
+    c0, s0 = _rope_cos_sin(ang)
+    c0 = gl.expand_dims(c0, 1)
+    s0 = gl.expand_dims(s0, 1)
+    return m_a * c0 + m_b * s0, m_b * c0 - m_a * s0
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+
+
+@gluon.jit
+def _tq_decode_hopper_kernel(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
+    signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
+    mean_table_ptr, hk_ptr, part_ptr, qk_scale,
+    G: gl.constexpr, SPLITS: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+    FOLD: gl.constexpr, MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
+    PREFETCH: gl.constexpr,
+    PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
+    K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
+    K_ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
+    K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
+    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr,
+):
+    seq = gl.program_id(0)
+    head = gl.program_id(1)
+    split = gl.program_id(2)
+    E: gl.constexpr = D // 4
+    HALF: gl.constexpr = 8 if FOLD else 16  # rows of one kind of key (FOLD: cal | raw)
+
+    # Layouts: a batched mma.sync (dim 0: the warp), its operands, the query transform's 2-D mma.
+    L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
+                                                instr_shape=[1, 16, 8])
+    LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
+    LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
+    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, L))  # [16]
+    COLS: gl.constexpr = gl.SliceLayout(1, L)  # [NW, NT]
+    L2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW],
+                                                 instr_shape=[16, 8])
+    LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
+    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
+
+    q_row = gl.load(query_start_ptr + seq)
+    kv_end = gl.load(seq_lens_ptr + seq)
+    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
+
+    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale.
+    r2 = gl.arange(0, 16, gl.SliceLayout(1, LA2))
+    d2 = gl.arange(0, D, gl.SliceLayout(0, LA2))
+    q_mask2 = (r2 % HALF) < G
+    q_ptrs = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + r2 % HALF) * stride_qh
+    x = gl.load(q_ptrs[:, None] + d2[None, :], mask=q_mask2[:, None], other=0.0).to(gl.float32)
+    sgn = gl.load(signs_ptr + d2)
+    ksc = gl.load(key_scale_ptr + head * D + d2)
+    if FOLD:
+        x = x * gl.where((r2 >= HALF)[:, None], sgn[None, :], (ksc * sgn)[None, :])
+    else:
+        x = x * (ksc * sgn)[None, :]
+    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
+    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
+    h = gl.load(hk_ptr + hd[:, None] * D + hc[None, :])
+    qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))
+    qt = (qt * qk_scale).to(gl.bfloat16)
+    qa = gl.convert_layout(qt, gl.SliceLayout(0, LA))
+    qa = gl.expand_dims(qa, 0).broadcast_to([NW, 16, D])
+
+    r = gl.arange(0, 16, ROWS)
+    raw_row = r >= HALF
+
+    # 2. The key mean's per-row constants (zero in raw rows): q . RoPE_p(mu) = sum over pairs of
+    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c.
+    if MEAN:
+        RA: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LA))  # rows of the A operand
+        PA: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LA))  # pairs of the A operand
+        ra = gl.arange(0, 16, RA)
+        jj = head * RH + gl.arange(0, RH, PA)
+        pi = gl.load(mean_pairs_ptr + jj)
+        qs = qk_scale * (D ** 0.5)
+        mrow = ((ra % HALF) < G) & (ra < HALF)
+        i_mask = mrow[None, :, None] & (pi >= 0)[None, None, :]
+        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + ra % HALF) * stride_qh)
+        q3 = q3[None, :, None] + gl.zeros([NW, 1, 1], gl.int32, LA)
+        q_a = gl.load(q3 + pi[None, None, :], mask=i_mask, other=0.0).to(gl.float32)
+        q_b = gl.load(q3 + ROT_HALF + pi[None, None, :], mask=i_mask, other=0.0).to(gl.float32)
+        mu_a = gl.load(mean_mu_ptr + 2 * jj)[None, None, :]
+        mu_b = gl.load(mean_mu_ptr + 2 * jj + 1)[None, None, :]
+        m_a = (q_a * mu_a + q_b * mu_b) * qs
+        m_b = (q_b * mu_a - q_a * mu_b) * qs
+        theta = gl.load(mean_theta_ptr + jj)
+        TP: gl.constexpr = gl.SliceLayout(1, LA)  # [NW, RH] angles
+        theta_w = gl.convert_layout(theta, gl.SliceLayout(0, TP))
+        c_step, s_step = _rope_cos_sin(gl.zeros([RH], gl.float64, gl.SliceLayout(0, TP))
+                                       + (NW * 16) * theta_w.to(gl.float64))
+        c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 1)
+        s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 1)
+        # m_c: the channels past the rotary ones
+        dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
+        mu = gl.load(key_mean_ptr + head * D + dc)
+        xq = gl.load(q_ptrs[:, None] + dc[None, :], mask=q_mask2[:, None] & (r2 < HALF)[:, None],
+                     other=0.0).to(gl.float32)
+        m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
+        m_c = gl.convert_layout(m_c, ROWS)
+        # cos / sin (j t) [RH, NT] of the head's pairs, fp16 B operands held in registers
+        tj = gl.arange(0, RH, gl.SliceLayout(1, gl.SliceLayout(0, LB)))
+        tn = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(0, LB)))
+        t_off = head * 2 * RH * 16 + tj[:, None] * 16 + tn[None, :]
+        t_cos = gl.load(mean_table_ptr + t_off)
+        t_sin = gl.load(mean_table_ptr + RH * 16 + t_off)
+        t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, RH, 16])
+        t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, RH, 16])
+        wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
+
+    # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi).
+    num_tiles = gl.cdiv(kv_end, 16 * NW)
+    per_split = gl.cdiv(num_tiles, SPLITS)
+    tile_lo = split * per_split
+    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
+
+    m_i = gl.full([NW, 16], -1.0e30, gl.float32, gl.SliceLayout(2, L))
+    l_i = gl.zeros([NW, 16], gl.float32, gl.SliceLayout(2, L))
+    o = gl.zeros([NW, 16, D], gl.float32, L)
+    if PREFETCH:
+        kw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, K_LOAD, K_OFF,
+                         NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+        vw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, V_LOAD, V_OFF,
+                         NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+    for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
+        if MEAN:
+            a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta_w)
+        for tile in range(chunk, gl.minimum(chunk + MEAN_ANCHOR, tile_hi)):
+            if PREFETCH:
+                kw_now = kw
+                vw_now = vw
+                kw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, K_LOAD,
+                                 K_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                vw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, V_LOAD,
+                                 V_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+            else:
+                kw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, K_LOAD,
+                                     K_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                vw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, V_LOAD,
+                                     V_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+            kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, COLS,
+                                          K_NORM_OFF, V_NORM_OFF, NW, PAGE, STRIDE_TOK,
+                                          STRIDE_HEAD)
+            kb = _decode_k(kw_now, K_ASM, LB, NW, D, K_ORDER, BIT_SHAPE)
+            s = mma_v2(qa, kb, gl.zeros([NW, 16, 16], gl.float32, L))
+            s = s * gl.expand_dims(gl.abs(kn), 1)
+            if MEAN:
+                s = mma_v2(a_t.to(gl.float16), t_cos, s)
+                s = mma_v2(b_t.to(gl.float16), t_sin, s)
+                s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 2)
+                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+            visible = gl.expand_dims(ok, 1)
+            if FOLD:
+                is_raw = gl.expand_dims(kn < 0, 1)
+                visible = visible & (is_raw == gl.expand_dims(gl.expand_dims(raw_row, 0), 2))
+            s = gl.where(visible, s, float("-inf"))
+
+            m_new = gl.maximum(m_i, gl.max(s, axis=2))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 2))
+            l_i = l_i * alpha + gl.sum(p, axis=2)
+            m_i = m_new
+            pv = (p * gl.expand_dims(vn, 1)).to(gl.bfloat16)
+            pa = gl.convert_layout(pv, LA)
+            vb = _decode_v(vw_now, V_ASM, LB, V_PAIR, NW, D, V_ORDER, BIT_SHAPE)
+            o = mma_v2(pa, vb, o * gl.expand_dims(alpha, 2))
+
+    # 4. Merge the warps (and FOLD's two halves: rows r and r + 8) once, write partial rows.
+    R2: gl.constexpr = 16 // HALF
+    m4 = gl.reshape(m_i, [NW, R2, HALF])
+    l4 = gl.reshape(l_i, [NW, R2, HALF])
+    o4 = gl.reshape(o, [NW, R2, HALF, D])
+    m_all = gl.max(gl.max(m4, axis=1), axis=0)
+    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))
+    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)
+    w4o = gl.convert_layout(w4, gl.SliceLayout(3, o4.type.layout))
+    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 3), axis=1), axis=0)  # [HALF, D]
+    OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, NW], [1, 0])
+    o_all = gl.convert_layout(o_all, OL)
+    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    co = gl.arange(0, D, gl.SliceLayout(0, OL))
+    rows_head = head * G + ro
+    row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * SPLITS + split) * WP
+    gl.store(part_ptr + row_base[:, None] + co[None, :], o_all, mask=(ro < G)[:, None])
+    ml: gl.constexpr = gl.SliceLayout(1, OL)
+    gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ml), mask=ro < G)
+    gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ml), mask=ro < G)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int, splits: int,
+                      nw: int = 4, prefetch: bool = False) -> dict:
+    """The kernel's constexpr arguments for a layer (tables: LayerTables; hopper_tables() made)."""
+    layout = tables.layout
+    d = layout.head_size
+    kw = tables.constexprs
+    fold = bool(tables.fallback)
+    return dict(
+        G=G, SPLITS=splits, NW=nw, D=d, FOLD=fold, MEAN=bool(tables.has_mean),
+        ROT_HALF=tables.rot_half, RH=tables.rot_half_pad, PREFETCH=prefetch,
+        PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
+        K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
+        V_NORM_OFF=kw["V_NORM_OFF"], K_ASM=tables.hopper_asm["k"],
+        V_ASM=tables.hopper_asm["v"], WP=kw["VA_W"] + kw["VB_W"] + 2,
+        V_PART=kw["VA_W"] + kw["VB_W"],
+        K_LOAD=k_load_layout(d, nw), V_LOAD=v_load_layout(d, nw, False),
+        V_PAIR=v_load_layout(d, nw, True), K_ORDER=k_order(d), V_ORDER=v_order(d),
+        BIT_SHAPE=[nw, NT] + [2] * (_bits(d // 4) + 2),
+    )
+
+
+def hadamard_operands(tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query transform [D, D] = H's columns in this kernel's k-slot order, output rows [D, D] in
+    its n-slot order), made once per tables (the launch passes them; the reduce finishes with
+    the rows)."""
+    cache = tables.__dict__.setdefault("_hopper_operands", {})
+    if not cache:
+        d = tables.layout.head_size
+        kperm = torch.tensor(slot_coordinates(d, k_order(d)), device=tables.signs.device)
+        vperm = torch.tensor(slot_coordinates(d, v_order(d)), device=tables.signs.device)
+        cache["k"] = tables.h_cols["kb"][:, kperm].contiguous()
+        cache["v"] = tables.h_rows["vb"][vperm].contiguous()
+    return cache["k"], cache["v"]
+
+
+def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str | None:
+    """None where this kernel serves the launch; else why not (the caller takes tq_attention)."""
+    T, Hq, D = query.shape
+    H = kv_cache.shape[2]
+    layout = tables.layout
+    if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
+        return "needs an sm_90+ GPU"
+    if getattr(tables, "hopper_asm", None) is None:
+        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
+    if D not in (64, 128):
+        return f"head size {D} (64 and 128 only)"
+    k, v = layout.key, layout.value
+    if not (k.a.n == 0 and v.a.n == 0 and k.b.bits == 4 and v.b.bits == 4):
+        return "not 4-bit keys and values with one stream each"
+    if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
+        return "odd stream offsets"
+    if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
+        return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
+    G = Hq // H
+    if G > (8 if tables.fallback else 16):
+        return f"{G} query heads per KV head"
+    if tables.has_mean and tables.rot_half_pad % 16:
+        return "mean pairs not a multiple of 16"
+    return None
+
+
+def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
+                     softmax_scale: float, out: torch.Tensor | None = None, *,
+                     splits: int | None = None, num_warps: int = 4, prefetch: bool = False,
+                     maxnreg: int | None = None) -> torch.Tensor:
+    """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
+    launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach)."""
+    from .tq_attention import _tq_reduce_kernel, default_splits, reduce_chunk, _TORCH_TO_TL
+
+    T, Hq, D = query.shape
+    num_seqs = seq_lens.shape[0]
+    H = kv_cache.shape[2]
+    G = Hq // H
+    if out is None:
+        out = torch.empty_like(query)
+    if T == 0:
+        return out
+    reason = why_unsupported(query, kv_cache, tables)
+    if reason:
+        raise ValueError(f"tq_decode_hopper: {reason}; use kernels.tq_attention.tq_attention")
+    if splits is None:
+        splits = default_splits(num_seqs, H, query.device)
+    h_k, h_v = hadamard_operands(tables)
+    kw = tables.constexprs
+    width = kw["VA_W"] + kw["VB_W"] + 2
+    part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
+    cx = kernel_constexprs(tables, G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2),
+                           splits, num_warps, prefetch)
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
+    _tq_decode_hopper_kernel[(num_seqs, H, splits)](
+        query, query.stride(0), query.stride(1),
+        kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
+        query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
+        tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
+        part, softmax_scale * LOG2E / D**0.5, num_warps=num_warps, **cx, **extra,
+    )
+    dot = _TORCH_TO_TL[tables.level_tables.dtype]
+    _tq_reduce_kernel[(T, H)](
+        part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
+        tables.value_mean, T,
+        G=G, BLOCK_M=max(16, triton.next_power_of_2(G)), SPLITS=splits, DOT=dot, D=D,
+        VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=reduce_chunk(splits),
+        num_warps=8 if reduce_chunk(splits) >= 8 else 4,
+    )
+    return out
