@@ -1,0 +1,342 @@
+"""Check and time the Hopper tq4 decode (kernels/tq_decode_hopper.py) on the GPU machine, in one run:
+
+    python3 benchmarks/dev/kv_hopper_check.py --out $OUT
+
+1. Small shapes against tests/kv_reference-style exact attention over the reference decoding
+   (the store kernel's bytes, fresh random inputs, NaN-poisoned outputs), head 128 and 64, ragged
+   lengths, splits 1 and several, with and without the key mean, with and without the fallback.
+2. Every served shape at full size (Llama-3-8B, Llama-3-70B TP8, SmolLM2-135M): the cache filled by
+   the real store kernel (keys around RoPE_p(key mean), a tenth far off, so the raw fallback takes
+   some), the fast path's output against the portable tq_attention's (same cache, same query),
+   NaN check; then times with triton.testing.do_bench (median) and as CUDA graphs (device time,
+   caches rotated out of the L2): the fast path's variants, the portable kernel, torch SDPA BF16.
+Each shape is caught on its own (the traceback's head is printed, the run goes on). A short table
+comes last; everything goes to $OUT/kv_hopper_check.json. Needs torch + Triton >= 3.6, no vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import _source_tree  # noqa: F401  this tree's vllm_gds importable, benchmarks/ on sys.path
+import torch
+import triton
+
+import kv_bench as kb
+
+SHAPES = {
+    "Llama-3-8B": ((32, 8, 128), [(32, 4096), (64, 8192), (8, 32768), (1, 32768), (8, 131072)]),
+    "Llama-3-70B TP8": ((8, 1, 128), [(32, 4096), (64, 8192), (1, 32768), (8, 131072)]),
+    "SmolLM2-135M": ((9, 3, 64), [(32, 4096), (8, 32768), (1, 32768)]),
+}
+# The fast path's launch variants timed at every shape (keyword arguments of tq_decode_hopper).
+VARIANTS = {"fast": {}, "fast_prefetch": {"prefetch": True}}
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def tb_head(n=12):
+    lines = traceback.format_exc().strip().splitlines()
+    return "\n".join(lines[:4] + ["  ..."] + lines[-n:]) if len(lines) > n + 4 else "\n".join(lines)
+
+
+def tables_for(hk, d, device, mean=True, fallback=True):
+    from vllm_gds.kvcache.hopper_tables import attach
+
+    t = attach(kb.our_tables(torch, "tq4", hk, d, device, mean))
+    if not fallback:
+        t.fallback = False
+    return t
+
+
+def rope_mean(tables, positions):
+    """RoPE_p(key mean) [n, hk, d] on the GPU (float32; data generation only)."""
+    ang = positions.double()[:, None] * tables.rope_theta.double()[None, :]
+    c, s = ang.cos().float(), ang.sin().float()
+    mu = tables.key_mean  # [hk, d], attention scaling applied
+    partner = mu[:, tables.rope_partner.long()] * tables.rope_sign
+    return mu[None] * c[:, None, :] + partner[None] * s[:, None, :]
+
+
+def fill(tables, bt, hk, d, device, chunk=1 << 16):
+    """A paged cache [blocks, PAGE, hk, slot] written by tq_store at the tokens' real positions:
+    keys 0.3 randn + RoPE_p(key mean), a tenth 4x far off; values randn (bf16 inputs)."""
+    from vllm_gds.kernels import tq_store
+
+    page = kb.PAGE
+    num_blocks = int(bt.max()) + 1
+    per_seq = bt.shape[1]
+    where = torch.empty(num_blocks, dtype=torch.long, device=device)
+    where[bt.flatten().long()] = torch.arange(bt.numel(), device=device) % per_seq
+    cache = torch.full((num_blocks, page, hk, tables.layout.slot_bytes), 0xAB, dtype=torch.uint8,
+                       device=device)
+    total = num_blocks * page
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        slots = torch.arange(start, start + n, device=device)
+        pos = where[slots // page] * page + slots % page
+        k = torch.randn(n, hk, d, device=device) * (1 + 3 * (torch.rand(n, hk, 1, device=device)
+                                                             < 0.1))
+        if tables.has_mean:
+            k = 0.3 * k + rope_mean(tables, pos)
+        v = torch.randn(n, hk, d, device=device)
+        tq_store(k.bfloat16(), v.bfloat16(), cache, slots, tables, positions=pos)
+    return cache
+
+
+def portable(q, cache, bt, sl, qsl, tables, out, **kw):
+    from vllm_gds.kernels.tq_attention import tq_attention
+
+    return tq_attention(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out, max_query_len=1,
+                        **kw)
+
+
+def fast(q, cache, bt, sl, qsl, tables, out, **kw):
+    from vllm_gds.kernels.tq_decode_hopper import tq_decode_hopper
+
+    return tq_decode_hopper(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out, **kw)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Small shapes against the exact reference
+
+
+def reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device):
+    """Fast path and portable kernel vs exact attention over the reference decoding."""
+    from vllm_gds.kernels import tq_store
+    from vllm_gds.kvcache.formats import get_format
+    from vllm_gds.kvcache.quantizer import KVLayerQuantizer
+
+    page = kb.PAGE
+    tables = tables_for(hk, d, device, mean, fallback)
+    cal = kb.served_calibration(torch, "tq4", hk, d, mean)
+    cal = {k: v for k, v in cal.items() if v is not None}
+    lq = KVLayerQuantizer(get_format("tq4"), d, 0, 0, **cal)
+    if not fallback:
+        lq.fallback = False
+    blocks = [math.ceil(s / page) for s in seq_lens]
+    perm = torch.randperm(sum(blocks) + 3, device=device).to(torch.int32)
+    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
+    slot_map, positions = [], []
+    at = 0
+    for i, (s, nb) in enumerate(zip(seq_lens, blocks)):
+        bt[i, :nb] = perm[at : at + nb]
+        at += nb
+        pos = torch.arange(s, device=device)
+        slot_map.append(bt[i, pos // page].long() * page + pos % page)
+        positions.append(pos)
+    slot_map, positions = torch.cat(slot_map), torch.cat(positions)
+    T = positions.numel()
+    k = torch.randn(T, hk, d, device=device) * (1 + 3 * (torch.rand(T, 1, 1, device=device) < 0.1))
+    if mean:
+        k = 0.3 * k + lq.key_mean_at(positions.cpu()).to(device)
+    v = torch.randn(T, hk, d, device=device)
+    cache = torch.full((perm.numel(), page, hk, tables.layout.slot_bytes), 0xAB, dtype=torch.uint8,
+                       device=device)
+    tq_store(k.bfloat16(), v.bfloat16(), cache, slot_map, tables, positions=positions)
+    got = cache.view(-1, hk, tables.layout.slot_bytes)[slot_map]
+    kd, vd = kb.decode_slots(torch, lq, tables.layout, got, positions)
+    q = torch.randn(len(seq_lens), hq, d, device=device, dtype=torch.bfloat16)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=device)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    refs, start = [], 0
+    for i, s in enumerate(seq_lens):
+        kk = kd[start : start + s].double().repeat_interleave(hq // hk, 1)
+        vv = vd[start : start + s].double().repeat_interleave(hq // hk, 1)
+        sc = torch.einsum("hd,khd->hk", q[i].double(), kk) * d ** -0.5
+        refs.append(torch.einsum("hk,khd->hd", sc.softmax(-1), vv))
+        start += s
+    ref = torch.stack(refs)
+    o_fast = fast(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")), splits=splits)
+    o_port = portable(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")),
+                      splits=splits)
+    raw = float((got[:, :, tables.layout.key.norm_offset + 1] >= 0x80).float().mean())
+    return {"err_fast_vs_ref": rel(o_fast, ref), "err_portable_vs_ref": rel(o_port, ref),
+            "err_fast_vs_portable": rel(o_fast, o_port), "nan": bool(o_fast.isnan().any()),
+            "raw_key_share": raw}
+
+
+REF_CASES = [  # (hq, hk, d, seq_lens, splits, mean, fallback)
+    (32, 8, 128, [4096, 1000, 37, 2500], 1, True, True),
+    (32, 8, 128, [4096, 1000, 37, 2500], 8, True, True),
+    (8, 1, 128, [3000, 17, 1], 16, True, True),
+    (9, 3, 64, [2048, 5, 700], 4, True, True),
+    (32, 8, 128, [1500, 64], 2, False, True),
+    (32, 8, 128, [1500, 64], 2, True, False),
+    (16, 1, 128, [900, 33], 2, True, False),  # G = 16 without the fallback
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Full size: fast vs portable, and times
+
+
+def full_shape(name, hq, hk, d, b, ctx, device, graphs):
+    row = {"shape": name, "batch": b, "ctx": ctx}
+    tables = tables_for(hk, d, device)
+    _, bt = kb.paged_layout(torch, b, ctx, device)
+    cache = fill(tables, bt, hk, d, device)
+    q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+    qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+    sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
+    sl[0] = ctx - 5  # one ragged sequence
+    o_port = portable(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")))
+    for var, kw in VARIANTS.items():
+        try:
+            o = fast(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")), **kw)
+            torch.cuda.synchronize()
+            row[f"{var}_err_vs_portable"] = rel(o, o_port)
+            row[f"{var}_nan"] = bool(o.isnan().any())
+        except Exception:
+            log(f"  {var} FAILED\n{tb_head()}")
+            row[f"{var}_error"] = traceback.format_exc().splitlines()[-1]
+    row["portable_nan"] = bool(o_port.isnan().any())
+    out = torch.empty_like(q)
+    row["portable_ms"] = kb.bench(lambda: portable(q, cache, bt, sl, qsl, tables, out), triton)
+    for var, kw in VARIANTS.items():
+        if f"{var}_error" in row:
+            continue
+        row[f"{var}_ms"] = kb.bench(lambda: fast(q, cache, bt, sl, qsl, tables, out, **kw), triton)
+    try:
+        row["sdpa_ms"], row["sdpa_backend"] = kb.time_sdpa(torch, triton, b, ctx, hq, hk, d, device)
+    except Exception:
+        log(f"  sdpa FAILED\n{tb_head()}")
+    if graphs:
+        caches = [cache] + [cache.clone() for _ in range(kb.copies_for(cache.numel()) - 1)]
+        try:
+            row["portable_graph_ms"] = kb.graph_time(torch, [
+                lambda c=c: portable(q, c, bt, sl, qsl, tables, out) for c in caches])
+            for var, kw in VARIANTS.items():
+                if f"{var}_error" not in row:
+                    row[f"{var}_graph_ms"] = kb.graph_time(torch, [
+                        lambda c=c, kw=kw: fast(q, c, bt, sl, qsl, tables, out, **kw)
+                        for c in caches])
+        except Exception:
+            log(f"  graphs FAILED\n{tb_head()}")
+        del caches
+        try:
+            row["sdpa_graph_ms"] = kb.graph_sdpa(torch, b, ctx, hq, hk, d, device,
+                                                 row.get("sdpa_backend"))
+        except Exception:
+            log(f"  sdpa graph FAILED\n{tb_head()}")
+    del cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def table(rows):
+    def f(x, digits=3):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    def r(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
+    names = list(VARIANTS)
+    out = ["| shape | b x ctx | SDPA | portable | " + " | ".join(names)
+           + " | best/SDPA | graph SDPA | graph portable | graph best | graph best/SDPA"
+           " | err vs portable | NaN |",
+           "|" + " --- |" * (12 + len(names))]
+    for row in rows:
+        g = row.get
+        head = f"| {row['shape']} | {row['batch']}x{row['ctx'] // 1024}K |"
+        if "error" in row:
+            out.append(f"{head} FAILED: {row['error']} |")
+            continue
+        times = [g(f"{v}_ms") for v in names]
+        ok = [t for t in times if t is not None]
+        best = min(ok) if ok else None
+        graphs = [g(f"{v}_graph_ms") for v in names if g(f"{v}_graph_ms") is not None]
+        gbest = min(graphs) if graphs else None
+        errs = [g(f"{v}_err_vs_portable") for v in names if g(f"{v}_err_vs_portable") is not None]
+        err = f"{max(errs):.2e}" if errs else "FAILED"
+        nan = any(bool(g(f"{v}_nan")) for v in names)
+        out.append(f"{head} {f(g('sdpa_ms'))} | {f(g('portable_ms'))} | "
+                   + " | ".join(f(t) for t in times)
+                   + f" | {r(best, g('sdpa_ms'))} | {f(g('sdpa_graph_ms'))} | "
+                   f"{f(g('portable_graph_ms'))} | {f(gbest)} | {r(gbest, g('sdpa_graph_ms'))} | "
+                   f"{err} | {nan} |")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--only", default="", help="substring of the shape names to run")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "triton": triton.__version__}
+    log(json.dumps(info))
+    results = {"info": info, "reference": [], "full": []}
+    path = Path(args.out) / "kv_hopper_check.json"
+
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+
+    t0 = time.time()
+    for case in REF_CASES:
+        torch.manual_seed(len(results["reference"]))
+        hq, hk, d, seq_lens, splits, mean, fallback = case
+        entry = {"case": f"{hq}q/{hk}kv/d{d} lens {seq_lens} splits {splits} mean {mean} "
+                         f"fallback {fallback}"}
+        try:
+            entry |= reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device)
+        except Exception:
+            log(f"reference {entry['case']} FAILED\n{tb_head()}")
+            entry["error"] = traceback.format_exc().splitlines()[-1]
+        log(f"reference {entry}")
+        results["reference"].append(entry)
+        save()
+    log(f"reference checks: {time.time() - t0:.0f} s")
+    kb.warm_up(torch, device)
+    for name, ((hq, hk, d), batches) in SHAPES.items():
+        if args.only and args.only not in name:
+            continue
+        for b, ctx in batches:
+            t1 = time.time()
+            torch.manual_seed(b * 7 + ctx)
+            try:
+                row = full_shape(name, hq, hk, d, b, ctx, device, not args.no_graphs)
+            except Exception:
+                log(f"{name} {b}x{ctx} FAILED\n{tb_head()}")
+                row = {"shape": name, "batch": b, "ctx": ctx,
+                       "error": traceback.format_exc().splitlines()[-1]}
+                torch.cuda.empty_cache()
+            row["seconds"] = round(time.time() - t1, 1)
+            log(json.dumps(row))
+            results["full"].append(row)
+            save()
+    lines = ["", f"kv_hopper_check {info['device']} torch {info['torch']} triton {info['triton']}",
+             "Reference (small shapes, relative error vs exact attention over the reference "
+             "decoding):"]
+    for e in results["reference"]:
+        lines.append(f"  {e['case']}: " + (e.get("error") or (
+            f"fast {e['err_fast_vs_ref']:.2e} portable {e['err_portable_vs_ref']:.2e} "
+            f"fast-vs-portable {e['err_fast_vs_portable']:.2e} nan {e['nan']} "
+            f"raw keys {e['raw_key_share']:.2f}")))
+    lines.append("Full size, ms (do_bench median; graph: CUDA-graph device time, caches rotated):")
+    lines += table(results["full"])
+    results["table"] = lines
+    save()
+    print("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
