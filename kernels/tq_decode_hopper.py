@@ -92,26 +92,26 @@ def v_load_layout(d: int, nw: int, pair_first: bool) -> gl.DistributedLinearLayo
 
 def k_order(d: int) -> list[int]:
     """Dims of the decoded keys [NW, NT, e bits (MSB first), jl, jh] in the order that
-    reshapes to [NW, D (k-slot), NT]: k = e0 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e1 + ..."""
+    reshapes to [NW, NT, D (k-slot)]: k = e0 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e1 + ..."""
     eb = _bits(d // 4)
 
     def e(b):
         return 2 + (eb - 1 - b)
 
-    return [0] + [e(b) for b in range(eb - 3, 0, -1)] + [3 + eb, 2 + eb, e(eb - 1), e(eb - 2),
-                                                         e(0), 1]
+    return [0, 1] + [e(b) for b in range(eb - 3, 0, -1)] + [3 + eb, 2 + eb, e(eb - 1),
+                                                            e(eb - 2), e(0)]
 
 
 def v_order(d: int) -> list[int]:
     """Dims of the decoded values [NW, NT, e bits (MSB first), jl, jh] in the order that reshapes
-    to [NW, NT, D (n-slot)]: n = e_{top3} + 2 e_{top2} + 4 e_{top1} + 8 jl + 16 jh + 32 e0 + ..."""
+    to [NW, D (m-slot), NT]: m = e_top3 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e0 + ..."""
     eb = _bits(d // 4)
 
     def e(b):
         return 2 + (eb - 1 - b)
 
-    return [0, 1] + [e(b) for b in range(eb - 4, -1, -1)] + [3 + eb, 2 + eb, e(eb - 1),
-                                                             e(eb - 2), e(eb - 3)]
+    return [0] + [e(b) for b in range(eb - 4, -1, -1)] + [3 + eb, 2 + eb, e(eb - 1), e(eb - 2),
+                                                          e(eb - 3), 1]
 
 
 def slot_coordinates(d: int, order: list[int], token_dims=(0, 1)) -> list[int]:
@@ -201,38 +201,62 @@ def _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: g
 
 
 @gluon.jit
-def _decode_k(kw, ASM: gl.constexpr, LB: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+def _decode_k(kw, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
               K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr):
-    """int16 key words [NW, NT, D/4] -> bf16 B operand [NW, D (k-slots), NT], in registers."""
+    """int16 key words [NW, NT, D/4] -> bf16 A operand [NW, NT, D (k-slots)], in registers."""
     p0, p1, p2, p3 = _lut4(kw, ASM)
     x = _join4(p0, p1, p2, p3)
     x = gl.reshape(x, BIT_SHAPE)
     x = gl.permute(x, K_ORDER)
-    x = gl.reshape(x, [NW, D, 16])
-    return gl.convert_layout(x, LB)
+    x = gl.reshape(x, [NW, 16, D])
+    return gl.convert_layout(x, LA)
 
 
 @gluon.jit
-def _decode_v(vw, ASM: gl.constexpr, LB: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+def _decode_v(vw, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
               NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr,
               BIT_SHAPE: gl.constexpr):
-    """int16 value words [NW, NT, D/4] -> bf16 B operand [NW, NT, D (n-slots)], in registers."""
+    """int16 value words [NW, NT, D/4] -> bf16 A operand [NW, D (m-slots), NT], in registers."""
     vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one word side by side
     p0, p1, p2, p3 = _lut4(vw, ASM)
     x = _join4(p0, p1, p2, p3)
     x = gl.reshape(x, BIT_SHAPE)
     x = gl.permute(x, V_ORDER)
-    x = gl.reshape(x, [NW, 16, D])
-    return gl.convert_layout(x, LB)
+    x = gl.reshape(x, [NW, D, 16])
+    return gl.convert_layout(x, LA)
+
+
+@gluon.jit
+def _transpose_p(p, LB: gl.constexpr, NW: gl.constexpr, R: gl.constexpr,
+                 TRANS_ASM: gl.constexpr):
+    """P [NW, NT, R] bf16 in the accumulator layout (thread (g, c) holds tokens g, g + 8 and
+    rows 2c, 2c + 1) -> the B operand [NW, NT (k), R (n)] (tokens 2c, 2c+1, 2c+8, 2c+9, row g).
+    TRANS_ASM: one movmatrix.trans per 8x8 block, then the index bits relabelled (free); else
+    the compiler's layout conversion."""
+    if TRANS_ASM:
+        y = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                      [p], dtype=gl.bfloat16, is_pure=True, pack=2)
+        # y[t, r] (t = t0..t3, r = r0..r2 (r3 for R = 16)) holds P[token r0 + 2 r1 + 4 r2 + 8 t3,
+        # row t0 + 2 t1 + 4 t2 + 8 r3]
+        if R == 8:
+            y = gl.reshape(y, [NW, 2, 2, 2, 2, 2, 2, 2])  # w, t3, t2, t1, t0, r2, r1, r0
+            y = gl.permute(y, [0, 1, 5, 6, 7, 2, 3, 4])  # w, t3, r2, r1, r0 | t2, t1, t0
+        else:
+            y = gl.reshape(y, [NW, 2, 2, 2, 2, 2, 2, 2, 2])  # w, t3..t0, r3, r2, r1, r0
+            y = gl.permute(y, [0, 1, 6, 7, 8, 5, 2, 3, 4])  # w, t3, r2, r1, r0 | r3, t2, t1, t0
+        y = gl.reshape(y, [NW, 16, R])
+        return gl.convert_layout(y, LB)
+    else:
+        return gl.convert_layout(p, LB)
 
 
 @gluon.jit
 def _mean_ab(m_a, m_b, p0, theta):
-    """[A', B'] [NW, 16, RH] for warp-tiles starting at positions p0 [NW]."""
+    """[A', B'] [NW, RH, R] for warp-tiles starting at positions p0 [NW]."""
     ang = p0.to(gl.float64)[:, None] * theta.to(gl.float64)[None, :]
     c0, s0 = _rope_cos_sin(ang)
-    c0 = gl.expand_dims(c0, 1)
-    s0 = gl.expand_dims(s0, 1)
+    c0 = gl.expand_dims(c0, 2)
+    s0 = gl.expand_dims(s0, 2)
     return m_a * c0 + m_b * s0, m_b * c0 - m_a * s0
 
 
@@ -247,8 +271,9 @@ def _tq_decode_hopper_kernel(
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
     mean_table_ptr, hk_ptr, part_ptr, qk_scale,
     G: gl.constexpr, SPLITS: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
-    FOLD: gl.constexpr, MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
-    PREFETCH: gl.constexpr,
+    FOLD: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
+    MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
+    PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
@@ -259,15 +284,16 @@ def _tq_decode_hopper_kernel(
     head = gl.program_id(1)
     split = gl.program_id(2)
     E: gl.constexpr = D // 4
-    HALF: gl.constexpr = 8 if FOLD else 16  # rows of one kind of key (FOLD: cal | raw)
 
-    # Layouts: a batched mma.sync (dim 0: the warp), its operands, the query transform's 2-D mma.
+    # Layouts: one batched mma.sync layout (dim 0: the warp) for S^T = K Q^T [NW, NT, R] and
+    # O^T = V^T P^T [NW, D, R]; its operands; the query transform's 2-D mma.
     L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
                                                 instr_shape=[1, 16, 8])
     LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
     LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
-    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, L))  # [16]
-    COLS: gl.constexpr = gl.SliceLayout(1, L)  # [NW, NT]
+    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L))  # [R]
+    TOKS: gl.constexpr = gl.SliceLayout(2, L)  # [NW, NT]
+    STAT: gl.constexpr = gl.SliceLayout(1, L)  # [NW, R]: per-row softmax state
     L2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW],
                                                  instr_shape=[16, 8])
     LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
@@ -277,10 +303,11 @@ def _tq_decode_hopper_kernel(
     kv_end = gl.load(seq_lens_ptr + seq)
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
-    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale.
+    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, rows
+    #    [0, R) (FOLD: calibrated [0, HALF), uncalibrated [HALF, R)); as the B operand Q^T.
     r2 = gl.arange(0, 16, gl.SliceLayout(1, LA2))
     d2 = gl.arange(0, D, gl.SliceLayout(0, LA2))
-    q_mask2 = (r2 % HALF) < G
+    q_mask2 = ((r2 % HALF) < G) & (r2 < R)
     q_ptrs = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + r2 % HALF) * stride_qh
     x = gl.load(q_ptrs[:, None] + d2[None, :], mask=q_mask2[:, None], other=0.0).to(gl.float32)
     sgn = gl.load(signs_ptr + d2)
@@ -293,65 +320,69 @@ def _tq_decode_hopper_kernel(
     hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
     h = gl.load(hk_ptr + hd[:, None] * D + hc[None, :])
     qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))
-    qt = (qt * qk_scale).to(gl.bfloat16)
-    qa = gl.convert_layout(qt, gl.SliceLayout(0, LA))
-    qa = gl.expand_dims(qa, 0).broadcast_to([NW, 16, D])
+    qt = gl.permute((qt * qk_scale).to(gl.bfloat16), [1, 0])  # [D, 16]
+    if R == 8:
+        qt = gl.reshape(qt, [D, 2, 8])
+        qt, _unused = gl.split(gl.permute(qt, [0, 2, 1]))
+    qb = gl.convert_layout(qt, gl.SliceLayout(0, LB))
+    qb = gl.expand_dims(qb, 0).broadcast_to([NW, D, R])
 
-    r = gl.arange(0, 16, ROWS)
+    r = gl.arange(0, R, ROWS)
     raw_row = r >= HALF
 
     # 2. The key mean's per-row constants (zero in raw rows): q . RoPE_p(mu) = sum over pairs of
-    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c.
+    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c; [A', B'] as B operands [NW, RH (k), R (n)].
     if MEAN:
-        RA: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LA))  # rows of the A operand
-        PA: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LA))  # pairs of the A operand
-        ra = gl.arange(0, 16, RA)
-        jj = head * RH + gl.arange(0, RH, PA)
+        RB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LB))  # rows (n) of the B operand
+        PB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LB))  # pairs (k) of the B operand
+        TP: gl.constexpr = gl.SliceLayout(2, LB)  # [NW, RH] angles
+        rb = gl.arange(0, R, RB)
+        jj = head * RH + gl.arange(0, RH, PB)
         pi = gl.load(mean_pairs_ptr + jj)
         qs = qk_scale * (D ** 0.5)
-        mrow = ((ra % HALF) < G) & (ra < HALF)
-        i_mask = mrow[None, :, None] & (pi >= 0)[None, None, :]
-        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + ra % HALF) * stride_qh)
-        q3 = q3[None, :, None] + gl.zeros([NW, 1, 1], gl.int32, LA)
-        q_a = gl.load(q3 + pi[None, None, :], mask=i_mask, other=0.0).to(gl.float32)
-        q_b = gl.load(q3 + ROT_HALF + pi[None, None, :], mask=i_mask, other=0.0).to(gl.float32)
-        mu_a = gl.load(mean_mu_ptr + 2 * jj)[None, None, :]
-        mu_b = gl.load(mean_mu_ptr + 2 * jj + 1)[None, None, :]
+        mrow = ((rb % HALF) < G) & (rb < HALF)
+        i_mask = (pi >= 0)[None, :, None] & mrow[None, None, :]
+        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % HALF) * stride_qh)
+        q3 = q3[None, None, :] + gl.zeros([NW, 1, 1], gl.int32, LB)
+        q_a = gl.load(q3 + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
+        q_b = gl.load(q3 + ROT_HALF + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
+        mu_a = gl.load(mean_mu_ptr + 2 * jj)[None, :, None]
+        mu_b = gl.load(mean_mu_ptr + 2 * jj + 1)[None, :, None]
         m_a = (q_a * mu_a + q_b * mu_b) * qs
         m_b = (q_b * mu_a - q_a * mu_b) * qs
         theta = gl.load(mean_theta_ptr + jj)
-        TP: gl.constexpr = gl.SliceLayout(1, LA)  # [NW, RH] angles
-        theta_w = gl.convert_layout(theta, gl.SliceLayout(0, TP))
-        c_step, s_step = _rope_cos_sin(gl.zeros([RH], gl.float64, gl.SliceLayout(0, TP))
-                                       + (NW * 16) * theta_w.to(gl.float64))
-        c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 1)
-        s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 1)
+        c_step, s_step = _rope_cos_sin((NW * 16) * theta.to(gl.float64))
+        c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 2)
+        s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 2)
         # m_c: the channels past the rotary ones
         dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
         mu = gl.load(key_mean_ptr + head * D + dc)
-        xq = gl.load(q_ptrs[:, None] + dc[None, :], mask=q_mask2[:, None] & (r2 < HALF)[:, None],
-                     other=0.0).to(gl.float32)
+        xq = gl.load(q_ptrs[:, None] + dc[None, :],
+                     mask=(q_mask2 & (r2 < HALF))[:, None], other=0.0).to(gl.float32)
         m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
+        if R == 8:
+            m_c, _unused2 = gl.split(gl.permute(gl.reshape(m_c, [2, 8]), [1, 0]))
         m_c = gl.convert_layout(m_c, ROWS)
-        # cos / sin (j t) [RH, NT] of the head's pairs, fp16 B operands held in registers
-        tj = gl.arange(0, RH, gl.SliceLayout(1, gl.SliceLayout(0, LB)))
-        tn = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(0, LB)))
-        t_off = head * 2 * RH * 16 + tj[:, None] * 16 + tn[None, :]
+        # cos / sin (j t) of the head's pairs as A operands [NT (m), RH (k)], fp16, in registers
+        tn = gl.arange(0, 16, gl.SliceLayout(1, gl.SliceLayout(0, LA)))
+        tj = gl.arange(0, RH, gl.SliceLayout(0, gl.SliceLayout(0, LA)))
+        t_off = head * 2 * RH * 16 + tj[None, :] * 16 + tn[:, None]
         t_cos = gl.load(mean_table_ptr + t_off)
         t_sin = gl.load(mean_table_ptr + RH * 16 + t_off)
-        t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, RH, 16])
-        t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, RH, 16])
+        t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, 16, RH])
+        t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, 16, RH])
         wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
 
-    # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi).
+    # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
+    #    [16 w, 16 w + 16) of each.
     num_tiles = gl.cdiv(kv_end, 16 * NW)
     per_split = gl.cdiv(num_tiles, SPLITS)
     tile_lo = split * per_split
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
 
-    m_i = gl.full([NW, 16], -1.0e30, gl.float32, gl.SliceLayout(2, L))
-    l_i = gl.zeros([NW, 16], gl.float32, gl.SliceLayout(2, L))
-    o = gl.zeros([NW, 16, D], gl.float32, L)
+    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
+    l_i = gl.zeros([NW, R], gl.float32, STAT)
+    o = gl.zeros([NW, D, R], gl.float32, L)
     if PREFETCH:
         kw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, K_LOAD, K_OFF,
                          NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
@@ -359,7 +390,7 @@ def _tq_decode_hopper_kernel(
                          NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
-            a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta_w)
+            a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
         for tile in range(chunk, gl.minimum(chunk + MEAN_ANCHOR, tile_hi)):
             if PREFETCH:
                 kw_now = kw
@@ -373,69 +404,77 @@ def _tq_decode_hopper_kernel(
                                      K_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
                 vw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, V_LOAD,
                                      V_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
-            kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, COLS,
+            kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, TOKS,
                                           K_NORM_OFF, V_NORM_OFF, NW, PAGE, STRIDE_TOK,
                                           STRIDE_HEAD)
-            kb = _decode_k(kw_now, K_ASM, LB, NW, D, K_ORDER, BIT_SHAPE)
-            s = mma_v2(qa, kb, gl.zeros([NW, 16, 16], gl.float32, L))
-            s = s * gl.expand_dims(gl.abs(kn), 1)
+            ka = _decode_k(kw_now, K_ASM, LA, NW, D, K_ORDER, BIT_SHAPE)
+            s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
+            s = s * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
-                s = mma_v2(a_t.to(gl.float16), t_cos, s)
-                s = mma_v2(b_t.to(gl.float16), t_sin, s)
-                s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 2)
+                s = mma_v2(t_cos, a_t.to(gl.float16), s)
+                s = mma_v2(t_sin, b_t.to(gl.float16), s)
+                s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 1)
                 a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-            visible = gl.expand_dims(ok, 1)
+            visible = gl.expand_dims(ok, 2)
             if FOLD:
-                is_raw = gl.expand_dims(kn < 0, 1)
-                visible = visible & (is_raw == gl.expand_dims(gl.expand_dims(raw_row, 0), 2))
+                is_raw = gl.expand_dims(kn < 0, 2)
+                visible = visible & (is_raw == gl.expand_dims(gl.expand_dims(raw_row, 0), 1))
             s = gl.where(visible, s, float("-inf"))
 
-            m_new = gl.maximum(m_i, gl.max(s, axis=2))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
             alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 2))
-            l_i = l_i * alpha + gl.sum(p, axis=2)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
             m_i = m_new
-            pv = (p * gl.expand_dims(vn, 1)).to(gl.bfloat16)
-            pa = gl.convert_layout(pv, LA)
-            vb = _decode_v(vw_now, V_ASM, LB, V_PAIR, NW, D, V_ORDER, BIT_SHAPE)
-            o = mma_v2(pa, vb, o * gl.expand_dims(alpha, 2))
+            pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
+            pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
+            va = _decode_v(vw_now, V_ASM, LA, V_PAIR, NW, D, V_ORDER, BIT_SHAPE)
+            o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
-    # 4. Merge the warps (and FOLD's two halves: rows r and r + 8) once, write partial rows.
-    R2: gl.constexpr = 16 // HALF
+    # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
+    R2: gl.constexpr = R // HALF
     m4 = gl.reshape(m_i, [NW, R2, HALF])
     l4 = gl.reshape(l_i, [NW, R2, HALF])
-    o4 = gl.reshape(o, [NW, R2, HALF, D])
+    o4 = gl.reshape(o, [NW, D, R2, HALF])
     m_all = gl.max(gl.max(m4, axis=1), axis=0)
     w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))
     l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)
-    w4o = gl.convert_layout(w4, gl.SliceLayout(3, o4.type.layout))
-    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 3), axis=1), axis=0)  # [HALF, D]
-    OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, NW], [1, 0])
+    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))
+    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]
+    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])
     o_all = gl.convert_layout(o_all, OL)
-    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
-    co = gl.arange(0, D, gl.SliceLayout(0, OL))
+    co = gl.arange(0, D, gl.SliceLayout(1, OL))
+    ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro
     row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * SPLITS + split) * WP
-    gl.store(part_ptr + row_base[:, None] + co[None, :], o_all, mask=(ro < G)[:, None])
-    ml: gl.constexpr = gl.SliceLayout(1, OL)
-    gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ml), mask=ro < G)
-    gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ml), mask=ro < G)
+    gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])
+    ML: gl.constexpr = gl.SliceLayout(0, OL)
+    gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
+    gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
 
+def rows_of(G: int, fold: bool) -> tuple[int, int]:
+    """(R, HALF): the score rows (mma N: 8 or 16) and the rows of one kind of key (FOLD:
+    calibrated rows [0, HALF), uncalibrated [HALF, 2 HALF))."""
+    half = (4 if G <= 4 else 8) if fold else (8 if G <= 8 else 16)
+    return (2 * half if fold else half), half
+
+
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int, splits: int,
-                      nw: int = 4, prefetch: bool = False) -> dict:
+                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables; hopper_tables() made)."""
     layout = tables.layout
     d = layout.head_size
     kw = tables.constexprs
     fold = bool(tables.fallback)
     return dict(
-        G=G, SPLITS=splits, NW=nw, D=d, FOLD=fold, MEAN=bool(tables.has_mean),
-        ROT_HALF=tables.rot_half, RH=tables.rot_half_pad, PREFETCH=prefetch,
+        G=G, SPLITS=splits, NW=nw, D=d, FOLD=fold, R=rows_of(G, fold)[0], HALF=rows_of(G, fold)[1],
+        MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
+        PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], K_ASM=tables.hopper_asm["k"],
@@ -491,7 +530,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                      softmax_scale: float, out: torch.Tensor | None = None, *,
                      splits: int | None = None, num_warps: int = 4, prefetch: bool = False,
-                     maxnreg: int | None = None) -> torch.Tensor:
+                     trans_asm: bool = True, maxnreg: int | None = None) -> torch.Tensor:
     """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
     launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach)."""
     from .tq_attention import _tq_reduce_kernel, default_splits, reduce_chunk, _TORCH_TO_TL
@@ -514,7 +553,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     cx = kernel_constexprs(tables, G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2),
-                           splits, num_warps, prefetch)
+                           splits, num_warps, prefetch, trans_asm)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     _tq_decode_hopper_kernel[(num_seqs, H, splits)](
         query, query.stride(0), query.stride(1),
