@@ -71,65 +71,63 @@ def _warp_bases(nw: int, rank: int) -> list:
     return [[1 << i] + [0] * (rank - 1) for i in range(_bits(nw))]
 
 
-def k_load_layout(d: int, nw: int) -> gl.DistributedLinearLayout:
-    """int16 key words [NW, NT, D/4]: lane (c, m) loads token m (+8) words [c E/4, (c+1) E/4)."""
-    eb = _bits(d // 4)
+def k_load_layout(d: int, nw: int, codes: int) -> gl.DistributedLinearLayout:
+    """Key code elements [NW, NT, D/codes] (int16: 4 codes, int8: 2): lane (c, g) loads token g
+    (and g + 8) elements [c E/4, (c+1) E/4), E = D/codes: bytes [c D/8, (c+1) D/8)."""
+    eb = _bits(d // codes)
     reg = [[0, 0, 1 << b] for b in range(eb - 2)] + [[0, 8, 0]]
     lane = [[0, 0, 1 << (eb - 2)], [0, 0, 1 << (eb - 1)], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
-    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // 4])
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
 
 
-def v_load_layout(d: int, nw: int, pair_first: bool) -> gl.DistributedLinearLayout:
-    """int16 value words [NW, NT, D/4]: lane (c, m) holds tokens 2c, 2c+1, 2c+8, 2c+9, words
-    [m E/8, (m+1) E/8). pair_first: token bit 0 as register bit 0 (the lookup's int16 pairs);
-    else the words first (the load's vectors)."""
-    eb = _bits(d // 4)
-    words = [[0, 0, 1 << b] for b in range(eb - 3)]
-    reg = ([[0, 1, 0]] + words if pair_first else words + [[0, 1, 0]]) + [[0, 8, 0]]
+def v_load_layout(d: int, nw: int, codes: int, pair_first: bool) -> gl.DistributedLinearLayout:
+    """Value code elements [NW, NT, D/codes]: lane (c, g) holds tokens 2c, 2c+1, 2c+8, 2c+9,
+    elements [g E/8, (g+1) E/8). pair_first: token bit 0 as register bit 0 (the lookup's packs
+    pair tokens 2c and 2c + 1); else the elements first (the load's vectors)."""
+    eb = _bits(d // codes)
+    elems = [[0, 0, 1 << b] for b in range(eb - 3)]
+    reg = ([[0, 1, 0]] + elems if pair_first else elems + [[0, 1, 0]]) + [[0, 8, 0]]
     lane = [[0, 2, 0], [0, 4, 0]] + [[0, 0, 1 << b] for b in range(eb - 3, eb)]
-    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // 4])
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
 
 
-def k_order(d: int) -> list[int]:
-    """Dims of the decoded keys [NW, NT, e bits (MSB first), jl, jh] in the order that
-    reshapes to [NW, NT, D (k-slot)]: k = e0 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e1 + ..."""
-    eb = _bits(d // 4)
-
-    def e(b):
-        return 2 + (eb - 1 - b)
-
-    return [0, 1] + [e(b) for b in range(eb - 3, 0, -1)] + [3 + eb, 2 + eb, e(eb - 1),
-                                                            e(eb - 2), e(0)]
+def _dims(d: int, codes: int):
+    """(e(b): the dim of element-index bit b, the phase dims MSB first) of the decoded tensor
+    [NW, NT, element bits (MSB first), phase bits (LSB first)]; phase j = code index - codes e."""
+    eb, pb = _bits(d // codes), _bits(codes)
+    return (lambda b: 2 + (eb - 1 - b)), [2 + eb + i for i in reversed(range(pb))]
 
 
-def v_order(d: int) -> list[int]:
-    """Dims of the decoded values [NW, NT, e bits (MSB first), jl, jh] in the order that reshapes
-    to [NW, D (m-slot), NT]: m = e_top3 + 2 e_top2 + 4 e_top1 + 8 jl + 16 jh + 32 e0 + ..."""
-    eb = _bits(d // 4)
-
-    def e(b):
-        return 2 + (eb - 1 - b)
-
-    return [0] + [e(b) for b in range(eb - 4, -1, -1)] + [3 + eb, 2 + eb, e(eb - 1), e(eb - 2),
-                                                          e(eb - 3), 1]
+def k_order(d: int, codes: int = 4) -> list[int]:
+    """The permutation of the decoded keys' dims that reshapes to [NW, NT, D (k-slot)]:
+    k = e_0 + 2 e_top2 + 4 e_top1 + 8 (phase) + ... (e_1, e_2, ... above): k bit 0 pairs two
+    elements in one register, k bits 1-2 are the lane's."""
+    e, phase = _dims(d, codes)
+    eb = _bits(d // codes)
+    return [0, 1] + [e(b) for b in range(eb - 3, 0, -1)] + phase + [e(eb - 1), e(eb - 2), e(0)]
 
 
-def slot_coordinates(d: int, order: list[int], token_dims=(0, 1)) -> list[int]:
-    """The code index (coordinate of the rotated vector) of each k- or n-slot, following the
-    kernel's reshape/permute: a slot's index bits, read in `order`, give (e bits, jl, jh);
-    coordinate = 4 e + 2 jh + jl."""
-    eb = _bits(d // 4)
-    dims = [x for x in order if x not in token_dims]  # MSB first
-    sizes = {x: 2 for x in dims}
+def v_order(d: int, codes: int = 4) -> list[int]:
+    """The permutation of the decoded values' dims that reshapes to [NW, D (m-slot), NT]:
+    m = e_top3 + 2 e_top2 + 4 e_top1 (the lane's) + 8 (phase) + ... (e_0, e_1, ... above)."""
+    e, phase = _dims(d, codes)
+    eb = _bits(d // codes)
+    return ([0] + [e(b) for b in range(eb - 4, -1, -1)] + phase
+            + [e(eb - 1), e(eb - 2), e(eb - 3), 1])
+
+
+def slot_coordinates(d: int, order: list[int], codes: int = 4) -> list[int]:
+    """The code index (coordinate of the rotated vector) of each k- or m-slot, following the
+    kernel's reshape/permute: a slot's index bits, read in `order` (dims 0 and 1 are the warp and
+    the token), give the element e and phase j; coordinate = codes * e + j."""
+    eb, pb = _bits(d // codes), _bits(codes)
+    dims = [x for x in order if x not in (0, 1)]  # MSB first
     coords = []
     for slot in range(d):
-        idx = {}
-        rem = slot
-        for x in reversed(dims):
-            idx[x] = rem % sizes[x]
-            rem //= sizes[x]
-        e = sum(idx[2 + (eb - 1 - b)] << b for b in range(eb))
-        coords.append(4 * e + 2 * idx[3 + eb] + idx[2 + eb])
+        bit = {x: (slot >> (len(dims) - 1 - i)) & 1 for i, x in enumerate(dims)}
+        e = sum(bit[2 + (eb - 1 - b)] << b for b in range(eb))
+        j = sum(bit[2 + eb + i] << i for i in range(pb))
+        coords.append(codes * e + j)
     return coords
 
 
@@ -154,9 +152,18 @@ def _lut4(words, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _join4(p0, p1, p2, p3):
-    """[..., E] x 4 phases -> [..., E, 2 (jl), 2 (jh)], phase j = jl + 2 jh."""
-    return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+def _levels(words, ASM: gl.constexpr, CODES: gl.constexpr):
+    """bf16 levels [..., E, phase bits] of code elements [..., E]: CODES = 4, int16 elements in
+    pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2, bytes in fours
+    (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble."""
+    if CODES == 4:
+        p0, p1, p2, p3 = _lut4(words, ASM)
+        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+    else:
+        lo, hi = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=4)
+        return gl.join(lo, hi)
 
 
 @gluon.jit
@@ -177,14 +184,19 @@ def _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: gl
 
 @gluon.jit
 def _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, layout: gl.constexpr,
-                OFF: gl.constexpr, NW: gl.constexpr, E: gl.constexpr, PAGE: gl.constexpr,
-                STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
-    """int16 code words [NW, NT, E] of one stream of the tile's slots."""
+                OFF: gl.constexpr, NW: gl.constexpr, CODES: gl.constexpr, D: gl.constexpr,
+                PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
+    """Code elements [NW, NT, D / CODES] (int16 for CODES = 4, int8 for 2) of one stream of the
+    tile's slots."""
     pos_layout: gl.constexpr = gl.SliceLayout(2, layout)
     rows, pos, ok = _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout, NW,
                                PAGE, STRIDE_TOK, STRIDE_HEAD)
-    e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    ptrs = (cache_ptr + rows[:, :, None] + OFF).to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    e = gl.arange(0, D // CODES, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    base = cache_ptr + rows[:, :, None] + OFF
+    if CODES == 4:
+        ptrs = base.to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    else:
+        ptrs = base.to(gl.pointer_type(gl.int8)) + e[None, None, :]
     return gl.load(ptrs, mask=ok[:, :, None], other=0)
 
 
@@ -202,12 +214,11 @@ def _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: g
 
 @gluon.jit
 def _decode_k(kw, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
-              K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr):
-    """int16 key words [NW, NT, D/4] -> bf16 A operand [NW, NT, D (k-slots)], in registers."""
-    p0, p1, p2, p3 = _lut4(kw, ASM)
-    x = _join4(p0, p1, p2, p3)
-    x = gl.reshape(x, BIT_SHAPE)
-    x = gl.permute(x, K_ORDER)
+              K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
+    """Key code elements [NW, NT, D/CODES] -> bf16 A operand [NW, NT, D (k-slots)], in
+    registers."""
+    x = gl.reshape(_levels(kw, ASM, CODES), BIT_SHAPE)
+    x = gl.permute(x, K_ORDER.value)
     x = gl.reshape(x, [NW, 16, D])
     return gl.convert_layout(x, LA)
 
@@ -215,13 +226,12 @@ def _decode_k(kw, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.c
 @gluon.jit
 def _decode_v(vw, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
               NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr,
-              BIT_SHAPE: gl.constexpr):
-    """int16 value words [NW, NT, D/4] -> bf16 A operand [NW, D (m-slots), NT], in registers."""
-    vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one word side by side
-    p0, p1, p2, p3 = _lut4(vw, ASM)
-    x = _join4(p0, p1, p2, p3)
-    x = gl.reshape(x, BIT_SHAPE)
-    x = gl.permute(x, V_ORDER)
+              BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
+    """Value code elements [NW, NT, D/CODES] -> bf16 A operand [NW, D (m-slots), NT], in
+    registers."""
+    vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one element side by side
+    x = gl.reshape(_levels(vw, ASM, CODES), BIT_SHAPE)
+    x = gl.permute(x, V_ORDER.value)
     x = gl.reshape(x, [NW, D, 16])
     return gl.convert_layout(x, LA)
 
@@ -279,11 +289,11 @@ def _tq_decode_hopper_kernel(
     K_ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
     K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr,
+    CODES: gl.constexpr,
 ):
     seq = gl.program_id(0)
     head = gl.program_id(1)
     split = gl.program_id(2)
-    E: gl.constexpr = D // 4
 
     # Layouts: one batched mma.sync layout (dim 0: the warp) for S^T = K Q^T [NW, NT, R] and
     # O^T = V^T P^T [NW, D, R]; its operands; the query transform's 2-D mma.
@@ -385,9 +395,9 @@ def _tq_decode_hopper_kernel(
     o = gl.zeros([NW, D, R], gl.float32, L)
     if PREFETCH:
         kw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, K_LOAD, K_OFF,
-                         NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                         NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
         vw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, V_LOAD, V_OFF,
-                         NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                         NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
             a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
@@ -396,18 +406,18 @@ def _tq_decode_hopper_kernel(
                 kw_now = kw
                 vw_now = vw
                 kw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, K_LOAD,
-                                 K_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                                 K_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
                 vw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, V_LOAD,
-                                 V_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                                 V_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
             else:
                 kw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, K_LOAD,
-                                     K_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                                     K_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
                 vw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, V_LOAD,
-                                     V_OFF, NW, E, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                                     V_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
             kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, TOKS,
                                           K_NORM_OFF, V_NORM_OFF, NW, PAGE, STRIDE_TOK,
                                           STRIDE_HEAD)
-            ka = _decode_k(kw_now, K_ASM, LA, NW, D, K_ORDER, BIT_SHAPE)
+            ka = _decode_k(kw_now, K_ASM, LA, NW, D, K_ORDER, BIT_SHAPE, CODES)
             s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
             s = s * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
@@ -428,7 +438,7 @@ def _tq_decode_hopper_kernel(
             m_i = m_new
             pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
             pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-            va = _decode_v(vw_now, V_ASM, LA, V_PAIR, NW, D, V_ORDER, BIT_SHAPE)
+            va = _decode_v(vw_now, V_ASM, LA, V_PAIR, NW, D, V_ORDER, BIT_SHAPE, CODES)
             o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
@@ -465,8 +475,10 @@ def rows_of(G: int, fold: bool) -> tuple[int, int]:
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int, splits: int,
-                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True) -> dict:
-    """The kernel's constexpr arguments for a layer (tables: LayerTables; hopper_tables() made)."""
+                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
+                      codes: int = 4) -> dict:
+    """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
+    vllm_gds/kvcache/hopper_tables.attach). codes: 2 (bytes into the lookup) or 4 (int16)."""
     layout = tables.layout
     d = layout.head_size
     kw = tables.constexprs
@@ -477,27 +489,28 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
-        V_NORM_OFF=kw["V_NORM_OFF"], K_ASM=tables.hopper_asm["k"],
-        V_ASM=tables.hopper_asm["v"], WP=kw["VA_W"] + kw["VB_W"] + 2,
+        V_NORM_OFF=kw["V_NORM_OFF"], K_ASM=tables.hopper_asm["k"][codes],
+        V_ASM=tables.hopper_asm["v"][codes], WP=kw["VA_W"] + kw["VB_W"] + 2,
         V_PART=kw["VA_W"] + kw["VB_W"],
-        K_LOAD=k_load_layout(d, nw), V_LOAD=v_load_layout(d, nw, False),
-        V_PAIR=v_load_layout(d, nw, True), K_ORDER=k_order(d), V_ORDER=v_order(d),
-        BIT_SHAPE=[nw, NT] + [2] * (_bits(d // 4) + 2),
+        K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
+        V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=k_order(d, codes),
+        V_ORDER=v_order(d, codes), BIT_SHAPE=[nw, NT] + [2] * _bits(d), CODES=codes,
     )
 
 
-def hadamard_operands(tables) -> tuple[torch.Tensor, torch.Tensor]:
+def hadamard_operands(tables, codes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(query transform [D, D] = H's columns in this kernel's k-slot order, output rows [D, D] in
-    its n-slot order), made once per tables (the launch passes them; the reduce finishes with
+    its m-slot order), made once per tables (the launch passes them; the reduce finishes with
     the rows)."""
     cache = tables.__dict__.setdefault("_hopper_operands", {})
-    if not cache:
+    if codes not in cache:
         d = tables.layout.head_size
-        kperm = torch.tensor(slot_coordinates(d, k_order(d)), device=tables.signs.device)
-        vperm = torch.tensor(slot_coordinates(d, v_order(d)), device=tables.signs.device)
-        cache["k"] = tables.h_cols["kb"][:, kperm].contiguous()
-        cache["v"] = tables.h_rows["vb"][vperm].contiguous()
-    return cache["k"], cache["v"]
+        dev = tables.signs.device
+        kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes), device=dev)
+        vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes), device=dev)
+        cache[codes] = (tables.h_cols["kb"][:, kperm].contiguous(),
+                        tables.h_rows["vb"][vperm].contiguous())
+    return cache[codes]
 
 
 def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str | None:
@@ -530,7 +543,8 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                      softmax_scale: float, out: torch.Tensor | None = None, *,
                      splits: int | None = None, num_warps: int = 4, prefetch: bool = False,
-                     trans_asm: bool = True, maxnreg: int | None = None) -> torch.Tensor:
+                     trans_asm: bool = True, codes: int = 4,
+                     maxnreg: int | None = None) -> torch.Tensor:
     """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
     launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach)."""
     from .tq_attention import _tq_reduce_kernel, default_splits, reduce_chunk, _TORCH_TO_TL
@@ -548,12 +562,12 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         raise ValueError(f"tq_decode_hopper: {reason}; use kernels.tq_attention.tq_attention")
     if splits is None:
         splits = default_splits(num_seqs, H, query.device)
-    h_k, h_v = hadamard_operands(tables)
+    h_k, h_v = hadamard_operands(tables, codes)
     kw = tables.constexprs
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     cx = kernel_constexprs(tables, G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2),
-                           splits, num_warps, prefetch, trans_asm)
+                           splits, num_warps, prefetch, trans_asm, codes)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     _tq_decode_hopper_kernel[(num_seqs, H, splits)](
         query, query.stride(0), query.stride(1),

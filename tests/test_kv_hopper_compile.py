@@ -27,26 +27,30 @@ from vllm_gds.kvcache.hopper_tables import attach  # noqa: E402
 from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
 
 
-def _emulate(codes: torch.Tensor, order, out_shape):
-    """The kernel's chain on [NT, D] codes of one warp: int16 words (codes 4e..4e+3) -> four
-    phases P_j[t, e] = code 4e + j (the lookup, elementwise) -> join(join(P0, P1), join(P2, P3))
-    -> reshape to index bits -> permute(order) -> reshape(out_shape)."""
+def _emulate(codes: torch.Tensor, order, out_shape, per: int):
+    """The kernel's chain on [NT, D] codes of one warp: elements of `per` codes (int16: 4, int8:
+    2) -> the lookup's phases P_j[t, e] = code per e + j (elementwise) -> join(join(P0, P1),
+    join(P2, P3)) (per = 4) or join(P0, P1) -> reshape to index bits -> permute(order) ->
+    reshape(out_shape)."""
     nt, d = codes.shape
-    eb = (d // 4).bit_length() - 1
-    phases = [codes[:, j::4] for j in range(4)]  # [NT, E], e -> code 4e + j
-    x = torch.stack([torch.stack([phases[0], phases[1]], -1),
-                     torch.stack([phases[2], phases[3]], -1)], -1)  # [NT, E, jl, jh]
-    x = x.reshape([1, nt] + [2] * (eb + 2))
+    phases = [codes[:, j::per] for j in range(per)]  # [NT, E], e -> code per e + j
+    if per == 4:
+        x = torch.stack([torch.stack([phases[0], phases[1]], -1),
+                         torch.stack([phases[2], phases[3]], -1)], -1)  # [NT, E, jl, jh]
+    else:
+        x = torch.stack(phases, -1)  # [NT, E, j]
+    x = x.reshape([1, nt] + [2] * (d.bit_length() - 1))
     return x.permute(order).reshape(out_shape)
 
 
+@pytest.mark.parametrize("per", [2, 4])
 @pytest.mark.parametrize("d", [64, 128])
-def test_operand_slots_hold_the_coordinates_the_host_permutes(d):
+def test_operand_slots_hold_the_coordinates_the_host_permutes(d, per):
     codes = torch.arange(d).repeat(16, 1) + 1000 * torch.arange(16)[:, None]  # token*1000 + coord
-    ka = _emulate(codes, hop.k_order(d), [1, 16, d])[0]  # [token, k-slot]
-    va = _emulate(codes, hop.v_order(d), [1, d, 16])[0]  # [m-slot, token]
-    kperm = hop.slot_coordinates(d, hop.k_order(d))
-    vperm = hop.slot_coordinates(d, hop.v_order(d))
+    ka = _emulate(codes, hop.k_order(d, per), [1, 16, d], per)[0]  # [token, k-slot]
+    va = _emulate(codes, hop.v_order(d, per), [1, d, 16], per)[0]  # [m-slot, token]
+    kperm = hop.slot_coordinates(d, hop.k_order(d, per), per)
+    vperm = hop.slot_coordinates(d, hop.v_order(d, per), per)
     assert sorted(kperm) == list(range(d)) and sorted(vperm) == list(range(d))
     assert torch.equal(ka, torch.tensor(kperm)[None, :] + 1000 * torch.arange(16)[:, None])
     assert torch.equal(va, torch.tensor(vperm)[:, None] + 1000 * torch.arange(16)[None, :])
@@ -67,12 +71,13 @@ def test_hadamard_operands_are_permuted_blocks():
     vperm = hop.slot_coordinates(128, hop.v_order(128))
     assert torch.equal(h_k, t.h_cols["kb"][:, kperm])
     assert torch.equal(h_v, t.h_rows["vb"][vperm])
-    assert t.hopper_asm["k"] == t.lut4_asm["k"]  # the portable kernel's lookup at d = 128
+    assert t.hopper_asm["k"][4] == t.lut4_asm["k"]  # the portable kernel's lookup at d = 128
 
 
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=64, g=3, kv_heads=3), dict(d=128, g=4, kv_heads=8, mean=False),
-           dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True)]
+           dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),
+           dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False)]
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +111,23 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     assert ops["STL"] == ops["LDL"] == 0, f"local memory (spills) in the tile loop: {loop}"
     assert loop["LDG.E"] >= 2 * (d // 64) * 2, loop  # key words: 32-bit loads
     assert st["loop_total"] < 946, f"{st['loop_total']} SASS instructions per tile"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_bytes_asm_looks_up_every_code(d):
+    """hopper_tables.bytes_asm (the lookup on int8 elements in fours), run on test_kv_kernels'
+    PTX interpreter: $0/$1 hold the low nibbles of bytes (0, 1)/(2, 3), $2/$3 the high ones."""
+    from test_kv_kernels import _run_ptx
+    from vllm_gds.kvcache.codebook import codebook
+    from vllm_gds.kvcache.hopper_tables import bytes_asm
+
+    levels = codebook(d, 4)[0]
+    table = levels.to(torch.bfloat16).view(torch.int16).tolist()
+    asm = bytes_asm(levels)
+    for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
+        out = _run_ptx(asm, {"$4": w})
+        for reg, (nibble, first_byte) in enumerate([(0, 0), (0, 2), (1, 0), (1, 2)]):
+            for half in range(2):
+                code = (w >> (8 * (first_byte + half) + 4 * nibble)) & 15
+                got = (out[f"${reg}"] >> (16 * half)) & 0xFFFF
+                assert got == table[code] & 0xFFFF, (hex(w), reg, half, code)

@@ -36,8 +36,12 @@ SHAPES = {
     "Llama-3-70B TP8": ((8, 1, 128), [(32, 4096), (64, 8192), (1, 32768), (8, 131072)]),
     "SmolLM2-135M": ((9, 3, 64), [(32, 4096), (8, 32768), (1, 32768)]),
 }
-# The fast path's launch variants timed at every shape (keyword arguments of tq_decode_hopper).
-VARIANTS = {"fast": {}, "fast_prefetch": {"prefetch": True}}
+# The fast path's launch variants, checked and timed at every shape (keyword arguments of
+# tq_decode_hopper): the default; at most 168 registers (3 programs per SM instead of 2); the next
+# tile's codes loaded before the current one is computed; P transposed by the compiler's layout
+# conversion instead of movmatrix; the lookup on bytes (two fewer permutes per 8 codes).
+VARIANTS = {"fast": {}, "fast_r168": {"maxnreg": 168}, "fast_pf": {"prefetch": True},
+            "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2}}
 
 
 def log(msg):
@@ -160,13 +164,22 @@ def reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device):
         refs.append(torch.einsum("hk,khd->hd", sc.softmax(-1), vv))
         start += s
     ref = torch.stack(refs)
-    o_fast = fast(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")), splits=splits)
     o_port = portable(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")),
                       splits=splits)
     raw = float((got[:, :, tables.layout.key.norm_offset + 1] >= 0x80).float().mean())
-    return {"err_fast_vs_ref": rel(o_fast, ref), "err_portable_vs_ref": rel(o_port, ref),
-            "err_fast_vs_portable": rel(o_fast, o_port), "nan": bool(o_fast.isnan().any()),
-            "raw_key_share": raw}
+    res = {"err_portable_vs_ref": rel(o_port, ref), "raw_key_share": raw}
+    for var, kw in VARIANTS.items():
+        try:
+            o = fast(q, cache, bt, sl, qsl, tables, torch.full_like(q, float("nan")),
+                     splits=splits, **kw)
+            torch.cuda.synchronize()
+            res[f"{var}_vs_ref"] = rel(o, ref)
+            res[f"{var}_vs_portable"] = rel(o, o_port)
+            res[f"{var}_nan"] = bool(o.isnan().any())
+        except Exception:
+            log(f"  {var} FAILED\n{tb_head()}")
+            res[f"{var}_error"] = traceback.format_exc().splitlines()[-1]
+    return res
 
 
 REF_CASES = [  # (hq, hk, d, seq_lens, splits, mean, fallback)
@@ -326,10 +339,17 @@ def main(argv=None):
              "Reference (small shapes, relative error vs exact attention over the reference "
              "decoding):"]
     for e in results["reference"]:
-        lines.append(f"  {e['case']}: " + (e.get("error") or (
-            f"fast {e['err_fast_vs_ref']:.2e} portable {e['err_portable_vs_ref']:.2e} "
-            f"fast-vs-portable {e['err_fast_vs_portable']:.2e} nan {e['nan']} "
-            f"raw keys {e['raw_key_share']:.2f}")))
+        if "error" in e:
+            lines.append(f"  {e['case']}: {e['error']}")
+            continue
+        parts = [f"portable {e['err_portable_vs_ref']:.2e}"]
+        for var in VARIANTS:
+            if f"{var}_error" in e:
+                parts.append(f"{var} FAILED")
+            else:
+                parts.append(f"{var} {e[f'{var}_vs_ref']:.2e}"
+                             + (" NaN" if e[f"{var}_nan"] else ""))
+        lines.append(f"  {e['case']} (raw keys {e['raw_key_share']:.2f}): " + ", ".join(parts))
     lines.append("Full size, ms (do_bench median; graph: CUDA-graph device time, caches rotated):")
     lines += table(results["full"])
     results["table"] = lines
