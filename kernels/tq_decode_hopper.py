@@ -145,22 +145,20 @@ def _rope_cos_sin(a):
 
 
 @gluon.jit
-def _lut4(words, ASM: gl.constexpr):
-    return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words],
-                                     dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
-                                     is_pure=True, pack=2)
-
-
-@gluon.jit
-def _levels(words, ASM: gl.constexpr, CODES: gl.constexpr):
+def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr):
     """bf16 levels [..., E, phase bits] of code elements [..., E]: CODES = 4, int16 elements in
     pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2, bytes in fours
-    (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble."""
+    (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble. lut: the four
+    table words (scalars), passed as operands (hopper_tables.operand_asm)."""
+    t = gl.full(words.shape, 0, gl.int32, words.type.layout)
+    ops = [words, t + lut[0], t + lut[1], t + lut[2], t + lut[3]]
     if CODES == 4:
-        p0, p1, p2, p3 = _lut4(words, ASM)
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,r" + ",r" * 8, ops,
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
         return gl.join(gl.join(p0, p1), gl.join(p2, p3))
     else:
-        lo, hi = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words],
+        lo, hi = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r" + ",r" * 16, ops,
                                            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
                                            pack=4)
         return gl.join(lo, hi)
@@ -213,24 +211,24 @@ def _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: g
 
 
 @gluon.jit
-def _decode_k(kw, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+def _decode_k(kw, lut, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
               K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
     """Key code elements [NW, NT, D/CODES] -> bf16 A operand [NW, NT, D (k-slots)], in
     registers."""
-    x = gl.reshape(_levels(kw, ASM, CODES), BIT_SHAPE)
+    x = gl.reshape(_levels(kw, lut, ASM, CODES), BIT_SHAPE)
     x = gl.permute(x, K_ORDER.value)
     x = gl.reshape(x, [NW, 16, D])
     return gl.convert_layout(x, LA)
 
 
 @gluon.jit
-def _decode_v(vw, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+def _decode_v(vw, lut, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
               NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr,
               BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
     """Value code elements [NW, NT, D/CODES] -> bf16 A operand [NW, D (m-slots), NT], in
     registers."""
     vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one element side by side
-    x = gl.reshape(_levels(vw, ASM, CODES), BIT_SHAPE)
+    x = gl.reshape(_levels(vw, lut, ASM, CODES), BIT_SHAPE)
     x = gl.permute(x, V_ORDER.value)
     x = gl.reshape(x, [NW, D, 16])
     return gl.convert_layout(x, LA)
@@ -280,13 +278,14 @@ def _tq_decode_hopper_kernel(
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
     mean_table_ptr, hk_ptr, part_ptr, qk_scale,
+    lut0, lut1, lut2, lut3,
     G: gl.constexpr, SPLITS: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
-    K_ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
+    ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
     K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr,
     CODES: gl.constexpr,
@@ -391,7 +390,7 @@ def _tq_decode_hopper_kernel(
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
 
     m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
-    l_i = gl.zeros([NW, R], gl.float32, STAT)
+    l_t = gl.zeros([NW, 16, R], gl.float32, L)  # per-thread sums of p: summed once at the end
     o = gl.zeros([NW, D, R], gl.float32, L)
     if PREFETCH:
         kw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, K_LOAD, K_OFF,
@@ -417,7 +416,8 @@ def _tq_decode_hopper_kernel(
             kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, TOKS,
                                           K_NORM_OFF, V_NORM_OFF, NW, PAGE, STRIDE_TOK,
                                           STRIDE_HEAD)
-            ka = _decode_k(kw_now, K_ASM, LA, NW, D, K_ORDER, BIT_SHAPE, CODES)
+            ka = _decode_k(kw_now, (lut0, lut1, lut2, lut3), ASM, LA, NW, D, K_ORDER,
+                           BIT_SHAPE, CODES)
             s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
             s = s * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
@@ -434,14 +434,16 @@ def _tq_decode_hopper_kernel(
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
+            l_t = l_t * gl.expand_dims(alpha, 1) + p
             m_i = m_new
             pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
             pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-            va = _decode_v(vw_now, V_ASM, LA, V_PAIR, NW, D, V_ORDER, BIT_SHAPE, CODES)
+            va = _decode_v(vw_now, (lut0, lut1, lut2, lut3), ASM, LA, V_PAIR, NW, D,
+                           V_ORDER, BIT_SHAPE, CODES)
             o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
+    l_i = gl.sum(l_t, axis=1)
     R2: gl.constexpr = R // HALF
     m4 = gl.reshape(m_i, [NW, R2, HALF])
     l4 = gl.reshape(l_i, [NW, R2, HALF])
@@ -489,8 +491,8 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
-        V_NORM_OFF=kw["V_NORM_OFF"], K_ASM=tables.hopper_asm["k"][codes],
-        V_ASM=tables.hopper_asm["v"][codes], WP=kw["VA_W"] + kw["VB_W"] + 2,
+        V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes],
+        WP=kw["VA_W"] + kw["VB_W"] + 2,
         V_PART=kw["VA_W"] + kw["VB_W"],
         K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
         V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=k_order(d, codes),
@@ -574,7 +576,8 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
         tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
-        part, softmax_scale * LOG2E / D**0.5, num_warps=num_warps, **cx, **extra,
+        part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut,
+        num_warps=num_warps, **cx, **extra,
     )
     dot = _TORCH_TO_TL[tables.level_tables.dtype]
     _tq_reduce_kernel[(T, H)](

@@ -23,7 +23,7 @@ pytest.importorskip("triton.experimental.gluon._runtime")
 from vllm_gds.kernels import tq_decode_hopper as hop  # noqa: E402
 from vllm_gds.kvcache.calibration_file import top_pairs  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
-from vllm_gds.kvcache.hopper_tables import attach  # noqa: E402
+from vllm_gds.kvcache.hopper_tables import attach, operand_asm  # noqa: E402
 from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
 
 
@@ -71,7 +71,8 @@ def test_hadamard_operands_are_permuted_blocks():
     vperm = hop.slot_coordinates(128, hop.v_order(128))
     assert torch.equal(h_k, t.h_cols["kb"][:, kperm])
     assert torch.equal(h_v, t.h_rows["vb"][vperm])
-    assert t.hopper_asm["k"][4] == t.lut4_asm["k"]  # the portable kernel's lookup at d = 128
+    # the portable kernel's lookup at d = 128, its table words as operands
+    assert t.hopper_asm[4] == operand_asm(t.lut4_asm["k"], 4)
 
 
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
@@ -113,21 +114,29 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     assert st["loop_total"] < 946, f"{st['loop_total']} SASS instructions per tile"
 
 
+@pytest.mark.parametrize("codes", [2, 4])
 @pytest.mark.parametrize("d", [64, 128])
-def test_bytes_asm_looks_up_every_code(d):
-    """hopper_tables.bytes_asm (the lookup on int8 elements in fours), run on test_kv_kernels'
-    PTX interpreter: $0/$1 hold the low nibbles of bytes (0, 1)/(2, 3), $2/$3 the high ones."""
+def test_lookup_ptx_with_table_operands_looks_up_every_code(d, codes):
+    """The kernel's lookups (hopper_tables.attach: table words as operands $5, $5 + p, ...; p =
+    the call's pack), run on test_kv_kernels' PTX interpreter. codes 4 (int16 elements in pairs):
+    $j = phase j (code 4e + j) of both elements; codes 2 (int8 elements in fours): $0/$1 the
+    low nibbles of bytes (0, 1)/(2, 3), $2/$3 the high ones."""
     from test_kv_kernels import _run_ptx
     from vllm_gds.kvcache.codebook import codebook
-    from vllm_gds.kvcache.hopper_tables import bytes_asm
+    from vllm_gds.kvcache.hopper_tables import PACK
 
-    levels = codebook(d, 4)[0]
-    table = levels.to(torch.bfloat16).view(torch.int16).tolist()
-    asm = bytes_asm(levels)
+    t = attach(LayerTables(FORMATS["tq4"], d, 0, 0, "cpu", torch.float32, 1))
+    table = codebook(d, 4)[0].to(torch.bfloat16).view(torch.int16).tolist()
+    p = PACK[codes]
+    words = [w & 0xFFFFFFFF for w in t.hopper_lut]
     for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
-        out = _run_ptx(asm, {"$4": w})
-        for reg, (nibble, first_byte) in enumerate([(0, 0), (0, 2), (1, 0), (1, 2)]):
+        regs = {"$4": w, **{f"${5 + i * p}": words[i] for i in range(4)}}
+        out = _run_ptx(t.hopper_asm[codes], regs)
+        for reg in range(4):
             for half in range(2):
-                code = (w >> (8 * (first_byte + half) + 4 * nibble)) & 15
+                if codes == 4:  # element `half`, phase `reg`
+                    code = (w >> (16 * half + 4 * reg)) & 15
+                else:  # nibble reg // 2 of byte 2 (reg % 2) + half
+                    code = (w >> (8 * (2 * (reg % 2) + half) + 4 * (reg // 2))) & 15
                 got = (out[f"${reg}"] >> (16 * half)) & 0xFFFF
                 assert got == table[code] & 0xFFFF, (hex(w), reg, half, code)

@@ -54,15 +54,40 @@ prmt.b32 $3, lb, hb, 0x7351;
 }}"""
 
 
+PACK = {4: 2, 2: 4}  # codes per element -> elements per inline-asm call
+
+
+def operand_asm(asm: str, codes: int) -> str:
+    """The lookup with its four table words read from operands instead of immediates: the words
+    come from kernel arguments, so every lookup of a tile shares four registers (ptxas copied the
+    immediates from uniform registers before each lookup: about 3 instructions per 8 codes). The
+    operands follow the output registers and the code register $4; an int32 operand of an
+    inline_asm_elementwise call with pack p takes p registers, of which the first is read."""
+    p = PACK[codes]
+    lines = asm.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("mov.b32 tl0,")]
+    if len(at) != 1:
+        raise ValueError("unexpected lookup PTX: no table line")
+    lines[at[0]] = (f"mov.b32 tl0, ${5}; mov.b32 tl1, ${5 + p}; mov.b32 th0, ${5 + 2 * p}; "
+                    f"mov.b32 th1, ${5 + 3 * p};")
+    return "\n".join(lines)
+
+
+def table_words(levels) -> tuple[int, int, int, int]:
+    """lut4_ptx.magnitude_bytes as signed 32-bit integers (kernel arguments)."""
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in magnitude_bytes(levels))
+
+
 def attach(tables):
-    """Set tables.hopper_asm = {"k": {4: PTX, 2: PTX}, "v": {...}} (codes per element) where keys
-    and values are single 4-bit streams (else None); returns tables."""
+    """Where keys and values are single 4-bit streams (so both use codebook(d, 4)):
+    tables.hopper_asm = {4: PTX, 2: PTX} (codes per element; the table words are operands) and
+    tables.hopper_lut = the four table words (table_words); else both None. Returns tables."""
     layout = tables.layout
     d = layout.head_size
-    asm = {}
-    for name, vec in (("k", layout.key), ("v", layout.value)):
-        if vec.a.n == 0 and vec.b.bits == 4 and vec.b.n == d:
-            levels = codebook(d, 4)[0]
-            asm[name] = {4: levels4_asm(levels), 2: bytes_asm(levels)}
-    tables.hopper_asm = asm if len(asm) == 2 else None
+    ok = all(vec.a.n == 0 and vec.b.bits == 4 and vec.b.n == d
+             for vec in (layout.key, layout.value))
+    levels = codebook(d, 4)[0]
+    tables.hopper_asm = ({4: operand_asm(levels4_asm(levels), 4),
+                          2: operand_asm(bytes_asm(levels), 2)} if ok else None)
+    tables.hopper_lut = table_words(levels) if ok else None
     return tables
