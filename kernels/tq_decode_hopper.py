@@ -165,49 +165,46 @@ def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr):
 
 
 @gluon.jit
-def _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: gl.constexpr,
-               NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
-               STRIDE_HEAD: gl.constexpr):
-    """Byte offsets [NW, NT] (int64) of this tile's slots of this KV head, and their positions
-    and mask, in a 2-D layout pos_layout (one block-table entry per warp-tile)."""
+def _tile_base(bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr, NW: gl.constexpr,
+               PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
+    """Byte offset [NW] (int64, layout W) of the first slot of each warp's 16 tokens of a tile,
+    this KV head: one block-table load per warp-tile. Past the sequence the block is 0, so the
+    loads that follow need no mask (the scores and weights of those tokens are masked)."""
+    tok0 = (tile * NW + gl.arange(0, NW, W)) * 16
+    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)
+    return blk.to(gl.int64) * stride_blk + (head * STRIDE_HEAD + (tok0 % PAGE) * STRIDE_TOK)
+
+
+@gluon.jit
+def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, CODES: gl.constexpr,
+                D: gl.constexpr, STRIDE_TOK: gl.constexpr):
+    """Code elements [NW, NT, D / CODES] (int16 for CODES = 4, int8 for 2) of one stream of the
+    tile's slots (base: _tile_base)."""
+    base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    e = gl.arange(0, D // CODES, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
+    ptrs = cache_ptr + rows[:, :, None]
+    if CODES == 4:
+        ptrs = ptrs.to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    else:
+        ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
+    return gl.load(ptrs)
+
+
+@gluon.jit
+def _load_norms(cache_ptr, base, tile, kv_end, pos_layout: gl.constexpr,
+                K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr, NW: gl.constexpr,
+                STRIDE_TOK: gl.constexpr):
+    """Key and value norms [NW, NT] (float32, 0 past the sequence) and the tokens' mask."""
+    base = gl.convert_layout(base, gl.SliceLayout(1, pos_layout))
     w = gl.arange(0, NW, gl.SliceLayout(1, pos_layout))
     t = gl.arange(0, 16, gl.SliceLayout(0, pos_layout))
-    tok0 = (tile * NW + w) * 16  # [NW]
-    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)
-    base = blk.to(gl.int64) * stride_blk + head * STRIDE_HEAD + (tok0 % PAGE) * STRIDE_TOK
-    pos = tok0[:, None] + t[None, :]
-    rows = base[:, None] + (t * STRIDE_TOK)[None, :]
-    return rows, pos, pos < kv_end
-
-
-@gluon.jit
-def _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, layout: gl.constexpr,
-                OFF: gl.constexpr, NW: gl.constexpr, CODES: gl.constexpr, D: gl.constexpr,
-                PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
-    """Code elements [NW, NT, D / CODES] (int16 for CODES = 4, int8 for 2) of one stream of the
-    tile's slots."""
-    pos_layout: gl.constexpr = gl.SliceLayout(2, layout)
-    rows, pos, ok = _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout, NW,
-                               PAGE, STRIDE_TOK, STRIDE_HEAD)
-    e = gl.arange(0, D // CODES, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    base = cache_ptr + rows[:, :, None] + OFF
-    if CODES == 4:
-        ptrs = base.to(gl.pointer_type(gl.int16)) + e[None, None, :]
-    else:
-        ptrs = base.to(gl.pointer_type(gl.int8)) + e[None, None, :]
-    return gl.load(ptrs, mask=ok[:, :, None], other=0)
-
-
-@gluon.jit
-def _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout: gl.constexpr,
-                K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr, NW: gl.constexpr,
-                PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
-    rows, pos, ok = _page_rows(cache_ptr, bt_row, tile, kv_end, head, stride_blk, pos_layout, NW,
-                               PAGE, STRIDE_TOK, STRIDE_HEAD)
-    p16 = (cache_ptr + rows).to(gl.pointer_type(gl.int16))
-    kn = gl.load(p16 + K_NORM_OFF // 2, mask=ok, other=0).to(gl.float16, bitcast=True)
-    vn = gl.load(p16 + V_NORM_OFF // 2, mask=ok, other=0).to(gl.float16, bitcast=True)
-    return kn.to(gl.float32), vn.to(gl.float32), pos, ok
+    ok = ((tile * NW + w) * 16)[:, None] + t[None, :] < kv_end
+    p16 = (cache_ptr + base[:, None] + (t * STRIDE_TOK)[None, :]).to(gl.pointer_type(gl.int16))
+    kn = gl.load(p16 + K_NORM_OFF // 2).to(gl.float16, bitcast=True).to(gl.float32)
+    vn = gl.load(p16 + V_NORM_OFF // 2).to(gl.float16, bitcast=True).to(gl.float32)
+    return gl.where(ok, kn, 0.0), gl.where(ok, vn, 0.0), ok
 
 
 @gluon.jit
@@ -278,7 +275,7 @@ def _tq_decode_hopper_kernel(
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
     mean_table_ptr, hk_ptr, part_ptr, qk_scale,
-    lut0, lut1, lut2, lut3,
+    lut0, lut1, lut2, lut3, lut_zero,
     G: gl.constexpr, SPLITS: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
@@ -309,6 +306,11 @@ def _tq_decode_hopper_kernel(
     LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
 
     q_row = gl.load(query_start_ptr + seq)
+    # The lookup's table words, made per-thread values (+ lane id * 0): ptxas keeps kernel
+    # arguments in uniform registers and copied them into a register before every lookup.
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero
+    lut = (lut0 + lane0, lut1 + lane0, lut2 + lane0, lut3 + lane0)
     kv_end = gl.load(seq_lens_ptr + seq)
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
@@ -392,11 +394,12 @@ def _tq_decode_hopper_kernel(
     m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
     l_t = gl.zeros([NW, 16, R], gl.float32, L)  # per-thread sums of p: summed once at the end
     o = gl.zeros([NW, D, R], gl.float32, L)
+    W1: gl.constexpr = gl.SliceLayout(1, TOKS)
     if PREFETCH:
-        kw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, K_LOAD, K_OFF,
-                         NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
-        vw = _load_words(cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, V_LOAD, V_OFF,
-                         NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
+        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+                          STRIDE_HEAD)
+        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
             a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
@@ -404,19 +407,19 @@ def _tq_decode_hopper_kernel(
             if PREFETCH:
                 kw_now = kw
                 vw_now = vw
-                kw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, K_LOAD,
-                                 K_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
-                vw = _load_words(cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, V_LOAD,
-                                 V_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
+                base_now = base
+                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                                  STRIDE_TOK, STRIDE_HEAD)
+                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
             else:
-                kw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, K_LOAD,
-                                     K_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
-                vw_now = _load_words(cache_ptr, bt_row, tile, kv_end, head, stride_blk, V_LOAD,
-                                     V_OFF, NW, CODES, D, PAGE, STRIDE_TOK, STRIDE_HEAD)
-            kn, vn, pos, ok = _load_norms(cache_ptr, bt_row, tile, kv_end, head, stride_blk, TOKS,
-                                          K_NORM_OFF, V_NORM_OFF, NW, PAGE, STRIDE_TOK,
-                                          STRIDE_HEAD)
-            ka = _decode_k(kw_now, (lut0, lut1, lut2, lut3), ASM, LA, NW, D, K_ORDER,
+                base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
+                                      STRIDE_TOK, STRIDE_HEAD)
+                kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+                vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
+                                     V_NORM_OFF, NW, STRIDE_TOK)
+            ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER,
                            BIT_SHAPE, CODES)
             s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
             s = s * gl.expand_dims(gl.abs(kn), 2)
@@ -438,7 +441,7 @@ def _tq_decode_hopper_kernel(
             m_i = m_new
             pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
             pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-            va = _decode_v(vw_now, (lut0, lut1, lut2, lut3), ASM, LA, V_PAIR, NW, D,
+            va = _decode_v(vw_now, lut, ASM, LA, V_PAIR, NW, D,
                            V_ORDER, BIT_SHAPE, CODES)
             o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
@@ -576,7 +579,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
         query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
         tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
-        part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut,
+        part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0,
         num_warps=num_warps, **cx, **extra,
     )
     dot = _TORCH_TO_TL[tables.level_tables.dtype]
