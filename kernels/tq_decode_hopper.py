@@ -1,46 +1,50 @@
 """tq4 decode attention for Hopper (sm_90) in Gluon: 4-bit codes decoded straight into mma.sync
-operand registers. The portable kernel (tq_attention.py) stays the reference; this file is the
-fast path for the served tq4 decode only (4-bit keys and values, one stream each, head size 64
-or 128, raw-key fallback FOLDed, pre-RoPE key mean with MEAN_STEP and the 32-tile anchor, paged
-cache with pages a multiple of 16 tokens). It writes the same (acc, max, sum) partial rows as
-tq_attention's split path, and tq_attention._tq_reduce_kernel finishes them (always, splits == 1
-too), with the output Hadamard rows permuted to this kernel's coordinate order.
+operand registers. The portable kernel (tq_attention.py) stays the reference; this is the fast
+path for the served tq4 decode only: 4-bit keys and values (one stream each), head size 64 or
+128, the raw-key fallback FOLDed, the pre-RoPE key mean (MEAN_STEP, exact every 32 tiles), paged
+cache with pages a multiple of 16 tokens, G <= 8 query heads per KV head (16 without the
+fallback). It writes tq_attention's (acc, max, sum) partial rows and tq_attention's
+_tq_reduce_kernel finishes them (splits == 1 too), with the output Hadamard rows permuted to this
+kernel's order. Over 400 lines: the kernel, its layouts and launcher belong together.
 
-Why 300 lines of layouts: the portable kernel spent ~40% of its 946 SASS instructions per
-64-token tile on the nibble lookup and most of the rest moving decoded values through shared
-memory into the MMA operand layouts. Here no decoded value ever leaves its thread's registers.
+Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
+lookup and most of the rest moving decoded values through shared memory into the MMA operand
+layouts. Here no decoded value leaves its thread's registers: 582 SASS per 64-token tile at the
+Llama-3-8B shape (Triton 3.6, tests/test_kv_hopper_compile.py), no shared memory in the loop.
 
-Design (one program = one sequence x one KV head x one split; NW warps, each warp its own
-16-token sub-tile of every 16 * NW-token tile, its own online softmax; merged once at the end):
+Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
+16 tokens of every 16 * NW-token tile and its own online softmax; merged once at the end):
 
-* S = Q K^T per warp with mma.sync m16n8k16 (a batched 3-D mma_v2: dim 0 is the warp). A = the
-  transformed query, M = 16 rows: G calibrated query heads in rows 0..G-1 and (FOLD) the same
-  heads' uncalibrated query in rows 8..8+G-1; B = decoded K, [K = head coordinates, N = tokens].
-  Then O += P V with A = P taken from S's accumulator registers (FA2: the C layout of m16n8 is
-  the A layout of m16k16 after the cast to bf16, no data movement), B = decoded V [tokens, coords].
-* Coordinates are summed in any order, so the kernel chooses which coordinate sits in which MMA
-  k-slot (key) or n-slot (value): thread lane%4 = c of the K operand holds 32 coordinates of a
-  token, chosen as that token's bytes [16c, 16c + 16) (D = 128; [8c, 8c + 8) at D = 64); the V
-  operand's thread lane/4 = m holds, for each of its 4 tokens, bytes [8m, 8m + 8) (D = 128). The
-  host permutes the query's Hadamard columns (k_perm) and the output's Hadamard rows (v_perm) to
-  match (vllm_gds/kvcache/hopper_tables.py). The permutation is a permutation of index *bits*,
-  so the kernel expresses it with reshape/permute on a linear layout: the decoded tensors reach
-  the dot-operand layouts by register renaming only (checked by tests/test_kv_hopper_compile.py).
-* Nibble -> bf16: tq_lut4's prmt PTX (the symmetric codebook's magnitudes in two 8-byte tables
-  in registers; ~24 instructions per 8 codes) on int16 pairs. For K a pair is two halfwords of one
-  token; for V it is the same halfword of tokens 2c and 2c + 1 (the bf16x2 B fragment of PV pairs
-  two tokens), so the V words are interleaved in registers (prmt) before the lookup.
-* Key norms scale S per token column; value norms scale P per token before the PV MMA.
-* Key mean (MEAN): s += A'.cos(j t) + B'.sin(j t) per warp-tile as two more MMAs (fp16) against
-  tables.mean_table(16) held in registers; each warp's [A', B'] are exact at the start of every
-  run of 32 tiles and stepped by one float32 rotation of 16 * NW * t per tile in between.
-* Addresses: a warp-tile of 16 tokens lies in one page: one block-table load per warp-tile.
-  PREFETCH: the next tile's code words are loaded before the current tile is computed.
+* S^T = K Q^T per warp with mma.sync m16n8k16 (a batched 3-D mma_v2; dim 0 is the warp): A = the
+  decoded keys [16 tokens, D], B = the transformed query [D, R]. R = 8 score rows where the GQA
+  group fits (G <= 4 with the fallback: calibrated query in rows 0..3, uncalibrated in 4..7, as
+  FOLD; G <= 8 without), else 16. Then O^T += V^T P^T: A = the decoded values [D, 16 tokens],
+  B = P^T. P comes out of S^T's accumulator registers transposed: one movmatrix.trans per 8x8
+  block (inline PTX, TRANS_ASM; the kernel relabels the index bits, free) or the compiler's
+  conversion. With 8 rows the O accumulator is 32 registers and PV 8 MMAs per warp-tile.
+* Coordinates are summed in any order, so the kernel chooses which rotated coordinate sits in
+  which MMA k-slot (keys) and m-slot (values): lane c of the key operand holds 32 coordinates
+  of a token, its bytes [16c, 16c + 16) (D = 128); lane g of the value operand holds 16 of each
+  of its 4 tokens, bytes [8g, 8g + 8). The host permutes the query's Hadamard columns and the
+  output's Hadamard rows to match (hadamard_operands). The permutation permutes index *bits*, so
+  the kernel writes it as reshape/permute of the lookup's output: register renaming only.
+* Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
+  8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
+  (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
+  values' pairs are the same halfword of tokens 2c and 2c + 1, interleaved by the compiler);
+  CODES = 2: bytes in fours (two fewer permutes per 8 codes, more packing).
+* Key norms scale S^T per token; value norms scale P per token before the PV MMA.
+* Key mean (MEAN): S^T += cos(j t)^T A' + sin(j t)^T B' per warp-tile: two more (fp16) MMAs with
+  tables.mean_table(16) held in registers as A and each warp's [A', B'] (B operands, float32)
+  exact at the start of every run of 32 tiles and rotated by 16 * NW * t per tile in between.
+* Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
+  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH loads the next
+  tile's codes before the current tile is computed.
 
-The cache format's bytes are unchanged. Its slot (132 B at D = 128: K codes at 0, K norm at 64, V
-codes at 66, V norm at 130) leaves the V codes 2-byte aligned and the K codes 4-byte aligned
-(head * 132), so the loads are 32-bit (K) and 16-bit (V) words, not 16-/8-byte vectors: a
-stream-contiguous page layout would allow those (see the report in git history).
+The cache format's bytes are unchanged. Its slot (132 B at D = 128: K codes at 0, K norm at 64,
+V codes at 66, V norm at 130) leaves the key codes 4-byte aligned (head * 132) and the value codes
+2-byte aligned, so the loads are 32-bit (keys) and 16-bit (values) words, not 16-/8-byte
+vectors; a stream-contiguous page layout would allow those.
 """
 
 from __future__ import annotations
@@ -276,7 +280,7 @@ def _tq_decode_hopper_kernel(
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
     mean_table_ptr, hk_ptr, part_ptr, qk_scale,
     lut0, lut1, lut2, lut3, lut_zero,
-    G: gl.constexpr, SPLITS: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+    G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
@@ -387,7 +391,8 @@ def _tq_decode_hopper_kernel(
     # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
     #    [16 w, 16 w + 16) of each.
     num_tiles = gl.cdiv(kv_end, 16 * NW)
-    per_split = gl.cdiv(num_tiles, SPLITS)
+    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count
+    per_split = gl.cdiv(num_tiles, splits)
     tile_lo = split * per_split
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
 
@@ -461,7 +466,7 @@ def _tq_decode_hopper_kernel(
     co = gl.arange(0, D, gl.SliceLayout(1, OL))
     ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro
-    row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * SPLITS + split) * WP
+    row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits + split) * WP
     gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])
     ML: gl.constexpr = gl.SliceLayout(0, OL)
     gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
@@ -479,7 +484,7 @@ def rows_of(G: int, fold: bool) -> tuple[int, int]:
     return (2 * half if fold else half), half
 
 
-def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int, splits: int,
+def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
                       codes: int = 4) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
@@ -489,7 +494,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     kw = tables.constexprs
     fold = bool(tables.fallback)
     return dict(
-        G=G, SPLITS=splits, NW=nw, D=d, FOLD=fold, R=rows_of(G, fold)[0], HALF=rows_of(G, fold)[1],
+        G=G, NW=nw, D=d, FOLD=fold, R=rows_of(G, fold)[0], HALF=rows_of(G, fold)[1],
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
@@ -572,7 +577,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     cx = kernel_constexprs(tables, G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2),
-                           splits, num_warps, prefetch, trans_asm, codes)
+                           num_warps, prefetch, trans_asm, codes)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     _tq_decode_hopper_kernel[(num_seqs, H, splits)](
         query, query.stride(0), query.stride(1),

@@ -52,7 +52,7 @@ def compile_sm90(d=128, g=4, kv_heads=8, mean=True, fallback=True, num_warps=4, 
                  **launch):
     t = tables(d, mean, fallback)
     slot = t.layout.slot_bytes
-    cx = hop.kernel_constexprs(t, g, 16, kv_heads * slot, slot, 4, num_warps, **launch)
+    cx = hop.kernel_constexprs(t, g, 16, kv_heads * slot, slot, num_warps, **launch)
     fn = hop._tq_decode_hopper_kernel
     sig = {n: "constexpr" if n in cx else TYPES.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
