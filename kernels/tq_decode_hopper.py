@@ -120,6 +120,11 @@ def v_order(d: int, codes: int = 4) -> list[int]:
             + [e(eb - 1), e(eb - 2), e(eb - 3), 1])
 
 
+def perm_code(order: list[int]) -> int:
+    """A dim order packed 4 bits a dim (the kernel's _permute_bits unpacks it)."""
+    return sum(o << (4 * i) for i, o in enumerate(order))
+
+
 def slot_coordinates(d: int, order: list[int], codes: int = 4) -> list[int]:
     """The code index (coordinate of the rotated vector) of each k- or m-slot, following the
     kernel's reshape/permute: a slot's index bits, read in `order` (dims 0 and 1 are the warp and
@@ -212,25 +217,46 @@ def _load_norms(cache_ptr, base, tile, kv_end, pos_layout: gl.constexpr,
 
 
 @gluon.jit
+def _to_bits(x, NW: gl.constexpr, D: gl.constexpr):
+    """[NW, NT, ...] -> [NW, NT, 2, 2, ...]: one dim per index bit past the token."""
+    if D == 128:
+        return gl.reshape(x, (NW, 16, 2, 2, 2, 2, 2, 2, 2))
+    else:
+        return gl.reshape(x, (NW, 16, 2, 2, 2, 2, 2, 2))
+
+
+@gluon.jit
+def _permute_bits(x, P: gl.constexpr, D: gl.constexpr):
+    """permute(x, order) for an order packed 4 bits a dim (perm_code): a constexpr int, the same
+    under every Triton (a tuple argument is not)."""
+    if D == 128:
+        return gl.permute(x, (P & 15, (P >> 4) & 15, (P >> 8) & 15, (P >> 12) & 15,
+                              (P >> 16) & 15, (P >> 20) & 15, (P >> 24) & 15, (P >> 28) & 15,
+                              (P >> 32) & 15))
+    else:
+        return gl.permute(x, (P & 15, (P >> 4) & 15, (P >> 8) & 15, (P >> 12) & 15,
+                              (P >> 16) & 15, (P >> 20) & 15, (P >> 24) & 15, (P >> 28) & 15))
+
+
+@gluon.jit
 def _decode_k(kw, lut, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
-              K_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
+              K_ORDER: gl.constexpr, CODES: gl.constexpr):
     """Key code elements [NW, NT, D/CODES] -> bf16 A operand [NW, NT, D (k-slots)], in
     registers."""
-    x = gl.reshape(_levels(kw, lut, ASM, CODES), BIT_SHAPE)
-    x = gl.permute(x, K_ORDER.value)
+    x = _to_bits(_levels(kw, lut, ASM, CODES), NW, D)
+    x = _permute_bits(x, K_ORDER, D)
     x = gl.reshape(x, [NW, 16, D])
     return gl.convert_layout(x, LA)
 
 
 @gluon.jit
 def _decode_v(vw, lut, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
-              NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr,
-              BIT_SHAPE: gl.constexpr, CODES: gl.constexpr):
+              NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr):
     """Value code elements [NW, NT, D/CODES] -> bf16 A operand [NW, D (m-slots), NT], in
     registers."""
     vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one element side by side
-    x = gl.reshape(_levels(vw, lut, ASM, CODES), BIT_SHAPE)
-    x = gl.permute(x, V_ORDER.value)
+    x = _to_bits(_levels(vw, lut, ASM, CODES), NW, D)
+    x = _permute_bits(x, V_ORDER, D)
     x = gl.reshape(x, [NW, D, 16])
     return gl.convert_layout(x, LA)
 
@@ -288,8 +314,7 @@ def _tq_decode_hopper_kernel(
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
-    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, BIT_SHAPE: gl.constexpr,
-    CODES: gl.constexpr,
+    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr,
 ):
     seq = gl.program_id(0)
     head = gl.program_id(1)
@@ -424,8 +449,7 @@ def _tq_decode_hopper_kernel(
                 vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
             kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
                                      V_NORM_OFF, NW, STRIDE_TOK)
-            ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER,
-                           BIT_SHAPE, CODES)
+            ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
             s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
             s = s * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
@@ -446,8 +470,7 @@ def _tq_decode_hopper_kernel(
             m_i = m_new
             pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
             pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-            va = _decode_v(vw_now, lut, ASM, LA, V_PAIR, NW, D,
-                           V_ORDER, BIT_SHAPE, CODES)
+            va = _decode_v(vw_now, lut, ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
             o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
@@ -503,8 +526,8 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         WP=kw["VA_W"] + kw["VB_W"] + 2,
         V_PART=kw["VA_W"] + kw["VB_W"],
         K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
-        V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=k_order(d, codes),
-        V_ORDER=v_order(d, codes), BIT_SHAPE=[nw, NT] + [2] * _bits(d), CODES=codes,
+        V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=perm_code(k_order(d, codes)),
+        V_ORDER=perm_code(v_order(d, codes)), CODES=codes,
     )
 
 
@@ -549,50 +572,68 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     return None
 
 
+def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
+                  softmax_scale: float, splits: int, *, num_warps: int = 4, prefetch: bool = False,
+                  trans_asm: bool = True, codes: int = 4, maxnreg: int | None = None):
+    """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
+    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU)."""
+    T, Hq, D = query.shape
+    H = kv_cache.shape[2]
+    kw = tables.constexprs
+    width = kw["VA_W"] + kw["VB_W"] + 2
+    part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
+    h_k, _ = hadamard_operands(tables, codes)
+    cx = kernel_constexprs(tables, Hq // H, kv_cache.shape[1], kv_cache.stride(1),
+                           kv_cache.stride(2), num_warps, prefetch, trans_asm, codes)
+    if maxnreg:
+        cx["maxnreg"] = maxnreg
+    args = (query, query.stride(0), query.stride(1),
+            kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
+            query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
+            tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
+            part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
+    return (seq_lens.shape[0], H, splits), args, dict(num_warps=num_warps, **cx), part
+
+
+def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int = 4):
+    """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
+    from .tq_attention import _TORCH_TO_TL, reduce_chunk
+
+    T, Hq, D = out.shape
+    kw = tables.constexprs
+    _, h_v = hadamard_operands(tables, codes)
+    sc = reduce_chunk(splits)
+    args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
+            tables.value_mean, T)
+    return (T, kv_heads), args, dict(
+        G=Hq // kv_heads, BLOCK_M=max(16, triton.next_power_of_2(Hq // kv_heads)), SPLITS=splits,
+        DOT=_TORCH_TO_TL[tables.level_tables.dtype], D=D, VA_N=kw["VA_N"], VA_W=kw["VA_W"],
+        VB_W=kw["VB_W"], SC=sc, num_warps=8 if sc >= 8 else 4)
+
+
 def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                      softmax_scale: float, out: torch.Tensor | None = None, *,
-                     splits: int | None = None, num_warps: int = 4, prefetch: bool = False,
-                     trans_asm: bool = True, codes: int = 4,
-                     maxnreg: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, **launch) -> torch.Tensor:
     """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
-    launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach)."""
-    from .tq_attention import _tq_reduce_kernel, default_splits, reduce_chunk, _TORCH_TO_TL
+    launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach).
+    launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg), for
+    measuring."""
+    from .tq_attention import _tq_reduce_kernel, default_splits
 
-    T, Hq, D = query.shape
-    num_seqs = seq_lens.shape[0]
-    H = kv_cache.shape[2]
-    G = Hq // H
     if out is None:
         out = torch.empty_like(query)
-    if T == 0:
+    if query.shape[0] == 0:
         return out
     reason = why_unsupported(query, kv_cache, tables)
     if reason:
         raise ValueError(f"tq_decode_hopper: {reason}; use kernels.tq_attention.tq_attention")
+    H = kv_cache.shape[2]
     if splits is None:
-        splits = default_splits(num_seqs, H, query.device)
-    h_k, h_v = hadamard_operands(tables, codes)
-    kw = tables.constexprs
-    width = kw["VA_W"] + kw["VB_W"] + 2
-    part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
-    cx = kernel_constexprs(tables, G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2),
-                           num_warps, prefetch, trans_asm, codes)
-    extra = {"maxnreg": maxnreg} if maxnreg else {}
-    _tq_decode_hopper_kernel[(num_seqs, H, splits)](
-        query, query.stride(0), query.stride(1),
-        kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
-        query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
-        tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
-        part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0,
-        num_warps=num_warps, **cx, **extra,
-    )
-    dot = _TORCH_TO_TL[tables.level_tables.dtype]
-    _tq_reduce_kernel[(T, H)](
-        part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
-        tables.value_mean, T,
-        G=G, BLOCK_M=max(16, triton.next_power_of_2(G)), SPLITS=splits, DOT=dot, D=D,
-        VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=reduce_chunk(splits),
-        num_warps=8 if reduce_chunk(splits) >= 8 else 4,
-    )
+        splits = default_splits(seq_lens.shape[0], H, query.device)
+    grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
+                                         tables, softmax_scale, splits, **launch)
+    _tq_decode_hopper_kernel[grid](*args, **kw)
+    grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes", 4))
+    _tq_reduce_kernel[grid](*args, **kw)
     return out

@@ -90,5 +90,54 @@ def stats(kernel) -> dict:
             "stack": stack, "total": len(ins), "ptx_mma": kernel.asm["ptx"].count("mma.sync")}
 
 
+
+
+class _CompileOnlyDriver:
+    """Stands in for the CUDA driver (there is none here) so that a JIT launch's binding,
+    specialization and compile run as on the GPU machine (kernel.warmup compiles, no launch)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def warmup_launch(d=128, q_heads=32, kv_heads=8, **launch) -> list[str]:
+    """tq_decode_hopper's two launches (kernels.tq_decode_hopper.decode_launch / reduce_launch)
+    bound and compiled by the JIT as a launch would be, with CPU tensors of a small batch.
+    Returns the names of the compiled kernels."""
+    from triton.runtime import driver
+
+    from vllm_gds.kernels.tq_attention import _tq_reduce_kernel
+
+    t = tables(d)
+    page, blocks, seqs = 16, 8, 2
+    cache = torch.zeros(blocks, page, kv_heads, t.layout.slot_bytes, dtype=torch.uint8)
+    q = torch.zeros(seqs, q_heads, d, dtype=torch.bfloat16)
+    bt = torch.zeros(seqs, blocks // seqs, dtype=torch.int32)
+    sl = torch.full((seqs,), 40, dtype=torch.int32)
+    qsl = torch.arange(seqs + 1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    splits = 4
+    driver.set_active(_CompileOnlyDriver())
+    try:
+        grid, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, d ** -0.5, splits,
+                                                 **launch)
+        k1 = hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)
+        grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads,
+                                           launch.get("codes", 4))
+        k2 = _tq_reduce_kernel.warmup(*args, grid=grid, **kw)
+    finally:
+        driver._active = None  # back to the (lazily created) real one
+    return [k.name for k in (k1, k2)]
+
+
 if __name__ == "__main__":
-    print(json.dumps([stats(compile_sm90(**cfg)) for cfg in json.loads(sys.argv[1])]))
+    if sys.argv[1] == "--launch":
+        print(json.dumps(warmup_launch(**json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps([stats(compile_sm90(**cfg)) for cfg in json.loads(sys.argv[1])]))

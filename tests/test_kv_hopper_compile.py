@@ -81,17 +81,32 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False)]
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """tests/hopper_compile.py's stats of each config, compiled in a process of its own (one
-    that imported Triton under TRITON_INTERPRET=1 cannot compile Gluon)."""
+def _run_helper(*args):
+    """tests/hopper_compile.py in a process of its own (one that imported Triton under
+    TRITON_INTERPRET=1 cannot compile Gluon); its last output line, parsed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    run = subprocess.run([sys.executable, str(Path(__file__).parent / "hopper_compile.py"),
-                          json.dumps(CONFIGS)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "hopper_compile.py"), *args],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return dict(zip(map(json.dumps, CONFIGS), json.loads(run.stdout.strip().splitlines()[-1])))
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(d=64, q_heads=9, kv_heads=3),
+                                    dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
+                                         trans_asm=False, maxnreg=168)])
+def test_launch_binds_and_compiles_as_on_the_gpu(launch):
+    """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
+    specialization and compile (kernel.warmup with a compile-only driver): what the first call
+    on the GPU machine does before it launches."""
+    assert _run_helper("--launch", json.dumps(launch)) == ["_tq_decode_hopper_kernel",
+                                                            "_tq_reduce_kernel"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """tests/hopper_compile.py's stats of each config."""
+    return dict(zip(map(json.dumps, CONFIGS), _run_helper(json.dumps(CONFIGS))))
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
