@@ -78,7 +78,8 @@ def test_hadamard_operands_are_permuted_blocks():
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=64, g=3, kv_heads=3), dict(d=128, g=4, kv_heads=8, mean=False),
            dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),
-           dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False)]
+           dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False),
+           dict(d=128, g=16, kv_heads=1, fallback=False)]
 
 
 def _run_helper(*args):
@@ -113,14 +114,14 @@ def compiled():
 def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     st = compiled[json.dumps(cfg)]
     loop = collections.Counter(st["loop"])
-    d, g, mean = cfg["d"], cfg["g"], cfg.get("mean", True)
+    d, g, mean, fold = cfg["d"], cfg["g"], cfg.get("mean", True), cfg.get("fallback", True)
     ops = collections.Counter()
     for op, n in loop.items():
         ops[op.split(".")[0]] += n
     hmma = sum(n for op, n in loop.items() if op.startswith("HMMA.16816"))
     # S^T: D/16 k-steps x R/8 row n-blocks; O^T: D/16 m-blocks x R/8; the key mean:
-    # 2 x RH/16 x R/8 (R = 8 rows at G <= 4 with the fallback, else 16)
-    nb = 1 if g <= 4 else 2
+    # 2 x RH/16 x R/8 (R = 8 rows at G <= 4 with the fallback or G <= 8 without, else 16)
+    nb = 1 if g <= (4 if fold else 8) else 2
     want = d // 16 * nb * 2 + (2 * (d // 4 // 16) * nb if mean else 0)
     assert hmma == want, (hmma, want, loop)
     assert ops["STS"] == ops["LDS"] == 0, f"shared memory in the tile loop: {loop}"

@@ -37,11 +37,13 @@ SHAPES = {
     "SmolLM2-135M": ((9, 3, 64), [(32, 4096), (8, 32768), (1, 32768)]),
 }
 # The fast path's launch variants, checked and timed at every shape (keyword arguments of
-# tq_decode_hopper): the default; at most 168 registers (3 programs per SM instead of 2); the next
-# tile's codes loaded before the current one is computed; P transposed by the compiler's layout
-# conversion instead of movmatrix; the lookup on bytes (two fewer permutes per 8 codes).
+# tq_decode_hopper, split_factor: times the default split count): the default; at most 168
+# registers (3 programs per SM instead of 2); the next tile's codes loaded before the current one
+# is computed; P transposed by the compiler's layout conversion instead of movmatrix; the lookup
+# on bytes (two fewer permutes per 8 codes); 2x and 4x the default splits.
 VARIANTS = {"fast": {}, "fast_r168": {"maxnreg": 168}, "fast_pf": {"prefetch": True},
-            "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2}}
+            "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2},
+            "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4}}
 
 
 def log(msg):
@@ -104,10 +106,14 @@ def portable(q, cache, bt, sl, qsl, tables, out, **kw):
                         **kw)
 
 
-def fast(q, cache, bt, sl, qsl, tables, out, **kw):
+def fast(q, cache, bt, sl, qsl, tables, out, split_factor=1, splits=None, **kw):
+    from vllm_gds.kernels.tq_attention import default_splits
     from vllm_gds.kernels.tq_decode_hopper import tq_decode_hopper
 
-    return tq_decode_hopper(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out, **kw)
+    if splits is None:
+        splits = default_splits(sl.shape[0], cache.shape[2], q.device)
+    return tq_decode_hopper(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out,
+                            splits=splits * split_factor, **kw)
 
 
 def rel(a, b):
