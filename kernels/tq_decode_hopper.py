@@ -358,7 +358,7 @@ def _tq_decode_hopper_kernel(
         x = x * (ksc * sgn)[None, :]
     hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
     hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
-    h = gl.load(hk_ptr + hd[:, None] * D + hc[None, :])
+    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])  # H^T in memory: k pairs contiguous
     qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))
     qt = gl.permute((qt * qk_scale).to(gl.bfloat16), [1, 0])  # [D, 16]
     if R == 8:
@@ -532,16 +532,16 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
 
 
 def hadamard_operands(tables, codes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query transform [D, D] = H's columns in this kernel's k-slot order, output rows [D, D] in
-    its m-slot order), made once per tables (the launch passes them; the reduce finishes with
-    the rows)."""
+    """(query transform: H's columns in this kernel's k-slot order, transposed ([k-slot, D], so
+    the kernel's operand pairs are 4-byte loads), output rows [D, D] in its m-slot order), made
+    once per tables (the launch passes them; the reduce finishes with the rows)."""
     cache = tables.__dict__.setdefault("_hopper_operands", {})
     if codes not in cache:
         d = tables.layout.head_size
         dev = tables.signs.device
         kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes), device=dev)
         vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes), device=dev)
-        cache[codes] = (tables.h_cols["kb"][:, kperm].contiguous(),
+        cache[codes] = (tables.h_cols["kb"][:, kperm].t().contiguous(),
                         tables.h_rows["vb"][vperm].contiguous())
     return cache[codes]
 
