@@ -576,7 +576,9 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   softmax_scale: float, splits: int, *, num_warps: int = 4, prefetch: bool = False,
                   trans_asm: bool = True, codes: int = 4, maxnreg: int | None = None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
-    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU)."""
+    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
+    maxnreg: None = 168 where the rows are 8 (tile loop without spills, tests/hopper_compile.py;
+    3 programs per SM instead of 2), else no limit; 0 = no limit."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
@@ -585,6 +587,8 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     h_k, _ = hadamard_operands(tables, codes)
     cx = kernel_constexprs(tables, Hq // H, kv_cache.shape[1], kv_cache.stride(1),
                            kv_cache.stride(2), num_warps, prefetch, trans_asm, codes)
+    if maxnreg is None:  # 8 score rows fit 168 registers without spills: 3 programs per SM
+        maxnreg = 168 if cx["R"] == 8 else 0
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (query, query.stride(0), query.stride(1),

@@ -37,11 +37,12 @@ SHAPES = {
     "SmolLM2-135M": ((9, 3, 64), [(32, 4096), (8, 32768), (1, 32768)]),
 }
 # The fast path's launch variants, checked and timed at every shape (keyword arguments of
-# tq_decode_hopper, split_factor: times the default split count): the default; at most 168
-# registers (3 programs per SM instead of 2); the next tile's codes loaded before the current one
-# is computed; P transposed by the compiler's layout conversion instead of movmatrix; the lookup
-# on bytes (two fewer permutes per 8 codes); 2x and 4x the default splits.
-VARIANTS = {"fast": {}, "fast_r168": {"maxnreg": 168}, "fast_pf": {"prefetch": True},
+# tq_decode_hopper, split_factor: times the default split count): the default (at most 168
+# registers where the score rows are 8, G <= 4: 3 programs per SM); no register limit (2 per
+# SM); the next tile's codes loaded before the current one is computed; P transposed by the
+# compiler's layout conversion instead of movmatrix; the lookup on bytes (two fewer permutes per
+# 8 codes); 2x and 4x the default splits.
+VARIANTS = {"fast": {}, "fast_nolimit": {"maxnreg": 0}, "fast_pf": {"prefetch": True},
             "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2},
             "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4}}
 
