@@ -585,18 +585,24 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     h_k, _ = hadamard_operands(tables, codes)
-    cx = kernel_constexprs(tables, Hq // H, kv_cache.shape[1], kv_cache.stride(1),
-                           kv_cache.stride(2), num_warps, prefetch, trans_asm, codes)
-    if maxnreg is None:  # 8 score rows fit 168 registers without spills: 3 programs per SM
-        maxnreg = 168 if cx["R"] == 8 else 0
-    if maxnreg:
-        cx["maxnreg"] = maxnreg
+    # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
+    key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
+           prefetch, trans_asm, codes, maxnreg)
+    cache = tables.__dict__.setdefault("_hopper_launch", {})
+    cx = cache.get(key)
+    if cx is None:
+        cx = kernel_constexprs(tables, *key[:-1])
+        if maxnreg is None:  # 8 score rows fit 168 registers without spills: 3 programs per SM
+            maxnreg = 168 if cx["R"] == 8 else 0
+        if maxnreg:
+            cx["maxnreg"] = maxnreg
+        cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
             tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
             part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
-    return (seq_lens.shape[0], H, splits), args, dict(num_warps=num_warps, **cx), part
+    return (seq_lens.shape[0], H, splits), args, cx, part
 
 
 def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int = 4):
