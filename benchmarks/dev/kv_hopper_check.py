@@ -296,7 +296,14 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--only", default="", help="substring of the shape names to run")
+    ap.add_argument("--variants", default="", help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--no-reference", action="store_true", help="skip the small reference cases")
     args = ap.parse_args(argv)
+    if args.variants:
+        keep = args.variants.split(",")
+        for name in list(VARIANTS):
+            if name not in keep:
+                del VARIANTS[name]
     device = torch.device("cuda")
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -310,7 +317,7 @@ def main(argv=None):
         path.write_text(json.dumps(results, indent=1))
 
     t0 = time.time()
-    for case in REF_CASES:
+    for case in [] if args.no_reference else REF_CASES:
         torch.manual_seed(len(results["reference"]))
         hq, hk, d, seq_lens, splits, mean, fallback = case
         entry = {"case": f"{hq}q/{hk}kv/d{d} lens {seq_lens} splits {splits} mean {mean} "
