@@ -95,7 +95,7 @@ def _run_helper(*args):
 
 @pytest.mark.parametrize("launch", [dict(), dict(d=64, q_heads=9, kv_heads=3),
                                     dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
-                                         trans_asm=False, maxnreg=0)])
+                                         trans_asm=False, maxnreg=0, num_warps=8)])
 def test_launch_binds_and_compiles_as_on_the_gpu(launch):
     """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
     specialization and compile (kernel.warmup with a compile-only driver): what the first call

@@ -41,10 +41,11 @@ SHAPES = {
 # registers where the score rows are 8, G <= 4: 3 programs per SM); no register limit (2 per
 # SM); the next tile's codes loaded before the current one is computed; P transposed by the
 # compiler's layout conversion instead of movmatrix; the lookup on bytes (two fewer permutes per
-# 8 codes); 2x and 4x the default splits.
+# 8 codes); 2x and 4x the default splits; 8 warps a program (128-token tiles).
 VARIANTS = {"fast": {}, "fast_nolimit": {"maxnreg": 0}, "fast_pf": {"prefetch": True},
             "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2},
-            "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4}}
+            "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4},
+            "fast_w8": {"num_warps": 8}}
 
 
 def log(msg):
