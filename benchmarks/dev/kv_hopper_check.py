@@ -2,10 +2,11 @@
 
     python3 benchmarks/dev/kv_hopper_check.py --out $OUT
 
-1. Small shapes against tests/kv_reference-style exact attention over the reference decoding
+1. The register tricks alone (kv_hopper_probe.py): decoded operands and the P transpose.
+2. Small shapes against tests/kv_reference-style exact attention over the reference decoding
    (the store kernel's bytes, fresh random inputs, NaN-poisoned outputs), head 128 and 64, ragged
    lengths, splits 1 and several, with and without the key mean, with and without the fallback.
-2. Every served shape at full size (Llama-3-8B, Llama-3-70B TP8, SmolLM2-135M): the cache filled by
+3. Every served shape at full size (Llama-3-8B, Llama-3-70B TP8, SmolLM2-135M): the cache filled by
    the real store kernel (keys around RoPE_p(key mean), a tenth far off, so the raw fallback takes
    some), the fast path's output against the portable tq_attention's (same cache, same query),
    NaN check; then times with triton.testing.do_bench (median) and as CUDA graphs (device time,
@@ -190,6 +191,9 @@ def reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device):
     return res
 
 
+PROBES = [(128, 8, 4, True), (128, 16, 4, True), (64, 8, 4, True), (128, 8, 2, True),
+          (128, 8, 4, False)]  # (head size, score rows, codes per element, movmatrix)
+
 REF_CASES = [  # (hq, hk, d, seq_lens, splits, mean, fallback)
     (32, 8, 128, [4096, 1000, 37, 2500], 1, True, True),
     (32, 8, 128, [4096, 1000, 37, 2500], 8, True, True),
@@ -310,13 +314,25 @@ def main(argv=None):
             "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
             "triton": triton.__version__}
     log(json.dumps(info))
-    results = {"info": info, "reference": [], "full": []}
+    results = {"info": info, "probe": [], "reference": [], "full": []}
     path = Path(args.out) / "kv_hopper_check.json"
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
 
+    from kv_hopper_probe import probe
+
+    for d, rows, codes, trans in PROBES:  # the register tricks alone (kv_hopper_probe.py)
+        entry = {"case": f"d{d} rows {rows} codes {codes} movmatrix {trans}"}
+        try:
+            torch.manual_seed(d + rows)
+            entry |= probe(tables_for(1, d, device), rows, codes, trans)
+        except Exception:
+            log(f"probe {entry['case']} FAILED\n{tb_head()}")
+            entry["error"] = traceback.format_exc().splitlines()[-1]
+        log(f"probe {entry}")
+        results["probe"].append(entry)
     t0 = time.time()
     for case in [] if args.no_reference else REF_CASES:
         torch.manual_seed(len(results["reference"]))
@@ -351,8 +367,13 @@ def main(argv=None):
             results["full"].append(row)
             save()
     lines = ["", f"kv_hopper_check {info['device']} torch {info['torch']} triton {info['triton']}",
-             "Reference (small shapes, relative error vs exact attention over the reference "
-             "decoding):"]
+             "Probe (max abs difference of the decoded operands and of P through the transpose; "
+             "0 = exact):"]
+    for e in results["probe"]:
+        lines.append(f"  {e['case']}: " + (e.get("error") or ", ".join(
+            f"{k} {e[k]:.3g}" for k in ("keys", "values", "p_transpose"))))
+    lines.append("Reference (small shapes, relative error vs exact attention over the reference "
+                 "decoding):")
     for e in results["reference"]:
         if "error" in e:
             lines.append(f"  {e['case']}: {e['error']}")
