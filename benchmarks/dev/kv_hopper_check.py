@@ -244,13 +244,16 @@ def full_shape(name, hq, hk, d, b, ctx, device, graphs):
         try:
             row["portable_graph_ms"] = kb.graph_time(torch, [
                 lambda c=c: portable(q, c, bt, sl, qsl, tables, out) for c in caches])
-            for var, kw in VARIANTS.items():
-                if f"{var}_error" not in row:
-                    row[f"{var}_graph_ms"] = kb.graph_time(torch, [
-                        lambda c=c, kw=kw: fast(q, c, bt, sl, qsl, tables, out, **kw)
-                        for c in caches])
         except Exception:
-            log(f"  graphs FAILED\n{tb_head()}")
+            log(f"  portable graph FAILED\n{tb_head()}")
+        for var, kw in VARIANTS.items():
+            if f"{var}_error" in row:
+                continue
+            try:
+                row[f"{var}_graph_ms"] = kb.graph_time(torch, [
+                    lambda c=c, kw=kw: fast(q, c, bt, sl, qsl, tables, out, **kw) for c in caches])
+            except Exception:
+                log(f"  {var} graph FAILED\n{tb_head()}")
         del caches
         try:
             row["sdpa_graph_ms"] = kb.graph_sdpa(torch, b, ctx, hq, hk, d, device,
@@ -263,37 +266,41 @@ def full_shape(name, hq, hk, d, b, ctx, device, graphs):
 
 
 def table(rows):
-    def f(x, digits=3):
-        return "-" if x is None else f"{x:.{digits}f}"
+    """Two short tables: the default launch and the best variant against SDPA and the portable
+    kernel; every variant's CUDA-graph time."""
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
 
     def r(a, b):
         return "-" if a is None or b is None else f"{a / b:.2f}"
 
+    def best(row, suffix):
+        got = [(row[f"{v}_{suffix}"], v) for v in VARIANTS if row.get(f"{v}_{suffix}") is not None]
+        return min(got) if got else (None, "-")
+
     names = list(VARIANTS)
-    out = ["| shape | b x ctx | SDPA | portable | " + " | ".join(names)
-           + " | best/SDPA | graph SDPA | graph portable | graph best | graph best/SDPA"
-           " | err vs portable | NaN |",
-           "|" + " --- |" * (12 + len(names))]
+    out = ["| shape | b x ctx | SDPA | portable | fast | best (variant) | graph: SDPA | portable "
+           "| fast | best (variant) | best/SDPA | err vs portable | NaN |",
+           "|" + " --- |" * 13]
+    var = ["| shape | b x ctx | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]
     for row in rows:
         g = row.get
         head = f"| {row['shape']} | {row['batch']}x{row['ctx'] // 1024}K |"
         if "error" in row:
             out.append(f"{head} FAILED: {row['error']} |")
             continue
-        times = [g(f"{v}_ms") for v in names]
-        ok = [t for t in times if t is not None]
-        best = min(ok) if ok else None
-        graphs = [g(f"{v}_graph_ms") for v in names if g(f"{v}_graph_ms") is not None]
-        gbest = min(graphs) if graphs else None
+        b_ms, b_name = best(row, "ms")
+        g_ms, g_name = best(row, "graph_ms")
         errs = [g(f"{v}_err_vs_portable") for v in names if g(f"{v}_err_vs_portable") is not None]
         err = f"{max(errs):.2e}" if errs else "FAILED"
         nan = any(bool(g(f"{v}_nan")) for v in names)
-        out.append(f"{head} {f(g('sdpa_ms'))} | {f(g('portable_ms'))} | "
-                   + " | ".join(f(t) for t in times)
-                   + f" | {r(best, g('sdpa_ms'))} | {f(g('sdpa_graph_ms'))} | "
-                   f"{f(g('portable_graph_ms'))} | {f(gbest)} | {r(gbest, g('sdpa_graph_ms'))} | "
-                   f"{err} | {nan} |")
-    return out
+        out.append(f"{head} {f(g('sdpa_ms'))} | {f(g('portable_ms'))} | {f(g('fast_ms'))} | "
+                   f"{f(b_ms)} ({b_name}) | {f(g('sdpa_graph_ms'))} | "
+                   f"{f(g('portable_graph_ms'))} | {f(g('fast_graph_ms'))} | {f(g_ms)} ({g_name}) "
+                   f"| {r(g_ms, g('sdpa_graph_ms'))} | {err} | {nan} |")
+        var.append(f"{head} " + " | ".join(
+            g(f"{v}_error") and "FAILED" or f(g(f"{v}_graph_ms")) for v in names) + " |")
+    return out + ["", "CUDA-graph ms of each variant:"] + var
 
 
 def main(argv=None):
