@@ -9,8 +9,8 @@ kernel's order. Over 400 lines: the kernel, its layouts and launcher belong toge
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
-layouts. Here no decoded value leaves its thread's registers: 582 SASS per 64-token tile at the
-Llama-3-8B shape (Triton 3.6, tests/test_kv_hopper_compile.py), no shared memory in the loop.
+layouts. Here no decoded value leaves its thread's registers: 592 SASS per 64-token tile at the
+Llama-3-8B shape (Triton 3.6, tests/hopper_compile.py), no shared memory in the loop.
 
 Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
 16 tokens of every 16 * NW-token tile and its own online softmax; merged once at the end):
