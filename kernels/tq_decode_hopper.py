@@ -307,7 +307,7 @@ def _tq_decode_hopper_kernel(
     mean_table_ptr, hk_ptr, part_ptr, qk_scale,
     lut0, lut1, lut2, lut3, lut_zero,
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
-    FOLD: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
+    FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
@@ -343,17 +343,22 @@ def _tq_decode_hopper_kernel(
     kv_end = gl.load(seq_lens_ptr + seq)
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
-    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, rows
-    #    [0, R) (FOLD: calibrated [0, HALF), uncalibrated [HALF, R)); as the B operand Q^T.
+    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
+    #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
+    #    FOLD scores both halves as rows of one operand (R = 2 XH), SELECT as two operands of
+    #    R = XH = 8 rows (G 5..8: 8 rows instead of 16 for softmax and O) and keeps per key the
+    #    score of its kind.
+    XH: gl.constexpr = 8 if SELECT else HALF
+    RAWQ: gl.constexpr = FOLD or SELECT
     r2 = gl.arange(0, 16, gl.SliceLayout(1, LA2))
     d2 = gl.arange(0, D, gl.SliceLayout(0, LA2))
-    q_mask2 = ((r2 % HALF) < G) & (r2 < R)
-    q_ptrs = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + r2 % HALF) * stride_qh
+    q_mask2 = ((r2 % XH) < G) & (r2 < (2 * XH if RAWQ else R))
+    q_ptrs = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + r2 % XH) * stride_qh
     x = gl.load(q_ptrs[:, None] + d2[None, :], mask=q_mask2[:, None], other=0.0).to(gl.float32)
     sgn = gl.load(signs_ptr + d2)
     ksc = gl.load(key_scale_ptr + head * D + d2)
-    if FOLD:
-        x = x * gl.where((r2 >= HALF)[:, None], sgn[None, :], (ksc * sgn)[None, :])
+    if RAWQ:
+        x = x * gl.where((r2 >= XH)[:, None], sgn[None, :], (ksc * sgn)[None, :])
     else:
         x = x * (ksc * sgn)[None, :]
     hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
@@ -363,7 +368,10 @@ def _tq_decode_hopper_kernel(
     qt = gl.permute((qt * qk_scale).to(gl.bfloat16), [1, 0])  # [D, 16]
     if R == 8:
         qt = gl.reshape(qt, [D, 2, 8])
-        qt, _unused = gl.split(gl.permute(qt, [0, 2, 1]))
+        qt, qt_raw = gl.split(gl.permute(qt, [0, 2, 1]))
+        if SELECT:
+            qb_raw = gl.convert_layout(qt_raw, gl.SliceLayout(0, LB))
+            qb_raw = gl.expand_dims(qb_raw, 0).broadcast_to([NW, D, R])
     qb = gl.convert_layout(qt, gl.SliceLayout(0, LB))
     qb = gl.expand_dims(qb, 0).broadcast_to([NW, D, R])
 
@@ -380,9 +388,9 @@ def _tq_decode_hopper_kernel(
         jj = head * RH + gl.arange(0, RH, PB)
         pi = gl.load(mean_pairs_ptr + jj)
         qs = qk_scale * (D ** 0.5)
-        mrow = ((rb % HALF) < G) & (rb < HALF)
+        mrow = ((rb % XH) < G) & (rb < XH)
         i_mask = (pi >= 0)[None, :, None] & mrow[None, None, :]
-        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % HALF) * stride_qh)
+        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % XH) * stride_qh)
         q3 = q3[None, None, :] + gl.zeros([NW, 1, 1], gl.int32, LB)
         q_a = gl.load(q3 + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
         q_b = gl.load(q3 + ROT_HALF + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
@@ -398,7 +406,7 @@ def _tq_decode_hopper_kernel(
         dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
         mu = gl.load(key_mean_ptr + head * D + dc)
         xq = gl.load(q_ptrs[:, None] + dc[None, :],
-                     mask=(q_mask2 & (r2 < HALF))[:, None], other=0.0).to(gl.float32)
+                     mask=(q_mask2 & (r2 < XH))[:, None], other=0.0).to(gl.float32)
         m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
         if R == 8:
             m_c, _unused2 = gl.split(gl.permute(gl.reshape(m_c, [2, 8]), [1, 0]))
@@ -452,11 +460,16 @@ def _tq_decode_hopper_kernel(
             ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
             s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
             s = s * gl.expand_dims(gl.abs(kn), 2)
+            if SELECT:
+                s_raw = mma_v2(ka, qb_raw, gl.zeros([NW, 16, R], gl.float32, L))
+                s_raw = s_raw * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
                 s = mma_v2(t_cos, a_t.to(gl.float16), s)
                 s = mma_v2(t_sin, b_t.to(gl.float16), s)
                 s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 1)
                 a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+            if SELECT:
+                s = gl.where(gl.expand_dims(kn < 0, 2), s_raw, s)
             visible = gl.expand_dims(ok, 2)
             if FOLD:
                 is_raw = gl.expand_dims(kn < 0, 2)
@@ -500,11 +513,15 @@ def _tq_decode_hopper_kernel(
 # Launcher
 
 
-def rows_of(G: int, fold: bool) -> tuple[int, int]:
-    """(R, HALF): the score rows (mma N: 8 or 16) and the rows of one kind of key (FOLD:
-    calibrated rows [0, HALF), uncalibrated [HALF, 2 HALF))."""
-    half = (4 if G <= 4 else 8) if fold else (8 if G <= 8 else 16)
-    return (2 * half if fold else half), half
+def rows_of(G: int, fallback: bool) -> tuple[bool, bool, int, int]:
+    """(FOLD, SELECT, R, HALF): how the raw-key fallback is scored (FOLD: G <= 4, calibrated
+    rows [0, 4) and uncalibrated [4, 8) of one operand; SELECT: G 5..8, two 8-row operands and a
+    select per key), the score rows R (mma N: 8 or 16), and the rows of one softmax (HALF)."""
+    if fallback and G <= 4:
+        return True, False, 8, 4
+    if fallback:
+        return False, True, 8, 8
+    return False, False, (8 if G <= 8 else 16), (8 if G <= 8 else 16)
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
@@ -515,9 +532,9 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     layout = tables.layout
     d = layout.head_size
     kw = tables.constexprs
-    fold = bool(tables.fallback)
+    fold, select, rows, half = rows_of(G, bool(tables.fallback))
     return dict(
-        G=G, NW=nw, D=d, FOLD=fold, R=rows_of(G, fold)[0], HALF=rows_of(G, fold)[1],
+        G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
@@ -573,12 +590,15 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                  softmax_scale: float, splits: int, *, num_warps: int = 4, prefetch: bool = False,
-                  trans_asm: bool = True, codes: int = 4, maxnreg: int | None = None):
+                  softmax_scale: float, splits: int, *, num_warps: int = 4,
+                  prefetch: bool | None = None, trans_asm: bool = True, codes: int = 4,
+                  maxnreg: int | None = None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
-    maxnreg: None = 168 where the rows are 8 (tile loop without spills, tests/hopper_compile.py;
-    3 programs per SM instead of 2), else no limit; 0 = no limit."""
+    prefetch None: on where the score rows are 8 (the first GPU run: 1.1-1.2x faster at the big
+    8B shapes). maxnreg None: 168 where the rows are 8 and FOLDed or without the fallback (tile
+    loop without spills, tests/hopper_compile.py: 3 programs per SM instead of 2), else no
+    limit; 0 = no limit."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
@@ -591,9 +611,12 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        cx = kernel_constexprs(tables, *key[:-1])
-        if maxnreg is None:  # 8 score rows fit 168 registers without spills: 3 programs per SM
-            maxnreg = 168 if cx["R"] == 8 else 0
+        _, select, rows, _ = rows_of(Hq // H, bool(tables.fallback))
+        if prefetch is None:
+            prefetch = rows == 8
+        cx = kernel_constexprs(tables, *key[:5], prefetch, trans_asm, codes)
+        if maxnreg is None:
+            maxnreg = 168 if rows == 8 and not select else 0
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)

@@ -13,6 +13,8 @@
    caches rotated out of the L2): the fast path's variants, the portable kernel, torch SDPA BF16.
 Each shape is caught on its own (the traceback's head is printed, the run goes on). A short table
 comes last; everything goes to $OUT/kv_hopper_check.json. Needs torch + Triton >= 3.6, no vLLM.
+--sweep: the launch sweep at four shapes instead (graph times), for finding what limits the kernel.
+Over 400 lines: one command that checks and times everything (the GPU runs are few).
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ SHAPES = {
     "SmolLM2-135M": ((9, 3, 64), [(32, 4096), (8, 32768), (1, 32768)]),
 }
 # The fast path's launch variants, checked and timed at every shape (keyword arguments of
-# tq_decode_hopper, split_factor: times the default split count): the default (at most 168
-# registers where the score rows are 8, G <= 4: 3 programs per SM); no register limit (2 per
-# SM); the next tile's codes loaded before the current one is computed; P transposed by the
-# compiler's layout conversion instead of movmatrix; the lookup on bytes (two fewer permutes per
-# 8 codes); 2x and 4x the default splits; 8 warps a program (128-token tiles).
-VARIANTS = {"fast": {}, "fast_nolimit": {"maxnreg": 0}, "fast_pf": {"prefetch": True},
-            "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2},
+# tq_decode_hopper, split_factor: times the default split count): the default (8 score rows: the
+# next tile's codes loaded before the current one is computed, and at most 168 registers, 3
+# programs per SM, unless SELECT); no register limit; no prefetch; P transposed by the compiler's
+# layout conversion instead of movmatrix; the lookup on bytes (two fewer permutes per 8 codes;
+# spills with prefetch, so without); 2x and 4x the default splits; 8 warps a program.
+VARIANTS = {"fast": {}, "fast_nolimit": {"maxnreg": 0}, "fast_nopf": {"prefetch": False},
+            "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2, "prefetch": False},
             "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4},
             "fast_w8": {"num_warps": 8}}
 
@@ -209,7 +211,22 @@ REF_CASES = [  # (hq, hk, d, seq_lens, splits, mean, fallback)
 # 2. Full size: fast vs portable, and times
 
 
-def full_shape(name, hq, hk, d, b, ctx, device, graphs):
+SWEEP_SHAPES = "Llama-3-8B:64x8192,Llama-3-8B:1x32768,Llama-3-70B TP8:1x32768,Llama-3-70B TP8:32x4096"
+
+
+def sweep_variants() -> dict:
+    """--sweep: warps x prefetch x register limit x split factor (graph times only)."""
+    out = {}
+    for nw in (4, 8):
+        for pf in (True, False):
+            for reg in (None, 0):
+                for sf in (1, 2, 4):
+                    name = f"w{nw}_{'pf' if pf else 'nopf'}_{'auto' if reg is None else 'nolim'}_x{sf}"
+                    out[name] = {"num_warps": nw, "prefetch": pf, "maxnreg": reg, "split_factor": sf}
+    return out
+
+
+def full_shape(name, hq, hk, d, b, ctx, device, graphs, do_bench=True):
     row = {"shape": name, "batch": b, "ctx": ctx}
     tables = tables_for(hk, d, device)
     _, bt = kb.paged_layout(torch, b, ctx, device)
@@ -232,7 +249,7 @@ def full_shape(name, hq, hk, d, b, ctx, device, graphs):
     out = torch.empty_like(q)
     row["portable_ms"] = kb.bench(lambda: portable(q, cache, bt, sl, qsl, tables, out), triton)
     for var, kw in VARIANTS.items():
-        if f"{var}_error" in row:
+        if f"{var}_error" in row or not do_bench:
             continue
         row[f"{var}_ms"] = kb.bench(lambda: fast(q, cache, bt, sl, qsl, tables, out, **kw), triton)
     try:
@@ -303,6 +320,25 @@ def table(rows):
     return out + ["", "CUDA-graph ms of each variant:"] + var
 
 
+def sweep_table(rows, top=6):
+    """Per shape: SDPA and portable graph times, then the launches ranked by graph time."""
+    out = []
+    for row in rows:
+        head = f"{row['shape']} {row['batch']}x{row['ctx'] // 1024}K"
+        if "error" in row:
+            out.append(f"{head}: FAILED {row['error']}")
+            continue
+        got = sorted((row[f"{v}_graph_ms"], v) for v in VARIANTS if f"{v}_graph_ms" in row)
+        bad = [v for v in VARIANTS if f"{v}_error" in row or row.get(f"{v}_nan")]
+        sdpa = row.get("sdpa_graph_ms")
+        rank = ", ".join(f"{v} {t:.4f}" + (f" ({t / sdpa:.2f}x)" if sdpa else "")
+                         for t, v in got[:top])
+        out.append(f"{head}: SDPA {sdpa} portable {row.get('portable_graph_ms')} | best: {rank}"
+                   + (f" | slowest {got[-1][1]} {got[-1][0]:.4f}" if got else "")
+                   + (f" | FAILED/NaN: {bad}" if bad else ""))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -310,7 +346,18 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="substring of the shape names to run")
     ap.add_argument("--variants", default="", help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--no-reference", action="store_true", help="skip the small reference cases")
+    ap.add_argument("--no-probe", action="store_true", help="skip kv_hopper_probe")
+    ap.add_argument("--shapes", default="",
+                    help="'model:BxCTX,...' (model as in SHAPES), instead of every shape")
+    ap.add_argument("--sweep", action="store_true",
+                    help="launch sweep (sweep_variants), graph times only, at --shapes (default "
+                         f"{SWEEP_SHAPES!r}); no probe, no reference cases")
     args = ap.parse_args(argv)
+    if args.sweep:
+        VARIANTS.clear()
+        VARIANTS.update(sweep_variants())
+        args.shapes = args.shapes or SWEEP_SHAPES
+        args.no_probe = args.no_reference = True
     if args.variants:
         keep = args.variants.split(",")
         for name in list(VARIANTS):
@@ -330,7 +377,7 @@ def main(argv=None):
 
     from kv_hopper_probe import probe
 
-    for d, rows, codes, trans in PROBES:  # the register tricks alone (kv_hopper_probe.py)
+    for d, rows, codes, trans in [] if args.no_probe else PROBES:  # kv_hopper_probe.py
         entry = {"case": f"d{d} rows {rows} codes {codes} movmatrix {trans}"}
         try:
             torch.manual_seed(d + rows)
@@ -356,23 +403,30 @@ def main(argv=None):
         save()
     log(f"reference checks: {time.time() - t0:.0f} s")
     kb.warm_up(torch, device)
-    for name, ((hq, hk, d), batches) in SHAPES.items():
-        if args.only and args.only not in name:
-            continue
-        for b, ctx in batches:
-            t1 = time.time()
-            torch.manual_seed(b * 7 + ctx)
-            try:
-                row = full_shape(name, hq, hk, d, b, ctx, device, not args.no_graphs)
-            except Exception:
-                log(f"{name} {b}x{ctx} FAILED\n{tb_head()}")
-                row = {"shape": name, "batch": b, "ctx": ctx,
-                       "error": traceback.format_exc().splitlines()[-1]}
-                torch.cuda.empty_cache()
-            row["seconds"] = round(time.time() - t1, 1)
-            log(json.dumps(row))
-            results["full"].append(row)
-            save()
+    todo = [(name, b, ctx) for name, (_, batches) in SHAPES.items() for b, ctx in batches
+            if args.only in name]
+    if args.shapes:
+        todo = []
+        for item in args.shapes.split(","):
+            name, bc = item.rsplit(":", 1)
+            b, ctx = bc.split("x")
+            todo.append((name, int(b), int(ctx)))
+    for name, b, ctx in todo:
+        hq, hk, d = SHAPES[name][0]
+        t1 = time.time()
+        torch.manual_seed(b * 7 + ctx)
+        try:
+            row = full_shape(name, hq, hk, d, b, ctx, device, not args.no_graphs,
+                             do_bench=not args.sweep)
+        except Exception:
+            log(f"{name} {b}x{ctx} FAILED\n{tb_head()}")
+            row = {"shape": name, "batch": b, "ctx": ctx,
+                   "error": traceback.format_exc().splitlines()[-1]}
+            torch.cuda.empty_cache()
+        row["seconds"] = round(time.time() - t1, 1)
+        log(json.dumps(row))
+        results["full"].append(row)
+        save()
     lines = ["", f"kv_hopper_check {info['device']} torch {info['torch']} triton {info['triton']}",
              "Probe (max abs difference of the decoded operands and of P through the transpose; "
              "0 = exact):"]
@@ -394,7 +448,7 @@ def main(argv=None):
                              + (" NaN" if e[f"{var}_nan"] else ""))
         lines.append(f"  {e['case']} (raw keys {e['raw_key_share']:.2f}): " + ", ".join(parts))
     lines.append("Full size, ms (do_bench median; graph: CUDA-graph device time, caches rotated):")
-    lines += table(results["full"])
+    lines += sweep_table(results["full"]) if args.sweep else table(results["full"])
     results["table"] = lines
     save()
     print("\n".join(lines))
