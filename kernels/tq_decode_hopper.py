@@ -9,8 +9,9 @@ kernel's order. Over 400 lines: the kernel, its layouts and launcher belong toge
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
-layouts. Here no decoded value leaves its thread's registers: 592 SASS per 64-token tile at the
-Llama-3-8B shape (Triton 3.6, tests/hopper_compile.py), no shared memory in the loop.
+layouts. Here no decoded value leaves its thread's registers: 617 SASS per 64-token tile at the
+Llama-3-8B shape as launched (prefetch, 168 registers; Triton 3.6, tests/hopper_compile.py), no
+shared memory in the loop.
 
 Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
 16 tokens of every 16 * NW-token tile and its own online softmax; merged once at the end):
@@ -38,8 +39,11 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   tables.mean_table(16) held in registers as A and each warp's [A', B'] (B operands, float32)
   exact at the start of every run of 32 tiles and rotated by 16 * NW * t per tile in between.
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
-  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH loads the next
-  tile's codes before the current tile is computed.
+  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (the default
+  where the rows are 8) loads the next tile's codes before the current tile is computed.
+* SELECT (G 5..8 with the fallback, Llama-3-70B at TP 8): the calibrated and the uncalibrated
+  query as two 8-row B operands against the same decoded keys, the raw keys' score selected per
+  key: 8 rows of softmax and O instead of FOLD's 16.
 
 The cache format's bytes are unchanged. Its slot (132 B at D = 128: K codes at 0, K norm at 64,
 V codes at 66, V norm at 130) leaves the key codes 4-byte aligned (head * 132) and the value codes
