@@ -351,13 +351,14 @@ def main(argv=None):
                     help="'model:BxCTX,...' (model as in SHAPES), instead of every shape")
     ap.add_argument("--sweep", action="store_true",
                     help="launch sweep (sweep_variants), graph times only, at --shapes (default "
-                         f"{SWEEP_SHAPES!r}); no probe, no reference cases")
+                         f"{SWEEP_SHAPES!r}); no reference cases (each launch is still checked "
+                         "against the portable kernel at full size)")
     args = ap.parse_args(argv)
     if args.sweep:
         VARIANTS.clear()
         VARIANTS.update(sweep_variants())
         args.shapes = args.shapes or SWEEP_SHAPES
-        args.no_probe = args.no_reference = True
+        args.no_reference = True
     if args.variants:
         keep = args.variants.split(",")
         for name in list(VARIANTS):
