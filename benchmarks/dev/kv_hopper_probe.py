@@ -1,0 +1,91 @@
+"""The Hopper decode's register tricks one at a time (GPU; run by kv_hopper_check.py first): where
+the full kernel disagrees with the reference, these say which part does.
+
+A one-program Gluon kernel runs kernels/tq_decode_hopper.py's own helpers on known inputs and
+stores what they return: the key codes decoded into the QK MMA's A operand, the value codes into
+the PV MMA's A operand (both through the lookup PTX, the index-bit permutations and the layout
+conversions), and P transposed into the PV MMA's B operand (movmatrix or the compiler's
+conversion). The host compares them with torch: levels of the codes in the slot order that
+slot_coordinates gives, and P itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from vllm_gds.kernels import tq_decode_hopper as hop
+
+
+@gluon.jit
+def _store3(ptr, x, layout: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr):
+    i = gl.arange(0, S0, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    j = gl.arange(0, S1, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    k = gl.arange(0, S2, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    offs = i[:, None, None] * (S1 * S2) + j[None, :, None] * S2 + k[None, None, :]
+    gl.store(ptr + offs, x)
+
+
+@gluon.jit
+def _load3(ptr, layout: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr):
+    i = gl.arange(0, S0, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    j = gl.arange(0, S1, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    k = gl.arange(0, S2, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    return gl.load(ptr + i[:, None, None] * (S1 * S2) + j[None, :, None] * S2 + k[None, None, :])
+
+
+@gluon.jit
+def _probe_kernel(kw_ptr, vw_ptr, p_ptr, ka_ptr, va_ptr, pb_ptr, lut0, lut1, lut2, lut3,
+                  NW: gl.constexpr, D: gl.constexpr, R: gl.constexpr, CODES: gl.constexpr,
+                  ASM: gl.constexpr, TRANS_ASM: gl.constexpr, K_LOAD: gl.constexpr,
+                  V_LOAD: gl.constexpr, V_PAIR: gl.constexpr, K_ORDER: gl.constexpr,
+                  V_ORDER: gl.constexpr):
+    L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
+                                                instr_shape=[1, 16, 8])
+    LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
+    LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
+    lut = (lut0, lut1, lut2, lut3)
+    kw = _load3(kw_ptr, K_LOAD, NW, 16, D // CODES)
+    vw = _load3(vw_ptr, V_LOAD, NW, 16, D // CODES)
+    ka = hop._decode_k(kw, lut, ASM, LA, NW, D, K_ORDER, CODES)
+    va = hop._decode_v(vw, lut, ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+    _store3(ka_ptr, ka, LA, NW, 16, D)
+    _store3(va_ptr, va, LA, NW, D, 16)
+    p = _load3(p_ptr, L, NW, 16, R).to(gl.bfloat16)
+    _store3(pb_ptr, hop._transpose_p(p, LB, NW, R, TRANS_ASM), LB, NW, 16, R)
+
+
+def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int = 4) -> dict:
+    """Max abs difference of each decoded operand (and of P through the transpose) against
+    torch, for random codes: 0.0 everywhere when the tricks hold."""
+    from vllm_gds.kvcache.codebook import codebook
+
+    d = tables.layout.head_size
+    dev = tables.signs.device
+    codes_kv = torch.randint(0, 16, (2, nw, 16, d), device=dev)
+    packed = codes_kv[..., 0::2] | (codes_kv[..., 1::2] << 4)  # bytes [2, NW, 16, D/2]
+    if codes == 4:
+        words = packed.to(torch.uint8).view(torch.int16)  # little-endian pairs of bytes
+    else:
+        words = packed.to(torch.uint8).view(torch.int8)
+    words = words.contiguous()
+    p = torch.randn(nw, 16, rows, device=dev)
+    ka = torch.empty(nw, 16, d, device=dev, dtype=torch.bfloat16)
+    va = torch.empty(nw, d, 16, device=dev, dtype=torch.bfloat16)
+    pb = torch.empty(nw, 16, rows, device=dev, dtype=torch.bfloat16)
+    cx = hop.kernel_constexprs(tables, 4 if rows == 8 else 8, 16, 0, 0, nw, False, trans_asm,
+                               codes)
+    _probe_kernel[(1,)](words[0], words[1], p, ka, va, pb, *tables.hopper_lut, NW=nw, D=d,
+                        R=rows, CODES=codes, ASM=cx["ASM"], TRANS_ASM=trans_asm,
+                        K_LOAD=cx["K_LOAD"], V_LOAD=cx["V_LOAD"], V_PAIR=cx["V_PAIR"],
+                        K_ORDER=cx["K_ORDER"], V_ORDER=cx["V_ORDER"], num_warps=nw)
+    levels = codebook(d, 4)[0].to(device=dev, dtype=torch.bfloat16)
+    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, codes), codes), device=dev)
+    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, codes), codes), device=dev)
+    want_k = levels[codes_kv[0][:, :, kperm]]  # [NW, 16, k-slot]
+    want_v = levels[codes_kv[1][:, :, vperm]].transpose(1, 2)  # [NW, m-slot, 16]
+    torch.cuda.synchronize()
+    return {"keys": (ka.float() - want_k.float()).abs().max().item(),
+            "values": (va.float() - want_v.float()).abs().max().item(),
+            "p_transpose": (pb.float() - p.bfloat16().float()).abs().max().item()}

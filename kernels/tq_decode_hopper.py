@@ -1,0 +1,677 @@
+"""tq4 decode attention for Hopper (sm_90) in Gluon: 4-bit codes decoded straight into mma.sync
+operand registers. The portable kernel (tq_attention.py) stays the reference; this is the fast
+path for the served tq4 decode only: 4-bit keys and values (one stream each), head size 64 or
+128, the raw-key fallback FOLDed, the pre-RoPE key mean (MEAN_STEP, exact every 32 tiles), paged
+cache with pages a multiple of 16 tokens, G <= 8 query heads per KV head (16 without the
+fallback). It writes tq_attention's (acc, max, sum) partial rows and tq_attention's
+_tq_reduce_kernel finishes them (splits == 1 too), with the output Hadamard rows permuted to this
+kernel's order. Over 400 lines: the kernel, its layouts and launcher belong together.
+
+Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
+lookup and most of the rest moving decoded values through shared memory into the MMA operand
+layouts. Here no decoded value leaves its thread's registers: 617 SASS per 64-token tile at the
+Llama-3-8B shape as launched (prefetch, 168 registers; Triton 3.6, tests/hopper_compile.py), no
+shared memory in the loop.
+
+Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
+16 tokens of every 16 * NW-token tile and its own online softmax; merged once at the end):
+
+* S^T = K Q^T per warp with mma.sync m16n8k16 (a batched 3-D mma_v2; dim 0 is the warp): A = the
+  decoded keys [16 tokens, D], B = the transformed query [D, R]. R = 8 score rows where the GQA
+  group fits (G <= 4 with the fallback: calibrated query in rows 0..3, uncalibrated in 4..7, as
+  FOLD; G <= 8 without), else 16. Then O^T += V^T P^T: A = the decoded values [D, 16 tokens],
+  B = P^T. P comes out of S^T's accumulator registers transposed: one movmatrix.trans per 8x8
+  block (inline PTX, TRANS_ASM; the kernel relabels the index bits, free) or the compiler's
+  conversion. With 8 rows the O accumulator is 32 registers and PV 8 MMAs per warp-tile.
+* Coordinates are summed in any order, so the kernel chooses which rotated coordinate sits in
+  which MMA k-slot (keys) and m-slot (values): lane c of the key operand holds 32 coordinates
+  of a token, its bytes [16c, 16c + 16) (D = 128); lane g of the value operand holds 16 of each
+  of its 4 tokens, bytes [8g, 8g + 8). The host permutes the query's Hadamard columns and the
+  output's Hadamard rows to match (hadamard_operands). The permutation permutes index *bits*, so
+  the kernel writes it as reshape/permute of the lookup's output: register renaming only.
+* Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
+  8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
+  (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
+  values' pairs are the same halfword of tokens 2c and 2c + 1, interleaved by the compiler);
+  CODES = 2: bytes in fours (two fewer permutes per 8 codes, more packing).
+* Key norms scale S^T per token; value norms scale P per token before the PV MMA.
+* Key mean (MEAN): S^T += cos(j t)^T A' + sin(j t)^T B' per warp-tile: two more (fp16) MMAs with
+  tables.mean_table(16) held in registers as A and each warp's [A', B'] (B operands, float32)
+  exact at the start of every run of 32 tiles and rotated by 16 * NW * t per tile in between.
+* Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
+  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (the default
+  where the rows are 8) loads the next tile's codes before the current tile is computed.
+* SELECT (G 5..8 with the fallback, Llama-3-70B at TP 8): the calibrated and the uncalibrated
+  query as two 8-row B operands against the same decoded keys, the raw keys' score selected per
+  key: 8 rows of softmax and O instead of FOLD's 16.
+
+The cache format's bytes are unchanged. Its slot (132 B at D = 128: K codes at 0, K norm at 64,
+V codes at 66, V norm at 130) leaves the key codes 4-byte aligned (head * 132) and the value codes
+2-byte aligned, so the loads are 32-bit (keys) and 16-bit (values) words, not 16-/8-byte
+vectors; a stream-contiguous page layout would allow those.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+LOG2E = 1.4426950408889634
+NT = 16  # tokens per warp-tile (one m16n8k16 K step of PV)
+MEAN_ANCHOR = gl.constexpr(32)  # tiles per run of the key mean's stepped [A', B'] (as tq_attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: layouts (pure functions of the shape; also used by the compile test)
+
+
+def _bits(n: int) -> int:
+    b = n.bit_length() - 1
+    if 1 << b != n:
+        raise ValueError(f"{n} is not a power of two")
+    return b
+
+
+def _warp_bases(nw: int, rank: int) -> list:
+    return [[1 << i] + [0] * (rank - 1) for i in range(_bits(nw))]
+
+
+def k_load_layout(d: int, nw: int, codes: int) -> gl.DistributedLinearLayout:
+    """Key code elements [NW, NT, D/codes] (int16: 4 codes, int8: 2): lane (c, g) loads token g
+    (and g + 8) elements [c E/4, (c+1) E/4), E = D/codes: bytes [c D/8, (c+1) D/8)."""
+    eb = _bits(d // codes)
+    reg = [[0, 0, 1 << b] for b in range(eb - 2)] + [[0, 8, 0]]
+    lane = [[0, 0, 1 << (eb - 2)], [0, 0, 1 << (eb - 1)], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
+
+
+def v_load_layout(d: int, nw: int, codes: int, pair_first: bool) -> gl.DistributedLinearLayout:
+    """Value code elements [NW, NT, D/codes]: lane (c, g) holds tokens 2c, 2c+1, 2c+8, 2c+9,
+    elements [g E/8, (g+1) E/8). pair_first: token bit 0 as register bit 0 (the lookup's packs
+    pair tokens 2c and 2c + 1); else the elements first (the load's vectors)."""
+    eb = _bits(d // codes)
+    elems = [[0, 0, 1 << b] for b in range(eb - 3)]
+    reg = ([[0, 1, 0]] + elems if pair_first else elems + [[0, 1, 0]]) + [[0, 8, 0]]
+    lane = [[0, 2, 0], [0, 4, 0]] + [[0, 0, 1 << b] for b in range(eb - 3, eb)]
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
+
+
+def _dims(d: int, codes: int):
+    """(e(b): the dim of element-index bit b, the phase dims MSB first) of the decoded tensor
+    [NW, NT, element bits (MSB first), phase bits (LSB first)]; phase j = code index - codes e."""
+    eb, pb = _bits(d // codes), _bits(codes)
+    return (lambda b: 2 + (eb - 1 - b)), [2 + eb + i for i in reversed(range(pb))]
+
+
+def k_order(d: int, codes: int = 4) -> list[int]:
+    """The permutation of the decoded keys' dims that reshapes to [NW, NT, D (k-slot)]:
+    k = e_0 + 2 e_top2 + 4 e_top1 + 8 (phase) + ... (e_1, e_2, ... above): k bit 0 pairs two
+    elements in one register, k bits 1-2 are the lane's."""
+    e, phase = _dims(d, codes)
+    eb = _bits(d // codes)
+    return [0, 1] + [e(b) for b in range(eb - 3, 0, -1)] + phase + [e(eb - 1), e(eb - 2), e(0)]
+
+
+def v_order(d: int, codes: int = 4) -> list[int]:
+    """The permutation of the decoded values' dims that reshapes to [NW, D (m-slot), NT]:
+    m = e_top3 + 2 e_top2 + 4 e_top1 (the lane's) + 8 (phase) + ... (e_0, e_1, ... above)."""
+    e, phase = _dims(d, codes)
+    eb = _bits(d // codes)
+    return ([0] + [e(b) for b in range(eb - 4, -1, -1)] + phase
+            + [e(eb - 1), e(eb - 2), e(eb - 3), 1])
+
+
+def perm_code(order: list[int]) -> int:
+    """A dim order packed 4 bits a dim (the kernel's _permute_bits unpacks it)."""
+    return sum(o << (4 * i) for i, o in enumerate(order))
+
+
+def slot_coordinates(d: int, order: list[int], codes: int = 4) -> list[int]:
+    """The code index (coordinate of the rotated vector) of each k- or m-slot, following the
+    kernel's reshape/permute: a slot's index bits, read in `order` (dims 0 and 1 are the warp and
+    the token), give the element e and phase j; coordinate = codes * e + j."""
+    eb, pb = _bits(d // codes), _bits(codes)
+    dims = [x for x in order if x not in (0, 1)]  # MSB first
+    coords = []
+    for slot in range(d):
+        bit = {x: (slot >> (len(dims) - 1 - i)) & 1 for i, x in enumerate(dims)}
+        e = sum(bit[2 + (eb - 1 - b)] << b for b in range(eb))
+        j = sum(bit[2 + eb + i] << i for i in range(pb))
+        coords.append(codes * e + j)
+    return coords
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@gluon.jit
+def _rope_cos_sin(a):
+    """cos and sin (float32) of a float64 angle reduced to [-pi, pi] (tq_common.rope_cos_sin)."""
+    k = gl.floor(a * 0.15915494309189535 + 0.5)
+    r = ((a - k * 6.2831854820251465) + k * 1.7484555314695172e-07) + k * 7.105427357601002e-15
+    r = r.to(gl.float32)
+    return gl.cos(r), gl.sin(r)
+
+
+@gluon.jit
+def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr):
+    """bf16 levels [..., E, phase bits] of code elements [..., E]: CODES = 4, int16 elements in
+    pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2, bytes in fours
+    (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble. lut: the four
+    table words (scalars), passed as operands (hopper_tables.operand_asm)."""
+    t = gl.full(words.shape, 0, gl.int32, words.type.layout)
+    ops = [words, t + lut[0], t + lut[1], t + lut[2], t + lut[3]]
+    if CODES == 4:
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,r" + ",r" * 8, ops,
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+    else:
+        lo, hi = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r" + ",r" * 16, ops,
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=4)
+        return gl.join(lo, hi)
+
+
+@gluon.jit
+def _tile_base(bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr, NW: gl.constexpr,
+               PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
+    """Byte offset [NW] (int64, layout W) of the first slot of each warp's 16 tokens of a tile,
+    this KV head: one block-table load per warp-tile. Past the sequence the block is 0, so the
+    loads that follow need no mask (the scores and weights of those tokens are masked)."""
+    tok0 = (tile * NW + gl.arange(0, NW, W)) * 16
+    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)
+    return blk.to(gl.int64) * stride_blk + (head * STRIDE_HEAD + (tok0 % PAGE) * STRIDE_TOK)
+
+
+@gluon.jit
+def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, CODES: gl.constexpr,
+                D: gl.constexpr, STRIDE_TOK: gl.constexpr):
+    """Code elements [NW, NT, D / CODES] (int16 for CODES = 4, int8 for 2) of one stream of the
+    tile's slots (base: _tile_base)."""
+    base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    e = gl.arange(0, D // CODES, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
+    ptrs = cache_ptr + rows[:, :, None]
+    if CODES == 4:
+        ptrs = ptrs.to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    else:
+        ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
+    return gl.load(ptrs)
+
+
+@gluon.jit
+def _load_norms(cache_ptr, base, tile, kv_end, pos_layout: gl.constexpr,
+                K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr, NW: gl.constexpr,
+                STRIDE_TOK: gl.constexpr):
+    """Key and value norms [NW, NT] (float32, 0 past the sequence) and the tokens' mask."""
+    base = gl.convert_layout(base, gl.SliceLayout(1, pos_layout))
+    w = gl.arange(0, NW, gl.SliceLayout(1, pos_layout))
+    t = gl.arange(0, 16, gl.SliceLayout(0, pos_layout))
+    ok = ((tile * NW + w) * 16)[:, None] + t[None, :] < kv_end
+    p16 = (cache_ptr + base[:, None] + (t * STRIDE_TOK)[None, :]).to(gl.pointer_type(gl.int16))
+    kn = gl.load(p16 + K_NORM_OFF // 2).to(gl.float16, bitcast=True).to(gl.float32)
+    vn = gl.load(p16 + V_NORM_OFF // 2).to(gl.float16, bitcast=True).to(gl.float32)
+    return gl.where(ok, kn, 0.0), gl.where(ok, vn, 0.0), ok
+
+
+@gluon.jit
+def _to_bits(x, NW: gl.constexpr, D: gl.constexpr):
+    """[NW, NT, ...] -> [NW, NT, 2, 2, ...]: one dim per index bit past the token."""
+    if D == 128:
+        return gl.reshape(x, (NW, 16, 2, 2, 2, 2, 2, 2, 2))
+    else:
+        return gl.reshape(x, (NW, 16, 2, 2, 2, 2, 2, 2))
+
+
+@gluon.jit
+def _permute_bits(x, P: gl.constexpr, D: gl.constexpr):
+    """permute(x, order) for an order packed 4 bits a dim (perm_code): a constexpr int, the same
+    under every Triton (a tuple argument is not)."""
+    if D == 128:
+        return gl.permute(x, (P & 15, (P >> 4) & 15, (P >> 8) & 15, (P >> 12) & 15,
+                              (P >> 16) & 15, (P >> 20) & 15, (P >> 24) & 15, (P >> 28) & 15,
+                              (P >> 32) & 15))
+    else:
+        return gl.permute(x, (P & 15, (P >> 4) & 15, (P >> 8) & 15, (P >> 12) & 15,
+                              (P >> 16) & 15, (P >> 20) & 15, (P >> 24) & 15, (P >> 28) & 15))
+
+
+@gluon.jit
+def _decode_k(kw, lut, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+              K_ORDER: gl.constexpr, CODES: gl.constexpr):
+    """Key code elements [NW, NT, D/CODES] -> bf16 A operand [NW, NT, D (k-slots)], in
+    registers."""
+    x = _to_bits(_levels(kw, lut, ASM, CODES), NW, D)
+    x = _permute_bits(x, K_ORDER, D)
+    x = gl.reshape(x, [NW, 16, D])
+    return gl.convert_layout(x, LA)
+
+
+@gluon.jit
+def _decode_v(vw, lut, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+              NW: gl.constexpr, D: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr):
+    """Value code elements [NW, NT, D/CODES] -> bf16 A operand [NW, D (m-slots), NT], in
+    registers."""
+    vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one element side by side
+    x = _to_bits(_levels(vw, lut, ASM, CODES), NW, D)
+    x = _permute_bits(x, V_ORDER, D)
+    x = gl.reshape(x, [NW, D, 16])
+    return gl.convert_layout(x, LA)
+
+
+@gluon.jit
+def _transpose_p(p, LB: gl.constexpr, NW: gl.constexpr, R: gl.constexpr,
+                 TRANS_ASM: gl.constexpr):
+    """P [NW, NT, R] bf16 in the accumulator layout (thread (g, c) holds tokens g, g + 8 and
+    rows 2c, 2c + 1) -> the B operand [NW, NT (k), R (n)] (tokens 2c, 2c+1, 2c+8, 2c+9, row g).
+    TRANS_ASM: one movmatrix.trans per 8x8 block, then the index bits relabelled (free); else
+    the compiler's layout conversion."""
+    if TRANS_ASM:
+        y = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                      [p], dtype=gl.bfloat16, is_pure=True, pack=2)
+        # y[t, r] (t = t0..t3, r = r0..r2 (r3 for R = 16)) holds P[token r0 + 2 r1 + 4 r2 + 8 t3,
+        # row t0 + 2 t1 + 4 t2 + 8 r3]
+        if R == 8:
+            y = gl.reshape(y, [NW, 2, 2, 2, 2, 2, 2, 2])  # w, t3, t2, t1, t0, r2, r1, r0
+            y = gl.permute(y, [0, 1, 5, 6, 7, 2, 3, 4])  # w, t3, r2, r1, r0 | t2, t1, t0
+        else:
+            y = gl.reshape(y, [NW, 2, 2, 2, 2, 2, 2, 2, 2])  # w, t3..t0, r3, r2, r1, r0
+            y = gl.permute(y, [0, 1, 6, 7, 8, 5, 2, 3, 4])  # w, t3, r2, r1, r0 | r3, t2, t1, t0
+        y = gl.reshape(y, [NW, 16, R])
+        return gl.convert_layout(y, LB)
+    else:
+        return gl.convert_layout(p, LB)
+
+
+@gluon.jit
+def _mean_ab(m_a, m_b, p0, theta):
+    """[A', B'] [NW, RH, R] for warp-tiles starting at positions p0 [NW]."""
+    ang = p0.to(gl.float64)[:, None] * theta.to(gl.float64)[None, :]
+    c0, s0 = _rope_cos_sin(ang)
+    c0 = gl.expand_dims(c0, 2)
+    s0 = gl.expand_dims(s0, 2)
+    return m_a * c0 + m_b * s0, m_b * c0 - m_a * s0
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+
+
+@gluon.jit
+def _tq_decode_hopper_kernel(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
+    signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
+    mean_table_ptr, hk_ptr, part_ptr, qk_scale,
+    lut0, lut1, lut2, lut3, lut_zero,
+    G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
+    FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
+    MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
+    PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
+    PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
+    K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
+    ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
+    K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
+    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr,
+):
+    seq = gl.program_id(0)
+    head = gl.program_id(1)
+    split = gl.program_id(2)
+
+    # Layouts: one batched mma.sync layout (dim 0: the warp) for S^T = K Q^T [NW, NT, R] and
+    # O^T = V^T P^T [NW, D, R]; its operands; the query transform's 2-D mma.
+    L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
+                                                instr_shape=[1, 16, 8])
+    LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
+    LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
+    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L))  # [R]
+    TOKS: gl.constexpr = gl.SliceLayout(2, L)  # [NW, NT]
+    STAT: gl.constexpr = gl.SliceLayout(1, L)  # [NW, R]: per-row softmax state
+    L2: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW],
+                                                 instr_shape=[16, 8])
+    LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
+    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
+
+    q_row = gl.load(query_start_ptr + seq)
+    # The lookup's table words, made per-thread values (+ lane id * 0): ptxas keeps kernel
+    # arguments in uniform registers and copied them into a register before every lookup.
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero
+    lut = (lut0 + lane0, lut1 + lane0, lut2 + lane0, lut3 + lane0)
+    kv_end = gl.load(seq_lens_ptr + seq)
+    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
+
+    # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
+    #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
+    #    FOLD scores both halves as rows of one operand (R = 2 XH), SELECT as two operands of
+    #    R = XH = 8 rows (G 5..8: 8 rows instead of 16 for softmax and O) and keeps per key the
+    #    score of its kind.
+    XH: gl.constexpr = 8 if SELECT else HALF
+    RAWQ: gl.constexpr = FOLD or SELECT
+    r2 = gl.arange(0, 16, gl.SliceLayout(1, LA2))
+    d2 = gl.arange(0, D, gl.SliceLayout(0, LA2))
+    q_mask2 = ((r2 % XH) < G) & (r2 < (2 * XH if RAWQ else R))
+    q_ptrs = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + r2 % XH) * stride_qh
+    x = gl.load(q_ptrs[:, None] + d2[None, :], mask=q_mask2[:, None], other=0.0).to(gl.float32)
+    sgn = gl.load(signs_ptr + d2)
+    ksc = gl.load(key_scale_ptr + head * D + d2)
+    if RAWQ:
+        x = x * gl.where((r2 >= XH)[:, None], sgn[None, :], (ksc * sgn)[None, :])
+    else:
+        x = x * (ksc * sgn)[None, :]
+    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
+    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
+    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])  # H^T in memory: k pairs contiguous
+    qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))
+    qt = gl.permute((qt * qk_scale).to(gl.bfloat16), [1, 0])  # [D, 16]
+    if R == 8:
+        qt = gl.reshape(qt, [D, 2, 8])
+        qt, qt_raw = gl.split(gl.permute(qt, [0, 2, 1]))
+        if SELECT:
+            qb_raw = gl.convert_layout(qt_raw, gl.SliceLayout(0, LB))
+            qb_raw = gl.expand_dims(qb_raw, 0).broadcast_to([NW, D, R])
+    qb = gl.convert_layout(qt, gl.SliceLayout(0, LB))
+    qb = gl.expand_dims(qb, 0).broadcast_to([NW, D, R])
+
+    r = gl.arange(0, R, ROWS)
+    raw_row = r >= HALF
+
+    # 2. The key mean's per-row constants (zero in raw rows): q . RoPE_p(mu) = sum over pairs of
+    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c; [A', B'] as B operands [NW, RH (k), R (n)].
+    if MEAN:
+        RB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LB))  # rows (n) of the B operand
+        PB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LB))  # pairs (k) of the B operand
+        TP: gl.constexpr = gl.SliceLayout(2, LB)  # [NW, RH] angles
+        rb = gl.arange(0, R, RB)
+        jj = head * RH + gl.arange(0, RH, PB)
+        pi = gl.load(mean_pairs_ptr + jj)
+        qs = qk_scale * (D ** 0.5)
+        mrow = ((rb % XH) < G) & (rb < XH)
+        i_mask = (pi >= 0)[None, :, None] & mrow[None, None, :]
+        q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % XH) * stride_qh)
+        q3 = q3[None, None, :] + gl.zeros([NW, 1, 1], gl.int32, LB)
+        q_a = gl.load(q3 + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
+        q_b = gl.load(q3 + ROT_HALF + pi[None, :, None], mask=i_mask, other=0.0).to(gl.float32)
+        mu_a = gl.load(mean_mu_ptr + 2 * jj)[None, :, None]
+        mu_b = gl.load(mean_mu_ptr + 2 * jj + 1)[None, :, None]
+        m_a = (q_a * mu_a + q_b * mu_b) * qs
+        m_b = (q_b * mu_a - q_a * mu_b) * qs
+        theta = gl.load(mean_theta_ptr + jj)
+        c_step, s_step = _rope_cos_sin((NW * 16) * theta.to(gl.float64))
+        c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 2)
+        s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 2)
+        # m_c: the channels past the rotary ones
+        dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
+        mu = gl.load(key_mean_ptr + head * D + dc)
+        xq = gl.load(q_ptrs[:, None] + dc[None, :],
+                     mask=(q_mask2 & (r2 < XH))[:, None], other=0.0).to(gl.float32)
+        m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
+        if R == 8:
+            m_c, _unused2 = gl.split(gl.permute(gl.reshape(m_c, [2, 8]), [1, 0]))
+        m_c = gl.convert_layout(m_c, ROWS)
+        # cos / sin (j t) of the head's pairs as A operands [NT (m), RH (k)], fp16, in registers
+        tn = gl.arange(0, 16, gl.SliceLayout(1, gl.SliceLayout(0, LA)))
+        tj = gl.arange(0, RH, gl.SliceLayout(0, gl.SliceLayout(0, LA)))
+        t_off = head * 2 * RH * 16 + tj[None, :] * 16 + tn[:, None]
+        t_cos = gl.load(mean_table_ptr + t_off)
+        t_sin = gl.load(mean_table_ptr + RH * 16 + t_off)
+        t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, 16, RH])
+        t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, 16, RH])
+        wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
+
+    # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
+    #    [16 w, 16 w + 16) of each.
+    num_tiles = gl.cdiv(kv_end, 16 * NW)
+    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count
+    per_split = gl.cdiv(num_tiles, splits)
+    tile_lo = split * per_split
+    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
+
+    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
+    l_t = gl.zeros([NW, 16, R], gl.float32, L)  # per-thread sums of p: summed once at the end
+    o = gl.zeros([NW, D, R], gl.float32, L)
+    W1: gl.constexpr = gl.SliceLayout(1, TOKS)
+    if PREFETCH:
+        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+                          STRIDE_HEAD)
+        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+    for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
+        if MEAN:
+            a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
+        for tile in range(chunk, gl.minimum(chunk + MEAN_ANCHOR, tile_hi)):
+            if PREFETCH:
+                kw_now = kw
+                vw_now = vw
+                base_now = base
+                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                                  STRIDE_TOK, STRIDE_HEAD)
+                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+            else:
+                base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
+                                      STRIDE_TOK, STRIDE_HEAD)
+                kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
+                vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
+                                     V_NORM_OFF, NW, STRIDE_TOK)
+            ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
+            s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
+            s = s * gl.expand_dims(gl.abs(kn), 2)
+            if SELECT:
+                s_raw = mma_v2(ka, qb_raw, gl.zeros([NW, 16, R], gl.float32, L))
+                s_raw = s_raw * gl.expand_dims(gl.abs(kn), 2)
+            if MEAN:
+                s = mma_v2(t_cos, a_t.to(gl.float16), s)
+                s = mma_v2(t_sin, b_t.to(gl.float16), s)
+                s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 1)
+                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+            if SELECT:
+                s = gl.where(gl.expand_dims(kn < 0, 2), s_raw, s)
+            visible = gl.expand_dims(ok, 2)
+            if FOLD:
+                is_raw = gl.expand_dims(kn < 0, 2)
+                visible = visible & (is_raw == gl.expand_dims(gl.expand_dims(raw_row, 0), 1))
+            s = gl.where(visible, s, float("-inf"))
+
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_t = l_t * gl.expand_dims(alpha, 1) + p
+            m_i = m_new
+            pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
+            pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
+            va = _decode_v(vw_now, lut, ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+            o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
+
+    # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
+    l_i = gl.sum(l_t, axis=1)
+    R2: gl.constexpr = R // HALF
+    m4 = gl.reshape(m_i, [NW, R2, HALF])
+    l4 = gl.reshape(l_i, [NW, R2, HALF])
+    o4 = gl.reshape(o, [NW, D, R2, HALF])
+    m_all = gl.max(gl.max(m4, axis=1), axis=0)
+    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))
+    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)
+    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))
+    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]
+    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])
+    o_all = gl.convert_layout(o_all, OL)
+    co = gl.arange(0, D, gl.SliceLayout(1, OL))
+    ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
+    rows_head = head * G + ro
+    row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits + split) * WP
+    gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])
+    ML: gl.constexpr = gl.SliceLayout(0, OL)
+    gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
+    gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def rows_of(G: int, fallback: bool) -> tuple[bool, bool, int, int]:
+    """(FOLD, SELECT, R, HALF): how the raw-key fallback is scored (FOLD: G <= 4, calibrated
+    rows [0, 4) and uncalibrated [4, 8) of one operand; SELECT: G 5..8, two 8-row operands and a
+    select per key), the score rows R (mma N: 8 or 16), and the rows of one softmax (HALF)."""
+    if fallback and G <= 4:
+        return True, False, 8, 4
+    if fallback:
+        return False, True, 8, 8
+    return False, False, (8 if G <= 8 else 16), (8 if G <= 8 else 16)
+
+
+def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
+                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
+                      codes: int = 4) -> dict:
+    """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
+    vllm_gds/kvcache/hopper_tables.attach). codes: 2 (bytes into the lookup) or 4 (int16)."""
+    layout = tables.layout
+    d = layout.head_size
+    kw = tables.constexprs
+    fold, select, rows, half = rows_of(G, bool(tables.fallback))
+    return dict(
+        G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
+        MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
+        PREFETCH=prefetch, TRANS_ASM=trans_asm,
+        PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
+        K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
+        V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes],
+        WP=kw["VA_W"] + kw["VB_W"] + 2,
+        V_PART=kw["VA_W"] + kw["VB_W"],
+        K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
+        V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=perm_code(k_order(d, codes)),
+        V_ORDER=perm_code(v_order(d, codes)), CODES=codes,
+    )
+
+
+def hadamard_operands(tables, codes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query transform: H's columns in this kernel's k-slot order, transposed ([k-slot, D], so
+    the kernel's operand pairs are 4-byte loads), output rows [D, D] in its m-slot order), made
+    once per tables (the launch passes them; the reduce finishes with the rows)."""
+    cache = tables.__dict__.setdefault("_hopper_operands", {})
+    if codes not in cache:
+        d = tables.layout.head_size
+        dev = tables.signs.device
+        kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes), device=dev)
+        vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes), device=dev)
+        cache[codes] = (tables.h_cols["kb"][:, kperm].t().contiguous(),
+                        tables.h_rows["vb"][vperm].contiguous())
+    return cache[codes]
+
+
+def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str | None:
+    """None where this kernel serves the launch; else why not (the caller takes tq_attention)."""
+    T, Hq, D = query.shape
+    H = kv_cache.shape[2]
+    layout = tables.layout
+    if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
+        return "needs an sm_90+ GPU"
+    if getattr(tables, "hopper_asm", None) is None:
+        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
+    if D not in (64, 128):
+        return f"head size {D} (64 and 128 only)"
+    k, v = layout.key, layout.value
+    if not (k.a.n == 0 and v.a.n == 0 and k.b.bits == 4 and v.b.bits == 4):
+        return "not 4-bit keys and values with one stream each"
+    if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
+        return "odd stream offsets"
+    if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
+        return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
+    G = Hq // H
+    if G > (8 if tables.fallback else 16):
+        return f"{G} query heads per KV head"
+    if tables.has_mean and tables.rot_half_pad % 16:
+        return "mean pairs not a multiple of 16"
+    return None
+
+
+def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
+                  softmax_scale: float, splits: int, *, num_warps: int = 4,
+                  prefetch: bool | None = None, trans_asm: bool = True, codes: int = 4,
+                  maxnreg: int | None = None):
+    """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
+    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
+    prefetch None: on where the score rows are 8 (the first GPU run: 1.1-1.2x faster at the big
+    8B shapes). maxnreg None: 168 where the rows are 8 and FOLDed or without the fallback (tile
+    loop without spills, tests/hopper_compile.py: 3 programs per SM instead of 2), else no
+    limit; 0 = no limit."""
+    T, Hq, D = query.shape
+    H = kv_cache.shape[2]
+    kw = tables.constexprs
+    width = kw["VA_W"] + kw["VB_W"] + 2
+    part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
+    h_k, _ = hadamard_operands(tables, codes)
+    # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
+    key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
+           prefetch, trans_asm, codes, maxnreg)
+    cache = tables.__dict__.setdefault("_hopper_launch", {})
+    cx = cache.get(key)
+    if cx is None:
+        _, select, rows, _ = rows_of(Hq // H, bool(tables.fallback))
+        if prefetch is None:
+            prefetch = rows == 8
+        cx = kernel_constexprs(tables, *key[:5], prefetch, trans_asm, codes)
+        if maxnreg is None:
+            maxnreg = 168 if rows == 8 and not select else 0
+        if maxnreg:
+            cx["maxnreg"] = maxnreg
+        cx = cache[key] = dict(num_warps=num_warps, **cx)
+    args = (query, query.stride(0), query.stride(1),
+            kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
+            query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
+            tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
+            part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
+    return (seq_lens.shape[0], H, splits), args, cx, part
+
+
+def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int = 4):
+    """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
+    from .tq_attention import _TORCH_TO_TL, reduce_chunk
+
+    T, Hq, D = out.shape
+    kw = tables.constexprs
+    _, h_v = hadamard_operands(tables, codes)
+    sc = reduce_chunk(splits)
+    args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
+            tables.value_mean, T)
+    return (T, kv_heads), args, dict(
+        G=Hq // kv_heads, BLOCK_M=max(16, triton.next_power_of_2(Hq // kv_heads)), SPLITS=splits,
+        DOT=_TORCH_TO_TL[tables.level_tables.dtype], D=D, VA_N=kw["VA_N"], VA_W=kw["VA_W"],
+        VB_W=kw["VB_W"], SC=sc, num_warps=8 if sc >= 8 else 4)
+
+
+def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
+                     softmax_scale: float, out: torch.Tensor | None = None, *,
+                     splits: int | None = None, **launch) -> torch.Tensor:
+    """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
+    launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach).
+    launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg), for
+    measuring."""
+    from .tq_attention import default_splits
+    from .tq_attention_parts import _tq_reduce_kernel
+
+    if out is None:
+        out = torch.empty_like(query)
+    if query.shape[0] == 0:
+        return out
+    reason = why_unsupported(query, kv_cache, tables)
+    if reason:
+        raise ValueError(f"tq_decode_hopper: {reason}; use kernels.tq_attention.tq_attention")
+    H = kv_cache.shape[2]
+    if splits is None:
+        splits = default_splits(seq_lens.shape[0], H, query.device)
+    grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
+                                         tables, softmax_scale, splits, **launch)
+    _tq_decode_hopper_kernel[grid](*args, **kw)
+    grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes", 4))
+    _tq_reduce_kernel[grid](*args, **kw)
+    return out

@@ -1,0 +1,160 @@
+"""The Hopper tq4 decode (kernels/tq_decode_hopper.py) without a GPU: its coordinate permutations
+against a torch emulation of the kernel's reshapes, and an sm_90 compile under the installed
+Triton (Gluon has no interpreter; the GPU check is benchmarks/dev/kv_hopper_check.py).
+
+The compile test asserts what the design promises: mma.sync tensor-core instructions, the decoded
+codes reach the operands without shared memory (no STS/LDS in the tile loop), no register spills
+in the loop, 32-bit loads of the key code words, and a loop of fewer SASS instructions than the
+portable kernel's 946 per 64-token tile (RESULTS.md, decode fifth pass).
+"""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon._runtime")
+
+from vllm_gds.kernels import tq_decode_hopper as hop  # noqa: E402
+from vllm_gds.kvcache.calibration_file import top_pairs  # noqa: E402
+from vllm_gds.kvcache.formats import FORMATS  # noqa: E402
+from vllm_gds.kvcache.hopper_tables import attach, operand_asm  # noqa: E402
+from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
+
+
+def _emulate(codes: torch.Tensor, order, out_shape, per: int):
+    """The kernel's chain on [NT, D] codes of one warp: elements of `per` codes (int16: 4, int8:
+    2) -> the lookup's phases P_j[t, e] = code per e + j (elementwise) -> join(join(P0, P1),
+    join(P2, P3)) (per = 4) or join(P0, P1) -> reshape to index bits -> permute(order) ->
+    reshape(out_shape)."""
+    nt, d = codes.shape
+    phases = [codes[:, j::per] for j in range(per)]  # [NT, E], e -> code per e + j
+    if per == 4:
+        x = torch.stack([torch.stack([phases[0], phases[1]], -1),
+                         torch.stack([phases[2], phases[3]], -1)], -1)  # [NT, E, jl, jh]
+    else:
+        x = torch.stack(phases, -1)  # [NT, E, j]
+    x = x.reshape([1, nt] + [2] * (d.bit_length() - 1))
+    return x.permute(order).reshape(out_shape)
+
+
+@pytest.mark.parametrize("per", [2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_operand_slots_hold_the_coordinates_the_host_permutes(d, per):
+    codes = torch.arange(d).repeat(16, 1) + 1000 * torch.arange(16)[:, None]  # token*1000 + coord
+    ka = _emulate(codes, hop.k_order(d, per), [1, 16, d], per)[0]  # [token, k-slot]
+    va = _emulate(codes, hop.v_order(d, per), [1, d, 16], per)[0]  # [m-slot, token]
+    kperm = hop.slot_coordinates(d, hop.k_order(d, per), per)
+    vperm = hop.slot_coordinates(d, hop.v_order(d, per), per)
+    assert sorted(kperm) == list(range(d)) and sorted(vperm) == list(range(d))
+    assert torch.equal(ka, torch.tensor(kperm)[None, :] + 1000 * torch.arange(16)[:, None])
+    assert torch.equal(va, torch.tensor(vperm)[:, None] + 1000 * torch.arange(16)[None, :])
+    # The lane-held k-slots (bits 1, 2) are the load layout's lane-held words: thread c's key
+    # codes are bytes [c D/8, (c + 1) D/8) of the token
+    for k in range(d):
+        assert kperm[k] // (d // 4) == (k >> 1) & 3
+    for m in range(d):  # thread g's value codes: bytes [g D/16, (g + 1) D/16)
+        assert vperm[m] // (d // 8) == m & 7
+
+
+def test_hadamard_operands_are_permuted_blocks():
+    mu = top_pairs(torch.randn(1, 128), None, FORMATS["tq4"].key_mean_pairs, 64)
+    t = attach(LayerTables(FORMATS["tq4"], 128, 0, 0, "cpu", torch.bfloat16, 1, key_mean=mu,
+                           rope_inv_freq=torch.ones(64)))
+    h_k, h_v = hop.hadamard_operands(t)
+    kperm = hop.slot_coordinates(128, hop.k_order(128))
+    vperm = hop.slot_coordinates(128, hop.v_order(128))
+    assert torch.equal(h_k.t(), t.h_cols["kb"][:, kperm])
+    assert torch.equal(h_v, t.h_rows["vb"][vperm])
+    # the portable kernel's lookup at d = 128, its table words as operands
+    assert t.hopper_asm[4] == operand_asm(t.lut4_asm["k"], 4)
+
+
+CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
+           dict(d=64, g=3, kv_heads=3), dict(d=128, g=4, kv_heads=8, mean=False),
+           dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),
+           dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False),
+           dict(d=128, g=16, kv_heads=1, fallback=False)]
+
+
+def _run_helper(*args):
+    """tests/hopper_compile.py in a process of its own (one that imported Triton under
+    TRITON_INTERPRET=1 cannot compile Gluon); its last output line, parsed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "hopper_compile.py"), *args],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(d=64, q_heads=9, kv_heads=3),
+                                    dict(q_heads=8, kv_heads=1),
+                                    dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
+                                         trans_asm=False, maxnreg=0, num_warps=8)])
+def test_launch_binds_and_compiles_as_on_the_gpu(launch):
+    """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
+    specialization and compile (kernel.warmup with a compile-only driver): what the first call
+    on the GPU machine does before it launches."""
+    assert _run_helper("--launch", json.dumps(launch)) == ["_tq_decode_hopper_kernel",
+                                                            "_tq_reduce_kernel"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """tests/hopper_compile.py's stats of each config."""
+    return dict(zip(map(json.dumps, CONFIGS), _run_helper(json.dumps(CONFIGS))))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
+    st = compiled[json.dumps(cfg)]
+    loop = collections.Counter(st["loop"])
+    d, g, mean, fold = cfg["d"], cfg["g"], cfg.get("mean", True), cfg.get("fallback", True)
+    ops = collections.Counter()
+    for op, n in loop.items():
+        ops[op.split(".")[0]] += n
+    hmma = sum(n for op, n in loop.items() if op.startswith("HMMA.16816"))
+    # S^T: D/16 k-steps x R/8 row n-blocks (twice where SELECT scores the raw keys' query apart);
+    # O^T: D/16 m-blocks x R/8; the key mean: 2 x RH/16 x R/8 (R: 8 rows up to G = 8, else 16)
+    nb = 1 if g <= 8 else 2
+    select = fold and g > 4
+    want = d // 16 * nb * (3 if select else 2) + (2 * (d // 4 // 16) * nb if mean else 0)
+    assert hmma == want, (hmma, want, loop)
+    assert ops["STS"] == ops["LDS"] == 0, f"shared memory in the tile loop: {loop}"
+    assert ops["STL"] == ops["LDL"] == 0, f"local memory (spills) in the tile loop: {loop}"
+    assert loop["LDG.E"] >= 2 * (d // 64) * 2, loop  # key words: 32-bit loads
+    assert st["loop_total"] < 946, f"{st['loop_total']} SASS instructions per tile"
+
+
+@pytest.mark.parametrize("codes", [2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_lookup_ptx_with_table_operands_looks_up_every_code(d, codes):
+    """The kernel's lookups (hopper_tables.attach: table words as operands $5, $5 + p, ...; p =
+    the call's pack), run on test_kv_kernels' PTX interpreter. codes 4 (int16 elements in pairs):
+    $j = phase j (code 4e + j) of both elements; codes 2 (int8 elements in fours): $0/$1 the
+    low nibbles of bytes (0, 1)/(2, 3), $2/$3 the high ones."""
+    from test_kv_kernels import _run_ptx
+    from vllm_gds.kvcache.codebook import codebook
+    from vllm_gds.kvcache.hopper_tables import PACK
+
+    t = attach(LayerTables(FORMATS["tq4"], d, 0, 0, "cpu", torch.float32, 1))
+    table = codebook(d, 4)[0].to(torch.bfloat16).view(torch.int16).tolist()
+    p = PACK[codes]
+    words = [w & 0xFFFFFFFF for w in t.hopper_lut]
+    for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
+        regs = {"$4": w, **{f"${5 + i * p}": words[i] for i in range(4)}}
+        out = _run_ptx(t.hopper_asm[codes], regs)
+        for reg in range(4):
+            for half in range(2):
+                if codes == 4:  # element `half`, phase `reg`
+                    code = (w >> (16 * half + 4 * reg)) & 15
+                else:  # nibble reg // 2 of byte 2 (reg % 2) + half
+                    code = (w >> (8 * (2 * (reg % 2) + half) + 4 * (reg // 2))) & 15
+                got = (out[f"${reg}"] >> (16 * half)) & 0xFFFF
+                assert got == table[code] & 0xFFFF, (hex(w), reg, half, code)

@@ -1,0 +1,93 @@
+"""Host side of the Hopper tq4 decode (kernels/tq_decode_hopper.py): its nibble-lookup PTX.
+
+Two forms of tq_lut4's prmt lookup (lut4_ptx.py), at head sizes 64 and 128 (the portable kernel's
+register path takes 128 only, so LayerTables.lut4_asm lacks 64):
+- 4 codes per element: lut4_ptx.levels4_asm itself (int16 elements in pairs, four outputs);
+- 2 codes per element: ``bytes_asm`` (int8 elements in fours, two outputs of two registers: the
+  low and the high nibbles). Its bf16 pairs are (byte 0, byte 1) and (byte 2, byte 3) of one
+  nibble half, which the table lookups' byte order gives with one permute per pair: 4 permutes
+  per 8 codes where levels4_asm needs 6 to pair codes of different 16-bit elements.
+``attach`` gives a layer's tables the attribute the kernel reads; the coordinate permutations and
+the permuted Hadamard blocks are made by the kernel module from the tables (kernels/ reads tables
+by attribute and never imports this package).
+"""
+
+from __future__ import annotations
+
+from .codebook import codebook
+from .lut4_ptx import levels4_asm, magnitude_bytes
+
+
+def bytes_asm(levels) -> str:
+    """PTX for inline_asm_elementwise(pack=4) on int8 elements: $4 holds bytes b0..b3 (nibbles
+    n0..n7, n0 the low nibble of b0); $0 = (L(n0), L(n2)), $1 = (L(n4), L(n6)) (the low
+    nibbles of b0..b3), $2 = (L(n1), L(n3)), $3 = (L(n5), L(n7)) (the high nibbles), each a bf16
+    pair (first element in the low half). The lookup is levels4_asm's."""
+    l0, l1, h0, h1 = magnitude_bytes(levels)
+    return f"""{{
+.reg .b32 f, g, idx, idh, w4, la, ha, lb, hb, tl0, tl1, th0, th1;
+mov.b32 tl0, {l0:#x}; mov.b32 tl1, {l1:#x}; mov.b32 th0, {h0:#x}; mov.b32 th1, {h1:#x};
+shr.b32 f, $4, 3;
+and.b32 f, f, 0x11111111;
+mul.lo.u32 f, f, 7;
+xor.b32 idx, $4, f;
+xor.b32 idx, idx, 0x77777777;
+and.b32 idx, idx, 0x77777777;
+shr.b32 idh, idx, 16;
+shl.b32 w4, $4, 4;
+prmt.b32 la, tl0, tl1, idx;
+prmt.b32 ha, th0, th1, idx;
+prmt.b32 f, w4, $4, 0xD9C8;
+not.b32 f, f;
+and.b32 f, f, 0x80808080;
+or.b32 ha, ha, f;
+prmt.b32 lb, tl0, tl1, idh;
+prmt.b32 hb, th0, th1, idh;
+prmt.b32 g, w4, $4, 0xFBEA;
+not.b32 g, g;
+and.b32 g, g, 0x80808080;
+or.b32 hb, hb, g;
+prmt.b32 $0, la, ha, 0x6240;
+prmt.b32 $2, la, ha, 0x7351;
+prmt.b32 $1, lb, hb, 0x6240;
+prmt.b32 $3, lb, hb, 0x7351;
+}}"""
+
+
+PACK = {4: 2, 2: 4}  # codes per element -> elements per inline-asm call
+
+
+def operand_asm(asm: str, codes: int) -> str:
+    """The lookup with its four table words read from operands instead of immediates: the words
+    come from kernel arguments, so every lookup of a tile shares four registers (ptxas copied the
+    immediates from uniform registers before each lookup: about 3 instructions per 8 codes). The
+    operands follow the output registers and the code register $4; an int32 operand of an
+    inline_asm_elementwise call with pack p takes p registers, of which the first is read."""
+    p = PACK[codes]
+    lines = asm.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("mov.b32 tl0,")]
+    if len(at) != 1:
+        raise ValueError("unexpected lookup PTX: no table line")
+    lines[at[0]] = (f"mov.b32 tl0, ${5}; mov.b32 tl1, ${5 + p}; mov.b32 th0, ${5 + 2 * p}; "
+                    f"mov.b32 th1, ${5 + 3 * p};")
+    return "\n".join(lines)
+
+
+def table_words(levels) -> tuple[int, int, int, int]:
+    """lut4_ptx.magnitude_bytes as signed 32-bit integers (kernel arguments)."""
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in magnitude_bytes(levels))
+
+
+def attach(tables):
+    """Where keys and values are single 4-bit streams (so both use codebook(d, 4)):
+    tables.hopper_asm = {4: PTX, 2: PTX} (codes per element; the table words are operands) and
+    tables.hopper_lut = the four table words (table_words); else both None. Returns tables."""
+    layout = tables.layout
+    d = layout.head_size
+    ok = all(vec.a.n == 0 and vec.b.bits == 4 and vec.b.n == d
+             for vec in (layout.key, layout.value))
+    levels = codebook(d, 4)[0]
+    tables.hopper_asm = ({4: operand_asm(levels4_asm(levels), 4),
+                          2: operand_asm(bytes_asm(levels), 2)} if ok else None)
+    tables.hopper_lut = table_words(levels) if ok else None
+    return tables
