@@ -15,6 +15,8 @@ interpreter), every call goes through Triton.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 _I32 = 1 << 31
@@ -37,13 +39,23 @@ class CachedLaunch:
 
     def __init__(self, fn):
         self.fn = fn
-        params = getattr(fn, "params", None)  # None: the interpreter's function, never cached
-        self._const_names = None
-        if params is not None:
-            runtime = sum(1 for p in params if not p.is_constexpr)
-            if not all(p.is_constexpr for p in params[runtime:]):
-                raise TypeError(f"{fn.__name__}: runtime parameters must come before constexprs")
-            self._const_names = tuple(p.name for p in params[runtime:])
+        # From the Python signature, so that the interpreter's functions describe themselves too.
+        params = list(inspect.signature(getattr(fn, "fn", fn)).parameters.values())
+        is_const = ["constexpr" in str(p.annotation) for p in params]
+        runtime = is_const.index(True) if True in is_const else len(params)
+        if not all(is_const[runtime:]):
+            raise TypeError(f"{fn.__name__}: runtime parameters must come before constexprs")
+        self._const_names = tuple(p.name for p in params[runtime:])
+        self._defaults = {p.name: p.default for p in params[runtime:]
+                          if p.default is not inspect.Parameter.empty}
+        self._compiles = hasattr(fn, "params")  # False: the interpreter's function, never cached
+
+    def const_values(self, meta: dict) -> tuple:
+        """The constexprs in signature order: the plan's, else the kernel's defaults."""
+        try:
+            return tuple(meta[n] if n in meta else self._defaults[n] for n in self._const_names)
+        except KeyError as e:
+            raise TypeError(f"{self.fn.__name__}: constexpr {e} neither given nor defaulted") from None
 
     def __call__(self, grid, args: tuple, meta: dict, compiled: dict) -> None:
         dev = args[0].device
@@ -54,5 +66,5 @@ class CachedLaunch:
             kernel[(*grid, 1, 1)[:3]](*args, *consts, stream=torch.cuda.current_stream(dev).cuda_stream)
             return
         kernel = self.fn[grid](*args, **meta)
-        if self._const_names is not None and dev.type == "cuda" and hasattr(kernel, "function"):
-            compiled[key] = (kernel, tuple(meta[n] for n in self._const_names))
+        if self._compiles and dev.type == "cuda" and hasattr(kernel, "function"):
+            compiled[key] = (kernel, self.const_values(meta))

@@ -6,6 +6,7 @@ Every check draws random inputs (seeded per test, see `_seeded`), poisons what t
 of milliseconds.
 """
 
+import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and triton.jit) are imported
@@ -389,3 +390,46 @@ def test_launch_plans_are_made_once_per_tables_and_go_with_them():
     del tables
     gc.collect()
     assert plans._by_tables == {}
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_relaunch_covers_every_constexpr_of_the_served_plans(calibrated):
+    """CachedLaunch relaunches a compiled kernel with its plan's constexprs in signature order, the
+    kernel's defaults where the plan leaves one out: every served plan (store, decode with splits,
+    reduce, prefill) must give a value for each, or the GPU relaunch fails (it did once: NO_CB)."""
+    from vllm_gds.kernels import tq_attention as attention_mod, tq_store as store_mod
+    from vllm_gds.kernels.launch import CachedLaunch, _spec
+
+    attention = importlib.import_module("vllm_gds.kernels.tq_attention")
+    store = importlib.import_module("vllm_gds.kernels.tq_store")
+    fmt, d, h, g, page = FORMATS["tq4"], 64, 1, 3, 16
+    _, tables = _pair(fmt, d, h, calibrated)
+    seq_len = 19
+    pos = torch.arange(seq_len)
+    k, v = _keys_values(seq_len, h, d, None, pos)
+    cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
+    block_table = torch.tensor([[1, 0]], dtype=torch.int32)
+    store_mod(k, v, cache, (block_table[0, pos // page] * page + pos % page).long(), tables,
+              positions=pos)
+    lens = torch.tensor([seq_len], dtype=torch.int32)
+    for q_len, splits in ((1, 2), (3, None)):
+        q = torch.randn(q_len, h * g, d)
+        attention_mod(q, cache, block_table, lens, torch.tensor([0, q_len], dtype=torch.int32),
+                      tables, d**-0.5, max_query_len=q_len,
+                      tuning=AttentionTuning(splits=splits) if splits else None)
+    checked = 0
+    for module, kernels in ((store, [("_tq_store_kernel", "kwargs")]),
+                            (attention, [("_tq_attention_kernel", "kwargs"),
+                                         ("_tq_reduce_kernel", "reduce_kwargs")])):
+        for plan in module._LAUNCHES._by_tables[id(tables)].values():
+            for name, meta in kernels:
+                launch = CachedLaunch(getattr(module, name))
+                values = launch.const_values(getattr(plan, meta))
+                assert len(values) == len(launch._const_names) > 5
+                checked += 1
+    assert checked == 5  # store; decode and prefill, each with its reduce
+    # the key tells apart what Triton specializes on
+    x = torch.zeros(9, dtype=torch.bfloat16)
+    assert _spec(x) != _spec(x[1:]) and _spec(16) != _spec(8) != _spec(1)
+    with pytest.raises(TypeError, match="neither given nor defaulted"):
+        CachedLaunch(attention._tq_reduce_kernel).const_values({})
