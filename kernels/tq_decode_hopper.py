@@ -599,10 +599,10 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   maxnreg: int | None = None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
-    prefetch None: on where the score rows are 8 (the first GPU run: 1.1-1.2x faster at the big
-    8B shapes). maxnreg None: 168 where the rows are 8 and FOLDed or without the fallback (tile
-    loop without spills, tests/hopper_compile.py: 3 programs per SM instead of 2), else no
-    limit; 0 = no limit."""
+    prefetch None: on. maxnreg None: no register limit (0 = none too). Both from the launch sweep
+    on an H100, 2026-12-06 (benchmarks/RESULTS.md, "Hopper decode"): 4 warps, prefetch, no limit,
+    the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
+    1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
@@ -615,12 +615,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        _, select, rows, _ = rows_of(Hq // H, bool(tables.fallback))
-        if prefetch is None:
-            prefetch = rows == 8
-        cx = kernel_constexprs(tables, *key[:5], prefetch, trans_asm, codes)
-        if maxnreg is None:
-            maxnreg = 168 if rows == 8 and not select else 0
+        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)
