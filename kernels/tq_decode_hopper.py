@@ -593,6 +593,13 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     return None
 
 
+def table_args(tables, codes: int = 4) -> tuple:
+    """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
+    h_k, _ = hadamard_operands(tables, codes)
+    return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
+            tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
+
+
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True, codes: int = 4,
@@ -608,7 +615,6 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     kw = tables.constexprs
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
-    h_k, _ = hadamard_operands(tables, codes)
     # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
     key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
            prefetch, trans_asm, codes, maxnreg)
@@ -626,8 +632,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
         cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
-            query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
-            tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
+            query_start_loc, *table_args(tables, codes),
             part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
     return (seq_lens.shape[0], H, splits), args, cx, part
 
