@@ -574,8 +574,6 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     layout = tables.layout
     if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
         return "needs an sm_90+ GPU"
-    if getattr(tables, "hopper_asm", None) is None:
-        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if D not in (64, 128):
         return f"head size {D} (64 and 128 only)"
     k, v = layout.key, layout.value
@@ -583,6 +581,8 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
         return "not 4-bit keys and values with one stream each"
     if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
         return "odd stream offsets"
+    if getattr(tables, "hopper_asm", None) is None:
+        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
         return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
     G = Hq // H
