@@ -279,7 +279,7 @@ def check_correctness(torch, name, hq, hk, d, device, log):
         out = torch.full_like(q, float("nan"))
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=max(q_lens),
-                     tuning=None if fast else AttentionTuning(fast=False))
+                     tuning=None if fast else AttentionTuning(fast=False, hopper=False))
         refs = []
         for i, (s, ql) in enumerate(zip(seq_lens, q_lens)):
             kk = kd[starts[i] : starts[i] + s].double().repeat_interleave(hq // hk, 1)
@@ -485,11 +485,12 @@ def time_ours(torch, triton, name, b, ctx, hq, hk, d, device, tuning, mean=True,
     qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
     seq_lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
     # None: the launch tq_attention chooses itself (what vLLM serves); fast=False: the gather path
-    launch = None if fast else AttentionTuning(fast=False)
+    # (and the portable kernel, not the Hopper one on sm_90, wherever a portable knob is set)
+    launch = None if fast else AttentionTuning(fast=False, hopper=False)
     if tuning is not None:
         launch = AttentionTuning(
             splits=default_splits(b, hk, q.device) * tuning.get("split_factor", 1),
-            block_n=tuning["block_n"], num_warps=tuning["num_warps"], fast=fast)
+            block_n=tuning["block_n"], num_warps=tuning["num_warps"], fast=fast, hopper=False)
 
     def run():
         tq_attention(q, cache, bt, seq_lens, qsl, tables, d ** -0.5, out, max_query_len=1,

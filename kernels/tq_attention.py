@@ -11,11 +11,19 @@ reads shapes and strides, looks its plan up, allocates the split partials and la
 building, table lookups, device queries or syncs (with max_query_len given). The partials are a
 new buffer every call (the caching allocator's, about as cheap as a kept one), which stays
 correct whatever stream or CUDA graph runs the call.
+
+Decode on Hopper: where it can run, decode takes the Gluon kernel (tq_decode_hopper.py) instead
+of the portable one: Triton has Gluon, the GPU is sm_90 (the only architecture it was checked
+on), and its why_unsupported passes (tq4: one 4-bit stream each for keys and values, head size
+64 or 128, ...). Decided once per plan on its first call (decode_path is the decision) and
+logged once per distinct choice on the "vllm_gds.kernels" logger. AttentionTuning.hopper=False
+measures the portable kernel; True requires the Hopper one.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +34,16 @@ from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
 from .tq_attention_parts import _tq_reduce_kernel
+
+try:  # Gluon is experimental: a Triton without it (or without its APIs) serves the portable path
+    from . import tq_decode_hopper as _hop
+
+    GLUON_ERROR = None
+except (ImportError, AttributeError) as e:
+    _hop = None
+    GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+log = logging.getLogger("vllm_gds.kernels")
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -42,7 +60,10 @@ class AttentionTuning:
     prefill), num_stages, maxnreg (decode on the register path: 1 stage, 128 registers).
     fast: False keeps decode on the gather path (the GPU's 4-bit register lookup otherwise).
     mean_step, paged, fold: False measures the key mean computed exactly every tile, per-token
-    addresses, and a second set of score dots for the raw keys (tq_attention_kernel.py)."""
+    addresses, and a second set of score dots for the raw keys (tq_attention_kernel.py).
+    hopper: decode on the Gluon kernel (tq_decode_hopper.py) where it can run (None), never
+    (False: the portable kernel, to which the other switches apply), or always (True: raises
+    where it cannot run); the Hopper launch takes only splits of these switches."""
 
     splits: int | None = None
     block_n: int | None = None
@@ -54,6 +75,7 @@ class AttentionTuning:
     mean_step: bool = True
     paged: bool = True
     fold: bool = True
+    hopper: bool | None = None
 
 
 SERVED = AttentionTuning()
@@ -97,15 +119,95 @@ def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> in
     return _splits_on(num_seqs, num_kv_heads, index)
 
 
+def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
+                unsupported: str | None) -> tuple[bool, str]:
+    """(take the Hopper kernel, the path as logged) from the device's compute capability (None:
+    not CUDA), why Gluon did not import (None: it did) and tq_decode_hopper.why_unsupported."""
+    if gluon_error is not None:
+        return False, f"portable Triton kernel (no Gluon in this Triton: {gluon_error})"
+    if capability is None:
+        return False, "portable Triton kernel (not a CUDA device)"
+    if capability[0] != 9:
+        return False, (f"portable Triton kernel (sm_{capability[0]}{capability[1]}: the Hopper "
+                       "kernel is checked on sm_90 only)")
+    if unsupported is not None:
+        return False, f"portable Triton kernel ({unsupported})"
+    return True, "Hopper fast path (Gluon, sm_90)"
+
+
+_LOGGED = set()
+
+
+def _log_once(tables, path: str) -> None:
+    line = f"{getattr(tables, 'format_name', 'quantized KV')} decode: {path}"
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.info(line)
+
+
+class _Hopper:
+    """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept)."""
+
+    __slots__ = ("kwargs", "tables", "lut", "part_width", "reduce_args", "reduce_kwargs",
+                 "compiled", "compiled_reduce")
+
+    def __init__(self, query, kv_cache, block_table, seq_lens, query_start_loc, tables,
+                 softmax_scale, splits):
+        H = kv_cache.shape[2]
+        _, _, self.kwargs, part = _hop.decode_launch(
+            query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
+            splits)
+        self.tables = _hop.table_args(tables)
+        self.lut = tuple(tables.hopper_lut)
+        self.part_width = part.numel() // (query.shape[0] * query.shape[1] * splits)
+        _, args, self.reduce_kwargs = _hop.reduce_launch(part, query, tables, splits, H)
+        self.reduce_args = args[4:-1]  # (va rows, the permuted vb rows, signs, value mean)
+        self.compiled, self.compiled_reduce = {}, {}
+
+
+_HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
+
+
+def _choose_decode(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
+                   softmax_scale, splits, tuning):
+    """The plan's decode kernel: a _Hopper, or False (the portable kernel). Logged once."""
+    global _HOPPER
+    want = tuning.hopper if tuning is not None else None
+    if want is False:
+        use, path = False, "portable Triton kernel (AttentionTuning(hopper=False))"
+    else:
+        cap = torch.cuda.get_device_capability(query.device) if query.is_cuda else None
+        unsupported = None
+        if GLUON_ERROR is None and cap is not None and cap[0] == 9:
+            unsupported = _hop.why_unsupported(query, kv_cache, tables)  # hopper_asm too
+        use, path = decode_path(cap, GLUON_ERROR, unsupported)
+        if want and not use:
+            raise ValueError(
+                f"tq_attention: AttentionTuning(hopper=True) but the Hopper decode cannot run: "
+                f"{path}; pass hopper=None (automatic) or hopper=False (portable)")
+    _log_once(tables, path)
+    if not use:
+        return False
+    if _HOPPER is None:
+        _HOPPER = CachedLaunch(_hop._tq_decode_hopper_kernel)
+    return _Hopper(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
+                   softmax_scale, splits)
+
+
 class _Launch:
-    """Everything of one launch shape that does not change from call to call."""
+    """Everything of one launch shape that does not change from call to call. hopper: the
+    decode's Hopper launch (_Hopper), False for the portable kernel, None until the first call."""
 
     __slots__ = ("block_q", "splits", "part_width", "tables", "kwargs", "reduce_args",
-                 "reduce_kwargs", "compiled", "compiled_reduce")
+                 "reduce_kwargs", "compiled", "compiled_reduce", "hopper")
 
     def __init__(self, tables, decode: bool, g: int, splits: int, page: int, stride_tok: int,
                  stride_head: int, interpreted: bool, tuning: AttentionTuning | None):
         t = tuning or SERVED
+        self.hopper = None if decode else False
+        if not decode and t.hopper:
+            raise ValueError("tq_attention: AttentionTuning(hopper=True) serves decode only "
+                             "(max_query_len 1); pass hopper=None or False for prefill")
         dot = tl.float32 if interpreted else _TORCH_TO_TL[tables.level_tables.dtype]
         # The register lookup serves decode only: on an H200 with Triton 3.6 the chunked-prefill
         # launch (64-row blocks, 8 warps) with it hit an illegal memory access (not understood).
@@ -201,12 +303,27 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     # tuning None (served) in the key: cheaper to hash than a dataclass
     plan = _LAUNCHES.get(tables, (decode, Hq // H, splits, kv_cache.shape[1], cs[1], cs[2],
                                   query.is_cpu, tuning))
+    qs, os_ = query.stride(), out.stride()
+    hop = plan.hopper
+    if hop is None:
+        hop = plan.hopper = _choose_decode(query, kv_cache, block_table, seq_lens,
+                                           query_start_loc, tables, softmax_scale, splits, tuning)
+    if hop:
+        part = torch.empty(T * Hq * splits * hop.part_width, dtype=torch.float32,
+                           device=query.device)
+        _HOPPER((num_seqs, H, splits), (
+            query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
+            query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
+            *hop.lut, 0,
+        ), hop.kwargs, hop.compiled)
+        _REDUCE((T, H), (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
+                hop.compiled_reduce)
+        return out
     part = out
     if splits > 1:
         part = torch.empty(T * Hq * splits * plan.part_width, dtype=torch.float32,
                            device=query.device)
     grid0 = num_seqs if decode else T // plan.block_q + num_seqs
-    qs, os_ = query.stride(), out.stride()
     _ATTENTION((grid0, H, splits), (
         query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
         query_start_loc, num_seqs, *plan.tables,

@@ -574,8 +574,6 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     layout = tables.layout
     if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
         return "needs an sm_90+ GPU"
-    if getattr(tables, "hopper_asm", None) is None:
-        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if D not in (64, 128):
         return f"head size {D} (64 and 128 only)"
     k, v = layout.key, layout.value
@@ -583,6 +581,8 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
         return "not 4-bit keys and values with one stream each"
     if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
         return "odd stream offsets"
+    if getattr(tables, "hopper_asm", None) is None:
+        return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
         return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
     G = Hq // H
@@ -591,6 +591,13 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     if tables.has_mean and tables.rot_half_pad % 16:
         return "mean pairs not a multiple of 16"
     return None
+
+
+def table_args(tables, codes: int = 4) -> tuple:
+    """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
+    h_k, _ = hadamard_operands(tables, codes)
+    return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
+            tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
@@ -608,7 +615,6 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     kw = tables.constexprs
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
-    h_k, _ = hadamard_operands(tables, codes)
     # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
     key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
            prefetch, trans_asm, codes, maxnreg)
@@ -621,8 +627,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
         cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
-            query_start_loc, tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs,
-            tables.mean_theta, tables.mean_mu, tables.mean_table(NT, torch.float16), h_k,
+            query_start_loc, *table_args(tables, codes),
             part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
     return (seq_lens.shape[0], H, splits), args, cx, part
 

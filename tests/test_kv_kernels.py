@@ -433,3 +433,57 @@ def test_relaunch_covers_every_constexpr_of_the_served_plans(calibrated):
     assert _spec(x) != _spec(x[1:]) and _spec(16) != _spec(8) != _spec(1)
     with pytest.raises(TypeError, match="neither given nor defaulted"):
         CachedLaunch(attention._tq_reduce_kernel).const_values({})
+
+# The Hopper decode's dispatch (kernels/tq_attention.py): the decision, the CPU path, the log.
+
+
+def test_decode_path_takes_hopper_only_on_sm90_with_gluon_and_a_supported_layout():
+    from vllm_gds.kernels.tq_attention import decode_path
+
+    assert decode_path((9, 0), None, None) == (True, "Hopper fast path (Gluon, sm_90)")
+    for cap in ((8, 0), (8, 9), (10, 0), (12, 0)):  # checked on sm_90 only
+        use, path = decode_path(cap, None, None)
+        assert not use and f"sm_{cap[0]}{cap[1]}" in path, path
+    use, path = decode_path((9, 0), "ModuleNotFoundError: No module named 'triton.experimental.gluon'",
+                            None)
+    assert not use and "no Gluon" in path and "triton.experimental.gluon" in path
+    use, path = decode_path((9, 0), None, "head size 96 (64 and 128 only)")
+    assert (use, path) == (False, "portable Triton kernel (head size 96 (64 and 128 only))")
+    assert decode_path(None, None, None) == (False, "portable Triton kernel (not a CUDA device)")
+
+
+def _decode_case(fmt="tq4", d=64, h=1, g=2, seq_lens=(5, 19)):
+    lq, tables = _pair(FORMATS[fmt], d, h, True)
+    cache, block_table, ks, vs = _paged(lq, tables.layout, h, d, list(seq_lens), 16)
+    q = torch.randn(len(seq_lens), h * g, d)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = _attention_reference(q, ks, vs, list(seq_lens), [1] * len(seq_lens), d**-0.5)
+    return (q, cache, block_table, sl, qsl, tables), ref
+
+
+def test_decode_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeypatch):
+    import sys
+
+    ta = sys.modules["vllm_gds.kernels.tq_attention"]
+    monkeypatch.setattr(ta, "_LOGGED", set())  # earlier tests logged the CPU line already
+    args, ref = _decode_case()
+    tables = args[-1]
+    assert tables.hopper_asm is not None  # LayerTables attaches the Hopper tables itself
+    caplog.set_level("INFO", logger="vllm_gds.kernels")
+    for _ in range(2):
+        out = tq_attention(*args, 64**-0.5, max_query_len=1)
+        assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    lines = [r.getMessage() for r in caplog.records if r.name == "vllm_gds.kernels"]
+    assert lines == ["tq4 decode: portable Triton kernel (not a CUDA device)"], lines
+    plans = ta._LAUNCHES._by_tables[id(tables)]
+    assert [p.hopper for p in plans.values()] == [False]  # decided once, on the plan
+    tq_attention(*args, 64**-0.5, max_query_len=1, tuning=AttentionTuning(hopper=False))
+    lines = [r.getMessage() for r in caplog.records if r.name == "vllm_gds.kernels"]
+    assert lines[1:] == ["tq4 decode: portable Triton kernel (AttentionTuning(hopper=False))"]
+
+
+def test_decode_requiring_hopper_on_cpu_raises():
+    args, _ = _decode_case()
+    with pytest.raises(ValueError, match=r"hopper=True.*not a CUDA device.*hopper=False"):
+        tq_attention(*args, 64**-0.5, max_query_len=1, tuning=AttentionTuning(hopper=True))

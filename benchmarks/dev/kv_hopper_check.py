@@ -104,11 +104,12 @@ def fill(tables, bt, hk, d, device, chunk=1 << 16):
     return cache
 
 
-def portable(q, cache, bt, sl, qsl, tables, out, **kw):
-    from vllm_gds.kernels.tq_attention import tq_attention
+def portable(q, cache, bt, sl, qsl, tables, out, splits=None):
+    from vllm_gds.kernels.tq_attention import AttentionTuning, tq_attention
 
+    # hopper=False: the served launch would take the Hopper kernel itself on sm_90
     return tq_attention(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out, max_query_len=1,
-                        **kw)
+                        tuning=AttentionTuning(splits=splits, hopper=False))
 
 
 def fast(q, cache, bt, sl, qsl, tables, out, split_factor=1, splits=None, **kw):

@@ -11,6 +11,7 @@ import torch
 
 from .codebook import codebook
 from .formats import KVFormat
+from .hopper_tables import attach as attach_hopper
 from .layer_calibration import LayerCalibration
 from .lut4_ptx import levels4_asm, phase_permutation
 from .rotation import hadamard_pm1, signs
@@ -45,6 +46,7 @@ class LayerTables:
         key_mean, key_scale, value_mean, key_weight = (
             cal.key_mean, cal.key_scale, cal.value_mean, cal.key_weight)
         layout = SlotLayout.of(fmt, head_size)
+        self.format_name = fmt.name  # the kernels' log lines
         d = layout.head_size
         self.layout = layout
         self.constexprs = layout_kwargs(layout)  # the layout's constexprs, as both kernels take them
@@ -94,6 +96,9 @@ class LayerTables:
             None if key_weight is None else key_weight.float().clamp_min(0), 1.0, device, heads, d
         )
         self.fallback = cal.fallback(fmt)
+        # The Hopper decode's lookup PTX (hopper_asm, hopper_lut; None where the format is not
+        # single-stream 4-bit): two strings, so every layer's tables carry them.
+        attach_hopper(self)
 
     def _rope_tables(self, key_mean, inv_freq, attention_scaling, d, device):
         """Per-coordinate RoPE constants for RoPE_p(key_mean) (rope.py, neox pairs (i, i + r/2)):
