@@ -7,6 +7,9 @@ tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt. Calibration (kv-calibrat
 per-tensor scales) reads its first 8,192 tokens; evaluation reads windows of 2,048 tokens from
 token 65,536 on, so the two never overlap.
 
+Over 400 lines: one tool that produces the quality table; its schemes, calibration and evaluation
+share one model run and one cache of results, and it is run as one script.
+
 Decode-mode evaluation: in every layer, every key and value vector is quantized before causal
 attention, so each query attends to the quantized cache of all earlier tokens and of itself. That
 is exactly what token-by-token decode over a quantized cache computes (the quantization of a

@@ -1,5 +1,8 @@
 """Probes for the read engine (issue 3), all on one GPU, each printing a table last.
 
+Just over 400 lines: a self-contained probe (it imports nothing of the project) carried to the GPU
+machine as one file.
+
 Default: for each kind of pinned buffer (anonymous mmap + cudaHostRegister; cudaHostAlloc;
 cudaHostAlloc write-combined), source (``pread``; ``mmap``: memmove out of the file's mapping;
 ``mmap-populate``: the same after MADV_POPULATE_READ), chunk size and thread count: T threads

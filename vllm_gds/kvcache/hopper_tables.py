@@ -15,7 +15,7 @@ by attribute and never imports this package).
 from __future__ import annotations
 
 from .codebook import codebook
-from .lut4_ptx import levels4_asm, magnitude_bytes
+from .lut4_ptx import levels4_asm, lookup_asm, magnitude_bytes
 
 
 def bytes_asm(levels) -> str:
@@ -23,35 +23,11 @@ def bytes_asm(levels) -> str:
     n0..n7, n0 the low nibble of b0); $0 = (L(n0), L(n2)), $1 = (L(n4), L(n6)) (the low
     nibbles of b0..b3), $2 = (L(n1), L(n3)), $3 = (L(n5), L(n7)) (the high nibbles), each a bf16
     pair (first element in the low half). The lookup is levels4_asm's."""
-    l0, l1, h0, h1 = magnitude_bytes(levels)
-    return f"""{{
-.reg .b32 f, g, idx, idh, w4, la, ha, lb, hb, tl0, tl1, th0, th1;
-mov.b32 tl0, {l0:#x}; mov.b32 tl1, {l1:#x}; mov.b32 th0, {h0:#x}; mov.b32 th1, {h1:#x};
-shr.b32 f, $4, 3;
-and.b32 f, f, 0x11111111;
-mul.lo.u32 f, f, 7;
-xor.b32 idx, $4, f;
-xor.b32 idx, idx, 0x77777777;
-and.b32 idx, idx, 0x77777777;
-shr.b32 idh, idx, 16;
-shl.b32 w4, $4, 4;
-prmt.b32 la, tl0, tl1, idx;
-prmt.b32 ha, th0, th1, idx;
-prmt.b32 f, w4, $4, 0xD9C8;
-not.b32 f, f;
-and.b32 f, f, 0x80808080;
-or.b32 ha, ha, f;
-prmt.b32 lb, tl0, tl1, idh;
-prmt.b32 hb, th0, th1, idh;
-prmt.b32 g, w4, $4, 0xFBEA;
-not.b32 g, g;
-and.b32 g, g, 0x80808080;
-or.b32 hb, hb, g;
-prmt.b32 $0, la, ha, 0x6240;
+    return lookup_asm(levels, "f, g, idx, idh, w4, la, ha, lb, hb, tl0, tl1, th0, th1", """prmt.b32 $0, la, ha, 0x6240;
 prmt.b32 $2, la, ha, 0x7351;
 prmt.b32 $1, lb, hb, 0x6240;
 prmt.b32 $3, lb, hb, 0x7351;
-}}"""
+""")
 
 
 PACK = {4: 2, 2: 4}  # codes per element -> elements per inline-asm call

@@ -27,14 +27,10 @@ def magnitude_bytes(levels: torch.Tensor) -> tuple[int, int, int, int]:
     return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
 
-def levels4_asm(levels: torch.Tensor) -> str:
-    """PTX for tl.inline_asm_elementwise(pack=2) on int16: $4 holds two elements (nibbles n0-n3,
-    n4-n7); $j (j = 0..3) gets the bf16 levels of (n_j, n_j+4): phase j of both elements."""
-    l0, l1, h0, h1 = magnitude_bytes(levels)
-    return f"""{{
-.reg .b32 f, g, idx, idh, w4, la, ha, lb, hb, ll, hh, tl0, tl1, th0, th1;
-mov.b32 tl0, {l0:#x}; mov.b32 tl1, {l1:#x}; mov.b32 th0, {h0:#x}; mov.b32 th1, {h1:#x};
-shr.b32 f, $4, 3;
+# The lookup of eight nibbles in $4 (shared by levels4_asm and hopper_tables.bytes_asm): a nibble
+# c maps to the magnitude index (c >= 8 ? c - 8 : 7 - c); la/ha (lb/hb) get the low/high bytes of
+# the bf16 levels of the nibbles of $4's low (high) 16 bits, the sign in the high bytes.
+LOOKUP_PTX = """shr.b32 f, $4, 3;
 and.b32 f, f, 0x11111111;
 mul.lo.u32 f, f, 7;
 xor.b32 idx, $4, f;
@@ -54,7 +50,21 @@ prmt.b32 g, w4, $4, 0xFBEA;
 not.b32 g, g;
 and.b32 g, g, 0x80808080;
 or.b32 hb, hb, g;
-prmt.b32 ll, la, lb, 0x5140;
+"""
+
+
+def lookup_asm(levels: torch.Tensor, registers: str, outputs: str) -> str:
+    """A PTX block: declare `registers`, load the four table words, LOOKUP_PTX, then `outputs`."""
+    l0, l1, h0, h1 = magnitude_bytes(levels)
+    return (f"{{\n.reg .b32 {registers};\n"
+            f"mov.b32 tl0, {l0:#x}; mov.b32 tl1, {l1:#x}; mov.b32 th0, {h0:#x}; mov.b32 th1, {h1:#x};\n"
+            + LOOKUP_PTX + outputs + "}")
+
+
+def levels4_asm(levels: torch.Tensor) -> str:
+    """PTX for tl.inline_asm_elementwise(pack=2) on int16: $4 holds two elements (nibbles n0-n3,
+    n4-n7); $j (j = 0..3) gets the bf16 levels of (n_j, n_j+4): phase j of both elements."""
+    return lookup_asm(levels, "f, g, idx, idh, w4, la, ha, lb, hb, ll, hh, tl0, tl1, th0, th1", """prmt.b32 ll, la, lb, 0x5140;
 prmt.b32 hh, ha, hb, 0x5140;
 prmt.b32 $0, ll, hh, 0x5140;
 prmt.b32 $1, ll, hh, 0x7362;
@@ -62,7 +72,7 @@ prmt.b32 ll, la, lb, 0x7362;
 prmt.b32 hh, ha, hb, 0x7362;
 prmt.b32 $2, ll, hh, 0x5140;
 prmt.b32 $3, ll, hh, 0x7362;
-}}"""
+""")
 
 
 def phase_permutation(n: int) -> torch.Tensor:
