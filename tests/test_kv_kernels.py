@@ -270,19 +270,24 @@ def test_chunked_prefill_matches_reference(name, d, h, g, page):
     _run_attention(FORMAT_CASES[name], d, h, g, seq_lens, q_lens, page)
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_store_then_attend(calibrated):
-    """What the store kernel writes is what the attention kernel reads (with calibration: the
-    key mean centred at the positions given to the store, scored at the cache positions)."""
-    fmt, d, h, g, page = FORMATS["tq4"], 64, 1, 3, 16
-    lq, tables = _pair(fmt, d, h, calibrated)
-    seq_len = 19
+def _stored_tq4(calibrated, d=64, h=1, seq_len=19, page=16):
+    """tq4 tables and a two-page cache (pages [1, 0]) holding seq_len stored keys and values."""
+    lq, tables = _pair(FORMATS["tq4"], d, h, calibrated)
     pos = torch.arange(seq_len)
     k, v = _keys_values(seq_len, h, d, lq, pos)
     cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
     block_table = torch.tensor([[1, 0]], dtype=torch.int32)
     tq_store(k, v, cache, (block_table[0, pos // page] * page + pos % page).long(), tables,
              positions=pos)
+    return lq, tables, k, v, pos, cache, block_table
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_store_then_attend(calibrated):
+    """What the store kernel writes is what the attention kernel reads (with calibration: the
+    key mean centred at the positions given to the store, scored at the cache positions)."""
+    lq, tables, k, v, pos, cache, block_table = _stored_tq4(calibrated)
+    d, h, g, seq_len = 64, 1, 3, 19
     q = torch.randn(1, h * g, d)
     out = tq_attention(q, cache, block_table, torch.tensor([seq_len], dtype=torch.int32),
                        torch.tensor([0, 1], dtype=torch.int32), tables, d**-0.5, max_query_len=1)
@@ -397,20 +402,13 @@ def test_relaunch_covers_every_constexpr_of_the_served_plans(calibrated):
     """CachedLaunch relaunches a compiled kernel with its plan's constexprs in signature order, the
     kernel's defaults where the plan leaves one out: every served plan (store, decode with splits,
     reduce, prefill) must give a value for each, or the GPU relaunch fails (it did once: NO_CB)."""
-    from vllm_gds.kernels import tq_attention as attention_mod, tq_store as store_mod
+    from vllm_gds.kernels import tq_attention as attention_mod
     from vllm_gds.kernels.launch import CachedLaunch, _spec
 
     attention = importlib.import_module("vllm_gds.kernels.tq_attention")
     store = importlib.import_module("vllm_gds.kernels.tq_store")
-    fmt, d, h, g, page = FORMATS["tq4"], 64, 1, 3, 16
-    _, tables = _pair(fmt, d, h, calibrated)
-    seq_len = 19
-    pos = torch.arange(seq_len)
-    k, v = _keys_values(seq_len, h, d, None, pos)
-    cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
-    block_table = torch.tensor([[1, 0]], dtype=torch.int32)
-    store_mod(k, v, cache, (block_table[0, pos // page] * page + pos % page).long(), tables,
-              positions=pos)
+    _, tables, _, _, _, cache, block_table = _stored_tq4(calibrated)
+    d, h, g, seq_len = 64, 1, 3, 19
     lens = torch.tensor([seq_len], dtype=torch.int32)
     for q_len, splits in ((1, 2), (3, None)):
         q = torch.randn(q_len, h * g, d)
