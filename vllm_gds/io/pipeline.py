@@ -57,6 +57,11 @@ class Checksums:
         """How many landings complete each destination (pieces of spans, or 1 for a whole read)."""
         self._remaining = {t: pieces_per_target.get(t, 0) for t in self._wanted}
 
+    def expect_spans(self, spans) -> None:
+        """A destination is complete once all its pieces in these spans have landed."""
+        per_target = collections.Counter(p.target for span in spans for p in span.pieces)
+        self.expect(per_target)
+
     def start(self) -> None:
         if self.active and self._device.type == "cuda":
             self._thread = threading.Thread(target=self._run, name="vllm-gds-verify", daemon=True)
@@ -274,12 +279,8 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
     sources: list = []  # per file: the mapping as a tensor where it is resident, else None
     dests = [t.dest.reshape(-1).view(torch.uint8) for _, t in flat_targets]
     paths = [r.path for r in reads]
-    if checks.active:  # a destination is complete once all its pieces have landed
-        per_target: dict[int, int] = {}
-        for span in spans:
-            for p in span.pieces:
-                per_target[p.target] = per_target.get(p.target, 0) + 1
-        checks.expect(per_target)
+    if checks.active:
+        checks.expect_spans(spans)
     ring = None
     try:
         for read in reads:

@@ -160,12 +160,8 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
               "slot_size": choice.slot_size, "slots": choice.slots, "spans": len(spans), "direct_io": direct_io}
     if not spans:
         return {**detail, "pinned_bytes": 0}
-    if checks.active:  # a destination is complete once all its pieces have landed
-        per_target: dict[int, int] = {}
-        for span in spans:
-            for p in span.pieces:
-                per_target[p.target] = per_target.get(p.target, 0) + 1
-        checks.expect(per_target)
+    if checks.active:
+        checks.expect_spans(spans)
     dests = [t.dest.reshape(-1).view(torch.uint8) for _, t in flat_targets]
     paths = [r.path for r in reads]
     settings = {"num_threads": choice.threads, "task_size": choice.task_size,
