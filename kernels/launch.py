@@ -10,7 +10,9 @@ arguments specialize the same way. The key holds each runtime argument's dtype a
 pointer alignment, and for integers whether they equal 1, divide by 16 and fit in 32 bits:
 everything Triton specializes a launch on. The plan's constexprs and options never change (the
 cache lives and dies with the plan). Where Triton returns no compiled kernel (the CPU
-interpreter), every call goes through Triton.
+interpreter), every call goes through Triton. Checked on an H100 with Triton 3.6 (RESULTS.md,
+"Decode with the Hopper kernel served"): the same output bytes as Triton's own launch for the
+attention, reduce, store and Gluon kernels; a decode call's host time about 48 us, from about 120.
 """
 
 from __future__ import annotations
