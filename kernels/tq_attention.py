@@ -90,6 +90,16 @@ def reduce_chunk(splits: int) -> int:
     return min(8, triton.next_power_of_2(splits))
 
 
+def reduce_kwargs(tables, g: int, splits: int, dot, num_warps: int = 4) -> dict:
+    """Constexprs and warps of _tq_reduce_kernel merging the splits of G query heads (the
+    portable and the Hopper decode both leave their partials to it)."""
+    kw = tables.constexprs
+    sc = reduce_chunk(splits)
+    return dict(G=g, BLOCK_M=_pow2_at_least(g), SPLITS=splits, DOT=dot, D=kw["D"],
+                VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=sc,
+                num_warps=8 if sc >= 8 else num_warps)
+
+
 def split_count(num_seqs: int, num_kv_heads: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
     """Splits per sequence for decode: about 2-4 programs per SM (2 * sms rounded up to a power
     of two), at most max_splits. Measured on an H200 (benchmarks/dev/kv_split_sweep.py): the
@@ -257,12 +267,8 @@ class _Launch:
         if maxnreg is not None and not interpreted:
             self.kwargs["maxnreg"] = maxnreg
         self.compiled, self.compiled_reduce = {}, {}  # CachedLaunch's kernels of this plan
-        sc = reduce_chunk(splits)
         self.reduce_args = (h_rows["va"], hvb, tables.signs, tables.value_mean)
-        self.reduce_kwargs = dict(
-            G=g, BLOCK_M=_pow2_at_least(g), SPLITS=splits, DOT=dot, D=kw["D"], VA_N=kw["VA_N"],
-            VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=sc, num_warps=8 if sc >= 8 else num_warps,
-        )
+        self.reduce_kwargs = reduce_kwargs(tables, g, splits, dot, num_warps)
 
 
 _LAUNCHES = LaunchPlans(_Launch)

@@ -54,7 +54,6 @@ vectors; a stream-contiguous page layout would allow those.
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -607,7 +606,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
     prefetch None: on. maxnreg None: no register limit (0 = none too). Both from the launch sweep
-    on an H100, 2026-12-06 (benchmarks/RESULTS.md, "Hopper decode"): 4 warps, prefetch, no limit,
+    on an H100, 2026-12-06 (benchmarks/RESULTS.md, "Decode with the Hopper kernel served"): 4 warps, prefetch, no limit,
     the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
     1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K)."""
     T, Hq, D = query.shape
@@ -634,18 +633,14 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
 
 def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int = 4):
     """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
-    from .tq_attention import _TORCH_TO_TL, reduce_chunk
+    from .tq_attention import _TORCH_TO_TL, reduce_kwargs
 
-    T, Hq, D = out.shape
-    kw = tables.constexprs
+    T, Hq, _ = out.shape
     _, h_v = hadamard_operands(tables, codes)
-    sc = reduce_chunk(splits)
     args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
             tables.value_mean, T)
-    return (T, kv_heads), args, dict(
-        G=Hq // kv_heads, BLOCK_M=max(16, triton.next_power_of_2(Hq // kv_heads)), SPLITS=splits,
-        DOT=_TORCH_TO_TL[tables.level_tables.dtype], D=D, VA_N=kw["VA_N"], VA_W=kw["VA_W"],
-        VB_W=kw["VB_W"], SC=sc, num_warps=8 if sc >= 8 else 4)
+    return (T, kv_heads), args, reduce_kwargs(tables, Hq // kv_heads, splits,
+                                              _TORCH_TO_TL[tables.level_tables.dtype])
 
 
 def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
