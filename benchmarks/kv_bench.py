@@ -152,6 +152,23 @@ def paged_layout(torch, batch, ctx, device):
     return num_blocks, block_table.view(batch, blocks_per_seq).contiguous()
 
 
+def ragged_pages(torch, seq_lens, device, page=PAGE):
+    """Sequences of these lengths on pages drawn from a shuffled pool (3 spare pages): (pool
+    pages, block table [seqs, most pages] int32, slot mapping [tokens], positions [tokens])."""
+    blocks = [math.ceil(s / page) for s in seq_lens]
+    perm = torch.randperm(sum(blocks) + 3, device=device).to(torch.int32)
+    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
+    slot_map, positions = [], []
+    at = 0
+    for i, (s, nblk) in enumerate(zip(seq_lens, blocks)):
+        bt[i, :nblk] = perm[at : at + nblk]
+        at += nblk
+        pos = torch.arange(s, device=device)
+        slot_map.append(bt[i, pos // page].long() * page + pos % page)
+        positions.append(pos)
+    return perm.numel(), bt, torch.cat(slot_map), torch.cat(positions)
+
+
 def calibration(torch, hk, d, mean=True):
     """A calibration like a served model's: pre-RoPE key mean (Llama-3 RoPE frequencies), key
     scale, value mean, key weights. mean=False: the same without the key mean."""
@@ -248,18 +265,8 @@ def check_correctness(torch, name, hq, hk, d, device, log):
     k = k + lq.key_mean_at(positions.cpu()).to(device)
     v = torch.randn(T, hk, d, device=device)
     k, v = k.bfloat16(), v.bfloat16()
-    blocks = [math.ceil(s / PAGE) for s in seq_lens]
-    perm = torch.randperm(sum(blocks) + 3, device=device).to(torch.int32)
-    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
-    slot_map = []
-    at = 0
-    for i, (s, nblk) in enumerate(zip(seq_lens, blocks)):
-        bt[i, :nblk] = perm[at : at + nblk]
-        at += nblk
-        pos = torch.arange(s, device=device)
-        slot_map.append(bt[i, pos // PAGE].long() * PAGE + pos % PAGE)
-    slot_map = torch.cat(slot_map)
-    cache = torch.full((perm.numel(), PAGE, hk, lay.slot_bytes), 0xAB, dtype=torch.uint8, device=device)
+    num_blocks, bt, slot_map, _ = ragged_pages(torch, seq_lens, device)
+    cache = torch.full((num_blocks, PAGE, hk, lay.slot_bytes), 0xAB, dtype=torch.uint8, device=device)
     tq_store(k, v, cache, slot_map, tables, positions=positions)
     got = cache.view(-1, hk, lay.slot_bytes)[slot_map]
     ref = slot_bytes_ref(torch, lq, k.float(), v.float(), positions)

@@ -143,24 +143,13 @@ def reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device):
     lq = KVLayerQuantizer(get_format("tq4"), d, 0, 0, **cal)
     if not fallback:
         lq.fallback = False
-    blocks = [math.ceil(s / page) for s in seq_lens]
-    perm = torch.randperm(sum(blocks) + 3, device=device).to(torch.int32)
-    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=device)
-    slot_map, positions = [], []
-    at = 0
-    for i, (s, nb) in enumerate(zip(seq_lens, blocks)):
-        bt[i, :nb] = perm[at : at + nb]
-        at += nb
-        pos = torch.arange(s, device=device)
-        slot_map.append(bt[i, pos // page].long() * page + pos % page)
-        positions.append(pos)
-    slot_map, positions = torch.cat(slot_map), torch.cat(positions)
+    num_blocks, bt, slot_map, positions = kb.ragged_pages(torch, seq_lens, device, page)
     T = positions.numel()
     k = torch.randn(T, hk, d, device=device) * (1 + 3 * (torch.rand(T, 1, 1, device=device) < 0.1))
     if mean:
         k = 0.3 * k + lq.key_mean_at(positions.cpu()).to(device)
     v = torch.randn(T, hk, d, device=device)
-    cache = torch.full((perm.numel(), page, hk, tables.layout.slot_bytes), 0xAB, dtype=torch.uint8,
+    cache = torch.full((num_blocks, page, hk, tables.layout.slot_bytes), 0xAB, dtype=torch.uint8,
                        device=device)
     tq_store(k.bfloat16(), v.bfloat16(), cache, slot_map, tables, positions=positions)
     got = cache.view(-1, hk, tables.layout.slot_bytes)[slot_map]
