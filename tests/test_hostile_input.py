@@ -21,6 +21,7 @@ from vllm_gds.shards.manifest import (
 )
 from vllm_gds.shards.safetensors_layout import PADDING_PREFIX, check_like_safetensors, read_header
 from vllm_gds.shards.writer import write_rank
+from manifest_edits import edit_manifest
 
 
 def _tensors():
@@ -51,13 +52,6 @@ def prepared(tmp_path, tiny_model):
 def _manifest_text(model, edit):
     path = model / MANIFEST_NAME
     path.write_text(edit(path.read_text()))
-
-
-def _edit_manifest(model, edit):
-    path = model / MANIFEST_NAME
-    raw = json.loads(path.read_text())
-    edit(raw)
-    path.write_text(json.dumps(raw))
 
 
 def _first_file(raw):
@@ -110,7 +104,7 @@ def test_writer_output_passes_the_safetensors_rules(prepared, capsys):
      "overlap"),
 ])
 def test_ill_typed_or_unknown_manifest_fields_are_refused(prepared, capsys, edit, message):
-    _edit_manifest(prepared, edit)
+    edit_manifest(prepared, edit)
     with pytest.raises(ManifestError, match=message):
         read_manifest(prepared)
     code, out = _inspect(prepared, capsys)
@@ -128,7 +122,7 @@ def test_infinity_and_deep_nesting_in_the_manifest_are_refused(prepared, capsys)
 
 
 def test_an_oversized_manifest_is_refused_before_it_is_parsed(prepared, capsys):
-    _edit_manifest(prepared, lambda r: r.update(source="x" * (65 << 20)))
+    edit_manifest(prepared, lambda r: r.update(source="x" * (65 << 20)))
     code, out = _inspect(prepared, capsys)
     assert code == EXIT_DAMAGED and "is larger than 64 MiB" in out
     assert len(out) < 10_000  # the source is not echoed
@@ -150,7 +144,7 @@ def test_overlapping_tensors_in_the_header_are_refused_like_safetensors(prepared
         header[second.name]["data_offsets"] = [begin, begin + second.nbytes]
     _rewrite_header(path, overlap)
     data_start, _ = read_header(path)
-    _edit_manifest(prepared, lambda r: _first_file(r)["tensors"][1].update(offset=first.offset))
+    edit_manifest(prepared, lambda r: _first_file(r)["tensors"][1].update(offset=first.offset))
     with pytest.raises(Exception):
         with safe_open(path, framework="pt"):
             pass
@@ -277,7 +271,7 @@ def test_inspect_of_a_huge_sparse_tensor_stays_in_bounded_memory(tmp_path, tiny_
         shape=[numel], data_offsets=[h["big"]["data_offsets"][0], h["big"]["data_offsets"][0] + 4 * numel]))
     size = shard.tensors[0].offset + 4 * numel
     os.truncate(path, size)
-    _edit_manifest(model, lambda r: (_first_file(r).update(size=size),
+    edit_manifest(model, lambda r: (_first_file(r).update(size=size),
                                      _first_file(r)["tensors"][0].update(shape=[numel], nbytes=4 * numel)))
     baseline, code, out = _peak_rss_mb("inspect", str(model), "--no-checksums")
     assert code == 0, out
@@ -312,7 +306,7 @@ def test_a_stray_manifest_in_a_plain_checkpoint_says_so(tmp_path, tiny_model, pr
 
 def test_text_from_the_manifest_is_escaped(prepared, capsys):
     fake = "x\n  sizes, headers, checksums and serving files: all ranks intact\x1b[8m"
-    _edit_manifest(prepared, lambda r: r.update(source=fake))
+    edit_manifest(prepared, lambda r: r.update(source=fake))
     shard, path = _shard(prepared)
     with open(path, "r+b") as f:
         f.seek(shard.tensors[0].offset)

@@ -1,7 +1,5 @@
 """The shard format: aligned files that plain safetensors readers open, manifests, checksums."""
 
-import json
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,6 +9,7 @@ from vllm_gds import checksum
 from vllm_gds.shards.manifest import ALIGNMENT, MANIFEST_NAME, read_manifest
 from vllm_gds.shards.safetensors_layout import PADDING_PREFIX, tensor_placements
 from vllm_gds.shards.writer import write_rank
+from manifest_edits import edit_manifest
 
 
 def _random_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -87,13 +86,6 @@ def _prepared_copy(src, dst):
     return dst
 
 
-def _edit_manifest(model_dir, edit):
-    path = model_dir / MANIFEST_NAME
-    raw = json.loads(path.read_text())
-    edit(raw)
-    path.write_text(json.dumps(raw))
-
-
 def test_missing_manifest_says_how_to_prepare(tmp_path):
     with pytest.raises(ManifestError, match="vllm-gds prepare MODEL OUT --tensor-parallel-size N"):
         read_manifest(tmp_path)
@@ -108,23 +100,23 @@ def test_malformed_manifest_json_names_the_file(tmp_path, prepared_tiny):
 
 def test_manifest_pointing_outside_its_directory_is_refused(tmp_path, prepared_tiny):
     model = _prepared_copy(prepared_tiny, tmp_path / "m")
-    _edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0].update(path="../../etc/passwd"))
+    edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0].update(path="../../etc/passwd"))
     with pytest.raises(ManifestError, match="points outside the prepared directory.*refused"):
         read_manifest(model)
-    _edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0].update(path="/etc/passwd"))
+    edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0].update(path="/etc/passwd"))
     with pytest.raises(ManifestError, match="must be relative"):
         read_manifest(model)
 
 
 def test_manifest_with_a_missing_rank_is_refused(tmp_path, prepared_tiny_tp2):
     model = _prepared_copy(prepared_tiny_tp2, tmp_path / "m")
-    _edit_manifest(model, lambda raw: raw["ranks"].pop())
+    edit_manifest(model, lambda raw: raw["ranks"].pop())
     with pytest.raises(ManifestError, match="do not match the layout tp=2"):
         read_manifest(model)
 
 
 def test_manifest_with_unaligned_offset_is_refused(tmp_path, prepared_tiny):
     model = _prepared_copy(prepared_tiny, tmp_path / "m")
-    _edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0]["tensors"][0].update(offset=4097))
+    edit_manifest(model, lambda raw: raw["ranks"][0]["files"][0]["tensors"][0].update(offset=4097))
     with pytest.raises(ManifestError, match="not aligned"):
         read_manifest(model)
