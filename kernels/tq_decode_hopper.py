@@ -78,47 +78,66 @@ def _warp_bases(nw: int, rank: int) -> list:
     return [[1 << i] + [0] * (rank - 1) for i in range(_bits(nw))]
 
 
+def geometry(d: int, codes: int, stream: str) -> tuple[int, int]:
+    """(E, phases): a token's code elements in one stream (keys "k", values "v") and the decoded
+    levels per element. codes 4: int16 elements of 4 codes; 2: bytes of 2; 3 (3-bit codes, D =
+    128): keys in int32 words, values in int16 halfwords, three of every four elements real (the
+    fourth repeats the third, ignored; lut3_ptx.py), 8 (keys) or 4 (values) phases."""
+    if codes == 3:
+        return (d // 8, 8) if stream == "k" else (d // 4, 4)
+    return d // codes, codes
+
+
+def coordinate(codes: int, stream: str, e: int, j: int) -> int:
+    """The code index (rotated coordinate) of element e's phase j: codes * e + j, or for 3-bit
+    codes (lut3_ptx) 4 j + e % 4 in the lane's 32 (keys) or 16 (values) codes."""
+    if codes == 3:
+        return (32 if stream == "k" else 16) * (e >> 2) + 4 * j + (e & 3)
+    return codes * e + j
+
+
 def k_load_layout(d: int, nw: int, codes: int) -> gl.DistributedLinearLayout:
-    """Key code elements [NW, NT, D/codes] (int16: 4 codes, int8: 2): lane (c, g) loads token g
-    (and g + 8) elements [c E/4, (c+1) E/4), E = D/codes: bytes [c D/8, (c+1) D/8)."""
-    eb = _bits(d // codes)
+    """Key code elements [NW, NT, E]: lane (c, g) loads token g (and g + 8) elements
+    [c E/4, (c+1) E/4): bytes [c D/8, (c+1) D/8) (tq4; 3-bit keys: [12c, 12c + 12))."""
+    n = geometry(d, codes, "k")[0]
+    eb = _bits(n)
     reg = [[0, 0, 1 << b] for b in range(eb - 2)] + [[0, 8, 0]]
     lane = [[0, 0, 1 << (eb - 2)], [0, 0, 1 << (eb - 1)], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
-    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, n])
 
 
 def v_load_layout(d: int, nw: int, codes: int, pair_first: bool) -> gl.DistributedLinearLayout:
-    """Value code elements [NW, NT, D/codes]: lane (c, g) holds tokens 2c, 2c+1, 2c+8, 2c+9,
+    """Value code elements [NW, NT, E]: lane (c, g) holds tokens 2c, 2c+1, 2c+8, 2c+9,
     elements [g E/8, (g+1) E/8). pair_first: token bit 0 as register bit 0 (the lookup's packs
     pair tokens 2c and 2c + 1); else the elements first (the load's vectors)."""
-    eb = _bits(d // codes)
+    n = geometry(d, codes, "v")[0]
+    eb = _bits(n)
     elems = [[0, 0, 1 << b] for b in range(eb - 3)]
     reg = ([[0, 1, 0]] + elems if pair_first else elems + [[0, 1, 0]]) + [[0, 8, 0]]
     lane = [[0, 2, 0], [0, 4, 0]] + [[0, 0, 1 << b] for b in range(eb - 3, eb)]
-    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, d // codes])
+    return gl.DistributedLinearLayout(reg, lane, _warp_bases(nw, 3), [], [nw, NT, n])
 
 
-def _dims(d: int, codes: int):
-    """(e(b): the dim of element-index bit b, the phase dims MSB first) of the decoded tensor
-    [NW, NT, element bits (MSB first), phase bits (LSB first)]; phase j = code index - codes e."""
-    eb, pb = _bits(d // codes), _bits(codes)
-    return (lambda b: 2 + (eb - 1 - b)), [2 + eb + i for i in reversed(range(pb))]
+def _dims(d: int, codes: int, stream: str):
+    """(e(b): the dim of element-index bit b, the phase dims MSB first, E bits) of the decoded
+    tensor [NW, NT, element bits (MSB first), phase bits (LSB first)]."""
+    n, phases = geometry(d, codes, stream)
+    eb, pb = _bits(n), _bits(phases)
+    return (lambda b: 2 + (eb - 1 - b)), [2 + eb + i for i in reversed(range(pb))], eb
 
 
 def k_order(d: int, codes: int = 4) -> list[int]:
     """The permutation of the decoded keys' dims that reshapes to [NW, NT, D (k-slot)]:
     k = e_0 + 2 e_top2 + 4 e_top1 + 8 (phase) + ... (e_1, e_2, ... above): k bit 0 pairs two
     elements in one register, k bits 1-2 are the lane's."""
-    e, phase = _dims(d, codes)
-    eb = _bits(d // codes)
+    e, phase, eb = _dims(d, codes, "k")
     return [0, 1] + [e(b) for b in range(eb - 3, 0, -1)] + phase + [e(eb - 1), e(eb - 2), e(0)]
 
 
 def v_order(d: int, codes: int = 4) -> list[int]:
     """The permutation of the decoded values' dims that reshapes to [NW, D (m-slot), NT]:
     m = e_top3 + 2 e_top2 + 4 e_top1 (the lane's) + 8 (phase) + ... (e_0, e_1, ... above)."""
-    e, phase = _dims(d, codes)
-    eb = _bits(d // codes)
+    e, phase, eb = _dims(d, codes, "v")
     return ([0] + [e(b) for b in range(eb - 4, -1, -1)] + phase
             + [e(eb - 1), e(eb - 2), e(eb - 3), 1])
 
@@ -128,18 +147,19 @@ def perm_code(order: list[int]) -> int:
     return sum(o << (4 * i) for i, o in enumerate(order))
 
 
-def slot_coordinates(d: int, order: list[int], codes: int = 4) -> list[int]:
+def slot_coordinates(d: int, order: list[int], codes: int = 4, stream: str = "k") -> list[int]:
     """The code index (coordinate of the rotated vector) of each k- or m-slot, following the
     kernel's reshape/permute: a slot's index bits, read in `order` (dims 0 and 1 are the warp and
-    the token), give the element e and phase j; coordinate = codes * e + j."""
-    eb, pb = _bits(d // codes), _bits(codes)
+    the token), give the element e and phase j (coordinate())."""
+    n, phases = geometry(d, codes, stream)
+    eb, pb = _bits(n), _bits(phases)
     dims = [x for x in order if x not in (0, 1)]  # MSB first
     coords = []
     for slot in range(d):
         bit = {x: (slot >> (len(dims) - 1 - i)) & 1 for i, x in enumerate(dims)}
         e = sum(bit[2 + (eb - 1 - b)] << b for b in range(eb))
         j = sum(bit[2 + eb + i] << i for i in range(pb))
-        coords.append(codes * e + j)
+        coords.append(coordinate(codes, stream, e, j))
     return coords
 
 
@@ -157,11 +177,13 @@ def _rope_cos_sin(a):
 
 
 @gluon.jit
-def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr):
-    """bf16 levels [..., E, phase bits] of code elements [..., E]: CODES = 4, int16 elements in
-    pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2, bytes in fours
-    (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble. lut: the four
-    table words (scalars), passed as operands (hopper_tables.operand_asm)."""
+def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr, VALUES: gl.constexpr):
+    """bf16 levels [..., E, phase bits (LSB first)] of code elements [..., E]: CODES = 4, int16
+    elements in pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2,
+    bytes in fours (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble;
+    CODES = 3 (lut3_ptx.py): keys int32 words in fours, 8 phases; values int16 halfwords of two
+    tokens in eights, 4 phases. lut: the four table words (scalars), passed as operands
+    (hopper_tables.operand_asm)."""
     t = gl.full(words.shape, 0, gl.int32, words.type.layout)
     ops = [words, t + lut[0], t + lut[1], t + lut[2], t + lut[3]]
     if CODES == 4:
@@ -169,11 +191,23 @@ def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr):
             ASM, "=r,=r,=r,=r,r" + ",r" * 8, ops,
             dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
         return gl.join(gl.join(p0, p1), gl.join(p2, p3))
-    else:
+    elif CODES == 2:
         lo, hi = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r" + ",r" * 16, ops,
                                            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
                                            pack=4)
         return gl.join(lo, hi)
+    elif VALUES:
+        v0, v1, v2, v3 = gl.inline_asm_elementwise(
+            ASM, "=r," * 16 + "r,r,r,r" + ",r" * 32, ops,
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=8)
+        return gl.join(gl.join(v0, v1), gl.join(v2, v3))
+    else:
+        k0, k1, k2, k3, k4, k5, k6, k7 = gl.inline_asm_elementwise(
+            ASM, "=r," * 16 + "r,r,r,r" + ",r" * 16, ops,
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16,
+                   gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        return gl.join(gl.join(gl.join(k0, k1), gl.join(k2, k3)),
+                       gl.join(gl.join(k4, k5), gl.join(k6, k7)))
 
 
 @gluon.jit
@@ -188,16 +222,21 @@ def _tile_base(bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr, NW: gl.c
 
 
 @gluon.jit
-def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, CODES: gl.constexpr,
-                D: gl.constexpr, STRIDE_TOK: gl.constexpr):
-    """Code elements [NW, NT, D / CODES] (int16 for CODES = 4, int8 for 2) of one stream of the
-    tile's slots (base: _tile_base)."""
+def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.constexpr,
+                WORD: gl.constexpr, TRIPLES: gl.constexpr, STRIDE_TOK: gl.constexpr):
+    """Code elements [NW, NT, E] of WORD bytes (int32, int16 or int8) of one stream of the tile's
+    slots (base: _tile_base). TRIPLES (3-bit codes): element e reads word 3 (e // 4) + e % 4, the
+    fourth of each four repeating the third (ignored by the lookup)."""
     base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
-    e = gl.arange(0, D // CODES, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    if TRIPLES:
+        e = 3 * (e // 4) + gl.minimum(e % 4, 2)
     rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
     ptrs = cache_ptr + rows[:, :, None]
-    if CODES == 4:
+    if WORD == 4:
+        ptrs = ptrs.to(gl.pointer_type(gl.int32)) + e[None, None, :]
+    elif WORD == 2:
         ptrs = ptrs.to(gl.pointer_type(gl.int16)) + e[None, None, :]
     else:
         ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
@@ -246,7 +285,7 @@ def _decode_k(kw, lut, ASM: gl.constexpr, LA: gl.constexpr, NW: gl.constexpr, D:
               K_ORDER: gl.constexpr, CODES: gl.constexpr):
     """Key code elements [NW, NT, D/CODES] -> bf16 A operand [NW, NT, D (k-slots)], in
     registers."""
-    x = _to_bits(_levels(kw, lut, ASM, CODES), NW, D)
+    x = _to_bits(_levels(kw, lut, ASM, CODES, False), NW, D)
     x = _permute_bits(x, K_ORDER, D)
     x = gl.reshape(x, [NW, 16, D])
     return gl.convert_layout(x, LA)
@@ -258,7 +297,7 @@ def _decode_v(vw, lut, ASM: gl.constexpr, LA: gl.constexpr, PAIR_LAYOUT: gl.cons
     """Value code elements [NW, NT, D/CODES] -> bf16 A operand [NW, D (m-slots), NT], in
     registers."""
     vw = gl.convert_layout(vw, PAIR_LAYOUT)  # tokens 2c, 2c+1 of one element side by side
-    x = _to_bits(_levels(vw, lut, ASM, CODES), NW, D)
+    x = _to_bits(_levels(vw, lut, ASM, CODES, True), NW, D)
     x = _permute_bits(x, V_ORDER, D)
     x = gl.reshape(x, [NW, D, 16])
     return gl.convert_layout(x, LA)
@@ -315,9 +354,10 @@ def _tq_decode_hopper_kernel(
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
-    ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
+    ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
     K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr,
+    K_E: gl.constexpr, V_E: gl.constexpr, K_WORD: gl.constexpr, V_WORD: gl.constexpr,
 ):
     seq = gl.program_id(0)
     head = gl.program_id(1)
@@ -439,8 +479,8 @@ def _tq_decode_hopper_kernel(
     if PREFETCH:
         base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
                           STRIDE_HEAD)
-        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
-        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3, STRIDE_TOK)
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
             a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
@@ -451,13 +491,17 @@ def _tq_decode_hopper_kernel(
                 base_now = base
                 base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
                                   STRIDE_TOK, STRIDE_HEAD)
-                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
-                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3,
+                                 STRIDE_TOK)
+                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3,
+                                 STRIDE_TOK)
             else:
                 base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
                                       STRIDE_TOK, STRIDE_HEAD)
-                kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, CODES, D, STRIDE_TOK)
-                vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, CODES, D, STRIDE_TOK)
+                kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3,
+                                     STRIDE_TOK)
+                vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3,
+                                     STRIDE_TOK)
             kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
                                      V_NORM_OFF, NW, STRIDE_TOK)
             ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
@@ -486,7 +530,7 @@ def _tq_decode_hopper_kernel(
             m_i = m_new
             pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
             pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-            va = _decode_v(vw_now, lut, ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+            va = _decode_v(vw_now, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
             o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
@@ -527,11 +571,16 @@ def rows_of(G: int, fallback: bool) -> tuple[bool, bool, int, int]:
     return False, False, (8 if G <= 8 else 16), (8 if G <= 8 else 16)
 
 
+WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (3, "v"): 2}
+
+
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
-                      codes: int = 4) -> dict:
+                      codes: int | None = None) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
-    vllm_gds/kvcache/hopper_tables.attach). codes: 2 (bytes into the lookup) or 4 (int16)."""
+    vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
+    elements) or 2 (4-bit codes, bytes into the lookup); None: tables.hopper_codes."""
+    codes = codes or tables.hopper_codes
     layout = tables.layout
     d = layout.head_size
     kw = tables.constexprs
@@ -542,25 +591,29 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         PREFETCH=prefetch, TRANS_ASM=trans_asm,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
-        V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes],
+        V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
+        V_ASM=tables.hopper_asm[codes, "v"],
         WP=kw["VA_W"] + kw["VB_W"] + 2,
         V_PART=kw["VA_W"] + kw["VB_W"],
         K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
         V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=perm_code(k_order(d, codes)),
         V_ORDER=perm_code(v_order(d, codes)), CODES=codes,
+        K_E=geometry(d, codes, "k")[0], V_E=geometry(d, codes, "v")[0],
+        K_WORD=WORD_BYTES[codes, "k"], V_WORD=WORD_BYTES[codes, "v"],
     )
 
 
-def hadamard_operands(tables, codes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(query transform: H's columns in this kernel's k-slot order, transposed ([k-slot, D], so
     the kernel's operand pairs are 4-byte loads), output rows [D, D] in its m-slot order), made
     once per tables (the launch passes them; the reduce finishes with the rows)."""
+    codes = codes or tables.hopper_codes
     cache = tables.__dict__.setdefault("_hopper_operands", {})
     if codes not in cache:
         d = tables.layout.head_size
         dev = tables.signs.device
-        kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes), device=dev)
-        vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes), device=dev)
+        kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes, "k"), device=dev)
+        vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes, "v"), device=dev)
         cache[codes] = (tables.h_cols["kb"][:, kperm].t().contiguous(),
                         tables.h_rows["vb"][vperm].contiguous())
     return cache[codes]
@@ -573,17 +626,21 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     layout = tables.layout
     if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
         return "needs an sm_90+ GPU"
-    if D not in (64, 128):
-        return f"head size {D} (64 and 128 only)"
     k, v = layout.key, layout.value
-    if not (k.a.n == 0 and v.a.n == 0 and k.b.bits == 4 and v.b.bits == 4):
-        return "not 4-bit keys and values with one stream each"
+    if not (k.a.n == 0 and v.a.n == 0 and k.b.bits == v.b.bits and k.b.bits in (3, 4)):
+        return "not 4-bit or 3-bit keys and values with one stream each"
+    bits = k.b.bits
+    if D not in ((64, 128) if bits == 4 else (128,)):
+        return f"head size {D} ({'64 and 128' if bits == 4 else '128'} only at {bits} bits)"
     if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
         return "odd stream offsets"
     if getattr(tables, "hopper_asm", None) is None:
         return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
         return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
+    if bits == 3 and (k.b.offset % 4 or kv_cache.stride(2) % 4 or kv_cache.stride(1) % 4
+                      or kv_cache.stride(0) % 4):
+        return "3-bit key codes not 4-byte aligned"
     G = Hq // H
     if G > (8 if tables.fallback else 16):
         return f"{G} query heads per KV head"
@@ -592,7 +649,7 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     return None
 
 
-def table_args(tables, codes: int = 4) -> tuple:
+def table_args(tables, codes: int | None = None) -> tuple:
     """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
     h_k, _ = hadamard_operands(tables, codes)
     return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
@@ -601,8 +658,8 @@ def table_args(tables, codes: int = 4) -> tuple:
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, *, num_warps: int = 4,
-                  prefetch: bool | None = None, trans_asm: bool = True, codes: int = 4,
-                  maxnreg: int | None = None):
+                  prefetch: bool | None = None, trans_asm: bool = True,
+                  codes: int | None = None, maxnreg: int | None = None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
     prefetch None: on. maxnreg None: no register limit (0 = none too). Both from the launch sweep
@@ -612,6 +669,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
+    codes = codes or tables.hopper_codes
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
@@ -631,7 +689,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     return (seq_lens.shape[0], H, splits), args, cx, part
 
 
-def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int = 4):
+def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):
     """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
     from .tq_attention import _TORCH_TO_TL, reduce_kwargs
 
@@ -667,6 +725,6 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
                                          tables, softmax_scale, splits, **launch)
     _tq_decode_hopper_kernel[grid](*args, **kw)
-    grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes", 4))
+    grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes"))
     _tq_reduce_kernel[grid](*args, **kw)
     return out

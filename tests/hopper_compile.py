@@ -38,19 +38,19 @@ INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def tables(d, mean=True, fallback=True):
+def tables(d, mean=True, fallback=True, fmt="tq4"):
     kw = {}
     if mean:
-        mu = top_pairs(torch.randn(1, d), None, FORMATS["tq4"].key_mean_pairs, d // 2)
+        mu = top_pairs(torch.randn(1, d), None, FORMATS[fmt].key_mean_pairs, d // 2)
         kw = dict(key_mean=mu, rope_inv_freq=torch.ones(d // 2))
-    t = attach(LayerTables(FORMATS["tq4"], d, 0, 0, "cpu", torch.bfloat16, 1, **kw))
+    t = attach(LayerTables(FORMATS[fmt], d, 0, 0, "cpu", torch.bfloat16, 1, **kw))
     t.fallback = fallback
     return t
 
 
 def compile_sm90(d=128, g=4, kv_heads=8, mean=True, fallback=True, num_warps=4, maxnreg=None,
-                 **launch):
-    t = tables(d, mean, fallback)
+                 fmt="tq4", **launch):
+    t = tables(d, mean, fallback, fmt)
     slot = t.layout.slot_bytes
     cx = hop.kernel_constexprs(t, g, 16, kv_heads * slot, slot, num_warps, **launch)
     fn = hop._tq_decode_hopper_kernel
@@ -90,8 +90,6 @@ def stats(kernel) -> dict:
             "stack": stack, "total": len(ins), "ptx_mma": kernel.asm["ptx"].count("mma.sync")}
 
 
-
-
 class _CompileOnlyDriver:
     """Stands in for the CUDA driver (there is none here) so that a JIT launch's binding,
     specialization and compile run as on the GPU machine (kernel.warmup compiles, no launch)."""
@@ -106,7 +104,7 @@ class _CompileOnlyDriver:
         return 0
 
 
-def warmup_launch(d=128, q_heads=32, kv_heads=8, **launch) -> list[str]:
+def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", **launch) -> list[str]:
     """tq_decode_hopper's two launches (kernels.tq_decode_hopper.decode_launch / reduce_launch)
     bound and compiled by the JIT as a launch would be, with CPU tensors of a small batch.
     Returns the names of the compiled kernels."""
@@ -114,7 +112,7 @@ def warmup_launch(d=128, q_heads=32, kv_heads=8, **launch) -> list[str]:
 
     from vllm_gds.kernels.tq_attention import _tq_reduce_kernel
 
-    t = tables(d)
+    t = tables(d, fmt=fmt)
     page, blocks, seqs = 16, 8, 2
     cache = torch.zeros(blocks, page, kv_heads, t.layout.slot_bytes, dtype=torch.uint8)
     q = torch.zeros(seqs, q_heads, d, dtype=torch.bfloat16)
@@ -128,8 +126,7 @@ def warmup_launch(d=128, q_heads=32, kv_heads=8, **launch) -> list[str]:
         grid, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, d ** -0.5, splits,
                                                  **launch)
         k1 = hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)
-        grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads,
-                                           launch.get("codes", 4))
+        grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads, launch.get("codes"))
         k2 = _tq_reduce_kernel.warmup(*args, grid=grid, **kw)
     finally:
         driver._active = None  # back to the (lazily created) real one

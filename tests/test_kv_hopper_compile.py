@@ -62,6 +62,63 @@ def test_operand_slots_hold_the_coordinates_the_host_permutes(d, per):
         assert vperm[m] // (d // 8) == m & 7
 
 
+def test_3bit_operand_slots_hold_the_coordinates_the_host_permutes():
+    """tq3 (CODES = 3): the lookup's outputs (lut3_ptx: element e, phase j -> coordinate()) through
+    the kernel's reshape/permute land where slot_coordinates says; lane c's keys are its 12 bytes
+    [12c, 12c + 12) (32 codes), lane g's values its 6 bytes [6g, 6g + 6) (16 codes)."""
+    d = 128
+    for stream, order, shape in (("k", hop.k_order(d, 3), [1, 16, d]),
+                                 ("v", hop.v_order(d, 3), [1, d, 16])):
+        n, phases = hop.geometry(d, 3, stream)
+        coord = torch.tensor([[hop.coordinate(3, stream, e, j) for j in range(phases)]
+                              for e in range(n)])  # [E, phase]
+        assert sorted(coord.flatten().tolist()) == list(range(d))
+        x = coord[None, :, :] + 1000 * torch.arange(16)[:, None, None]  # [NT, E, phase]
+        x = x.reshape(16, n, 2, 2, 2) if phases == 8 else x.reshape(16, n, 2, 2)
+        x = x.permute(0, 1, *range(x.dim() - 1, 1, -1))  # phase bits LSB first, as the joins
+        x = x.reshape([1, 16] + [2] * 7).permute(order).reshape(shape)[0]
+        perm = torch.tensor(hop.slot_coordinates(d, order, 3, stream))
+        assert sorted(perm.tolist()) == list(range(d))
+        if stream == "k":
+            assert torch.equal(x, perm[None, :] + 1000 * torch.arange(16)[:, None])
+            assert all(perm[k] // 32 == (k >> 1) & 3 for k in range(d))
+        else:
+            assert torch.equal(x, perm[:, None] + 1000 * torch.arange(16)[None, :])
+            assert all(perm[m] // 16 == m & 7 for m in range(d))
+
+
+def test_3bit_lookup_ptx_decodes_packed_codes():
+    """lut3_ptx's key and value lookups (as attach gives them for tq3), run on test_kv_kernels'
+    PTX interpreter on codes packed by packing.pack: register $k holds codes 2k, 2k + 1 of the
+    lane's 32 keys, and code k of both tokens' 16 values, as bf16 levels of codebook(128, 3)."""
+    from test_kv_kernels import _run_ptx
+    from vllm_gds.kvcache.codebook import codebook
+    from vllm_gds.kvcache.packing import pack
+
+    t = attach(LayerTables(FORMATS["tq3"], 128, 0, 0, "cpu", torch.float32, 1))
+    assert t.hopper_codes == 3
+    table = codebook(128, 3)[0].to(torch.bfloat16).view(torch.int16).tolist()
+    words = [w & 0xFFFFFFFF for w in t.hopper_lut]
+    for trial in range(40):
+        codes = torch.randint(0, 8, (32,))
+        b = pack(codes, 3).tolist()
+        regs = {f"${16 + i}": int.from_bytes(bytes(b[4 * i:4 * i + 4]), "little")
+                for i in range(3)}
+        regs |= {"$19": 0xDEADBEEF, **{f"${20 + 4 * i}": words[i] for i in range(4)}}
+        out = _run_ptx(t.hopper_asm[3, "k"], regs)
+        for k in range(32):
+            assert (out[f"${k // 2}"] >> (16 * (k % 2))) & 0xFFFF == table[codes[k]] & 0xFFFF
+        tok = torch.randint(0, 8, (2, 16))
+        b0, b1 = pack(tok[0], 3).tolist(), pack(tok[1], 3).tolist()
+        regs = {f"${16 + i}": b0[2 * i] | b0[2 * i + 1] << 8 | b1[2 * i] << 16 | b1[2 * i + 1] << 24
+                for i in range(3)}
+        regs |= {"$19": 0x12345678, **{f"${20 + 8 * i}": words[i] for i in range(4)}}
+        out = _run_ptx(t.hopper_asm[3, "v"], regs)
+        for k in range(16):
+            for h in range(2):
+                assert (out[f"${k}"] >> (16 * h)) & 0xFFFF == table[tok[h, k]] & 0xFFFF
+
+
 def test_hadamard_operands_are_permuted_blocks():
     mu = top_pairs(torch.randn(1, 128), None, FORMATS["tq4"].key_mean_pairs, 64)
     t = attach(LayerTables(FORMATS["tq4"], 128, 0, 0, "cpu", torch.bfloat16, 1, key_mean=mu,
@@ -72,14 +129,15 @@ def test_hadamard_operands_are_permuted_blocks():
     assert torch.equal(h_k.t(), t.h_cols["kb"][:, kperm])
     assert torch.equal(h_v, t.h_rows["vb"][vperm])
     # the portable kernel's lookup at d = 128, its table words as operands
-    assert t.hopper_asm[4] == operand_asm(t.lut4_asm["k"], 4)
+    assert t.hopper_asm[4, "k"] == operand_asm(t.lut4_asm["k"], 4)
 
 
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=64, g=3, kv_heads=3), dict(d=128, g=4, kv_heads=8, mean=False),
            dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),
            dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False),
-           dict(d=128, g=16, kv_heads=1, fallback=False)]
+           dict(d=128, g=16, kv_heads=1, fallback=False),
+           dict(d=128, g=4, kv_heads=8, fmt="tq3"), dict(d=128, g=8, kv_heads=1, fmt="tq3")]
 
 
 def _run_helper(*args):
@@ -96,7 +154,8 @@ def _run_helper(*args):
 @pytest.mark.parametrize("launch", [dict(), dict(d=64, q_heads=9, kv_heads=3),
                                     dict(q_heads=8, kv_heads=1),
                                     dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
-                                         trans_asm=False, maxnreg=0, num_warps=8)])
+                                         trans_asm=False, maxnreg=0, num_warps=8),
+                                    dict(q_heads=8, kv_heads=1, fmt="tq3")])
 def test_launch_binds_and_compiles_as_on_the_gpu(launch):
     """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
     specialization and compile (kernel.warmup with a compile-only driver): what the first call
@@ -121,14 +180,17 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
         ops[op.split(".")[0]] += n
     hmma = sum(n for op, n in loop.items() if op.startswith("HMMA.16816"))
     # S^T: D/16 k-steps x R/8 row n-blocks (twice where SELECT scores the raw keys' query apart);
-    # O^T: D/16 m-blocks x R/8; the key mean: 2 x RH/16 x R/8 (R: 8 rows up to G = 8, else 16)
+    # O^T: D/16 m-blocks x R/8; the key mean: 2 x RH/16 x R/8 (R: 8 rows up to G = 8, else 16;
+    # RH: the mean's pairs, half the D/2 for tq4, all for tq3)
     nb = 1 if g <= 8 else 2
     select = fold and g > 4
-    want = d // 16 * nb * (3 if select else 2) + (2 * (d // 4 // 16) * nb if mean else 0)
+    rh = d // 2 if cfg.get("fmt") == "tq3" else d // 4
+    want = d // 16 * nb * (3 if select else 2) + (2 * (rh // 16) * nb if mean else 0)
     assert hmma == want, (hmma, want, loop)
     assert ops["STS"] == ops["LDS"] == 0, f"shared memory in the tile loop: {loop}"
     assert ops["STL"] == ops["LDL"] == 0, f"local memory (spills) in the tile loop: {loop}"
-    assert loop["LDG.E"] >= 2 * (d // 64) * 2, loop  # key words: 32-bit loads
+    # key words: 32-bit loads (tq4: 4 of a token's words a lane; tq3: 3), two tokens a lane
+    assert loop["LDG.E"] >= 2 * (3 if cfg.get("fmt") == "tq3" else 2 * (d // 64)), loop
     assert st["loop_total"] < 946, f"{st['loop_total']} SASS instructions per tile"
 
 
@@ -149,7 +211,7 @@ def test_lookup_ptx_with_table_operands_looks_up_every_code(d, codes):
     words = [w & 0xFFFFFFFF for w in t.hopper_lut]
     for w in [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98, *torch.randint(0, 2**32, (64,)).tolist()]:
         regs = {"$4": w, **{f"${5 + i * p}": words[i] for i in range(4)}}
-        out = _run_ptx(t.hopper_asm[codes], regs)
+        out = _run_ptx(t.hopper_asm[codes, "k"], regs)
         for reg in range(4):
             for half in range(2):
                 if codes == 4:  # element `half`, phase `reg`

@@ -60,10 +60,13 @@ def tb_head(n=12):
     return "\n".join(lines[:4] + ["  ..."] + lines[-n:]) if len(lines) > n + 4 else "\n".join(lines)
 
 
+FORMAT = ["tq4"]  # --format: the cache format checked (tq4, or tq3: head 128 only)
+
+
 def tables_for(hk, d, device, mean=True, fallback=True):
     from vllm_gds.kvcache.hopper_tables import attach
 
-    t = attach(kb.our_tables(torch, "tq4", hk, d, device, mean))
+    t = attach(kb.our_tables(torch, FORMAT[0], hk, d, device, mean))
     if not fallback:
         t.fallback = False
     return t
@@ -138,9 +141,9 @@ def reference_case(hq, hk, d, seq_lens, splits, mean, fallback, device):
 
     page = kb.PAGE
     tables = tables_for(hk, d, device, mean, fallback)
-    cal = kb.served_calibration(torch, "tq4", hk, d, mean)
+    cal = kb.served_calibration(torch, FORMAT[0], hk, d, mean)
     cal = {k: v for k, v in cal.items() if v is not None}
-    lq = KVLayerQuantizer(get_format("tq4"), d, 0, 0, **cal)
+    lq = KVLayerQuantizer(get_format(FORMAT[0]), d, 0, 0, **cal)
     if not fallback:
         lq.fallback = False
     num_blocks, bt, slot_map, positions = kb.ragged_pages(torch, seq_lens, device, page)
@@ -339,11 +342,17 @@ def main(argv=None):
     ap.add_argument("--no-probe", action="store_true", help="skip kv_hopper_probe")
     ap.add_argument("--shapes", default="",
                     help="'model:BxCTX,...' (model as in SHAPES), instead of every shape")
+    ap.add_argument("--format", default="tq4", choices=("tq4", "tq3"),
+                    help="the cache format (tq3: head 128 only, so no SmolLM2 shape)")
     ap.add_argument("--sweep", action="store_true",
                     help="launch sweep (sweep_variants), graph times only, at --shapes (default "
                          f"{SWEEP_SHAPES!r}); no reference cases (each launch is still checked "
                          "against the portable kernel at full size)")
     args = ap.parse_args(argv)
+    FORMAT[0] = args.format
+    only128 = args.format == "tq3"
+    if only128:
+        VARIANTS.pop("fast_bytes", None)  # 4-bit codes only
     if args.sweep:
         VARIANTS.clear()
         VARIANTS.update(sweep_variants())
@@ -357,10 +366,11 @@ def main(argv=None):
     device = torch.device("cuda")
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-            "triton": triton.__version__}
+            "triton": triton.__version__, "format": args.format}
     log(json.dumps(info))
     results = {"info": info, "probe": [], "reference": [], "full": []}
-    path = Path(args.out) / "kv_hopper_check.json"
+    suffix = "" if args.format == "tq4" else "_" + args.format
+    path = Path(args.out) / f"kv_hopper_check{suffix}.json"
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +378,8 @@ def main(argv=None):
 
     from kv_hopper_probe import probe
 
-    for d, rows, codes, trans in [] if args.no_probe else PROBES:  # kv_hopper_probe.py
+    probes = [(128, 8, 3, True), (128, 16, 3, True), (128, 8, 3, False)] if only128 else PROBES
+    for d, rows, codes, trans in [] if args.no_probe else probes:  # kv_hopper_probe.py
         entry = {"case": f"d{d} rows {rows} codes {codes} movmatrix {trans}"}
         try:
             torch.manual_seed(d + rows)
@@ -379,7 +390,8 @@ def main(argv=None):
         log(f"probe {entry}")
         results["probe"].append(entry)
     t0 = time.time()
-    for case in [] if args.no_reference else REF_CASES:
+    for case in [] if args.no_reference else [c for c in REF_CASES
+                                               if c[2] == 128 or not only128]:
         torch.manual_seed(len(results["reference"]))
         hq, hk, d, seq_lens, splits, mean, fallback = case
         entry = {"case": f"{hq}q/{hk}kv/d{d} lens {seq_lens} splits {splits} mean {mean} "
@@ -395,7 +407,7 @@ def main(argv=None):
     log(f"reference checks: {time.time() - t0:.0f} s")
     kb.warm_up(torch, device)
     todo = [(name, b, ctx) for name, (_, batches) in SHAPES.items() for b, ctx in batches
-            if args.only in name]
+            if args.only in name and (SHAPES[name][0][2] == 128 or not only128)]
     if args.shapes:
         todo = []
         for item in args.shapes.split(","):

@@ -38,18 +38,19 @@ def _load3(ptr, layout: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl
 @gluon.jit
 def _probe_kernel(kw_ptr, vw_ptr, p_ptr, ka_ptr, va_ptr, pb_ptr, lut0, lut1, lut2, lut3,
                   NW: gl.constexpr, D: gl.constexpr, R: gl.constexpr, CODES: gl.constexpr,
-                  ASM: gl.constexpr, TRANS_ASM: gl.constexpr, K_LOAD: gl.constexpr,
-                  V_LOAD: gl.constexpr, V_PAIR: gl.constexpr, K_ORDER: gl.constexpr,
-                  V_ORDER: gl.constexpr):
+                  ASM: gl.constexpr, V_ASM: gl.constexpr, TRANS_ASM: gl.constexpr,
+                  K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
+                  K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, K_E: gl.constexpr,
+                  V_E: gl.constexpr):
     L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1],
                                                 instr_shape=[1, 16, 8])
     LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
     LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
     lut = (lut0, lut1, lut2, lut3)
-    kw = _load3(kw_ptr, K_LOAD, NW, 16, D // CODES)
-    vw = _load3(vw_ptr, V_LOAD, NW, 16, D // CODES)
+    kw = _load3(kw_ptr, K_LOAD, NW, 16, K_E)
+    vw = _load3(vw_ptr, V_LOAD, NW, 16, V_E)
     ka = hop._decode_k(kw, lut, ASM, LA, NW, D, K_ORDER, CODES)
-    va = hop._decode_v(vw, lut, ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+    va = hop._decode_v(vw, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
     _store3(ka_ptr, ka, LA, NW, 16, D)
     _store3(va_ptr, va, LA, NW, D, 16)
     p = _load3(p_ptr, L, NW, 16, R).to(gl.bfloat16)
@@ -61,28 +62,37 @@ def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int
     torch, for random codes: 0.0 everywhere when the tricks hold."""
     from vllm_gds.kvcache.codebook import codebook
 
+    from vllm_gds.kvcache.packing import pack
+
     d = tables.layout.head_size
     dev = tables.signs.device
-    codes_kv = torch.randint(0, 16, (2, nw, 16, d), device=dev)
-    packed = codes_kv[..., 0::2] | (codes_kv[..., 1::2] << 4)  # bytes [2, NW, 16, D/2]
-    if codes == 4:
-        words = packed.to(torch.uint8).view(torch.int16)  # little-endian pairs of bytes
+    bits = 3 if codes == 3 else 4
+    codes_kv = torch.randint(0, 1 << bits, (2, nw, 16, d), device=dev)
+    if codes == 3:  # the kernel's loads: three words of every four, the fourth repeating the third
+        def triples(packed, dtype):
+            w = packed.view(dtype)
+            e = torch.arange(4 * w.shape[-1] // 3, device=dev)
+            return w[..., 3 * (e // 4) + (e % 4).clamp(max=2)].contiguous()
+        packed = pack(codes_kv, 3)
+        kwords, vwords = triples(packed[0], torch.int32), triples(packed[1], torch.int16)
     else:
-        words = packed.to(torch.uint8).view(torch.int8)
-    words = words.contiguous()
+        packed = pack(codes_kv, 4)  # bytes [2, NW, 16, D/2], low nibble first
+        dtype = torch.int16 if codes == 4 else torch.int8
+        kwords, vwords = packed[0].view(dtype).contiguous(), packed[1].view(dtype).contiguous()
     p = torch.randn(nw, 16, rows, device=dev)
     ka = torch.empty(nw, 16, d, device=dev, dtype=torch.bfloat16)
     va = torch.empty(nw, d, 16, device=dev, dtype=torch.bfloat16)
     pb = torch.empty(nw, 16, rows, device=dev, dtype=torch.bfloat16)
     cx = hop.kernel_constexprs(tables, 4 if rows == 8 else 8, 16, 0, 0, nw, False, trans_asm,
                                codes)
-    _probe_kernel[(1,)](words[0], words[1], p, ka, va, pb, *tables.hopper_lut, NW=nw, D=d,
-                        R=rows, CODES=codes, ASM=cx["ASM"], TRANS_ASM=trans_asm,
-                        K_LOAD=cx["K_LOAD"], V_LOAD=cx["V_LOAD"], V_PAIR=cx["V_PAIR"],
-                        K_ORDER=cx["K_ORDER"], V_ORDER=cx["V_ORDER"], num_warps=nw)
-    levels = codebook(d, 4)[0].to(device=dev, dtype=torch.bfloat16)
-    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, codes), codes), device=dev)
-    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, codes), codes), device=dev)
+    _probe_kernel[(1,)](kwords, vwords, p, ka, va, pb, *tables.hopper_lut, NW=nw, D=d,
+                        R=rows, CODES=codes, ASM=cx["ASM"], V_ASM=cx["V_ASM"],
+                        TRANS_ASM=trans_asm, K_LOAD=cx["K_LOAD"], V_LOAD=cx["V_LOAD"],
+                        V_PAIR=cx["V_PAIR"], K_ORDER=cx["K_ORDER"], V_ORDER=cx["V_ORDER"],
+                        K_E=cx["K_E"], V_E=cx["V_E"], num_warps=nw)
+    levels = codebook(d, bits)[0].to(device=dev, dtype=torch.bfloat16)
+    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, codes), codes, "k"), device=dev)
+    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, codes), codes, "v"), device=dev)
     want_k = levels[codes_kv[0][:, :, kperm]]  # [NW, 16, k-slot]
     want_v = levels[codes_kv[1][:, :, vperm]].transpose(1, 2)  # [NW, m-slot, 16]
     torch.cuda.synchronize()

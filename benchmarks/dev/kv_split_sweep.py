@@ -33,12 +33,21 @@ SHAPES = [  # name, hq, hk, d, batch, ctx
     ("Llama-3-8B", 32, 8, 128, 8, 32768),
     ("SmolLM2-135M", 9, 3, 64, 1, 32768),
 ]
+# --fixed: one or two tiles per sequence, the cost of a program that reads (almost) nothing
+FIXED_SHAPES = [
+    ("Llama-3-70B TP8", 8, 1, 128, 1, 128),
+    ("Llama-3-70B TP8", 8, 1, 128, 32, 128),
+    ("Llama-3-8B", 32, 8, 128, 1, 128),
+    ("Llama-3-8B", 32, 8, 128, 32, 128),
+]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--format", default="tq4")
+    ap.add_argument("--fixed", action="store_true", help="add FIXED_SHAPES (tiny contexts)")
+    ap.add_argument("--only", default="", help="substring of 'shape bxctx' to run")
     args = ap.parse_args()
     import torch
     import triton
@@ -49,7 +58,10 @@ def main():
     kv_bench.warm_up(torch, device)
     rows = []
     out_path = args.out / "kv_split_sweep.json"
-    for shape, hq, hk, d, b, ctx in SHAPES:
+    shapes = SHAPES + (FIXED_SHAPES if args.fixed else [])
+    for shape, hq, hk, d, b, ctx in shapes:
+        if args.only and args.only not in f"{shape} {b}x{ctx}":
+            continue
         tables = kv_bench.our_tables(torch, args.format, hk, d, device)
         num_blocks, bt = kv_bench.paged_layout(torch, b, ctx, device)
         cache = kv_bench.fill_ours(torch, tables, num_blocks, hk, d, device)
@@ -62,8 +74,10 @@ def main():
         sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
         dflt = default_splits(b, hk, device)
         tiles = ctx // 64
-        cands = sorted({s for s in (dflt // 2, dflt * 2, dflt * 4)
-                        if s <= tiles and s * b * hk <= 8 * 132 * 4 and s >= 1} | {dflt})
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        per_wave = [n * sms // (b * hk) for n in (1, 2, 3)]  # programs = 1, 2, 3 per SM
+        cands = sorted({s for s in (dflt // 4, dflt // 2, dflt * 2, dflt * 4, *per_wave)
+                        if (s <= tiles or ctx <= 256) and s * b * hk <= 8 * 132 * 4 and s >= 1} | {dflt})
         for splits in cands:
             def call(c=cache, s=AttentionTuning(splits=splits)):
                 tq_attention(q, c, bt, sl, qsl, tables, d ** -0.5, out, max_query_len=1, tuning=s)
@@ -112,7 +126,7 @@ def main():
                     t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
                     if "_tq_reduce_kernel" in ev.key:
                         red += t
-                    elif "_tq_attention_kernel" in ev.key:
+                    elif "_tq_attention_kernel" in ev.key or "_tq_decode_hopper" in ev.key:
                         attn += t
                 n = min(10, len(caches))
                 row = dict(shape=shape, batch=b, ctx=ctx, splits=splits, default=splits == dflt,

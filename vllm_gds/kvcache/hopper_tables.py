@@ -1,4 +1,4 @@
-"""Host side of the Hopper tq4 decode (kernels/tq_decode_hopper.py): its nibble-lookup PTX.
+"""Host side of the Hopper decode (kernels/tq_decode_hopper.py): its lookup PTX.
 
 Two forms of tq_lut4's prmt lookup (lut4_ptx.py), at head sizes 64 and 128 (the portable kernel's
 register path takes 128 only, so LayerTables.lut4_asm lacks 64):
@@ -7,13 +7,15 @@ register path takes 128 only, so LayerTables.lut4_asm lacks 64):
   low and the high nibbles). Its bf16 pairs are (byte 0, byte 1) and (byte 2, byte 3) of one
   nibble half, which the table lookups' byte order gives with one permute per pair: 4 permutes
   per 8 codes where levels4_asm needs 6 to pair codes of different 16-bit elements.
-``attach`` gives a layer's tables the attribute the kernel reads; the coordinate permutations and
+3-bit codes (tq3) take lut3_ptx.py's lookups (keys and values apart).
+``attach`` gives a layer's tables the attributes the kernel reads; the coordinate permutations and
 the permuted Hadamard blocks are made by the kernel module from the tables (kernels/ reads tables
 by attribute and never imports this package).
 """
 
 from __future__ import annotations
 
+from . import lut3_ptx
 from .codebook import codebook
 from .lut4_ptx import levels4_asm, lookup_asm, magnitude_bytes
 
@@ -55,15 +57,25 @@ def table_words(levels) -> tuple[int, int, int, int]:
 
 
 def attach(tables):
-    """Where keys and values are single 4-bit streams (so both use codebook(d, 4)):
-    tables.hopper_asm = {4: PTX, 2: PTX} (codes per element; the table words are operands) and
-    tables.hopper_lut = the four table words (table_words); else both None. Returns tables."""
+    """Where keys and values are single streams of one width, 4 bits (tq4: both use
+    codebook(d, 4)) or 3 bits at head size 128 (tq3): tables.hopper_codes (the kernel's CODES:
+    4 or 3), tables.hopper_asm = {(codes, "k" or "v"): PTX} (4-bit: codes 4 and 2, the same
+    lookup for keys and values; the table words are operands) and tables.hopper_lut = the four
+    table words; else all None. Returns tables."""
     layout = tables.layout
     d = layout.head_size
-    ok = all(vec.a.n == 0 and vec.b.bits == 4 and vec.b.n == d
-             for vec in (layout.key, layout.value))
-    levels = codebook(d, 4)[0]
-    tables.hopper_asm = ({4: operand_asm(levels4_asm(levels), 4),
-                          2: operand_asm(bytes_asm(levels), 2)} if ok else None)
-    tables.hopper_lut = table_words(levels) if ok else None
+    single = all(vec.a.n == 0 and vec.b.n == d for vec in (layout.key, layout.value))
+    bits = {layout.key.b.bits, layout.value.b.bits}
+    tables.hopper_codes = tables.hopper_asm = tables.hopper_lut = None
+    if single:
+        if bits == {4}:
+            levels = codebook(d, 4)[0]
+            asm = {4: operand_asm(levels4_asm(levels), 4), 2: operand_asm(bytes_asm(levels), 2)}
+            tables.hopper_codes = 4
+            tables.hopper_asm = {(c, s): a for c, a in asm.items() for s in ("k", "v")}
+            tables.hopper_lut = table_words(levels)
+        elif bits == {3} and d == 128:
+            tables.hopper_codes = 3
+            tables.hopper_asm = {(3, "k"): lut3_ptx.key_asm(), (3, "v"): lut3_ptx.value_asm()}
+            tables.hopper_lut = lut3_ptx.table_words(codebook(d, 3)[0])
     return tables
