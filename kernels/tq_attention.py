@@ -15,7 +15,8 @@ correct whatever stream or CUDA graph runs the call.
 Decode on Hopper: where it can run, decode takes the Gluon kernel (tq_decode_hopper.py) instead
 of the portable one: Triton has Gluon, the GPU is sm_90 (the only architecture it was checked
 on), and its why_unsupported passes (tq4: one 4-bit stream each for keys and values, head size
-64 or 128, ...). Decided once per plan on its first call (decode_path is the decision) and
+64 or 128; tq3: one 3-bit stream each, head size 128; ...). Its split count follows its own rule
+(split_count's resident: one wave of programs). Decided once per plan on its first call (decode_path is the decision) and
 logged once per distinct choice on the "vllm_gds.kernels" logger. AttentionTuning.hopper=False
 measures the portable kernel; True requires the Hopper one.
 """
@@ -100,33 +101,66 @@ def reduce_kwargs(tables, g: int, splits: int, dot, num_warps: int = 4) -> dict:
                 num_warps=8 if sc >= 8 else num_warps)
 
 
-def split_count(num_seqs: int, num_kv_heads: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
-    """Splits per sequence for decode: about 2-4 programs per SM (2 * sms rounded up to a power
-    of two), at most max_splits. Measured on an H200 (benchmarks/dev/kv_split_sweep.py): the
-    attention kernel was fastest at 512 programs on 132 SMs at every shape that reaches it.
+# Programs of the Hopper decode an SM holds at once: its 231 registers a thread (Triton 3.6, 4
+# warps, tests/hopper_compile.py) leave room for two.
+HOPPER_PROGRAMS_PER_SM = 2
+
+
+def split_count(num_seqs: int, num_kv_heads: int, sms: int, max_splits: int = MAX_SPLITS,
+                resident: int | None = None) -> int:
+    """Splits per sequence for decode, at most max_splits.
+
+    Portable kernel (resident None): about 2-4 programs per SM (2 * sms rounded up to a power of
+    two). Measured on an H200 (benchmarks/dev/kv_split_sweep.py): the attention kernel was
+    fastest at 512 programs on 132 SMs at every shape that reaches it.
+    Hopper kernel (resident: the programs an SM holds at once, HOPPER_PROGRAMS_PER_SM): resident
+    * sms programs rounded down to a power of two, so all run in one wave; the portable rule's
+    second, part-filled wave measured 1.2-1.4x slower at Llama-3-70B TP8 32x4K and 8x32K and at
+    Llama-3-8B 1x32K (benchmarks/results/kv_split_sweep.json, H100, 2026-12-06).
 
     From the batch shape only (never the sequence lengths), so that a CUDA graph captured for a
     batch size stays valid for any context length; splits past a short context get no tiles and
     only write an empty partial."""
+    if resident:
+        want = max(1, resident * sms // max(1, num_seqs * num_kv_heads))
+        return int(min(max_splits, 1 << (want.bit_length() - 1)))
     want = triton.cdiv(2 * sms, max(1, num_seqs * num_kv_heads))
     return int(min(max_splits, max(1, triton.next_power_of_2(want))))
 
 
 @functools.lru_cache(maxsize=None)
-def _splits_on(num_seqs: int, num_kv_heads: int, cuda_index: int) -> int:
+def _splits_on(num_seqs: int, num_kv_heads: int, cuda_index: int, hopper: bool = False) -> int:
     if cuda_index < 0:
         return 1
     sms = torch.cuda.get_device_properties(cuda_index).multi_processor_count
-    return split_count(num_seqs, num_kv_heads, sms)
+    return split_count(num_seqs, num_kv_heads, sms,
+                       resident=HOPPER_PROGRAMS_PER_SM if hopper else None)
 
 
-def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """split_count for this device; 1 off CUDA (the CPU interpreter)."""
+@functools.lru_cache(maxsize=None)
+def _capability(cuda_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(cuda_index)
+
+
+def _hopper_likely(tables, query: torch.Tensor, tuning) -> bool:
+    """Whether the decode will take the Hopper kernel, as far as the split count needs to know
+    (the plan decides for sure: where it then takes the portable kernel, the split count is
+    still a valid one)."""
+    return (GLUON_ERROR is None and query.is_cuda
+            and getattr(tables, "hopper_codes", None) is not None
+            and (tuning is None or tuning.hopper is not False)
+            and _capability(query.get_device())[0] == 9)
+
+
+def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
+                   hopper: bool = False) -> int:
+    """split_count for this device (hopper: the Hopper kernel's rule); 1 off CUDA (the CPU
+    interpreter)."""
     if device.type != "cuda":
         return 1
     device = torch.device(device)
     index = torch.cuda.current_device() if device.index is None else device.index
-    return _splits_on(num_seqs, num_kv_heads, index)
+    return _splits_on(num_seqs, num_kv_heads, index, hopper)
 
 
 def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
@@ -303,7 +337,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     decode = max_query_len == 1
     splits = tuning.splits if tuning is not None else None
     if not splits and decode:
-        splits = _splits_on(num_seqs, H, query.get_device() if query.is_cuda else -1)
+        splits = _splits_on(num_seqs, H, query.get_device() if query.is_cuda else -1,
+                            _hopper_likely(tables, query, tuning))
     splits = splits or 1
     cs = kv_cache.stride()
     # tuning None (served) in the key: cheaper to hash than a dataclass

@@ -1,11 +1,12 @@
-"""tq4 decode attention for Hopper (sm_90) in Gluon: 4-bit codes decoded straight into mma.sync
-operand registers. The portable kernel (tq_attention.py) stays the reference; this is the fast
-path for the served tq4 decode only: 4-bit keys and values (one stream each), head size 64 or
-128, the raw-key fallback FOLDed, the pre-RoPE key mean (MEAN_STEP, exact every 32 tiles), paged
-cache with pages a multiple of 16 tokens, G <= 8 query heads per KV head (16 without the
-fallback). It writes tq_attention's (acc, max, sum) partial rows and tq_attention's
-_tq_reduce_kernel finishes them (splits == 1 too), with the output Hadamard rows permuted to this
-kernel's order. Over 400 lines: the kernel, its layouts and launcher belong together.
+"""tq4 and tq3 decode attention for Hopper (sm_90) in Gluon: 4-bit and 3-bit codes decoded
+straight into mma.sync operand registers. The portable kernel (tq_attention.py) stays the
+reference; this is the fast path for the served tq4 and tq3 decode only: 4-bit keys and values
+(one stream each, head size 64 or 128) or 3-bit ones (head size 128), the raw-key fallback
+FOLDed, the pre-RoPE key mean (MEAN_STEP, exact every 32 tiles), paged cache with pages a
+multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It writes
+tq_attention's (acc, max, sum) partial rows and tq_attention's _tq_reduce_kernel finishes them
+(splits == 1 too), with the output Hadamard rows permuted to this kernel's order. Over 400 lines:
+the kernel, its layouts and launcher belong together.
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
@@ -29,6 +30,11 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   of its 4 tokens, bytes [8g, 8g + 8). The host permutes the query's Hadamard columns and the
   output's Hadamard rows to match (hadamard_operands). The permutation permutes index *bits*, so
   the kernel writes it as reshape/permute of the lookup's output: register renaming only.
+* 3-bit codes (CODES = 3, vllm_gds/kvcache/lut3_ptx.py): a lane's key codes are 3 int32 words
+  (its 12 bytes, 32 codes; a fourth element repeats the third), its value codes 3 halfwords of
+  each of two tokens (16 codes each); each 24-bit group is spread into 8 prmt selectors and
+  looked up in the 8-level table. geometry() and coordinate() say which code each element and
+  phase holds; the host permutations follow them as for 4-bit codes.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
@@ -721,7 +727,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         raise ValueError(f"tq_decode_hopper: {reason}; use kernels.tq_attention.tq_attention")
     H = kv_cache.shape[2]
     if splits is None:
-        splits = default_splits(seq_lens.shape[0], H, query.device)
+        splits = default_splits(seq_lens.shape[0], H, query.device, hopper=True)
     grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
                                          tables, softmax_scale, splits, **launch)
     _tq_decode_hopper_kernel[grid](*args, **kw)

@@ -376,6 +376,13 @@ def test_split_count_is_decided_from_the_batch_shape():
     assert split_count(1, 1, 132) == MAX_SPLITS
     assert split_count(1, 1, 132, max_splits=512) == 512
     assert split_count(1024, 8, 132) == 1
+    # the Hopper kernel (2 programs resident per SM): one wave, rounded down to a power of two
+    assert split_count(32, 8, 132, resident=2) == 1  # 256 programs
+    assert split_count(32, 1, 132, resident=2) == 8  # 264 / 32 -> 8: 256 programs
+    assert split_count(8, 1, 132, resident=2) == 32
+    assert split_count(1, 8, 132, resident=2) == 32
+    assert split_count(1, 1, 132, resident=2) == MAX_SPLITS
+    assert split_count(1024, 8, 132, resident=2) == 1
     assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
 
 

@@ -120,7 +120,7 @@ def fast(q, cache, bt, sl, qsl, tables, out, split_factor=1, splits=None, **kw):
     from vllm_gds.kernels.tq_decode_hopper import tq_decode_hopper
 
     if splits is None:
-        splits = default_splits(sl.shape[0], cache.shape[2], q.device)
+        splits = default_splits(sl.shape[0], cache.shape[2], q.device, hopper=True)
     return tq_decode_hopper(q, cache, bt, sl, qsl, tables, q.shape[-1] ** -0.5, out,
                             splits=splits * split_factor, **kw)
 

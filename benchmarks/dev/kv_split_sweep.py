@@ -72,7 +72,7 @@ def main():
         out = torch.empty_like(q)
         qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
         sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
-        dflt = default_splits(b, hk, device)
+        dflt = default_splits(b, hk, device, hopper=tables.hopper_codes is not None)
         tiles = ctx // 64
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         per_wave = [n * sms // (b * hk) for n in (1, 2, 3)]  # programs = 1, 2, 3 per SM
