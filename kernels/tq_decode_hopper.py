@@ -392,6 +392,21 @@ def _tq_decode_hopper_kernel(
     kv_end = gl.load(seq_lens_ptr + seq)
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
+    # 0. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
+    #    [16 w, 16 w + 16) of each. PREFETCH: the first tile's codes are loaded before the query
+    #    is transformed (the loads' latency under the prologue's work).
+    num_tiles = gl.cdiv(kv_end, 16 * NW)
+    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count
+    per_split = gl.cdiv(num_tiles, splits)
+    tile_lo = split * per_split
+    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
+    W1: gl.constexpr = gl.SliceLayout(1, TOKS)
+    if PREFETCH:
+        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+                          STRIDE_HEAD)
+        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3, STRIDE_TOK)
+
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
     #    FOLD scores both halves as rows of one operand (R = 2 XH), SELECT as two operands of
@@ -470,23 +485,9 @@ def _tq_decode_hopper_kernel(
         t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, 16, RH])
         wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
 
-    # 3. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
-    #    [16 w, 16 w + 16) of each.
-    num_tiles = gl.cdiv(kv_end, 16 * NW)
-    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count
-    per_split = gl.cdiv(num_tiles, splits)
-    tile_lo = split * per_split
-    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
-
     m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
     l_t = gl.zeros([NW, 16, R], gl.float32, L)  # per-thread sums of p: summed once at the end
     o = gl.zeros([NW, D, R], gl.float32, L)
-    W1: gl.constexpr = gl.SliceLayout(1, TOKS)
-    if PREFETCH:
-        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
-                          STRIDE_HEAD)
-        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3, STRIDE_TOK)
-        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3, STRIDE_TOK)
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
         if MEAN:
             a_t, b_t = _mean_ab(m_a, m_b, (chunk * NW + wv) * 16, theta)
@@ -508,6 +509,10 @@ def _tq_decode_hopper_kernel(
                                      STRIDE_TOK)
                 vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3,
                                      STRIDE_TOK)
+            if MEAN:  # independent of the codes: issued before they are decoded
+                s_mean = mma_v2(t_cos, a_t.to(gl.float16), gl.zeros([NW, 16, R], gl.float32, L))
+                s_mean = mma_v2(t_sin, b_t.to(gl.float16), s_mean)
+                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
             kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
                                      V_NORM_OFF, NW, STRIDE_TOK)
             ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
@@ -517,10 +522,7 @@ def _tq_decode_hopper_kernel(
                 s_raw = mma_v2(ka, qb_raw, gl.zeros([NW, 16, R], gl.float32, L))
                 s_raw = s_raw * gl.expand_dims(gl.abs(kn), 2)
             if MEAN:
-                s = mma_v2(t_cos, a_t.to(gl.float16), s)
-                s = mma_v2(t_sin, b_t.to(gl.float16), s)
-                s = s + gl.expand_dims(gl.expand_dims(m_c, 0), 1)
-                a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
+                s = s + (s_mean + gl.expand_dims(gl.expand_dims(m_c, 0), 1))
             if SELECT:
                 s = gl.where(gl.expand_dims(kn < 0, 2), s_raw, s)
             visible = gl.expand_dims(ok, 2)
