@@ -86,18 +86,21 @@ def _pow2_at_least(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-def reduce_chunk(splits: int) -> int:
-    """Partials the reduce merges per step (a power of two, at most 8)."""
-    return min(8, triton.next_power_of_2(splits))
+def reduce_chunk(splits: int, rows: int = 16, width: int = 128) -> int:
+    """Partials the reduce merges per step: a power of two, as many as fit [rows, SC, width]
+    float32 in 64 registers of 8 warps (8 at 16 rows of width 128), at most 64."""
+    fit = max(1, 16 * 8 * 128 // (rows * width))
+    return min(64, fit, triton.next_power_of_2(splits))
 
 
 def reduce_kwargs(tables, g: int, splits: int, dot, num_warps: int = 4) -> dict:
     """Constexprs and warps of _tq_reduce_kernel merging the splits of G query heads (the
     portable and the Hopper decode both leave their partials to it)."""
     kw = tables.constexprs
-    sc = reduce_chunk(splits)
+    gm = triton.next_power_of_2(g)
+    sc = reduce_chunk(splits, gm, max(kw["VB_W"], kw["VA_W"]))
     return dict(G=g, BLOCK_M=_pow2_at_least(g), SPLITS=splits, DOT=dot, D=kw["D"],
-                VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=sc,
+                VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=sc, GM=gm,
                 num_warps=8 if sc >= 8 else num_warps)
 
 

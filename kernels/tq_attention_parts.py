@@ -141,34 +141,51 @@ def _find_seq(query_start_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _pad_rows(x, N: tl.constexpr):
+    """x [M, W] -> [N, W] (N = M times a power of two, at most 16), rows M.. zero."""
+    M: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    if M * 2 <= N:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (2 * M, W))
+    if M * 4 <= N:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (4 * M, W))
+    if M * 8 <= N:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (8 * M, W))
+    if M * 16 <= N:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (16 * M, W))
+    return x
+
+
+@triton.jit
 def _tq_reduce_kernel(
     part_ptr, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
     num_tokens,
     G: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr,
     D: tl.constexpr, VA_N: tl.constexpr, VA_W: tl.constexpr, VB_W: tl.constexpr,
-    SC: tl.constexpr,
+    SC: tl.constexpr, GM: tl.constexpr = 16,
 ):
     """Merge the SPLITS partials of G query heads of one token, then finish them.
 
     SC partials per step, loaded together: one partial per step made the merge a chain of
-    dependent loads, about 0.3 us per split on an H200 (151 us at 512 splits)."""
+    dependent loads, about 0.3 us per split on an H200 (151 us at 512 splits). The merge runs on
+    GM rows (G rounded up to a power of two), the finish's dot on BLOCK_M (>= 16): with few
+    query heads a step takes more partials (reduce_chunk)."""
     tok = tl.program_id(0)
     head = tl.program_id(1)
     WP: tl.constexpr = VA_W + VB_W + 2
-    r = tl.arange(0, BLOCK_M)
+    r = tl.arange(0, GM)
     row_mask = r < G
     rows_head = head * G + r
-    rows_tok = tl.zeros([BLOCK_M], dtype=tl.int32) + tok
     base = (tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS * WP
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
+    m_i = tl.full([GM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GM], dtype=tl.float32)
+    acc_b = tl.zeros([GM, VB_W], dtype=tl.float32)
+    acc_a = tl.zeros([GM, VA_W], dtype=tl.float32)
     wb = tl.arange(0, VB_W)
     wa = tl.arange(0, VA_W)
     sc = tl.arange(0, SC)
     for s0 in range(0, SPLITS, SC):
-        row = base[:, None] + (s0 + sc)[None, :] * WP  # [BLOCK_M, SC]
+        row = base[:, None] + (s0 + sc)[None, :] * WP  # [GM, SC]
         mask = row_mask[:, None] & ((s0 + sc) < SPLITS)[None, :]
         m_s = tl.load(part_ptr + row + VA_W + VB_W, mask=mask, other=-1.0e30)
         l_s = tl.load(part_ptr + row + VA_W + VB_W + 1, mask=mask, other=0.0)
@@ -184,7 +201,10 @@ def _tq_reduce_kernel(
                           mask=mask[:, :, None], other=0.0)
             acc_a = acc_a * alpha[:, None] + tl.sum(a_a * beta[:, :, None], axis=1)
         m_i = m_new
-    inv_l = 1.0 / tl.maximum(l_i, 1e-30)
-    _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr, stride_ot,
-                 stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr, D, VA_N, VA_W, VB_W, DOT)
-
+    o_b = _pad_rows(acc_b / tl.maximum(l_i, 1e-30)[:, None], BLOCK_M)
+    o_a = _pad_rows(acc_a / tl.maximum(l_i, 1e-30)[:, None], BLOCK_M)
+    rm = tl.arange(0, BLOCK_M)
+    rows_tok = tl.zeros([BLOCK_M], dtype=tl.int32) + tok
+    _finish_rows(o_a, o_b, tl.full([BLOCK_M], 1.0, tl.float32), rows_tok, head * G + rm,
+                 rm < G, head, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr,
+                 value_mean_ptr, D, VA_N, VA_W, VB_W, DOT)

@@ -384,6 +384,9 @@ def test_split_count_is_decided_from_the_batch_shape():
     assert split_count(1, 1, 132, resident=2) == MAX_SPLITS
     assert split_count(1024, 8, 132, resident=2) == 1
     assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
+    # fewer query heads, more partials a step (the same registers)
+    assert [reduce_chunk(64, rows) for rows in (8, 4, 2, 1)] == [16, 32, 64, 64]
+    assert reduce_chunk(3, 1) == 4
 
 
 def test_launch_plans_are_made_once_per_tables_and_go_with_them():
