@@ -35,6 +35,7 @@ from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
 from .tq_attention_parts import _tq_reduce_kernel
+from .tq_streams import stream_constexprs
 
 try:  # Gluon is experimental: a Triton without it (or without its APIs) serves the portable path
     from . import tq_decode_hopper as _hop
@@ -297,7 +298,7 @@ class _Launch:
             MEAN=tables.has_mean, ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
             MEAN_DOT=tl.float32 if interpreted else tl.float16, MEAN_STEP=t.mean_step,
             PAGED=t.paged and block_n % page == 0, FOLD=fold, PAGE=page, STRIDE_TOK=stride_tok,
-            STRIDE_HEAD=stride_head, num_warps=num_warps, **kw,
+            STRIDE_HEAD=stride_head, num_warps=num_warps, **stream_constexprs(kw),
         )
         if num_stages is not None:
             self.kwargs["num_stages"] = num_stages

@@ -63,21 +63,21 @@ def _tq_attention_kernel(
     mean_theta_ptr, mean_mu_ptr, mean_table_ptr,
     hka_ptr, hkb_ptr, hva_ptr, hvb_ptr,
     out_ptr, stride_ot, stride_oh, part_ptr, qk_scale,
+    # the launch (tq_attention's plan): rows and tiles, decode or chunked prefill, splits, dots
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr, FALLBACK: tl.constexpr,
-    FAST_K: tl.constexpr, FAST_V: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
-    MEAN: tl.constexpr, ROT_HALF: tl.constexpr, RH: tl.constexpr, MEAN_DOT: tl.constexpr,
+    DECODE: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr,
+    # from the tables: the raw-key fallback, the 4-bit register lookup (its PTX), the key mean
+    FALLBACK: tl.constexpr, FAST_K: tl.constexpr, FAST_V: tl.constexpr, K_ASM: tl.constexpr,
+    V_ASM: tl.constexpr, MEAN: tl.constexpr, ROT_HALF: tl.constexpr, RH: tl.constexpr,
+    MEAN_DOT: tl.constexpr,
+    # on in the served launch where they apply; off only to measure (AttentionTuning)
     MEAN_STEP: tl.constexpr, PAGED: tl.constexpr, FOLD: tl.constexpr,
+    # the cache: page size, strides in bytes, head size, slot bytes
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     D: tl.constexpr, SLOT: tl.constexpr,
-    KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
-    KA_K: tl.constexpr, KA_NU: tl.constexpr, KA_W: tl.constexpr,
-    KB_BITS: tl.constexpr, KB_N: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
-    KB_K: tl.constexpr, KB_NU: tl.constexpr, KB_W: tl.constexpr,
-    VA_BITS: tl.constexpr, VA_N: tl.constexpr, VA_OFF: tl.constexpr, VA_U: tl.constexpr,
-    VA_K: tl.constexpr, VA_NU: tl.constexpr, VA_W: tl.constexpr,
-    VB_BITS: tl.constexpr, VB_N: tl.constexpr, VB_OFF: tl.constexpr, VB_U: tl.constexpr,
-    VB_K: tl.constexpr, VB_NU: tl.constexpr, VB_W: tl.constexpr,
+    # the slot's code streams, each a tq_streams.Stream (tq_streams.stream_constexprs): the
+    # key's A (extra-bit coordinates; n == 0: none) and B, the value's A and B; the norms
+    KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr,
 ):
@@ -128,28 +128,28 @@ def _tq_attention_kernel(
         x = q * tl.where(raw_row[:, None], signs[None, :], (k_scale * signs)[None, :])
     else:
         x = q * (k_scale * signs)[None, :]
-    KQ: tl.constexpr = KB_N // 4
+    KQ: tl.constexpr = KB.n // 4
     if FAST_K:
-        qb = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 0) * qk_scale).to(DOT)
-        qb1 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, KQ) * qk_scale).to(DOT)
-        qb2 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 2 * KQ) * qk_scale).to(DOT)
-        qb3 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB_W, 3 * KQ) * qk_scale).to(DOT)
+        qb = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB.w, 0) * qk_scale).to(DOT)
+        qb1 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB.w, KQ) * qk_scale).to(DOT)
+        qb2 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB.w, 2 * KQ) * qk_scale).to(DOT)
+        qb3 = (_stream_query(x, hkb_ptr, D, KQ, DOT, KB.w, 3 * KQ) * qk_scale).to(DOT)
     else:
-        qb = (_stream_query(x, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
-    if KA_N > 0:
-        qa = (_stream_query(x, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
+        qb = (_stream_query(x, hkb_ptr, D, KB.w, DOT) * qk_scale).to(DOT)
+    if KA.n > 0:
+        qa = (_stream_query(x, hka_ptr, D, KA.w, DOT) * qk_scale).to(DOT)
     if FALLBACK and not FOLD:
         # Raw keys (negative norm) are scored against the uncalibrated rotated query.
         x_raw = q * signs[None, :]
         if FAST_K:
-            qrb = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 0) * qk_scale).to(DOT)
-            qrb1 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, KQ) * qk_scale).to(DOT)
-            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 2 * KQ) * qk_scale).to(DOT)
-            qrb3 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB_W, 3 * KQ) * qk_scale).to(DOT)
+            qrb = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 0) * qk_scale).to(DOT)
+            qrb1 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, KQ) * qk_scale).to(DOT)
+            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 2 * KQ) * qk_scale).to(DOT)
+            qrb3 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 3 * KQ) * qk_scale).to(DOT)
         else:
-            qrb = (_stream_query(x_raw, hkb_ptr, D, KB_W, DOT) * qk_scale).to(DOT)
-        if KA_N > 0:
-            qra = (_stream_query(x_raw, hka_ptr, D, KA_W, DOT) * qk_scale).to(DOT)
+            qrb = (_stream_query(x_raw, hkb_ptr, D, KB.w, DOT) * qk_scale).to(DOT)
+        if KA.n > 0:
+            qra = (_stream_query(x_raw, hka_ptr, D, KA.w, DOT) * qk_scale).to(DOT)
     if MEAN:
         # q . RoPE_p(mu) = sum_i A_i cos(p t_i) + B_i sin(p t_i) + C (the unrotated channels).
         SQRT_D: tl.constexpr = D ** 0.5
@@ -194,15 +194,15 @@ def _tq_attention_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    VQ: tl.constexpr = VB_N // 4
+    VQ: tl.constexpr = VB.n // 4
     if FAST_V:  # the four phases of stream B; the host permutes H's rows to match
         acc_b = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
         acc_b1 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
         acc_b2 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
         acc_b3 = tl.zeros([BLOCK_M, VQ], dtype=tl.float32)
     else:
-        acc_b = tl.zeros([BLOCK_M, VB_W], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, VA_W], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, tl.constexpr(VB.w)], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, tl.constexpr(VA.w)], dtype=tl.float32)
     # Runs of MEAN_ANCHOR tiles: with MEAN_STEP the key mean's [A', B'] is exact at the start of
     # each (the float32 steps drift) and stepped within it.
     for chunk in range(tile_lo, tile_hi, MEAN_ANCHOR):
@@ -226,7 +226,7 @@ def _tq_attention_kernel(
                                         STRIDE_TOK, STRIDE_HEAD)
 
             if FAST_K:
-                kw16 = _load_words16(slots, n_mask, base, n_mask2, KB_OFF, KQ, PAGED, PAGE,
+                kw16 = _load_words16(slots, n_mask, base, n_mask2, KB.off, KQ, PAGED, PAGE,
                                      STRIDE_TOK)
                 k0, k1, k2, k3 = levels4(kw16, K_ASM)
                 s = tl.dot(qb, tl.trans(k0))
@@ -239,14 +239,14 @@ def _tq_attention_kernel(
                     s_raw = tl.dot(qrb2, tl.trans(k2), s_raw)
                     s_raw = tl.dot(qrb3, tl.trans(k3), s_raw)
             else:
-                kc = load_stream_codes(slots, n_mask, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU)
-                kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB_N, KB_W))
+                kc = load_stream_codes(slots, n_mask, KB.off, KB.bits, KB.n, KB.u, KB.k, KB.nu)
+                kl = tl.trans(lookup_levels(kc, levels_ptr + 256, KB.n, KB.w))
                 s = tl.dot(qb, kl)
                 if FALLBACK and not FOLD:
                     s_raw = tl.dot(qrb, kl)
-            if KA_N > 0:
-                kc_a = load_stream_codes(slots, n_mask, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU)
-                kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA_N, KA_W))
+            if KA.n > 0:
+                kc_a = load_stream_codes(slots, n_mask, KA.off, KA.bits, KA.n, KA.u, KA.k, KA.nu)
+                kl_a = tl.trans(lookup_levels(kc_a, levels_ptr, KA.n, KA.w))
                 s = tl.dot(qa, kl_a, s)
                 if FALLBACK and not FOLD:
                     s_raw = tl.dot(qra, kl_a, s_raw)
@@ -288,7 +288,7 @@ def _tq_attention_kernel(
                 v_norm = load_norm(slots, n_mask, V_NORM_OFF)
             pv = (p * v_norm[None, :]).to(DOT)
             if FAST_V:
-                vw16 = _load_words16(slots, n_mask, base, n_mask2, VB_OFF, VQ, PAGED, PAGE,
+                vw16 = _load_words16(slots, n_mask, base, n_mask2, VB.off, VQ, PAGED, PAGE,
                                      STRIDE_TOK)
                 v0, v1, v2, v3 = levels4(vw16, V_ASM)
                 acc_b = tl.dot(pv, v0, acc_b * alpha[:, None])
@@ -296,12 +296,12 @@ def _tq_attention_kernel(
                 acc_b2 = tl.dot(pv, v2, acc_b2 * alpha[:, None])
                 acc_b3 = tl.dot(pv, v3, acc_b3 * alpha[:, None])
             else:
-                vc = load_stream_codes(slots, n_mask, VB_OFF, VB_BITS, VB_N, VB_U, VB_K, VB_NU)
-                acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB_N, VB_W),
+                vc = load_stream_codes(slots, n_mask, VB.off, VB.bits, VB.n, VB.u, VB.k, VB.nu)
+                acc_b = tl.dot(pv, lookup_levels(vc, levels_ptr + 768, VB.n, VB.w),
                                acc_b * alpha[:, None])
-            if VA_N > 0:
-                vc_a = load_stream_codes(slots, n_mask, VA_OFF, VA_BITS, VA_N, VA_U, VA_K, VA_NU)
-                acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA_N, VA_W),
+            if VA.n > 0:
+                vc_a = load_stream_codes(slots, n_mask, VA.off, VA.bits, VA.n, VA.u, VA.k, VA.nu)
+                acc_a = tl.dot(pv, lookup_levels(vc_a, levels_ptr + 512, VA.n, VA.w),
                                acc_a * alpha[:, None])
 
     # 3. Finish, or leave partials for the reduction (FAST_V: the phases in turn, the order of
@@ -316,7 +316,7 @@ def _tq_attention_kernel(
             acc_b1 = _pair_sum2(acc_b1 * w[:, None], HALF_M)
             acc_b2 = _pair_sum2(acc_b2 * w[:, None], HALF_M)
             acc_b3 = _pair_sum2(acc_b3 * w[:, None], HALF_M)
-        if VA_N > 0:
+        if VA.n > 0:
             acc_a = _pair_sum2(acc_a * w[:, None], HALF_M)
     if SPLITS == 1:
         inv_l = 1.0 / tl.maximum(l_i, 1e-30)
@@ -331,9 +331,9 @@ def _tq_attention_kernel(
         else:
             _finish_rows(acc_a, acc_b, inv_l, rows_tok, rows_head, row_mask, head, out_ptr,
                          stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr,
-                         D, VA_N, VA_W, VB_W, DOT)
+                         D, VA.n, VA.w, VB.w, DOT)
     else:
-        WP: tl.constexpr = VA_W + VB_W + 2
+        WP: tl.constexpr = VA.w + VB.w + 2
         row_base = ((rows_tok.to(tl.int64) * (G * tl.num_programs(1)) + rows_head) * SPLITS
                     + split) * WP
         if FAST_V:
@@ -343,12 +343,12 @@ def _tq_attention_kernel(
             tl.store(wq + 2 * VQ, acc_b2, mask=row_mask[:, None])
             tl.store(wq + 3 * VQ, acc_b3, mask=row_mask[:, None])
         else:
-            wb = tl.arange(0, VB_W)
+            wb = tl.arange(0, VB.w)
             tl.store(part_ptr + row_base[:, None] + wb[None, :], acc_b, mask=row_mask[:, None])
-        if VA_N > 0:
-            wa = tl.arange(0, VA_W)
-            tl.store(part_ptr + row_base[:, None] + VB_W + wa[None, :], acc_a,
+        if VA.n > 0:
+            wa = tl.arange(0, VA.w)
+            tl.store(part_ptr + row_base[:, None] + VB.w + wa[None, :], acc_a,
                      mask=row_mask[:, None])
-        tl.store(part_ptr + row_base + VA_W + VB_W, m_i, mask=row_mask)
-        tl.store(part_ptr + row_base + VA_W + VB_W + 1, l_i, mask=row_mask)
+        tl.store(part_ptr + row_base + VA.w + VB.w, m_i, mask=row_mask)
+        tl.store(part_ptr + row_base + VA.w + VB.w + 1, l_i, mask=row_mask)
 

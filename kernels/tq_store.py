@@ -19,6 +19,7 @@ import torch
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
+from .tq_streams import stream_constexprs
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class _Launch:
             num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=t.codes, SYM=sym,
             SCR=self.scratch, CHUNK=chunks, NEOX=bool(tables.has_mean and 2 * tables.rot_half == d),
             WIDE=fallback if t.wide_stores is None else t.wide_stores, ERR=t.err,
-            **tables.constexprs, **cbs,
+            **stream_constexprs(tables.constexprs), **cbs,
         )
         if maxnreg and cuda:
             self.kwargs["maxnreg"] = maxnreg

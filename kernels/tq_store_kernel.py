@@ -149,20 +149,20 @@ def _tq_store_kernel(
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
     kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16,
+    # the cache: page size and strides in bytes
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
+    # the launch (tq_store's plan) and the tables: tokens and heads per program, float32 or
+    # split 16-bit dots, exact 16-bit inputs, calibrated keys, the raw-key fallback, the means
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
     VMEAN: tl.constexpr, D: tl.constexpr, SLOT: tl.constexpr,
-    KA_BITS: tl.constexpr, KA_N: tl.constexpr, KA_OFF: tl.constexpr, KA_U: tl.constexpr,
-    KA_K: tl.constexpr, KA_NU: tl.constexpr, KA_W: tl.constexpr,
-    KB_BITS: tl.constexpr, KB_N: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
-    KB_K: tl.constexpr, KB_NU: tl.constexpr, KB_W: tl.constexpr,
-    VA_BITS: tl.constexpr, VA_N: tl.constexpr, VA_OFF: tl.constexpr, VA_U: tl.constexpr,
-    VA_K: tl.constexpr, VA_NU: tl.constexpr, VA_W: tl.constexpr,
-    VB_BITS: tl.constexpr, VB_N: tl.constexpr, VB_OFF: tl.constexpr, VB_U: tl.constexpr,
-    VB_K: tl.constexpr, VB_NU: tl.constexpr, VB_W: tl.constexpr,
+    # the slot's code streams, each a tq_streams.Stream (tq_streams.stream_constexprs): the
+    # key's A (extra-bit coordinates; n == 0: none) and B, the value's A and B; the norms
+    KA: tl.constexpr, KB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
     K_NORM_OFF: tl.constexpr, V_NORM_OFF: tl.constexpr,
     K_NORM_RULE: tl.constexpr, V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr = 1,
+    # the code paths: tq_store._Launch picks the served ones, StoreTuning the others (the
+    # store sweep's); the stream B codebooks as immediates (KB_CB, VB_CB) where served
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
     ERR: tl.constexpr = 1, SYM: tl.constexpr = False,
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), NO_CB: tl.constexpr = (),
@@ -220,12 +220,12 @@ def _tq_store_kernel(
     if SYM:  # one full stream per vector: the columns are H itself, the signs go on the input
         sg = tl.load(signs_ptr + d)
     if not CHUNK:
-        hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB_W, SPLIT)
+        hkb, hkbx = _mats(kfb32, kfb16, kfbx, D, KB.w, SPLIT)
         if SAME_KV_ROT:  # the value stream's columns are the key stream's (same extra coordinates)
             hvbx = hkbx
             hvb = hkb
         else:
-            hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB_W, SPLIT)
+            hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB.w, SPLIT)
     for i in range(HEADS):
         head = tl.program_id(1) * HEADS + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
@@ -237,8 +237,8 @@ def _tq_store_kernel(
                           hc, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
                           rope_sign_ptr, rope_partner_ptr, key_mean_ptr, key_inv_scale_ptr,
                           key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr,
-                          D, SPLIT, MEAN, VMEAN, CODES, SCR, KB_BITS, KB_OFF, KB_U, KB_K,
-                          VB_BITS, VB_OFF, VB_U, VB_K, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
+                          D, SPLIT, MEAN, VMEAN, CODES, SCR, KB.bits, KB.off, KB.u, KB.k,
+                          VB.bits, VB.off, VB.u, VB.k, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
                           V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX)
         else:
             kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
@@ -257,7 +257,7 @@ def _tq_store_kernel(
                 scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
                 rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
                 rpk, rnorm16, re = _code_key_sym(ks, kbs, rn, hkb, hkbx, rot_vm_ptr,
-                                                 codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                 codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                  SPLIT, R_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
                 rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
 
@@ -267,7 +267,7 @@ def _tq_store_kernel(
                 x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
                 n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
                 pk_b, norm16, e = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
-                                                codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                 SPLIT, K_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
                 sc = tl.load(key_scale_ptr + head * D + d)
                 err = tl.sum((w * sc * sc)[None, :] * e * e, axis=1) * (n * n)
@@ -288,17 +288,17 @@ def _tq_store_kernel(
                 n = tl.sqrt_rn(tl.sum(x * x, axis=1))
                 inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
                 code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
-                                              codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W, SPLIT, K_INPUT,
+                                              codebooks_ptr + 512, D, KB.bits, KB.n, KB.w, SPLIT, K_INPUT,
                                               CODES, KB_CB)
-                pk_b = _pack(code_b, KB_BITS, KB_N, KB_W, WIDE)
+                pk_b = _pack(code_b, KB.bits, KB.n, KB.w, WIDE)
                 pk_a = pk_b
                 c_a = c_b
-                if KA_N > 0:
-                    hka, hkax = _mats(kfa32, kfa16, kfax, D, KA_W, SPLIT)
+                if KA.n > 0:
+                    hka, hkax = _mats(kfa32, kfa16, kfax, D, KA.w, SPLIT)
                     code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
-                                                      codebooks_ptr, D, KA_BITS, KA_N, KA_W, SPLIT,
+                                                      codebooks_ptr, D, KA.bits, KA.n, KA.w, SPLIT,
                                                       K_INPUT, CODES, NO_CB)
-                    pk_a = _pack(code_a, KA_BITS, KA_N, KA_W, WIDE)
+                    pk_a = _pack(code_a, KA.bits, KA.n, KA.w, WIDE)
                     yc += yc_a
                     cc += cc_a
                 norm = _norm_of(n, yc, cc, K_NORM_RULE)
@@ -311,55 +311,55 @@ def _tq_store_kernel(
                     rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
                     inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
                     if ERR == 0:
-                        k_hat = _unrotate(c_b, norm16, hkb, D, KB_W, SPLIT)
-                        if KA_N > 0:
-                            k_hat += _unrotate(c_a, norm16, hka, D, KA_W, SPLIT)
+                        k_hat = _unrotate(c_b, norm16, hkb, D, KB.w, SPLIT)
+                        if KA.n > 0:
+                            k_hat += _unrotate(c_a, norm16, hka, D, KA.w, SPLIT)
                         k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
                         w = tl.load(key_weight_ptr + head * D + d)[None, :]
                         err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
                     rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
-                                                            codebooks_ptr + 512, D, KB_BITS, KB_N, KB_W,
+                                                            codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                             SPLIT, R_INPUT, CODES, KB_CB)
-                    rpk_b = _pack(rcode_b, KB_BITS, KB_N, KB_W, WIDE)
+                    rpk_b = _pack(rcode_b, KB.bits, KB.n, KB.w, WIDE)
                     rpk_a = rpk_b
                     rc_a = rc_b
-                    if KA_N > 0:
+                    if KA.n > 0:
                         rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
-                                                                    rot_vm_ptr, codebooks_ptr, D, KA_BITS,
-                                                                    KA_N, KA_W, SPLIT, R_INPUT, CODES,
+                                                                    rot_vm_ptr, codebooks_ptr, D, KA.bits,
+                                                                    KA.n, KA.w, SPLIT, R_INPUT, CODES,
                                                                     NO_CB)
-                        rpk_a = _pack(rcode_a, KA_BITS, KA_N, KA_W, WIDE)
+                        rpk_a = _pack(rcode_a, KA.bits, KA.n, KA.w, WIDE)
                         ryc += ryc_a
                         rcc += rcc_a
                     rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
                     if ERR == 0:
-                        r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB_W, SPLIT)
-                        if KA_N > 0:
-                            r_hat += _unrotate(rc_a, rnorm16, hka, D, KA_W, SPLIT)
+                        r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB.w, SPLIT)
+                        if KA.n > 0:
+                            r_hat += _unrotate(rc_a, rnorm16, hka, D, KA.w, SPLIT)
                         rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
                     else:
                         # The residuals in rotated, unit coordinates: k - k^ = key_scale * n * U(y - g c)
                         # (g = norm16 / n) for the calibrated coding, k - k^ = rn * U(ry - rg rc) raw.
                         g = (norm16 * inv_n)[:, None]
                         rg = (rnorm16 * inv_rn)[:, None]
-                        e = _unrotate_unit(y_b - g * c_b, hkb, D, KB_W, SPLIT, SYM)
-                        re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB_W, SPLIT, SYM)
-                        if KA_N > 0:
-                            e += _unrotate_unit(y_a - g * c_a, hka, D, KA_W, SPLIT, SYM)
-                            re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA_W, SPLIT, SYM)
+                        e = _unrotate_unit(y_b - g * c_b, hkb, D, KB.w, SPLIT, SYM)
+                        re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB.w, SPLIT, SYM)
+                        if KA.n > 0:
+                            e += _unrotate_unit(y_a - g * c_a, hka, D, KA.w, SPLIT, SYM)
+                            re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA.w, SPLIT, SYM)
                         w = tl.load(key_weight_ptr + head * D + d)
                         s = tl.load(key_scale_ptr + head * D + d)
                         err = tl.sum((w * s * s)[None, :] * e * e, axis=1) * (n * n)
                         rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
                     raw = rerr < err
                     pk_b = tl.where(raw[:, None], rpk_b, pk_b)
-                    if KA_N > 0:
+                    if KA.n > 0:
                         pk_a = tl.where(raw[:, None], rpk_a, pk_a)
                     norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
-            _store_stream(slot_ptrs, row_mask, pk_b, KB_OFF, KB_BITS, KB_N, KB_U, KB_K, KB_NU, ALIGN,
+            _store_stream(slot_ptrs, row_mask, pk_b, KB.off, KB.bits, KB.n, KB.u, KB.k, KB.nu, ALIGN,
                           WIDE)
-            if KA_N > 0:
-                _store_stream(slot_ptrs, row_mask, pk_a, KA_OFF, KA_BITS, KA_N, KA_U, KA_K, KA_NU,
+            if KA.n > 0:
+                _store_stream(slot_ptrs, row_mask, pk_a, KA.off, KA.bits, KA.n, KA.u, KA.k, KA.nu,
                               ALIGN, WIDE)
             _store_norm16(slot_ptrs, row_mask, norm, K_NORM_OFF, ALIGN, WIDE)
 
@@ -375,17 +375,17 @@ def _tq_store_kernel(
                 v = v * sg[None, :]
             code_b, c_b, yc, cc, y_b = _stream(v, vb, inv_n, hvb, hvbx,
                                           rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
-                                          VB_BITS, VB_N, VB_W, SPLIT, V_INPUT, CODES, VB_CB)
-            _store_stream(slot_ptrs, row_mask, _pack(code_b, VB_BITS, VB_N, VB_W, WIDE), VB_OFF,
-                          VB_BITS, VB_N, VB_U, VB_K, VB_NU, ALIGN, WIDE)
-            if VA_N > 0:
-                hva, hvax = _mats(vfa32, vfa16, vfax, D, VA_W, SPLIT)
+                                          VB.bits, VB.n, VB.w, SPLIT, V_INPUT, CODES, VB_CB)
+            _store_stream(slot_ptrs, row_mask, _pack(code_b, VB.bits, VB.n, VB.w, WIDE), VB.off,
+                          VB.bits, VB.n, VB.u, VB.k, VB.nu, ALIGN, WIDE)
+            if VA.n > 0:
+                hva, hvax = _mats(vfa32, vfa16, vfax, D, VA.w, SPLIT)
                 code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
                                                   rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
-                                                  D, VA_BITS, VA_N, VA_W, SPLIT, V_INPUT, CODES,
+                                                  D, VA.bits, VA.n, VA.w, SPLIT, V_INPUT, CODES,
                                                   NO_CB)
-                _store_stream(slot_ptrs, row_mask, _pack(code_a, VA_BITS, VA_N, VA_W, WIDE), VA_OFF,
-                              VA_BITS, VA_N, VA_U, VA_K, VA_NU, ALIGN, WIDE)
+                _store_stream(slot_ptrs, row_mask, _pack(code_a, VA.bits, VA.n, VA.w, WIDE), VA.off,
+                              VA.bits, VA.n, VA.u, VA.k, VA.nu, ALIGN, WIDE)
                 yc += yc_a
                 cc += cc_a
             _store_norm16(slot_ptrs, row_mask, _norm_of(n, yc, cc, V_NORM_RULE), V_NORM_OFF, ALIGN,

@@ -6,6 +6,7 @@ import triton.language as tl
 from kv_sass import compile_sm90, report
 
 from vllm_gds.kernels.tq_attention_kernel import _tq_attention_kernel
+from vllm_gds.kernels.tq_streams import stream_constexprs
 from vllm_gds.kvcache.tables import LayerTables
 from vllm_gds.kvcache.calibration_file import top_pairs
 from vllm_gds.kvcache.formats import FORMATS
@@ -36,7 +37,7 @@ def decode(name="tq4", fast=True, mean=False, block_n=64, num_warps=4, g=4, fall
               K_ASM=t.lut4_asm.get("k", "") if fast_k else "",
               V_ASM=t.lut4_asm.get("v", "") if fast_v else "", MEAN=mean, ROT_HALF=t.rot_half,
               RH=t.rot_half_pad, MEAN_DOT=tl.float16, PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes,
-              STRIDE_HEAD=t.layout.slot_bytes, **t.constexprs)
+              STRIDE_HEAD=t.layout.slot_bytes, **stream_constexprs(t.constexprs))
     divisible = ("q_ptr", "cache_ptr", "block_table_ptr", "out_ptr", "part_ptr", "stride_blk",
                  "stride_bt", "stride_qt", "stride_ot")  # as torch tensors specialize them
     k = compile_sm90(_tq_attention_kernel, TYPES, cx, num_warps=num_warps, num_stages=num_stages,

@@ -17,6 +17,7 @@ from kv_sass import BIN, compile_sm90, sass_stats
 
 from vllm_gds.kvcache.tables import LayerTables
 from vllm_gds.kernels.tq_store_kernel import _tq_store_kernel
+from vllm_gds.kernels.tq_streams import stream_constexprs
 from vllm_gds.kvcache.formats import FORMATS
 
 PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
@@ -42,7 +43,8 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
               KCAL=calibrated, FALLBACK=calibrated, ABS_NORM=False, MEAN=calibrated,
-              VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated, **t.constexprs)
+              VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated,
+              **stream_constexprs(t.constexprs))
     cx.update({k: v for k, v in EXTRA.items() if k != "CB"})
     if not calibrated:  # as tq_store launches without the raw-key fallback
         cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0)

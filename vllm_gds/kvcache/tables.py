@@ -49,7 +49,8 @@ class LayerTables:
         self.format_name = fmt.name  # the kernels' log lines
         d = layout.head_size
         self.layout = layout
-        self.constexprs = layout_kwargs(layout)  # the layout's constexprs, as both kernels take them
+        # the layout's constexprs; the kernels take each stream's seven as one (kernels/tq_streams.py)
+        self.constexprs = layout_kwargs(layout)
         streams = (layout.key.a, layout.key.b, layout.value.a, layout.value.b)
         tabs = [torch.stack(_stream_table(d, s)) for s in streams]
         self.codebooks = torch.stack(tabs).to(device=device, dtype=torch.float32).contiguous()
