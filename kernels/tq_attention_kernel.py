@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .tq_attention_parts import (_find_seq, _finish_rows, _load_norm16, _load_words16, _mean_ab,
                                  _page_bases, _pair_max, _pair_sum, _pair_sum2, _paged_rows,
-                                 _store_rows, _stream_output, _stream_query)
+                                 _phase_queries, _store_rows, _stream_output, _stream_query)
 from .tq_common import cache_slot_ptrs, load_norm, load_stream_codes, lookup_levels, rope_cos_sin
 from .tq_lut4 import levels4
 
@@ -141,11 +141,8 @@ def _tq_attention_kernel(
     if FALLBACK and not FOLD:
         # Raw keys (negative norm) are scored against the uncalibrated rotated query.
         x_raw = q * signs[None, :]
-        if FAST_K:
-            qrb = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 0) * qk_scale).to(DOT)
-            qrb1 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, KQ) * qk_scale).to(DOT)
-            qrb2 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 2 * KQ) * qk_scale).to(DOT)
-            qrb3 = (_stream_query(x_raw, hkb_ptr, D, KQ, DOT, KB.w, 3 * KQ) * qk_scale).to(DOT)
+        if FAST_K:  # measurement only (fold=False): the served decode folds the raw keys in
+            qrb, qrb1, qrb2, qrb3 = _phase_queries(x_raw, hkb_ptr, qk_scale, D, KQ, DOT, KB.w)
         else:
             qrb = (_stream_query(x_raw, hkb_ptr, D, KB.w, DOT) * qk_scale).to(DOT)
         if KA.n > 0:

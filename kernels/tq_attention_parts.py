@@ -208,3 +208,15 @@ def _tq_reduce_kernel(
     _finish_rows(o_a, o_b, tl.full([BLOCK_M], 1.0, tl.float32), rows_tok, head * G + rm,
                  rm < G, head, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr,
                  value_mean_ptr, D, VA_N, VA_W, VB_W, DOT)
+
+
+@triton.jit
+def _phase_queries(x, h_ptr, qk_scale, D: tl.constexpr, KQ: tl.constexpr, DOT: tl.constexpr,
+                   COLS: tl.constexpr):
+    """The query tiles of a 4-bit stream B's four phases (tq_lut4: codes 4e + j; the host orders
+    H's columns to match): x @ each phase's KQ columns of the [D, COLS] block, times qk_scale."""
+    q0 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 0) * qk_scale).to(DOT)
+    q1 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, KQ) * qk_scale).to(DOT)
+    q2 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 2 * KQ) * qk_scale).to(DOT)
+    q3 = (_stream_query(x, h_ptr, D, KQ, DOT, COLS, 3 * KQ) * qk_scale).to(DOT)
+    return q0, q1, q2, q3
