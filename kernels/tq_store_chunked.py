@@ -53,6 +53,18 @@ def _cload(ptrs, row_mask, a: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _cload_raw(ptrs, row_mask, C: tl.constexpr):
+    """The four chunks [rows, C] of the rows at ptrs [rows], in the input's dtype (PREFETCH:
+    loaded one head ahead, converted where they are used)."""
+    c = tl.arange(0, C)[None, :]
+    m = row_mask[:, None]
+    return (tl.load(ptrs[:, None] + c, mask=m, other=0.0),
+            tl.load(ptrs[:, None] + (C + c), mask=m, other=0.0),
+            tl.load(ptrs[:, None] + (2 * C + c), mask=m, other=0.0),
+            tl.load(ptrs[:, None] + (3 * C + c), mask=m, other=0.0))
+
+
+@triton.jit
 def _cvec(ptr, a: tl.constexpr, C: tl.constexpr):
     return tl.load(ptr + a * C + tl.arange(0, C))
 
@@ -67,9 +79,9 @@ def _cmean_rope(mean_ptr, sign_ptr, partner_ptr, a: tl.constexpr, C: tl.constexp
 
 @triton.jit
 def _ccode(y, cb_ptr, BITS: tl.constexpr, C: tl.constexpr, CODES: tl.constexpr,
-           CB: tl.constexpr, WIDE: tl.constexpr):
+           CB: tl.constexpr, WIDE: tl.constexpr, bk_ptr):
     """Packed codes and levels of one chunk."""
-    code, c = _codes(y, cb_ptr, BITS, C, C, CODES, CB)
+    code, c = _codes(y, cb_ptr, BITS, C, C, CODES, CB, bk_ptr)
     return _pack(code, BITS, C, C, WIDE), c
 
 
@@ -104,16 +116,16 @@ def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
 @triton.jit
 def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
                CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
-               NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr):
+               NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, bk_ptr):
     """One coding of a key given as four chunks x (signs applied) of norm n: the packed codes
     of the chunks, the norm as stored (float16-rounded), and the residual chunks y - g c in
     unit rotated coordinates (g = stored norm / n) that _cerr weighs."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
-    p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p3, c3 = _ccode(y3, cb_ptr, BITS, C, CODES, CB, WIDE)
+    p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p3, c3 = _ccode(y3, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     cc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     yc = cc
     if NORM_RULE == 2:
@@ -124,10 +136,11 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
 
 
 @triton.jit
-def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, cos1, cos2,
+def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask, scr,
+                  head, hc, sg_ptr, cos0, cos1, cos2,
                   cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
                   key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
-                  value_mean_ptr, codebooks_ptr,
+                  value_mean_ptr, codebooks_ptr, bucket_ptr,
                   D: tl.constexpr, SPLIT: tl.constexpr, MEAN: tl.constexpr,
                   VMEAN: tl.constexpr, CODES: tl.constexpr, SCR: tl.constexpr,
                   KB_BITS: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
@@ -135,15 +148,23 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                   VB_U: tl.constexpr, VB_K: tl.constexpr, K_NORM_OFF: tl.constexpr,
                   V_NORM_OFF: tl.constexpr, K_NORM_RULE: tl.constexpr,
                   V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr,
-                  KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr):
-    """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks."""
+                  KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks;
+    with PREFETCH its keys and values come loaded (kr*, vr*), else from kptr and vptr here."""
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     kcb = codebooks_ptr + 512
-    k0 = _cload(kptr, row_mask, 0, C)
-    k1 = _cload(kptr, row_mask, 1, C)
-    k2 = _cload(kptr, row_mask, 2, C)
-    k3 = _cload(kptr, row_mask, 3, C)
+    if PREFETCH:
+        k0 = kr0.to(tl.float32)
+        k1 = kr1.to(tl.float32)
+        k2 = kr2.to(tl.float32)
+        k3 = kr3.to(tl.float32)
+    else:
+        k0 = _cload(kptr, row_mask, 0, C)
+        k1 = _cload(kptr, row_mask, 1, C)
+        k2 = _cload(kptr, row_mask, 2, C)
+        k3 = _cload(kptr, row_mask, 3, C)
     sg0 = _cvec(sg_ptr, 0, C)[None, :]
     sg1 = _cvec(sg_ptr, 1, C)[None, :]
     sg2 = _cvec(sg_ptr, 2, C)[None, :]
@@ -155,7 +176,7 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     rn = _via_memory(rn, scr, row_mask, SCR)
     rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
         k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
-        K_NORM_RULE, SCALE, SPLIT)
+        K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
     rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
                  key_scale_ptr) * (rn * rn)
 
@@ -187,7 +208,8 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     n = tl.sqrt_rn(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
     n = _via_memory(n, scr + 1, row_mask, SCR)
     p0, p1, p2, p3, norm16, r0, r1, r2, r3 = _ccode_key(
-        x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT)
+        x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
+        bucket_ptr)
     err = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, True,
                 key_scale_ptr + hd) * (n * n)
     raw = rerr < err
@@ -200,10 +222,16 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                   K_NORM_OFF, ALIGN, WIDE)
 
     # values
-    v0 = _cload(vptr, row_mask, 0, C)
-    v1 = _cload(vptr, row_mask, 1, C)
-    v2 = _cload(vptr, row_mask, 2, C)
-    v3 = _cload(vptr, row_mask, 3, C)
+    if PREFETCH:
+        v0 = vr0.to(tl.float32)
+        v1 = vr1.to(tl.float32)
+        v2 = vr2.to(tl.float32)
+        v3 = vr3.to(tl.float32)
+    else:
+        v0 = _cload(vptr, row_mask, 0, C)
+        v1 = _cload(vptr, row_mask, 1, C)
+        v2 = _cload(vptr, row_mask, 2, C)
+        v3 = _cload(vptr, row_mask, 3, C)
     if VMEAN:
         v0 = tl.where(m, v0 - _cvec(value_mean_ptr + hd, 0, C)[None, :], 0.0)
         v1 = tl.where(m, v1 - _cvec(value_mean_ptr + hd, 1, C)[None, :], 0.0)
@@ -213,13 +241,13 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     vcb = codebooks_ptr + 3 * 512
     y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3,
                            tl.div_rn(1.0, tl.maximum(vn, 1e-30)), hc, SCALE, SPLIT)
-    p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p0, 0, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p1, 1, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p2, c2 = _ccode(y2, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p2, c2 = _ccode(y2, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p2, 2, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p3, c3 = _ccode(y3, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p3, c3 = _ccode(y3, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p3, 3, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
     vcc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     vyc = vcc
