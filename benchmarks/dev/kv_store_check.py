@@ -39,6 +39,8 @@ ROWS = [
     ("new, no register limit", "tq4", "mean", dict(maxnreg=0)),
     ("new, 16 x 2 warps, no limit", "tq4", "mean", dict(num_warps=2, maxnreg=0)),
     ("new, 64 x 4 warps, no limit", "tq4", "mean", dict(block_t=64, maxnreg=0)),
+    ("new, 32 x 2 warps, no limit", "tq4", "mean", dict(block_t=32, num_warps=2, maxnreg=0)),
+    ("new, 16 x 1 warp, no limit", "tq4", "mean", dict(num_warps=1, maxnreg=0)),
     ("old", "tq4", "no mean", OLD),
     ("new", "tq4", "no mean", {}),
     ("old", "tq3", "mean", OLD),
