@@ -37,6 +37,8 @@ ROWS = [
     ("new, compare chain (prefetch only)", "tq4", "mean", dict(codes=0)),
     ("new, maxnreg 168", "tq4", "mean", dict(maxnreg=168)),
     ("new, no register limit", "tq4", "mean", dict(maxnreg=0)),
+    ("new, 16 x 2 warps, maxnreg 128", "tq4", "mean", dict(num_warps=2)),
+    ("new, 16 x 2 warps, maxnreg 168", "tq4", "mean", dict(num_warps=2, maxnreg=168)),
     ("new, 16 x 2 warps, no limit", "tq4", "mean", dict(num_warps=2, maxnreg=0)),
     ("new, 64 x 4 warps, no limit", "tq4", "mean", dict(block_t=64, maxnreg=0)),
     ("new, 32 x 2 warps, no limit", "tq4", "mean", dict(block_t=32, num_warps=2, maxnreg=0)),
