@@ -37,7 +37,9 @@ class StoreTuning:
     errors from residuals (1) or decoded keys (0); sym, imm_codebooks, via_memory, chunks: the
     full-width fallback path's variants (None: on where they apply); codes 3 (the chunked
     path only, default there): two table lookups per code (_buckets); prefetch (chunked path,
-    default on): the next head's keys and values loaded while one head is coded."""
+    default on): the next head's keys and values loaded while one head is coded; exact_rot
+    (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
+    16-bit pass per chunk, the 4-point transform after the dots."""
 
     block_t: int | None = None
     num_warps: int | None = None
@@ -52,6 +54,7 @@ class StoreTuning:
     via_memory: bool | None = None
     chunks: bool | None = None
     prefetch: bool | None = None
+    exact_rot: bool | None = None
 
 
 SERVED = StoreTuning()
@@ -100,6 +103,10 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
     hc = h[: d // 4, : d // 4]  # H_C, C = d / 4 (tq_store's chunks)
     c["hc_f32"] = hc.float().contiguous()
     c["hc_f16"] = hc.half().contiguous()
+    # diag(s_a) H_C for the chunks a of the signs (tq_store's exact_rot): [4, C, C]
+    hs = torch.stack([signs[a * (d // 4):(a + 1) * (d // 4), None] * hc for a in range(4)])
+    c["hs_f32"] = hs.float().contiguous()
+    c["hs_x"] = hs.to(dtype).contiguous()
 
     # Stream B's codebooks as constants (tq_store's imm_codebooks): the positive levels, then the
     # positive thresholds, as Python floats (exactly the float32 table values), from the host.
@@ -186,6 +193,8 @@ class _Launch:
                else dict(KB_CB=c["bk_kb"][0] + (int(cuda),), VB_CB=c["bk_vb"][0] + (int(cuda),))
                if codes == 3 else {})  # (shift, offset, buckets, loads as inline PTX)
         prefetch = chunks if t.prefetch is None else bool(t.prefetch and chunks)
+        exact_in = split == 0 or exact16  # the inputs exact in the dots' dtype
+        exact_rot = bool((chunks if t.exact_rot is None else t.exact_rot) and chunks and exact_in)
         maxnreg = 128 if t.maxnreg is None and chunks else t.maxnreg
         via_memory = sym if t.via_memory is None else t.via_memory
         self.scratch = bool(via_memory and sym and cuda)  # per call: T * H * 2 floats
@@ -197,13 +206,14 @@ class _Launch:
             c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
             c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs,
         )
-        self.hc = (c["hc_f32"], c["hc_f16"], c["bk"])
+        self.hc = (c["hc_f32"], c["hc_f16"], c["bk"], c["hs_f32"], c["hs_x"])
         self.kwargs = dict(
             PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
             BLOCK_T=self.block_t, HEADS=self.heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
             FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
             MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=align, num_warps=num_warps,
             num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym, PREFETCH=prefetch,
+            EXACT_ROT=exact_rot,
             SCR=self.scratch, CHUNK=chunks, NEOX=bool(tables.has_mean and 2 * tables.rot_half == d),
             WIDE=fallback if t.wide_stores is None else t.wide_stores, ERR=t.err,
             **tables.constexprs, **cbs,

@@ -46,6 +46,24 @@ def _crot(x0, x1, x2, x3, scale_row, hc, SCALE: tl.constexpr, SPLIT: tl.constexp
 
 
 @triton.jit
+def _crot16(x0, x1, x2, x3, hs0, hs1, hs2, hs3, SPLIT: tl.constexpr):
+    """(x * signs) H_D (entries +-1, unscaled) of 16-bit chunks x (EXACT_ROT: raw keys, values): the
+    dots first, p_a = x_a (diag(s_a) H_C) (16-bit products exact, one pass; float32 under the
+    interpreter), then the 4-point transform across chunks (H_D = H_4 (x) H_C: the two commute)."""
+    if SPLIT == 0:
+        p0 = tl.dot(x0.to(tl.float32), hs0, input_precision="ieee")
+        p1 = tl.dot(x1.to(tl.float32), hs1, input_precision="ieee")
+        p2 = tl.dot(x2.to(tl.float32), hs2, input_precision="ieee")
+        p3 = tl.dot(x3.to(tl.float32), hs3, input_precision="ieee")
+    else:
+        p0 = tl.dot(x0, hs0)
+        p1 = tl.dot(x1, hs1)
+        p2 = tl.dot(x2, hs2)
+        p3 = tl.dot(x3, hs3)
+    return _wht4(p0, p1, p2, p3)
+
+
+@triton.jit
 def _cload(ptrs, row_mask, a: tl.constexpr, C: tl.constexpr):
     """Chunk a [rows, C] (float32) of the rows at ptrs [rows] (16-bit or float32 elements)."""
     return tl.load(ptrs[:, None] + (a * C + tl.arange(0, C))[None, :], mask=row_mask[:, None],
@@ -122,6 +140,15 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
     unit rotated coordinates (g = stored norm / n) that _cerr weighs."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
+    return _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS, C, CODES, CB, WIDE,
+                          NORM_RULE, bk_ptr)
+
+
+@triton.jit
+def _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
+                   CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
+                   NORM_RULE: tl.constexpr, bk_ptr):
+    """_ccode_key from the rotated unit chunks y (inv_n = 1 / max(n, 1e-30))."""
     p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
@@ -137,7 +164,7 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
 
 @triton.jit
 def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask, scr,
-                  head, hc, sg_ptr, cos0, cos1, cos2,
+                  head, hc, hs0, hs1, hs2, hs3, sg_ptr, cos0, cos1, cos2,
                   cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
                   key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
                   value_mean_ptr, codebooks_ptr, bucket_ptr,
@@ -149,13 +176,22 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
                   V_NORM_OFF: tl.constexpr, K_NORM_RULE: tl.constexpr,
                   V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr,
                   KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, EXACT_ROT: tl.constexpr, rot_vm_ptr):
     """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks;
-    with PREFETCH its keys and values come loaded (kr*, vr*), else from kptr and vptr here."""
+    with PREFETCH its keys and values come loaded (kr*, vr*), else from kptr and vptr here.
+    EXACT_ROT (16-bit inputs, or float32 dots): the raw keys and the values rotated by _crot16
+    (a value mean taken off after the rotation: rot_vm_ptr, its rotation), else as the
+    calibrated keys (the transform first, then two float16 passes of the float32 chunks)."""
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     kcb = codebooks_ptr + 512
     if PREFETCH:
+        k0 = kr0.to(tl.float32)
+        k1 = kr1.to(tl.float32)
+        k2 = kr2.to(tl.float32)
+        k3 = kr3.to(tl.float32)
+    elif EXACT_ROT:
+        kr0, kr1, kr2, kr3 = _cload_raw(kptr, row_mask, C)
         k0 = kr0.to(tl.float32)
         k1 = kr1.to(tl.float32)
         k2 = kr2.to(tl.float32)
@@ -174,9 +210,21 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     # the raw coding
     rn = tl.sqrt_rn(tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1))
     rn = _via_memory(rn, scr, row_mask, SCR)
-    rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
-        k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
-        K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
+    if EXACT_ROT:
+        inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+        z0, z1, z2, z3 = _crot16(kr0, kr1, kr2, kr3, hs0, hs1, hs2, hs3, SPLIT)
+        s = (inv_rn * SCALE)[:, None]
+        ry0 = z0 * s
+        ry1 = z1 * s
+        ry2 = z2 * s
+        ry3 = z3 * s
+        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_rotated(
+            ry0, ry1, ry2, ry3, rn, inv_rn, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE,
+            bucket_ptr)
+    else:
+        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
+            k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
+            K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
     rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
                  key_scale_ptr) * (rn * rn)
 
@@ -227,6 +275,12 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
         v1 = vr1.to(tl.float32)
         v2 = vr2.to(tl.float32)
         v3 = vr3.to(tl.float32)
+    elif EXACT_ROT:
+        vr0, vr1, vr2, vr3 = _cload_raw(vptr, row_mask, C)
+        v0 = vr0.to(tl.float32)
+        v1 = vr1.to(tl.float32)
+        v2 = vr2.to(tl.float32)
+        v3 = vr3.to(tl.float32)
     else:
         v0 = _cload(vptr, row_mask, 0, C)
         v1 = _cload(vptr, row_mask, 1, C)
@@ -239,8 +293,21 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
         v3 = tl.where(m, v3 - _cvec(value_mean_ptr + hd, 3, C)[None, :], 0.0)
     vn = tl.sqrt_rn(tl.sum(v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3, axis=1))
     vcb = codebooks_ptr + 3 * 512
-    y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3,
-                           tl.div_rn(1.0, tl.maximum(vn, 1e-30)), hc, SCALE, SPLIT)
+    inv_vn = tl.div_rn(1.0, tl.maximum(vn, 1e-30))
+    if EXACT_ROT:
+        y0, y1, y2, y3 = _crot16(vr0, vr1, vr2, vr3, hs0, hs1, hs2, hs3, SPLIT)
+        if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
+            y0 -= _cvec(rot_vm_ptr, 0, C)[None, :]
+            y1 -= _cvec(rot_vm_ptr, 1, C)[None, :]
+            y2 -= _cvec(rot_vm_ptr, 2, C)[None, :]
+            y3 -= _cvec(rot_vm_ptr, 3, C)[None, :]
+        s = (inv_vn * SCALE)[:, None]
+        y0 = y0 * s
+        y1 = y1 * s
+        y2 = y2 * s
+        y3 = y3 * s
+    else:
+        y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3, inv_vn, hc, SCALE, SPLIT)
     p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p0, 0, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
     p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)

@@ -148,7 +148,8 @@ def _tq_store_kernel(
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
-    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16, bucket_ptr,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16, bucket_ptr, hs32,
+    hsx,
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, SPLIT: tl.constexpr, EXACT16: tl.constexpr,
     KCAL: tl.constexpr, FALLBACK: tl.constexpr, ABS_NORM: tl.constexpr, MEAN: tl.constexpr,
@@ -168,6 +169,7 @@ def _tq_store_kernel(
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), NO_CB: tl.constexpr = (),
     SCR: tl.constexpr = False,
     CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    EXACT_ROT: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -212,6 +214,18 @@ def _tq_store_kernel(
             hc = _load_mat(hc32, D // 4, D // 4)
         else:
             hc = _load_mat(hc16, D // 4, D // 4)
+        if EXACT_ROT:  # diag(s_a) H_C per chunk a, in the dots' input dtype
+            CM: tl.constexpr = (D // 4) * (D // 4)
+            hsp = hs32 if SPLIT == 0 else hsx
+            hs0 = _load_mat(hsp, D // 4, D // 4)
+            hs1 = _load_mat(hsp + CM, D // 4, D // 4)
+            hs2 = _load_mat(hsp + 2 * CM, D // 4, D // 4)
+            hs3 = _load_mat(hsp + 3 * CM, D // 4, D // 4)
+        else:
+            hs0 = 0.0
+            hs1 = 0.0
+            hs2 = 0.0
+            hs3 = 0.0
 
     # How the GPU rotates (_stream's INPUT): 16-bit inputs exactly where no calibration changed them
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
@@ -254,12 +268,13 @@ def _tq_store_kernel(
             _chunked_head(kp + head * stride_kh, vp + head * stride_vh,
                           kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask,
                           scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2, head,
-                          hc, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
+                          hc, hs0, hs1, hs2, hs3, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
                           rope_sign_ptr, rope_partner_ptr, key_mean_ptr, key_inv_scale_ptr,
                           key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr, bucket_ptr,
                           D, SPLIT, MEAN, VMEAN, CODES, SCR, KB_BITS, KB_OFF, KB_U, KB_K,
                           VB_BITS, VB_OFF, VB_U, VB_K, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
-                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX, PREFETCH)
+                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX, PREFETCH, EXACT_ROT,
+                          rot_vm_ptr + (head * 2 + 1) * D)
             if PREFETCH:
                 kr0 = kn0
                 kr1 = kn1

@@ -38,6 +38,8 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     types["rot_vm_ptr"] = "*fp32"
     types["hc32"] = "*fp32"
     types["hc16"] = "*fp16"
+    types["hs32"] = "*fp32"
+    types["hsx"] = "*bf16"
     t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1)
     cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
@@ -45,7 +47,7 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
               VMEAN=calibrated, ALIGN=4, SAME_KV_ROT=True, CODES=0, WIDE=calibrated, **t.constexprs)
     cx.update({k: v for k, v in EXTRA.items() if k != "CB"})
     if not calibrated:  # as tq_store launches without the raw-key fallback
-        cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0, CODES=0, PREFETCH=0)
+        cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0, CODES=0, PREFETCH=0, EXACT_ROT=0)
     cx.update(KB_CB=(), VB_CB=(), NO_CB=())
     from vllm_gds.kernels.tq_store import _store_constants
     const = _store_constants(t, 1, torch.bfloat16)
@@ -75,7 +77,7 @@ def resources(kernel) -> str:
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
 MAXNREG = None  # --maxnreg (StoreTuning.maxnreg; 0: no limit; default: tq_store's)
-EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1, "CODES": 3, "PREFETCH": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
+EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1, "CODES": 3, "PREFETCH": 1, "EXACT_ROT": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():

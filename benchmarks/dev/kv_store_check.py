@@ -3,9 +3,10 @@
     python3 benchmarks/dev/kv_store_check.py --out $OUT          # GPU: 32K tokens, Llama-3-8B shape
     python3 benchmarks/dev/kv_store_check.py --cpu               # the same rows, tiny, interpreter
 
-"old" is the served launch before the bucketed code search and the prefetch
-(StoreTuning(codes=0, prefetch=False): the same sm_90 SASS as the kernel before them, see
-benchmarks/RESULTS.md), "new" the served launch now, beside launch variants of the new kernel.
+"old" is the served launch before the bucketed code search, the prefetch and the exact 16-bit
+rotation (StoreTuning(codes=0, prefetch=False, exact_rot=False): the same sm_90 SASS as the
+kernel before them, see benchmarks/RESULTS.md), "new" the served launch now, beside launch
+variants of the new kernel.
 Every row's bytes are checked against the torch reference at the timed size first
 (kv_bench.store_check: keys around the RoPE'd key mean, a tenth far off, random positions < 2^17,
 every 97th slot -1, other slots poisoned); then each is timed (do_bench median) against the device
@@ -28,13 +29,14 @@ import torch
 import triton
 import kv_bench as kb
 
-OLD = dict(codes=0, prefetch=False)
+OLD = dict(codes=0, prefetch=False, exact_rot=False)
 # (label, format, mode, StoreTuning fields)
 ROWS = [
     ("old", "tq4", "mean", OLD),
     ("new", "tq4", "mean", {}),
     ("new, no prefetch", "tq4", "mean", dict(prefetch=False)),
-    ("new, compare chain (prefetch only)", "tq4", "mean", dict(codes=0)),
+    ("new, compare chain", "tq4", "mean", dict(codes=0)),
+    ("new, transform first (no exact_rot)", "tq4", "mean", dict(exact_rot=False)),
     ("new, maxnreg 168", "tq4", "mean", dict(maxnreg=168)),
     ("new, no register limit", "tq4", "mean", dict(maxnreg=0)),
     ("new, 16 x 2 warps, maxnreg 128", "tq4", "mean", dict(num_warps=2)),
