@@ -49,7 +49,7 @@ def _codes_bucketed(y, cb_ptr, bk_ptr, HALF: tl.constexpr, BK: tl.constexpr):
     m = (e >> 32).to(tl.int32) + (ab > thr).to(tl.int32)
     code = m ^ tl.where(pos, HALF, HALF - 1)  # HALF + m above 0, HALF - 1 - m below
     if BK[3]:
-        c = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [cb_ptr + code],
+        c = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [cb_ptr + code],
                                       dtype=tl.float32, is_pure=True, pack=1)
     else:
         c = tl.load(cb_ptr + code)
