@@ -113,11 +113,28 @@ def _cstore(slot_ptrs, row_mask, pk, a: tl.constexpr, OFF: tl.constexpr, BITS: t
 
 @triton.jit
 def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
-          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr):
+          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr, FOLD: tl.constexpr = False):
     """sum_i w_i (r H_D)_i^2 * SCALE^2 for residual chunks r (unit-scale rotated coordinates):
-    w = wt (times ws^2 where WSQ)."""
-    one = tl.full([r0.shape[0]], 1.0, tl.float32)
-    e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
+    w = wt (times ws^2 where WSQ). FOLD: the rotation's scale applied to the sum, not per
+    element (the launches with EXACT_ROT; the others compile as before it)."""
+    if FOLD:
+        z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
+        if SPLIT == 0:
+            F: tl.constexpr = SCALE * SCALE
+            e0 = tl.dot(z0, hc, input_precision="ieee")
+            e1 = tl.dot(z1, hc, input_precision="ieee")
+            e2 = tl.dot(z2, hc, input_precision="ieee")
+            e3 = tl.dot(z3, hc, input_precision="ieee")
+        else:  # |r| <= 2^8 (unit coordinates): two float16 passes of 256 r
+            F: tl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+            e0 = _dot_split(z0 * 256.0, hc)
+            e1 = _dot_split(z1 * 256.0, hc)
+            e2 = _dot_split(z2 * 256.0, hc)
+            e3 = _dot_split(z3 * 256.0, hc)
+    else:
+        F: tl.constexpr = 1.0
+        one = tl.full([r0.shape[0]], 1.0, tl.float32)
+        e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
     w0 = _cvec(wt_ptr, 0, C)
     w1 = _cvec(wt_ptr, 1, C)
     w2 = _cvec(wt_ptr, 2, C)
@@ -127,8 +144,11 @@ def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
         w1 = w1 * _cvec(ws_ptr, 1, C) * _cvec(ws_ptr, 1, C)
         w2 = w2 * _cvec(ws_ptr, 2, C) * _cvec(ws_ptr, 2, C)
         w3 = w3 * _cvec(ws_ptr, 3, C) * _cvec(ws_ptr, 3, C)
-    return tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
-                  + w3[None, :] * e3 * e3, axis=1)
+    err = tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
+                 + w3[None, :] * e3 * e3, axis=1)
+    if FOLD:
+        err = err * F
+    return err
 
 
 @triton.jit
@@ -226,7 +246,7 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
             k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
             K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
     rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
-                 key_scale_ptr) * (rn * rn)
+                 key_scale_ptr, EXACT_ROT) * (rn * rn)
 
     # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
@@ -259,7 +279,7 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
         x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
         bucket_ptr)
     err = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, True,
-                key_scale_ptr + hd) * (n * n)
+                key_scale_ptr + hd, EXACT_ROT) * (n * n)
     raw = rerr < err
     rw = raw[:, None]
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
