@@ -14,8 +14,8 @@ benchmarks/RESULTS.md "Store kernel, fourth pass").
 import triton
 import triton.language as tl
 
-from .tq_store_codes import (_codes, _dot_split, _fp16_round, _norm_of, _pack, _store_norm16,
-                             _store_stream, _via_memory)
+from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
+                             _store_norm16, _store_stream, _via_memory)
 
 
 @triton.jit
@@ -71,15 +71,36 @@ def _cload(ptrs, row_mask, a: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _cload_raw(ptrs, row_mask, C: tl.constexpr):
+def _cload_raw(ptrs, row_mask, C: tl.constexpr, LOAD: tl.constexpr = True):
     """The four chunks [rows, C] of the rows at ptrs [rows], in the input's dtype (PREFETCH:
-    loaded one head ahead, converted where they are used)."""
-    c = tl.arange(0, C)[None, :]
-    m = row_mask[:, None]
-    return (tl.load(ptrs[:, None] + c, mask=m, other=0.0),
-            tl.load(ptrs[:, None] + (C + c), mask=m, other=0.0),
-            tl.load(ptrs[:, None] + (2 * C + c), mask=m, other=0.0),
-            tl.load(ptrs[:, None] + (3 * C + c), mask=m, other=0.0))
+    loaded one head ahead, converted where they are used); placeholders where not LOAD."""
+    if LOAD:
+        c = tl.arange(0, C)[None, :]
+        m = row_mask[:, None]
+        return (tl.load(ptrs[:, None] + c, mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (C + c), mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (2 * C + c), mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (3 * C + c), mask=m, other=0.0))
+    else:
+        return 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _chunk_mats(hc32, hc16, hs32, hsx, D: tl.constexpr, SPLIT: tl.constexpr,
+                EXACT_ROT: tl.constexpr):
+    """H_C in the dtype of the split dots, and with EXACT_ROT diag(s_a) H_C for each chunk a in
+    the 16-bit dots' input dtype (float32 under the interpreter); loaded once per program."""
+    C: tl.constexpr = D // 4
+    if SPLIT == 0:
+        hc = _load_mat(hc32, C, C)
+    else:
+        hc = _load_mat(hc16, C, C)
+    if EXACT_ROT:
+        hsp = hs32 if SPLIT == 0 else hsx
+        return (hc, _load_mat(hsp, C, C), _load_mat(hsp + C * C, C, C),
+                _load_mat(hsp + 2 * C * C, C, C), _load_mat(hsp + 3 * C * C, C, C))
+    else:
+        return hc, 0.0, 0.0, 0.0, 0.0
 
 
 @triton.jit

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .tq_common import cache_slot_ptrs, rope_cos_sin
-from .tq_store_chunked import _chunked_head, _cload_raw, _cvec
+from .tq_store_chunked import _chunk_mats, _chunked_head, _cload_raw, _cvec
 from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
                              _store_norm16, _store_stream, _via_memory)
 
@@ -210,22 +210,7 @@ def _tq_store_kernel(
         sin2 = 0.0
         sin3 = 0.0
     if CHUNK:
-        if SPLIT == 0:
-            hc = _load_mat(hc32, D // 4, D // 4)
-        else:
-            hc = _load_mat(hc16, D // 4, D // 4)
-        if EXACT_ROT:  # diag(s_a) H_C per chunk a, in the dots' input dtype
-            CM: tl.constexpr = (D // 4) * (D // 4)
-            hsp = hs32 if SPLIT == 0 else hsx
-            hs0 = _load_mat(hsp, D // 4, D // 4)
-            hs1 = _load_mat(hsp + CM, D // 4, D // 4)
-            hs2 = _load_mat(hsp + 2 * CM, D // 4, D // 4)
-            hs3 = _load_mat(hsp + 3 * CM, D // 4, D // 4)
-        else:
-            hs0 = 0.0
-            hs1 = 0.0
-            hs2 = 0.0
-            hs3 = 0.0
+        hc, hs0, hs1, hs2, hs3 = _chunk_mats(hc32, hc16, hs32, hsx, D, SPLIT, EXACT_ROT)
 
     # How the GPU rotates (_stream's INPUT): 16-bit inputs exactly where no calibration changed them
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
@@ -244,18 +229,8 @@ def _tq_store_kernel(
     head0 = tl.program_id(1) * HEADS
     kp = key_ptr + t64 * stride_kt
     vp = value_ptr + t64 * stride_vt
-    if PREFETCH:
-        kr0, kr1, kr2, kr3 = _cload_raw(kp + head0 * stride_kh, row_mask, D // 4)
-        vr0, vr1, vr2, vr3 = _cload_raw(vp + head0 * stride_vh, row_mask, D // 4)
-    else:
-        kr0 = 0.0
-        kr1 = 0.0
-        kr2 = 0.0
-        kr3 = 0.0
-        vr0 = 0.0
-        vr1 = 0.0
-        vr2 = 0.0
-        vr3 = 0.0
+    kr0, kr1, kr2, kr3 = _cload_raw(kp + head0 * stride_kh, row_mask, D // 4, PREFETCH)
+    vr0, vr1, vr2, vr3 = _cload_raw(vp + head0 * stride_vh, row_mask, D // 4, PREFETCH)
     for i in range(HEADS):
         head = head0 + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
