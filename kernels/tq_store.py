@@ -188,9 +188,10 @@ class _Launch:
         if codes == 3 and not bucketed:
             raise ValueError("codes 3 (the bucketed code search) needs the chunked path "
                              "(StoreTuning chunks) and codebooks that 256 buckets part")
+        ptx = int(cuda and torch.version.hip is None)  # NVIDIA: the lookups as inline PTX
         imm_codebooks = fallback if t.imm_codebooks is None else t.imm_codebooks
         cbs = (dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0
-               else dict(KB_CB=c["bk_kb"][0] + (int(cuda),), VB_CB=c["bk_vb"][0] + (int(cuda),))
+               else dict(KB_CB=c["bk_kb"][0] + (ptx,), VB_CB=c["bk_vb"][0] + (ptx,))
                if codes == 3 else {})  # (shift, offset, buckets, loads as inline PTX)
         prefetch = chunks if t.prefetch is None else bool(t.prefetch and chunks)
         exact_in = split == 0 or exact16  # the inputs exact in the dots' dtype
