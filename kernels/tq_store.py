@@ -36,20 +36,26 @@ class StoreTuning:
     The kernel's variants (tq_store_kernel.py): codes, the code search (0 compares, 1 and 2
     predicate-free); wide_stores: 32/16-bit stores of whole code words; err: the fallback's
     errors from residuals (1) or decoded keys (0); sym, imm_codebooks, via_memory, chunks: the
-    full-width fallback path's variants (None: on where they apply)."""
+    full-width fallback path's variants (None: on where they apply); codes 3 (the chunked
+    path only, default there): two table lookups per code (_buckets); prefetch (chunked path,
+    default on): the next head's keys and values loaded while one head is coded; exact_rot
+    (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
+    16-bit pass per chunk, the 4-point transform after the dots."""
 
     block_t: int | None = None
     num_warps: int | None = None
     maxnreg: int | None = None
     heads_per_program: int | None = None
     split: int | None = None
-    codes: int = 0
+    codes: int | None = None
     wide_stores: bool | None = None
     err: int = 1
     sym: bool | None = None
     imm_codebooks: bool | None = None
     via_memory: bool | None = None
     chunks: bool | None = None
+    prefetch: bool | None = None
+    exact_rot: bool | None = None
 
 
 SERVED = StoreTuning()
@@ -98,6 +104,10 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
     hc = h[: d // 4, : d // 4]  # H_C, C = d / 4 (tq_store's chunks)
     c["hc_f32"] = hc.float().contiguous()
     c["hc_f16"] = hc.half().contiguous()
+    # diag(s_a) H_C for the chunks a of the signs (tq_store's exact_rot): [4, C, C]
+    hs = torch.stack([signs[a * (d // 4):(a + 1) * (d // 4), None] * hc for a in range(4)])
+    c["hs_f32"] = hs.float().contiguous()
+    c["hs_x"] = hs.to(dtype).contiguous()
 
     # Stream B's codebooks as constants (tq_store's imm_codebooks): the positive levels, then the
     # positive thresholds, as Python floats (exactly the float32 table values), from the host.
@@ -106,8 +116,39 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
         half = 1 << (st.bits - 1)
         c["cb_" + name] = tuple(float(v) for v in lv[half: 2 * half]) + tuple(
             float(v) for v in th[half: 2 * half - 1])
+        c["bk_" + name] = _buckets(th[half: 2 * half - 1])
+    c["bk"] = torch.tensor([e for name in ("kb", "vb") for e in
+                            (c["bk_" + name][1] if c["bk_" + name] else [0] * 256)],
+                           dtype=torch.int64, device=dev)
     cache[split, dtype] = c
     return c
+
+
+def _buckets(th: torch.Tensor):
+    """The table of the code search by buckets (tq_store_codes._codes_bucketed) for the
+    positive thresholds th (float32, ascending): ((shift, offset, buckets), 256 int64 entries),
+    or None where no 256 buckets part them. The coarsest shift of the float bits that puts every
+    threshold in its own bucket; entry b: (count of thresholds in buckets below b) << 32 | bits
+    of the threshold in b (of +inf where none)."""
+    bits = [int(b) for b in th.float().contiguous().view(torch.int32).tolist()]
+    if not bits or min(bits) <= 0:
+        return None
+    for sh in range(31, -1, -1):
+        keys = [b >> sh for b in bits]
+        if len(set(keys)) == len(keys):
+            break
+    off = min(keys)
+    nb = 1
+    while nb < max(keys) - off + 1:
+        nb *= 2
+    if nb > 256:
+        return None
+    entries = []
+    for b in range(256):
+        below = sum(1 for k in keys if k - off < b)
+        inside = [bits[i] for i, k in enumerate(keys) if k - off == b]
+        entries.append((below << 32) | (inside[0] if inside and b < nb else 0x7F800000))
+    return (sh, off, nb), entries
 
 
 def _alignment(kv_cache: torch.Tensor, strides) -> int:
@@ -142,10 +183,20 @@ class _Launch:
         sym = bool(sym and c["sym_ok"] and fallback)
         kb = ("h_f32", "h_f16", "kb_x") if sym else ("kb_f32", "kb_f16", "kb_x")
         vb = ("h_f32", "h_f16", "vb_x") if sym else ("vb_f32", "vb_f16", "vb_x")
-        imm_codebooks = fallback if t.imm_codebooks is None else t.imm_codebooks
-        cbs = (dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and t.codes == 0
-               else {})
         chunks = bool((sym if t.chunks is None else t.chunks) and sym)
+        bucketed = chunks and c["bk_kb"] is not None and c["bk_vb"] is not None
+        codes = (3 if bucketed else 0) if t.codes is None else t.codes
+        if codes == 3 and not bucketed:
+            raise ValueError("codes 3 (the bucketed code search) needs the chunked path "
+                             "(StoreTuning chunks) and codebooks that 256 buckets part")
+        ptx = int(cuda and torch.version.hip is None)  # NVIDIA: the lookups as inline PTX
+        imm_codebooks = fallback if t.imm_codebooks is None else t.imm_codebooks
+        cbs = (dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0
+               else dict(KB_CB=c["bk_kb"][0] + (ptx,), VB_CB=c["bk_vb"][0] + (ptx,))
+               if codes == 3 else {})  # (shift, offset, buckets, loads as inline PTX)
+        prefetch = chunks if t.prefetch is None else bool(t.prefetch and chunks)
+        exact_in = split == 0 or exact16  # the inputs exact in the dots' dtype
+        exact_rot = bool((chunks if t.exact_rot is None else t.exact_rot) and chunks and exact_in)
         maxnreg = 128 if t.maxnreg is None and chunks else t.maxnreg
         via_memory = sym if t.via_memory is None else t.via_memory
         self.scratch = bool(via_memory and sym and cuda)  # per call: T * H * 2 floats
@@ -157,13 +208,14 @@ class _Launch:
             c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
             c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs,
         )
-        self.hc = (c["hc_f32"], c["hc_f16"])
+        self.hc = (c["hc_f32"], c["hc_f16"], c["bk"], c["hs_f32"], c["hs_x"])
         self.kwargs = dict(
             PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
             BLOCK_T=self.block_t, HEADS=self.heads, SPLIT=split, EXACT16=exact16, KCAL=kcal,
             FALLBACK=fallback, ABS_NORM=tables.fallback and not kcal,
             MEAN=tables.has_mean, VMEAN=c["vmean"], ALIGN=align, num_warps=num_warps,
-            num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=t.codes, SYM=sym,
+            num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym, PREFETCH=prefetch,
+            EXACT_ROT=exact_rot,
             SCR=self.scratch, CHUNK=chunks, NEOX=bool(tables.has_mean and 2 * tables.rot_half == d),
             WIDE=fallback if t.wide_stores is None else t.wide_stores, ERR=t.err,
             **stream_constexprs(tables.constexprs), **cbs,

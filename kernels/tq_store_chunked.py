@@ -14,8 +14,8 @@ benchmarks/RESULTS.md "Store kernel, fourth pass").
 import triton
 import triton.language as tl
 
-from .tq_store_codes import (_codes, _dot_split, _fp16_round, _norm_of, _pack, _store_norm16,
-                             _store_stream, _via_memory)
+from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
+                             _store_norm16, _store_stream, _via_memory)
 
 
 @triton.jit
@@ -46,10 +46,61 @@ def _crot(x0, x1, x2, x3, scale_row, hc, SCALE: tl.constexpr, SPLIT: tl.constexp
 
 
 @triton.jit
+def _crot16(x0, x1, x2, x3, hs0, hs1, hs2, hs3, SPLIT: tl.constexpr):
+    """(x * signs) H_D (entries +-1, unscaled) of 16-bit chunks x (EXACT_ROT: raw keys, values): the
+    dots first, p_a = x_a (diag(s_a) H_C) (16-bit products exact, one pass; float32 under the
+    interpreter), then the 4-point transform across chunks (H_D = H_4 (x) H_C: the two commute)."""
+    if SPLIT == 0:
+        p0 = tl.dot(x0.to(tl.float32), hs0, input_precision="ieee")
+        p1 = tl.dot(x1.to(tl.float32), hs1, input_precision="ieee")
+        p2 = tl.dot(x2.to(tl.float32), hs2, input_precision="ieee")
+        p3 = tl.dot(x3.to(tl.float32), hs3, input_precision="ieee")
+    else:
+        p0 = tl.dot(x0, hs0)
+        p1 = tl.dot(x1, hs1)
+        p2 = tl.dot(x2, hs2)
+        p3 = tl.dot(x3, hs3)
+    return _wht4(p0, p1, p2, p3)
+
+
+@triton.jit
 def _cload(ptrs, row_mask, a: tl.constexpr, C: tl.constexpr):
     """Chunk a [rows, C] (float32) of the rows at ptrs [rows] (16-bit or float32 elements)."""
     return tl.load(ptrs[:, None] + (a * C + tl.arange(0, C))[None, :], mask=row_mask[:, None],
                    other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cload_raw(ptrs, row_mask, C: tl.constexpr, LOAD: tl.constexpr = True):
+    """The four chunks [rows, C] of the rows at ptrs [rows], in the input's dtype (PREFETCH:
+    loaded one head ahead, converted where they are used); placeholders where not LOAD."""
+    if LOAD:
+        c = tl.arange(0, C)[None, :]
+        m = row_mask[:, None]
+        return (tl.load(ptrs[:, None] + c, mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (C + c), mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (2 * C + c), mask=m, other=0.0),
+                tl.load(ptrs[:, None] + (3 * C + c), mask=m, other=0.0))
+    else:
+        return 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _chunk_mats(hc32, hc16, hs32, hsx, D: tl.constexpr, SPLIT: tl.constexpr,
+                EXACT_ROT: tl.constexpr):
+    """H_C in the dtype of the split dots, and with EXACT_ROT diag(s_a) H_C for each chunk a in
+    the 16-bit dots' input dtype (float32 under the interpreter); loaded once per program."""
+    C: tl.constexpr = D // 4
+    if SPLIT == 0:
+        hc = _load_mat(hc32, C, C)
+    else:
+        hc = _load_mat(hc16, C, C)
+    if EXACT_ROT:
+        hsp = hs32 if SPLIT == 0 else hsx
+        return (hc, _load_mat(hsp, C, C), _load_mat(hsp + C * C, C, C),
+                _load_mat(hsp + 2 * C * C, C, C), _load_mat(hsp + 3 * C * C, C, C))
+    else:
+        return hc, 0.0, 0.0, 0.0, 0.0
 
 
 @triton.jit
@@ -67,9 +118,9 @@ def _cmean_rope(mean_ptr, sign_ptr, partner_ptr, a: tl.constexpr, C: tl.constexp
 
 @triton.jit
 def _ccode(y, cb_ptr, BITS: tl.constexpr, C: tl.constexpr, CODES: tl.constexpr,
-           CB: tl.constexpr, WIDE: tl.constexpr):
+           CB: tl.constexpr, WIDE: tl.constexpr, bk_ptr):
     """Packed codes and levels of one chunk."""
-    code, c = _codes(y, cb_ptr, BITS, C, C, CODES, CB)
+    code, c = _codes(y, cb_ptr, BITS, C, C, CODES, CB, bk_ptr)
     return _pack(code, BITS, C, C, WIDE), c
 
 
@@ -83,11 +134,28 @@ def _cstore(slot_ptrs, row_mask, pk, a: tl.constexpr, OFF: tl.constexpr, BITS: t
 
 @triton.jit
 def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
-          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr):
+          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr, FOLD: tl.constexpr = False):
     """sum_i w_i (r H_D)_i^2 * SCALE^2 for residual chunks r (unit-scale rotated coordinates):
-    w = wt (times ws^2 where WSQ)."""
-    one = tl.full([r0.shape[0]], 1.0, tl.float32)
-    e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
+    w = wt (times ws^2 where WSQ). FOLD: the rotation's scale applied to the sum, not per
+    element (the launches with EXACT_ROT; the others compile as before it)."""
+    if FOLD:
+        z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
+        if SPLIT == 0:
+            F: tl.constexpr = SCALE * SCALE
+            e0 = tl.dot(z0, hc, input_precision="ieee")
+            e1 = tl.dot(z1, hc, input_precision="ieee")
+            e2 = tl.dot(z2, hc, input_precision="ieee")
+            e3 = tl.dot(z3, hc, input_precision="ieee")
+        else:  # |r| <= 2^8 (unit coordinates): two float16 passes of 256 r
+            F: tl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+            e0 = _dot_split(z0 * 256.0, hc)
+            e1 = _dot_split(z1 * 256.0, hc)
+            e2 = _dot_split(z2 * 256.0, hc)
+            e3 = _dot_split(z3 * 256.0, hc)
+    else:
+        F: tl.constexpr = 1.0
+        one = tl.full([r0.shape[0]], 1.0, tl.float32)
+        e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
     w0 = _cvec(wt_ptr, 0, C)
     w1 = _cvec(wt_ptr, 1, C)
     w2 = _cvec(wt_ptr, 2, C)
@@ -97,23 +165,35 @@ def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
         w1 = w1 * _cvec(ws_ptr, 1, C) * _cvec(ws_ptr, 1, C)
         w2 = w2 * _cvec(ws_ptr, 2, C) * _cvec(ws_ptr, 2, C)
         w3 = w3 * _cvec(ws_ptr, 3, C) * _cvec(ws_ptr, 3, C)
-    return tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
-                  + w3[None, :] * e3 * e3, axis=1)
+    err = tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
+                 + w3[None, :] * e3 * e3, axis=1)
+    if FOLD:
+        err = err * F
+    return err
 
 
 @triton.jit
 def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
                CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
-               NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr):
+               NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, bk_ptr):
     """One coding of a key given as four chunks x (signs applied) of norm n: the packed codes
     of the chunks, the norm as stored (float16-rounded), and the residual chunks y - g c in
     unit rotated coordinates (g = stored norm / n) that _cerr weighs."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
-    p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE)
-    p3, c3 = _ccode(y3, cb_ptr, BITS, C, CODES, CB, WIDE)
+    return _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS, C, CODES, CB, WIDE,
+                          NORM_RULE, bk_ptr)
+
+
+@triton.jit
+def _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
+                   CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
+                   NORM_RULE: tl.constexpr, bk_ptr):
+    """_ccode_key from the rotated unit chunks y (inv_n = 1 / max(n, 1e-30))."""
+    p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
+    p3, c3 = _ccode(y3, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     cc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     yc = cc
     if NORM_RULE == 2:
@@ -124,10 +204,11 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
 
 
 @triton.jit
-def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, cos1, cos2,
+def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask, scr,
+                  head, hc, hs0, hs1, hs2, hs3, sg_ptr, cos0, cos1, cos2,
                   cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
                   key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
-                  value_mean_ptr, codebooks_ptr,
+                  value_mean_ptr, codebooks_ptr, bucket_ptr,
                   D: tl.constexpr, SPLIT: tl.constexpr, MEAN: tl.constexpr,
                   VMEAN: tl.constexpr, CODES: tl.constexpr, SCR: tl.constexpr,
                   KB_BITS: tl.constexpr, KB_OFF: tl.constexpr, KB_U: tl.constexpr,
@@ -135,15 +216,32 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                   VB_U: tl.constexpr, VB_K: tl.constexpr, K_NORM_OFF: tl.constexpr,
                   V_NORM_OFF: tl.constexpr, K_NORM_RULE: tl.constexpr,
                   V_NORM_RULE: tl.constexpr, ALIGN: tl.constexpr, WIDE: tl.constexpr,
-                  KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr):
-    """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks."""
+                  KB_CB: tl.constexpr, VB_CB: tl.constexpr, NEOX: tl.constexpr,
+                  PREFETCH: tl.constexpr, EXACT_ROT: tl.constexpr, rot_vm_ptr):
+    """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks;
+    with PREFETCH its keys and values come loaded (kr*, vr*), else from kptr and vptr here.
+    EXACT_ROT (16-bit inputs, or float32 dots): the raw keys and the values rotated by _crot16
+    (a value mean taken off after the rotation: rot_vm_ptr, its rotation), else as the
+    calibrated keys (the transform first, then two float16 passes of the float32 chunks)."""
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     kcb = codebooks_ptr + 512
-    k0 = _cload(kptr, row_mask, 0, C)
-    k1 = _cload(kptr, row_mask, 1, C)
-    k2 = _cload(kptr, row_mask, 2, C)
-    k3 = _cload(kptr, row_mask, 3, C)
+    if PREFETCH:
+        k0 = kr0.to(tl.float32)
+        k1 = kr1.to(tl.float32)
+        k2 = kr2.to(tl.float32)
+        k3 = kr3.to(tl.float32)
+    elif EXACT_ROT:
+        kr0, kr1, kr2, kr3 = _cload_raw(kptr, row_mask, C)
+        k0 = kr0.to(tl.float32)
+        k1 = kr1.to(tl.float32)
+        k2 = kr2.to(tl.float32)
+        k3 = kr3.to(tl.float32)
+    else:
+        k0 = _cload(kptr, row_mask, 0, C)
+        k1 = _cload(kptr, row_mask, 1, C)
+        k2 = _cload(kptr, row_mask, 2, C)
+        k3 = _cload(kptr, row_mask, 3, C)
     sg0 = _cvec(sg_ptr, 0, C)[None, :]
     sg1 = _cvec(sg_ptr, 1, C)[None, :]
     sg2 = _cvec(sg_ptr, 2, C)[None, :]
@@ -153,11 +251,23 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     # the raw coding
     rn = tl.sqrt_rn(tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1))
     rn = _via_memory(rn, scr, row_mask, SCR)
-    rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
-        k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
-        K_NORM_RULE, SCALE, SPLIT)
+    if EXACT_ROT:
+        inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
+        z0, z1, z2, z3 = _crot16(kr0, kr1, kr2, kr3, hs0, hs1, hs2, hs3, SPLIT)
+        s = (inv_rn * SCALE)[:, None]
+        ry0 = z0 * s
+        ry1 = z1 * s
+        ry2 = z2 * s
+        ry3 = z3 * s
+        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_rotated(
+            ry0, ry1, ry2, ry3, rn, inv_rn, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE,
+            bucket_ptr)
+    else:
+        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
+            k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
+            K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
     rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
-                 key_scale_ptr) * (rn * rn)
+                 key_scale_ptr, EXACT_ROT) * (rn * rn)
 
     # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
@@ -187,9 +297,10 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
     n = tl.sqrt_rn(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
     n = _via_memory(n, scr + 1, row_mask, SCR)
     p0, p1, p2, p3, norm16, r0, r1, r2, r3 = _ccode_key(
-        x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT)
+        x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
+        bucket_ptr)
     err = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, True,
-                key_scale_ptr + hd) * (n * n)
+                key_scale_ptr + hd, EXACT_ROT) * (n * n)
     raw = rerr < err
     rw = raw[:, None]
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
@@ -200,10 +311,22 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
                   K_NORM_OFF, ALIGN, WIDE)
 
     # values
-    v0 = _cload(vptr, row_mask, 0, C)
-    v1 = _cload(vptr, row_mask, 1, C)
-    v2 = _cload(vptr, row_mask, 2, C)
-    v3 = _cload(vptr, row_mask, 3, C)
+    if PREFETCH:
+        v0 = vr0.to(tl.float32)
+        v1 = vr1.to(tl.float32)
+        v2 = vr2.to(tl.float32)
+        v3 = vr3.to(tl.float32)
+    elif EXACT_ROT:
+        vr0, vr1, vr2, vr3 = _cload_raw(vptr, row_mask, C)
+        v0 = vr0.to(tl.float32)
+        v1 = vr1.to(tl.float32)
+        v2 = vr2.to(tl.float32)
+        v3 = vr3.to(tl.float32)
+    else:
+        v0 = _cload(vptr, row_mask, 0, C)
+        v1 = _cload(vptr, row_mask, 1, C)
+        v2 = _cload(vptr, row_mask, 2, C)
+        v3 = _cload(vptr, row_mask, 3, C)
     if VMEAN:
         v0 = tl.where(m, v0 - _cvec(value_mean_ptr + hd, 0, C)[None, :], 0.0)
         v1 = tl.where(m, v1 - _cvec(value_mean_ptr + hd, 1, C)[None, :], 0.0)
@@ -211,15 +334,28 @@ def _chunked_head(kptr, vptr, slot_ptrs, row_mask, scr, head, hc, sg_ptr, cos0, 
         v3 = tl.where(m, v3 - _cvec(value_mean_ptr + hd, 3, C)[None, :], 0.0)
     vn = tl.sqrt_rn(tl.sum(v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3, axis=1))
     vcb = codebooks_ptr + 3 * 512
-    y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3,
-                           tl.div_rn(1.0, tl.maximum(vn, 1e-30)), hc, SCALE, SPLIT)
-    p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    inv_vn = tl.div_rn(1.0, tl.maximum(vn, 1e-30))
+    if EXACT_ROT:
+        y0, y1, y2, y3 = _crot16(vr0, vr1, vr2, vr3, hs0, hs1, hs2, hs3, SPLIT)
+        if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
+            y0 -= _cvec(rot_vm_ptr, 0, C)[None, :]
+            y1 -= _cvec(rot_vm_ptr, 1, C)[None, :]
+            y2 -= _cvec(rot_vm_ptr, 2, C)[None, :]
+            y3 -= _cvec(rot_vm_ptr, 3, C)[None, :]
+        s = (inv_vn * SCALE)[:, None]
+        y0 = y0 * s
+        y1 = y1 * s
+        y2 = y2 * s
+        y3 = y3 * s
+    else:
+        y0, y1, y2, y3 = _crot(v0 * sg0, v1 * sg1, v2 * sg2, v3 * sg3, inv_vn, hc, SCALE, SPLIT)
+    p0, c0 = _ccode(y0, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p0, 0, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p1, c1 = _ccode(y1, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p1, 1, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p2, c2 = _ccode(y2, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p2, c2 = _ccode(y2, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p2, 2, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
-    p3, c3 = _ccode(y3, vcb, VB_BITS, C, CODES, VB_CB, WIDE)
+    p3, c3 = _ccode(y3, vcb, VB_BITS, C, CODES, VB_CB, WIDE, bucket_ptr + 256)
     _cstore(slot_ptrs, row_mask, p3, 3, VB_OFF, VB_BITS, C, VB_U, VB_K, ALIGN, WIDE)
     vcc = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     vyc = vcc

@@ -27,8 +27,38 @@ def _dot_split(x, h16):
 
 
 @triton.jit
+def _codes_bucketed(y, cb_ptr, bk_ptr, HALF: tl.constexpr, BK: tl.constexpr):
+    """CODES 3: codes and levels of y with one table lookup for the count m of positive
+    thresholds below |y| and one for the level. The float bits of a' (|y|, the next float up
+    for a non-positive y: bucketize's tie rule) shifted right by BK[0], less BK[1], clamped to
+    [0, BK[2]), index buckets of which none holds more than one threshold (tq_store builds the
+    table: _buckets). Entry b: the count of thresholds in buckets below b (high 32 bits) and
+    the bits of the threshold in b, or of +inf (low 32 bits). Exact: integer compares of the
+    bits of non-negative floats order them as the floats."""
+    u = y.to(tl.int32, bitcast=True)
+    pos = u > 0  # y > 0 (y is never NaN here)
+    ab = (u & 0x7FFFFFFF) + ((u >> 31) & 1)
+    b = tl.minimum(tl.maximum((ab >> BK[0]) - BK[1], 0), BK[2] - 1)
+    if BK[3]:  # inline PTX: an elementwise op keeps the tile's layout (Triton gives a plain
+        # gather load a layout of its own and moves the tile there and back through shared memory)
+        e = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [bk_ptr + b],
+                                      dtype=tl.int64, is_pure=True, pack=1)
+    else:
+        e = tl.load(bk_ptr + b)
+    thr = e.to(tl.int32)
+    m = (e >> 32).to(tl.int32) + (ab > thr).to(tl.int32)
+    code = m ^ tl.where(pos, HALF, HALF - 1)  # HALF + m above 0, HALF - 1 - m below
+    if BK[3]:
+        c = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [cb_ptr + code],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        c = tl.load(cb_ptr + code)
+    return code, c
+
+
+@triton.jit
 def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-           CODES: tl.constexpr, CB: tl.constexpr):
+           CODES: tl.constexpr, CB: tl.constexpr, bk_ptr=None):
     """Codes (torch.bucketize, right=False, of a symmetric codebook) and levels of y [rows, W];
     levels are 0 in padding columns. A code is the sign plus the number m of positive thresholds
     below |y|. CODES 0: a compare and two selects per threshold; 1: no predicates: each
@@ -36,46 +66,50 @@ def _codes(y, cb_ptr, BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
     equal operands), m adds the s and the level's float bits add s * (the step between the bits
     of consecutive positive levels), exact integer arithmetic; 2: m as in 1, the level a lookup.
     CB (CODES 0): the positive levels then the positive thresholds as constants (compiled in as
-    immediates: no loads, no registers), else () and the table at cb_ptr."""
+    immediates: no loads, no registers), else () and the table at cb_ptr. 3: two lookups
+    (_codes_bucketed; CB its bucket constants, bk_ptr its table)."""
     HALF: tl.constexpr = 1 << (BITS - 1)
-    pos = y > 0
-    a = tl.abs(y)
-    # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
-    a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
-    if (CODES == 0) and (len(CB) > 0):
-        m = tl.zeros(y.shape, dtype=tl.int32)
-        c = tl.zeros(y.shape, dtype=tl.float32) + CB[0]
-        for j in tl.static_range(HALF - 1):
-            above = a > CB[HALF + j]
-            m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
-            c = tl.where(above, CB[1 + j], c)
-        code = tl.where(pos, HALF + m, HALF - 1 - m)
-    elif CODES == 0:
-        m = tl.zeros(y.shape, dtype=tl.int32)
-        c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
-        for j in tl.static_range(HALF - 1):
-            above = a > tl.load(cb_ptr + 256 + HALF + j)
-            m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
-            c = tl.where(above, tl.load(cb_ptr + HALF + 1 + j), c)
-        code = tl.where(pos, HALF + m, HALF - 1 - m)
+    if CODES == 3:
+        code, c = _codes_bucketed(y, cb_ptr, bk_ptr, HALF, CB)
     else:
-        mu = tl.zeros(y.shape, dtype=tl.uint32)
-        lv = tl.load(cb_ptr + HALF).to(tl.uint32, bitcast=True)
-        cb = tl.zeros(y.shape, dtype=tl.uint32) + lv
-        for j in tl.static_range(HALF - 1):
-            s = (tl.load(cb_ptr + 256 + HALF + j) - a).to(tl.uint32, bitcast=True) >> 31
-            mu += s
-            if CODES == 1:
-                nxt = tl.load(cb_ptr + HALF + 1 + j).to(tl.uint32, bitcast=True)
-                cb += s * (nxt - lv)
-                lv = nxt
-        m = mu.to(tl.int32, bitcast=True)
-        code = tl.where(pos, HALF + m, HALF - 1 - m)
-        if CODES == 1:
-            c = cb.to(tl.float32, bitcast=True)
+        pos = y > 0
+        a = tl.abs(y)
+        # #{t <= |y|} = #{t < next float above |y|} for the non-positive side
+        a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
+        if (CODES == 0) and (len(CB) > 0):
+            m = tl.zeros(y.shape, dtype=tl.int32)
+            c = tl.zeros(y.shape, dtype=tl.float32) + CB[0]
+            for j in tl.static_range(HALF - 1):
+                above = a > CB[HALF + j]
+                m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
+                c = tl.where(above, CB[1 + j], c)
+            code = tl.where(pos, HALF + m, HALF - 1 - m)
+        elif CODES == 0:
+            m = tl.zeros(y.shape, dtype=tl.int32)
+            c = tl.zeros(y.shape, dtype=tl.float32) + tl.load(cb_ptr + HALF)
+            for j in tl.static_range(HALF - 1):
+                above = a > tl.load(cb_ptr + 256 + HALF + j)
+                m = tl.where(above, j + 1, m)  # thresholds ascend: the last one below wins
+                c = tl.where(above, tl.load(cb_ptr + HALF + 1 + j), c)
+            code = tl.where(pos, HALF + m, HALF - 1 - m)
         else:
-            c = tl.load(cb_ptr + HALF + m)
-    c = tl.where(pos, c, -c)
+            mu = tl.zeros(y.shape, dtype=tl.uint32)
+            lv = tl.load(cb_ptr + HALF).to(tl.uint32, bitcast=True)
+            cb = tl.zeros(y.shape, dtype=tl.uint32) + lv
+            for j in tl.static_range(HALF - 1):
+                s = (tl.load(cb_ptr + 256 + HALF + j) - a).to(tl.uint32, bitcast=True) >> 31
+                mu += s
+                if CODES == 1:
+                    nxt = tl.load(cb_ptr + HALF + 1 + j).to(tl.uint32, bitcast=True)
+                    cb += s * (nxt - lv)
+                    lv = nxt
+            m = mu.to(tl.int32, bitcast=True)
+            code = tl.where(pos, HALF + m, HALF - 1 - m)
+            if CODES == 1:
+                c = cb.to(tl.float32, bitcast=True)
+            else:
+                c = tl.load(cb_ptr + HALF + m)
+        c = tl.where(pos, c, -c)
     if N < W:
         c = tl.where(tl.arange(0, W)[None, :] < N, c, 0.0)
     return code, c

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .tq_common import cache_slot_ptrs, rope_cos_sin
-from .tq_store_chunked import _chunked_head, _cvec
+from .tq_store_chunked import _chunk_mats, _chunked_head, _cload_raw, _cvec
 from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
                              _store_norm16, _store_stream, _via_memory)
 
@@ -148,7 +148,8 @@ def _tq_store_kernel(
     codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
     kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
-    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16,
+    kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16, bucket_ptr, hs32,
+    hsx,
     # the cache: page size and strides in bytes
     PAGE: tl.constexpr, STRIDE_TOK: tl.constexpr, STRIDE_HEAD: tl.constexpr,
     # the launch (tq_store's plan) and the tables: tokens and heads per program, float32 or
@@ -167,7 +168,8 @@ def _tq_store_kernel(
     ERR: tl.constexpr = 1, SYM: tl.constexpr = False,
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), NO_CB: tl.constexpr = (),
     SCR: tl.constexpr = False,
-    CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False,
+    CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    EXACT_ROT: tl.constexpr = False,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
@@ -208,10 +210,7 @@ def _tq_store_kernel(
         sin2 = 0.0
         sin3 = 0.0
     if CHUNK:
-        if SPLIT == 0:
-            hc = _load_mat(hc32, D // 4, D // 4)
-        else:
-            hc = _load_mat(hc16, D // 4, D // 4)
+        hc, hs0, hs1, hs2, hs3 = _chunk_mats(hc32, hc16, hs32, hsx, D, SPLIT, EXACT_ROT)
 
     # How the GPU rotates (_stream's INPUT): 16-bit inputs exactly where no calibration changed them
     K_INPUT: tl.constexpr = 0 if (KCAL or not EXACT16) else 1
@@ -226,20 +225,40 @@ def _tq_store_kernel(
             hvb = hkb
         else:
             hvb, hvbx = _mats(vfb32, vfb16, vfbx, D, VB.w, SPLIT)
+    # PREFETCH (CHUNK): the next head's keys and values are loaded while this head is coded
+    head0 = tl.program_id(1) * HEADS
+    kp = key_ptr + t64 * stride_kt
+    vp = value_ptr + t64 * stride_vt
+    kr0, kr1, kr2, kr3 = _cload_raw(kp + head0 * stride_kh, row_mask, D // 4, PREFETCH)
+    vr0, vr1, vr2, vr3 = _cload_raw(vp + head0 * stride_vh, row_mask, D // 4, PREFETCH)
     for i in range(HEADS):
-        head = tl.program_id(1) * HEADS + i
+        head = head0 + i
         slot_ptrs = cache_slot_ptrs(cache_ptr, slot // PAGE, slot % PAGE, head, stride_blk,
                                     STRIDE_TOK, STRIDE_HEAD)
         if CHUNK:
-            _chunked_head(key_ptr + t64 * stride_kt + head * stride_kh,
-                          value_ptr + t64 * stride_vt + head * stride_vh, slot_ptrs, row_mask,
+            if PREFETCH:  # the last head loads itself again (cached), never past the tensor
+                nxt = head + 1 - (i + 1) // HEADS
+                kn0, kn1, kn2, kn3 = _cload_raw(kp + nxt * stride_kh, row_mask, D // 4)
+                vn0, vn1, vn2, vn3 = _cload_raw(vp + nxt * stride_vh, row_mask, D // 4)
+            _chunked_head(kp + head * stride_kh, vp + head * stride_vh,
+                          kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask,
                           scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2, head,
-                          hc, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
+                          hc, hs0, hs1, hs2, hs3, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
                           rope_sign_ptr, rope_partner_ptr, key_mean_ptr, key_inv_scale_ptr,
-                          key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr,
+                          key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr, bucket_ptr,
                           D, SPLIT, MEAN, VMEAN, CODES, SCR, KB.bits, KB.off, KB.u, KB.k,
                           VB.bits, VB.off, VB.u, VB.k, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
-                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX)
+                          V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX, PREFETCH, EXACT_ROT,
+                          rot_vm_ptr + (head * 2 + 1) * D)
+            if PREFETCH:
+                kr0 = kn0
+                kr1 = kn1
+                kr2 = kn2
+                kr3 = kn3
+                vr0 = vn0
+                vr1 = vn1
+                vr2 = vn2
+                vr3 = vn3
         else:
             kb = tl.load(key_ptr + t64[:, None] * stride_kt + head * stride_kh + d[None, :],
                          mask=row_mask[:, None], other=0.0)

@@ -150,7 +150,9 @@ def test_store_gpu_dots_match_the_reference(name, dtype, d, calibrated):
 @pytest.mark.parametrize("split", [0, 1])
 def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
     """The raw-key fallback's code paths (tq_store's chunks, sym, err) store the same bytes: the
-    chunked Walsh-Hadamard rotation (the default), full-width dots with H, the signed columns with
+    chunked Walsh-Hadamard rotation (the default: the bucketed code search, the next head's keys
+    and values prefetched, raw keys and values rotated by exact 16-bit dots first; and without
+    them), full-width dots with H, the signed columns with
     residual errors, and the decoded keys' errors; split 1 with float16 inputs as the GPU runs."""
     fmt = FORMATS[name]
     h, t, page = 2, 24, 16
@@ -160,7 +162,8 @@ def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
     if split:
         k, v = k.half(), v.half()
     want = _reference_slots(lq, k.float(), v.float(), positions)
-    for launch in ({}, dict(chunks=False), dict(sym=False), dict(err=0, sym=False)):
+    for launch in ({}, dict(codes=0, prefetch=False, exact_rot=False), dict(chunks=False),
+                   dict(sym=False), dict(err=0, sym=False)):
         cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
         slots = torch.randperm(2 * page)[:t]
         tq_store(k, v, cache, slots, tables, positions,

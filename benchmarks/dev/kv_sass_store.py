@@ -21,7 +21,7 @@ from vllm_gds.kernels.tq_streams import stream_constexprs
 from vllm_gds.kvcache.formats import FORMATS
 
 PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
-        "positions_ptr": "*i64", "rope_partner_ptr": "*i32"}
+        "positions_ptr": "*i64", "rope_partner_ptr": "*i32", "bucket_ptr": "*i64"}
 
 
 def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
@@ -39,6 +39,8 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
     types["rot_vm_ptr"] = "*fp32"
     types["hc32"] = "*fp32"
     types["hc16"] = "*fp16"
+    types["hs32"] = "*fp32"
+    types["hsx"] = "*bf16"
     t = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, 1)
     cx = dict(PAGE=16, STRIDE_TOK=8 * t.layout.slot_bytes, STRIDE_HEAD=t.layout.slot_bytes,
               BLOCK_T=block_t, HEADS=heads if calibrated else 1, SPLIT=1, EXACT16=True,
@@ -47,11 +49,13 @@ def store_kernel(name="tq4", calibrated=True, block_t=64, num_warps=4, heads=8):
               **stream_constexprs(t.constexprs))
     cx.update({k: v for k, v in EXTRA.items() if k != "CB"})
     if not calibrated:  # as tq_store launches without the raw-key fallback
-        cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0)
+        cx.update(SYM=0, SCR=0, CHUNK=0, NEOX=0, CODES=0, PREFETCH=0, EXACT_ROT=0)
     cx.update(KB_CB=(), VB_CB=(), NO_CB=())
-    if EXTRA.get("CB") and calibrated:  # the codebooks as immediates, as tq_store launches them
-        from vllm_gds.kernels.tq_store import _store_constants
-        const = _store_constants(t, 1, torch.bfloat16)
+    from vllm_gds.kernels.tq_store import _store_constants
+    const = _store_constants(t, 1, torch.bfloat16)
+    if cx["CODES"] == 3 and calibrated:  # the bucketed search's constants, as tq_store's
+        cx.update(KB_CB=const["bk_kb"][0] + (1,), VB_CB=const["bk_vb"][0] + (1,))
+    elif EXTRA.get("CB") and calibrated:  # the codebooks as immediates, as tq_store launches them
         cx.update(KB_CB=const["cb_kb"], VB_CB=const["cb_vb"])
     divisible = [a for a in _tq_store_kernel.arg_names if a in types and types[a].startswith("*")]
     divisible += ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_blk"]
@@ -75,7 +79,7 @@ def resources(kernel) -> str:
 CONFIGS = {True: [(16, 4), (32, 8)], False: [(64, 8), (64, 4)]}  # tq_store's defaults first
 STAGES = 1  # as tq_store launches
 MAXNREG = None  # --maxnreg (StoreTuning.maxnreg; 0: no limit; default: tq_store's)
-EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
+EXTRA = {"ERR": 1, "SYM": 1, "CB": 1, "SCR": 1, "CHUNK": 1, "NEOX": 1, "CODES": 3, "PREFETCH": 1, "EXACT_ROT": 1}  # more constexprs (--set NAME=VALUE,...), tq_store's defaults
 
 
 def main():
