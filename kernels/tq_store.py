@@ -38,7 +38,9 @@ class StoreTuning:
     errors from residuals (1) or decoded keys (0); sym, imm_codebooks, via_memory, chunks: the
     full-width fallback path's variants (None: on where they apply); codes 3 (the chunked
     path only, default there): two table lookups per code (_buckets); prefetch (chunked path,
-    default on): the next head's keys and values loaded while one head is coded; exact_rot
+    default off: measured 0.541 ms on, 0.492 ms off for 32K tq4 tokens, H100, 2026-12-06,
+    benchmarks/results/kv_store_check.json): the next head's keys and values loaded while one
+    head is coded; exact_rot
     (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
     16-bit pass per chunk, the 4-point transform after the dots."""
 
@@ -194,7 +196,7 @@ class _Launch:
         cbs = (dict(KB_CB=c["cb_kb"], VB_CB=c["cb_vb"]) if imm_codebooks and codes == 0
                else dict(KB_CB=c["bk_kb"][0] + (ptx,), VB_CB=c["bk_vb"][0] + (ptx,))
                if codes == 3 else {})  # (shift, offset, buckets, loads as inline PTX)
-        prefetch = chunks if t.prefetch is None else bool(t.prefetch and chunks)
+        prefetch = bool(t.prefetch and chunks)
         exact_in = split == 0 or exact16  # the inputs exact in the dots' dtype
         exact_rot = bool((chunks if t.exact_rot is None else t.exact_rot) and chunks and exact_in)
         maxnreg = 128 if t.maxnreg is None and chunks else t.maxnreg

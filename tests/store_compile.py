@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 from vllm_gds.kernels.tq_store import StoreTuning, _Launch
 from vllm_gds.kernels.tq_store_kernel import _tq_store_kernel
+from vllm_gds.kernels.tq_streams import stream_constexprs
 from vllm_gds.kvcache.calibration_file import top_pairs
 from vllm_gds.kvcache.formats import FORMATS
 from vllm_gds.kvcache.tables import LayerTables
@@ -51,7 +52,7 @@ def compile_served(name: str, tuning=None, heads: int = 8, d: int = 128):
     kw = dict(plan.kwargs)
     num_warps, num_stages, maxnreg = kw.pop("num_warps"), kw.pop("num_stages"), kw.pop("maxnreg", None)
     constexprs = {k: v for k, v in kw.items() if k in _tq_store_kernel.arg_names}
-    constexprs.update(tables.constexprs)
+    constexprs.update(stream_constexprs(tables.constexprs))
     sig = {}
     for arg in _tq_store_kernel.arg_names:
         if arg in constexprs:

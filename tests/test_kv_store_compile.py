@@ -1,7 +1,8 @@
 """The served store launch compiled for sm_90 without a GPU (tests/store_compile.py, in a process
 of its own), under the installed Triton: tq_store's plan for a CUDA bf16 call takes the bucketed
 code search with its lookups as inline PTX (Triton would move a plain gather's tile through
-shared memory), the prefetch and the exact 16-bit rotation, and its head loop is shorter than the
+shared memory) and the exact 16-bit rotation (the next head's prefetch is off: slower on the
+GPU), and its head loop is shorter than the
 launch before them by at least 20% (tq4) / 12% (tq3) (sm_90 SASS; benchmarks/RESULTS.md, store
 fifth pass: tq4 4537 -> 3195 instructions under Triton 3.6). The GPU check is benchmarks/dev/kv_store_check.py."""
 
@@ -27,7 +28,7 @@ def _compile(*args):
 @pytest.mark.parametrize("name, most", [("tq4", 0.8), ("tq3", 0.88)])
 def test_served_store_compiles_for_sm90_with_a_shorter_loop(name, most):
     new, old = _compile(name), _compile(name, "old")
-    assert (new["codes"], new["prefetch"], new["exact_rot"], new["chunk"]) == (3, True, True, True)
+    assert (new["codes"], new["prefetch"], new["exact_rot"], new["chunk"]) == (3, False, True, True)
     assert old["codes"] == 0 and not old["prefetch"] and not old["exact_rot"]
     assert new["gathers_inline"] > 0 and old["gathers_inline"] == 0
     n, o = sum(new["loop"].values()), sum(old["loop"].values())

@@ -34,7 +34,7 @@ OLD = dict(codes=0, prefetch=False, exact_rot=False)
 ROWS = [
     ("old", "tq4", "mean", OLD),
     ("new", "tq4", "mean", {}),
-    ("new, no prefetch", "tq4", "mean", dict(prefetch=False)),
+    ("new, with prefetch", "tq4", "mean", dict(prefetch=True)),
     ("new, compare chain", "tq4", "mean", dict(codes=0)),
     ("new, transform first (no exact_rot)", "tq4", "mean", dict(exact_rot=False)),
     ("new, maxnreg 168", "tq4", "mean", dict(maxnreg=168)),
