@@ -86,6 +86,31 @@ def _cload_raw(ptrs, row_mask, C: tl.constexpr, LOAD: tl.constexpr = True):
 
 
 @triton.jit
+def _cload_head(ptrs, r0, r1, r2, r3, row_mask, C: tl.constexpr, PREFETCH: tl.constexpr,
+                EXACT_ROT: tl.constexpr):
+    """One head's four chunks of keys or values: (raw chunks in the input's dtype, the same as
+    float32). PREFETCH: the raw chunks given (r0..r3, loaded one head ahead); EXACT_ROT: loaded
+    here raw; else loaded as float32 (the raw chunks then unused)."""
+    if PREFETCH:
+        x0 = r0.to(tl.float32)
+        x1 = r1.to(tl.float32)
+        x2 = r2.to(tl.float32)
+        x3 = r3.to(tl.float32)
+    elif EXACT_ROT:
+        r0, r1, r2, r3 = _cload_raw(ptrs, row_mask, C)
+        x0 = r0.to(tl.float32)
+        x1 = r1.to(tl.float32)
+        x2 = r2.to(tl.float32)
+        x3 = r3.to(tl.float32)
+    else:
+        x0 = _cload(ptrs, row_mask, 0, C)
+        x1 = _cload(ptrs, row_mask, 1, C)
+        x2 = _cload(ptrs, row_mask, 2, C)
+        x3 = _cload(ptrs, row_mask, 3, C)
+    return r0, r1, r2, r3, x0, x1, x2, x3
+
+
+@triton.jit
 def _chunk_mats(hc32, hc16, hs32, hsx, D: tl.constexpr, SPLIT: tl.constexpr,
                 EXACT_ROT: tl.constexpr):
     """H_C in the dtype of the split dots, and with EXACT_ROT diag(s_a) H_C for each chunk a in
@@ -226,22 +251,8 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     kcb = codebooks_ptr + 512
-    if PREFETCH:
-        k0 = kr0.to(tl.float32)
-        k1 = kr1.to(tl.float32)
-        k2 = kr2.to(tl.float32)
-        k3 = kr3.to(tl.float32)
-    elif EXACT_ROT:
-        kr0, kr1, kr2, kr3 = _cload_raw(kptr, row_mask, C)
-        k0 = kr0.to(tl.float32)
-        k1 = kr1.to(tl.float32)
-        k2 = kr2.to(tl.float32)
-        k3 = kr3.to(tl.float32)
-    else:
-        k0 = _cload(kptr, row_mask, 0, C)
-        k1 = _cload(kptr, row_mask, 1, C)
-        k2 = _cload(kptr, row_mask, 2, C)
-        k3 = _cload(kptr, row_mask, 3, C)
+    kr0, kr1, kr2, kr3, k0, k1, k2, k3 = _cload_head(kptr, kr0, kr1, kr2, kr3, row_mask, C,
+                                                     PREFETCH, EXACT_ROT)
     sg0 = _cvec(sg_ptr, 0, C)[None, :]
     sg1 = _cvec(sg_ptr, 1, C)[None, :]
     sg2 = _cvec(sg_ptr, 2, C)[None, :]
@@ -311,22 +322,8 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
                   K_NORM_OFF, ALIGN, WIDE)
 
     # values
-    if PREFETCH:
-        v0 = vr0.to(tl.float32)
-        v1 = vr1.to(tl.float32)
-        v2 = vr2.to(tl.float32)
-        v3 = vr3.to(tl.float32)
-    elif EXACT_ROT:
-        vr0, vr1, vr2, vr3 = _cload_raw(vptr, row_mask, C)
-        v0 = vr0.to(tl.float32)
-        v1 = vr1.to(tl.float32)
-        v2 = vr2.to(tl.float32)
-        v3 = vr3.to(tl.float32)
-    else:
-        v0 = _cload(vptr, row_mask, 0, C)
-        v1 = _cload(vptr, row_mask, 1, C)
-        v2 = _cload(vptr, row_mask, 2, C)
-        v3 = _cload(vptr, row_mask, 3, C)
+    vr0, vr1, vr2, vr3, v0, v1, v2, v3 = _cload_head(vptr, vr0, vr1, vr2, vr3, row_mask, C,
+                                                     PREFETCH, EXACT_ROT)
     if VMEAN:
         v0 = tl.where(m, v0 - _cvec(value_mean_ptr + hd, 0, C)[None, :], 0.0)
         v1 = tl.where(m, v1 - _cvec(value_mean_ptr + hd, 1, C)[None, :], 0.0)
