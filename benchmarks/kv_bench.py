@@ -432,12 +432,12 @@ def time_turboquant(torch, triton, preset, b, ctx, hq, hk, d, device):
     return bench(run, triton)
 
 
-def graph_time(torch, calls):
+def graph_time(torch, calls, runs: list | None = None):
     """ms per call of one CUDA graph that runs every call in `calls` once (each on its own copy
     of the inputs, >= 200 MB together, so no copy is still in the L2 when it comes round):
-    device time alone. do_bench times the host launch too where that takes longer than its
-    256 MB L2 memset before each call, which tq_attention's does (140-300 us,
-    benchmarks/dev/kv_split_sweep.py)."""
+    device time alone, the median of 5 timings (runs: a list that gets all 5). do_bench times the
+    host launch too where that takes longer than its 256 MB L2 memset before each call, which
+    tq_attention's did (140-300 us, benchmarks/dev/kv_split_sweep.py)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -459,6 +459,8 @@ def graph_time(torch, calls):
         e1.record()
         torch.cuda.synchronize()
         ts.append(e0.elapsed_time(e1) / (4 * len(calls)))
+    if runs is not None:
+        runs.extend(ts)
     return sorted(ts)[2]
 
 

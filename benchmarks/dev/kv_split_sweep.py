@@ -93,28 +93,8 @@ def main():
                     call()
                 host_us = (time.perf_counter() - t0) / 200 * 1e6
                 torch.cuda.synchronize()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for c in caches[:2]:
-                        call(c)
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for c in caches:
-                        call(c)
-                g.replay()
-                torch.cuda.synchronize()
                 graph = []
-                for _ in range(5):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    for _ in range(4):
-                        g.replay()
-                    e1.record()
-                    torch.cuda.synchronize()
-                    graph.append(e0.elapsed_time(e1) / (4 * reps))
-                del g
+                kv_bench.graph_time(torch, [lambda c=c: call(c) for c in caches], runs=graph)
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
