@@ -1,6 +1,6 @@
 """Fused calibrate-rotate-quantize-store of new keys and values into the paged quantized cache.
 
-Why this file keeps code no served launch runs: besides the two served paths (CHUNK, in
+Why this file keeps code no served launch runs (and is a little over 400 lines): besides the two served paths (CHUNK, in
 tq_store_chunked.py, for one full-width stream per vector with the raw-key fallback; the general
 path here for uncalibrated caches and formats with extra-bit streams) it holds the store sweep's
 variants (benchmarks/dev/kv_store_sweep.py, StoreTuning): the full-width path without chunks
