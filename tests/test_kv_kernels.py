@@ -4,7 +4,8 @@ Every check draws random inputs (seeded per test, see `_seeded`), poisons what t
 (0xAB cache bytes, NaN outputs) and covers several page sizes, ragged sequence lengths, GQA ratios
 1, 3 and 8 and head sizes 64 and 128. Grids stay tiny: an interpreted attention program costs tens
 of milliseconds. Over 400 lines: the store's and the attention's checks share the reference
-helpers and the seeded inputs at the top, and split apart they would import each other.
+helpers and seeded inputs at the top and the PTX interpreter (_run_ptx, which
+test_kv_hopper_compile.py imports from here).
 """
 
 import importlib
