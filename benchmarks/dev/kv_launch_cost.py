@@ -45,8 +45,17 @@ class Recorder:
 
 
 def _stub(log):
+    """The kernels replaced by a recorder: the launchers' CachedLaunch objects (they hold the
+    kernel itself, so patching a module's kernel name does not reach them) and any module-level
+    kernel launched the plain way."""
     import vllm_gds.kernels  # noqa: F401  every kernel module loaded before it is patched
+    from vllm_gds.kernels import launch as launch_mod
 
+    def record(self, grid, args, meta, compiled):
+        if log is not None:
+            log.append((getattr(self.fn, "__name__", repr(self.fn)), grid, args, meta))
+
+    launch_mod.CachedLaunch.__call__ = record
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("vllm_gds.kernels"):
             for name in KERNELS:
