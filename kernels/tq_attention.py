@@ -16,9 +16,9 @@ Decode on Hopper: where it can run, decode takes the Gluon kernel (tq_decode_hop
 of the portable one: Triton has Gluon, the GPU is sm_90 (the only architecture it was checked
 on), and its why_unsupported passes (tq4: one 4-bit stream each for keys and values, head size
 64 or 128; tq3: one 3-bit stream each, head size 128; ...). Its split count follows its own rule
-(split_count's resident: one wave of programs). Decided once per plan on its first call (decode_path is the decision) and
-logged once per distinct choice on the "vllm_gds.kernels" logger. AttentionTuning.hopper=False
-measures the portable kernel; True requires the Hopper one.
+(split_count's resident: one wave of programs). Decided once per plan on its first call
+(decode_path is the decision) and logged once per distinct choice on the "vllm_gds.kernels"
+logger. AttentionTuning.hopper=False measures the portable kernel; True requires the Hopper one.
 """
 
 from __future__ import annotations

@@ -672,9 +672,10 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
     prefetch None: on. maxnreg None: no register limit (0 = none too). Both from the launch sweep
-    on an H100, 2026-12-06 (benchmarks/RESULTS.md, "Decode with the Hopper kernel served"): 4 warps, prefetch, no limit,
-    the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
-    1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K)."""
+    on an H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps,
+    prefetch, no limit, the served split count were the fastest of 24 launches at 8B 64x8K and
+    1x32K and at 70B TP8 1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B
+    64x8K)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
