@@ -94,15 +94,28 @@ def reduce_chunk(splits: int, rows: int = 16, width: int = 128) -> int:
     return min(64, fit, triton.next_power_of_2(splits))
 
 
+# From this many splits a reduce program merges one query head's row, not all G: at batch 1 a
+# single program merging 64 splits of 8 rows took 15 us, longer than most decodes (ncu, H100,
+# 2026-12-06, benchmarks/dev/kv_hopper_ncu.py: Llama-3-70B TP8 1x32K).
+REDUCE_ROW_SPLITS = 8
+
+
 def reduce_kwargs(tables, g: int, splits: int, dot, num_warps: int = 4) -> dict:
     """Constexprs and warps of _tq_reduce_kernel merging the splits of G query heads (the
-    portable and the Hopper decode both leave their partials to it)."""
+    portable and the Hopper decode both leave their partials to it): GM rows a program, all G
+    (rounded up to a power of two) or one where splits >= REDUCE_ROW_SPLITS; its grid is
+    (tokens, KV heads, reduce_groups(kwargs))."""
     kw = tables.constexprs
-    gm = triton.next_power_of_2(g)
+    gm = 1 if splits >= REDUCE_ROW_SPLITS else triton.next_power_of_2(g)
     sc = reduce_chunk(splits, gm, max(kw["VB_W"], kw["VA_W"]))
     return dict(G=g, BLOCK_M=_pow2_at_least(g), SPLITS=splits, DOT=dot, D=kw["D"],
                 VA_N=kw["VA_N"], VA_W=kw["VA_W"], VB_W=kw["VB_W"], SC=sc, GM=gm,
                 num_warps=8 if sc >= 8 else num_warps)
+
+
+def reduce_groups(kwargs: dict) -> int:
+    """The reduce grid's third dim: row groups of GM rows."""
+    return triton.cdiv(kwargs["G"], kwargs["GM"])
 
 
 # Programs of the Hopper decode an SM holds at once: its 231 registers a thread (Triton 3.6, 4
@@ -361,7 +374,8 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
             *hop.lut, 0,
         ), hop.kwargs, hop.compiled)
-        _REDUCE((T, H), (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
+        _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),
+                (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
                 hop.compiled_reduce)
         return out
     part = out
@@ -375,6 +389,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         out, os_[0], os_[1], part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
     ), plan.kwargs, plan.compiled)
     if splits > 1:
-        _REDUCE((T, H), (part, out, os_[0], os_[1], *plan.reduce_args, T), plan.reduce_kwargs,
+        _REDUCE((T, H, reduce_groups(plan.reduce_kwargs)),
+                (part, out, os_[0], os_[1], *plan.reduce_args, T), plan.reduce_kwargs,
                 plan.compiled_reduce)
     return out

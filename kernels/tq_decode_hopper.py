@@ -176,11 +176,19 @@ def slot_coordinates(d: int, order: list[int], codes: int = 4, stream: str = "k"
 
 @gluon.jit
 def _rope_cos_sin(a):
-    """cos and sin (float32) of a float64 angle reduced to [-pi, pi] (tq_common.rope_cos_sin)."""
+    """cos and sin (float32) of a float64 angle reduced to [-pi, pi] (tq_common.rope_cos_sin),
+    by the approximate MUFU instructions (absolute error about 1e-6 there, far under the fp16
+    rounding of the MMA operand they feed): libdevice's cosf/sinf, inlined for every element a
+    thread holds, made the prologue thousands of instructions (tq3: 8008 SASS in all, the
+    instruction cache missed; ncu stalls "no_instruction")."""
     k = gl.floor(a * 0.15915494309189535 + 0.5)
     r = ((a - k * 6.2831854820251465) + k * 1.7484555314695172e-07) + k * 7.105427357601002e-15
     r = r.to(gl.float32)
-    return gl.cos(r), gl.sin(r)
+    c = gl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=gl.float32,
+                                  is_pure=True, pack=1)
+    s = gl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=gl.float32,
+                                  is_pure=True, pack=1)
+    return c, s
 
 
 @gluon.jit
@@ -352,8 +360,8 @@ def _mean_ab(m_a, m_b, p0, theta):
 def _tq_decode_hopper_kernel(
     q_ptr, stride_qt, stride_qh,
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
-    signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_mu_ptr,
-    mean_table_ptr, hk_ptr, part_ptr, qk_scale,
+    signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_step_ptr,
+    mean_mu_ptr, mean_table_ptr, hk_ptr, part_ptr, qk_scale,
     lut0, lut1, lut2, lut3, lut_zero,
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
@@ -464,7 +472,9 @@ def _tq_decode_hopper_kernel(
         m_a = (q_a * mu_a + q_b * mu_b) * qs
         m_b = (q_b * mu_a - q_a * mu_b) * qs
         theta = gl.load(mean_theta_ptr + jj)
-        c_step, s_step = _rope_cos_sin((NW * 16) * theta.to(gl.float64))
+        # the per-tile rotation, exact from the host (mean_step): its error would accumulate
+        c_step = gl.load(mean_step_ptr + jj)
+        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)
         c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 2)
         s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 2)
         # m_c: the channels past the rotary ones
@@ -658,11 +668,21 @@ def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str 
     return None
 
 
-def table_args(tables, codes: int | None = None) -> tuple:
+def mean_step(tables, nw: int) -> torch.Tensor:
+    """[2, heads * RH] float32: cos and sin of the key mean's per-tile angle step, 16 * nw *
+    theta, taken in float64 and rounded once (made once per tables and warp count)."""
+    cache = tables.__dict__.setdefault("_hopper_mean_step", {})
+    if nw not in cache:
+        angle = tables.mean_theta.double() * (16 * nw)
+        cache[nw] = torch.stack([angle.cos(), angle.sin()]).float().contiguous()
+    return cache[nw]
+
+
+def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
     """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
     h_k, _ = hadamard_operands(tables, codes)
     return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
-            tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
+            mean_step(tables, nw), tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
@@ -694,21 +714,21 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
         cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
-            query_start_loc, *table_args(tables, codes),
+            query_start_loc, *table_args(tables, codes, num_warps),
             part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
     return (seq_lens.shape[0], H, splits), args, cx, part
 
 
 def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):
     """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
-    from .tq_attention import _TORCH_TO_TL, reduce_kwargs
+    from .tq_attention import _TORCH_TO_TL, reduce_groups, reduce_kwargs
 
     T, Hq, _ = out.shape
     _, h_v = hadamard_operands(tables, codes)
     args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
             tables.value_mean, T)
-    return (T, kv_heads), args, reduce_kwargs(tables, Hq // kv_heads, splits,
-                                              _TORCH_TO_TL[tables.level_tables.dtype])
+    kw = reduce_kwargs(tables, Hq // kv_heads, splits, _TORCH_TO_TL[tables.level_tables.dtype])
+    return (T, kv_heads, reduce_groups(kw)), args, kw
 
 
 def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

@@ -29,7 +29,7 @@ from vllm_gds.kvcache.tables import LayerTables
 
 TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32",
          "query_start_ptr": "*i32", "signs_ptr": "*fp32", "key_scale_ptr": "*fp32",
-         "key_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32",
+         "key_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32", "mean_step_ptr": "*fp32",
          "mean_mu_ptr": "*fp32", "mean_table_ptr": "*fp16", "hk_ptr": "*bf16",
          "part_ptr": "*fp32", **{f"lut{i}": "i32" for i in range(4)}, "lut_zero": "i32", "qk_scale": "fp32"}
 DIVISIBLE = ("q_ptr", "cache_ptr", "block_table_ptr", "part_ptr", "stride_blk", "stride_bt",

@@ -231,6 +231,7 @@ def _run_attention(fmt, d, h, g, seq_lens, q_lens, page, splits=None, calibrated
     [
         ("tq4", 128, 1, 8, 16, 1),
         ("tq4", 64, 2, 3, 32, 3),
+        ("tq4", 64, 2, 3, 16, 8),  # the reduce on one row a program (REDUCE_ROW_SPLITS)
         ("tq3", 64, 2, 1, 16, 2),
         ("k3+16/v2+8", 64, 1, 3, 16, 1),
         ("k5/v3", 128, 1, 1, 32, 2),
