@@ -145,6 +145,8 @@ class PagePinner:
     def __init__(self, spans, claims: Claims, sources, fds, dests, paths, device: torch.device,
                  run_bytes: int, runs_in_flight: int, checks, progress=None):
         self._spans, self._claims, self._sources, self._fds = spans, claims, sources, fds
+        if device.type == "cuda" and device.index is None:  # the caller's current device, for this thread
+            device = torch.device("cuda", torch.cuda.current_device())
         self._dests, self._paths, self._device = dests, paths, device
         self._run_bytes, self._runs_in_flight = run_bytes, max(1, runs_in_flight)
         self._checks, self._progress = checks, progress

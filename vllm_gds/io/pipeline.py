@@ -1,10 +1,10 @@
 """The pipeline: files to GPU memory through pinned host memory, many reads and copies in flight.
 
-Worker threads take spans (:mod:`vllm_gds.io.plan`) in file order. A span of a
-file that is resident in memory (tmpfs, or a warm page cache) is pinned where it
-lies (``cudaHostRegister``, read-only) and copied to the GPU straight from the
-page cache: no CPU touches the bytes. A span of any other file is read with
-``preadv`` (or O_DIRECT) into a ring of pinned buffers and copied from there.
+Worker threads take spans (:mod:`vllm_gds.io.plan`) in file order, ``preadv``
+(or O_DIRECT) them into a ring of pinned buffers and copy them from there. With
+``pin_page_cache``, the page pinner (:mod:`vllm_gds.io.page_pinner`, shared with
+the staged engine) takes spans of files resident in memory from the back, pins
+them where they lie and has the GPU copy straight from the page cache.
 Copies run on each thread's own CUDA stream; an event per span tells when its
 pinned memory may be released or reused. Pinned memory stays under
 ``max_pinned_bytes`` whatever the model size.
@@ -14,9 +14,6 @@ measured faster than kvikio's own bounce buffers, which copy every byte
 through the CPU (benchmarks/RESULTS.md). With a host destination (the CPU
 platform, and the tests) the ring is plain memory and the copies synchronous.
 """
-# Why over 400 lines: the split issue 15 names (Checksums, which the kvikio engine also uses, into
-# its own module; run_pipeline's closures into a small class) waits for issue 17's rework of
-# vllm_gds/io/, which another worktree owns at the moment.
 
 import collections
 import os
