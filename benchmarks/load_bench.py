@@ -1029,8 +1029,9 @@ def pinner_lines(res) -> list[str]:
                 continue
             lines.append(f"  {v['label'][:52]}: ring {d.get('ring_bytes', 0) / GiB:.2f} GiB, pinner "
                          f"{d['pin_bytes'] / GiB:.2f} GiB in {d.get('pin_runs_done')} runs of "
-                         f"{d.get('pin_run', 0) >> 20} MiB at {d.get('pin_gb_per_s', 0):.2f} GB/s (register+unregister "
-                         f"{d.get('pin_register_seconds', 0):.3f} s){'; ' + d['pin_refused'] if d.get('pin_refused') else ''}")
+                         f"{d.get('pin_run', 0) >> 20} MiB x {d.get('pin_runs')} at a time, {d.get('pin_gb_per_s', 0):.2f} GB/s "
+                         f"(register {d.get('pin_register_seconds', 0):.3f} s, unregister "
+                         f"{d.get('pin_unregister_seconds', 0):.3f} s of {d.get('pin_seconds', 0):.3f}){'; ' + d['pin_refused'] if d.get('pin_refused') else ''}")
     return (["page pinner:"] + lines) if lines else []
 
 

@@ -183,6 +183,14 @@ def test_ring_and_pinner_split_a_real_checkpoint_every_byte_once(tmp_path):
     assert d["ring_spans"] + d["pin_spans_taken"] == d["spans"]
     assert d["pin_runs_done"] >= 1 and d["pin_gb_per_s"] > 0 and d["pin_register_seconds"] == 0.0
     assert d["resident_shares"] == [1.0, 1.0] and "page pinner: runs of 256 KiB" in d["choice"]
+    from vllm_gds.loader.report import LoadReport
+
+    fields = LoadReport.engine_fields(d)
+    assert (fields["ring_bytes"], fields["page_pinned_bytes"]) == (d["ring_bytes"], d["pin_bytes"])
+    report = LoadReport("m", "huggingface", 0, 0, 0, stats.mode, 2, len(all_data), stats.nbytes, stats.seconds,
+                        True, 0.0, stats.seconds, **fields)
+    assert f"page pinner: {d['pin_bytes'] / 1e9:.3f} GB copied in place" in report.log_line()
+    assert f"{d['ring_bytes'] / 1e9:.3f} GB through the ring" in report.log_line()
 
 
 def test_a_damaged_tensor_copied_by_the_pinner_fails_the_load_naming_it(tmp_path):

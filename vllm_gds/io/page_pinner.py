@@ -159,7 +159,8 @@ class PagePinner:
         self.spans_taken = 0
         self.runs = 0
         self.seconds = 0.0  # from its start to its last copy finished
-        self.register_seconds = 0.0  # inside cudaHostRegister and cudaHostUnregister
+        self.register_seconds = 0.0  # inside cudaHostRegister
+        self.unregister_seconds = 0.0  # inside cudaHostUnregister
 
     def start(self) -> None:
         # The first run is claimed here, before the ring's readers start: the pinner then always
@@ -184,6 +185,7 @@ class PagePinner:
     def detail(self) -> dict:
         return {"pin_spans_taken": self.spans_taken, "pin_runs_done": self.runs, "pin_bytes": self.nbytes,
                 "pin_seconds": self.seconds, "pin_register_seconds": self.register_seconds,
+                "pin_unregister_seconds": self.unregister_seconds,
                 "pin_gb_per_s": self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0,
                 **({"pin_refused": self.refused} if self.refused else {})}
 
@@ -224,9 +226,10 @@ class PagePinner:
                         "was cut short while loading; copy or prepare it again")
                 src = self._sources[first.file]
                 ptr, length = src.data_ptr() + first.offset, last.offset + last.length - first.offset
+                entry = None
                 if register:
                     while len(held) >= self._runs_in_flight:  # bounded: one copying, one next
-                        self._unregister(cudart, *held.popleft())
+                        self._unregister(cudart, stream, held.popleft())
                     t = time.perf_counter()
                     err = int(cudart.cudaHostRegister(ptr, length, REGISTER_READ_ONLY))
                     self.register_seconds += time.perf_counter() - t
@@ -235,13 +238,16 @@ class PagePinner:
                         self.refused = (f"{path}: cudaHostRegister of {length >> 20} MiB refused (cudaError "
                                         f"{err}); the ring read the rest")
                         register = False
+                    else:
+                        entry = [ptr, None]  # unregistered in any case, once its copy has finished
+                        held.append(entry)
                 self._copy(run, src, stream)
                 event = None
                 if cuda:
                     event = torch.cuda.Event()
                     event.record(stream)
-                    if register:
-                        held.append((ptr, event))
+                    if entry is not None:
+                        entry[1] = event
                     else:
                         event.synchronize()  # pageable: the mapping is read by the copy itself
                 pieces = [p for j in run for p in self._spans[j].pieces]
@@ -265,7 +271,7 @@ class PagePinner:
         finally:
             try:
                 while held:
-                    self._unregister(cudart, *held.popleft())
+                    self._unregister(cudart, stream, held.popleft())
                 if stream is not None:
                     stream.synchronize()
             except BaseException as e:
@@ -273,8 +279,12 @@ class PagePinner:
                     self.error = GdsError(f"releasing page-cache pages pinned for {path} failed: {e}")
             self.seconds = time.perf_counter() - t0
 
-    def _unregister(self, cudart, ptr: int, event) -> None:
-        event.synchronize()
+    def _unregister(self, cudart, stream, entry) -> None:
+        ptr, event = entry
+        if event is not None:
+            event.synchronize()
+        else:  # registered, then a failure before its copy's event was recorded
+            stream.synchronize()
         t = time.perf_counter()
         cudart.cudaHostUnregister(ptr)
-        self.register_seconds += time.perf_counter() - t
+        self.unregister_seconds += time.perf_counter() - t
