@@ -683,10 +683,13 @@ def main():
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep", action="store_true", help="also try pipeline thread/task sizes")
-    ap.add_argument("--alternatives", nargs="*", default=[], metavar="[ENGINE:]THREADSxTASK[xSLOT]",
+    ap.add_argument("--alternatives", nargs="*", default=[],
+                    metavar="[ENGINE:]THREADSxTASK[xSLOT]|auto[+pin[MiB]|+nopin][+verify]",
                     help="one GPU warm: rows of an engine (staged or kvikio, default kvikio) with these threads "
-                         "x task MiB (x slot MiB, staged) beside the automatic choice, e.g. staged:12x2 "
-                         "staged:16x4x32 kvikio:24x4")
+                         "x task MiB (x slot MiB, staged), or its automatic sizes, beside the automatic choice; "
+                         "+pin / +pin256: the staged engine with the page pinner (256 MiB runs), +nopin without, "
+                         "+verify: checksums verified. E.g. staged:12x2 kvikio:24x4 staged:auto+nopin "
+                         "staged:auto+pin128 staged:auto+pin256+verify")
     ap.add_argument("--no-fresh", action="store_true", help="skip the first-load-in-a-new-process rows")
     ap.add_argument("--safetensors", action="store_true", help="also time safetensors load_file (slow)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
@@ -761,16 +764,35 @@ FRESH = [
 
 
 def alternative(spec: str):
-    """'staged:16x2x16' (threads x task MiB x slot MiB), 'kvikio:24x4', or '12x4' (kvikio)."""
-    engine, _, sizes = spec.rpartition(":")
+    """'staged:16x2x16' (threads x task MiB x slot MiB), 'kvikio:24x4', '12x4' (kvikio), 'staged:auto'
+    (the engine's automatic sizes); suffixes '+pin' / '+pin256' (the page pinner on, automatic or
+    256 MiB runs), '+nopin' (off), '+verify' (checksums verified)."""
+    engine, _, rest = spec.rpartition(":")
     engine = engine or "kvikio"
-    nums = [int(x) for x in sizes.lower().split("x")]
-    options = {"engine": engine, "num_threads": nums[0], "task_size": nums[1] * MiB}
-    label = f"vllm-gds, {engine} {nums[0]} threads x {nums[1]} MiB"
-    if len(nums) > 2:
-        options["slot_size"] = nums[2] * MiB
-        label += f", {nums[2]} MiB slots"
-    return label, dict(loader="vllm-gds", options=options)
+    sizes, *flags = rest.lower().split("+")
+    options = {"engine": engine}
+    label = f"vllm-gds, {engine}"
+    if sizes != "auto":
+        nums = [int(x) for x in sizes.split("x")]
+        options.update(num_threads=nums[0], task_size=nums[1] * MiB)
+        label += f" {nums[0]} threads x {nums[1]} MiB"
+        if len(nums) > 2:
+            options["slot_size"] = nums[2] * MiB
+            label += f", {nums[2]} MiB slots"
+    verify = False
+    for flag in flags:
+        if flag == "verify":
+            verify = True
+        elif flag == "nopin":
+            options["pin_page_cache"] = False
+        elif flag.startswith("pin") and (flag[3:] == "" or flag[3:].isdigit()):
+            options["pin_page_cache"] = True
+            if flag[3:]:
+                options["pin_run_size"] = int(flag[3:]) * MiB
+        else:
+            raise SystemExit(f"--alternatives {spec}: unknown suffix +{flag} (pin, pinMiB, nopin, verify)")
+        label += f" +{flag}"
+    return label, dict(loader="vllm-gds", options=options, verify=verify)
 
 
 def bench(ranks, world, args, res, save, cold_dir):
@@ -991,8 +1013,26 @@ def print_table(res):
               f"{row.get('repeats_gb_per_s') or ''} {row.get('per_rank', '') if res['world'] > 1 else ''}")
     print("(cold rows: 'x ceiling' is the ratio to the parallel dd iflag=direct read; first-load rows: "
           "'x InstantT' against InstantTensor's first load)")
+    for line in pinner_lines(res):
+        print(line)
     for line in target_lines(res):
         print(line)
+
+
+def pinner_lines(res) -> list[str]:
+    """Where the page pinner ran: the bytes each way and the pinner's own rate (best repeat)."""
+    lines = []
+    for group in ("single", "multi"):
+        for v in res.get(group, {}).values():
+            d = v.get("detail") if isinstance(v, dict) else None
+            if not d or "pin_bytes" not in d:
+                continue
+            lines.append(f"  {v['label'][:52]}: ring {d.get('ring_bytes', 0) / GiB:.2f} GiB, pinner "
+                         f"{d['pin_bytes'] / GiB:.2f} GiB in {d.get('pin_runs_done')} runs of "
+                         f"{d.get('pin_run', 0) >> 20} MiB x {d.get('pin_runs')} at a time, {d.get('pin_gb_per_s', 0):.2f} GB/s "
+                         f"(register {d.get('pin_register_seconds', 0):.3f} s, unregister "
+                         f"{d.get('pin_unregister_seconds', 0):.3f} s of {d.get('pin_seconds', 0):.3f}){'; ' + d['pin_refused'] if d.get('pin_refused') else ''}")
+    return (["page pinner:"] + lines) if lines else []
 
 
 def plot(res, path):

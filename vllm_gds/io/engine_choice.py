@@ -22,7 +22,7 @@ engine's sizes (2 MiB tasks, 16 MiB slots) follow InstantTensor's in-memory
 path and are not yet measured here either.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_gds.errors import GdsError
 
@@ -62,6 +62,17 @@ STAGED_RESERVED_CPUS = 4
 # (rows "vllm-gds" and "vllm-gds, kvikio engine") on the GPU machine.
 COMPAT_ENGINE = "staged"
 ENGINES = ("kvikio", "staged")
+# The page pinner beside the staged ring (vllm_gds/io/page_pinner.py): where the files are in memory
+# (tmpfs, a warm page cache) one thread registers runs of their page-cache pages and the GPU copies
+# straight from them, while the ring's readers take the files from the front. Whether it runs unless
+# the user says (option pin_page_cache): the one line to flip once benchmarks/load_bench.py
+# (rows "... + page pinner") has measured it on the GPU machine.
+PAGE_PINNER = False
+# Registration is serialised per process and costs per call (17 GB/s for one 2 GiB call, 8-10 GB/s
+# for 16-64 MiB ones, RESULTS.md): large runs, two registered at a time (one copying, one next).
+PIN_RUN = 256 * MiB
+PIN_RUNS = 2
+MIN_PIN_RUN = 32 * MiB  # below it registration costs more than the ring's copy: no pinner
 
 # Shared or parallel file systems: reads wait on the network, so more can be in flight than CPUs.
 NETWORK_FILESYSTEMS = frozenset({"lustre", "nfs", "nfs4", "wekafs", "gpfs", "beegfs", "vast", "cifs",
@@ -94,11 +105,14 @@ class EngineChoice:
     engine: str = "kvikio"
     slot_size: int = 0  # staged: bytes per pinned slot (one GPU copy each)
     slots: int = 0  # staged: pinned slots in the ring
+    pin_run: int = 0  # staged + page pinner: bytes of page cache registered per call (0: no pinner)
+    pin_runs: int = 0  # staged + page pinner: runs registered at a time
 
     def to_dict(self) -> dict:
         return {"engine": self.engine, "threads": self.threads, "task_size": self.task_size,
                 "bounce_size": self.bounce_size, "slot_size": self.slot_size, "slots": self.slots,
-                "pinned_bytes": self.pinned_bytes, "reason": self.reason}
+                "pin_run": self.pin_run, "pin_runs": self.pin_runs, "pinned_bytes": self.pinned_bytes,
+                "reason": self.reason}
 
 
 def fs_kind(fstype: str) -> str:
@@ -146,15 +160,17 @@ def _refuse_tiny_bound(bound: int) -> None:
 
 
 def choose(machine: Machine, threads: int = 0, task_size: int = 0, engine: str = "auto",
-           slot_size: int = 0) -> EngineChoice:
-    """Engine, threads, task and pinned sizes for one rank; ``threads``/``task_size``/``slot_size``
-    > 0 are the user's and kept (only the pinned bound can lower them). Raises PinnedBoundError
-    when ``max_pinned_bytes`` cannot hold one buffer of MIN_BOUNCE bytes."""
+           slot_size: int = 0, pin_page_cache: bool | None = None, pin_run: int = 0) -> EngineChoice:
+    """Engine, threads, task and pinned sizes for one rank; ``threads``/``task_size``/``slot_size``/
+    ``pin_run`` > 0 are the user's and kept (only the pinned bound can lower them);
+    ``pin_page_cache`` None: PAGE_PINNER decides. Raises PinnedBoundError when ``max_pinned_bytes``
+    cannot hold one buffer of MIN_BOUNCE bytes."""
     if machine.cpus < 1 or machine.ranks_on_node < 1:
         raise ValueError(f"a machine has at least one CPU and one rank, not {machine}")
     engine = pick_engine(machine, engine)
     if engine == "staged":
-        return _choose_staged(machine, threads, task_size, slot_size)
+        choice = _choose_staged(machine, threads, task_size, slot_size)
+        return _with_pinner(machine, choice, pin_page_cache, pin_run)
     why = []
     threads = _threads(machine, threads, why)
     kind = fs_kind(machine.fstype)
@@ -250,3 +266,46 @@ def _choose_staged(machine: Machine, threads: int, task_size: int, slot_size: in
         why.append(f"pinned {slots} slots x {slot_size >> 10} KiB = {pinned >> 20} MiB of {bound >> 20} MiB allowed")
     return EngineChoice(threads, task_size, 0, pinned, "; ".join(why), engine="staged", slot_size=slot_size,
                         slots=slots)
+
+
+def _with_pinner(machine: Machine, choice: EngineChoice, wanted: bool | None, pin_run: int) -> EngineChoice:
+    """The staged choice plus the page pinner where it may run: warm files (not cold, not under GDS),
+    asked for or PAGE_PINNER; its registered runs within what max_pinned_bytes leaves after the ring
+    (runs shrink to MIN_PIN_RUN, then one run at a time, then no pinner). Host destinations
+    (tests) run it only when asked, and register nothing."""
+    on = PAGE_PINNER if wanted is None else wanted
+    if not on:
+        return choice
+    why = "page pinner off: "
+    if machine.mode == "gds":
+        return replace(choice, reason=choice.reason + "; " + why + "GDS reads into the GPU without a host copy")
+    if machine.cold:
+        return replace(choice, reason=choice.reason + "; " + why + "the files are not in memory")
+    if machine.mode == "host" and wanted is None:
+        return choice
+    slot = choice.slot_size
+    run = _align_down(pin_run) if pin_run else PIN_RUN
+    run = max(slot, run // slot * slot)
+    runs = PIN_RUNS
+    left = machine.max_pinned_bytes - choice.pinned_bytes
+    host = machine.mode == "host"
+    if not host and runs * run > left:
+        fit = left // runs // slot * slot
+        if fit >= max(MIN_PIN_RUN, slot):
+            run = fit
+        else:
+            runs = 1
+            run = min(run, left // slot * slot)
+        if run < max(MIN_PIN_RUN, slot):
+            return replace(choice, reason=choice.reason + "; " + why + f"max_pinned_bytes {machine.max_pinned_bytes} "
+                           f"leaves {left >> 20} MiB after the ring, under the {MIN_PIN_RUN >> 20} MiB a "
+                           "registered run needs")
+    pinned = 0 if host else runs * run
+    assert choice.pinned_bytes + pinned <= machine.max_pinned_bytes or host
+    size = f"{run >> 20} MiB" if run >= MiB else f"{run >> 10} KiB"
+    what = (f"page pinner: runs of {size} of page cache registered in place, {runs} at a time"
+            + (" (host destinations: copied by the CPU, nothing registered)" if host else
+               f" = {pinned >> 20} MiB, with the ring {(choice.pinned_bytes + pinned) >> 20} MiB of "
+               f"{machine.max_pinned_bytes >> 20} MiB allowed"))
+    return replace(choice, pin_run=run, pin_runs=runs, pinned_bytes=choice.pinned_bytes + pinned,
+                   reason=choice.reason + "; " + what)

@@ -3,7 +3,7 @@
 A file whose pages are all in memory (tmpfs, or a page cache warmed by an
 earlier read) need not be copied by the CPU at all: its mapping is pinned a
 span at a time (cudaHostRegister, read-only) and copied to the GPU straight
-from the page cache. See :mod:`vllm_gds.io.pipeline`.
+from the page cache. See :mod:`vllm_gds.io.page_pinner`.
 """
 
 import ctypes
@@ -93,7 +93,7 @@ SAMPLES_PER_FILE = 256
 SAMPLE_PAGES = 16  # 64 KiB per sample
 
 
-def _file_residency(m: "FileMapping") -> tuple[float, int]:
+def file_residency(m: "FileMapping") -> tuple[float, int]:
     """(resident share, pages) of one mapping; sampled evenly above SAMPLE_ABOVE_PAGES pages."""
     pages = -(-m.size // PAGE)
     if pages <= SAMPLE_ABOVE_PAGES:
@@ -127,7 +127,7 @@ def resident_fraction_of(paths) -> float | None:
                 continue
             m = FileMapping(fd, size)
             try:
-                share, pages = _file_residency(m)
+                share, pages = file_residency(m)
             finally:
                 m.close()
         except (OSError, ValueError):

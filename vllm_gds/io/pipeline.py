@@ -1,10 +1,10 @@
 """The pipeline: files to GPU memory through pinned host memory, many reads and copies in flight.
 
-Worker threads take spans (:mod:`vllm_gds.io.plan`) in file order. A span of a
-file that is resident in memory (tmpfs, or a warm page cache) is pinned where it
-lies (``cudaHostRegister``, read-only) and copied to the GPU straight from the
-page cache: no CPU touches the bytes. A span of any other file is read with
-``preadv`` (or O_DIRECT) into a ring of pinned buffers and copied from there.
+Worker threads take spans (:mod:`vllm_gds.io.plan`) in file order, ``preadv``
+(or O_DIRECT) them into a ring of pinned buffers and copy them from there. With
+``pin_page_cache``, the page pinner (:mod:`vllm_gds.io.page_pinner`, shared with
+the staged engine) takes spans of files resident in memory from the back, pins
+them where they lie and has the GPU copy straight from the page cache.
 Copies run on each thread's own CUDA stream; an event per span tells when its
 pinned memory may be released or reused. Pinned memory stays under
 ``max_pinned_bytes`` whatever the model size.
@@ -14,9 +14,6 @@ measured faster than kvikio's own bounce buffers, which copy every byte
 through the CPU (benchmarks/RESULTS.md). With a host destination (the CPU
 platform, and the tests) the ring is plain memory and the copies synchronous.
 """
-# Why over 400 lines: the split issue 15 names (Checksums, which the kvikio engine also uses, into
-# its own module; run_pipeline's closures into a small class) waits for issue 17's rework of
-# vllm_gds/io/, which another worktree owns at the moment.
 
 import collections
 import os
@@ -27,6 +24,7 @@ import time
 import torch
 
 from vllm_gds.errors import ChecksumError, GdsError, ShardReadError
+from vllm_gds.io.page_pinner import Claims, PagePinner, ResidentFiles
 from vllm_gds.io.pinned import PAGE, PinnedBuffers
 from vllm_gds.io.plan import Span, plan_spans
 
@@ -186,58 +184,7 @@ class _Ring:
             self.buffers.close()
 
 
-def _clear_cuda_error() -> None:
-    # A refused cudaHostRegister leaves its error as the runtime's "last error", which the
-    # next kernel launch check (torch's) would report as its own.
-    import ctypes
-
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            ctypes.CDLL(name).cudaGetLastError()
-            return
-        except OSError:
-            continue
-
-
-_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the GPU only reads these pages
 PIN_CHUNK = 256 << 20  # bytes the pinner registers at once: registration costs per call
-
-
-class _Claims:
-    """Span indices handed out from the front (ring readers) and from the back (the pinner)."""
-
-    def __init__(self, spans, resident):
-        self._spans, self._resident = spans, resident
-        self._lock = threading.Lock()
-        self.front, self.back = 0, len(spans) - 1
-
-    def next_front(self) -> int | None:
-        with self._lock:
-            if self.front > self.back:
-                return None
-            self.front += 1
-            return self.front - 1
-
-    def run_from_back(self, max_bytes: int) -> list[int]:
-        """Consecutive spans of one resident file, adjacent on disk, at most ``max_bytes``."""
-        with self._lock:
-            taken: list[int] = []
-            size = 0
-            while self.back >= self.front:
-                j = self.back
-                span = self._spans[j]
-                if not self._resident[span.file]:
-                    break
-                if taken:
-                    nxt = self._spans[taken[-1]]
-                    if span.file != nxt.file or span.offset + span.length != nxt.offset:
-                        break
-                if taken and size + span.length > max_bytes:
-                    break
-                taken.append(j)
-                size += span.length
-                self.back -= 1
-            return taken[::-1]
 
 
 def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Checksums",
@@ -275,8 +222,8 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
 
     flags = os.O_RDONLY | (os.O_DIRECT if options.direct_io else 0)
     fds: list[int] = []
-    mappings: list = []
     sources: list = []  # per file: the mapping as a tensor where it is resident, else None
+    resident_files = pinner = None
     dests = [t.dest.reshape(-1).view(torch.uint8) for _, t in flat_targets]
     paths = [r.path for r in reads]
     if checks.active:
@@ -290,28 +237,16 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 hint = (" (this file system refuses O_DIRECT: set direct_io false)"
                         if options.direct_io and e.errno == 22 else "")
                 raise ShardReadError(f"cannot open shard file {read.path}: {e.strerror}{hint}") from None
-        pinning = options.pin_page_cache and not options.direct_io and pin_chunk >= span_bytes
-        for fd in fds:
-            source = None
-            size = os.fstat(fd).st_size
-            if pinning and size:
-                from vllm_gds.io.pagecache import FileMapping
-
-                m = FileMapping(fd, size)
-                mappings.append(m)
-                cached, total = m.resident_pages()
-                if cached >= 0.9 * total:
-                    source = m.tensor()
-            sources.append(source)
-        resident = [s is not None for s in sources]
+        pinning = bool(options.pin_page_cache) and not options.direct_io and pin_chunk >= span_bytes
+        if pinning:
+            resident_files = ResidentFiles(fds, [os.fstat(fd).st_size for fd in fds])
+            sources = resident_files.sources
+        resident = [s is not None for s in sources] if sources else [False] * len(fds)
         pinning = pinning and any(resident)
         ring = _Ring(ring_count, span_bytes, cuda, device, threads)
-        claims = _Claims(spans, resident)
+        claims = Claims(spans, resident)
         failure = _Failure()
-        pinned_spans = [0]
-        refused: list[str] = []
         checks.start()
-        cudart = torch.cuda.cudart() if cuda else None
 
         def copy_pieces(span, src, base, stream):
             """Copy ``span``'s pieces from ``src`` (its bytes start at ``base``)."""
@@ -368,82 +303,50 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
                 if stream is not None:
                     stream.synchronize()
 
-        def pinner():
-            stream, held = None, collections.deque()
-            try:
-                stream = start_stream()
-                while failure.error is None:
-                    run = claims.run_from_back(pin_chunk)
-                    if not run:
-                        break
-                    first, last = spans[run[0]], spans[run[-1]]
-                    source = sources[first.file]
-                    length = last.offset + last.length - first.offset
-                    ptr = source.data_ptr() + first.offset
-                    if cuda:
-                        while len(held) >= 2:  # at most two chunks pinned: one copying, one next
-                            old_ptr, old_event = held.popleft()
-                            old_event.synchronize()
-                            cudart.cudaHostUnregister(old_ptr)
-                        err = int(cudart.cudaHostRegister(ptr, length, _REGISTER_READ_ONLY))
-                        if err != 0:
-                            _clear_cuda_error()
-                            refused.append(f"{paths[first.file]}: cudaError {err}")
-                            for j in run:  # these go through the ring; pinning stops here
-                                copy_through_ring(spans[j], stream)
-                            break
-                    for j in run:
-                        copy_pieces(spans[j], source, spans[j].offset, stream)
-                    pinned_spans[0] += len(run)
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                        held.append((ptr, event))
-                    landed([spans[j] for j in run], event)
-            except BaseException as e:
-                failure.set(e)
-            finally:
-                try:
-                    while held:
-                        ptr, event = held.popleft()
-                        event.synchronize()
-                        cudart.cudaHostUnregister(ptr)
-                    if stream is not None:
-                        stream.synchronize()
-                except BaseException as e:
-                    failure.set(e)
-
         workers = [threading.Thread(target=reader, name=f"vllm-gds-read-{k}", daemon=True)
                    for k in range(threads)]
         if pinning:
-            workers.append(threading.Thread(target=pinner, name="vllm-gds-pin", daemon=True))
+            pinner = PagePinner(spans, claims, sources, fds, dests, paths, device, pin_chunk, 2, checks, progress)
+            pinner.start()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        if pinner is not None:
+            if failure.error is not None:
+                pinner.stop()
+            try:
+                pinner.join()
+            except BaseException as e:
+                failure.set(e)
         used_ring = ring.buffers is not None
         detail.update(
             threads=threads, buffers=ring_count if used_ring else 0, setup_seconds=ring.setup_seconds,
-            pinned_in_place_spans=pinned_spans[0],
+            pinned_in_place_spans=pinner.spans_taken if pinner else 0,
             pinned_bytes=((ring_count if used_ring else 0) * span_bytes
-                          + (2 * pin_chunk if pinned_spans[0] else 0)) if cuda else 0,
+                          + (2 * pin_chunk if pinner and pinner.spans_taken else 0)) if cuda else 0,
         )
-        if refused:
-            detail["pin_refused"] = refused[0]
+        if pinner is not None:
+            detail.update(pinner.detail())
         if failure.error is not None:
             e = failure.error
             if isinstance(e, GdsError):
                 raise e
             raise ShardReadError(f"reading shard files failed: {type(e).__name__}: {e}") from e
     finally:
+        if pinner is not None:  # its runs copied and unregistered before the mappings go
+            pinner.stop()
+            try:
+                pinner.join()
+            except BaseException:
+                pass  # raised above already
         if cuda:
             torch.cuda.synchronize(device)  # no copy may still read memory we release
         if ring is not None:
             ring.close()
-        sources.clear()
-        for m in mappings:
-            m.close()
+        sources = []
+        if resident_files is not None:
+            resident_files.close()
         for fd in fds:
             os.close(fd)
     return detail

@@ -12,7 +12,9 @@ on the GPU or in host memory (the CPU platform). Three engines
   pinned bounce buffer and copies it to the GPU, each thread waiting for its copy.
 * ``staged`` (:mod:`vllm_gds.io.staged`), the compat path's engine: kvikio's pool
   reads into a ring of pinned slots and one thread copies whole slots to the GPU,
-  so no reader waits for a copy; O_DIRECT for cold files on local disks.
+  so no reader waits for a copy; O_DIRECT for cold files on local disks. With
+  ``pin_page_cache``, files in memory are also taken from the back by the page
+  pinner (:mod:`vllm_gds.io.page_pinner`): DMA from their page cache, no CPU copy.
 * ``pipeline`` (:mod:`vllm_gds.io.pipeline`): Python threads read into a
   bounded ring of pinned host buffers and copy on several CUDA streams; it can
   pin page-cache pages in place. Kept for that and for comparison; it measured
@@ -61,10 +63,11 @@ class ReadOptions:
     engine: str = "auto"
     # O_DIRECT reads (pipeline, staged); the staged engine also uses them for cold files on its own
     direct_io: bool = False
-    # pipeline: one extra thread pins page-cache pages of files resident in memory (tmpfs, warm
-    # page cache) in place and has the GPU copy straight from them, with no CPU copy. Off by
-    # default: registering pages is serialised by the driver and measured slower than copying.
-    pin_page_cache: bool = False
+    # staged and pipeline: one extra thread takes files resident in memory (tmpfs, warm page cache)
+    # from the back, pins their page-cache pages in place and has the GPU copy straight from them,
+    # with no CPU copy (vllm_gds.io.page_pinner). None: engine_choice.PAGE_PINNER decides.
+    pin_page_cache: bool | None = None
+    pin_run_size: int = 0  # bytes the pinner registers per call; 0: automatic (engine_choice.PIN_RUN)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -75,6 +78,9 @@ class ReadOptions:
                 n and n < 4096 for n in (self.task_size, self.slot_size)):
             raise GdsError("num_threads and ranks_on_node must be >= 0 (0: automatic), task_size and "
                            "slot_size >= 4096 bytes (0: automatic)")
+        if self.pin_page_cache not in (None, True, False) or self.pin_run_size < 0:
+            raise GdsError(f"pin_page_cache must be true, false or null (automatic), not {self.pin_page_cache!r}; "
+                           "pin_run_size >= 0 bytes (0: automatic)")
         if self.num_buffers < 0:
             raise GdsError("num_buffers must be >= 0 (0: one per reader thread)")
         if self.max_pinned_bytes < MIN_BOUNCE:
@@ -243,9 +249,9 @@ def _as_buffer(tensor: torch.Tensor):
 
 
 def _engine(mode: str, options: ReadOptions) -> str:
-    """``auto`` stays for engine_choice to resolve, except where only the pipeline can serve."""
+    """``auto`` stays for engine_choice to resolve."""
     if options.engine == "auto":
-        return "pipeline" if options.pin_page_cache and mode != "gds" else "auto"
+        return "auto"
     if options.policy == "require" and options.engine != "kvikio":
         raise GdsError(f"gds policy 'require' reads through kvikio; engine {options.engine!r} contradicts it")
     return options.engine
@@ -311,7 +317,8 @@ def _plan(reads, options: ReadOptions, mode: str, ranks_on_node: int):
                                    and fs_kind(machine.fstype) == "local")
     machine = replace(machine, cold=direct)
     choice = choose(machine, options.num_threads, options.task_size,
-                    engine="kvikio" if engine == "pipeline" else engine, slot_size=options.slot_size)
+                    engine="kvikio" if engine == "pipeline" else engine, slot_size=options.slot_size,
+                    pin_page_cache=options.pin_page_cache, pin_run=options.pin_run_size)
     return ("pipeline" if engine == "pipeline" else choice.engine), machine, choice, resident, direct
 
 

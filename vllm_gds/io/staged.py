@@ -19,8 +19,16 @@ Cold files (mostly not in the page cache, on a local disk) are read with O_DIREC
 slots, buffered only for an unaligned tail), as ``dd iflag=direct`` and
 InstantTensor read them.
 
-Pinned memory is the ring and nothing else (slots x slot size, bounded by
-``max_pinned_bytes`` in :func:`vllm_gds.io.engine_choice.choose`). Pinning runs
+With the page pinner (option ``pin_page_cache``; :mod:`vllm_gds.io.page_pinner`),
+files resident in memory are also taken from the back of the plan by one more
+thread that registers their page-cache pages in place and has the GPU copy from
+them on its own stream: those bytes cost no CPU copy. The ring's reads and the
+pinner's runs meet in the middle; the report gives the bytes each moved and the
+pinner's rate.
+
+Pinned memory is the ring (slots x slot size) plus, with the pinner, its
+registered runs (runs in flight x run size), together bounded by
+``max_pinned_bytes`` in :func:`vllm_gds.io.engine_choice.choose`. Pinning runs
 at 1-2 GiB/s, so the ring is pinned once per process and kept for the next load,
 as kvikio keeps its bounce buffers; :func:`prewarm` pins it in the background
 (the loader calls it before building the model) and :func:`release` frees it.
@@ -29,12 +37,15 @@ the copies synchronous.
 """
 
 import collections
+import os
 import threading
 import time
 
 import torch
 
+from vllm_gds.errors import ShardReadError
 from vllm_gds.io import kvikio_lib
+from vllm_gds.io.page_pinner import Claims, PagePinner, ResidentFiles
 from vllm_gds.io.pinned import PinnedBuffers
 from vllm_gds.io.plan import plan_spans
 
@@ -157,7 +168,8 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
         files[file_index].append((t, target.file_offset, target.dest.numel() * target.dest.element_size()))
     spans = plan_spans(files, choice.slot_size)
     detail = {"engine": "staged", "threads": choice.threads, "task_size": choice.task_size,
-              "slot_size": choice.slot_size, "slots": choice.slots, "spans": len(spans), "direct_io": direct_io}
+              "slot_size": choice.slot_size, "slots": choice.slots, "spans": len(spans), "direct_io": direct_io,
+              "pin_run": choice.pin_run, "pin_runs": choice.pin_runs}
     if not spans:
         return {**detail, "pinned_bytes": 0}
     if checks.active:
@@ -175,16 +187,34 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
     in_flight: collections.deque = collections.deque()  # (span index, slot, future)
     free = collections.deque(range(ring.count))
     first_byte = None
+    pinner = resident = None
+    fds: list[int] = []
+    ring_bytes = ring_spans = 0
     with kvikio.defaults.set(settings):
         handles = kvikio_lib.open_all(kvikio, reads)
         try:
+            if choice.pin_runs and not direct_io:
+                resident, fds = _map_resident(reads)
+            if resident is not None:
+                # Files in memory last: the pinner takes them from the back, the ring the rest first.
+                spans = ([s for s in spans if not resident.resident[s.file]]
+                         + [s for s in spans if resident.resident[s.file]])
+            claims = Claims(spans, resident.resident if resident else [False] * len(reads))
+            if resident is not None:
+                detail["resident_shares"] = [round(x, 3) for x in resident.shares]
+                pinner = PagePinner(spans, claims, resident.sources, fds, dests, paths, device, choice.pin_run,
+                                    choice.pin_runs, checks, progress)
             checks.start()
+            next_span = claims.next_front()
+            if pinner is not None:
+                pinner.start()  # claims its first run from the back before the ring reads a byte
             setup_seconds = time.perf_counter() - t_open
-            next_span = 0
-            while next_span < len(spans) or in_flight:
+            while next_span is not None or in_flight:
+                if pinner is not None and pinner.error is not None:
+                    raise pinner.error
                 # Refill only slots whose copy has finished: this thread never waits for a copy while
                 # reads are in flight (the pool keeps reading into the other slots meanwhile).
-                while free and next_span < len(spans) and (
+                while free and next_span is not None and (
                         events[free[0]] is None or events[free[0]].query() or not in_flight):
                     slot = free.popleft()
                     if events[slot] is not None:
@@ -193,7 +223,9 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
                     future = handles[span.file].pread(slot_arrays[slot], span.needed, span.offset,
                                                       choice.task_size)
                     in_flight.append((next_span, slot, future))
-                    next_span += 1
+                    next_span = claims.next_front()
+                if not in_flight:
+                    continue
                 index, slot, future = in_flight[0]
                 span = spans[index]
                 kvikio_lib.wait(future, paths[span.file], span.offset, span.needed)
@@ -215,9 +247,15 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
                         dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
                             src[p.buf_offset:p.buf_offset + p.nbytes])
                 free.append(slot)
+                ring_bytes += sum(p.nbytes for p in span.pieces)
+                ring_spans += 1
                 if progress is not None:
                     progress(sum(p.nbytes for p in span.pieces))
+            if pinner is not None:
+                pinner.join()  # raises its failure, naming the file
         except BaseException:
+            if pinner is not None:
+                pinner.stop()
             # The pool may still be writing into slots: wait for every read before the ring is reused.
             for _, _, future in in_flight:
                 try:
@@ -226,8 +264,46 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
                     pass
             raise
         finally:
+            if pinner is not None:  # its runs copied and unregistered before the mappings go
+                pinner.stop()
+                try:
+                    pinner.join()
+                except BaseException:
+                    pass  # raised above already
+            _close(resident, fds)
             if stream is not None:
                 stream.synchronize()  # no copy may still read a slot the next load refills
             kvikio_lib.close_all(handles)
-    return {**detail, "pinned_bytes": ring.nbytes if ring.pinned else 0, "ring_seconds": ring_seconds,
-            "ring_kept": kept, "setup_seconds": setup_seconds, "first_byte_seconds": first_byte}
+    pin_detail = pinner.detail() if pinner is not None else {}
+    registered = choice.pin_runs * choice.pin_run if cuda and pin_detail.get("pin_runs_done") else 0
+    return {**detail, "pinned_bytes": (ring.nbytes if ring.pinned else 0) + registered,
+            "ring_seconds": ring_seconds, "ring_kept": kept, "setup_seconds": setup_seconds,
+            "first_byte_seconds": first_byte, "ring_bytes": ring_bytes, "ring_spans": ring_spans, **pin_detail}
+
+
+def _map_resident(reads):
+    """(the files' mappings, their descriptors) where at least one file is resident in memory,
+    else (None, [])."""
+    fds: list[int] = []
+    resident = None
+    try:
+        for read in reads:
+            try:
+                fds.append(os.open(read.path, os.O_RDONLY))
+            except OSError as e:
+                raise ShardReadError(f"cannot open shard file {read.path}: {e.strerror}") from None
+        resident = ResidentFiles(fds, [os.fstat(fd).st_size for fd in fds])
+        if any(resident.resident):
+            return resident, fds
+    except BaseException:
+        _close(resident, fds)
+        raise
+    _close(resident, fds)
+    return None, []
+
+
+def _close(resident, fds) -> None:
+    if resident is not None:
+        resident.close()
+    for fd in fds:
+        os.close(fd)

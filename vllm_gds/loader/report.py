@@ -31,6 +31,12 @@ class LoadReport:
     choice: str = ""  # why these threads and sizes
     resident_fraction: float | None = None  # share of the files' pages in memory before reading
     direct_io: bool = False  # read around the page cache (O_DIRECT): cold files on a local disk
+    # The staged engine with the page pinner: bytes copied through the ring, bytes the GPU copied in
+    # place from pinned page-cache pages, and the pinner's own rate (its bytes over its time).
+    ring_bytes: int = 0
+    page_pinned_bytes: int = 0
+    pinner_gb_per_s: float = 0.0
+    pin_refused: str = ""  # a registration the driver refused: the rest went through the ring
 
     @staticmethod
     def engine_fields(detail: dict) -> dict:
@@ -38,7 +44,10 @@ class LoadReport:
         return {"engine": str(detail.get("engine", "")), "threads": int(detail.get("threads", 0)),
                 "task_size": int(detail.get("task_size", 0)), "pinned_bytes": int(detail.get("pinned_bytes", 0)),
                 "choice": str(detail.get("choice", "")), "resident_fraction": detail.get("resident_fraction"),
-                "direct_io": bool(detail.get("direct_io", False))}
+                "direct_io": bool(detail.get("direct_io", False)), "ring_bytes": int(detail.get("ring_bytes", 0)),
+                "page_pinned_bytes": int(detail.get("pin_bytes", 0)),
+                "pinner_gb_per_s": round(float(detail.get("pin_gb_per_s", 0.0)), 3),
+                "pin_refused": str(detail.get("pin_refused", ""))}
 
     @property
     def warmth(self) -> str:
@@ -65,6 +74,9 @@ class LoadReport:
             + (f"; {self.engine} engine, {self.threads} threads x {self.task_size >> 10} KiB tasks"
                + (", O_DIRECT" if self.direct_io else "")
                + f", {self.pinned_bytes >> 20} MiB pinned ({self.choice})" if self.engine else "")
+            + (f"; page pinner: {self.page_pinned_bytes / 1e9:.3f} GB copied in place from the page cache at "
+               f"{self.pinner_gb_per_s:.1f} GB/s, {self.ring_bytes / 1e9:.3f} GB through the ring"
+               + (f" ({self.pin_refused})" if self.pin_refused else "") if self.page_pinned_bytes else "")
         )
 
     def to_json(self) -> dict:
