@@ -685,21 +685,29 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
             mean_step(tables, nw), tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
 
 
+# The launch's register limit: the most a thread can have, given so that ptxas schedules for
+# registers rather than for occupancy. Without one (Triton 3.6's ptxas) it gave the 8B tq4
+# kernel 168 registers (three programs an SM) and moved the next tile's code loads from the
+# middle of the tile loop to its end, where their latency shows: 0.378 -> 0.422 ms at 8B 64x8K,
+# 0.112 -> 0.123 at 32x4K (H100, 2026-12-06); with any limit it keeps them in the middle.
+MAXNREG = 255
+
+
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
-    prefetch None: on. maxnreg None: no register limit (0 = none too). Both from the launch sweep
-    on an H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps,
-    prefetch, no limit, the served split count were the fastest of 24 launches at 8B 64x8K and
-    1x32K and at 70B TP8 1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B
-    64x8K)."""
+    prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an H100,
+    2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the
+    served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K
+    and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
     codes = codes or tables.hopper_codes
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
     width = kw["VA_W"] + kw["VB_W"] + 2
     part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
     # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts

@@ -50,6 +50,8 @@ def tables(d, mean=True, fallback=True, fmt="tq4"):
 
 def compile_sm90(d=128, g=4, kv_heads=8, mean=True, fallback=True, num_warps=4, maxnreg=None,
                  fmt="tq4", **launch):
+    """The kernel as decode_launch launches it: maxnreg None is its MAXNREG, 0 no limit."""
+    maxnreg = hop.MAXNREG if maxnreg is None else maxnreg
     t = tables(d, mean, fallback, fmt)
     slot = t.layout.slot_bytes
     cx = hop.kernel_constexprs(t, g, 16, kv_heads * slot, slot, num_warps, **launch)
