@@ -64,9 +64,9 @@ COMPAT_ENGINE = "staged"
 ENGINES = ("kvikio", "staged")
 # The page pinner beside the staged ring (vllm_gds/io/page_pinner.py): where the files are in memory
 # (tmpfs, a warm page cache) one thread registers runs of their page-cache pages and the GPU copies
-# straight from them, while the ring's readers take the files from the front. Whether it runs unless
-# the user says (option pin_page_cache): the one line to flip once benchmarks/load_bench.py
-# (rows "... + page pinner") has measured it on the GPU machine.
+# straight from them, while the ring's readers take the files from the front. Off unless the user
+# says (option pin_page_cache): on an H100 (2026-12-06, RESULTS.md) the registrations stalled the
+# ring's copies and the load ran at 12-13 GB/s, against 46.6 without the pinner.
 PAGE_PINNER = False
 # Registration is serialised per process and costs per call (17 GB/s for one 2 GiB call, 8-10 GB/s
 # for 16-64 MiB ones, RESULTS.md): large runs, two registered at a time (one copying, one next).
