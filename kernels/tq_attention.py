@@ -209,19 +209,25 @@ def _log_once(tables, path: str) -> None:
 class _Hopper:
     """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept)."""
 
-    __slots__ = ("kwargs", "tables", "lut", "part_width", "reduce_args", "reduce_kwargs",
-                 "compiled", "compiled_reduce")
+    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counts", "kept",
+                 "part_width", "reduce_args", "reduce_kwargs", "compiled", "compiled_reduce")
 
     def __init__(self, query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                  softmax_scale, splits):
         H = kv_cache.shape[2]
-        _, _, self.kwargs, part = _hop.decode_launch(
+        # the kernel finishes the rows itself (no reduce launch) up to MERGE_SPLITS splits
+        self.finish = _hop.finish_mode(splits)
+        self.counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
+        self.kept = []  # counters outgrown: a captured CUDA graph may still point at them
+        _, _, self.kwargs, _ = _hop.decode_launch(
             query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
-            splits)
+            splits, out=query, counts=self.counts)
         self.tables = _hop.table_args(tables)
         self.lut = tuple(tables.hopper_lut)
-        self.part_width = part.numel() // (query.shape[0] * query.shape[1] * splits)
-        _, args, self.reduce_kwargs = _hop.reduce_launch(part, query, tables, splits, H)
+        self.finish_tables = _hop.finish_args(query, tables)[3:]  # (H_v rows^T, value mean)
+        kw = tables.constexprs
+        self.part_width = kw["VA_W"] + kw["VB_W"] + 2
+        _, args, self.reduce_kwargs = _hop.reduce_launch(query, query, tables, splits, H)
         self.reduce_args = args[4:-1]  # (va rows, the permuted vb rows, signs, value mean)
         self.compiled, self.compiled_reduce = {}, {}
 
@@ -367,16 +373,20 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         hop = plan.hopper = _choose_decode(query, kv_cache, block_table, seq_lens,
                                            query_start_loc, tables, softmax_scale, splits, tuning)
     if hop:
-        part = torch.empty(T * Hq * splits * hop.part_width, dtype=torch.float32,
-                           device=query.device)
+        part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.part_width,
+                                                       dtype=torch.float32, device=query.device)
+        if hop.counts.numel() < num_seqs * H:  # zeros, left zero by every launch
+            hop.kept.append(hop.counts)
+            hop.counts = torch.zeros(num_seqs * H, dtype=torch.int32, device=query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
-            *hop.lut, 0,
+            *hop.lut, 0, out, os_[0], os_[1], *hop.finish_tables, hop.counts,
         ), hop.kwargs, hop.compiled)
-        _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),
-                (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
-                hop.compiled_reduce)
+        if not hop.finish:
+            _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),
+                    (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
+                    hop.compiled_reduce)
         return out
     part = out
     if splits > 1:

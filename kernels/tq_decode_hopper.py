@@ -67,6 +67,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 LOG2E = 1.4426950408889634
+# A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 NT = 16  # tokens per warp-tile (one m16n8k16 K step of PV)
 
 
@@ -352,6 +354,68 @@ def _mean_ab(m_a, m_b, p0, theta):
     return m_a * c0 + m_b * s0, m_b * c0 - m_a * s0
 
 
+@gluon.jit
+def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
+           WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
+    """(o [HALF, D], l [HALF]): the SPLITS partial rows of this sequence and KV head merged
+    (tq_attention_parts._tq_reduce_kernel's merge), SC of them a step."""
+    SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128
+    M3: gl.constexpr = gl.BlockedLayout([1, 1, D // 32], [1, 1, 32], [1, NW, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
+    s = gl.arange(0, SC, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
+    r = gl.arange(0, HALF, RL)
+    c = gl.arange(0, D, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
+    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits
+    m_run = gl.full([HALF], -1.0e30, gl.float32, RL)
+    l_run = gl.zeros([HALF], gl.float32, RL)
+    o_run = gl.zeros([HALF, D], gl.float32, gl.SliceLayout(0, M3))
+    for s0 in range(0, splits, SC):
+        ss = s0 + s
+        mask = (ss < splits)[:, None] & (r < G)[None, :]
+        row = (rbase[None, :] + ss[:, None]) * WP  # [SC, HALF]
+        m_s = gl.load(part_ptr + row + V_PART, mask=mask, other=-1.0e30)
+        l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
+        o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
+                      other=0.0)
+        m_new = gl.maximum(m_run, gl.max(m_s, axis=0))
+        alpha = gl.exp2(m_run - m_new)
+        beta = gl.exp2(m_s - m_new[None, :])
+        l_run = l_run * alpha + gl.sum(l_s * beta, axis=0)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, gl.SliceLayout(0, M3)))
+        o_run = o_run * alpha_o[:, None] + gl.sum(o_s * beta[:, :, None], axis=0)
+        m_run = m_new
+    return o_run, l_run
+
+
+@gluon.jit
+def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_ptr,
+            value_mean_ptr, L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+            HALF: gl.constexpr):
+    """out rows = value_mean + signs * ((o / l) @ H_v) / sqrt(D) for the HALF rows of o_t [HALF,
+    D] (m-slot order; hvt: H_v's rows in that order, transposed), the finish of
+    tq_attention_parts._tq_reduce_kernel with its bf16 dot."""
+    LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
+    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
+    l = gl.convert_layout(l, gl.SliceLayout(1, o_t.type.layout))
+    x = o_t / gl.maximum(l, 1e-30)[:, None]  # [HALF, D]
+    if HALF < 8:  # rows padded to the MMA's 16 with zeros
+        x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), [2, 0, 1]), [2 * HALF, D])
+    if HALF < 16:
+        x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), [2, 0, 1]), [16, D])
+    a = gl.convert_layout(x.to(gl.bfloat16), LA2)
+    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
+    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
+    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
+    acc = mma_v2(a, h, gl.zeros([16, D], gl.float32, L2))
+    c = gl.arange(0, D, gl.SliceLayout(0, L2))
+    r = gl.arange(0, 16, gl.SliceLayout(1, L2))
+    sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
+    mean = gl.load(value_mean_ptr + head * D + c)
+    res = acc * sg[None, :] + mean[None, :]
+    ptrs = (out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh)[:, None] + c[None, :]
+    gl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=(r < G)[:, None])
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel
 
@@ -363,10 +427,12 @@ def _tq_decode_hopper_kernel(
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_step_ptr,
     mean_mu_ptr, mean_table_ptr, hk_ptr, part_ptr, qk_scale,
     lut0, lut1, lut2, lut3, lut_zero,
+    out_ptr, stride_ot, stride_oh, hvt_ptr, value_mean_ptr, count_ptr,
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
+    FINISH: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
@@ -568,11 +634,25 @@ def _tq_decode_hopper_kernel(
     co = gl.arange(0, D, gl.SliceLayout(1, OL))
     ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro
-    row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits + split) * WP
-    gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])
-    ML: gl.constexpr = gl.SliceLayout(0, OL)
-    gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
-    gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
+    if FINISH == 1:  # one split: the rows finished here, as _tq_reduce_kernel would
+        _finish(gl.permute(o_all, [1, 0]), l_all, q_row, head, out_ptr, stride_ot, stride_oh,
+                hvt_ptr, signs_ptr, value_mean_ptr, L2, G, D, HALF)
+    else:
+        row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits
+                    + split) * WP
+        gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])
+        ML: gl.constexpr = gl.SliceLayout(0, OL)
+        gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
+        gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
+        if FINISH == 2:  # the program that completes this sequence and head merges and finishes
+            _cta_barrier()  # every thread's partial stored before the release below
+            count = count_ptr + seq * gl.num_programs(1) + head
+            done = gl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+            if done == splits - 1:
+                o_t, l_m = _merge(part_ptr, q_row, head, splits, G, D, HALF, WP, V_PART, NW)
+                _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr,
+                        signs_ptr, value_mean_ptr, L2, G, D, HALF)
+                gl.store(count, 0)  # zero again for the next launch (CUDA graphs replay it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,10 +675,12 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
-                      codes: int | None = None) -> dict:
+                      codes: int | None = None, finish: int = 0) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
-    elements) or 2 (4-bit codes, bytes into the lookup); None: tables.hopper_codes."""
+    elements) or 2 (4-bit codes, bytes into the lookup); None: tables.hopper_codes. finish
+    (finish_mode): 0 partials for the reduce launch; 1 one split, the output rows written by the
+    kernel itself; 2 partials, merged and finished by the program that completes them."""
     codes = codes or tables.hopper_codes
     layout = tables.layout
     d = layout.head_size
@@ -607,7 +689,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     return dict(
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
-        PREFETCH=prefetch, TRANS_ASM=trans_asm,
+        PREFETCH=prefetch, TRANS_ASM=trans_asm, FINISH=finish,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -620,6 +702,16 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         K_E=geometry(d, codes, "k")[0], V_E=geometry(d, codes, "v")[0],
         K_WORD=WORD_BYTES[codes, "k"], V_WORD=WORD_BYTES[codes, "v"],
     )
+
+
+def finish_rows(tables, codes: int | None = None) -> torch.Tensor:
+    """The output Hadamard rows in this kernel's m-slot order, transposed ([D, m-slot]): the
+    finish's B operand (FINISH), its k pairs contiguous as the query transform's."""
+    cache = tables.__dict__.setdefault("_hopper_finish", {})
+    codes = codes or tables.hopper_codes
+    if codes not in cache:
+        cache[codes] = hadamard_operands(tables, codes)[1].t().contiguous()
+    return cache[codes]
 
 
 def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,35 +788,62 @@ MAXNREG = 255
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True,
-                  codes: int | None = None, maxnreg: int | None = None):
+                  codes: int | None = None, maxnreg: int | None = None, out=None,
+                  counts=None):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
     prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an H100,
     2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the
     served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K
-    and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K)."""
+    and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). out given: the
+    kernel writes the output rows itself where finish_mode(splits) says (partials None: no reduce
+    launch); counts: its completion counters (int32 zeros, one per sequence and KV head, left
+    zero), made here if None."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     kw = tables.constexprs
     codes = codes or tables.hopper_codes
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     width = kw["VA_W"] + kw["VB_W"] + 2
-    part = torch.empty(T * Hq * splits * width, dtype=torch.float32, device=query.device)
+    finish = finish_mode(splits) if out is not None else 0
+    part = None if finish == 1 else torch.empty(T * Hq * splits * width, dtype=torch.float32,
+                                                device=query.device)
+    if finish == 2 and counts is None:
+        counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
     # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
     key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
-           prefetch, trans_asm, codes, maxnreg)
+           prefetch, trans_asm, codes, maxnreg, finish)
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes)
+        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, *table_args(tables, codes, num_warps),
-            part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0)
-    return (seq_lens.shape[0], H, splits), args, cx, part
+            out if finish == 1 else part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0,
+            *finish_args(query if out is None else out, tables, codes),
+            seq_lens if counts is None else counts)
+    return (seq_lens.shape[0], H, splits), args, cx, None if finish else part
+
+
+# The most splits whose partials the completing program merges itself (finish_mode 2; the
+# separate reduce launch above): it reads them alone, SC a step.
+MERGE_SPLITS = 32
+
+
+def finish_mode(splits: int) -> int:
+    """The kernel's FINISH for a launch that may write the output: 1 (one split: no partials), 2
+    (up to MERGE_SPLITS: the last program of a sequence and head merges them), else 0 (the
+    reduce launch merges them, one query row a program)."""
+    return 1 if splits == 1 else 2 if splits <= MERGE_SPLITS else 0
+
+
+def finish_args(out, tables, codes: int | None = None) -> tuple:
+    """The kernel's arguments after lut_zero, out_ptr .. value_mean_ptr (read where FINISH)."""
+    return (out, out.stride(0), out.stride(1), finish_rows(tables, codes), tables.value_mean)
 
 
 def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):
@@ -761,8 +880,9 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     if splits is None:
         splits = default_splits(seq_lens.shape[0], H, query.device, hopper=True)
     grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
-                                         tables, softmax_scale, splits, **launch)
+                                         tables, softmax_scale, splits, out=out, **launch)
     _tq_decode_hopper_kernel[grid](*args, **kw)
-    grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes"))
-    _tq_reduce_kernel[grid](*args, **kw)
+    if part is not None:
+        grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes"))
+        _tq_reduce_kernel[grid](*args, **kw)
     return out

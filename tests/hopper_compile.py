@@ -31,7 +31,7 @@ TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_l
          "query_start_ptr": "*i32", "signs_ptr": "*fp32", "key_scale_ptr": "*fp32",
          "key_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32", "mean_step_ptr": "*fp32",
          "mean_mu_ptr": "*fp32", "mean_table_ptr": "*fp16", "hk_ptr": "*bf16",
-         "part_ptr": "*fp32", **{f"lut{i}": "i32" for i in range(4)}, "lut_zero": "i32", "qk_scale": "fp32"}
+         "part_ptr": "*fp32", "out_ptr": "*bf16", "hvt_ptr": "*bf16", "value_mean_ptr": "*fp32", "count_ptr": "*i32", **{f"lut{i}": "i32" for i in range(4)}, "lut_zero": "i32", "qk_scale": "fp32"}
 DIVISIBLE = ("q_ptr", "cache_ptr", "block_table_ptr", "part_ptr", "stride_blk", "stride_bt",
              "stride_qt", "hk_ptr", "mean_table_ptr")  # as torch tensors specialize them
 INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -106,10 +106,10 @@ class _CompileOnlyDriver:
         return 0
 
 
-def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", **launch) -> list[str]:
-    """tq_decode_hopper's two launches (kernels.tq_decode_hopper.decode_launch / reduce_launch)
-    bound and compiled by the JIT as a launch would be, with CPU tensors of a small batch.
-    Returns the names of the compiled kernels."""
+def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", splits=4, **launch) -> list[str]:
+    """tq_decode_hopper's launches (kernels.tq_decode_hopper.decode_launch / reduce_launch)
+    bound and compiled by the JIT as a launch would be, with CPU tensors of a small batch (one
+    split: the decode finishes the rows, no reduce). Returns the names of the compiled kernels."""
     from triton.runtime import driver
 
     from vllm_gds.kernels.tq_attention import _tq_reduce_kernel
@@ -122,17 +122,17 @@ def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", **launch) -> list[st
     sl = torch.full((seqs,), 40, dtype=torch.int32)
     qsl = torch.arange(seqs + 1, dtype=torch.int32)
     out = torch.empty_like(q)
-    splits = 4
     driver.set_active(_CompileOnlyDriver())
     try:
         grid, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, d ** -0.5, splits,
-                                                 **launch)
-        k1 = hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)
-        grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads, launch.get("codes"))
-        k2 = _tq_reduce_kernel.warmup(*args, grid=grid, **kw)
+                                                 out=out, **launch)
+        kernels = [hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)]
+        if part is not None:
+            grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads, launch.get("codes"))
+            kernels.append(_tq_reduce_kernel.warmup(*args, grid=grid, **kw))
     finally:
         driver._active = None  # back to the (lazily created) real one
-    return [k.name for k in (k1, k2)]
+    return [k.name for k in kernels]
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),
            dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False),
            dict(d=128, g=16, kv_heads=1, fallback=False),
-           dict(d=128, g=4, kv_heads=8, fmt="tq3"), dict(d=128, g=8, kv_heads=1, fmt="tq3")]
+           dict(d=128, g=4, kv_heads=8, fmt="tq3"), dict(d=128, g=8, kv_heads=1, fmt="tq3"),
+           dict(d=128, g=4, kv_heads=8, finish=1), dict(d=128, g=8, kv_heads=1, finish=2),
+           dict(d=64, g=3, kv_heads=3, finish=2)]
 
 
 def _run_helper(*args):
@@ -155,13 +157,19 @@ def _run_helper(*args):
                                     dict(q_heads=8, kv_heads=1),
                                     dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
                                          trans_asm=False, maxnreg=0, num_warps=8),
-                                    dict(q_heads=8, kv_heads=1, fmt="tq3")])
+                                    dict(q_heads=8, kv_heads=1, fmt="tq3"),
+                                    dict(splits=1), dict(q_heads=8, kv_heads=1, splits=64),
+                                    dict(q_heads=8, kv_heads=1, splits=64, fmt="tq3")])
 def test_launch_binds_and_compiles_as_on_the_gpu(launch):
     """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
     specialization and compile (kernel.warmup with a compile-only driver): what the first call
-    on the GPU machine does before it launches."""
-    assert _run_helper("--launch", json.dumps(launch)) == ["_tq_decode_hopper_kernel",
-                                                            "_tq_reduce_kernel"]
+    on the GPU machine does before it launches. Up to MERGE_SPLITS splits (the helper's default
+    4, and 1) the decode finishes the rows itself; past them the reduce launch does."""
+    splits = launch.get("splits", 4)
+    want = ["_tq_decode_hopper_kernel"] + (["_tq_reduce_kernel"] if splits > hop.MERGE_SPLITS
+                                           else [])
+    assert hop.finish_mode(splits) == (1 if splits == 1 else 2 if len(want) == 1 else 0)
+    assert _run_helper("--launch", json.dumps(launch)) == want
 
 
 @pytest.fixture(scope="module")
