@@ -3,10 +3,13 @@ straight into mma.sync operand registers. The portable kernel (tq_attention.py) 
 reference; this is the fast path for the served tq4 and tq3 decode only: 4-bit keys and values
 (one stream each, head size 64 or 128) or 3-bit ones (head size 128), the raw-key fallback
 FOLDed, the pre-RoPE key mean (stepped from the first tile), paged cache with pages a
-multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It writes
-tq_attention's (acc, max, sum) partial rows and tq_attention's _tq_reduce_kernel finishes them
-(splits == 1 too), with the output Hadamard rows permuted to this kernel's order. Over 400 lines:
-the kernel, its layouts and launcher belong together.
+multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It finishes
+the output rows itself (the output Hadamard rows permuted to this kernel's order): with one
+split directly; with up to MERGE_SPLITS, each program writes tq_attention's (acc, max, sum)
+partial rows and the one that completes a sequence and KV head (a counter) merges and finishes
+them; with more, tq_attention's _tq_reduce_kernel does, one query row a program (the host launch
+and the reduce's own time cost 5-15 us a call at small batches). Over 400 lines: the kernel,
+its layouts and launcher belong together.
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
