@@ -348,8 +348,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         _STORE_HOPPER((-(-T // (16 * hop.warps)), H // hop.heads), (
             key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
             slot_mapping if positions is None else positions, tables.rope_theta,
-            tables.key_mean, tables.key_inv_scale, tables.signs, tables.key_weight, h["wsq"],
-            tables.value_mean, c["rot_vm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
+            tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
+            tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
             h["v_tab"]), hop.kwargs, hop.compiled)
         return
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch

@@ -132,7 +132,7 @@ def constants(tables, dtype: torch.dtype, c: dict) -> dict:
     out = dict(hs=hs, hcp=hcp, hcu=hcu)
     for name, idx, st in (("k", 1, lay.key.b), ("v", 3, lay.value.b)):
         lv, th = tables.codebooks[idx]
-        bt = bucket_table(lv, th, st.bits)
+        bt = bucket_table(lv * 256.0, th * 256.0, st.bits)  # coordinates scaled by 256
         if bt is None:
             out = None
             break
@@ -140,6 +140,9 @@ def constants(tables, dtype: torch.dtype, c: dict) -> dict:
         out[name + "_tab"] = bt[1].to(tables.codebooks.device)
     if out is not None:
         out["wsq"] = (tables.key_weight * tables.key_scale * tables.key_scale).contiguous()
+        out["isg"] = (tables.key_inv_scale * tables.signs).contiguous()  # exact: signs +-1
+        heads = c["rot_vm"].shape[0]
+        out["rvm"] = c["rot_vm"][:, 1].reshape(heads, 4, C)[:, :, p].reshape(heads, -1).contiguous()
     c["hop"] = out
     return out
 
@@ -158,51 +161,58 @@ def _wht4(x0, x1, x2, x3):
 
 
 @gluon.jit
-def _lookup(y, tab_ptr, SHIFT: gl.constexpr):
-    """(code, signed level) of y by one 16-byte lookup (bucket_table)."""
+def _lookup(y, tab, SHIFT: gl.constexpr):
+    """(code, signed level) of y by one 16-byte lookup (bucket_table); tab: the table's
+    address in every element (one register). The address is one mad.wide (Triton's own
+    pointer arithmetic took four instructions)."""
     b = (y.to(gl.uint32, bitcast=True) >> SHIFT).to(gl.int32)
     thr, lo, hi, code = gl.inline_asm_elementwise(
-        "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [tab_ptr + b * 4],
+        "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
+        "=r,=r,=r,=r,r,l", [b, tab],
         dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
     up = y > thr
     return code + up.to(gl.int32), gl.where(up, hi, lo)
 
 
 @gluon.jit
-def _pack(code, sh, BITS: gl.constexpr, M: gl.constexpr, C: gl.constexpr):
-    """Codes [M, C] (PERM's columns) -> words [M, 4]: lane q's 8 consecutive codes."""
+def _pack(code, BITS: gl.constexpr, M: gl.constexpr):
+    """Codes [M, 32] (PERM's columns) -> words [M, 4]: lane q's 8 consecutive codes, coordinate
+    8 q + 2 nt + e at bits BITS (2 nt + e), combined by splits (constant shifts, no movement)."""
     if BITS * 8 > 32:
-        w = code.to(gl.int64) << sh.to(gl.int64)[None, :]
-    else:
-        w = code << sh[None, :]
-    w = gl.reshape(w, [M, C // 8, 4, 2])  # column 8 nt + 2 q + e
-    return gl.sum(gl.sum(w, axis=3), axis=1)
+        code = code.to(gl.int64)
+    w = gl.permute(gl.reshape(code, [M, 2, 2, 4, 2]), [0, 3, 1, 2, 4])  # row, q, nt1, nt0, e
+    e0, e1 = gl.split(w)  # adds, not ors (no bits overlap): one LEA each
+    n0, n1 = gl.split(e0 + (e1 << BITS))
+    h0, h1 = gl.split(n0 + (n1 << (2 * BITS)))
+    return h0 + (h1 << (4 * BITS))
 
 
 @gluon.jit
-def _code(y0, y1, y2, y3, tab_ptr, sh, SHIFT: gl.constexpr, BITS: gl.constexpr,
-          RULE: gl.constexpr, M: gl.constexpr, C: gl.constexpr):
+def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, BITS: gl.constexpr,
+          RULE: gl.constexpr, M: gl.constexpr):
     """Words of the four chunks, their levels, sum c^2 and sum y c (RULE 2, else sum c^2)."""
-    k0, c0 = _lookup(y0, tab_ptr, SHIFT)
-    k1, c1 = _lookup(y1, tab_ptr, SHIFT)
-    k2, c2 = _lookup(y2, tab_ptr, SHIFT)
-    k3, c3 = _lookup(y3, tab_ptr, SHIFT)
+    k0, c0 = _lookup(y0, tab, SHIFT)
+    k1, c1 = _lookup(y1, tab, SHIFT)
+    k2, c2 = _lookup(y2, tab, SHIFT)
+    k3, c3 = _lookup(y3, tab, SHIFT)
     cc = gl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     yc = cc
     if RULE == 2:
         yc = gl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
-    return (_pack(k0, sh, BITS, M, C), _pack(k1, sh, BITS, M, C), _pack(k2, sh, BITS, M, C),
-            _pack(k3, sh, BITS, M, C), c0, c1, c2, c3, cc, yc)
+    return (_pack(k0, BITS, M), _pack(k1, BITS, M), _pack(k2, BITS, M), _pack(k3, BITS, M),
+            c0, c1, c2, c3, cc, yc)
 
 
 @gluon.jit
 def _norm_of(n, yc, cc, RULE: gl.constexpr):
+    """The norm rule of coordinates and levels scaled by 256 (yc and cc by 2^16): the same
+    floats as unscaled (powers of two commute with rounding; sqrt(2^16 x) = 2^8 sqrt(x))."""
     if RULE == 0:
         norm = n
     elif RULE == 1:
-        norm = gl.div_rn(n, gl.maximum(gl.sqrt_rn(cc), 1e-30))
+        norm = gl.div_rn(n * 256.0, gl.maximum(gl.sqrt_rn(cc), 256.0e-30))
     else:
-        norm = gl.div_rn(n * yc, gl.maximum(cc, 1e-30))
+        norm = gl.div_rn(n * yc, gl.maximum(cc, 65536.0e-30))
     return norm
 
 
@@ -223,13 +233,13 @@ def _dsplit(x, h, LA: gl.constexpr, L: gl.constexpr):
 
 @gluon.jit
 def _err(r0, r1, r2, r3, hcu, w0, w1, w2, w3, LA: gl.constexpr, L: gl.constexpr):
-    """sum_i w_i (r H_D)_i^2 * 2^16 for residual chunks r (PERM's columns): the transform, then
-    two float16 passes of 256 z per chunk (the caller scales by (SCALE / 256)^2)."""
+    """sum_i w_i (r H_D)_i^2 * 2^16 for residual chunks r (PERM's columns, scaled by 256): the
+    transform, then two float16 passes per chunk (the caller scales by (SCALE / 256)^2)."""
     z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
-    e0 = _dsplit(z0 * 256.0, hcu, LA, L)
-    e1 = _dsplit(z1 * 256.0, hcu, LA, L)
-    e2 = _dsplit(z2 * 256.0, hcu, LA, L)
-    e3 = _dsplit(z3 * 256.0, hcu, LA, L)
+    e0 = _dsplit(z0, hcu, LA, L)
+    e1 = _dsplit(z1, hcu, LA, L)
+    e2 = _dsplit(z2, hcu, LA, L)
+    e3 = _dsplit(z3, hcu, LA, L)
     return gl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
                   + w3[None, :] * e3 * e3, axis=1)
 
@@ -265,7 +275,7 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 def _tq_store_hopper_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens, positions_ptr,
-    rope_theta_ptr, key_mean_ptr, key_inv_scale_ptr, signs_ptr, key_weight_ptr, key_wsq_ptr,
+    rope_theta_ptr, key_mean_ptr, key_isg_ptr, key_weight_ptr, key_wsq_ptr,
     value_mean_ptr, rot_vm_ptr, hs_ptr, hcp_ptr, hcu_ptr, ktab_ptr, vtab_ptr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     NW: gl.constexpr, HEADS: gl.constexpr, D: gl.constexpr, MEAN: gl.constexpr,
@@ -318,13 +328,8 @@ def _tq_store_hopper_kernel(
     base0 = cache_ptr + ((slot // PAGE) * stride_blk + (slot % PAGE) * STRIDE_TOK)
     cola = gl.arange(0, C, COLA)
     coll = gl.arange(0, C, COL)
-    pcol = 8 * ((coll >> 1) & 3) + 2 * (coll >> 3) + (coll & 1)  # perm(C)
-    kb_sh = K_BITS * (2 * (coll >> 3) + (coll & 1))
-    vb_sh = V_BITS * (2 * (coll >> 3) + (coll & 1))
-    sg0 = gl.load(signs_ptr + cola)
-    sg1 = gl.load(signs_ptr + C + cola)
-    sg2 = gl.load(signs_ptr + 2 * C + cola)
-    sg3 = gl.load(signs_ptr + 3 * C + cola)
+    ktab = ktab_ptr + gl.zeros([M, C], gl.int32, L)
+    vtab = vtab_ptr + gl.zeros([M, C], gl.int32, L)
     if MEAN:  # RoPE_p(key_mean)'s cos / sin per row (NEOX: chunk a's partner is a + 2)
         pos = gl.load(positions_ptr + ta, mask=in_a, other=0).to(gl.float64)
         th0 = gl.load(rope_theta_ptr + cola).to(gl.float64)
@@ -364,13 +369,13 @@ def _tq_store_hopper_kernel(
         hs3 = hs3_s.load(LB)
         z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0, zero), mma_v2(k1, hs1, zero),
                                mma_v2(k2, hs2, zero), mma_v2(k3, hs3, zero))
-        s = (inv_rn * SCALE)[:, None]
+        s = (inv_rn * (SCALE * 256.0))[:, None]
         y0 = z0 * s
         y1 = z1 * s
         y2 = z2 * s
         y3 = z3 * s
-        rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab_ptr, kb_sh,
-                                                          K_SHIFT, K_BITS, K_RULE, M, C)
+        rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
+                                                          K_BITS, K_RULE, M)
         rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
         g = (rnorm16 * inv_rn)[:, None]
         hcu = hcu_s.load(LB)
@@ -400,26 +405,24 @@ def _tq_store_hopper_kernel(
             mu1 = u1
             mu2 = u2
             mu3 = u3
-        x0 = gl.where(ma, (f0 - mu0) * (gl.load(key_inv_scale_ptr + hd + cola) * sg0)[None, :], 0.0)
-        x1 = gl.where(ma, (f1 - mu1) * (gl.load(key_inv_scale_ptr + hd + C + cola) * sg1)[None, :],
-                      0.0)
-        x2 = gl.where(ma, (f2 - mu2) * (gl.load(key_inv_scale_ptr + hd + 2 * C + cola)
-                                        * sg2)[None, :], 0.0)
-        x3 = gl.where(ma, (f3 - mu3) * (gl.load(key_inv_scale_ptr + hd + 3 * C + cola)
-                                        * sg3)[None, :], 0.0)
+        # (rows outside the mapping are coded too, never stored: no masking needed)
+        x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
+        x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
+        x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
+        x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
         n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
         inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
-        xs = (inv_na * 256.0)[:, None]
+        xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
         z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
         hcp = hcp_s.load(LB)
-        y0 = _dsplit(z0 * xs, hcp, LA, L) * (SCALE / 256.0)
-        y1 = _dsplit(z1 * xs, hcp, LA, L) * (SCALE / 256.0)
-        y2 = _dsplit(z2 * xs, hcp, LA, L) * (SCALE / 256.0)
-        y3 = _dsplit(z3 * xs, hcp, LA, L) * (SCALE / 256.0)
+        y0 = _dsplit(z0 * xs, hcp, LA, L)
+        y1 = _dsplit(z1 * xs, hcp, LA, L)
+        y2 = _dsplit(z2 * xs, hcp, LA, L)
+        y3 = _dsplit(z3 * xs, hcp, LA, L)
         n = gl.convert_layout(n_a, ROW)
         inv_n = gl.convert_layout(inv_na, ROW)
-        cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab_ptr, kb_sh,
-                                                          K_SHIFT, K_BITS, K_RULE, M, C)
+        cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
+                                                          K_BITS, K_RULE, M)
         norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
         g = (norm16 * inv_n)[:, None]
         q0 = gl.load(key_wsq_ptr + hd + coll)
@@ -449,10 +452,10 @@ def _tq_store_hopper_kernel(
         g2 = v2.to(gl.float32)
         g3 = v3.to(gl.float32)
         if VMEAN:
-            g0 = gl.where(ma, g0 - gl.load(value_mean_ptr + hd + cola)[None, :], 0.0)
-            g1 = gl.where(ma, g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :], 0.0)
-            g2 = gl.where(ma, g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :], 0.0)
-            g3 = gl.where(ma, g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :], 0.0)
+            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
+            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
+            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
+            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
         vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
                                ROW)
         inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
@@ -463,18 +466,18 @@ def _tq_store_hopper_kernel(
         z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
                                mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
         if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
-            rvm = rot_vm_ptr + (head * 2 + 1) * D + pcol
+            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
             z0 -= gl.load(rvm)[None, :]
             z1 -= gl.load(rvm + C)[None, :]
             z2 -= gl.load(rvm + 2 * C)[None, :]
             z3 -= gl.load(rvm + 3 * C)[None, :]
-        s = (inv_vn * SCALE)[:, None]
+        s = (inv_vn * (SCALE * 256.0))[:, None]
         y0 = z0 * s
         y1 = z1 * s
         y2 = z2 * s
         y3 = z3 * s
-        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab_ptr, vb_sh,
-                                                          V_SHIFT, V_BITS, V_RULE, M, C)
+        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT,
+                                                          V_BITS, V_RULE, M)
         _store_words(base, mask_l, vw0, V_OFF, 0, V_BITS, ALIGN)
         _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
         _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
@@ -503,8 +506,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
             kv_cache, cs[0], slot_mapping, T, slot_mapping if positions is None else positions,
-            tables.rope_theta, tables.key_mean, tables.key_inv_scale, tables.signs,
-            tables.key_weight, hop["wsq"], tables.value_mean, c["rot_vm"], hop["hs"],
+            tables.rope_theta, tables.key_mean, hop["isg"],
+            tables.key_weight, hop["wsq"], tables.value_mean, hop["rvm"], hop["hs"],
             hop["hcp"], hop["hcu"], hop["k_tab"], hop["v_tab"])
     grid = (-(-T // (16 * num_warps)), H // heads)
     return grid, args, cx

@@ -59,7 +59,9 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
             sig[n] = "*fp32"
         else:
             sig[n] = "i32"
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
+    # as a launch with torch tensors specializes them: every pointer 16-byte aligned
+    div = [n for n in fn.arg_names if sig[n].startswith("*")] + list(DIVISIBLE)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in set(div)}
     src = GluonASTSource(fn, sig, constexprs=cx, attrs=attrs)
     return cx, triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 

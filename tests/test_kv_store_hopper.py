@@ -30,6 +30,11 @@ def test_bucket_table_is_bucketize(name):
         n = 1 << st.bits
         shift, tab = hop.bucket_table(lv, th, st.bits)
         thr = th[: n - 1]
+        if name == "tq4":  # as the kernel takes it: coordinates and levels scaled by 256
+            s2, tab2 = hop.bucket_table(lv * 256.0, th * 256.0, st.bits)
+            code2, lev2 = _lookup(thr * 256.0, s2, tab2)
+            assert s2 == shift and torch.equal(code2, torch.bucketize(thr, thr.contiguous()))
+            assert torch.equal(lev2, lv[code2] * 256.0)
         up_, dn_ = torch.tensor(9.0), torch.tensor(-9.0)
         y = torch.cat([torch.randn(50000) * 0.09, thr, -thr, torch.nextafter(thr, up_),
                        torch.nextafter(thr, dn_), -torch.nextafter(thr, up_),
@@ -50,12 +55,12 @@ def _f16(x):
     return x.clamp(-65504, 65504).half().float()
 
 
-def _norm(n, yc, cc, rule):
+def _norm(n, yc, cc, rule):  # of coordinates and levels scaled by 256, as the kernel's
     if rule == 0:
         return n
     if rule == 1:
-        return n / cc.sqrt().clamp(min=1e-30)
-    return n * yc / cc.clamp(min=1e-30)
+        return n * 256.0 / cc.sqrt().clamp(min=256e-30)
+    return n * yc / cc.clamp(min=65536e-30)
 
 
 def _wht4(x):  # chunks on dim -2: [..., 4, C]
@@ -71,7 +76,8 @@ def _split_dot(x, h):
 
 
 def _emulate(tables, hc, c, k, v, positions):
-    """The kernel's bytes for keys / values [T, H, D] (float32 math as the kernel's)."""
+    """The kernel's bytes for keys / values [T, H, D] (float32 math as the kernel's: rotated
+    coordinates, levels and residuals scaled by 256)."""
     lay = tables.layout
     T, H, D = k.shape
     C = D // 4
@@ -82,7 +88,7 @@ def _emulate(tables, hc, c, k, v, positions):
     kr = lay.key.norm_rule
     out = torch.zeros(T, H, lay.slot_bytes, dtype=torch.uint8)
 
-    def code(y, name, bits, rule, n, inv_n):  # y [T, 4, C] in PERM's columns, x 1
+    def code(y, name, bits, rule, n, inv_n):  # y [T, 4, C] in PERM's columns, x 256
         cd, lev = _lookup(y, hc[name + "_shift"], hc[name + "_tab"])
         cc = (lev * lev).sum((-1, -2))
         yc = (y * lev).sum((-1, -2)) if rule == 2 else cc
@@ -94,8 +100,7 @@ def _emulate(tables, hc, c, k, v, positions):
         return kb_pack(coords.reshape(T, D), bits)
 
     def err(r, w):  # r [T, 4, C]
-        z = _wht4(r) * 256.0
-        e = _split_dot(z, hcu)
+        e = _split_dot(_wht4(r), hcu)
         return (w.view(4, C) * e * e).sum((-1, -2)) * (scale / 256.0) ** 2
 
     for h in range(H):
@@ -104,18 +109,18 @@ def _emulate(tables, hc, c, k, v, positions):
         rn = kh.pow(2).sum(-1).sqrt()
         inv_rn = 1.0 / rn.clamp(min=1e-30)
         z = _wht4(torch.einsum("tai,aij->taj", kc, hs))
-        ry = z * (inv_rn * scale)[:, None, None]
+        ry = z * (inv_rn * (scale * 256.0))[:, None, None]
         rcd, rlev, rnorm = code(ry, "k", lay.key.b.bits, kr, rn, inv_rn)
         rerr = err(ry - (rnorm * inv_rn)[:, None, None] * rlev, tables.key_weight[h]) * rn * rn
         if tables.has_mean:
             mu = kb_key_mean_at(tables, h, positions)
         else:
             mu = tables.key_mean[h].expand(T, D)
-        x = (kh - mu) * (tables.key_inv_scale[h] * tables.signs)
+        x = (kh - mu) * hc["isg"][h]  # inv_scale * signs
         n = x.pow(2).sum(-1).sqrt()
         inv_n = 1.0 / n.clamp(min=1e-30)
-        zx = _wht4(x.view(T, 4, C)) * (inv_n * 256.0)[:, None, None]
-        y = _split_dot(zx, hcp) * (scale / 256.0)
+        zx = _wht4(x.view(T, 4, C)) * (inv_n * (256.0 * scale))[:, None, None]
+        y = _split_dot(zx, hcp)
         ccd, clev, cnorm = code(y, "k", lay.key.b.bits, kr, n, inv_n)
         cerr = err(y - (cnorm * inv_n)[:, None, None] * clev, hc["wsq"][h]) * n * n
         raw = rerr < cerr
@@ -125,8 +130,8 @@ def _emulate(tables, hc, c, k, v, positions):
         vn = (vh - vm).pow(2).sum(-1).sqrt()
         inv_vn = 1.0 / vn.clamp(min=1e-30)
         z = _wht4(torch.einsum("tai,aij->taj", vh.view(T, 4, C), hs))
-        z = z - c["rot_vm"][h, 1].view(4, C)[:, p]
-        vy = z * (inv_vn * scale)[:, None, None]
+        z = z - hc["rvm"][h].view(4, C)
+        vy = z * (inv_vn * (scale * 256.0))[:, None, None]
         vcd, vlev, _unused = code(vy, "v", lay.value.b.bits, lay.value.norm_rule, vn, inv_vn)
         vcc = (vlev * vlev).sum((-1, -2))
         vyc = (vy * vlev).sum((-1, -2)) if lay.value.norm_rule == 2 else vcc
