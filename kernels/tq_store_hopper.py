@@ -343,16 +343,63 @@ def _tq_store_hopper_kernel(
     kp = key_ptr + ta.to(gl.int64) * stride_kt
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
+    zero = gl.zeros([M, C], gl.float32, L)
+    gl.thread_barrier()  # the shared tables written: no barrier inside the head loop
 
     for i in range(HEADS):
         head = head0 + i
         hd = head * D
         base = base0 + head * STRIDE_HEAD
+        # the key's loads first: in flight while the head's values are coded
         kh = kp + head * stride_kh
         k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
         k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
         k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
         k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+
+        # values: 16-bit dots, the value mean's rotation taken off after
+        vh = vp + head * stride_vh
+        v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
+        v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+        v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+        v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+        g0 = v0.to(gl.float32)
+        g1 = v1.to(gl.float32)
+        g2 = v2.to(gl.float32)
+        g3 = v3.to(gl.float32)
+        if VMEAN:
+            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
+            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
+            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
+            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
+        vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
+                               ROW)
+        inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
+        hs0 = hs0_s.load(LB)
+        hs1 = hs1_s.load(LB)
+        hs2 = hs2_s.load(LB)
+        hs3 = hs3_s.load(LB)
+        z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
+                               mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
+        if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
+            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
+            z0 -= gl.load(rvm)[None, :]
+            z1 -= gl.load(rvm + C)[None, :]
+            z2 -= gl.load(rvm + 2 * C)[None, :]
+            z3 -= gl.load(rvm + 3 * C)[None, :]
+        s = (inv_vn * (SCALE * 256.0))[:, None]
+        y0 = z0 * s
+        y1 = z1 * s
+        y2 = z2 * s
+        y3 = z3 * s
+        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT,
+                                                          V_BITS, V_RULE, M)
+        _store_words(base, mask_l, vw0, V_OFF, 0, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
+        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE), V_NORM_OFF)
+
         f0 = k0.to(gl.float32)
         f1 = k1.to(gl.float32)
         f2 = k2.to(gl.float32)
@@ -362,7 +409,6 @@ def _tq_store_hopper_kernel(
         rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
                                ROW)
         inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
-        zero = gl.zeros([M, C], gl.float32, L)
         hs0 = hs0_s.load(LB)
         hs1 = hs1_s.load(LB)
         hs2 = hs2_s.load(LB)
@@ -441,48 +487,6 @@ def _tq_store_hopper_kernel(
         _store_words(base, mask_l, gl.where(rw, rw3, cw3), K_OFF, 3, K_BITS, ALIGN)
         _store_norm(base, mask_l, gl.where(raw, -gl.abs(rnorm16), gl.abs(norm16)), K_NORM_OFF)
 
-        # values: 16-bit dots, the value mean's rotation taken off after
-        vh = vp + head * stride_vh
-        v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
-        v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
-        v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
-        v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
-        g0 = v0.to(gl.float32)
-        g1 = v1.to(gl.float32)
-        g2 = v2.to(gl.float32)
-        g3 = v3.to(gl.float32)
-        if VMEAN:
-            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
-            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
-            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
-            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
-        vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
-                               ROW)
-        inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
-        hs0 = hs0_s.load(LB)
-        hs1 = hs1_s.load(LB)
-        hs2 = hs2_s.load(LB)
-        hs3 = hs3_s.load(LB)
-        z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
-                               mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
-        if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
-            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
-            z0 -= gl.load(rvm)[None, :]
-            z1 -= gl.load(rvm + C)[None, :]
-            z2 -= gl.load(rvm + 2 * C)[None, :]
-            z3 -= gl.load(rvm + 3 * C)[None, :]
-        s = (inv_vn * (SCALE * 256.0))[:, None]
-        y0 = z0 * s
-        y1 = z1 * s
-        y2 = z2 * s
-        y3 = z3 * s
-        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT,
-                                                          V_BITS, V_RULE, M)
-        _store_words(base, mask_l, vw0, V_OFF, 0, V_BITS, ALIGN)
-        _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
-        _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
-        _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
-        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE), V_NORM_OFF)
 
 
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
