@@ -46,6 +46,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .tq_decode_hopper import _rope_cos_sin
 
 NT = gl.constexpr(16)  # tokens per warp
+# A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def _tq_store_hopper_kernel(
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
     zero = gl.zeros([M, C], gl.float32, L)
-    gl.thread_barrier()  # the shared tables written: no barrier inside the head loop
+    _cta_barrier()  # the shared tables written: no barrier inside the head loop
 
     for i in range(HEADS):
         head = head0 + i
