@@ -262,6 +262,9 @@ class _Hopper:
                                                  num_warps=self.warps, heads=self.heads,
                                                  maxnreg=t.maxnreg)
         self.heads = key.shape[1] // grid[1]
+        if self.heads * grid[1] != key.shape[1]:
+            raise ValueError(f"heads_per_program {t.heads_per_program} does not divide "
+                             f"{key.shape[1]} KV heads")
         self.compiled = {}
 
 
@@ -309,7 +312,7 @@ def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):
 
 _LAUNCHES = LaunchPlans(_Launch)
 _STORE = CachedLaunch(_tq_store_kernel)
-_STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel) if _hop is not None else None
+_STORE_HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -344,6 +347,9 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if hop is None:
         hop = plan.hopper = _choose(plan, tables, key, value, kv_cache, slot_mapping, positions)
     if hop:
+        global _STORE_HOPPER
+        if _STORE_HOPPER is None:
+            _STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel)
         c, h = hop.consts, hop.hop
         _STORE_HOPPER((-(-T // (16 * hop.warps)), H // hop.heads), (
             key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
