@@ -4,7 +4,9 @@
 
 Per format (tq4, tq3, tq5 with the key mean as served; tq4 without the mean): (1) bytes: the Hopper
 and the portable launch on the same fresh random inputs (keys around the RoPE'd mean, a tenth far
-off, random positions < 2^17, every 97th slot -1, poisoned caches), slots and bytes that differ;
+off, random positions < 2^17, every 97th slot -1, poisoned caches), slots and bytes that differ,
+in which part of the slot (key codes, key norm, value codes, value norm), the raw keys each
+chose, and the first differing slot's bytes;
 (2) both against the torch reference (kv_bench.store_check, as kv_store_check.py); (3) time (do_bench
 median) of the portable launch, the Hopper launch and its variants (warps, heads per program,
 maxnreg) against the device copy of the same run. Prints the Hopper-path log line, a table last;
@@ -75,19 +77,34 @@ def versus(name, mode, device, tokens):
                            dtype=torch.uint8, device=device)
         tq_store(k, v, cache, slots, tables, positions=positions, tuning=StoreTuning(hopper=hop))
         caches.append(cache.view(-1, hk, tables.layout.slot_bytes))
-    diff = caches[0] != caches[1]
     ok = slots >= 0
+    a, b = caches[0][slots[ok]], caches[1][slots[ok]]  # written slots only
+    diff = a != b
     untouched = torch.ones(caches[0].shape[0], dtype=torch.bool, device=device)
     untouched[slots[ok]] = False
     poison = bool((caches[1][untouched] == 0xAB).all() and (caches[0][untouched] == 0xAB).all())
-    return (diff.float().mean().item(), int(diff.any(-1).sum().item()), int(ok.sum()) * hk, poison)
+    # where they differ, to say which part is wrong if one is: key codes, key norm (its sign:
+    # the raw-key flag), value codes, value norm
+    lay = tables.layout
+    kn, vn = lay.key.norm_offset, lay.value.norm_offset
+    parts = {"key codes": diff[..., :kn], "key norm": diff[..., kn:kn + 2],
+             "value codes": diff[..., kn + 2:vn], "value norm": diff[..., vn:vn + 2]}
+    raw = [int(((c[..., kn + 1] >> 7) & 1).sum()) for c in (a, b)]
+    where = {name: int(d.any(-1).sum()) for name, d in parts.items()}
+    first = None
+    if diff.any():
+        i = int(diff.any(-1).flatten().nonzero()[0])
+        first = dict(slot=i // hk, head=i % hk, portable=a.flatten(0, 1)[i].tolist(),
+                     hopper=b.flatten(0, 1)[i].tolist())
+    return (diff.float().mean().item(), int(diff.any(-1).sum().item()), int(ok.sum()) * hk, poison,
+            where, raw, first)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds; later rows skipped")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds; later rows skipped")
     args = ap.parse_args()
     device, tokens = "cuda", args.tokens
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +118,9 @@ def main():
           flush=True)
     for name, mode in (("tq4", "mean"), ("tq4", "no mean"), ("tq3", "mean"), ("tq5", "mean")):
         try:
-            frac, rows, n, poison = versus(name, mode, device, tokens)
+            frac, rows, n, poison, where, raw, first = versus(name, mode, device, tokens)
             r = dict(format=name, mode=mode, bytes_differ=frac, slots_differ=rows, slots=n,
-                     untouched_ok=poison)
+                     untouched_ok=poison, vectors_differ=where, raw_keys=raw, first=first)
         except Exception as e:
             r = dict(format=name, mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
@@ -137,7 +154,8 @@ def main():
             print(f"{r['format']:6} {r['mode']:8} ERROR {r['error'][:80]}")
         else:
             print(f"{r['format']:6} {r['mode']:8} {r['bytes_differ']:20.2e} "
-                  f"{r['slots_differ']:8d} of {r['slots']}{'' if r['untouched_ok'] else ' OTHER SLOTS WRITTEN'}")
+                  f"{r['slots_differ']:8d} of {r['slots']}{'' if r['untouched_ok'] else ' OTHER SLOTS WRITTEN'}"
+                  f"  raw keys (portable, hopper) {r['raw_keys']}  {r['vectors_differ']}")
     print(f"{'launch':26} {'format':6} {'mode':8} {'vs reference':>12} {'ms':>8} {'copy':>6} {'speed-up':>8}")
     for r in res["rows"]:
         head = f"{r['label']:26} {r['format']:6} {r['mode']:8}"
