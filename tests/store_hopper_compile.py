@@ -34,12 +34,13 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
              "stride_vt", "stride_vh", "stride_blk")
 
 
-def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None):
+def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
+                   dtype=torch.bfloat16):
     tables = served_tables(name, heads, d)
-    c = _store_constants(tables, 1, torch.bfloat16)
-    hc = hop.constants(tables, torch.bfloat16, c)
+    c = _store_constants(tables, 1, dtype)
+    hc = hop.constants(tables, dtype, c)
     T = 64
-    key = torch.zeros(T, heads, d, dtype=torch.bfloat16)
+    key = torch.zeros(T, heads, d, dtype=dtype)
     cache = torch.zeros(T // 16 + 1, 16, heads, tables.layout.slot_bytes, dtype=torch.uint8)
     slots = torch.zeros(T, dtype=torch.int64)
     grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
@@ -50,11 +51,14 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     if "maxnreg" in cx:
         options["maxnreg"] = cx.pop("maxnreg")
     sig = {}
+    types = dict(TYPES)
+    if dtype == torch.float16:
+        types.update(key_ptr="*fp16", value_ptr="*fp16", hs_ptr="*fp16")
     for n, a in zip(fn.arg_names, list(args) + [None] * len(cx)):
         if n in cx:
             sig[n] = "constexpr"
-        elif n in TYPES:
-            sig[n] = TYPES[n]
+        elif n in types:
+            sig[n] = types[n]
         elif n.endswith("_ptr"):
             sig[n] = "*fp32"
         else:
@@ -73,9 +77,11 @@ def main():
     ap.add_argument("--maxnreg", type=int)
     ap.add_argument("--heads-per-program", type=int)
     ap.add_argument("--dump", type=Path)
+    ap.add_argument("--fp16", action="store_true", help="float16 keys and values")
     a = ap.parse_args()
     cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
-                           heads_per_program=a.heads_per_program)
+                           heads_per_program=a.heads_per_program,
+                           dtype=torch.float16 if a.fp16 else torch.bfloat16)
     st = stats(k)
     sass = _tool(k, "-sass")
     if a.dump:

@@ -40,6 +40,8 @@ ROWS = [
     ("hopper 4 heads/program", "tq4", "mean", dict(hopper=True, heads_per_program=4)),
     ("hopper 2 warps 4 heads", "tq4", "mean", dict(hopper=True, num_warps=2, heads_per_program=4)),
     ("hopper maxnreg 168", "tq4", "mean", dict(hopper=True, maxnreg=168)),
+    ("hopper 2 warps maxnreg 200", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=200)),
+    ("hopper 2 warps maxnreg 168", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=168)),
     ("portable", "tq4", "no mean", PORTABLE),
     ("hopper", "tq4", "no mean", HOPPER),
     ("portable", "tq3", "mean", PORTABLE),
