@@ -35,6 +35,12 @@ HOPPER = dict(hopper=True)
 ROWS = [
     ("portable", "tq4", "mean", PORTABLE),
     ("hopper", "tq4", "mean", HOPPER),
+    ("portable", "tq3", "mean", PORTABLE),
+    ("hopper", "tq3", "mean", HOPPER),
+    ("portable", "tq5", "mean", PORTABLE),
+    ("hopper", "tq5", "mean", HOPPER),
+    ("portable", "tq4", "no mean", PORTABLE),
+    ("hopper", "tq4", "no mean", HOPPER),
     ("hopper 2 warps", "tq4", "mean", dict(hopper=True, num_warps=2)),
     ("hopper 8 warps", "tq4", "mean", dict(hopper=True, num_warps=8)),
     ("hopper 4 heads/program", "tq4", "mean", dict(hopper=True, heads_per_program=4)),
@@ -42,12 +48,6 @@ ROWS = [
     ("hopper maxnreg 168", "tq4", "mean", dict(hopper=True, maxnreg=168)),
     ("hopper 2 warps maxnreg 200", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=200)),
     ("hopper 2 warps maxnreg 168", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=168)),
-    ("portable", "tq4", "no mean", PORTABLE),
-    ("hopper", "tq4", "no mean", HOPPER),
-    ("portable", "tq3", "mean", PORTABLE),
-    ("hopper", "tq3", "mean", HOPPER),
-    ("portable", "tq5", "mean", PORTABLE),
-    ("hopper", "tq5", "mean", HOPPER),
 ]
 
 
