@@ -351,13 +351,26 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         if _STORE_HOPPER is None:
             _STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel)
         c, h = hop.consts, hop.hop
-        _STORE_HOPPER((-(-T // (16 * hop.warps)), H // hop.heads), (
-            key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
-            slot_mapping if positions is None else positions, tables.rope_theta,
-            tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
-            tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
-            h["v_tab"]), hop.kwargs, hop.compiled)
-        return
+        args = (key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
+                slot_mapping if positions is None else positions, tables.rope_theta,
+                tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
+                tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
+                h["v_tab"])
+        grid = (-(-T // (16 * hop.warps)), H // hop.heads)
+        if hop.compiled:
+            _STORE_HOPPER(grid, args, hop.kwargs, hop.compiled)
+            return
+        try:  # the first call compiles (Gluon is experimental): if that fails, store portably
+            _STORE_HOPPER(grid, args, hop.kwargs, hop.compiled)
+            return
+        except Exception as e:  # noqa: BLE001  (a compile error of any kind)
+            if plan.tuning.hopper:
+                raise
+            plan.hopper = False
+            log.warning("%s store: the Hopper store failed to compile (%s: %s); the portable "
+                        "Triton kernel stores instead (kernels/tq_store_hopper.py)",
+                        getattr(tables, "format_name", "quantized KV"), type(e).__name__,
+                        str(e)[:300])
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch
            else tables.signs)
     _STORE((-(-T // plan.block_t), H // plan.heads), (
