@@ -157,12 +157,13 @@ def kb_pack(codes, bits):
 
 
 def kb_key_mean_at(tables, h, positions):
-    from vllm_gds.kvcache.rope import apply_rope  # noqa: F401  (the reference's RoPE)
-    lq = _LQ[id(tables)]
-    return lq.key_mean_at(positions)[:, h]
+    """RoPE_p(key_mean) of head h, as the reference computes it (the kernel's cos / sin are the
+    same exact-angle floats: tq_decode_hopper._rope_cos_sin, checked by the portable kernel's
+    tests)."""
+    return _LQ[id(tables)].key_mean_at(positions)[:, h]
 
 
-_LQ = {}
+_LQ = {}  # id(tables) -> the reference quantizer of the same calibration
 
 
 @pytest.mark.parametrize("name,mean", [("tq4", True), ("tq3", True), ("tq5", True),
