@@ -350,7 +350,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         global _STORE_HOPPER
         if _STORE_HOPPER is None:
             _STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel)
-        c, h = hop.consts, hop.hop
+        h = hop.hop
         args = (key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
                 slot_mapping if positions is None else positions, tables.rope_theta,
                 tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
