@@ -55,8 +55,9 @@ class StoreTuning:
     (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
     16-bit pass per chunk, the 4-point transform after the dots.
     hopper: the Gluon store (tq_store_hopper.py) where it can run (None), never (False), or
-    required (True: an error where it cannot run); with it, num_warps (tokens per program / 16,
-    default 4), heads_per_program and maxnreg (default none) are its launch's."""
+    required (True: an error where it cannot run); with it, num_warps (tokens per program / 16)
+    and heads_per_program fix its launch shape (default: chosen per call, _Hopper.pick) and
+    maxnreg limits its registers (default none)."""
 
     block_t: int | None = None
     num_warps: int | None = None
@@ -247,25 +248,37 @@ class _Launch:
 
 
 class _Hopper:
-    """The Gluon store's launch of one plan (tq_store_hopper.store_launch's constexprs)."""
+    """The Gluon store's launches of one plan (tq_store_hopper.store_launch's constexprs), one
+    per launch shape, chosen per call by the token count (pick)."""
 
-    __slots__ = ("consts", "hop", "kwargs", "heads", "warps", "compiled")
+    __slots__ = ("hop", "variants", "sms")
 
     def __init__(self, plan, tables, key, value, kv_cache, slot_mapping, positions):
         t = plan.tuning
-        self.consts = plan.consts
         self.hop = _hop.constants(tables, key.dtype, plan.consts)
-        self.warps = t.num_warps or 4
-        self.heads = t.heads_per_program
-        grid, _, self.kwargs = _hop.store_launch(key, value, kv_cache, slot_mapping, tables,
-                                                 positions, self.consts, self.hop, plan.align,
-                                                 num_warps=self.warps, heads=self.heads,
-                                                 maxnreg=t.maxnreg)
-        self.heads = key.shape[1] // grid[1]
-        if self.heads * grid[1] != key.shape[1]:
-            raise ValueError(f"heads_per_program {t.heads_per_program} does not divide "
-                             f"{key.shape[1]} KV heads")
-        self.compiled = {}
+        H = key.shape[1]
+        if t.num_warps or t.heads_per_program:  # a measured launch: that one only
+            shapes = [(t.num_warps or 4, t.heads_per_program or (H if tables.has_mean else 1))]
+        else:  # all heads per program (the key mean's cos / sin once), then more programs
+            shapes = list(dict.fromkeys([(4, H if tables.has_mean else 1), (4, 1), (1, 1)]))
+        self.variants = []  # (tokens per program, heads per program, constexprs, compiled)
+        for warps, heads in shapes:
+            if H % heads:
+                raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
+            _, _, kwargs = _hop.store_launch(key, value, kv_cache, slot_mapping, tables,
+                                             positions, plan.consts, self.hop, plan.align,
+                                             num_warps=warps, heads=heads, maxnreg=t.maxnreg)
+            self.variants.append((16 * warps, heads, kwargs, {}))
+        self.sms = torch.cuda.get_device_properties(key.device).multi_processor_count
+
+    def pick(self, T: int, H: int):
+        """The first launch shape with at least two programs per SM at T tokens, else the
+        last (the most programs): 32K tokens of 8 heads take 64 tokens x 8 heads a program,
+        a decode step's few tokens 16 tokens x 1 head."""
+        for v in self.variants:
+            if -(-T // v[0]) * (H // v[1]) >= 2 * self.sms:
+                return v
+        return self.variants[-1]
 
 
 def store_path(capability, gluon_error, unsupported) -> tuple[bool, str]:
@@ -356,12 +369,13 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
                 tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
                 h["v_tab"])
-        grid = (-(-T // (16 * hop.warps)), H // hop.heads)
-        if hop.compiled:
-            _STORE_HOPPER(grid, args, hop.kwargs, hop.compiled)
+        tokens, heads, kwargs, compiled = hop.pick(T, H)
+        grid = (-(-T // tokens), H // heads)
+        if compiled:
+            _STORE_HOPPER(grid, args, kwargs, compiled)
             return
         try:  # the first call compiles (Gluon is experimental): if that fails, store portably
-            _STORE_HOPPER(grid, args, hop.kwargs, hop.compiled)
+            _STORE_HOPPER(grid, args, kwargs, compiled)
             return
         except Exception as e:  # noqa: BLE001  (a compile error of any kind)
             if plan.tuning.hopper:

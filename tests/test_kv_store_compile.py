@@ -58,3 +58,10 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
     assert not any(k.startswith("BAR") for k in loop)
     assert not any(k.startswith("STS") for k in loop)
     assert st["per_code"] < 0.6 * 99.1, st["per_code"]
+
+
+def test_hopper_store_compiles_for_few_tokens():
+    """The launch shape tq_store picks for a decode step's few tokens: one warp of 16 tokens and
+    one head a program (the key mean's cos / sin per program; no head loop)."""
+    st = _compile_hopper("tq4", "--num-warps", "1", "--heads-per-program", "1")
+    assert st["ptx_mma"] == 256 and st["ld_v4"] == 192 and st["shared"] <= 20480

@@ -2,14 +2,15 @@
 
     python3 benchmarks/dev/kv_store_hopper_check.py --out $OUT     # 32K tokens, Llama-3-8B shape
 
-Per format (tq4, tq3, tq5 with the key mean as served; tq4 without the mean): (1) bytes: the Hopper
+Per format (tq4, tq3, tq5 with the key mean as served; tq4 without the mean; tq4 at 4000 and 200
+tokens too, where tq_store picks other launch shapes): (1) bytes: the Hopper
 and the portable launch on the same fresh random inputs (keys around the RoPE'd mean, a tenth far
 off, random positions < 2^17, every 97th slot -1, poisoned caches), slots and bytes that differ,
 in which part of the slot (key codes, key norm, value codes, value norm), the raw keys each
 chose, and the first differing slot's bytes;
 (2) both against the torch reference (kv_bench.store_check, as kv_store_check.py); (3) time (do_bench
 median) of the portable launch, the Hopper launch and its variants (warps, heads per program,
-maxnreg) against the device copy of the same run. Prints the Hopper-path log line, a table last;
+maxnreg), and at 4096 and 256 tokens, against the device copy of the same run. Prints the Hopper-path log line, a table last;
 writes kv_store_hopper_check.json under --out.
 """
 import argparse
@@ -48,6 +49,11 @@ ROWS = [
     ("hopper maxnreg 168", "tq4", "mean", dict(hopper=True, maxnreg=168)),
     ("hopper 2 warps maxnreg 200", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=200)),
     ("hopper 2 warps maxnreg 168", "tq4", "mean", dict(hopper=True, num_warps=2, maxnreg=168)),
+    # fewer tokens (a prefill chunk, a decode step's batch): the launch shape chosen per call
+    ("portable 4096 tokens", "tq4", "mean", PORTABLE, 4096),
+    ("hopper 4096 tokens", "tq4", "mean", HOPPER, 4096),
+    ("portable 256 tokens", "tq4", "mean", PORTABLE, 256),
+    ("hopper 256 tokens", "tq4", "mean", HOPPER, 256),
 ]
 
 
@@ -118,27 +124,29 @@ def main():
     copy = res["copy_gbs"]
     print(f"{res['info']}, Triton {triton.__version__}: copy {copy:.0f} GB/s, {tokens} tokens",
           flush=True)
-    for name, mode in (("tq4", "mean"), ("tq4", "no mean"), ("tq3", "mean"), ("tq5", "mean")):
+    for name, mode, t in (("tq4", "mean", tokens), ("tq4", "no mean", tokens), ("tq3", "mean", tokens),
+                          ("tq5", "mean", tokens), ("tq4", "mean", 4000), ("tq4", "mean", 200)):
         try:
-            frac, rows, n, poison, where, raw, first = versus(name, mode, device, tokens)
-            r = dict(format=name, mode=mode, bytes_differ=frac, slots_differ=rows, slots=n,
+            frac, rows, n, poison, where, raw, first = versus(name, mode, device, t)
+            r = dict(format=name, mode=mode, tokens=t, bytes_differ=frac, slots_differ=rows, slots=n,
                      untouched_ok=poison, vectors_differ=where, raw_keys=raw, first=first)
         except Exception as e:
-            r = dict(format=name, mode=mode, error=f"{type(e).__name__}: {str(e)[:300]}")
+            r = dict(format=name, mode=mode, tokens=t, error=f"{type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
         print(f"{time.time() - started:6.1f}s hopper vs portable {r}", flush=True)
         res["versus"].append(r)
         out.write_text(json.dumps(res, indent=1))
-    for label, name, mode, launch in ROWS:
-        row = dict(label=label, format=name, mode=mode, launch=launch)
+    for label, name, mode, launch, *few in ROWS:
+        n_tok = few[0] if few else tokens
+        row = dict(label=label, format=name, mode=mode, launch=launch, tokens=n_tok)
         if time.time() - started > args.budget:
             row["error"] = "skipped: time budget"
         else:
             try:
-                if label in ("portable", "hopper"):
-                    frac, untouched = check(name, mode, launch, device, tokens, False)
+                if label in ("portable", "hopper") or label.endswith(" tokens"):
+                    frac, untouched = check(name, mode, launch, device, n_tok, False)
                     row.update(byte_mismatch=frac, untouched_ok=untouched)
-                t, gbs = timed(name, mode, launch, device, tokens, False)
+                t, gbs = timed(name, mode, launch, device, n_tok, False)
                 row.update(ms=t, gbs=gbs, of_copy=gbs / copy)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -146,16 +154,16 @@ def main():
         print(f"{time.time() - started:6.1f}s {row}", flush=True)
         res["rows"].append(row)
         out.write_text(json.dumps(res, indent=1))
-    base = {(r["format"], r["mode"]): r["ms"] for r in res["rows"]
-            if r["label"] == "portable" and "ms" in r}
+    base = {(r["format"], r["mode"], r["tokens"]): r["ms"] for r in res["rows"]
+            if r["label"].startswith("portable") and "ms" in r}
     print(f"\n{res['info']}, Triton {triton.__version__}, copy {copy:.0f} GB/s, {tokens} new "
           "tokens, Llama-3-8B shape (8 KV heads, head 128)")
-    print(f"{'format':6} {'mode':8} {'hopper vs portable: bytes / slots differ':>42}")
+    print(f"{'format':6} {'mode':8} {'tokens':>6} {'hopper vs portable: bytes / slots differ':>42}")
     for r in res["versus"]:
         if "error" in r:
-            print(f"{r['format']:6} {r['mode']:8} ERROR {r['error'][:80]}")
+            print(f"{r['format']:6} {r['mode']:8} {r['tokens']:6} ERROR {r['error'][:80]}")
         else:
-            print(f"{r['format']:6} {r['mode']:8} {r['bytes_differ']:20.2e} "
+            print(f"{r['format']:6} {r['mode']:8} {r['tokens']:6} {r['bytes_differ']:20.2e} "
                   f"{r['slots_differ']:8d} of {r['slots']}{'' if r['untouched_ok'] else ' OTHER SLOTS WRITTEN'}"
                   f"  raw keys (portable, hopper) {r['raw_keys']}  {r['vectors_differ']}")
     print(f"{'launch':26} {'format':6} {'mode':8} {'vs reference':>12} {'ms':>8} {'copy':>6} {'speed-up':>8}")
@@ -165,7 +173,7 @@ def main():
             print(f"{head} ERROR {r['error'][:70]}")
             continue
         ref = f"{r['byte_mismatch']:12.2e}" if "byte_mismatch" in r else f"{'':12}"
-        old = base.get((r["format"], r["mode"]))
+        old = base.get((r["format"], r["mode"], r["tokens"]))
         print(f"{head} {ref} {r['ms']:8.3f} {r['of_copy']:6.1%} "
               f"{(old / r['ms']) if old else 0:7.2f}x")
 
