@@ -112,7 +112,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds; later rows skipped")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later rows skipped")
     args = ap.parse_args()
     device, tokens = "cuda", args.tokens
     args.out.mkdir(parents=True, exist_ok=True)
