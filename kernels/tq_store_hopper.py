@@ -3,6 +3,8 @@ Gluon: one warp codes 16 tokens of a head entirely in registers. The portable ke
 (tq_store_chunked.py, the CHUNK path of tq_store_kernel.py) stays the reference; this is the fast
 path for the formats of one full-width stream per vector (tq4, tq3, tq5) at head size 128, 16-bit
 inputs, calibrated tables with the raw-key fallback, the key mean NEOX-paired (or constant).
+Over 400 lines: the kernel, its host tables (bucket_table, constants) and its launch belong
+together.
 
 Why: the portable kernel's 4 warps split each 16-token tile's columns, so every row sum and
 every MMA operand went through shared memory (95 barriers and 3171 sm_90 SASS instructions per
