@@ -11,6 +11,7 @@ mean's rotation, immediates of the codebooks) and its constexprs are worked out 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -20,6 +21,16 @@ from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
 from .tq_streams import stream_constexprs
+
+try:  # Gluon is experimental: a Triton without it (or without its APIs) stores on the portable path
+    from . import tq_store_hopper as _hop
+
+    GLUON_ERROR = None
+except (ImportError, AttributeError) as e:
+    _hop = None
+    GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+log = logging.getLogger("vllm_gds.kernels")
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,11 @@ class StoreTuning:
     benchmarks/results/kv_store_check.json): the next head's keys and values loaded while one
     head is coded; exact_rot
     (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
-    16-bit pass per chunk, the 4-point transform after the dots."""
+    16-bit pass per chunk, the 4-point transform after the dots.
+    hopper: the Gluon store (tq_store_hopper.py) where it can run (None), never (False), or
+    required (True: an error where it cannot run); with it, num_warps (tokens per program / 16)
+    and heads_per_program fix its launch shape (default: chosen per call, _Hopper.pick) and
+    maxnreg limits its registers (default none)."""
 
     block_t: int | None = None
     num_warps: int | None = None
@@ -58,6 +73,7 @@ class StoreTuning:
     chunks: bool | None = None
     prefetch: bool | None = None
     exact_rot: bool | None = None
+    hopper: bool | None = None
 
 
 SERVED = StoreTuning()
@@ -166,7 +182,8 @@ def _heads_per_program(h: int, has_mean: bool) -> int:
 class _Launch:
     """Everything of one launch shape that does not change from call to call."""
 
-    __slots__ = ("block_t", "heads", "scratch", "calib", "mats", "hc", "kwargs", "compiled")
+    __slots__ = ("block_t", "heads", "scratch", "calib", "mats", "hc", "kwargs", "compiled",
+                 "chunks", "exact_in", "align", "consts", "tuning", "hopper")
 
     def __init__(self, tables, split: int, dtype: torch.dtype, exact16: bool, h: int,
                  cuda: bool, page: int, stride_tok: int, stride_head: int, align: int,
@@ -225,10 +242,90 @@ class _Launch:
         if maxnreg and cuda:
             self.kwargs["maxnreg"] = maxnreg
         self.compiled = {}  # CachedLaunch's kernels of this plan
+        self.chunks, self.exact_in, self.align = chunks and split == 1, exact16, align
+        self.consts, self.tuning = c, t
+        self.hopper = None  # _Hopper or False (portable), decided on the first call
+
+
+class _Hopper:
+    """The Gluon store's launches of one plan (tq_store_hopper.store_launch's constexprs), one
+    per launch shape, chosen per call by the token count (pick)."""
+
+    __slots__ = ("hop", "variants", "sms")
+
+    def __init__(self, plan, tables, key, value, kv_cache, slot_mapping, positions):
+        t = plan.tuning
+        self.hop = _hop.constants(tables, key.dtype, plan.consts)
+        H = key.shape[1]
+        if t.num_warps or t.heads_per_program:  # a measured launch: that one only
+            shapes = [(t.num_warps or 4, t.heads_per_program or (H if tables.has_mean else 1))]
+        else:  # all heads per program (the key mean's cos / sin once), then more programs
+            shapes = list(dict.fromkeys([(4, H if tables.has_mean else 1), (4, 1), (1, 1)]))
+        self.variants = []  # (tokens per program, heads per program, constexprs, compiled)
+        for warps, heads in shapes:
+            if H % heads:
+                raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
+            _, _, kwargs = _hop.store_launch(key, value, kv_cache, slot_mapping, tables,
+                                             positions, plan.consts, self.hop, plan.align,
+                                             num_warps=warps, heads=heads, maxnreg=t.maxnreg)
+            self.variants.append((16 * warps, heads, kwargs, {}))
+        self.sms = torch.cuda.get_device_properties(key.device).multi_processor_count
+
+    def pick(self, T: int, H: int):
+        """The first launch shape with at least two programs per SM at T tokens, else the
+        last (the most programs): 32K tokens of 8 heads take 64 tokens x 8 heads a program,
+        a decode step's few tokens 16 tokens x 1 head."""
+        for v in self.variants:
+            if -(-T // v[0]) * (H // v[1]) >= 2 * self.sms:
+                return v
+        return self.variants[-1]
+
+
+def store_path(capability, gluon_error, unsupported) -> tuple[bool, str]:
+    """(take the Gluon store, the path as logged) from the device's compute capability (None:
+    not CUDA), why Gluon did not import (None: it did) and tq_store_hopper.why_unsupported."""
+    if gluon_error is not None:
+        return False, f"portable Triton kernel (no Gluon in this Triton: {gluon_error})"
+    if capability is None:
+        return False, "portable Triton kernel (not a CUDA device)"
+    if capability[0] != 9:
+        return False, (f"portable Triton kernel (sm_{capability[0]}{capability[1]}: the Hopper "
+                       "store is checked on sm_90 only)")
+    if unsupported is not None:
+        return False, f"portable Triton kernel ({unsupported})"
+    return True, "Hopper fast path (Gluon, sm_90)"
+
+
+_LOGGED = set()
+
+
+def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):
+    """The plan's store kernel: a _Hopper, or False (the portable kernel). Logged once."""
+    want = plan.tuning.hopper
+    if want is False:
+        use, path = False, "portable Triton kernel (StoreTuning(hopper=False))"
+    else:
+        cap = torch.cuda.get_device_capability(key.device) if key.is_cuda else None
+        unsupported = None
+        if GLUON_ERROR is None and cap is not None and cap[0] == 9:
+            unsupported = _hop.why_unsupported(key, value, kv_cache, tables, plan.chunks,
+                                               plan.exact_in, plan.align)
+            if unsupported is None and _hop.constants(tables, key.dtype, plan.consts) is None:
+                unsupported = "codebooks that no bucket table of <= 2^16 entries parts"
+        use, path = store_path(cap, GLUON_ERROR, unsupported)
+        if want and not use:
+            raise ValueError(f"tq_store: StoreTuning(hopper=True) but the Hopper store cannot "
+                             f"run: {path}; pass hopper=None (automatic) or False (portable)")
+    line = f"{getattr(tables, 'format_name', 'quantized KV')} store: {path}"
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.info(line)
+    return _Hopper(plan, tables, key, value, kv_cache, slot_mapping, positions) if use else False
 
 
 _LAUNCHES = LaunchPlans(_Launch)
 _STORE = CachedLaunch(_tq_store_kernel)
+_STORE_HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -259,6 +356,35 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
             kv_cache.shape[1], cs[1], cs[2], _alignment(kv_cache, cs),
             tuning)  # tuning None (served): cheaper to hash than a dataclass
     plan = _LAUNCHES.get(tables, key_)
+    hop = plan.hopper
+    if hop is None:
+        hop = plan.hopper = _choose(plan, tables, key, value, kv_cache, slot_mapping, positions)
+    if hop:
+        global _STORE_HOPPER
+        if _STORE_HOPPER is None:
+            _STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel)
+        h = hop.hop
+        args = (key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
+                slot_mapping if positions is None else positions, tables.rope_theta,
+                tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
+                tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
+                h["v_tab"])
+        tokens, heads, kwargs, compiled = hop.pick(T, H)
+        grid = (-(-T // tokens), H // heads)
+        if compiled:
+            _STORE_HOPPER(grid, args, kwargs, compiled)
+            return
+        try:  # the first call compiles (Gluon is experimental): if that fails, store portably
+            _STORE_HOPPER(grid, args, kwargs, compiled)
+            return
+        except Exception as e:  # noqa: BLE001  (a compile error of any kind)
+            if plan.tuning.hopper:
+                raise
+            plan.hopper = False
+            log.warning("%s store: the Hopper store failed to compile (%s: %s); the portable "
+                        "Triton kernel stores instead (kernels/tq_store_hopper.py)",
+                        getattr(tables, "format_name", "quantized KV"), type(e).__name__,
+                        str(e)[:300])
     scr = (torch.empty(T * H * 2, dtype=torch.float32, device=key.device) if plan.scratch
            else tables.signs)
     _STORE((-(-T // plan.block_t), H // plan.heads), (

@@ -37,15 +37,20 @@ TYPES = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_map
          "hc16": "*fp16", "hsx": "*bf16"}
 
 
-def compile_served(name: str, tuning=None, heads: int = 8, d: int = 128):
-    g = torch.Generator().manual_seed(0)  # a calibration like a served model's (kv_bench's)
+def served_tables(name: str, heads: int = 8, d: int = 128) -> LayerTables:
+    """Tables with a calibration like a served model's (kv_bench's), on the CPU."""
+    g = torch.Generator().manual_seed(0)
     key_scale = torch.rand(heads, d, generator=g) + 0.5
     cal = dict(key_mean=top_pairs(torch.randn(heads, d, generator=g), key_scale,
                                   FORMATS[name].key_mean_pairs, d // 2),
                key_scale=key_scale, value_mean=torch.randn(heads, d, generator=g) * 0.1,
                key_weight=torch.rand(heads, d, generator=g),
                rope_inv_freq=1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d))
-    tables = LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, heads, **cal)
+    return LayerTables(FORMATS[name], d, 0, 0, "cpu", torch.bfloat16, heads, **cal)
+
+
+def compile_served(name: str, tuning=None, heads: int = 8, d: int = 128):
+    tables = served_tables(name, heads, d)
     slot = tables.layout.slot_bytes
     plan = _Launch(tables, 1, torch.bfloat16, True, heads, True, 16, heads * slot, slot, 4,
                    tuning)

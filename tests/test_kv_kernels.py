@@ -501,3 +501,29 @@ def test_decode_requiring_hopper_on_cpu_raises():
     args, _ = _decode_case()
     with pytest.raises(ValueError, match=r"hopper=True.*not a CUDA device.*hopper=False"):
         tq_attention(*args, 64**-0.5, max_query_len=1, tuning=AttentionTuning(hopper=True))
+
+
+def test_store_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeypatch):
+    """The Hopper store (tq_store_hopper.py) is chosen only on an sm_90 GPU with Gluon
+    (tq_store.store_path, tests/test_kv_store_hopper.py): here the portable kernel, decided once
+    per plan and logged once; requiring the Hopper store raises."""
+    import sys
+
+    ts = sys.modules["vllm_gds.kernels.tq_store"]
+    monkeypatch.setattr(ts, "_LOGGED", set())
+    h, t, d = 1, 16, 128
+    lq, tables = _pair(FORMATS["tq4"], d, h, True)
+    positions = torch.randint(0, 1 << 17, (t,))
+    k, v = _keys_values(t, h, d, lq, positions)
+    cache = torch.full((2, 16, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
+    slots = torch.randperm(32)[:t]
+    caplog.set_level("INFO", logger="vllm_gds.kernels")
+    for _ in range(2):
+        tq_store(k, v, cache, slots, tables, positions)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vllm_gds.kernels"]
+    assert lines == ["tq4 store: portable Triton kernel (not a CUDA device)"], lines
+    assert [p.hopper for p in ts._LAUNCHES._by_tables[id(tables)].values()] == [False]
+    got = cache.view(-1, h, tables.layout.slot_bytes)[slots]
+    assert torch.equal(got, _reference_slots(lq, k, v, positions))
+    with pytest.raises(ValueError, match=r"hopper=True.*not a CUDA device.*False"):
+        tq_store(k, v, cache, slots, tables, positions, tuning=StoreTuning(hopper=True))

@@ -1,0 +1,532 @@
+"""The served store (calibrated keys with the raw-key fallback, values) for Hopper (sm_90) in
+Gluon: one warp codes 16 tokens of a head entirely in registers. The portable kernel
+(tq_store_chunked.py, the CHUNK path of tq_store_kernel.py) stays the reference; this is the fast
+path for the formats of one full-width stream per vector (tq4, tq3, tq5) at head size 128, 16-bit
+inputs, calibrated tables with the raw-key fallback, the key mean NEOX-paired (or constant).
+Over 400 lines: the kernel, its host tables (bucket_table, constants) and its launch belong
+together.
+
+Why: the portable kernel's 4 warps split each 16-token tile's columns, so every row sum and
+every MMA operand went through shared memory (95 barriers and 3171 sm_90 SASS instructions per
+head and tile; 0.492 ms for 32K tokens on an H100, 11% of the copy bandwidth; benchmarks/
+RESULTS.md "Store kernel, fifth pass"), and its code search took ~15 instructions a coordinate.
+
+Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16 w + 16)):
+
+* Layouts: mma.sync m16n8k16 (mma_v2) with warps along the rows, so a row's sums are in-thread
+  adds and two quad shuffles; no shared memory in the head loop except the rotation blocks and
+  the key mean's cos/sin (written once per program).
+* Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
+  16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
+  (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
+  (float32) by the transform first, then two float16 MMAs per chunk (22 bits; |x| <= 2^6).
+* Column order: the B operands' columns are permuted (PERM) so that lane q of a quad holds the 8
+  consecutive rotated coordinates [8 q, 8 q + 8) of each chunk and row: one code word of
+  8 * BITS bits per thread, packed by in-thread shifts and adds, stored 32-bit (16-bit where the
+  stream is 2 bytes off a word; bytes for 3- and 5-bit codes).
+* Code search: one 16-byte table lookup per coordinate (bucket_table): the float bits of y
+  shifted right by SHIFT index buckets holding at most one threshold, each entry (that
+  threshold or +inf, the level below and above it, the code below it); code = code_lo +
+  (y > thr): bucketize's rule (thresholds strictly below y), signs included (the table covers
+  both signs), ~9 SASS a coordinate with its packing (the portable search ~15, without).
+* Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
+  with rounding, so the same floats, and no multiply before the residuals' float16 split.
+* The fallback's residuals y - g c come out of the rotation's accumulators in registers, are
+  transformed, split into two float16 halves and fed to the unrotation MMAs as A operands
+  without moving (the m16n8k16 accumulator of two n-tiles is the A fragment of one k-step).
+* Per head: the values first (the key's loads in flight meanwhile), then the calibrated and the
+  raw coding of the key. sm_90 SASS of the head loop (tests/store_hopper_compile.py, Triton 3.6):
+  5878 warp instructions per 16 tokens and head against the portable kernel's 4 x 3171.
+
+Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
+DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
+its load, nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
+convert_layout, sum, div_rn / sqrt_rn, and the CTA barrier (3.6: thread_barrier; 3.8, 3.9:
+barrier).
+
+Bytes equal the portable kernel's except threshold ties (another summation order, as every
+earlier pass: benchmarks/RESULTS.md); benchmarks/dev/kv_store_hopper_check.py checks them on the
+GPU against the portable kernel and the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .tq_decode_hopper import _rope_cos_sin
+
+NT = gl.constexpr(16)  # tokens per warp
+# A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def perm(c: int) -> list[int]:
+    """The rotated coordinate (within a chunk of c columns, c a multiple of 16) that accumulator
+    column j holds: j = 8 nt + 2 q + e (n-tile nt, lane q of the quad, element e) holds
+    coordinate 2 (c / 8) q + 2 nt + e, so lane q holds 2 c / 8 consecutive coordinates."""
+    n = c // 8
+    return [2 * n * ((j >> 1) & 3) + 2 * (j >> 3) + (j & 1) for j in range(c)]
+
+
+def bucket_table(levels: torch.Tensor, thresholds: torch.Tensor, bits: int, max_shift: int = 23,
+                 min_shift: int = 16):
+    """(shift, int32 [2^(32 - shift), 4]) of the code search, or None: the largest shift of the
+    float bits of y for which no bucket (bits >> shift) holds two thresholds. Entry: (bits of the
+    threshold inside the bucket, else +inf; the level of the code below it; the level above it;
+    that code): code(y) = code + (y > threshold) = #{thresholds t < y} (torch.bucketize,
+    right=False). levels [2^bits], thresholds [2^bits - 1] (ascending, float32)."""
+    n = 1 << bits
+    lv = levels[:n].double().cpu()
+    th = (thresholds[: n - 1].float().cpu() + 0.0).contiguous()  # -0.0 -> +0.0
+    tb = th.view(torch.int32).long() & 0xFFFFFFFF
+    for shift in range(max_shift, min_shift - 1, -1):
+        if len(set((tb >> shift).tolist())) == tb.numel():
+            break
+    else:
+        return None
+    nb = 1 << (32 - shift)
+    b = torch.arange(nb, dtype=torch.int64)
+    lo_bits = b << shift
+    hi_bits = ((b + 1) << shift) - 1
+    # the smallest float of each bucket: its first bits (positive), its last bits (negative)
+    first = torch.where(lo_bits < (1 << 31), lo_bits, hi_bits)
+    fmin = (first - ((first >= (1 << 31)).long() << 32)).to(torch.int32).view(torch.float32)
+    below = torch.searchsorted(th.double(), fmin.double(), right=False)  # #{t < fmin}
+    below = torch.where(torch.isnan(fmin), torch.zeros_like(below), below)
+    thr = torch.full((nb,), float("inf"), dtype=torch.float32)
+    inside = torch.zeros(nb, dtype=torch.bool)
+    for i, t in enumerate((tb >> shift).tolist()):
+        thr[t] = th[i]
+        inside[t] = True
+    lo = lv[below.clamp(max=n - 1)]
+    hi = torch.where(inside, lv[(below + 1).clamp(max=n - 1)], lo)
+    tab = torch.stack([thr.view(torch.int32), lo.float().view(torch.int32),
+                       hi.float().view(torch.int32), below.to(torch.int32)], dim=1)
+    return shift, tab.contiguous()
+
+
+def why_unsupported(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, tables,
+                    plan_chunked: bool, exact16: bool, align: int) -> str | None:
+    """None where this kernel serves the store; else why not (tq_store takes the portable one)."""
+    if not key.is_cuda or torch.version.hip is not None:
+        return "not a CUDA device"
+    lay = tables.layout
+    if not plan_chunked:
+        return "not the chunked fallback path (uncalibrated, or extra-bit streams)"
+    if lay.head_size != 128:
+        return f"head size {lay.head_size} (128 only)"
+    if not exact16:
+        return "inputs not bfloat16/float16"
+    if lay.key.b.bits not in (3, 4, 5) or lay.value.b.bits not in (3, 4, 5):
+        return "code bits not 3, 4 or 5"
+    if align < 2 or lay.key.norm_offset % 2 or lay.value.norm_offset % 2:
+        return "slots not 2-byte aligned"
+    if tables.has_mean and 2 * tables.rot_half != lay.head_size:
+        return "key mean not NEOX-paired over the whole head"
+    return None
+
+
+def constants(tables, dtype: torch.dtype, c: dict) -> dict:
+    """The kernel's tables from tq_store's constants c (_store_constants): the rotation blocks
+    with PERM's columns, the code-search tables, the weights; kept in c."""
+    if "hop" in c:
+        return c["hop"]
+    C = tables.layout.head_size // 4
+    p = torch.tensor(perm(C), device=c["hs_x"].device)
+    hs = c["hs_x"][:, :, p].to(dtype).contiguous()  # [4, C, C] diag(s_a) H_C, columns permuted
+    hcp = c["hc_f16"][:, p].contiguous()  # calibrated key: H_C, columns permuted
+    hcu = c["hc_f16"][p, :].contiguous()  # unrotation of permuted residuals
+    lay = tables.layout
+    out = dict(hs=hs, hcp=hcp, hcu=hcu)
+    for name, idx, st in (("k", 1, lay.key.b), ("v", 3, lay.value.b)):
+        lv, th = tables.codebooks[idx]
+        bt = bucket_table(lv * 256.0, th * 256.0, st.bits)  # coordinates scaled by 256
+        if bt is None:
+            out = None
+            break
+        out[name + "_shift"] = bt[0]
+        out[name + "_tab"] = bt[1].to(tables.codebooks.device)
+    if out is not None:
+        out["wsq"] = (tables.key_weight * tables.key_scale * tables.key_scale).contiguous()
+        out["isg"] = (tables.key_inv_scale * tables.signs).contiguous()  # exact: signs +-1
+        heads = c["rot_vm"].shape[0]
+        out["rvm"] = c["rot_vm"][:, 1].reshape(heads, 4, C)[:, :, p].reshape(heads, -1).contiguous()
+    c["hop"] = out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side
+
+
+@gluon.jit
+def _wht4(x0, x1, x2, x3):
+    s01 = x0 + x1
+    d01 = x0 - x1
+    s23 = x2 + x3
+    d23 = x2 - x3
+    return s01 + s23, d01 + d23, s01 - s23, d01 - d23
+
+
+@gluon.jit
+def _lookup(y, tab, SHIFT: gl.constexpr):
+    """(code, signed level) of y by one 16-byte lookup (bucket_table); tab: the table's
+    address in every element (one register). The address is one mad.wide (Triton's own
+    pointer arithmetic took four instructions)."""
+    b = (y.to(gl.uint32, bitcast=True) >> SHIFT).to(gl.int32)
+    thr, lo, hi, code = gl.inline_asm_elementwise(
+        "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
+        "=r,=r,=r,=r,r,l", [b, tab],
+        dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
+    up = y > thr
+    return code + up.to(gl.int32), gl.where(up, hi, lo)
+
+
+@gluon.jit
+def _pack(code, BITS: gl.constexpr, M: gl.constexpr):
+    """Codes [M, 32] (PERM's columns) -> words [M, 4]: lane q's 8 consecutive codes, coordinate
+    8 q + 2 nt + e at bits BITS (2 nt + e), combined by splits (constant shifts, no movement)."""
+    if BITS * 8 > 32:
+        code = code.to(gl.int64)
+    w = gl.permute(gl.reshape(code, [M, 2, 2, 4, 2]), [0, 3, 1, 2, 4])  # row, q, nt1, nt0, e
+    e0, e1 = gl.split(w)  # adds, not ors (no bits overlap): one LEA each
+    n0, n1 = gl.split(e0 + (e1 << BITS))
+    h0, h1 = gl.split(n0 + (n1 << (2 * BITS)))
+    return h0 + (h1 << (4 * BITS))
+
+
+@gluon.jit
+def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, BITS: gl.constexpr,
+          RULE: gl.constexpr, M: gl.constexpr):
+    """Words of the four chunks, their levels, sum c^2 and sum y c (RULE 2, else sum c^2)."""
+    k0, c0 = _lookup(y0, tab, SHIFT)
+    k1, c1 = _lookup(y1, tab, SHIFT)
+    k2, c2 = _lookup(y2, tab, SHIFT)
+    k3, c3 = _lookup(y3, tab, SHIFT)
+    cc = gl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
+    yc = cc
+    if RULE == 2:
+        yc = gl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
+    return (_pack(k0, BITS, M), _pack(k1, BITS, M), _pack(k2, BITS, M), _pack(k3, BITS, M),
+            c0, c1, c2, c3, cc, yc)
+
+
+@gluon.jit
+def _norm_of(n, yc, cc, RULE: gl.constexpr):
+    """The norm rule of coordinates and levels scaled by 256 (yc and cc by 2^16): the same
+    floats as unscaled (powers of two commute with rounding; sqrt(2^16 x) = 2^8 sqrt(x))."""
+    if RULE == 0:
+        norm = n
+    elif RULE == 1:
+        norm = gl.div_rn(n * 256.0, gl.maximum(gl.sqrt_rn(cc), 256.0e-30))
+    else:
+        norm = gl.div_rn(n * yc, gl.maximum(cc, 65536.0e-30))
+    return norm
+
+
+@gluon.jit
+def _fp16_round(x):
+    return gl.minimum(gl.maximum(x, -65504.0), 65504.0).to(gl.float16).to(gl.float32)
+
+
+@gluon.jit
+def _dsplit(x, h, LA: gl.constexpr, L: gl.constexpr):
+    """x (float32, |x| <= 2^16) @ h (float16 B operand) in two float16 passes."""
+    hi = x.to(gl.float16)
+    lo = (x - hi.to(gl.float32)).to(gl.float16)
+    acc = gl.zeros([x.shape[0], h.shape[1]], gl.float32, L)
+    acc = mma_v2(gl.convert_layout(lo, LA), h, acc)
+    return mma_v2(gl.convert_layout(hi, LA), h, acc)
+
+
+@gluon.jit
+def _err(r0, r1, r2, r3, hcu, w0, w1, w2, w3, LA: gl.constexpr, L: gl.constexpr):
+    """sum_i w_i (r H_D)_i^2 * 2^16 for residual chunks r (PERM's columns, scaled by 256): the
+    transform, then two float16 passes per chunk (the caller scales by (SCALE / 256)^2)."""
+    z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
+    e0 = _dsplit(z0, hcu, LA, L)
+    e1 = _dsplit(z1, hcu, LA, L)
+    e2 = _dsplit(z2, hcu, LA, L)
+    e3 = _dsplit(z3, hcu, LA, L)
+    return gl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
+                  + w3[None, :] * e3 * e3, axis=1)
+
+
+@gluon.jit
+def _store_words(base, mask, w, OFF: gl.constexpr, a: gl.constexpr, BITS: gl.constexpr,
+                 ALIGN: gl.constexpr):
+    """Words [M, 4] of chunk a: group 4 a + q of 8 codes at byte OFF + BITS (4 a + q)."""
+    WL: gl.constexpr = w.type.layout
+    q = gl.arange(0, 4, gl.SliceLayout(0, WL))
+    b = gl.convert_layout(base, gl.SliceLayout(1, WL))
+    m = gl.convert_layout(mask, gl.SliceLayout(1, WL))[:, None] & (q < 4)[None, :]
+    ptrs = b[:, None] + (OFF + (a * 4 + q) * BITS)[None, :]
+    if (BITS == 4) & (ALIGN >= 4) & (OFF % 4 == 0):
+        gl.store(ptrs.to(gl.pointer_type(gl.int32)), w, mask=m)
+    elif (BITS == 4) & (ALIGN >= 2) & (OFF % 2 == 0):
+        p16 = ptrs.to(gl.pointer_type(gl.int16))
+        gl.store(p16, w.to(gl.int16), mask=m)
+        gl.store(p16 + 1, (w >> 16).to(gl.int16), mask=m)
+    else:
+        for j in gl.static_range(BITS):
+            gl.store(ptrs + j, ((w >> (8 * j)) & 255).to(gl.uint8), mask=m)
+
+
+@gluon.jit
+def _store_norm(base, mask, norm, OFF: gl.constexpr):
+    n16 = gl.minimum(gl.maximum(norm, -65504.0), 65504.0).to(gl.float16)
+    gl.store((base + OFF).to(gl.pointer_type(gl.int16)), n16.to(gl.int16, bitcast=True),
+             mask=mask)
+
+
+@gluon.jit
+def _tq_store_hopper_kernel(
+    key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
+    cache_ptr, stride_blk, slot_mapping_ptr, num_tokens, positions_ptr,
+    rope_theta_ptr, key_mean_ptr, key_isg_ptr, key_weight_ptr, key_wsq_ptr,
+    value_mean_ptr, rot_vm_ptr, hs_ptr, hcp_ptr, hcu_ptr, ktab_ptr, vtab_ptr,
+    PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
+    NW: gl.constexpr, HEADS: gl.constexpr, D: gl.constexpr, MEAN: gl.constexpr,
+    VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
+    V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
+    K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
+    ALIGN: gl.constexpr,
+):
+    C: gl.constexpr = D // 4
+    M: gl.constexpr = NT * NW
+    SCALE: gl.constexpr = 1.0 / (D ** 0.5)
+    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
+                                                instr_shape=[16, 8])
+    LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
+    LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
+    ROW: gl.constexpr = gl.SliceLayout(1, L)
+    COL: gl.constexpr = gl.SliceLayout(0, L)
+    ROWA: gl.constexpr = gl.SliceLayout(1, LA)
+    COLA: gl.constexpr = gl.SliceLayout(0, LA)
+    BL: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NW, 1], [1, 0])
+    SH: gl.constexpr = gl.SwizzledSharedLayout(8, 2, 4, [1, 0])
+    SF: gl.constexpr = gl.SwizzledSharedLayout(2, 1, 8, [1, 0])
+
+    # The rotation blocks, once per program into shared memory (read per head as B operands).
+    rb = gl.arange(0, C, gl.SliceLayout(1, BL))
+    cb = gl.arange(0, C, gl.SliceLayout(0, BL))
+    boff = rb[:, None] * C + cb[None, :]
+    hs0_s = gl.allocate_shared_memory(hs_ptr.dtype.element_ty, [C, C], SH, gl.load(hs_ptr + boff))
+    hs1_s = gl.allocate_shared_memory(hs_ptr.dtype.element_ty, [C, C], SH,
+                                      gl.load(hs_ptr + C * C + boff))
+    hs2_s = gl.allocate_shared_memory(hs_ptr.dtype.element_ty, [C, C], SH,
+                                      gl.load(hs_ptr + 2 * C * C + boff))
+    hs3_s = gl.allocate_shared_memory(hs_ptr.dtype.element_ty, [C, C], SH,
+                                      gl.load(hs_ptr + 3 * C * C + boff))
+    hcp_s = gl.allocate_shared_memory(gl.float16, [C, C], SH, gl.load(hcp_ptr + boff))
+    hcu_s = gl.allocate_shared_memory(gl.float16, [C, C], SH, gl.load(hcu_ptr + boff))
+
+    t0 = gl.program_id(0) * M
+    head0 = gl.program_id(1) * HEADS
+    # rows as the operands (A) and as the accumulators (L) hold them
+    ta = t0 + gl.arange(0, M, ROWA)
+    in_a = ta < num_tokens
+    mask_a = in_a & (gl.load(slot_mapping_ptr + ta, mask=in_a, other=-1) >= 0)
+    tl_ = t0 + gl.arange(0, M, ROW)
+    in_l = tl_ < num_tokens
+    slot = gl.load(slot_mapping_ptr + tl_, mask=in_l, other=-1).to(gl.int64)
+    mask_l = in_l & (slot >= 0)
+    slot = gl.maximum(slot, 0)
+    base0 = cache_ptr + ((slot // PAGE) * stride_blk + (slot % PAGE) * STRIDE_TOK)
+    cola = gl.arange(0, C, COLA)
+    coll = gl.arange(0, C, COL)
+    ktab = ktab_ptr + gl.zeros([M, C], gl.int32, L)
+    vtab = vtab_ptr + gl.zeros([M, C], gl.int32, L)
+    if MEAN:  # RoPE_p(key_mean)'s cos / sin per row (NEOX: chunk a's partner is a + 2)
+        pos = gl.load(positions_ptr + ta, mask=in_a, other=0).to(gl.float64)
+        th0 = gl.load(rope_theta_ptr + cola).to(gl.float64)
+        th1 = gl.load(rope_theta_ptr + C + cola).to(gl.float64)
+        cos0, sin0 = _rope_cos_sin(pos[:, None] * th0[None, :])
+        cos1, sin1 = _rope_cos_sin(pos[:, None] * th1[None, :])
+        cos0_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, cos0)
+        sin0_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin0)
+        cos1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, cos1)
+        sin1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin1)
+    kp = key_ptr + ta.to(gl.int64) * stride_kt
+    vp = value_ptr + ta.to(gl.int64) * stride_vt
+    ma = mask_a[:, None]
+    zero = gl.zeros([M, C], gl.float32, L)
+    _cta_barrier()  # the shared tables written: no barrier inside the head loop
+
+    for i in range(HEADS):
+        head = head0 + i
+        hd = head * D
+        base = base0 + head * STRIDE_HEAD
+        # the key's loads first: in flight while the head's values are coded
+        kh = kp + head * stride_kh
+        k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
+        k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+        k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+        k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+
+        # values: 16-bit dots, the value mean's rotation taken off after
+        vh = vp + head * stride_vh
+        v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
+        v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+        v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+        v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+        g0 = v0.to(gl.float32)
+        g1 = v1.to(gl.float32)
+        g2 = v2.to(gl.float32)
+        g3 = v3.to(gl.float32)
+        if VMEAN:
+            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
+            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
+            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
+            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
+        vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
+                               ROW)
+        inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
+        hs0 = hs0_s.load(LB)
+        hs1 = hs1_s.load(LB)
+        hs2 = hs2_s.load(LB)
+        hs3 = hs3_s.load(LB)
+        z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
+                               mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
+        if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
+            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
+            z0 -= gl.load(rvm)[None, :]
+            z1 -= gl.load(rvm + C)[None, :]
+            z2 -= gl.load(rvm + 2 * C)[None, :]
+            z3 -= gl.load(rvm + 3 * C)[None, :]
+        s = (inv_vn * (SCALE * 256.0))[:, None]
+        y0 = z0 * s
+        y1 = z1 * s
+        y2 = z2 * s
+        y3 = z3 * s
+        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT,
+                                                          V_BITS, V_RULE, M)
+        _store_words(base, mask_l, vw0, V_OFF, 0, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
+        _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
+        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE), V_NORM_OFF)
+
+        f0 = k0.to(gl.float32)
+        f1 = k1.to(gl.float32)
+        f2 = k2.to(gl.float32)
+        f3 = k3.to(gl.float32)
+
+        # the raw coding: 16-bit dots with diag(s_a) H_C, the transform after
+        rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
+                               ROW)
+        inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
+        hs0 = hs0_s.load(LB)
+        hs1 = hs1_s.load(LB)
+        hs2 = hs2_s.load(LB)
+        hs3 = hs3_s.load(LB)
+        z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0, zero), mma_v2(k1, hs1, zero),
+                               mma_v2(k2, hs2, zero), mma_v2(k3, hs3, zero))
+        s = (inv_rn * (SCALE * 256.0))[:, None]
+        y0 = z0 * s
+        y1 = z1 * s
+        y2 = z2 * s
+        y3 = z3 * s
+        rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
+                                                          K_BITS, K_RULE, M)
+        rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
+        g = (rnorm16 * inv_rn)[:, None]
+        hcu = hcu_s.load(LB)
+        w0 = gl.load(key_weight_ptr + hd + coll)
+        w1 = gl.load(key_weight_ptr + hd + C + coll)
+        w2 = gl.load(key_weight_ptr + hd + 2 * C + coll)
+        w3 = gl.load(key_weight_ptr + hd + 3 * C + coll)
+        rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, w0, w1, w2, w3,
+                    LA, L) * F * (rn * rn)
+
+        # the calibrated coding: the transform first, then two float16 passes per chunk
+        u0 = gl.load(key_mean_ptr + hd + cola)[None, :]
+        u1 = gl.load(key_mean_ptr + hd + C + cola)[None, :]
+        u2 = gl.load(key_mean_ptr + hd + 2 * C + cola)[None, :]
+        u3 = gl.load(key_mean_ptr + hd + 3 * C + cola)[None, :]
+        if MEAN:
+            cs0 = cos0_s.load(LA)
+            sn0 = sin0_s.load(LA)
+            cs1 = cos1_s.load(LA)
+            sn1 = sin1_s.load(LA)
+            mu0 = u0 * cs0 - u2 * sn0
+            mu2 = u2 * cs0 + u0 * sn0
+            mu1 = u1 * cs1 - u3 * sn1
+            mu3 = u3 * cs1 + u1 * sn1
+        else:
+            mu0 = u0
+            mu1 = u1
+            mu2 = u2
+            mu3 = u3
+        # (rows outside the mapping are coded too, never stored: no masking needed)
+        x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
+        x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
+        x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
+        x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
+        n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
+        inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
+        xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
+        z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
+        hcp = hcp_s.load(LB)
+        y0 = _dsplit(z0 * xs, hcp, LA, L)
+        y1 = _dsplit(z1 * xs, hcp, LA, L)
+        y2 = _dsplit(z2 * xs, hcp, LA, L)
+        y3 = _dsplit(z3 * xs, hcp, LA, L)
+        n = gl.convert_layout(n_a, ROW)
+        inv_n = gl.convert_layout(inv_na, ROW)
+        cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
+                                                          K_BITS, K_RULE, M)
+        norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+        g = (norm16 * inv_n)[:, None]
+        q0 = gl.load(key_wsq_ptr + hd + coll)
+        q1 = gl.load(key_wsq_ptr + hd + C + coll)
+        q2 = gl.load(key_wsq_ptr + hd + 2 * C + coll)
+        q3 = gl.load(key_wsq_ptr + hd + 3 * C + coll)
+        err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, q0, q1, q2, q3,
+                   LA, L) * F * (n * n)
+
+        raw = rerr < err  # ties: calibrated
+        WL: gl.constexpr = rw0.type.layout
+        rw = gl.convert_layout(raw, gl.SliceLayout(1, WL))[:, None]
+        _store_words(base, mask_l, gl.where(rw, rw0, cw0), K_OFF, 0, K_BITS, ALIGN)
+        _store_words(base, mask_l, gl.where(rw, rw1, cw1), K_OFF, 1, K_BITS, ALIGN)
+        _store_words(base, mask_l, gl.where(rw, rw2, cw2), K_OFF, 2, K_BITS, ALIGN)
+        _store_words(base, mask_l, gl.where(rw, rw3, cw3), K_OFF, 3, K_BITS, ALIGN)
+        _store_norm(base, mask_l, gl.where(raw, -gl.abs(rnorm16), gl.abs(norm16)), K_NORM_OFF)
+
+
+
+def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
+                 align: int, *, num_warps: int = 4, heads: int | None = None,
+                 maxnreg: int | None = None):
+    """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
+    launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
+    (default: all with a key mean, sharing the cos/sin; else 1)."""
+    T, H, D = key.shape
+    lay = tables.layout
+    heads = heads or (H if tables.has_mean else 1)
+    cs = kv_cache.stride()
+    cx = dict(PAGE=kv_cache.shape[1], STRIDE_TOK=cs[1], STRIDE_HEAD=cs[2], NW=num_warps,
+              HEADS=heads, D=D, MEAN=bool(tables.has_mean), VMEAN=c["vmean"],
+              K_BITS=lay.key.b.bits, V_BITS=lay.value.b.bits, K_OFF=lay.key.b.offset,
+              V_OFF=lay.value.b.offset, K_NORM_OFF=lay.key.norm_offset,
+              V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
+              V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
+              V_SHIFT=hop["v_shift"], ALIGN=align, num_warps=num_warps)
+    if maxnreg:
+        cx["maxnreg"] = maxnreg
+    args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
+            kv_cache, cs[0], slot_mapping, T, slot_mapping if positions is None else positions,
+            tables.rope_theta, tables.key_mean, hop["isg"],
+            tables.key_weight, hop["wsq"], tables.value_mean, hop["rvm"], hop["hs"],
+            hop["hcp"], hop["hcu"], hop["k_tab"], hop["v_tab"])
+    grid = (-(-T // (16 * num_warps)), H // heads)
+    return grid, args, cx

@@ -1,0 +1,100 @@
+"""Compile the Hopper store (kernels/tq_store_hopper.py) for sm_90 without a GPU, as tq_store
+would launch it at the Llama-3-8B shape, and count the SASS of its head loop. Run as a script by
+tests/test_kv_store_compile.py in a process of its own (the CPU tests import Triton under
+TRITON_INTERPRET=1, which cannot compile Gluon).
+
+    python tests/store_hopper_compile.py tq4 [--num-warps 4] [--maxnreg N] [--dump FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hopper_compile import _tool, stats  # noqa: E402
+from store_compile import served_tables  # noqa: E402
+
+from vllm_gds.kernels import tq_store_hopper as hop  # noqa: E402
+from vllm_gds.kernels.tq_store import _store_constants  # noqa: E402
+
+TYPES = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
+         "positions_ptr": "*i64", "hs_ptr": "*bf16", "hcp_ptr": "*fp16", "hcu_ptr": "*fp16",
+         "ktab_ptr": "*i32", "vtab_ptr": "*i32"}
+DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions_ptr", "hs_ptr",
+             "hcp_ptr", "hcu_ptr", "ktab_ptr", "vtab_ptr", "stride_kt", "stride_kh",
+             "stride_vt", "stride_vh", "stride_blk")
+
+
+def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
+                   dtype=torch.bfloat16):
+    tables = served_tables(name, heads, d)
+    c = _store_constants(tables, 1, dtype)
+    hc = hop.constants(tables, dtype, c)
+    T = 64
+    key = torch.zeros(T, heads, d, dtype=dtype)
+    cache = torch.zeros(T // 16 + 1, 16, heads, tables.layout.slot_bytes, dtype=torch.uint8)
+    slots = torch.zeros(T, dtype=torch.int64)
+    grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
+                                      num_warps=num_warps, heads=heads_per_program,
+                                      maxnreg=maxnreg)
+    fn = hop._tq_store_hopper_kernel
+    options = {"num_warps": cx.pop("num_warps")}
+    if "maxnreg" in cx:
+        options["maxnreg"] = cx.pop("maxnreg")
+    sig = {}
+    types = dict(TYPES)
+    if dtype == torch.float16:
+        types.update(key_ptr="*fp16", value_ptr="*fp16", hs_ptr="*fp16")
+    for n, a in zip(fn.arg_names, list(args) + [None] * len(cx)):
+        if n in cx:
+            sig[n] = "constexpr"
+        elif n in types:
+            sig[n] = types[n]
+        elif n.endswith("_ptr"):
+            sig[n] = "*fp32"
+        else:
+            sig[n] = "i32"
+    # as a launch with torch tensors specializes them: every pointer 16-byte aligned
+    div = [n for n in fn.arg_names if sig[n].startswith("*")] + list(DIVISIBLE)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in set(div)}
+    src = GluonASTSource(fn, sig, constexprs=cx, attrs=attrs)
+    return cx, triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name", nargs="?", default="tq4")
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--maxnreg", type=int)
+    ap.add_argument("--heads-per-program", type=int)
+    ap.add_argument("--dump", type=Path)
+    ap.add_argument("--fp16", action="store_true", help="float16 keys and values")
+    a = ap.parse_args()
+    cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
+                           heads_per_program=a.heads_per_program,
+                           dtype=torch.float16 if a.fp16 else torch.bfloat16)
+    st = stats(k)
+    sass = _tool(k, "-sass")
+    if a.dump:
+        a.dump.write_text(sass)
+        a.dump.with_suffix(".ttgir").write_text(k.asm["ttgir"])
+    st["per_code"] = st["loop_total"] * 32 * a.num_warps / (16 * a.num_warps * 2 * 128)
+    st["shared"] = k.metadata.shared
+    st["local"] = len(re.findall(r"\b(LDL|STL)\b", sass))
+    st["ld_v4"] = k.asm["ptx"].count("ld.global.nc.v4.b32")
+    st["triton"] = triton.__version__
+    st["shift"] = (cx["K_SHIFT"], cx["V_SHIFT"])
+    print(json.dumps(st))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The Hopper store's host side (kernels/tq_store_hopper.py) on the CPU: its bucket tables give
+torch.bucketize's codes and levels, its permuted rotation blocks and word packing (emulated here
+in torch, step by step as the kernel computes: chunked rotations, the bucket lookup, PERM's
+columns, the residuals' unrotation) give the reference's slot bytes, and the run-time choice of
+the path. The Gluon kernel itself cannot run here (no interpreter for Gluon); it is compiled for
+sm_90 by tests/test_kv_store_compile.py and checked on the GPU by
+benchmarks/dev/kv_store_hopper_check.py."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import kv_bench as kb  # noqa: E402
+
+from vllm_gds.kernels import tq_store_hopper as hop  # noqa: E402
+from vllm_gds.kernels.tq_store import _store_constants, store_path  # noqa: E402
+from vllm_gds.kvcache.formats import FORMATS, get_format  # noqa: E402
+from vllm_gds.kvcache.quantizer import KVLayerQuantizer  # noqa: E402
+from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
+def test_bucket_table_is_bucketize(name):
+    t = LayerTables(FORMATS[name], 128, 0, 0, "cpu", torch.float32, 1)
+    for idx, st in ((1, t.layout.key.b), (3, t.layout.value.b)):
+        lv, th = t.codebooks[idx]
+        n = 1 << st.bits
+        shift, tab = hop.bucket_table(lv, th, st.bits)
+        thr = th[: n - 1]
+        if name == "tq4":  # as the kernel takes it: coordinates and levels scaled by 256
+            s2, tab2 = hop.bucket_table(lv * 256.0, th * 256.0, st.bits)
+            code2, lev2 = _lookup(thr * 256.0, s2, tab2)
+            assert s2 == shift and torch.equal(code2, torch.bucketize(thr, thr.contiguous()))
+            assert torch.equal(lev2, lv[code2] * 256.0)
+        up_, dn_ = torch.tensor(9.0), torch.tensor(-9.0)
+        y = torch.cat([torch.randn(50000) * 0.09, thr, -thr, torch.nextafter(thr, up_),
+                       torch.nextafter(thr, dn_), -torch.nextafter(thr, up_),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+        code, lev = _lookup(y, shift, tab)
+        ref = torch.bucketize(y, thr.contiguous(), right=False)
+        assert torch.equal(code, ref) and torch.equal(lev, lv[ref])
+
+
+def _lookup(y, shift, tab):
+    e = tab[(y.view(torch.int32).long() & 0xFFFFFFFF) >> shift]
+    up = y > e[..., 0].view(torch.float32)
+    lev = torch.where(up, e[..., 2].view(torch.float32), e[..., 1].view(torch.float32))
+    return (e[..., 3] + up.int()).long(), lev
+
+
+def _f16(x):
+    return x.clamp(-65504, 65504).half().float()
+
+
+def _norm(n, yc, cc, rule):  # of coordinates and levels scaled by 256, as the kernel's
+    if rule == 0:
+        return n
+    if rule == 1:
+        return n * 256.0 / cc.sqrt().clamp(min=256e-30)
+    return n * yc / cc.clamp(min=65536e-30)
+
+
+def _wht4(x):  # chunks on dim -2: [..., 4, C]
+    a, b, c, d = x.unbind(-2)
+    s01, d01, s23, d23 = a + b, a - b, c + d, c - d
+    return torch.stack([s01 + s23, d01 + d23, s01 - s23, d01 - d23], -2)
+
+
+def _split_dot(x, h):
+    hi = x.half().float()
+    lo = (x - hi).half().float()
+    return lo @ h + hi @ h
+
+
+def _emulate(tables, hc, c, k, v, positions):
+    """The kernel's bytes for keys / values [T, H, D] (float32 math as the kernel's: rotated
+    coordinates, levels and residuals scaled by 256)."""
+    lay = tables.layout
+    T, H, D = k.shape
+    C = D // 4
+    scale = D ** -0.5
+    p = torch.tensor(hop.perm(C))
+    hs = hc["hs"].float()
+    hcp, hcu = hc["hcp"].float(), hc["hcu"].float()
+    kr = lay.key.norm_rule
+    out = torch.zeros(T, H, lay.slot_bytes, dtype=torch.uint8)
+
+    def code(y, name, bits, rule, n, inv_n):  # y [T, 4, C] in PERM's columns, x 256
+        cd, lev = _lookup(y, hc[name + "_shift"], hc[name + "_tab"])
+        cc = (lev * lev).sum((-1, -2))
+        yc = (y * lev).sum((-1, -2)) if rule == 2 else cc
+        return cd, lev, _f16(_norm(n, yc, cc, rule))
+
+    def words(cd, bits):  # [T, 4, C] codes at PERM's columns -> [T, D * bits / 8] bytes
+        coords = torch.empty_like(cd)
+        coords[..., p] = cd
+        return kb_pack(coords.reshape(T, D), bits)
+
+    def err(r, w):  # r [T, 4, C]
+        e = _split_dot(_wht4(r), hcu)
+        return (w.view(4, C) * e * e).sum((-1, -2)) * (scale / 256.0) ** 2
+
+    for h in range(H):
+        kh, vh = k[:, h].float(), v[:, h].float()
+        kc = kh.view(T, 4, C)
+        rn = kh.pow(2).sum(-1).sqrt()
+        inv_rn = 1.0 / rn.clamp(min=1e-30)
+        z = _wht4(torch.einsum("tai,aij->taj", kc, hs))
+        ry = z * (inv_rn * (scale * 256.0))[:, None, None]
+        rcd, rlev, rnorm = code(ry, "k", lay.key.b.bits, kr, rn, inv_rn)
+        rerr = err(ry - (rnorm * inv_rn)[:, None, None] * rlev, tables.key_weight[h]) * rn * rn
+        if tables.has_mean:
+            mu = kb_key_mean_at(tables, h, positions)
+        else:
+            mu = tables.key_mean[h].expand(T, D)
+        x = (kh - mu) * hc["isg"][h]  # inv_scale * signs
+        n = x.pow(2).sum(-1).sqrt()
+        inv_n = 1.0 / n.clamp(min=1e-30)
+        zx = _wht4(x.view(T, 4, C)) * (inv_n * (256.0 * scale))[:, None, None]
+        y = _split_dot(zx, hcp)
+        ccd, clev, cnorm = code(y, "k", lay.key.b.bits, kr, n, inv_n)
+        cerr = err(y - (cnorm * inv_n)[:, None, None] * clev, hc["wsq"][h]) * n * n
+        raw = rerr < cerr
+        kcd = torch.where(raw[:, None, None], rcd, ccd)
+        knorm = torch.where(raw, -rnorm.abs(), cnorm.abs())
+        vm = tables.value_mean[h]
+        vn = (vh - vm).pow(2).sum(-1).sqrt()
+        inv_vn = 1.0 / vn.clamp(min=1e-30)
+        z = _wht4(torch.einsum("tai,aij->taj", vh.view(T, 4, C), hs))
+        z = z - hc["rvm"][h].view(4, C)
+        vy = z * (inv_vn * (scale * 256.0))[:, None, None]
+        vcd, vlev, _unused = code(vy, "v", lay.value.b.bits, lay.value.norm_rule, vn, inv_vn)
+        vcc = (vlev * vlev).sum((-1, -2))
+        vyc = (vy * vlev).sum((-1, -2)) if lay.value.norm_rule == 2 else vcc
+        vnorm = _norm(vn, vyc, vcc, lay.value.norm_rule)
+        kb_bytes = words(kcd, lay.key.b.bits)
+        vb_bytes = words(vcd, lay.value.b.bits)
+        o = lay.key.b.offset
+        out[:, h, o:o + kb_bytes.shape[1]] = kb_bytes
+        out[:, h, lay.key.norm_offset:lay.key.norm_offset + 2] = _nb(knorm)
+        o = lay.value.b.offset
+        out[:, h, o:o + vb_bytes.shape[1]] = vb_bytes
+        out[:, h, lay.value.norm_offset:lay.value.norm_offset + 2] = _nb(vnorm)
+    return out
+
+
+def _nb(x):
+    return x.clamp(-65504, 65504).half().view(torch.int16).unsqueeze(-1).view(torch.uint8).squeeze(-2)
+
+
+def kb_pack(codes, bits):
+    from vllm_gds.kvcache.packing import pack
+    return pack(codes, bits)
+
+
+def kb_key_mean_at(tables, h, positions):
+    """RoPE_p(key_mean) of head h, as the reference computes it (the kernel's cos / sin are the
+    same exact-angle floats: tq_decode_hopper._rope_cos_sin, checked by the portable kernel's
+    tests)."""
+    return _LQ[id(tables)].key_mean_at(positions)[:, h]
+
+
+_LQ = {}  # id(tables) -> the reference quantizer of the same calibration
+
+
+@pytest.mark.parametrize("name,mean", [("tq4", True), ("tq3", True), ("tq5", True),
+                                       ("tq4", False)])
+def test_emulated_kernel_bytes_are_the_reference(name, mean):
+    hk, d, T = 2, 128, 96
+    cal = {k: v for k, v in kb.served_calibration(torch, name, hk, d, mean).items()
+           if v is not None}
+    tables = LayerTables(get_format(name), d, 0, 0, "cpu", torch.bfloat16, hk, **cal)
+    lq = KVLayerQuantizer(get_format(name), d, 0, 0, **cal)
+    _LQ[id(tables)] = lq
+    torch.manual_seed(3)
+    positions = torch.randint(0, 1 << 17, (T,))
+    k = torch.randn(T, hk, d) * (1 + 3 * (torch.rand(T, 1, 1) < 0.2))
+    if mean:
+        k = k + lq.key_mean_at(positions)
+    k, v = k.bfloat16(), torch.randn(T, hk, d).bfloat16()
+    c = _store_constants(tables, 1, torch.bfloat16)
+    hc = hop.constants(tables, torch.bfloat16, c)
+    got = _emulate(tables, hc, c, k, v, positions)
+    ref = kb.slot_bytes_ref(torch, lq, k.float(), v.float(), positions)
+    raw = (got[..., tables.layout.key.norm_offset + 1] >> 7).bool()
+    assert raw.any() and not raw.all()  # both codings chosen somewhere
+    assert (got != ref).float().mean().item() < 2e-4  # threshold ties only
+
+
+def test_store_path_choice():
+    assert store_path((9, 0), None, None) == (True, "Hopper fast path (Gluon, sm_90)")
+    use, why = store_path((8, 0), None, None)
+    assert not use and "sm_80" in why
+    use, why = store_path((9, 0), "ImportError: x", None)
+    assert not use and "no Gluon" in why
+    use, why = store_path((9, 0), None, "head size 64 (128 only)")
+    assert not use and "head size 64" in why
+    assert not store_path(None, None, None)[0]
+
+
+def test_perm_gives_each_lane_consecutive_coordinates():
+    p = hop.perm(32)
+    for q in range(4):
+        cols = [8 * nt + 2 * q + e for nt in range(4) for e in range(2)]
+        assert sorted(p[j] for j in cols) == list(range(8 * q, 8 * q + 8))
