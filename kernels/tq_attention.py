@@ -206,7 +206,7 @@ class _Hopper:
             query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
             splits)
         self.tables = _hop.table_args(tables)
-        self.lut = tuple(tables.hopper_lut)
+        self.lut = _hop.lut_args(tables)
         self.part_width = part.numel() // (query.shape[0] * query.shape[1] * splits)
         _, args, self.reduce_kwargs = _hop.reduce_launch(part, query, tables, splits, H)
         self.reduce_args = args[4:-1]  # (va rows, the permuted vb rows, signs, value mean)
@@ -359,7 +359,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
-            *hop.lut, 0,
+            *hop.lut,
         ), hop.kwargs, hop.compiled)
         _REDUCE((T, H), (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
                 hop.compiled_reduce)
