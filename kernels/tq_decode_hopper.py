@@ -1,7 +1,8 @@
-"""tq4 and tq3 decode attention for Hopper (sm_90) in Gluon: 4-bit and 3-bit codes decoded
-straight into mma.sync operand registers. The portable kernel (tq_attention.py) stays the
-reference; this is the fast path for the served tq4 and tq3 decode only: 4-bit keys and values
-(one stream each, head size 64 or 128) or 3-bit ones (head size 128), the raw-key fallback
+"""tq4, tq3 and tq5 decode attention for Hopper (sm_90) in Gluon: 4-bit, 3-bit and 5-bit codes
+decoded straight into mma.sync operand registers. The portable kernel (tq_attention.py) stays the
+reference; this is the fast path for the served tq4, tq3 and tq5 decode only: 4-bit keys and
+values (one stream each, head size 64 or 128), 3-bit ones (head size 128) or 5-bit keys with
+4-bit values (tq5, head size 128), the raw-key fallback
 FOLDed, the pre-RoPE key mean (stepped from the first tile), paged cache with pages a
 multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It writes
 tq_attention's (acc, max, sum) partial rows and tq_attention's _tq_reduce_kernel finishes them
@@ -35,6 +36,12 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   each of two tokens (16 codes each); each 24-bit group is spread into 8 prmt selectors and
   looked up in the 8-level table. geometry() and coordinate() say which code each element and
   phase holds; the host permutations follow them as for 4-bit codes.
+* 5-bit keys (tq5: K_CODES = 5, V_CODES = 4; vllm_gds/kvcache/lut5_ptx.py): a lane's key codes
+  are 5 int32 words (its 20 bytes), loaded as 8 elements (the last three repeat the fifth: one
+  load); the lookup transposes them into byte planes (one 40-bit group of 8 codes a byte), folds
+  the sign into a 16-magnitude index and looks it up in two 8-entry prmt tables (eight table words,
+  kernel arguments klut0-7) with a select; output p holds codes K5_PAIRS[p] of each group. The
+  values are tq4's. 717 SASS per tile at the 8B shape (Triton 3.6), 228 registers.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
