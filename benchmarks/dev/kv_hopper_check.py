@@ -1,4 +1,5 @@
-"""Check and time the Hopper tq4 decode (kernels/tq_decode_hopper.py) on the GPU machine, in one run:
+"""Check and time the Hopper decode (kernels/tq_decode_hopper.py; tq4, or --format tq3 / tq5) on the GPU
+machine, in one run:
 
     python3 benchmarks/dev/kv_hopper_check.py --out $OUT
 
@@ -289,9 +290,9 @@ def table(rows):
         return min(got) if got else (None, "-")
 
     names = list(VARIANTS)
-    out = ["| shape | b x ctx | SDPA | portable | fast | best (variant) | graph: SDPA | portable "
-           "| fast | best (variant) | best/SDPA | err vs portable | NaN |",
-           "|" + " --- |" * 13]
+    out = ["| shape | b x ctx | SDPA | portable | fast | fast/SDPA | best (variant) | graph: SDPA "
+           "| portable | fast | best (variant) | best/SDPA | err vs portable | NaN |",
+           "|" + " --- |" * 14]
     var = ["| shape | b x ctx | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]
     for row in rows:
         g = row.get
@@ -305,7 +306,7 @@ def table(rows):
         err = f"{max(errs):.2e}" if errs else "FAILED"
         nan = any(bool(g(f"{v}_nan")) for v in names)
         out.append(f"{head} {f(g('sdpa_ms'))} | {f(g('portable_ms'))} | {f(g('fast_ms'))} | "
-                   f"{f(b_ms)} ({b_name}) | {f(g('sdpa_graph_ms'))} | "
+                   f"{r(g('fast_ms'), g('sdpa_ms'))} | {f(b_ms)} ({b_name}) | {f(g('sdpa_graph_ms'))} | "
                    f"{f(g('portable_graph_ms'))} | {f(g('fast_graph_ms'))} | {f(g_ms)} ({g_name}) "
                    f"| {r(g_ms, g('sdpa_graph_ms'))} | {err} | {nan} |")
         var.append(f"{head} " + " | ".join(
