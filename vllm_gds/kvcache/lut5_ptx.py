@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
-PAIRS = ((0, 4), (7, 3), (5, 1), (2, 6))  # (low nibble, high nibble) code of each output
+# (low nibble, high nibble) code of each output: output p's element e (0..7) holds code
+# 8 (e // 2) + PAIRS[p][e % 2] of the lane's 32 (tq_decode_hopper.coordinate, K5_PAIRS)
+PAIRS = ((0, 4), (7, 3), (5, 1), (2, 6))
 
 
 def table_words(levels: torch.Tensor) -> tuple[int, ...]:
@@ -50,11 +52,6 @@ def table_words(levels: torch.Tensor) -> tuple[int, ...]:
     lo = [b & 0xFF for b in bits]
     hi = [b >> 8 for b in bits]
     return tuple(word(t[4 * i:4 * i + 4]) for t in (lo, hi) for i in range(4))
-
-
-def lane_code(p: int, e: int) -> int:
-    """The code (0..31 of the lane's 32) that output p's element e (0..7) holds."""
-    return 8 * (e >> 1) + PAIRS[p][e & 1]
 
 
 # Planes: byte j of pq = byte 5j + q of the lane's bytes (w_t = bytes 4t .. 4t + 3)
