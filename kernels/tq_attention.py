@@ -223,7 +223,7 @@ class _Hopper:
             query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
             splits, out=query, counts=self.counts)
         self.tables = _hop.table_args(tables)
-        self.lut = tuple(tables.hopper_lut)
+        self.lut = _hop.lut_args(tables)
         self.finish_tables = _hop.finish_args(query, tables)[3:]  # (H_v rows^T, value mean)
         kw = tables.constexprs
         self.part_width = kw["VA_W"] + kw["VB_W"] + 2
@@ -381,7 +381,7 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
-            *hop.lut, 0, out, os_[0], os_[1], *hop.finish_tables, hop.counts,
+            *hop.lut, out, os_[0], os_[1], *hop.finish_tables, hop.counts,
         ), hop.kwargs, hop.compiled)
         if not hop.finish:
             _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),

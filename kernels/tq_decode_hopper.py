@@ -1,7 +1,8 @@
-"""tq4 and tq3 decode attention for Hopper (sm_90) in Gluon: 4-bit and 3-bit codes decoded
-straight into mma.sync operand registers. The portable kernel (tq_attention.py) stays the
-reference; this is the fast path for the served tq4 and tq3 decode only: 4-bit keys and values
-(one stream each, head size 64 or 128) or 3-bit ones (head size 128), the raw-key fallback
+"""tq4, tq3 and tq5 decode attention for Hopper (sm_90) in Gluon: 4-bit, 3-bit and 5-bit codes
+decoded straight into mma.sync operand registers. The portable kernel (tq_attention.py) stays the
+reference; this is the fast path for the served tq4, tq3 and tq5 decode only: 4-bit keys and
+values (one stream each, head size 64 or 128), 3-bit ones (head size 128) or 5-bit keys with
+4-bit values (tq5, head size 128), the raw-key fallback
 FOLDed, the pre-RoPE key mean (stepped from the first tile), paged cache with pages a
 multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It finishes
 the output rows itself (the output Hadamard rows permuted to this kernel's order): with one
@@ -38,6 +39,12 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   each of two tokens (16 codes each); each 24-bit group is spread into 8 prmt selectors and
   looked up in the 8-level table. geometry() and coordinate() say which code each element and
   phase holds; the host permutations follow them as for 4-bit codes.
+* 5-bit keys (tq5: K_CODES = 5, V_CODES = 4; vllm_gds/kvcache/lut5_ptx.py): a lane's key codes
+  are 5 int32 words (its 20 bytes), loaded as 8 elements (the last three repeat the fifth: one
+  load); the lookup transposes them into byte planes (one 40-bit group of 8 codes a byte), folds
+  the sign into a 16-magnitude index and looks it up in two 8-entry prmt tables (eight table words,
+  kernel arguments klut0-7) with a select; output p holds codes K5_PAIRS[p] of each group. The
+  values are tq4's. 717 SASS per tile at the 8B shape (Triton 3.6), 228 registers.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
@@ -90,21 +97,39 @@ def _warp_bases(nw: int, rank: int) -> list:
     return [[1 << i] + [0] * (rank - 1) for i in range(_bits(nw))]
 
 
+def stream_codes(codes: int) -> tuple[int, int]:
+    """(key codes, value codes) of the kernel's `codes`: 5 is tq5 (5-bit keys, 4-bit values in
+    int16 elements), else both streams alike."""
+    return (5, 4) if codes == 5 else (codes, codes)
+
+
+# tq5's keys (lut5_ptx.PAIRS): output p of the 5-bit lookup holds codes (a_p, b_p) of each group
+# of 8 codes, as elements (2j, 2j + 1) for group j
+K5_PAIRS = ((0, 4), (7, 3), (5, 1), (2, 6))
+
+
 def geometry(d: int, codes: int, stream: str) -> tuple[int, int]:
     """(E, phases): a token's code elements in one stream (keys "k", values "v") and the decoded
     levels per element. codes 4: int16 elements of 4 codes; 2: bytes of 2; 3 (3-bit codes, D =
     128): keys in int32 words, values in int16 halfwords, three of every four elements real (the
-    fourth repeats the third, ignored; lut3_ptx.py), 8 (keys) or 4 (values) phases."""
+    fourth repeats the third, ignored; lut3_ptx.py), 8 (keys) or 4 (values) phases; 5 (5-bit
+    keys, D = 128): int32 words, five of every eight elements real (the rest repeat the fifth,
+    ignored; lut5_ptx.py), 4 phases."""
     if codes == 3:
         return (d // 8, 8) if stream == "k" else (d // 4, 4)
+    if codes == 5:
+        return d // 4, 4
     return d // codes, codes
 
 
 def coordinate(codes: int, stream: str, e: int, j: int) -> int:
     """The code index (rotated coordinate) of element e's phase j: codes * e + j, or for 3-bit
-    codes (lut3_ptx) 4 j + e % 4 in the lane's 32 (keys) or 16 (values) codes."""
+    codes (lut3_ptx) 4 j + e % 4 in the lane's 32 (keys) or 16 (values) codes, or for 5-bit
+    keys (lut5_ptx) code 8 (e' // 2) + K5_PAIRS[j][e' % 2] of the lane's 32 (e' = e % 8)."""
     if codes == 3:
         return (32 if stream == "k" else 16) * (e >> 2) + 4 * j + (e & 3)
+    if codes == 5:
+        return 32 * (e >> 3) + 8 * ((e & 7) >> 1) + K5_PAIRS[j][e & 1]
     return codes * e + j
 
 
@@ -202,11 +227,18 @@ def _levels(words, lut, ASM: gl.constexpr, CODES: gl.constexpr, VALUES: gl.const
     elements in pairs (tq_lut4's PTX), phase j = jl + 2 jh in dims [..., jl, jh]; CODES = 2,
     bytes in fours (hopper_tables.bytes_asm: two fewer permutes per 8 codes), phase = the nibble;
     CODES = 3 (lut3_ptx.py): keys int32 words in fours, 8 phases; values int16 halfwords of two
-    tokens in eights, 4 phases. lut: the four table words (scalars), passed as operands
+    tokens in eights, 4 phases; CODES = 5 (keys, lut5_ptx.py): int32 words in eights, 4 phases.
+    lut: the table words (scalars; eight for CODES = 5, else four), passed as operands
     (hopper_tables.operand_asm)."""
     t = gl.full(words.shape, 0, gl.int32, words.type.layout)
     ops = [words, t + lut[0], t + lut[1], t + lut[2], t + lut[3]]
-    if CODES == 4:
+    if CODES == 5:
+        ops = ops + [t + lut[4], t + lut[5], t + lut[6], t + lut[7]]
+        k0, k1, k2, k3 = gl.inline_asm_elementwise(
+            ASM, "=r," * 16 + "r," * 7 + "r" + ",r" * 64, ops,
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=8)
+        return gl.join(gl.join(k0, k1), gl.join(k2, k3))
+    elif CODES == 4:
         p0, p1, p2, p3 = gl.inline_asm_elementwise(
             ASM, "=r,=r,=r,=r,r" + ",r" * 8, ops,
             dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
@@ -243,15 +275,18 @@ def _tile_base(bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr, NW: gl.c
 
 @gluon.jit
 def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.constexpr,
-                WORD: gl.constexpr, TRIPLES: gl.constexpr, STRIDE_TOK: gl.constexpr):
+                WORD: gl.constexpr, CODES: gl.constexpr, STRIDE_TOK: gl.constexpr):
     """Code elements [NW, NT, E] of WORD bytes (int32, int16 or int8) of one stream of the tile's
-    slots (base: _tile_base). TRIPLES (3-bit codes): element e reads word 3 (e // 4) + e % 4, the
-    fourth of each four repeating the third (ignored by the lookup)."""
+    slots (base: _tile_base). CODES 3: element e reads word 3 (e // 4) + e % 4, the fourth of each
+    four repeating the third; CODES 5: word 5 (e // 8) + min(e % 8, 4), the last three of each
+    eight repeating the fifth (ignored by the lookups; the repeated loads are one)."""
     base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
     e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    if TRIPLES:
+    if CODES == 3:
         e = 3 * (e // 4) + gl.minimum(e % 4, 2)
+    elif CODES == 5:
+        e = 5 * (e // 8) + gl.minimum(e % 8, 4)
     rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
     ptrs = cache_ptr + rows[:, :, None]
     if WORD == 4:
@@ -429,7 +464,7 @@ def _tq_decode_hopper_kernel(
     cache_ptr, stride_blk, block_table_ptr, stride_bt, seq_lens_ptr, query_start_ptr,
     signs_ptr, key_scale_ptr, key_mean_ptr, mean_pairs_ptr, mean_theta_ptr, mean_step_ptr,
     mean_mu_ptr, mean_table_ptr, hk_ptr, part_ptr, qk_scale,
-    lut0, lut1, lut2, lut3, lut_zero,
+    lut0, lut1, lut2, lut3, lut_zero, klut0, klut1, klut2, klut3, klut4, klut5, klut6, klut7,
     out_ptr, stride_ot, stride_oh, hvt_ptr, value_mean_ptr, count_ptr,
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
@@ -440,7 +475,7 @@ def _tq_decode_hopper_kernel(
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
-    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, CODES: gl.constexpr,
+    K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, K_CODES: gl.constexpr, V_CODES: gl.constexpr,
     K_E: gl.constexpr, V_E: gl.constexpr, K_WORD: gl.constexpr, V_WORD: gl.constexpr,
 ):
     seq = gl.program_id(0)
@@ -467,6 +502,11 @@ def _tq_decode_hopper_kernel(
     one: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero
     lut = (lut0 + lane0, lut1 + lane0, lut2 + lane0, lut3 + lane0)
+    if K_CODES == 5:  # the 5-bit keys' eight table words (the values take lut)
+        klut = (klut0 + lane0, klut1 + lane0, klut2 + lane0, klut3 + lane0, klut4 + lane0,
+                klut5 + lane0, klut6 + lane0, klut7 + lane0)
+    else:
+        klut = lut
     kv_end = gl.load(seq_lens_ptr + seq)
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
@@ -482,8 +522,8 @@ def _tq_decode_hopper_kernel(
     if PREFETCH:
         base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
                           STRIDE_HEAD)
-        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3, STRIDE_TOK)
-        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3, STRIDE_TOK)
+        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -578,16 +618,16 @@ def _tq_decode_hopper_kernel(
             base_now = base
             base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
                               STRIDE_TOK, STRIDE_HEAD)
-            kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3,
+            kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
                              STRIDE_TOK)
-            vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3,
+            vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
                              STRIDE_TOK)
         else:
             base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
                                   STRIDE_TOK, STRIDE_HEAD)
-            kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, K_E, K_WORD, CODES == 3,
+            kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
                                  STRIDE_TOK)
-            vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, CODES == 3,
+            vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
                                  STRIDE_TOK)
         if MEAN:  # independent of the codes: issued before they are decoded
             s_mean = mma_v2(t_cos, a_t.to(gl.float16), gl.zeros([NW, 16, R], gl.float32, L))
@@ -595,7 +635,7 @@ def _tq_decode_hopper_kernel(
             a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
         kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
                                  V_NORM_OFF, NW, STRIDE_TOK)
-        ka = _decode_k(kw_now, lut, ASM, LA, NW, D, K_ORDER, CODES)
+        ka = _decode_k(kw_now, klut, ASM, LA, NW, D, K_ORDER, K_CODES)
         s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
         s = s * gl.expand_dims(gl.abs(kn), 2)
         if SELECT:
@@ -618,7 +658,7 @@ def _tq_decode_hopper_kernel(
         m_i = m_new
         pv = (p * gl.expand_dims(vn, 2)).to(gl.bfloat16)
         pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
-        va = _decode_v(vw_now, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+        va = _decode_v(vw_now, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, V_CODES)
         o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
@@ -673,7 +713,8 @@ def rows_of(G: int, fallback: bool) -> tuple[bool, bool, int, int]:
     return False, False, (8 if G <= 8 else 16), (8 if G <= 8 else 16)
 
 
-WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (3, "v"): 2}
+WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (3, "v"): 2,
+              (5, "k"): 4}
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
@@ -681,10 +722,12 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
                       codes: int | None = None, finish: int = 0) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
-    elements) or 2 (4-bit codes, bytes into the lookup); None: tables.hopper_codes. finish
-    (finish_mode): 0 partials for the reduce launch; 1 one split, the output rows written by the
-    kernel itself; 2 partials, merged and finished by the program that completes them."""
+    elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
+    None: tables.hopper_codes. finish (finish_mode): 0 partials for the reduce launch; 1 one
+    split, the output rows written by the kernel itself; 2 partials, merged and finished by the
+    program that completes them."""
     codes = codes or tables.hopper_codes
+    kc, vc = stream_codes(codes)
     layout = tables.layout
     d = layout.head_size
     kw = tables.constexprs
@@ -699,11 +742,11 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         V_ASM=tables.hopper_asm[codes, "v"],
         WP=kw["VA_W"] + kw["VB_W"] + 2,
         V_PART=kw["VA_W"] + kw["VB_W"],
-        K_LOAD=k_load_layout(d, nw, codes), V_LOAD=v_load_layout(d, nw, codes, False),
-        V_PAIR=v_load_layout(d, nw, codes, True), K_ORDER=perm_code(k_order(d, codes)),
-        V_ORDER=perm_code(v_order(d, codes)), CODES=codes,
-        K_E=geometry(d, codes, "k")[0], V_E=geometry(d, codes, "v")[0],
-        K_WORD=WORD_BYTES[codes, "k"], V_WORD=WORD_BYTES[codes, "v"],
+        K_LOAD=k_load_layout(d, nw, kc), V_LOAD=v_load_layout(d, nw, vc, False),
+        V_PAIR=v_load_layout(d, nw, vc, True), K_ORDER=perm_code(k_order(d, kc)),
+        V_ORDER=perm_code(v_order(d, vc)), K_CODES=kc, V_CODES=vc,
+        K_E=geometry(d, kc, "k")[0], V_E=geometry(d, vc, "v")[0],
+        K_WORD=WORD_BYTES[kc, "k"], V_WORD=WORD_BYTES[vc, "v"],
     )
 
 
@@ -726,8 +769,9 @@ def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, t
     if codes not in cache:
         d = tables.layout.head_size
         dev = tables.signs.device
-        kperm = torch.tensor(slot_coordinates(d, k_order(d, codes), codes, "k"), device=dev)
-        vperm = torch.tensor(slot_coordinates(d, v_order(d, codes), codes, "v"), device=dev)
+        kc, vc = stream_codes(codes)
+        kperm = torch.tensor(slot_coordinates(d, k_order(d, kc), kc, "k"), device=dev)
+        vperm = torch.tensor(slot_coordinates(d, v_order(d, vc), vc, "v"), device=dev)
         cache[codes] = (tables.h_cols["kb"][:, kperm].t().contiguous(),
                         tables.h_rows["vb"][vperm].contiguous())
     return cache[codes]
@@ -735,26 +779,33 @@ def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, t
 
 def why_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str | None:
     """None where this kernel serves the launch; else why not (the caller takes tq_attention)."""
+    if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
+        return "needs an sm_90+ GPU"
+    return layout_unsupported(query, kv_cache, tables)
+
+
+def layout_unsupported(query: torch.Tensor, kv_cache: torch.Tensor, tables) -> str | None:
+    """why_unsupported without the device: the format, head size, alignment, page and group
+    (shapes and strides only, so CPU tensors answer as CUDA ones would)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     layout = tables.layout
-    if query.device.type != "cuda" or torch.cuda.get_device_capability(query.device)[0] < 9:
-        return "needs an sm_90+ GPU"
     k, v = layout.key, layout.value
-    if not (k.a.n == 0 and v.a.n == 0 and k.b.bits == v.b.bits and k.b.bits in (3, 4)):
-        return "not 4-bit or 3-bit keys and values with one stream each"
+    kv_bits = (k.b.bits, v.b.bits)
+    if not (k.a.n == 0 and v.a.n == 0 and kv_bits in ((3, 3), (4, 4), (5, 4))):
+        return "not 4-bit, 3-bit or 5-bit keys (4-bit values) with one stream each"
     bits = k.b.bits
     if D not in ((64, 128) if bits == 4 else (128,)):
-        return f"head size {D} ({'64 and 128' if bits == 4 else '128'} only at {bits} bits)"
+        return f"head size {D} ({'64 and 128' if bits == 4 else '128'} only at {bits}-bit keys)"
     if k.b.offset % 2 or v.b.offset % 2 or k.norm_offset % 2 or v.norm_offset % 2:
         return "odd stream offsets"
     if getattr(tables, "hopper_asm", None) is None:
         return "tables have no hopper_asm (vllm_gds.kvcache.hopper_tables.attach)"
     if kv_cache.shape[1] % NT or kv_cache.stride(3) != 1 or kv_cache.stride(2) % 2:
         return f"page size {kv_cache.shape[1]} not a multiple of {NT} (or odd strides)"
-    if bits == 3 and (k.b.offset % 4 or kv_cache.stride(2) % 4 or kv_cache.stride(1) % 4
+    if bits != 4 and (k.b.offset % 4 or kv_cache.stride(2) % 4 or kv_cache.stride(1) % 4
                       or kv_cache.stride(0) % 4):
-        return "3-bit key codes not 4-byte aligned"
+        return f"{bits}-bit key codes not 4-byte aligned"
     G = Hq // H
     if G > (8 if tables.fallback else 16):
         return f"{G} query heads per KV head"
@@ -771,6 +822,12 @@ def mean_step(tables, nw: int) -> torch.Tensor:
         angle = tables.mean_theta.double() * (16 * nw)
         cache[nw] = torch.stack([angle.cos(), angle.sin()]).float().contiguous()
     return cache[nw]
+
+
+def lut_args(tables) -> tuple:
+    """The kernel's table-word arguments (lut0 .. lut3, lut_zero, klut0 .. klut7): the lookup's
+    four words (tq5: the values'), 0, and tq5's eight key words (zeros for the others)."""
+    return (*tables.hopper_lut, 0, *(getattr(tables, "hopper_klut", None) or (0,) * 8))
 
 
 def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
@@ -826,7 +883,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, *table_args(tables, codes, num_warps),
-            out if finish == 1 else part, softmax_scale * LOG2E / D**0.5, *tables.hopper_lut, 0,
+            out if finish == 1 else part, softmax_scale * LOG2E / D**0.5, *lut_args(tables),
             *finish_args(query if out is None else out, tables, codes),
             seq_lens if counts is None else counts)
     return (seq_lens.shape[0], H, splits), args, cx, None if finish else part

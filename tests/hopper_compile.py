@@ -1,5 +1,5 @@
-"""Compile the Hopper tq4 decode (kernels/tq_decode_hopper.py) for sm_90 without a GPU and count
-the SASS of its tile loop. Run as a script by tests/test_kv_hopper_compile.py in a process of its
+"""Compile the Hopper tq4/tq3/tq5 decode (kernels/tq_decode_hopper.py) for sm_90 without a GPU and
+count the SASS of its tile loop. Run as a script by tests/test_kv_hopper_compile.py in a process of its
 own: a process that imported Triton under TRITON_INTERPRET=1 (test_kv_kernels does) cannot
 compile Gluon (its reductions are interpreter functions there).
 

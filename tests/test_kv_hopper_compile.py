@@ -1,6 +1,6 @@
-"""The Hopper tq4 decode (kernels/tq_decode_hopper.py) without a GPU: its coordinate permutations
-against a torch emulation of the kernel's reshapes, and an sm_90 compile under the installed
-Triton (Gluon has no interpreter; the GPU check is benchmarks/dev/kv_hopper_check.py).
+"""The Hopper tq4/tq3/tq5 decode (kernels/tq_decode_hopper.py) without a GPU: its coordinate
+permutations against a torch emulation of the kernel's reshapes, its lookup PTX on a PTX
+interpreter, and an sm_90 compile under the installed Triton (Gluon has no interpreter; the GPU check is benchmarks/dev/kv_hopper_check.py).
 
 The compile test asserts what the design promises: mma.sync tensor-core instructions, the decoded
 codes reach the operands without shared memory (no STS/LDS in the tile loop), no register spills
@@ -119,6 +119,83 @@ def test_3bit_lookup_ptx_decodes_packed_codes():
                 assert (out[f"${k}"] >> (16 * h)) & 0xFFFF == table[tok[h, k]] & 0xFFFF
 
 
+def test_5bit_key_slots_hold_the_coordinates_the_host_permutes():
+    """tq5's keys (5-bit lookup, lut5_ptx: output p, element e -> coordinate()) through the
+    kernel's reshape/permute land where slot_coordinates says; lane c's keys are its 20 bytes
+    [20c, 20c + 20) (32 codes). Its values are tq4's (4-bit codes in int16 elements)."""
+    d = 128
+    kc, vc = hop.stream_codes(5)
+    assert (kc, vc) == (5, 4) and hop.geometry(d, vc, "v") == hop.geometry(d, 4, "v")
+    order = hop.k_order(d, kc)
+    n, phases = hop.geometry(d, kc, "k")
+    coord = torch.tensor([[hop.coordinate(kc, "k", e, j) for j in range(phases)]
+                          for e in range(n)])  # [E, phase]
+    assert sorted(coord.flatten().tolist()) == list(range(d))
+    x = coord[None, :, :] + 1000 * torch.arange(16)[:, None, None]  # [NT, E, phase]
+    x = x.reshape(16, n, 2, 2).permute(0, 1, 3, 2)  # phase bits LSB first, as the joins
+    x = x.reshape([1, 16] + [2] * 7).permute(order).reshape(1, 16, d)[0]
+    perm = torch.tensor(hop.slot_coordinates(d, order, kc, "k"))
+    assert torch.equal(x, perm[None, :] + 1000 * torch.arange(16)[:, None])
+    assert all(perm[k] // 32 == (k >> 1) & 3 for k in range(d))
+    assert hop.slot_coordinates(d, hop.v_order(d, vc), vc, "v") == hop.slot_coordinates(
+        d, hop.v_order(d, 4), 4, "v")
+
+
+def test_5bit_key_lookup_ptx_decodes_packed_codes():
+    """lut5_ptx's key lookup (as attach gives it for tq5), run on test_kv_kernels' PTX
+    interpreter on codes packed by packing.pack: output p's element e (register 4p + e // 2,
+    half e % 2) holds the bf16 level of codebook(128, 5) of the code at the kernel's
+    coordinate(5, "k", e, p); the values take tq4's lookup and table words."""
+    from test_kv_kernels import _run_ptx
+    from vllm_gds.kvcache import lut5_ptx
+    from vllm_gds.kvcache.codebook import codebook
+    from vllm_gds.kvcache.hopper_tables import table_words
+    from vllm_gds.kvcache.lut4_ptx import levels4_asm
+    from vllm_gds.kvcache.packing import pack
+
+    t = attach(LayerTables(FORMATS["tq5"], 128, 0, 0, "cpu", torch.float32, 1))
+    assert t.hopper_codes == 5 and hop.K5_PAIRS == lut5_ptx.PAIRS
+    assert t.hopper_asm[5, "v"] == operand_asm(levels4_asm(codebook(128, 4)[0]), 4)
+    assert t.hopper_lut == table_words(codebook(128, 4)[0])
+    table = codebook(128, 5)[0].to(torch.bfloat16).view(torch.int16).tolist()
+    words = [w & 0xFFFFFFFF for w in t.hopper_klut]
+    for trial in range(24):
+        codes = torch.arange(32) if trial == 0 else torch.randint(0, 32, (32,))
+        b = pack(codes, 5).tolist()
+        regs = {f"${16 + i}": int.from_bytes(bytes(b[4 * i:4 * i + 4]), "little")
+                for i in range(5)}
+        regs |= {f"${21 + i}": 0xDEADBEEF for i in range(3)}
+        regs |= {f"${24 + 8 * i}": words[i] for i in range(8)}
+        out = _run_ptx(t.hopper_asm[5, "k"], regs)
+        for p in range(4):
+            for e in range(8):
+                code = codes[hop.coordinate(5, "k", e, p)]
+                got = (out[f"${4 * p + e // 2}"] >> (16 * (e % 2))) & 0xFFFF
+                assert got == table[code] & 0xFFFF, (trial, p, e, int(code))
+
+
+def test_layout_check_takes_tq5_at_head_128_only():
+    """The Hopper kernel's layout check (why_unsupported past the device) on CPU tensors: tq5 runs
+    at head 128 (attach gives its tables there), not at 64; tq3 likewise; tq4 at both."""
+    def case(fmt, d, g=4, h=8):
+        mu = top_pairs(torch.randn(h, d), None, FORMATS[fmt].key_mean_pairs, d // 2)
+        t = attach(LayerTables(FORMATS[fmt], d, 0, 0, "cpu", torch.bfloat16, h, key_mean=mu,
+                               rope_inv_freq=torch.ones(d // 2)))
+        cache = torch.zeros(4, 16, h, t.layout.slot_bytes, dtype=torch.uint8)
+        return t, hop.layout_unsupported(torch.zeros(2, g * h, d), cache, t)
+
+    t, why = case("tq5", 128)
+    assert why is None and t.hopper_codes == 5 and len(t.hopper_klut) == 8
+    assert len(hop.lut_args(t)) == 13 and hop.lut_args(t)[5:] == t.hopper_klut
+    t, why = case("tq5", 64)
+    assert t.hopper_codes is None and why == "head size 64 (128 only at 5-bit keys)"
+    assert case("tq3", 64)[1] == "head size 64 (128 only at 3-bit keys)"
+    for d in (64, 128):
+        t, why = case("tq4", d)
+        assert why is None and t.hopper_klut is None and hop.lut_args(t)[4:] == (0,) * 9
+    assert case("tq5", 128, g=16)[1] == "16 query heads per KV head"
+
+
 def test_hadamard_operands_are_permuted_blocks():
     mu = top_pairs(torch.randn(1, 128), None, FORMATS["tq4"].key_mean_pairs, 64)
     t = attach(LayerTables(FORMATS["tq4"], 128, 0, 0, "cpu", torch.bfloat16, 1, key_mean=mu,
@@ -138,6 +215,8 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=4, kv_heads=8, codes=2), dict(d=128, g=4, kv_heads=8, trans_asm=False),
            dict(d=128, g=16, kv_heads=1, fallback=False),
            dict(d=128, g=4, kv_heads=8, fmt="tq3"), dict(d=128, g=8, kv_heads=1, fmt="tq3"),
+           dict(d=128, g=4, kv_heads=8, fmt="tq5", prefetch=True),
+           dict(d=128, g=8, kv_heads=1, fmt="tq5", prefetch=True),
            dict(d=128, g=4, kv_heads=8, finish=1), dict(d=128, g=8, kv_heads=1, finish=2),
            dict(d=64, g=3, kv_heads=3, finish=2)]
 
@@ -157,7 +236,7 @@ def _run_helper(*args):
                                     dict(q_heads=8, kv_heads=1),
                                     dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
                                          trans_asm=False, maxnreg=0, num_warps=8),
-                                    dict(q_heads=8, kv_heads=1, fmt="tq3"),
+                                    dict(q_heads=8, kv_heads=1, fmt="tq3"), dict(fmt="tq5"),
                                     dict(splits=1), dict(q_heads=8, kv_heads=1, splits=64),
                                     dict(q_heads=8, kv_heads=1, splits=64, fmt="tq3")])
 def test_launch_binds_and_compiles_as_on_the_gpu(launch):
@@ -192,13 +271,17 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     # RH: the mean's pairs, half the D/2 for tq4, all for tq3)
     nb = 1 if g <= 8 else 2
     select = fold and g > 4
-    rh = d // 2 if cfg.get("fmt") == "tq3" else d // 4
+    rh = d // 2 if cfg.get("fmt") == "tq3" else d // 4  # tq4, tq5: half the pairs
     want = d // 16 * nb * (3 if select else 2) + (2 * (rh // 16) * nb if mean else 0)
     assert hmma == want, (hmma, want, loop)
     assert ops["STS"] == ops["LDS"] == 0, f"shared memory in the tile loop: {loop}"
     assert ops["STL"] == ops["LDL"] == 0, f"local memory (spills) in the tile loop: {loop}"
-    # key words: 32-bit loads (tq4: 4 of a token's words a lane; tq3: 3), two tokens a lane
-    assert loop["LDG.E"] >= 2 * (3 if cfg.get("fmt") == "tq3" else 2 * (d // 64)), loop
+    # key words: 32-bit loads (tq4: 4 of a token's words a lane; tq3: 3; tq5: 5, the repeated
+    # elements' loads merged), two tokens a lane
+    words = {"tq3": 3, "tq5": 5}.get(cfg.get("fmt"), 2 * (d // 64))
+    assert loop["LDG.E"] >= 2 * words, loop
+    if cfg.get("fmt") == "tq5":
+        assert loop["LDG.E"] <= 2 * words + 2, loop
     assert st["loop_total"] < 946, f"{st['loop_total']} SASS instructions per tile"
 
 

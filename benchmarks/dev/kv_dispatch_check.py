@@ -1,6 +1,6 @@
 """Check the served decode's dispatch (kernels/tq_attention.py) on the GPU machine, in one run:
 
-    python3 benchmarks/dev/kv_dispatch_check.py --out $OUT
+    python3 benchmarks/dev/kv_dispatch_check.py --out $OUT [--only tq5]
 
 Per shape: the served tq_attention (no tuning) three times (the first call goes through Triton,
 the later ones through CachedLaunch's relaunch), each into a NaN-poisoned output, against the
@@ -34,6 +34,8 @@ SHAPES = [
     ("70B TP8 32x4K", "tq4", (8, 1, 128), 32, 4096),
     ("SmolLM2 8x4K", "tq4", (9, 3, 64), 8, 4096),
     ("8B 8x4K tq3", "tq3", (32, 8, 128), 8, 4096),
+    ("8B 8x4K tq5", "tq5", (32, 8, 128), 8, 4096),
+    ("70B TP8 8x4K tq5", "tq5", (8, 1, 128), 8, 4096),
 ]
 
 
@@ -103,6 +105,7 @@ def check(name, fmt, hq, hk, d, b, ctx, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--only", default="", help="substring of the shape names to run, e.g. tq5")
     args = ap.parse_args()
     lines = []
 
@@ -123,7 +126,7 @@ def main():
             "gluon_error": ta.GLUON_ERROR}
     print(info, flush=True)
     rows = []
-    for shape in SHAPES:
+    for shape in [s for s in SHAPES if args.only in s[0]]:
         try:
             rows.append(check(shape[0], shape[1], *shape[2], *shape[3:], device))
         except Exception:

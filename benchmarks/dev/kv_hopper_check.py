@@ -1,4 +1,5 @@
-"""Check and time the Hopper tq4 decode (kernels/tq_decode_hopper.py) on the GPU machine, in one run:
+"""Check and time the Hopper decode (kernels/tq_decode_hopper.py; tq4, or --format tq3 / tq5) on the GPU
+machine, in one run:
 
     python3 benchmarks/dev/kv_hopper_check.py --out $OUT
 
@@ -60,7 +61,7 @@ def tb_head(n=12):
     return "\n".join(lines[:4] + ["  ..."] + lines[-n:]) if len(lines) > n + 4 else "\n".join(lines)
 
 
-FORMAT = ["tq4"]  # --format: the cache format checked (tq4, or tq3: head 128 only)
+FORMAT = ["tq4"]  # --format: the cache format checked (tq4, or tq3 / tq5: head 128 only)
 
 
 def tables_for(hk, d, device, mean=True, fallback=True):
@@ -289,9 +290,9 @@ def table(rows):
         return min(got) if got else (None, "-")
 
     names = list(VARIANTS)
-    out = ["| shape | b x ctx | SDPA | portable | fast | best (variant) | graph: SDPA | portable "
-           "| fast | best (variant) | best/SDPA | err vs portable | NaN |",
-           "|" + " --- |" * 13]
+    out = ["| shape | b x ctx | SDPA | portable | fast | fast/SDPA | best (variant) | graph: SDPA "
+           "| portable | fast | best (variant) | best/SDPA | err vs portable | NaN |",
+           "|" + " --- |" * 14]
     var = ["| shape | b x ctx | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]
     for row in rows:
         g = row.get
@@ -305,7 +306,7 @@ def table(rows):
         err = f"{max(errs):.2e}" if errs else "FAILED"
         nan = any(bool(g(f"{v}_nan")) for v in names)
         out.append(f"{head} {f(g('sdpa_ms'))} | {f(g('portable_ms'))} | {f(g('fast_ms'))} | "
-                   f"{f(b_ms)} ({b_name}) | {f(g('sdpa_graph_ms'))} | "
+                   f"{r(g('fast_ms'), g('sdpa_ms'))} | {f(b_ms)} ({b_name}) | {f(g('sdpa_graph_ms'))} | "
                    f"{f(g('portable_graph_ms'))} | {f(g('fast_graph_ms'))} | {f(g_ms)} ({g_name}) "
                    f"| {r(g_ms, g('sdpa_graph_ms'))} | {err} | {nan} |")
         var.append(f"{head} " + " | ".join(
@@ -342,15 +343,15 @@ def main(argv=None):
     ap.add_argument("--no-probe", action="store_true", help="skip kv_hopper_probe")
     ap.add_argument("--shapes", default="",
                     help="'model:BxCTX,...' (model as in SHAPES), instead of every shape")
-    ap.add_argument("--format", default="tq4", choices=("tq4", "tq3"),
-                    help="the cache format (tq3: head 128 only, so no SmolLM2 shape)")
+    ap.add_argument("--format", default="tq4", choices=("tq4", "tq3", "tq5"),
+                    help="the cache format (tq3, tq5: head 128 only, so no SmolLM2 shape)")
     ap.add_argument("--sweep", action="store_true",
                     help="launch sweep (sweep_variants), graph times only, at --shapes (default "
                          f"{SWEEP_SHAPES!r}); no reference cases (each launch is still checked "
                          "against the portable kernel at full size)")
     args = ap.parse_args(argv)
     FORMAT[0] = args.format
-    only128 = args.format == "tq3"
+    only128 = args.format in ("tq3", "tq5")
     if only128:
         VARIANTS.pop("fast_bytes", None)  # 4-bit codes only
     if args.sweep:
@@ -378,7 +379,9 @@ def main(argv=None):
 
     from kv_hopper_probe import probe
 
-    probes = [(128, 8, 3, True), (128, 16, 3, True), (128, 8, 3, False)] if only128 else PROBES
+    c128 = {"tq3": 3, "tq5": 5}.get(args.format)
+    probes = [(128, 8, c128, True), (128, 16, c128, True), (128, 8, c128, False)] if only128 \
+        else PROBES
     for d, rows, codes, trans in [] if args.no_probe else probes:  # kv_hopper_probe.py
         entry = {"case": f"d{d} rows {rows} codes {codes} movmatrix {trans}"}
         try:

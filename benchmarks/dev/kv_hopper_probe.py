@@ -37,7 +37,9 @@ def _load3(ptr, layout: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl
 
 @gluon.jit
 def _probe_kernel(kw_ptr, vw_ptr, p_ptr, ka_ptr, va_ptr, pb_ptr, lut0, lut1, lut2, lut3,
-                  NW: gl.constexpr, D: gl.constexpr, R: gl.constexpr, CODES: gl.constexpr,
+                  klut0, klut1, klut2, klut3, klut4, klut5, klut6, klut7,
+                  NW: gl.constexpr, D: gl.constexpr, R: gl.constexpr, K_CODES: gl.constexpr,
+                  V_CODES: gl.constexpr,
                   ASM: gl.constexpr, V_ASM: gl.constexpr, TRANS_ASM: gl.constexpr,
                   K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
                   K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, K_E: gl.constexpr,
@@ -47,10 +49,14 @@ def _probe_kernel(kw_ptr, vw_ptr, p_ptr, ka_ptr, va_ptr, pb_ptr, lut0, lut1, lut
     LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
     LB: gl.constexpr = gl.DotOperandLayout(1, L, 2)
     lut = (lut0, lut1, lut2, lut3)
+    if K_CODES == 5:
+        klut = (klut0, klut1, klut2, klut3, klut4, klut5, klut6, klut7)
+    else:
+        klut = lut
     kw = _load3(kw_ptr, K_LOAD, NW, 16, K_E)
     vw = _load3(vw_ptr, V_LOAD, NW, 16, V_E)
-    ka = hop._decode_k(kw, lut, ASM, LA, NW, D, K_ORDER, CODES)
-    va = hop._decode_v(vw, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, CODES)
+    ka = hop._decode_k(kw, klut, ASM, LA, NW, D, K_ORDER, K_CODES)
+    va = hop._decode_v(vw, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, V_CODES)
     _store3(ka_ptr, ka, LA, NW, 16, D)
     _store3(va_ptr, va, LA, NW, D, 16)
     p = _load3(p_ptr, L, NW, 16, R).to(gl.bfloat16)
@@ -66,6 +72,7 @@ def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int
 
     d = tables.layout.head_size
     dev = tables.signs.device
+    kc, vc = hop.stream_codes(codes)
     bits = 3 if codes == 3 else 4
     codes_kv = torch.randint(0, 1 << bits, (2, nw, 16, d), device=dev)
     if codes == 3:  # the kernel's loads: three words of every four, the fourth repeating the third
@@ -75,6 +82,12 @@ def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int
             return w[..., 3 * (e // 4) + (e % 4).clamp(max=2)].contiguous()
         packed = pack(codes_kv, 3)
         kwords, vwords = triples(packed[0], torch.int32), triples(packed[1], torch.int16)
+    elif codes == 5:  # 5-bit keys: five words of every eight, the rest repeating the fifth
+        codes_kv[0] = torch.randint(0, 32, (nw, 16, d), device=dev)
+        w = pack(codes_kv[0], 5).view(torch.int32)  # [NW, 16, D * 5 / 32]
+        e = torch.arange(8 * w.shape[-1] // 5, device=dev)
+        kwords = w[..., 5 * (e // 8) + (e % 8).clamp(max=4)].contiguous()
+        vwords = pack(codes_kv[1], 4).view(torch.int16).contiguous()
     else:
         packed = pack(codes_kv, 4)  # bytes [2, NW, 16, D/2], low nibble first
         dtype = torch.int16 if codes == 4 else torch.int8
@@ -85,15 +98,17 @@ def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int
     pb = torch.empty(nw, 16, rows, device=dev, dtype=torch.bfloat16)
     cx = hop.kernel_constexprs(tables, 4 if rows == 8 else 8, 16, 0, 0, nw, False, trans_asm,
                                codes)
-    _probe_kernel[(1,)](kwords, vwords, p, ka, va, pb, *tables.hopper_lut, NW=nw, D=d,
-                        R=rows, CODES=codes, ASM=cx["ASM"], V_ASM=cx["V_ASM"],
+    klut = getattr(tables, "hopper_klut", None) or (0,) * 8
+    _probe_kernel[(1,)](kwords, vwords, p, ka, va, pb, *tables.hopper_lut, *klut, NW=nw, D=d,
+                        R=rows, K_CODES=kc, V_CODES=vc, ASM=cx["ASM"], V_ASM=cx["V_ASM"],
                         TRANS_ASM=trans_asm, K_LOAD=cx["K_LOAD"], V_LOAD=cx["V_LOAD"],
                         V_PAIR=cx["V_PAIR"], K_ORDER=cx["K_ORDER"], V_ORDER=cx["V_ORDER"],
                         K_E=cx["K_E"], V_E=cx["V_E"], num_warps=nw)
     levels = codebook(d, bits)[0].to(device=dev, dtype=torch.bfloat16)
-    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, codes), codes, "k"), device=dev)
-    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, codes), codes, "v"), device=dev)
-    want_k = levels[codes_kv[0][:, :, kperm]]  # [NW, 16, k-slot]
+    k_levels = codebook(d, kc)[0].to(device=dev, dtype=torch.bfloat16) if kc == 5 else levels
+    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, kc), kc, "k"), device=dev)
+    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, vc), vc, "v"), device=dev)
+    want_k = k_levels[codes_kv[0][:, :, kperm]]  # [NW, 16, k-slot]
     want_v = levels[codes_kv[1][:, :, vperm]].transpose(1, 2)  # [NW, m-slot, 16]
     torch.cuda.synchronize()
     return {"keys": (ka.float() - want_k.float()).abs().max().item(),

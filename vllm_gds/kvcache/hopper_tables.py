@@ -7,7 +7,8 @@ register path takes 128 only, so LayerTables.lut4_asm lacks 64):
   low and the high nibbles). Its bf16 pairs are (byte 0, byte 1) and (byte 2, byte 3) of one
   nibble half, which the table lookups' byte order gives with one permute per pair: 4 permutes
   per 8 codes where levels4_asm needs 6 to pair codes of different 16-bit elements.
-3-bit codes (tq3) take lut3_ptx.py's lookups (keys and values apart).
+3-bit codes (tq3) take lut3_ptx.py's lookups (keys and values apart); tq5's 5-bit keys take
+lut5_ptx.py's (eight table words, ``hopper_klut``) and its 4-bit values the 4-bit lookup.
 ``attach`` gives a layer's tables the attributes the kernel reads; the coordinate permutations and
 the permuted Hadamard blocks are made by the kernel module from the tables (kernels/ reads tables
 by attribute and never imports this package).
@@ -15,7 +16,7 @@ by attribute and never imports this package).
 
 from __future__ import annotations
 
-from . import lut3_ptx
+from . import lut3_ptx, lut5_ptx
 from .codebook import codebook
 from .lut4_ptx import levels4_asm, lookup_asm, magnitude_bytes
 
@@ -57,17 +58,27 @@ def table_words(levels) -> tuple[int, int, int, int]:
 
 
 def attach(tables):
-    """Where keys and values are single streams of one width, 4 bits (tq4: both use
-    codebook(d, 4)) or 3 bits at head size 128 (tq3): tables.hopper_codes (the kernel's CODES:
-    4 or 3), tables.hopper_asm = {(codes, "k" or "v"): PTX} (4-bit: codes 4 and 2, the same
-    lookup for keys and values; the table words are operands) and tables.hopper_lut = the four
-    table words; else all None. Returns tables."""
+    """Where keys and values are single streams of 4 bits (tq4: both use codebook(d, 4)), 3 bits
+    at head size 128 (tq3), or 5-bit keys and 4-bit values at head size 128 (tq5):
+    tables.hopper_codes (the kernel's codes: 4, 3 or 5), tables.hopper_asm = {(codes, "k" or
+    "v"): PTX} (4-bit: codes 4 and 2, the same lookup for keys and values; the table words are
+    operands), tables.hopper_lut = the four table words (tq5: the values') and
+    tables.hopper_klut = tq5's eight key table words (else None); else all None. Returns
+    tables."""
     layout = tables.layout
     d = layout.head_size
     single = all(vec.a.n == 0 and vec.b.n == d for vec in (layout.key, layout.value))
-    bits = {layout.key.b.bits, layout.value.b.bits}
-    tables.hopper_codes = tables.hopper_asm = tables.hopper_lut = None
-    if single:
+    kv_bits = (layout.key.b.bits, layout.value.b.bits)
+    bits = set(kv_bits)
+    tables.hopper_codes = tables.hopper_asm = tables.hopper_lut = tables.hopper_klut = None
+    if single and kv_bits == (5, 4) and d == 128:
+        levels = codebook(d, 4)[0]
+        tables.hopper_codes = 5
+        tables.hopper_asm = {(5, "k"): lut5_ptx.key_asm(),
+                             (5, "v"): operand_asm(levels4_asm(levels), 4)}
+        tables.hopper_lut = table_words(levels)
+        tables.hopper_klut = lut5_ptx.table_words(codebook(d, 5)[0])
+    elif single:
         if bits == {4}:
             levels = codebook(d, 4)[0]
             asm = {4: operand_asm(levels4_asm(levels), 4), 2: operand_asm(bytes_asm(levels), 2)}
