@@ -24,13 +24,13 @@ logger. AttentionTuning.hopper=False measures the portable kernel; True requires
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .fast_path import hopper_path, log_once
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
@@ -44,8 +44,6 @@ try:  # Gluon is experimental: a Triton without it (or without its APIs) serves 
 except (ImportError, AttributeError) as e:
     _hop = None
     GLUON_ERROR = f"{type(e).__name__}: {e}"
-
-log = logging.getLogger("vllm_gds.kernels")
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -182,28 +180,8 @@ def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
 
 def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
                 unsupported: str | None) -> tuple[bool, str]:
-    """(take the Hopper kernel, the path as logged) from the device's compute capability (None:
-    not CUDA), why Gluon did not import (None: it did) and tq_decode_hopper.why_unsupported."""
-    if gluon_error is not None:
-        return False, f"portable Triton kernel (no Gluon in this Triton: {gluon_error})"
-    if capability is None:
-        return False, "portable Triton kernel (not a CUDA device)"
-    if capability[0] != 9:
-        return False, (f"portable Triton kernel (sm_{capability[0]}{capability[1]}: the Hopper "
-                       "kernel is checked on sm_90 only)")
-    if unsupported is not None:
-        return False, f"portable Triton kernel ({unsupported})"
-    return True, "Hopper fast path (Gluon, sm_90)"
-
-
-_LOGGED = set()
-
-
-def _log_once(tables, path: str) -> None:
-    line = f"{getattr(tables, 'format_name', 'quantized KV')} decode: {path}"
-    if line not in _LOGGED:
-        _LOGGED.add(line)
-        log.info(line)
+    """fast_path.hopper_path for the decode (unsupported: tq_decode_hopper.why_unsupported)."""
+    return hopper_path(capability, gluon_error, unsupported, "kernel")
 
 
 class _Hopper:
@@ -252,7 +230,7 @@ def _choose_decode(query, kv_cache, block_table, seq_lens, query_start_loc, tabl
             raise ValueError(
                 f"tq_attention: AttentionTuning(hopper=True) but the Hopper decode cannot run: "
                 f"{path}; pass hopper=None (automatic) or hopper=False (portable)")
-    _log_once(tables, path)
+    log_once(tables, "decode", path)
     if not use:
         return False
     if _HOPPER is None:

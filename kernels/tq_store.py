@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fast_path import hopper_path, log_once
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
@@ -282,21 +283,8 @@ class _Hopper:
 
 
 def store_path(capability, gluon_error, unsupported) -> tuple[bool, str]:
-    """(take the Gluon store, the path as logged) from the device's compute capability (None:
-    not CUDA), why Gluon did not import (None: it did) and tq_store_hopper.why_unsupported."""
-    if gluon_error is not None:
-        return False, f"portable Triton kernel (no Gluon in this Triton: {gluon_error})"
-    if capability is None:
-        return False, "portable Triton kernel (not a CUDA device)"
-    if capability[0] != 9:
-        return False, (f"portable Triton kernel (sm_{capability[0]}{capability[1]}: the Hopper "
-                       "store is checked on sm_90 only)")
-    if unsupported is not None:
-        return False, f"portable Triton kernel ({unsupported})"
-    return True, "Hopper fast path (Gluon, sm_90)"
-
-
-_LOGGED = set()
+    """fast_path.hopper_path for the store (unsupported: tq_store_hopper.why_unsupported)."""
+    return hopper_path(capability, gluon_error, unsupported, "store")
 
 
 def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):
@@ -316,10 +304,7 @@ def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):
         if want and not use:
             raise ValueError(f"tq_store: StoreTuning(hopper=True) but the Hopper store cannot "
                              f"run: {path}; pass hopper=None (automatic) or False (portable)")
-    line = f"{getattr(tables, 'format_name', 'quantized KV')} store: {path}"
-    if line not in _LOGGED:
-        _LOGGED.add(line)
-        log.info(line)
+    log_once(tables, "store", path)
     return _Hopper(plan, tables, key, value, kv_cache, slot_mapping, positions) if use else False
 
 

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vllm_gds.kernels import AttentionTuning, StoreTuning, tq_attention, tq_store  # noqa: E402
+from vllm_gds.kernels import fast_path  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
 from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer  # noqa: E402
 from vllm_gds.kvcache.slot_layout import SlotLayout  # noqa: E402
@@ -483,7 +484,7 @@ def test_decode_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkey
     import sys
 
     ta = sys.modules["vllm_gds.kernels.tq_attention"]
-    monkeypatch.setattr(ta, "_LOGGED", set())  # earlier tests logged the CPU line already
+    monkeypatch.setattr(fast_path, "LOGGED", set())  # earlier tests logged the CPU line already
     args, ref = _decode_case()
     tables = args[-1]
     assert tables.hopper_asm is not None  # LayerTables attaches the Hopper tables itself
@@ -513,7 +514,7 @@ def test_store_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeyp
     import sys
 
     ts = sys.modules["vllm_gds.kernels.tq_store"]
-    monkeypatch.setattr(ts, "_LOGGED", set())
+    monkeypatch.setattr(fast_path, "LOGGED", set())
     h, t, d = 1, 16, 128
     lq, tables = _pair(FORMATS["tq4"], d, h, True)
     positions = torch.randint(0, 1 << 17, (t,))
