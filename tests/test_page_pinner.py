@@ -21,6 +21,8 @@ from vllm_gds.io.pipeline import Checksums
 from vllm_gds.io.plan import plan_spans
 from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, read_files
 
+from page_cache import drop_from_page_cache
+
 MiB = 1 << 20
 CPU = torch.device("cpu")
 H100_HOST = Machine(cpus=16, fstype="tmpfs")  # the one-GPU kind lent: 16 CPUs, files on /dev/shm
@@ -113,19 +115,6 @@ def test_merged_pieces_make_a_tensor_across_spans_one_copy():
     spans = plan_spans(files, 4096)
     merged = merged_pieces(spans)
     assert merged == [(0, 0, 100, 20_000), (1, 0, 20_100, 50), (2, 0, 30_000, 4000)]
-
-
-def _drop(path) -> bool:
-    """Drop the file's pages from the page cache; False where the file system keeps them (tmpfs)."""
-    from vllm_gds.io.pagecache import resident_fraction_of
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return resident_fraction_of([path]) < 0.1
 
 
 def _checkpoint(tmp_path, name, tensors, seed):
@@ -237,7 +226,7 @@ def test_a_file_not_in_memory_is_left_to_the_ring(tmp_path):
 
     warm, data_warm = _checkpoint(tmp_path, "warm.safetensors", {f"a{i}": (512, 512) for i in range(6)}, seed=5)
     cold, data_cold = _checkpoint(tmp_path, "cold.safetensors", {"b0": (512, 1024)}, seed=6)  # over readahead
-    if gds_env.mount_of(cold).fstype in ("tmpfs", "ramfs") or not _drop(cold):
+    if gds_env.mount_of(cold).fstype in ("tmpfs", "ramfs") or not drop_from_page_cache(cold):
         pytest.skip(f"{tmp_path} is not on a disk whose pages can be dropped")
     r_warm, d_warm = _reads(warm, data_warm)
     r_cold, d_cold = _reads(cold, data_cold)

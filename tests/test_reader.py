@@ -21,6 +21,8 @@ from vllm_gds.io.reader import FileRead, ReadOptions, ReadTarget, gds_problems, 
 from vllm_gds.checksum import checksum_hex
 from vllm_gds.shards.writer import write_rank
 
+from page_cache import drop_from_page_cache
+
 CPU = torch.device("cpu")
 # Every way a byte can travel: kvikio (the default into host memory); staged (the compat path's
 # default on a GPU), with slots small enough that a file needs many, alone or beside the page pinner;
@@ -273,19 +275,6 @@ def test_pipeline_engine_refuses_a_task_larger_than_the_pinned_bound(tmp_path):
     assert bytes(dest.numpy()) == data and stats.detail["task_size"] <= 256 << 10
 
 
-def _drop(path) -> bool:
-    """Drop the file's pages from the page cache; False where the file system keeps them (tmpfs)."""
-    from vllm_gds.io.pagecache import resident_fraction_of
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return resident_fraction_of([path]) < 0.1
-
-
 @pytest.mark.parametrize("engine", ["staged", "kvikio"])
 def test_cold_files_are_read_with_o_direct(tmp_path, engine):
     """A file not in the page cache, on a local disk, is read around the page cache (O_DIRECT): every
@@ -294,7 +283,7 @@ def test_cold_files_are_read_with_o_direct(tmp_path, engine):
 
     path = tmp_path / "cold.bin"
     data = _random_file(path, (3 << 20) + 12_345, seed=11)
-    if gds_env.mount_of(path).fstype in ("tmpfs", "ramfs") or not _drop(path):
+    if gds_env.mount_of(path).fstype in ("tmpfs", "ramfs") or not drop_from_page_cache(path):
         pytest.skip(f"{tmp_path} is not on a disk whose pages can be dropped")
     dest = torch.empty(len(data) - 5000, dtype=torch.uint8)
     stats = read_files([FileRead(path, (ReadTarget(5000, dest),), len(data))],
