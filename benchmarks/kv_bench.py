@@ -550,9 +550,10 @@ def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=
 STORE_MODES = {"mean": (True, True), "no mean": (True, False), "uncalibrated": (False, False)}
 
 
-def store_check(torch, name, mode, device, tokens=32768):
-    """Store bytes vs the reference encoder at full size (Llama-3-8B shape): fraction differing."""
-    from vllm_gds.kernels import tq_store
+def store_inputs(torch, name, mode, device, tokens, seed=2):
+    """The store check's inputs at the Llama-3-8B shape: (tables, reference quantizer, k, v, slots,
+    positions). Keys around the RoPE'd key mean (in the modes with one), a tenth far off; random
+    positions < 2^17; every 97th slot -1."""
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.quantizer import KVLayerQuantizer
     from vllm_gds.kvcache.tables import LayerTables
@@ -563,7 +564,7 @@ def store_check(torch, name, mode, device, tokens=32768):
     cal = {k: v for k, v in cal.items() if v is not None}
     tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk, **cal)
     lq = KVLayerQuantizer(get_format(name), d, 0, 0, **cal)
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     positions = torch.randint(0, 1 << 17, (tokens,), device=device)
     k = torch.randn(tokens, hk, d, device=device) * (
         1 + 3 * (torch.rand(tokens, 1, 1, device=device) < 0.1))
@@ -572,8 +573,23 @@ def store_check(torch, name, mode, device, tokens=32768):
     k, v = k.bfloat16(), torch.randn(tokens, hk, d, device=device).bfloat16()
     slots = torch.randperm(tokens + 100, device=device)[:tokens]
     slots[::97] = -1
-    cache = torch.full((tokens // PAGE + 8, PAGE, hk, tables.layout.slot_bytes), 0xAB,
-                       dtype=torch.uint8, device=device)
+    return tables, lq, k, v, slots, positions
+
+
+def poisoned_cache(torch, tables, tokens, device):
+    """A paged cache with room for `tokens` slots and more, every byte 0xAB (to see stray writes)."""
+    hk = SHAPES["Llama-3-8B"][1]
+    return torch.full((tokens // PAGE + 8, PAGE, hk, tables.layout.slot_bytes), 0xAB,
+                      dtype=torch.uint8, device=device)
+
+
+def store_check(torch, name, mode, device, tokens=32768):
+    """Store bytes vs the reference encoder at full size (Llama-3-8B shape): fraction differing."""
+    from vllm_gds.kernels import tq_store
+
+    hk = SHAPES["Llama-3-8B"][1]
+    tables, lq, k, v, slots, positions = store_inputs(torch, name, mode, device, tokens)
+    cache = poisoned_cache(torch, tables, tokens, device)
     tq_store(k, v, cache, slots, tables, positions=positions)
     ok = slots >= 0
     got = cache.view(-1, hk, tables.layout.slot_bytes)[slots[ok]]

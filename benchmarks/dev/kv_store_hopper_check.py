@@ -61,28 +61,13 @@ def versus(name, mode, device, tokens):
     """Hopper vs portable bytes on the same inputs: (bytes differing, slots differing, slots,
     other slots untouched by both)."""
     from vllm_gds.kernels import StoreTuning, tq_store
-    from vllm_gds.kvcache.formats import get_format
-    from vllm_gds.kvcache.quantizer import KVLayerQuantizer
-    from vllm_gds.kvcache.tables import LayerTables
 
-    calibrated, mean = kb.STORE_MODES[mode]
-    hq, hk, d = kb.SHAPES["Llama-3-8B"]
-    cal = {k: v for k, v in kb.calibration(torch, hk, d, mean).items() if v is not None}
-    tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk, **cal)
-    lq = KVLayerQuantizer(get_format(name), d, 0, 0, **cal)
-    torch.manual_seed(5)
-    positions = torch.randint(0, 1 << 17, (tokens,), device=device)
-    k = torch.randn(tokens, hk, d, device=device) * (
-        1 + 3 * (torch.rand(tokens, 1, 1, device=device) < 0.1))
-    if mean:
-        k = k + lq.key_mean_at(positions.cpu()).to(device)
-    k, v = k.bfloat16(), torch.randn(tokens, hk, d, device=device).bfloat16()
-    slots = torch.randperm(tokens + 100, device=device)[:tokens]
-    slots[::97] = -1
+    hk = kb.SHAPES["Llama-3-8B"][1]
+    # kv_bench.store_check's inputs, another seed
+    tables, _, k, v, slots, positions = kb.store_inputs(torch, name, mode, device, tokens, seed=5)
     caches = []
     for hop in (False, True):
-        cache = torch.full((tokens // kb.PAGE + 8, kb.PAGE, hk, tables.layout.slot_bytes), 0xAB,
-                           dtype=torch.uint8, device=device)
+        cache = kb.poisoned_cache(torch, tables, tokens, device)
         tq_store(k, v, cache, slots, tables, positions=positions, tuning=StoreTuning(hopper=hop))
         caches.append(cache.view(-1, hk, tables.layout.slot_bytes))
     ok = slots >= 0
