@@ -103,6 +103,23 @@ def timed(name, mode, launch, device, tokens, cpu):
     return t, moved / (t * 1e-3) / 1e9
 
 
+def run_row(row, measure, res, out, started, budget, key="rows", say=""):
+    """measure(row) fills the row unless the time budget (seconds since `started`) is spent; an
+    error is kept in the row. Each row is printed, appended to res[key] and the JSON rewritten at
+    once, so a run cut short keeps what it measured."""
+    if time.time() - started > budget:
+        row["error"] = "skipped: time budget"
+    else:
+        try:
+            measure(row)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+    print(f"{time.time() - started:6.1f}s {say}{row}", flush=True)
+    res[key].append(row)
+    out.write_text(json.dumps(res, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
@@ -123,21 +140,13 @@ def main():
     copy = res["copy_gbs"]
     print(f"{res['info']}: copy {copy or 0:.0f} GB/s, {tokens} tokens", flush=True)
     for label, name, mode, launch in ROWS:
-        row = dict(label=label, format=name, mode=mode, launch=launch)
-        if time.time() - started > args.budget:
-            row["error"] = "skipped: time budget"
-        else:
-            try:
-                frac, untouched = check(name, mode, launch, device, tokens, args.cpu)
-                row.update(byte_mismatch=frac, untouched_ok=untouched)
-                t, gbs = timed(name, mode, launch, device, tokens, args.cpu)
-                row.update(ms=t, gbs=gbs, of_copy=gbs / copy if copy else None)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc()
-        print(f"{time.time() - started:6.1f}s {row}", flush=True)
-        res["rows"].append(row)
-        out.write_text(json.dumps(res, indent=1))
+        def measure(row):
+            frac, untouched = check(name, mode, launch, device, tokens, args.cpu)
+            row.update(byte_mismatch=frac, untouched_ok=untouched)
+            t, gbs = timed(name, mode, launch, device, tokens, args.cpu)
+            row.update(ms=t, gbs=gbs, of_copy=gbs / copy if copy else None)
+        run_row(dict(label=label, format=name, mode=mode, launch=launch), measure, res, out, started,
+                args.budget)
     base = {(r["format"], r["mode"]): r["ms"] for r in res["rows"] if r["label"] == "old" and "ms" in r}
     print(f"\n{res['info']}, copy {copy or 0:.0f} GB/s, {tokens} new tokens, Llama-3-8B shape")
     print(f"{'launch':36} {'format':6} {'mode':12} {'bytes differ':>12} {'ms':>8} {'copy':>6} {'vs old':>6}")

@@ -14,11 +14,9 @@ maxnreg), and at 4096 and 256 tokens, against the device copy of the same run. P
 writes kv_store_hopper_check.json under --out.
 """
 import argparse
-import json
 import logging
 import os
 import time
-import traceback
 from pathlib import Path
 
 from _source_tree import ROOT  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
@@ -26,7 +24,7 @@ from _source_tree import ROOT  # noqa: F401  this tree's vllm_gds and benchmarks
 import torch
 import triton
 import kv_bench as kb
-from kv_store_check import check, timed
+from kv_store_check import check, run_row, timed
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
@@ -111,34 +109,23 @@ def main():
           flush=True)
     for name, mode, t in (("tq4", "mean", tokens), ("tq4", "no mean", tokens), ("tq3", "mean", tokens),
                           ("tq5", "mean", tokens), ("tq4", "mean", 4000), ("tq4", "mean", 200)):
-        try:
+        def compare(r):
             frac, rows, n, poison, where, raw, first = versus(name, mode, device, t)
-            r = dict(format=name, mode=mode, tokens=t, bytes_differ=frac, slots_differ=rows, slots=n,
-                     untouched_ok=poison, vectors_differ=where, raw_keys=raw, first=first)
-        except Exception as e:
-            r = dict(format=name, mode=mode, tokens=t, error=f"{type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc()
-        print(f"{time.time() - started:6.1f}s hopper vs portable {r}", flush=True)
-        res["versus"].append(r)
-        out.write_text(json.dumps(res, indent=1))
+            r.update(bytes_differ=frac, slots_differ=rows, slots=n, untouched_ok=poison,
+                     vectors_differ=where, raw_keys=raw, first=first)
+        run_row(dict(format=name, mode=mode, tokens=t), compare, res, out, started, float("inf"),
+                key="versus", say="hopper vs portable ")
     for label, name, mode, launch, *few in ROWS:
         n_tok = few[0] if few else tokens
-        row = dict(label=label, format=name, mode=mode, launch=launch, tokens=n_tok)
-        if time.time() - started > args.budget:
-            row["error"] = "skipped: time budget"
-        else:
-            try:
-                if label in ("portable", "hopper") or label.endswith(" tokens"):
-                    frac, untouched = check(name, mode, launch, device, n_tok, False)
-                    row.update(byte_mismatch=frac, untouched_ok=untouched)
-                t, gbs = timed(name, mode, launch, device, n_tok, False)
-                row.update(ms=t, gbs=gbs, of_copy=gbs / copy)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc()
-        print(f"{time.time() - started:6.1f}s {row}", flush=True)
-        res["rows"].append(row)
-        out.write_text(json.dumps(res, indent=1))
+
+        def measure(row):
+            if label in ("portable", "hopper") or label.endswith(" tokens"):
+                frac, untouched = check(name, mode, launch, device, n_tok, False)
+                row.update(byte_mismatch=frac, untouched_ok=untouched)
+            t, gbs = timed(name, mode, launch, device, n_tok, False)
+            row.update(ms=t, gbs=gbs, of_copy=gbs / copy)
+        run_row(dict(label=label, format=name, mode=mode, launch=launch, tokens=n_tok), measure, res,
+                out, started, args.budget)
     base = {(r["format"], r["mode"], r["tokens"]): r["ms"] for r in res["rows"]
             if r["label"].startswith("portable") and "ms" in r}
     print(f"\n{res['info']}, Triton {triton.__version__}, copy {copy:.0f} GB/s, {tokens} new "
