@@ -17,9 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compile(*args):
+def _compile(script, *args):
+    """The last line (JSON) of tests/`script` run in a process of its own, compiled, not interpreted."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "store_compile.py"), *args],
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -27,21 +28,13 @@ def _compile(*args):
 
 @pytest.mark.parametrize("name, most", [("tq4", 0.8), ("tq3", 0.88)])
 def test_served_store_compiles_for_sm90_with_a_shorter_loop(name, most):
-    new, old = _compile(name), _compile(name, "old")
+    new, old = _compile("store_compile.py", name), _compile("store_compile.py", name, "old")
     assert (new["codes"], new["prefetch"], new["exact_rot"], new["chunk"]) == (3, False, True, True)
     assert old["codes"] == 0 and not old["prefetch"] and not old["exact_rot"]
     assert new["gathers_inline"] > 0 and old["gathers_inline"] == 0
     n, o = sum(new["loop"].values()), sum(old["loop"].values())
     assert n < most * o, (n, o)
     assert new["loop"].get("HMMA", 0) < old["loop"].get("HMMA", 0)
-
-
-def _compile_hopper(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "store_hopper_compile.py"), *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
@@ -51,7 +44,7 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
     (3 codings x 64 per thread), no barrier and no shared memory in the head loop but the
     rotation blocks (ldmatrix) and the key mean's cos / sin, and a loop under 60% of the
     portable kernel's instructions per code (99.1 -> 45.9 for tq4 under Triton 3.6)."""
-    st = _compile_hopper(name)
+    st = _compile("store_hopper_compile.py", name)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 256
     assert st["ld_v4"] == 192 and loop["LDG.E.128.CONSTANT"] == 192
@@ -63,5 +56,5 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
 def test_hopper_store_compiles_for_few_tokens():
     """The launch shape tq_store picks for a decode step's few tokens: one warp of 16 tokens and
     one head a program (the key mean's cos / sin per program; no head loop)."""
-    st = _compile_hopper("tq4", "--num-warps", "1", "--heads-per-program", "1")
+    st = _compile("store_hopper_compile.py", "tq4", "--num-warps", "1", "--heads-per-program", "1")
     assert st["ptx_mma"] == 256 and st["ld_v4"] == 192 and st["shared"] <= 20480
