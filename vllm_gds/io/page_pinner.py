@@ -182,6 +182,16 @@ class PagePinner:
         if self.error is not None:
             raise self.error
 
+    def close(self) -> None:
+        """For a load's cleanup, before the mappings go: stop, and wait until the runs taken are
+        copied and unregistered. Their failure is not raised here (join raised it already, or
+        another failure is on its way)."""
+        self.stop()
+        try:
+            self.join()
+        except BaseException:
+            pass
+
     def detail(self) -> dict:
         return {"pin_spans_taken": self.spans_taken, "pin_runs_done": self.runs, "pin_bytes": self.nbytes,
                 "pin_seconds": self.seconds, "pin_register_seconds": self.register_seconds,

@@ -335,11 +335,7 @@ def run_pipeline(reads, options, device: torch.device, flat_targets, checks: "Ch
             raise ShardReadError(f"reading shard files failed: {type(e).__name__}: {e}") from e
     finally:
         if pinner is not None:  # its runs copied and unregistered before the mappings go
-            pinner.stop()
-            try:
-                pinner.join()
-            except BaseException:
-                pass  # raised above already
+            pinner.close()
         if cuda:
             torch.cuda.synchronize(device)  # no copy may still read memory we release
         if ring is not None:

@@ -265,11 +265,7 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
             raise
         finally:
             if pinner is not None:  # its runs copied and unregistered before the mappings go
-                pinner.stop()
-                try:
-                    pinner.join()
-                except BaseException:
-                    pass  # raised above already
+                pinner.close()
             _close(resident, fds)
             if stream is not None:
                 stream.synchronize()  # no copy may still read a slot the next load refills
