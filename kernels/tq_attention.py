@@ -116,8 +116,8 @@ def reduce_groups(kwargs: dict) -> int:
     return triton.cdiv(kwargs["G"], kwargs["GM"])
 
 
-# Programs of the Hopper decode an SM holds at once: its 231 registers a thread (Triton 3.6, 4
-# warps, tests/hopper_compile.py) leave room for two.
+# Programs of the Hopper decode an SM holds at once: its 210-243 registers a thread (Triton 3.6,
+# 4 warps, maxnreg 255: tests/hopper_compile.py) leave room for two.
 HOPPER_PROGRAMS_PER_SM = 2
 
 
