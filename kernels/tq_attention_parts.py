@@ -207,8 +207,9 @@ def _tq_reduce_kernel(
     rm = tl.program_id(2) * GM + tl.arange(0, BLOCK_M)
     rows_tok = tl.zeros([BLOCK_M], dtype=tl.int32) + tok
     _finish_rows(o_a, o_b, tl.full([BLOCK_M], 1.0, tl.float32), rows_tok, head * G + rm,
-                 (rm < G) & (rm < tl.program_id(2) * GM + GM), head, out_ptr, stride_ot, stride_oh, hva_ptr, hvb_ptr, signs_ptr,
-                 value_mean_ptr, D, VA_N, VA_W, VB_W, DOT)
+                 (rm < G) & (rm < tl.program_id(2) * GM + GM), head, out_ptr, stride_ot,
+                 stride_oh, hva_ptr, hvb_ptr, signs_ptr, value_mean_ptr, D, VA_N, VA_W, VB_W,
+                 DOT)
 
 
 @triton.jit

@@ -450,7 +450,8 @@ def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_p
     sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
     mean = gl.load(value_mean_ptr + head * D + c)
     res = acc * sg[None, :] + mean[None, :]
-    ptrs = (out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh)[:, None] + c[None, :]
+    rows = out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh
+    ptrs = rows[:, None] + c[None, :]
     gl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=(r < G)[:, None])
 
 
