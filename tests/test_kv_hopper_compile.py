@@ -207,6 +207,33 @@ def test_hadamard_operands_are_permuted_blocks():
     assert torch.equal(h_v, t.h_rows["vb"][vperm])
     # the portable kernel's lookup at d = 128, its table words as operands
     assert t.hopper_asm[4, "k"] == operand_asm(t.lut4_asm["k"], 4)
+    # the finish's B operand: the same permuted output rows, transposed
+    assert torch.equal(hop.finish_rows(t), h_v.t())
+
+
+def test_mean_step_rotates_the_key_mean_by_one_tile():
+    """The host's per-tile rotation (mean_step): cos / sin of 16 * NW * theta for each head's
+    kept pairs, so that rotating a pair's (cos, sin) at position p by it gives p + 16 NW; padding
+    pairs (theta 0) rotate by nothing."""
+    heads, nw = 2, 4
+    inv_freq = 10000.0 ** (-torch.arange(64, dtype=torch.float64) / 64)
+    mu = top_pairs(torch.randn(heads, 128), None, FORMATS["tq3"].key_mean_pairs, 64)
+    t = attach(LayerTables(FORMATS["tq3"], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
+                           rope_inv_freq=inv_freq.float()))
+    step = hop.mean_step(t, nw)
+    theta = t.mean_theta.double().flatten()  # [heads * RH], as the kernel indexes it
+    assert step.is_contiguous() and step.dtype == torch.float32
+    step = step.reshape(2, theta.numel())  # cos rows, then sin rows
+    p = 1000.0
+    a = theta * p
+    rotated_cos = a.cos() * step[0].double() - a.sin() * step[1].double()
+    rotated_sin = a.sin() * step[0].double() + a.cos() * step[1].double()
+    b = theta * (p + 16 * nw)
+    assert (rotated_cos - b.cos()).abs().max() < 1e-6
+    assert (rotated_sin - b.sin()).abs().max() < 1e-6
+    pad = theta == 0
+    assert torch.equal(step[0][pad], torch.ones(int(pad.sum())))
+    assert hop.mean_step(t, nw) is hop.mean_step(t, nw)  # made once per tables and warp count
 
 
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
