@@ -184,10 +184,29 @@ def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
     return hopper_path(capability, gluon_error, unsupported, "kernel")
 
 
+class Counters:
+    """The Hopper decode's completion counters (int32 zeros, one per sequence and KV head; every
+    launch leaves them zero): one buffer per CUDA stream, so that launches of one plan on two
+    streams (vLLM's dual-batch overlap) never share a counter; grown for larger batches, the
+    outgrown ones kept alive (a captured CUDA graph may still point at them)."""
+
+    def __init__(self):
+        self.by_stream: dict[int, torch.Tensor] = {}
+        self.kept: list[torch.Tensor] = []
+
+    def get(self, stream: int, n: int, device) -> torch.Tensor:
+        counts = self.by_stream.get(stream)
+        if counts is None or counts.numel() < n:
+            if counts is not None:
+                self.kept.append(counts)
+            counts = self.by_stream[stream] = torch.zeros(n, dtype=torch.int32, device=device)
+        return counts
+
+
 class _Hopper:
     """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept)."""
 
-    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counts", "kept",
+    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters",
                  "part_width", "reduce_args", "reduce_kwargs", "compiled", "compiled_reduce")
 
     def __init__(self, query, kv_cache, block_table, seq_lens, query_start_loc, tables,
@@ -195,11 +214,10 @@ class _Hopper:
         H = kv_cache.shape[2]
         # the kernel finishes the rows itself (no reduce launch) up to MERGE_SPLITS splits
         self.finish = _hop.finish_mode(splits)
-        self.counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
-        self.kept = []  # counters outgrown: a captured CUDA graph may still point at them
+        self.counters = Counters()
         _, _, self.kwargs, _ = _hop.decode_launch(
             query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
-            splits, out=query, counts=self.counts)
+            splits, out=query)
         self.tables = _hop.table_args(tables)
         self.lut = _hop.lut_args(tables)
         self.finish_tables = _hop.finish_args(query, tables)[3:]  # (H_v rows^T, value mean)
@@ -353,13 +371,12 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if hop:
         part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.part_width,
                                                        dtype=torch.float32, device=query.device)
-        if hop.counts.numel() < num_seqs * H:  # zeros, left zero by every launch
-            hop.kept.append(hop.counts)
-            hop.counts = torch.zeros(num_seqs * H, dtype=torch.int32, device=query.device)
+        counts = hop.counters.get(torch.cuda.current_stream(query.device).cuda_stream,
+                                  num_seqs * H, query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
-            *hop.lut, out, os_[0], os_[1], *hop.finish_tables, hop.counts,
+            *hop.lut, out, os_[0], os_[1], *hop.finish_tables, counts,
         ), hop.kwargs, hop.compiled)
         if not hop.finish:
             _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),

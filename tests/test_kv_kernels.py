@@ -501,6 +501,23 @@ def test_decode_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkey
     assert lines[1:] == ["tq4 decode: portable Triton kernel (AttentionTuning(hopper=False))"]
 
 
+def test_hopper_counters_are_per_stream_and_outgrown_ones_kept():
+    """The Hopper decode's completion counters (tq_attention.Counters): zeros, one buffer per CUDA
+    stream (two streams never share a counter), grown for a larger batch with the old buffer kept
+    (a captured graph may point at it), reused otherwise."""
+    from vllm_gds.kernels.tq_attention import Counters
+
+    c = Counters()
+    a = c.get(1, 8, "cpu")
+    assert a.dtype == torch.int32 and a.numel() == 8 and not a.any()
+    assert c.get(1, 4, "cpu") is a  # smaller batch: the same buffer
+    b = c.get(2, 4, "cpu")
+    assert b.data_ptr() != a.data_ptr()  # another stream, another buffer
+    grown = c.get(1, 32, "cpu")
+    assert grown.numel() == 32 and grown is not a and c.kept == [a]
+    assert c.get(1, 32, "cpu") is grown
+
+
 def test_decode_requiring_hopper_on_cpu_raises():
     args, _ = _decode_case()
     with pytest.raises(ValueError, match=r"hopper=True.*not a CUDA device.*hopper=False"):
