@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 log = logging.getLogger("vllm_gds.kernels")
 
 LOGGED: set[str] = set()
@@ -33,3 +35,24 @@ def log_once(tables, job: str, path: str) -> None:
     if line not in LOGGED:
         LOGGED.add(line)
         log.info(line)
+
+
+def choose(tables, job: str, kernel: str, want: bool | None, device: torch.device,
+           gluon_error: str | None, why_unsupported, caller: str, tuning: str) -> bool:
+    """Whether a plan's `job` ("decode", "store") takes its Hopper `kernel`: want (the tuning's
+    hopper) False never, True always (raises where it cannot run), None where it can run
+    (hopper_path; why_unsupported() asked only on an sm_90 GPU with Gluon). Logged once."""
+    if want is False:
+        use, path = False, f"portable Triton kernel ({tuning}(hopper=False))"
+    else:
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        unsupported = None
+        if gluon_error is None and cap is not None and cap[0] == 9:
+            unsupported = why_unsupported()
+        use, path = hopper_path(cap, gluon_error, unsupported, kernel)
+        if want and not use:
+            raise ValueError(
+                f"{caller}: {tuning}(hopper=True) but the Hopper {job} cannot run: {path}; "
+                f"pass hopper=None (automatic) or hopper=False (portable)")
+    log_once(tables, job, path)
+    return use

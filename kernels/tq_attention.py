@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fast_path import hopper_path, log_once
+from .fast_path import choose, hopper_path
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
@@ -207,22 +207,18 @@ class _Hopper:
     """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept)."""
 
     __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters",
-                 "part_width", "reduce_args", "reduce_kwargs", "compiled", "compiled_reduce")
+                 "reduce_args", "reduce_kwargs", "compiled", "compiled_reduce")
 
-    def __init__(self, query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                 softmax_scale, splits):
+    def __init__(self, query, kv_cache, tables, splits):
         H = kv_cache.shape[2]
         # the kernel finishes the rows itself (no reduce launch) up to MERGE_SPLITS splits
         self.finish = _hop.finish_mode(splits)
         self.counters = Counters()
-        _, _, self.kwargs, _ = _hop.decode_launch(
-            query, kv_cache, block_table, seq_lens, query_start_loc, tables, softmax_scale,
-            splits, out=query)
+        self.kwargs = _hop.launch_constexprs(tables, query.shape[1] // H, kv_cache,
+                                             finish=self.finish)
         self.tables = _hop.table_args(tables)
         self.lut = _hop.lut_args(tables)
-        self.finish_tables = _hop.finish_args(query, tables)[3:]  # (H_v rows^T, value mean)
-        kw = tables.constexprs
-        self.part_width = kw["VA_W"] + kw["VB_W"] + 2
+        self.finish_tables = _hop.finish_tables(tables)
         _, args, self.reduce_kwargs = _hop.reduce_launch(query, query, tables, splits, H)
         self.reduce_args = args[4:-1]  # (va rows, the permuted vb rows, signs, value mean)
         self.compiled, self.compiled_reduce = {}, {}
@@ -231,30 +227,18 @@ class _Hopper:
 _HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
 
 
-def _choose_decode(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                   softmax_scale, splits, tuning):
+def _choose_decode(query, kv_cache, tables, splits, tuning):
     """The plan's decode kernel: a _Hopper, or False (the portable kernel). Logged once."""
     global _HOPPER
-    want = tuning.hopper if tuning is not None else None
-    if want is False:
-        use, path = False, "portable Triton kernel (AttentionTuning(hopper=False))"
-    else:
-        cap = torch.cuda.get_device_capability(query.device) if query.is_cuda else None
-        unsupported = None
-        if GLUON_ERROR is None and cap is not None and cap[0] == 9:
-            unsupported = _hop.why_unsupported(query, kv_cache, tables)  # hopper_asm too
-        use, path = decode_path(cap, GLUON_ERROR, unsupported)
-        if want and not use:
-            raise ValueError(
-                f"tq_attention: AttentionTuning(hopper=True) but the Hopper decode cannot run: "
-                f"{path}; pass hopper=None (automatic) or hopper=False (portable)")
-    log_once(tables, "decode", path)
+    use = choose(tables, "decode", "kernel", tuning.hopper if tuning is not None else None,
+                 query.device, GLUON_ERROR,
+                 lambda: _hop.why_unsupported(query, kv_cache, tables),  # hopper_asm too
+                 "tq_attention", "AttentionTuning")
     if not use:
         return False
     if _HOPPER is None:
         _HOPPER = CachedLaunch(_hop._tq_decode_hopper_kernel)
-    return _Hopper(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                   softmax_scale, splits)
+    return _Hopper(query, kv_cache, tables, splits)
 
 
 class _Launch:
@@ -366,13 +350,14 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     qs, os_ = query.stride(), out.stride()
     hop = plan.hopper
     if hop is None:
-        hop = plan.hopper = _choose_decode(query, kv_cache, block_table, seq_lens,
-                                           query_start_loc, tables, softmax_scale, splits, tuning)
+        hop = plan.hopper = _choose_decode(query, kv_cache, tables, splits, tuning)
     if hop:
-        part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.part_width,
+        part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.kwargs["WP"],
                                                        dtype=torch.float32, device=query.device)
-        counts = hop.counters.get(torch.cuda.current_stream(query.device).cuda_stream,
-                                  num_seqs * H, query.device)
+        counts = seq_lens  # unread unless the last program of each sequence merges (FINISH 2)
+        if hop.finish == 2:
+            counts = hop.counters.get(torch.cuda.current_stream(query.device).cuda_stream,
+                                      num_seqs * H, query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,

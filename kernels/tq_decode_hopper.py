@@ -862,25 +862,13 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     zero), made here if None."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
-    kw = tables.constexprs
-    codes = codes or tables.hopper_codes
-    maxnreg = MAXNREG if maxnreg is None else maxnreg
-    width = kw["VA_W"] + kw["VB_W"] + 2
     finish = finish_mode(splits) if out is not None else 0
-    part = None if finish == 1 else torch.empty(T * Hq * splits * width, dtype=torch.float32,
+    cx = launch_constexprs(tables, Hq // H, kv_cache, num_warps, prefetch, trans_asm, codes,
+                           maxnreg, finish)
+    part = None if finish == 1 else torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32,
                                                 device=query.device)
     if finish == 2 and counts is None:
         counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
-    # the constexprs (layouts, PTX) made once per layer and launch shape: the host launch counts
-    key = (Hq // H, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps,
-           prefetch, trans_asm, codes, maxnreg, finish)
-    cache = tables.__dict__.setdefault("_hopper_launch", {})
-    cx = cache.get(key)
-    if cx is None:
-        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish)
-        if maxnreg:
-            cx["maxnreg"] = maxnreg
-        cx = cache[key] = dict(num_warps=num_warps, **cx)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, *table_args(tables, codes, num_warps),
@@ -888,6 +876,25 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
             *finish_args(query if out is None else out, tables, codes),
             seq_lens if counts is None else counts)
     return (seq_lens.shape[0], H, splits), args, cx, None if finish else part
+
+
+def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
+                      trans_asm: bool = True, codes: int | None = None,
+                      maxnreg: int | None = None, finish: int = 0) -> dict:
+    """decode_launch's keyword arguments (constexprs, warps, register limit), made once per layer
+    and launch shape (the layouts and PTX: the host launch counts)."""
+    codes = codes or tables.hopper_codes
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
+    key = (G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps, prefetch,
+           trans_asm, codes, maxnreg, finish)
+    cache = tables.__dict__.setdefault("_hopper_launch", {})
+    cx = cache.get(key)
+    if cx is None:
+        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish)
+        if maxnreg:
+            cx["maxnreg"] = maxnreg
+        cx = cache[key] = dict(num_warps=num_warps, **cx)
+    return cx
 
 
 # The most splits whose partials the completing program merges itself (finish_mode 2; the
@@ -902,9 +909,15 @@ def finish_mode(splits: int) -> int:
     return 1 if splits == 1 else 2 if splits <= MERGE_SPLITS else 0
 
 
+def finish_tables(tables, codes: int | None = None) -> tuple:
+    """The finish's tables among the kernel's arguments (hvt_ptr, value_mean_ptr)."""
+    return finish_rows(tables, codes), tables.value_mean
+
+
 def finish_args(out, tables, codes: int | None = None) -> tuple:
-    """The kernel's arguments after lut_zero, out_ptr .. value_mean_ptr (read where FINISH)."""
-    return (out, out.stride(0), out.stride(1), finish_rows(tables, codes), tables.value_mean)
+    """The kernel's arguments after the table words, out_ptr .. value_mean_ptr (read where
+    FINISH)."""
+    return (out, out.stride(0), out.stride(1), *finish_tables(tables, codes))
 
 
 def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fast_path import hopper_path, log_once
+from .fast_path import choose, hopper_path
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
@@ -289,22 +289,15 @@ def store_path(capability, gluon_error, unsupported) -> tuple[bool, str]:
 
 def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):
     """The plan's store kernel: a _Hopper, or False (the portable kernel). Logged once."""
-    want = plan.tuning.hopper
-    if want is False:
-        use, path = False, "portable Triton kernel (StoreTuning(hopper=False))"
-    else:
-        cap = torch.cuda.get_device_capability(key.device) if key.is_cuda else None
-        unsupported = None
-        if GLUON_ERROR is None and cap is not None and cap[0] == 9:
-            unsupported = _hop.why_unsupported(key, value, kv_cache, tables, plan.chunks,
-                                               plan.exact_in, plan.align)
-            if unsupported is None and _hop.constants(tables, key.dtype, plan.consts) is None:
-                unsupported = "codebooks that no bucket table of <= 2^16 entries parts"
-        use, path = store_path(cap, GLUON_ERROR, unsupported)
-        if want and not use:
-            raise ValueError(f"tq_store: StoreTuning(hopper=True) but the Hopper store cannot "
-                             f"run: {path}; pass hopper=None (automatic) or False (portable)")
-    log_once(tables, "store", path)
+    def why_unsupported():
+        why = _hop.why_unsupported(key, value, kv_cache, tables, plan.chunks, plan.exact_in,
+                                   plan.align)
+        if why is None and _hop.constants(tables, key.dtype, plan.consts) is None:
+            why = "codebooks that no bucket table of <= 2^16 entries parts"
+        return why
+
+    use = choose(tables, "store", "store", plan.tuning.hopper, key.device, GLUON_ERROR,
+                 why_unsupported, "tq_store", "StoreTuning")
     return _Hopper(plan, tables, key, value, kv_cache, slot_mapping, positions) if use else False
 
 

@@ -211,6 +211,33 @@ def test_hadamard_operands_are_permuted_blocks():
     assert torch.equal(hop.finish_rows(t), h_v.t())
 
 
+@pytest.mark.parametrize("splits", [1, 8, 64])
+def test_served_plan_holds_what_decode_launch_launches_with(splits):
+    """tq_attention's kept Hopper plan (_Hopper, made without a launch's buffers) holds the
+    constexprs, finish mode, table words and finish tables decode_launch gives the same call."""
+    from vllm_gds.kernels.tq_attention import _Hopper
+
+    t = _mean_tables("tq4", 1)
+    q = torch.zeros(2, 8, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(8, 16, 1, t.layout.slot_bytes, dtype=torch.uint8)
+    bt = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    sl = torch.full((2,), 60, dtype=torch.int32)
+    qsl = torch.arange(3, dtype=torch.int32)
+    plan = _Hopper(q, cache, t, splits)
+    out = torch.empty_like(q)
+    _, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, 128**-0.5, splits, out=out)
+    assert plan.kwargs == kw and plan.finish == kw["FINISH"] == hop.finish_mode(splits)
+    assert (part is None) == (plan.finish != 0)
+    assert plan.lut == hop.lut_args(t)
+    assert all(a is b for a, b in zip(plan.finish_tables, hop.finish_args(out, t)[3:]))
+
+
+def _mean_tables(fmt, heads):
+    mu = top_pairs(torch.randn(heads, 128), None, FORMATS[fmt].key_mean_pairs, 64)
+    return attach(LayerTables(FORMATS[fmt], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
+                              rope_inv_freq=torch.ones(64)))
+
+
 def test_mean_step_rotates_the_key_mean_by_one_tile():
     """The host's per-tile rotation (mean_step): cos / sin of 16 * NW * theta for each head's
     kept pairs, so that rotating a pair's (cos, sin) at position p by it gives p + 16 NW; padding
