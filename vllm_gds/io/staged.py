@@ -247,10 +247,11 @@ def _run(reads, device, flat_targets, checks, choice, mode, direct_io, progress)
                         dests[p.target][p.dest_offset:p.dest_offset + p.nbytes].copy_(
                             src[p.buf_offset:p.buf_offset + p.nbytes])
                 free.append(slot)
-                ring_bytes += sum(p.nbytes for p in span.pieces)
+                moved = sum(p.nbytes for p in span.pieces)
+                ring_bytes += moved
                 ring_spans += 1
                 if progress is not None:
-                    progress(sum(p.nbytes for p in span.pieces))
+                    progress(moved)
             if pinner is not None:
                 pinner.join()  # raises its failure, naming the file
         except BaseException:
