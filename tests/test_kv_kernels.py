@@ -333,7 +333,8 @@ def _run_ptx(asm: str, regs: dict) -> dict:
         "mov.b32": lambda a: a, "not.b32": lambda a: ~a & m32,
         "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: (a << b) & m32,
         "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
-        "mul.lo.u32": lambda a, b: (a * b) & m32, "prmt.b32": prmt,
+        "mul.lo.u32": lambda a, b: (a * b) & m32, "mad.lo.u32": lambda a, b, c: (a * b + c) & m32,
+        "prmt.b32": prmt,
         "lop3.b32": lambda a, b, c, lut: sum(  # bit i of lut: the result for (a, b, c) = i's bits
             (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c) & m32
             for i in range(8) if lut >> i & 1),

@@ -40,20 +40,22 @@ def table_words(levels: torch.Tensor) -> tuple[int, int, int, int]:
     return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
 
+# lop3 immediate: c ? a : b (bitwise), the select that merges a shifted copy into place
+SEL = "0xE4"
+
+
 def _spread(g: str, s: str) -> str:
-    """s = the 8 codes of g's low 24 bits, code k in nibble k (bits above 24 of g ignored)."""
+    """s = the 8 codes of g's low 24 bits, code k in nibble k (bits above 24 of g ignored): three
+    shift-and-select steps (codes 4-7 to the high half, then 2-3 of each half to its high byte,
+    then the odd codes to their high nibble), each leaving only garbage that a nibble's bit 3 or
+    the steps after ignore, and one and to clear those bits 3 (prmt's sign mode)."""
     return f"""shl.b32 t, {g}, 4;
-and.b32 t, t, 0x0FFF0000;
-and.b32 {s}, {g}, 0xFFF;
-or.b32 {s}, {s}, t;
+lop3.b32 {s}, t, {g}, 0xFFFF0000, {SEL};
 shl.b32 t, {s}, 2;
-and.b32 t, t, 0x3F003F00;
-and.b32 {s}, {s}, 0x003F003F;
-or.b32 {s}, {s}, t;
+lop3.b32 {s}, t, {s}, 0xFF00FF00, {SEL};
 shl.b32 t, {s}, 1;
-and.b32 t, t, 0x70707070;
-and.b32 {s}, {s}, 0x07070707;
-or.b32 {s}, {s}, t;
+lop3.b32 {s}, t, {s}, 0xF0F0F0F0, {SEL};
+and.b32 {s}, {s}, 0x77777777;
 """
 
 
@@ -91,34 +93,42 @@ shr.b32 g3, $18, 8;
             + _tables(4) + body + "}")
 
 
+def _look4(s: str, outs: tuple[str, str]) -> str:
+    """outs = bf16 pairs of (nibbles 0, 1) and (2, 3) of selector s (its low 16 bits)."""
+    return f"""prmt.b32 la, tl0, tl1, {s};
+prmt.b32 ha, th0, th1, {s};
+prmt.b32 {outs[0]}, la, ha, 0x5140;
+prmt.b32 {outs[1]}, la, ha, 0x7362;
+"""
+
+
 def value_asm() -> str:
-    # token t's 48 stream bits: a_t (halfwords 0, 1) and c_t (halfword 2); groups A = bits 0-23,
-    # B = bits 24-47. Both tokens' selectors interleaved nibble by nibble: byte k of lo = (t0, t1)
-    # code 2k of the group, of hi = code 2k + 1.
-    body = """prmt.b32 a0, $16, $17, 0x5410;
-prmt.b32 a1, $16, $17, 0x7632;
-and.b32 c0, $18, 0xFFFF;
-shr.b32 c1, $18, 16;
-shr.b32 b0, a0, 24;
-shl.b32 t, c0, 8;
-or.b32 b0, b0, t;
-shr.b32 b1, a1, 24;
-shl.b32 t, c1, 8;
-or.b32 b1, b1, t;
+    # Halfword h of $16..$18 holds stream bits [16i, 16i + 16) of token h: the 16-bit halves are
+    # two lanes, one a token. X holds codes 4q..4q+3 of both tokens (12 bits at the bottom of each
+    # lane, the rest zero); mad moves codes 2, 3 of each lane up 2 bits (a lane byte: [even code,
+    # odd code, 0, 0]); then the selector of codes (4q, 4q + 2) takes t0's even codes from X and
+    # t1's from X >> 12 into nibbles (t0, t1, t0, t1), that of (4q + 1, 4q + 3) the odd ones from
+    # X >> 3 and X >> 15; the zero bits of the lanes land in the nibbles' bits 3.
+    body = """and.b32 x0, $16, 0x0FFF0FFF;
+prmt.b32 x1, $16, $17, 0x6341;
+shr.b32 x1, x1, 4;
+and.b32 x1, x1, 0x0FFF0FFF;
+prmt.b32 x2, $17, $18, 0x6341;
+and.b32 x2, x2, 0x0FFF0FFF;
+shr.b32 x3, $18, 4;
+and.b32 x3, x3, 0x0FFF0FFF;
 """
-    for grp, (g0, g1) in enumerate((("a0", "a1"), ("b0", "b1"))):
-        base = 8 * grp
-        body += _spread(g0, "s0") + _spread(g1, "s1")
-        body += """and.b32 lo, s0, 0x0F0F0F0F;
-shl.b32 t, s1, 4;
-and.b32 t, t, 0xF0F0F0F0;
-or.b32 lo, lo, t;
-shr.b32 hi, s0, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
-and.b32 t, s1, 0xF0F0F0F0;
-or.b32 hi, hi, t;
+    for q in range(4):
+        x = f"x{q}"
+        body += f"""and.b32 t, {x}, 0x0FC00FC0;
+mad.lo.u32 {x}, t, 3, {x};
+shr.b32 t, {x}, 12;
+lop3.b32 lo, {x}, t, 0x8787, {SEL};
+shr.b32 t, {x}, 3;
+shr.b32 u, {x}, 15;
+lop3.b32 hi, t, u, 0x0F0F, {SEL};
 """
-        body += _look("lo", tuple(f"${base + k}" for k in (0, 2, 4, 6)))
-        body += _look("hi", tuple(f"${base + k}" for k in (1, 3, 5, 7)))
-    return ("{\n.reg .b32 a0, a1, b0, b1, c0, c1, s0, s1, lo, hi, t, la, ha, lb, hb, "
-            "tl0, tl1, th0, th1;\n" + _tables(8) + body + "}")
+        body += _look4("lo", (f"${4 * q}", f"${4 * q + 2}"))
+        body += _look4("hi", (f"${4 * q + 1}", f"${4 * q + 3}"))
+    return ("{\n.reg .b32 x0, x1, x2, x3, lo, hi, t, u, la, ha, tl0, tl1, th0, th1;\n"
+            + _tables(8) + body + "}")
