@@ -393,6 +393,13 @@ def _mean_ab(m_a, m_b, p0, theta):
 
 
 @gluon.jit
+def _stack_ab(a, b, RH: gl.constexpr, R: gl.constexpr):
+    """[A'; B'] [2 RH, R] fp16 of A', B' [RH, R] (float32)."""
+    ab = gl.permute(gl.join(a.to(gl.float16), b.to(gl.float16)), [2, 0, 1])
+    return gl.reshape(ab, [2 * RH, R])
+
+
+@gluon.jit
 def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
            WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
     """(o [HALF, D], l [HALF]): the SPLITS partial rows of this sequence and KV head merged
@@ -469,7 +476,7 @@ def _tq_decode_hopper_kernel(
     out_ptr, stride_ot, stride_oh, hvt_ptr, value_mean_ptr, count_ptr,
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
-    MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
+    MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr, MEAN_SMEM: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
     FINISH: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
@@ -562,15 +569,66 @@ def _tq_decode_hopper_kernel(
     raw_row = r >= HALF
 
     # 2. The key mean's per-row constants (zero in raw rows): q . RoPE_p(mu) = sum over pairs of
-    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c; [A', B'] as B operands [NW, RH (k), R (n)].
+    #    A_i cos(p t_i) + B_i sin(p t_i) + m_c.
     if MEAN:
+        qs = qk_scale * (D ** 0.5)
+        # m_c: the channels past the rotary ones
+        dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
+        mu = gl.load(key_mean_ptr + head * D + dc)
+        xq = gl.load(q_ptrs[:, None] + dc[None, :],
+                     mask=(q_mask2 & (r2 < XH))[:, None], other=0.0).to(gl.float32)
+        m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
+        if R == 8:
+            m_c, _unused2 = gl.split(gl.permute(gl.reshape(m_c, [2, 8]), [1, 0]))
+        m_c = gl.convert_layout(m_c, ROWS)
+    if MEAN and MEAN_SMEM:
+        # [A', B'] [RH, R] of the tile's first position, one copy per program spread over its
+        # threads (MR: SPT elements each), rotated by one tile per tile and handed to the warps
+        # through shared memory as the fp16 B operand [2 RH (k), R] (ab_s). Each warp's A
+        # operand [cos | sin] holds its own 16 of the tile's 16 NW positions
+        # (tables.mean_table(16 NW)), so all warps take the same B operand. The 2-D mma layout
+        # LM splits the tile's tokens across the warps as L does.
+        SPT: gl.constexpr = RH * R // (32 * NW)
+        MR: gl.constexpr = gl.BlockedLayout([1, SPT], [32 * SPT // R, R // SPT], [NW, 1], [1, 0])
+        LM: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
+                                                     instr_shape=[16, 8])
+        LMA: gl.constexpr = gl.DotOperandLayout(0, LM, 2)
+        LMB: gl.constexpr = gl.DotOperandLayout(1, LM, 2)
+        rb = gl.arange(0, R, gl.SliceLayout(0, MR))
+        jj = head * RH + gl.arange(0, RH, gl.SliceLayout(1, MR))
+        pi = gl.load(mean_pairs_ptr + jj)
+        mrow = ((rb % XH) < G) & (rb < XH)
+        i_mask = (pi >= 0)[:, None] & mrow[None, :]
+        q2 = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % XH) * stride_qh
+        q_a = gl.load(q2[None, :] + pi[:, None], mask=i_mask, other=0.0).to(gl.float32)
+        q_b = gl.load(q2[None, :] + ROT_HALF + pi[:, None], mask=i_mask, other=0.0).to(gl.float32)
+        mu_a = gl.load(mean_mu_ptr + 2 * jj)[:, None]
+        mu_b = gl.load(mean_mu_ptr + 2 * jj + 1)[:, None]
+        m_a = (q_a * mu_a + q_b * mu_b) * qs
+        m_b = (q_b * mu_a - q_a * mu_b) * qs
+        # the per-tile rotation, exact from the host (mean_step): its error would accumulate
+        c_step = gl.load(mean_step_ptr + jj)[:, None]
+        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)[:, None]
+        theta = gl.load(mean_theta_ptr + jj)
+        c0, s0 = _rope_cos_sin((tile_lo * (16 * NW)).to(gl.float64) * theta.to(gl.float64))
+        a_m = m_a * c0[:, None] + m_b * s0[:, None]  # exact at the first tile
+        b_m = m_b * c0[:, None] - m_a * s0[:, None]
+        # [cos | sin] (j t) [16 NW (m), 2 RH (k)]: the table's cos rows then its sin rows
+        tn = gl.arange(0, 16 * NW, gl.SliceLayout(1, LMA))
+        tk = gl.arange(0, 2 * RH, gl.SliceLayout(0, LMA))
+        t_cs = gl.load(mean_table_ptr + head * 2 * RH * (16 * NW) + tk[None, :] * (16 * NW)
+                       + tn[:, None])
+        ab_s = gl.allocate_shared_memory(gl.float16, [2 * RH, R],
+                                         gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        ab_s.store(_stack_ab(a_m, b_m, RH, R))
+        _cta_barrier()
+    elif MEAN:  # each warp its own [A', B'] as B operands [NW, RH (k), R (n)], in registers
         RB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LB))  # rows (n) of the B operand
         PB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LB))  # pairs (k) of the B operand
         TP: gl.constexpr = gl.SliceLayout(2, LB)  # [NW, RH] angles
         rb = gl.arange(0, R, RB)
         jj = head * RH + gl.arange(0, RH, PB)
         pi = gl.load(mean_pairs_ptr + jj)
-        qs = qk_scale * (D ** 0.5)
         mrow = ((rb % XH) < G) & (rb < XH)
         i_mask = (pi >= 0)[None, :, None] & mrow[None, None, :]
         q3 = (q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rb % XH) * stride_qh)
@@ -587,21 +645,13 @@ def _tq_decode_hopper_kernel(
         s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)
         c_step = gl.expand_dims(gl.expand_dims(c_step, 0), 2)
         s_step = gl.expand_dims(gl.expand_dims(s_step, 0), 2)
-        # m_c: the channels past the rotary ones
-        dc = gl.arange(0, D, gl.SliceLayout(0, LA2))
-        mu = gl.load(key_mean_ptr + head * D + dc)
-        xq = gl.load(q_ptrs[:, None] + dc[None, :],
-                     mask=(q_mask2 & (r2 < XH))[:, None], other=0.0).to(gl.float32)
-        m_c = gl.sum(gl.where(dc[None, :] >= 2 * ROT_HALF, xq * mu[None, :], 0.0), axis=1) * qs
-        if R == 8:
-            m_c, _unused2 = gl.split(gl.permute(gl.reshape(m_c, [2, 8]), [1, 0]))
-        m_c = gl.convert_layout(m_c, ROWS)
         # cos / sin (j t) of the head's pairs as A operands [NT (m), RH (k)], fp16, in registers
+        # (the table's first 16 of its 16 * NW positions)
         tn = gl.arange(0, 16, gl.SliceLayout(1, gl.SliceLayout(0, LA)))
         tj = gl.arange(0, RH, gl.SliceLayout(0, gl.SliceLayout(0, LA)))
-        t_off = head * 2 * RH * 16 + tj[None, :] * 16 + tn[:, None]
+        t_off = head * 2 * RH * (16 * NW) + tj[None, :] * (16 * NW) + tn[:, None]
         t_cos = gl.load(mean_table_ptr + t_off)
-        t_sin = gl.load(mean_table_ptr + RH * 16 + t_off)
+        t_sin = gl.load(mean_table_ptr + RH * (16 * NW) + t_off)
         t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, 16, RH])
         t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, 16, RH])
         wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
@@ -609,8 +659,8 @@ def _tq_decode_hopper_kernel(
     m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)
     l_t = gl.zeros([NW, 16, R], gl.float32, L)  # per-thread sums of p: summed once at the end
     o = gl.zeros([NW, D, R], gl.float32, L)
-    if MEAN:  # exact at the first tile, then rotated in float32 (the drift over 2048 tiles,
-        # ~1e-4, stays under the fp16 rounding of the MMA operand, 5e-4)
+    if MEAN and not MEAN_SMEM:  # exact at the first tile, then rotated in float32 (the drift
+        # over 2048 tiles, ~1e-4, stays under the fp16 rounding of the MMA operand, 5e-4)
         a_t, b_t = _mean_ab(m_a, m_b, (tile_lo * NW + wv) * 16, theta)
     for tile in range(tile_lo, tile_hi):
         if PREFETCH:
@@ -630,7 +680,11 @@ def _tq_decode_hopper_kernel(
                                  STRIDE_TOK)
             vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
                                  STRIDE_TOK)
-        if MEAN:  # independent of the codes: issued before they are decoded
+        if MEAN and MEAN_SMEM:  # independent of the codes: issued before they are decoded
+            s_mean = mma_v2(t_cs, ab_s.load(LMB), gl.zeros([16 * NW, R], gl.float32, LM))
+            s_mean = gl.convert_layout(gl.reshape(s_mean, [NW, 16, R]), L)
+            a_m, b_m = a_m * c_step + b_m * s_step, b_m * c_step - a_m * s_step
+        elif MEAN:
             s_mean = mma_v2(t_cos, a_t.to(gl.float16), gl.zeros([NW, 16, R], gl.float32, L))
             s_mean = mma_v2(t_sin, b_t.to(gl.float16), s_mean)
             a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
@@ -661,6 +715,11 @@ def _tq_decode_hopper_kernel(
         pb = _transpose_p(pv, LB, NW, R, TRANS_ASM)
         va = _decode_v(vw_now, lut, V_ASM, LA, V_PAIR, NW, D, V_ORDER, V_CODES)
         o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))
+        if MEAN and MEAN_SMEM:  # the next tile's [A', B'] written once every warp read this one's,
+            # read once all of it is written (the compiler would add these barriers itself)
+            _cta_barrier()
+            ab_s.store(_stack_ab(a_m, b_m, RH, R))
+            _cta_barrier()
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
     l_i = gl.sum(l_t, axis=1)
@@ -720,13 +779,14 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
-                      codes: int | None = None, finish: int = 0) -> dict:
+                      codes: int | None = None, finish: int = 0, mean_smem: bool = True) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
     elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
     None: tables.hopper_codes. finish (finish_mode): 0 partials for the reduce launch; 1 one
     split, the output rows written by the kernel itself; 2 partials, merged and finished by the
-    program that completes them."""
+    program that completes them. mean_smem: the key mean's B operands shared by the warps through
+    shared memory (else each warp rotates its own in registers)."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
     layout = tables.layout
@@ -736,6 +796,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     return dict(
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
+        MEAN_SMEM=mean_smem,
         PREFETCH=prefetch, TRANS_ASM=trans_asm, FINISH=finish,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
@@ -835,7 +896,7 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
     """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
     h_k, _ = hadamard_operands(tables, codes)
     return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
-            mean_step(tables, nw), tables.mean_mu, tables.mean_table(NT, torch.float16), h_k)
+            mean_step(tables, nw), tables.mean_mu, tables.mean_table(NT * nw, torch.float16), h_k)
 
 
 # The launch's register limit: the most a thread can have, given so that ptxas schedules for
@@ -850,7 +911,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   softmax_scale: float, splits: int, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None, out=None,
-                  counts=None):
+                  counts=None, mean_smem: bool = True):
     """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
     tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
     prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an H100,
@@ -864,7 +925,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     H = kv_cache.shape[2]
     finish = finish_mode(splits) if out is not None else 0
     cx = launch_constexprs(tables, Hq // H, kv_cache, num_warps, prefetch, trans_asm, codes,
-                           maxnreg, finish)
+                           maxnreg, finish, mean_smem)
     part = None if finish == 1 else torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32,
                                                 device=query.device)
     if finish == 2 and counts is None:
@@ -880,17 +941,19 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
 
 def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
                       trans_asm: bool = True, codes: int | None = None,
-                      maxnreg: int | None = None, finish: int = 0) -> dict:
+                      maxnreg: int | None = None, finish: int = 0,
+                      mean_smem: bool = True) -> dict:
     """decode_launch's keyword arguments (constexprs, warps, register limit), made once per layer
     and launch shape (the layouts and PTX: the host launch counts)."""
     codes = codes or tables.hopper_codes
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     key = (G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps, prefetch,
-           trans_asm, codes, maxnreg, finish)
+           trans_asm, codes, maxnreg, finish, mean_smem)
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish)
+        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish,
+                               mean_smem)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)
