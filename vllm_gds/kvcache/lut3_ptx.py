@@ -107,8 +107,9 @@ def value_asm() -> str:
     # two lanes, one a token. X holds codes 4q..4q+3 of both tokens (12 bits at the bottom of each
     # lane, the rest zero); mad moves codes 2, 3 of each lane up 2 bits (a lane byte: [even code,
     # odd code, 0, 0]); then the selector of codes (4q, 4q + 2) takes t0's even codes from X and
-    # t1's from X >> 12 into nibbles (t0, t1, t0, t1), that of (4q + 1, 4q + 3) the odd ones from
-    # X >> 3 and X >> 15; the zero bits of the lanes land in the nibbles' bits 3.
+    # t1's from X >> 12 into nibbles (t0, t1, t0, t1), that of (4q + 1, 4q + 3) the odd ones the
+    # same way 3 bits higher (then shifted down); the zero bits of the lanes land in the nibbles'
+    # bits 3.
     body = """and.b32 x0, $16, 0x0FFF0FFF;
 prmt.b32 x1, $16, $17, 0x6341;
 shr.b32 x1, x1, 4;
@@ -124,11 +125,10 @@ and.b32 x3, x3, 0x0FFF0FFF;
 mad.lo.u32 {x}, t, 3, {x};
 shr.b32 t, {x}, 12;
 lop3.b32 lo, {x}, t, 0x8787, {SEL};
-shr.b32 t, {x}, 3;
-shr.b32 u, {x}, 15;
-lop3.b32 hi, t, u, 0x0F0F, {SEL};
+lop3.b32 hi, {x}, t, 0x7878, {SEL};
+shr.b32 hi, hi, 3;
 """
         body += _look4("lo", (f"${4 * q}", f"${4 * q + 2}"))
         body += _look4("hi", (f"${4 * q + 1}", f"${4 * q + 3}"))
-    return ("{\n.reg .b32 x0, x1, x2, x3, lo, hi, t, u, la, ha, tl0, tl1, th0, th1;\n"
+    return ("{\n.reg .b32 x0, x1, x2, x3, lo, hi, t, la, ha, tl0, tl1, th0, th1;\n"
             + _tables(8) + body + "}")
