@@ -14,9 +14,9 @@ its layouts and launcher belong together.
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
-layouts. Here no decoded value leaves its thread's registers: 617 SASS per 64-token tile at the
-Llama-3-8B shape as launched (prefetch, 168 registers; Triton 3.6, tests/hopper_compile.py), no
-shared memory in the loop.
+layouts. Here no decoded value leaves its thread's registers: 569 SASS per 64-token tile at the
+Llama-3-8B shape as launched (tq4, prefetch, 197 registers; Triton 3.6, tests/hopper_compile.py);
+the loop's only shared memory is the key mean's operand (below).
 
 Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
 16 tokens of every 16 * NW-token tile and its own online softmax; merged once at the end):
@@ -36,26 +36,33 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   the kernel writes it as reshape/permute of the lookup's output: register renaming only.
 * 3-bit codes (CODES = 3, vllm_gds/kvcache/lut3_ptx.py): a lane's key codes are 3 int32 words
   (its 12 bytes, 32 codes; a fourth element repeats the third), its value codes 3 halfwords of
-  each of two tokens (16 codes each); each 24-bit group is spread into 8 prmt selectors and
-  looked up in the 8-level table. geometry() and coordinate() say which code each element and
-  phase holds; the host permutations follow them as for 4-bit codes.
+  each of two tokens (16 codes each); the keys' 24-bit groups are spread into prmt selectors
+  (shift-and-select steps), the values' two tokens ride as the 16-bit lanes of one register;
+  both are looked up in the 8-level table. geometry() and coordinate() say which code each
+  element and phase holds; the host permutations follow them as for 4-bit codes. 491 SASS a
+  tile at 70B TP8 (217 registers), 498 at 8B: fewer than tq4's 585 / 569.
 * 5-bit keys (tq5: K_CODES = 5, V_CODES = 4; vllm_gds/kvcache/lut5_ptx.py): a lane's key codes
   are 5 int32 words (its 20 bytes), loaded as 8 elements (the last three repeat the fifth: one
   load); the lookup transposes them into byte planes (one 40-bit group of 8 codes a byte), folds
   the sign into a 16-magnitude index and looks it up in two 8-entry prmt tables (eight table words,
   kernel arguments klut0-7) with a select; output p holds codes K5_PAIRS[p] of each group. The
-  values are tq4's. 717 SASS per tile at the 8B shape (Triton 3.6), 228 registers.
+  values are tq4's. 691 SASS per tile at the 8B shape (Triton 3.6), 204 registers.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
   values' pairs are the same halfword of tokens 2c and 2c + 1, interleaved by the compiler);
   CODES = 2: bytes in fours (two fewer permutes per 8 codes, more packing).
 * Key norms scale S^T per token; value norms scale P per token before the PV MMA.
-* Key mean (MEAN): S^T += cos(j t)^T A' + sin(j t)^T B' per warp-tile: two more (fp16) MMAs with
-  tables.mean_table(16) held in registers as A and each warp's [A', B'] (B operands, float32)
-  exact at the program's first tile and rotated by 16 * NW * t per tile after: the rotation's
-  float32 drift (at most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the
-  fp16 rounding of the operand (5e-4), so no re-anchoring (whose constants took 32 registers).
+* Key mean (MEAN): S^T += [cos(j t) | sin(j t)] [A'; B'] per tile: one more fp16 MMA of K = 2 RH
+  per warp, its A operand the warp's 16 rows of tables.mean_table(16 NW) (positions j in the
+  tile) held in registers, its B operand [A'; B'] of the tile's first position, the same for all
+  warps: one float32 copy spread over the program's threads (RH * R / 128 elements each), exact
+  at the program's first tile and rotated by 16 * NW * theta per tile after, handed over as fp16
+  through shared memory (ldmatrix) with two barriers a tile. The rotation's float32 drift (at
+  most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the fp16 rounding of
+  the operand (5e-4), so no re-anchoring. MEAN_SMEM False (launch keyword mean_smem, for
+  measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32 registers and ~80
+  instructions a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
   the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (the default
   where the rows are 8) loads the next tile's codes before the current tile is computed.
@@ -588,7 +595,7 @@ def _tq_decode_hopper_kernel(
         # operand [cos | sin] holds its own 16 of the tile's 16 NW positions
         # (tables.mean_table(16 NW)), so all warps take the same B operand. The 2-D mma layout
         # LM splits the tile's tokens across the warps as L does.
-        SPT: gl.constexpr = RH * R // (32 * NW)
+        SPT: gl.constexpr = RH * R // (32 * NW) if RH * R >= 32 * NW else 1
         MR: gl.constexpr = gl.BlockedLayout([1, SPT], [32 * SPT // R, R // SPT], [NW, 1], [1, 0])
         LM: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
                                                      instr_shape=[16, 8])

@@ -1,19 +1,22 @@
 """PTX of the Hopper decode's 3-bit lookup (kernels/tq_decode_hopper.py, CODES = 3): packed 3-bit
 codes (packing.py: 8 codes in every 3 bytes, little-endian) to bf16 MMA operand pairs.
 
-Per 24-bit group of 8 codes: ``_SPREAD`` moves code k from bit 3k to bit 4k (three shift-and-merge
-steps), so each nibble is a prmt selector (bit 3 clear: byte select, no sign replication); two
-prmt look the nibbles up in the 8-level codebook's low and high bytes (the table words, operands
-held in registers), and two more pair the bytes into bf16 levels. The symmetric codebook needs no
-sign trick here: 8 levels fit prmt's 8-byte table.
+A prmt selector nibble (bit 3 clear: byte select, no sign replication) looks a code up in the
+8-level codebook's low and high bytes (two prmt on the table words, operands held in registers,
+four codes a prmt), and two more prmt pair the bytes into bf16 levels. The symmetric codebook
+needs no sign trick here: 8 levels fit prmt's 8-byte table. Getting the 3-bit codes into
+nibbles is most of the work:
 
 ``key_asm``: inline_asm_elementwise(pack=4) on int32 words: $16..$18 are three words of a token's
-key codes (32 codes: word w holds the stream bits [32w, 32w + 32)), $19 is ignored; output j
-($2j, $2j + 1) holds codes 4j + i of element i (i = 0..3, two bf16 a register): register
-$k = codes (2k, 2k + 1).
+key codes (32 codes: word w holds the stream bits [32w, 32w + 32)), $19 is ignored. Per 24-bit
+group of 8 codes ``_spread`` moves code k from bit 3k to nibble k (three shift-and-select steps
+and an and, 7 instructions). Output j ($2j, $2j + 1) holds codes 4j + i of element i (i = 0..3,
+two bf16 a register): register $k = codes (2k, 2k + 1).
 ``value_asm``: inline_asm_elementwise(pack=8) on int16 halfwords of two tokens (t0 in the low,
-t1 in the high half of $16..$18; $19 ignored): 16 codes each; register $k = (t0, t1) levels of
-code k, so output o holds codes 4o + i of element slot i in both tokens.
+t1 in the high half of $16..$18; $19 ignored): 16 codes each, the two tokens as 16-bit lanes of
+one register (4 codes a lane, spread by one mad, paired into selectors by two selects: 6
+instructions per 8 codes); register $k = (t0, t1) levels of code k, so output o holds codes
+4o + i of element slot i in both tokens.
 Table words: $20, $20 + p, $20 + 2p, $20 + 3p (p = the pack): low bytes of levels 0-3, 4-7, high
 bytes of levels 0-3, 4-7 (``table_words``).
 """
