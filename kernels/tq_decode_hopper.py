@@ -54,15 +54,15 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   CODES = 2: bytes in fours (two fewer permutes per 8 codes, more packing).
 * Key norms scale S^T per token; value norms scale P per token before the PV MMA.
 * Key mean (MEAN): S^T += [cos(j t) | sin(j t)] [A'; B'] per tile: one more fp16 MMA of K = 2 RH
-  per warp, its A operand the warp's 16 rows of tables.mean_table(16 NW) (positions j in the
-  tile) held in registers, its B operand [A'; B'] of the tile's first position, the same for all
-  warps: one float32 copy spread over the program's threads (RH * R / 128 elements each), exact
-  at the program's first tile and rotated by 16 * NW * theta per tile after, handed over as fp16
-  through shared memory (ldmatrix) with two barriers a tile. The rotation's float32 drift (at
-  most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the fp16 rounding of
-  the operand (5e-4), so no re-anchoring. MEAN_SMEM False (launch keyword mean_smem, for
-  measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32 registers and ~80
-  instructions a tile against ~25 shared).
+  per warp, its A operand the warp's 16 rows of mean_rows (tables.mean_table(16 NW), positions j
+  in the tile) held in registers, its B operand [A'; B'] of the tile's first position, the same
+  for all warps: one float32 copy spread over the program's threads (RH * R / 128 elements
+  each), exact at the program's first tile and rotated by 16 * NW * theta per tile after, handed
+  over as fp16 through shared memory (ldmatrix) with two barriers a tile. The rotation's float32
+  drift (at most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the fp16
+  rounding of the operand (5e-4), so no re-anchoring. MEAN_SMEM False (launch keyword
+  mean_smem, for measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32
+  registers and ~80 instructions a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
   the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (the default
   where the rows are 8) loads the next tile's codes before the current tile is computed.
@@ -593,7 +593,7 @@ def _tq_decode_hopper_kernel(
         # threads (MR: SPT elements each), rotated by one tile per tile and handed to the warps
         # through shared memory as the fp16 B operand [2 RH (k), R] (ab_s). Each warp's A
         # operand [cos | sin] holds its own 16 of the tile's 16 NW positions
-        # (tables.mean_table(16 NW)), so all warps take the same B operand. The 2-D mma layout
+        # (mean_rows), so all warps take the same B operand. The 2-D mma layout
         # LM splits the tile's tokens across the warps as L does.
         SPT: gl.constexpr = RH * R // (32 * NW) if RH * R >= 32 * NW else 1
         MR: gl.constexpr = gl.BlockedLayout([1, SPT], [32 * SPT // R, R // SPT], [NW, 1], [1, 0])
@@ -620,11 +620,10 @@ def _tq_decode_hopper_kernel(
         c0, s0 = _rope_cos_sin((tile_lo * (16 * NW)).to(gl.float64) * theta.to(gl.float64))
         a_m = m_a * c0[:, None] + m_b * s0[:, None]  # exact at the first tile
         b_m = m_b * c0[:, None] - m_a * s0[:, None]
-        # [cos | sin] (j t) [16 NW (m), 2 RH (k)]: the table's cos rows then its sin rows
+        # [cos | sin] (j t) [16 NW (m), 2 RH (k)] (mean_rows)
         tn = gl.arange(0, 16 * NW, gl.SliceLayout(1, LMA))
         tk = gl.arange(0, 2 * RH, gl.SliceLayout(0, LMA))
-        t_cs = gl.load(mean_table_ptr + head * 2 * RH * (16 * NW) + tk[None, :] * (16 * NW)
-                       + tn[:, None])
+        t_cs = gl.load(mean_table_ptr + (head * (16 * NW) + tn[:, None]) * (2 * RH) + tk[None, :])
         ab_s = gl.allocate_shared_memory(gl.float16, [2 * RH, R],
                                          gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         ab_s.store(_stack_ab(a_m, b_m, RH, R))
@@ -656,9 +655,9 @@ def _tq_decode_hopper_kernel(
         # (the table's first 16 of its 16 * NW positions)
         tn = gl.arange(0, 16, gl.SliceLayout(1, gl.SliceLayout(0, LA)))
         tj = gl.arange(0, RH, gl.SliceLayout(0, gl.SliceLayout(0, LA)))
-        t_off = head * 2 * RH * (16 * NW) + tj[None, :] * (16 * NW) + tn[:, None]
+        t_off = (head * (16 * NW) + tn[:, None]) * (2 * RH) + tj[None, :]
         t_cos = gl.load(mean_table_ptr + t_off)
-        t_sin = gl.load(mean_table_ptr + RH * (16 * NW) + t_off)
+        t_sin = gl.load(mean_table_ptr + RH + t_off)
         t_cos = gl.expand_dims(t_cos, 0).broadcast_to([NW, 16, RH])
         t_sin = gl.expand_dims(t_sin, 0).broadcast_to([NW, 16, RH])
         wv = gl.arange(0, NW, gl.SliceLayout(1, TP))
@@ -893,6 +892,16 @@ def mean_step(tables, nw: int) -> torch.Tensor:
     return cache[nw]
 
 
+def mean_rows(tables, nw: int) -> torch.Tensor:
+    """[heads, 16 nw, 2 RH] fp16: tables.mean_table(16 nw) with the positions as rows, each row the
+    cos then the sin of the head's pairs (the kernel's A operand pairs are 4-byte loads)."""
+    cache = tables.__dict__.setdefault("_hopper_mean_rows", {})
+    if nw not in cache:
+        t = tables.mean_table(NT * nw, torch.float16)  # [heads, 2, RH, 16 nw]
+        cache[nw] = t.flatten(1, 2).transpose(1, 2).contiguous()
+    return cache[nw]
+
+
 def lut_args(tables) -> tuple:
     """The kernel's table-word arguments (lut0 .. lut3, lut_zero, klut0 .. klut7): the lookup's
     four words (tq5: the values'), 0, and tq5's eight key words (zeros for the others)."""
@@ -903,7 +912,7 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
     """The kernel's table arguments between query_start_ptr and part_ptr (signs .. hk_ptr)."""
     h_k, _ = hadamard_operands(tables, codes)
     return (tables.signs, tables.key_scale, tables.key_mean, tables.mean_pairs, tables.mean_theta,
-            mean_step(tables, nw), tables.mean_mu, tables.mean_table(NT * nw, torch.float16), h_k)
+            mean_step(tables, nw), tables.mean_mu, mean_rows(tables, nw), h_k)
 
 
 # The launch's register limit: the most a thread can have, given so that ptxas schedules for

@@ -264,6 +264,24 @@ def test_mean_step_rotates_the_key_mean_by_one_tile():
     assert hop.mean_step(t, nw) is hop.mean_step(t, nw)  # made once per tables and warp count
 
 
+def test_mean_rows_hold_each_positions_cos_then_sin():
+    """mean_rows, the key mean's A operand table [heads, 16 NW, 2 RH] (fp16): row j of a head holds
+    cos(j theta) of each of the head's pairs, then sin(j theta), for the 16 NW positions of a
+    tile (each warp reads its 16)."""
+    heads, nw = 2, 4
+    inv_freq = 10000.0 ** (-torch.arange(64, dtype=torch.float64) / 64)
+    mu = top_pairs(torch.randn(heads, 128), None, FORMATS["tq3"].key_mean_pairs, 64)
+    t = attach(LayerTables(FORMATS["tq3"], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
+                           rope_inv_freq=inv_freq.float()))
+    rows = hop.mean_rows(t, nw)
+    rh = t.rot_half_pad
+    assert rows.shape == (heads, 16 * nw, 2 * rh) and rows.dtype == torch.float16
+    assert rows.is_contiguous()
+    ang = t.mean_theta.double()[:, None, :] * torch.arange(16 * nw, dtype=torch.float64)[:, None]
+    assert (rows.double() - torch.cat([ang.cos(), ang.sin()], -1)).abs().max() < 1e-3
+    assert hop.mean_rows(t, nw) is hop.mean_rows(t, nw)  # made once per tables and warp count
+
+
 CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=64, g=3, kv_heads=3), dict(d=128, g=4, kv_heads=8, mean=False),
            dict(d=128, g=4, kv_heads=8, maxnreg=168), dict(d=128, g=4, kv_heads=8, prefetch=True),

@@ -28,7 +28,8 @@ def variants(rows: list) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--formats", default="tq4,tq3", help="base first; ratios are the last / the first")
+    ap.add_argument("--formats", default="tq4,tq3",
+                    help="base first; ratios are the last / the first")
     args = ap.parse_args(argv)
     fmts = args.formats.split(",")
     res = {f: load(Path(args.out), f) for f in fmts}
@@ -38,7 +39,8 @@ def main(argv=None):
                 {k for e in refs for k in e if k.endswith("_vs_ref") or k == "err_portable_vs_ref"}}
         nan = any(v for e in refs for k, v in e.items() if k.endswith("_nan"))
         print(f"{f} small cases vs exact ({len(refs)} of {len(r['reference'])} ran): "
-              + ", ".join(f"{k} {v:.2e}" for k, v in sorted(errs.items())) + (" NaN" if nan else ""))
+              + ", ".join(f"{k} {v:.2e}" for k, v in sorted(errs.items()))
+              + (" NaN" if nan else ""))
     base = res[fmts[0]]["full"]
     names = [(f, v) for f in fmts for v in variants(res[f]["full"])]
     print("| shape | " + " | ".join(f"{f} {v}" for f, v in names)
