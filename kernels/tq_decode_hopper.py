@@ -6,11 +6,11 @@ values (one stream each, head size 64 or 128), 3-bit ones (head size 128) or 5-b
 FOLDed, the pre-RoPE key mean (stepped from the first tile), paged cache with pages a
 multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It finishes
 the output rows itself (the output Hadamard rows permuted to this kernel's order): with one
-split directly; with up to MERGE_SPLITS, each program writes tq_attention's (acc, max, sum)
-partial rows and the one that completes a sequence and KV head (a counter) merges and finishes
-them; with more, tq_attention's _tq_reduce_kernel does, one query row a program (the host launch
-and the reduce's own time cost 5-15 us a call at small batches). Over 400 lines: the kernel,
-its layouts and launcher belong together.
+split directly; with more, each program writes tq_attention's (acc, max, sum) partial rows, the
+program that completes a group of MERGE_GROUP splits (a counter) merges them, and the one that
+completes the last group merges the groups' and finishes: no reduce launch (its host launch and
+its own time cost 5-15 us a call at small batches). Over 400 lines: the kernel, its layouts and
+launcher belong together.
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
@@ -393,24 +393,25 @@ def _mean_ab(m_a, m_b, p0, theta):
 
 
 @gluon.jit
-def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
-           WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
-    """(o [HALF, D], l [HALF]): the SPLITS partial rows of this sequence and KV head merged
-    (tq_attention_parts._tq_reduce_kernel's merge), SC of them a step."""
+def _merge(part_ptr, q_row, head, splits, first, n, stride, G: gl.constexpr, D: gl.constexpr,
+           HALF: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
+    """(o [HALF, D], l [HALF], m [HALF]): the n partial rows first, first + stride, ... of this
+    sequence and KV head merged (tq_attention_parts._tq_reduce_kernel's merge), SC of them a
+    step; a partial row itself again (o and l relative to m)."""
     SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128
     M3: gl.constexpr = gl.BlockedLayout([1, 1, D // 32], [1, 1, 32], [1, NW, 1], [2, 1, 0])
     RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
     s = gl.arange(0, SC, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
     r = gl.arange(0, HALF, RL)
     c = gl.arange(0, D, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
-    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits
+    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + first
     m_run = gl.full([HALF], -1.0e30, gl.float32, RL)
     l_run = gl.zeros([HALF], gl.float32, RL)
     o_run = gl.zeros([HALF, D], gl.float32, gl.SliceLayout(0, M3))
-    for s0 in range(0, splits, SC):
+    for s0 in range(0, n, SC):
         ss = s0 + s
-        mask = (ss < splits)[:, None] & (r < G)[None, :]
-        row = (rbase[None, :] + ss[:, None]) * WP  # [SC, HALF]
+        mask = (ss < n)[:, None] & (r < G)[None, :]
+        row = (rbase[None, :] + ss[:, None] * stride) * WP  # [SC, HALF]
         m_s = gl.load(part_ptr + row + V_PART, mask=mask, other=-1.0e30)
         l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
         o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
@@ -422,7 +423,23 @@ def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, gl.SliceLayout(0, M3)))
         o_run = o_run * alpha_o[:, None] + gl.sum(o_s * beta[:, :, None], axis=0)
         m_run = m_new
-    return o_run, l_run
+    return o_run, l_run, m_run
+
+
+@gluon.jit
+def _store_merged(part_ptr, o, l, m, q_row, head, splits, slot, G: gl.constexpr,
+                  D: gl.constexpr, HALF: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr):
+    """_merge's result written as partial row `slot` of this sequence and KV head."""
+    OL: gl.constexpr = o.type.layout
+    r = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    c = gl.arange(0, D, gl.SliceLayout(0, OL))
+    row = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + slot) * WP
+    gl.store(part_ptr + row[:, None] + c[None, :], o, mask=(r < G)[:, None])
+    rm = gl.arange(0, HALF, l.type.layout)
+    row_m = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + rm) * splits
+             + slot) * WP
+    gl.store(part_ptr + row_m + V_PART, m, mask=rm < G)
+    gl.store(part_ptr + row_m + V_PART + 1, l, mask=rm < G)
 
 
 @gluon.jit
@@ -471,7 +488,7 @@ def _tq_decode_hopper_kernel(
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
-    FINISH: gl.constexpr,
+    FINISH: gl.constexpr, GROUP: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
@@ -688,15 +705,32 @@ def _tq_decode_hopper_kernel(
         ML: gl.constexpr = gl.SliceLayout(0, OL)
         gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
         gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
-        if FINISH == 2:  # the program that completes this sequence and head merges and finishes
+        if FINISH == 2:  # the programs that complete a group, then all groups, merge them
             _cta_barrier()  # every thread's partial stored before the release below
-            count = count_ptr + seq * gl.num_programs(1) + head
-            done = gl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-            if done == splits - 1:
-                o_t, l_m = _merge(part_ptr, q_row, head, splits, G, D, HALF, WP, V_PART, NW)
-                _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr,
-                        signs_ptr, value_mean_ptr, L2, G, D, HALF)
-                gl.store(count, 0)  # zero again for the next launch (CUDA graphs replay it)
+            groups = gl.cdiv(splits, GROUP)
+            group = split // GROUP
+            counts = count_ptr + (seq * gl.num_programs(1) + head) * (groups + 1)
+            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")
+            if done == gl.minimum(GROUP, splits - group * GROUP) - 1:
+                gl.store(counts + group, 0)  # zero again for the next launch (graph replays)
+                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
+                                       gl.minimum(GROUP, splits - group * GROUP), 1, G, D,
+                                       HALF, WP, V_PART, NW)
+                last = groups == 1
+                if groups > 1:  # the group's merge replaces its first partial; the last group
+                    _cta_barrier()  # (every thread's reads of that partial done) merges them
+                    _store_merged(part_ptr, o_t, l_m, m_m, q_row, head, splits, group * GROUP,
+                                  G, D, HALF, WP, V_PART)
+                    _cta_barrier()
+                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel", scope="gpu")
+                    last = top == groups - 1
+                    if last:
+                        gl.store(counts + groups, 0)
+                        o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, 0, groups, GROUP,
+                                               G, D, HALF, WP, V_PART, NW)
+                if last:
+                    _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr,
+                            signs_ptr, value_mean_ptr, L2, G, D, HALF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,9 +758,10 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
     elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
-    None: tables.hopper_codes. finish (finish_mode): 0 partials for the reduce launch; 1 one
-    split, the output rows written by the kernel itself; 2 partials, merged and finished by the
-    program that completes them."""
+    None: tables.hopper_codes. finish (finish_mode): 1 one split, the output rows written by the
+    kernel itself; 2 partials, merged and finished by the programs that complete them (merge
+    groups of MERGE_GROUP, then the groups); 0 partials only (the loop measured alone:
+    tests/hopper_compile.py)."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
     layout = tables.layout
@@ -736,7 +771,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     return dict(
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
-        PREFETCH=prefetch, TRANS_ASM=trans_asm, FINISH=finish,
+        PREFETCH=prefetch, TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -764,7 +799,7 @@ def finish_rows(tables, codes: int | None = None) -> torch.Tensor:
 def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(query transform: H's columns in this kernel's k-slot order, transposed ([k-slot, D], so
     the kernel's operand pairs are 4-byte loads), output rows [D, D] in its m-slot order), made
-    once per tables (the launch passes them; the reduce finishes with the rows)."""
+    once per tables (the launch passes them; the finish takes the rows)."""
     codes = codes or tables.hopper_codes
     cache = tables.__dict__.setdefault("_hopper_operands", {})
     if codes not in cache:
@@ -847,35 +882,33 @@ MAXNREG = 255
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                  softmax_scale: float, splits: int, *, num_warps: int = 4,
+                  softmax_scale: float, splits: int, out, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True,
-                  codes: int | None = None, maxnreg: int | None = None, out=None,
-                  counts=None):
-    """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
-    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
-    prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an H100,
-    2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the
-    served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K
-    and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). out given: the
-    kernel writes the output rows itself where finish_mode(splits) says (partials None: no reduce
-    launch); counts: its completion counters (int32 zeros, one per sequence and KV head, left
-    zero), made here if None."""
+                  codes: int | None = None, maxnreg: int | None = None, counts=None):
+    """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
+    launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
+    GPU). prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an
+    H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch,
+    the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
+    1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
+    completion counters (int32 zeros, counter_count of them, left zero), made here if None."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
-    finish = finish_mode(splits) if out is not None else 0
+    finish = finish_mode(splits)
     cx = launch_constexprs(tables, Hq // H, kv_cache, num_warps, prefetch, trans_asm, codes,
                            maxnreg, finish)
-    part = None if finish == 1 else torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32,
-                                                device=query.device)
-    if finish == 2 and counts is None:
-        counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
+    part = out
+    if finish == 2:
+        part = torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32, device=query.device)
+        if counts is None:
+            counts = torch.zeros(counter_count(seq_lens.shape[0], H, splits), dtype=torch.int32,
+                                 device=query.device)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, *table_args(tables, codes, num_warps),
-            out if finish == 1 else part, softmax_scale * LOG2E / D**0.5, *lut_args(tables),
-            *finish_args(query if out is None else out, tables, codes),
-            seq_lens if counts is None else counts)
-    return (seq_lens.shape[0], H, splits), args, cx, None if finish else part
+            part, softmax_scale * LOG2E / D**0.5, *lut_args(tables),
+            *finish_args(out, tables, codes), seq_lens if counts is None else counts)
+    return (seq_lens.shape[0], H, splits), args, cx
 
 
 def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
@@ -897,16 +930,23 @@ def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bo
     return cx
 
 
-# The most splits whose partials the completing program merges itself (finish_mode 2; the
-# separate reduce launch above): it reads them alone, SC a step.
-MERGE_SPLITS = 32
+# Splits per merge group (FINISH 2): the program that completes a group merges its partials (one
+# step of _merge's 8 at 8 rows), the one that completes the last group merges the groups' and
+# finishes; one group where splits <= MERGE_GROUP. Two short merges instead of one of every split
+# (a program merging 64 splits took 15 us in the reduce launch, ncu, H100) or a second launch.
+MERGE_GROUP = 8
 
 
 def finish_mode(splits: int) -> int:
-    """The kernel's FINISH for a launch that may write the output: 1 (one split: no partials), 2
-    (up to MERGE_SPLITS: the last program of a sequence and head merges them), else 0 (the
-    reduce launch merges them, one query row a program)."""
-    return 1 if splits == 1 else 2 if splits <= MERGE_SPLITS else 0
+    """The kernel's FINISH for a launch that writes the output: 1 (one split: no partials), else 2
+    (the programs that complete a merge group, then the groups, merge them: no reduce launch)."""
+    return 1 if splits == 1 else 2
+
+
+def counter_count(num_seqs: int, kv_heads: int, splits: int) -> int:
+    """int32 completion counters FINISH 2 needs: one per merge group and one for the groups, per
+    sequence and KV head."""
+    return num_seqs * kv_heads * (-(-splits // MERGE_GROUP) + 1)
 
 
 def finish_tables(tables, codes: int | None = None) -> tuple:
@@ -920,18 +960,6 @@ def finish_args(out, tables, codes: int | None = None) -> tuple:
     return (out, out.stride(0), out.stride(1), *finish_tables(tables, codes))
 
 
-def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):
-    """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
-    from .tq_attention import _TORCH_TO_TL, reduce_groups, reduce_kwargs
-
-    T, Hq, _ = out.shape
-    _, h_v = hadamard_operands(tables, codes)
-    args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
-            tables.value_mean, T)
-    kw = reduce_kwargs(tables, Hq // kv_heads, splits, _TORCH_TO_TL[tables.level_tables.dtype])
-    return (T, kv_heads, reduce_groups(kw)), args, kw
-
-
 def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                      softmax_scale: float, out: torch.Tensor | None = None, *,
@@ -941,7 +969,6 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg), for
     measuring."""
     from .tq_attention import default_splits
-    from .tq_attention_parts import _tq_reduce_kernel
 
     if out is None:
         out = torch.empty_like(query)
@@ -953,10 +980,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     H = kv_cache.shape[2]
     if splits is None:
         splits = default_splits(seq_lens.shape[0], H, query.device, hopper=True)
-    grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
-                                         tables, softmax_scale, splits, out=out, **launch)
+    grid, args, kw = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
+                                   tables, softmax_scale, splits, out, **launch)
     _tq_decode_hopper_kernel[grid](*args, **kw)
-    if part is not None:
-        grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes"))
-        _tq_reduce_kernel[grid](*args, **kw)
     return out
