@@ -443,14 +443,27 @@ def _store_merged(part_ptr, o, l, m, q_row, head, splits, slot, G: gl.constexpr,
 
 
 @gluon.jit
-def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_ptr,
-            value_mean_ptr, L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-            HALF: gl.constexpr):
+def _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2: gl.constexpr,
+                     D: gl.constexpr):
+    """_finish's tables (H_v's rows in m-slot order, transposed, as the B operand; signs /
+    sqrt(D); the head's value mean), loaded before the merge so their latency hides under it."""
+    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
+    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
+    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
+    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
+    c = gl.arange(0, D, gl.SliceLayout(0, L2))
+    sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
+    mean = gl.load(value_mean_ptr + head * D + c)
+    return h, sg, mean
+
+
+@gluon.jit
+def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, h, sg, mean,
+            L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr):
     """out rows = value_mean + signs * ((o / l) @ H_v) / sqrt(D) for the HALF rows of o_t [HALF,
-    D] (m-slot order; hvt: H_v's rows in that order, transposed), the finish of
+    D] (m-slot order; h, sg, mean: _finish_operands), the finish of
     tq_attention_parts._tq_reduce_kernel with its bf16 dot."""
     LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
-    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
     l = gl.convert_layout(l, gl.SliceLayout(1, o_t.type.layout))
     x = o_t / gl.maximum(l, 1e-30)[:, None]  # [HALF, D]
     if HALF < 8:  # rows padded to the MMA's 16 with zeros
@@ -458,14 +471,9 @@ def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_p
     if HALF < 16:
         x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), [2, 0, 1]), [16, D])
     a = gl.convert_layout(x.to(gl.bfloat16), LA2)
-    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
-    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
-    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
     acc = mma_v2(a, h, gl.zeros([16, D], gl.float32, L2))
     c = gl.arange(0, D, gl.SliceLayout(0, L2))
     r = gl.arange(0, 16, gl.SliceLayout(1, L2))
-    sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
-    mean = gl.load(value_mean_ptr + head * D + c)
     res = acc * sg[None, :] + mean[None, :]
     rows = out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh
     ptrs = rows[:, None] + c[None, :]
@@ -696,8 +704,9 @@ def _tq_decode_hopper_kernel(
     ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro
     if FINISH == 1:  # one split: the rows finished here, as _tq_reduce_kernel would
+        h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2, D)
         _finish(gl.permute(o_all, [1, 0]), l_all, q_row, head, out_ptr, stride_ot, stride_oh,
-                hvt_ptr, signs_ptr, value_mean_ptr, L2, G, D, HALF)
+                h_v, sg_v, mean_v, L2, G, D, HALF)
     else:
         row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits
                     + split) * WP
@@ -713,6 +722,8 @@ def _tq_decode_hopper_kernel(
             done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")
             if done == gl.minimum(GROUP, splits - group * GROUP) - 1:
                 gl.store(counts + group, 0)  # zero again for the next launch (graph replays)
+                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,
+                                                     L2, D)
                 o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
                                        gl.minimum(GROUP, splits - group * GROUP), 1, G, D,
                                        HALF, WP, V_PART, NW)
@@ -729,8 +740,8 @@ def _tq_decode_hopper_kernel(
                         o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, 0, groups, GROUP,
                                                G, D, HALF, WP, V_PART, NW)
                 if last:
-                    _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr,
-                            signs_ptr, value_mean_ptr, L2, G, D, HALF)
+                    _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, h_v, sg_v,
+                            mean_v, L2, G, D, HALF)
 
 
 # ---------------------------------------------------------------------------------------------
