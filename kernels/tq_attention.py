@@ -47,6 +47,9 @@ except (ImportError, AttributeError) as e:
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# The Hopper decode merges its partials in the kernel (merge groups, no reduce launch), so a batch
+# of one sequence and KV head may spread over every SM: 128 programs of 4 tiles at 32K tokens.
+HOPPER_MAX_SPLITS = 128
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -148,8 +151,9 @@ def _splits_on(num_seqs: int, num_kv_heads: int, cuda_index: int, hopper: bool =
     if cuda_index < 0:
         return 1
     sms = torch.cuda.get_device_properties(cuda_index).multi_processor_count
-    return split_count(num_seqs, num_kv_heads, sms,
-                       resident=HOPPER_PROGRAMS_PER_SM if hopper else None)
+    if hopper:
+        return split_count(num_seqs, num_kv_heads, sms, HOPPER_MAX_SPLITS, HOPPER_PROGRAMS_PER_SM)
+    return split_count(num_seqs, num_kv_heads, sms)
 
 
 @functools.lru_cache(maxsize=None)
