@@ -47,6 +47,9 @@ except (ImportError, AttributeError) as e:
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# The Hopper decode merges its partials in the kernel (merge groups, no reduce launch), so a batch
+# of one sequence and KV head may spread over every SM: 128 programs of 4 tiles at 32K tokens.
+HOPPER_MAX_SPLITS = 128
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -148,8 +151,9 @@ def _splits_on(num_seqs: int, num_kv_heads: int, cuda_index: int, hopper: bool =
     if cuda_index < 0:
         return 1
     sms = torch.cuda.get_device_properties(cuda_index).multi_processor_count
-    return split_count(num_seqs, num_kv_heads, sms,
-                       resident=HOPPER_PROGRAMS_PER_SM if hopper else None)
+    if hopper:
+        return split_count(num_seqs, num_kv_heads, sms, HOPPER_MAX_SPLITS, HOPPER_PROGRAMS_PER_SM)
+    return split_count(num_seqs, num_kv_heads, sms)
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +189,7 @@ def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
 
 
 class Counters:
-    """The Hopper decode's completion counters (int32 zeros, one per sequence and KV head; every
+    """The Hopper decode's completion counters (int32 zeros, tq_decode_hopper.counter_count; every
     launch leaves them zero): one buffer per CUDA stream, so that launches of one plan on two
     streams (vLLM's dual-batch overlap) never share a counter; grown for larger batches, the
     outgrown ones kept alive (a captured CUDA graph may still point at them)."""
@@ -204,14 +208,13 @@ class Counters:
 
 
 class _Hopper:
-    """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept)."""
+    """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept): it
+    finishes the rows itself (FINISH 1 or 2), never leaving partials to the reduce launch."""
 
-    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters",
-                 "reduce_args", "reduce_kwargs", "compiled", "compiled_reduce")
+    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters", "compiled")
 
     def __init__(self, query, kv_cache, tables, splits):
         H = kv_cache.shape[2]
-        # the kernel finishes the rows itself (no reduce launch) up to MERGE_SPLITS splits
         self.finish = _hop.finish_mode(splits)
         self.counters = Counters()
         self.kwargs = _hop.launch_constexprs(tables, query.shape[1] // H, kv_cache,
@@ -219,9 +222,7 @@ class _Hopper:
         self.tables = _hop.table_args(tables)
         self.lut = _hop.lut_args(tables)
         self.finish_tables = _hop.finish_tables(tables)
-        _, args, self.reduce_kwargs = _hop.reduce_launch(query, query, tables, splits, H)
-        self.reduce_args = args[4:-1]  # (va rows, the permuted vb rows, signs, value mean)
-        self.compiled, self.compiled_reduce = {}, {}
+        self.compiled = {}
 
 
 _HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
@@ -354,19 +355,15 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if hop:
         part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.kwargs["WP"],
                                                        dtype=torch.float32, device=query.device)
-        counts = seq_lens  # unread unless the last program of each sequence merges (FINISH 2)
+        counts = seq_lens  # unread unless the programs merge their partials (FINISH 2)
         if hop.finish == 2:
             counts = hop.counters.get(torch.cuda.current_stream(query.device).cuda_stream,
-                                      num_seqs * H, query.device)
+                                      _hop.counter_count(num_seqs, H, splits), query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
             *hop.lut, out, os_[0], os_[1], *hop.finish_tables, counts,
         ), hop.kwargs, hop.compiled)
-        if not hop.finish:
-            _REDUCE((T, H, reduce_groups(hop.reduce_kwargs)),
-                    (part, out, os_[0], os_[1], *hop.reduce_args, T), hop.reduce_kwargs,
-                    hop.compiled_reduce)
         return out
     part = out
     if splits > 1:

@@ -6,16 +6,16 @@ values (one stream each, head size 64 or 128), 3-bit ones (head size 128) or 5-b
 FOLDed, the pre-RoPE key mean (stepped from the first tile), paged cache with pages a
 multiple of 16 tokens, G <= 8 query heads per KV head (16 without the fallback). It finishes
 the output rows itself (the output Hadamard rows permuted to this kernel's order): with one
-split directly; with up to MERGE_SPLITS, each program writes tq_attention's (acc, max, sum)
-partial rows and the one that completes a sequence and KV head (a counter) merges and finishes
-them; with more, tq_attention's _tq_reduce_kernel does, one query row a program (the host launch
-and the reduce's own time cost 5-15 us a call at small batches). Over 400 lines: the kernel,
-its layouts and launcher belong together.
+split directly; with more, each program writes tq_attention's (acc, max, sum) partial rows, the
+program that completes a group of MERGE_GROUP splits (a counter) merges them, and the one that
+completes the last group merges the groups' and finishes: no reduce launch (its host launch and
+its own time cost 5-15 us a call at small batches). Over 400 lines: the kernel, its layouts and
+launcher belong together.
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
-layouts. Here no decoded value leaves its thread's registers: 569 SASS per 64-token tile at the
-Llama-3-8B shape as launched (tq4, prefetch, 197 registers; Triton 3.6, tests/hopper_compile.py);
+layouts. Here no decoded value leaves its thread's registers: 572 SASS per 64-token tile at the
+Llama-3-8B shape as launched (tq4, PREFETCH 2, 197 registers; Triton 3.6, tests/hopper_compile.py);
 the loop's only shared memory is the key mean's operand (below).
 
 Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
@@ -39,14 +39,14 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   each of two tokens (16 codes each); the keys' 24-bit groups are spread into prmt selectors
   (shift-and-select steps), the values' two tokens ride as the 16-bit lanes of one register;
   both are looked up in the 8-level table. geometry() and coordinate() say which code each
-  element and phase holds; the host permutations follow them as for 4-bit codes. 491 SASS a
-  tile at 70B TP8 (217 registers), 498 at 8B: fewer than tq4's 585 / 569.
+  element and phase holds; the host permutations follow them as for 4-bit codes. 498 SASS a
+  tile at 70B TP8 (217 registers), 497 at 8B: fewer than tq4's 578 / 572 (Triton 3.6).
 * 5-bit keys (tq5: K_CODES = 5, V_CODES = 4; vllm_gds/kvcache/lut5_ptx.py): a lane's key codes
   are 5 int32 words (its 20 bytes), loaded as 8 elements (the last three repeat the fifth: one
   load); the lookup transposes them into byte planes (one 40-bit group of 8 codes a byte), folds
   the sign into a 16-magnitude index and looks it up in two 8-entry prmt tables (eight table words,
   kernel arguments klut0-7) with a select; output p holds codes K5_PAIRS[p] of each group. The
-  values are tq4's. 691 SASS per tile at the 8B shape (Triton 3.6), 204 registers.
+  values are tq4's. 688 SASS per tile at the 8B shape (Triton 3.6), 204 registers.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
@@ -64,8 +64,10 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   mean_smem, for measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32
   registers and ~80 instructions a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
-  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (the default
-  where the rows are 8) loads the next tile's codes before the current tile is computed.
+  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH 1 loads the next
+  tile's codes before the current tile is computed; 2 (served) also its norms, and the block
+  table two tiles ahead, so a tile waits on one memory round trip, not on the table's and then
+  the codes' (bs 1: 8 of them a program, each under ~1 us of work).
 * SELECT (G 5..8 with the fallback, Llama-3-70B at TP 8): the calibrated and the uncalibrated
   query as two 8-row B operands against the same decoded keys, the raw keys' score selected per
   key: 8 rows of softmax and O instead of FOLD's 16.
@@ -407,24 +409,25 @@ def _stack_ab(a, b, RH: gl.constexpr, R: gl.constexpr):
 
 
 @gluon.jit
-def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr,
-           WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
-    """(o [HALF, D], l [HALF]): the SPLITS partial rows of this sequence and KV head merged
-    (tq_attention_parts._tq_reduce_kernel's merge), SC of them a step."""
+def _merge(part_ptr, q_row, head, splits, first, n, stride, G: gl.constexpr, D: gl.constexpr,
+           HALF: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr):
+    """(o [HALF, D], l [HALF], m [HALF]): the n partial rows first, first + stride, ... of this
+    sequence and KV head merged (tq_attention_parts._tq_reduce_kernel's merge), SC of them a
+    step; a partial row itself again (o and l relative to m)."""
     SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128
     M3: gl.constexpr = gl.BlockedLayout([1, 1, D // 32], [1, 1, 32], [1, NW, 1], [2, 1, 0])
     RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
     s = gl.arange(0, SC, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
     r = gl.arange(0, HALF, RL)
     c = gl.arange(0, D, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
-    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits
+    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + first
     m_run = gl.full([HALF], -1.0e30, gl.float32, RL)
     l_run = gl.zeros([HALF], gl.float32, RL)
     o_run = gl.zeros([HALF, D], gl.float32, gl.SliceLayout(0, M3))
-    for s0 in range(0, splits, SC):
+    for s0 in range(0, n, SC):
         ss = s0 + s
-        mask = (ss < splits)[:, None] & (r < G)[None, :]
-        row = (rbase[None, :] + ss[:, None]) * WP  # [SC, HALF]
+        mask = (ss < n)[:, None] & (r < G)[None, :]
+        row = (rbase[None, :] + ss[:, None] * stride) * WP  # [SC, HALF]
         m_s = gl.load(part_ptr + row + V_PART, mask=mask, other=-1.0e30)
         l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
         o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
@@ -436,18 +439,47 @@ def _merge(part_ptr, q_row, head, splits, G: gl.constexpr, D: gl.constexpr, HALF
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, gl.SliceLayout(0, M3)))
         o_run = o_run * alpha_o[:, None] + gl.sum(o_s * beta[:, :, None], axis=0)
         m_run = m_new
-    return o_run, l_run
+    return o_run, l_run, m_run
 
 
 @gluon.jit
-def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_ptr,
-            value_mean_ptr, L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-            HALF: gl.constexpr):
+def _store_merged(part_ptr, o, l, m, q_row, head, splits, slot, G: gl.constexpr,
+                  D: gl.constexpr, HALF: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr):
+    """_merge's result written as partial row `slot` of this sequence and KV head."""
+    OL: gl.constexpr = o.type.layout
+    r = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    c = gl.arange(0, D, gl.SliceLayout(0, OL))
+    row = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + slot) * WP
+    gl.store(part_ptr + row[:, None] + c[None, :], o, mask=(r < G)[:, None])
+    rm = gl.arange(0, HALF, l.type.layout)
+    row_m = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + rm) * splits
+             + slot) * WP
+    gl.store(part_ptr + row_m + V_PART, m, mask=rm < G)
+    gl.store(part_ptr + row_m + V_PART + 1, l, mask=rm < G)
+
+
+@gluon.jit
+def _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2: gl.constexpr,
+                     D: gl.constexpr):
+    """_finish's tables (H_v's rows in m-slot order, transposed, as the B operand; signs /
+    sqrt(D); the head's value mean), loaded before the merge so their latency hides under it."""
+    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
+    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
+    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
+    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
+    c = gl.arange(0, D, gl.SliceLayout(0, L2))
+    sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
+    mean = gl.load(value_mean_ptr + head * D + c)
+    return h, sg, mean
+
+
+@gluon.jit
+def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, h, sg, mean,
+            L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr):
     """out rows = value_mean + signs * ((o / l) @ H_v) / sqrt(D) for the HALF rows of o_t [HALF,
-    D] (m-slot order; hvt: H_v's rows in that order, transposed), the finish of
+    D] (m-slot order; h, sg, mean: _finish_operands), the finish of
     tq_attention_parts._tq_reduce_kernel with its bf16 dot."""
     LA2: gl.constexpr = gl.DotOperandLayout(0, L2, 2)
-    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
     l = gl.convert_layout(l, gl.SliceLayout(1, o_t.type.layout))
     x = o_t / gl.maximum(l, 1e-30)[:, None]  # [HALF, D]
     if HALF < 8:  # rows padded to the MMA's 16 with zeros
@@ -455,14 +487,9 @@ def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr, signs_p
     if HALF < 16:
         x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), [2, 0, 1]), [16, D])
     a = gl.convert_layout(x.to(gl.bfloat16), LA2)
-    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
-    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
-    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
     acc = mma_v2(a, h, gl.zeros([16, D], gl.float32, L2))
     c = gl.arange(0, D, gl.SliceLayout(0, L2))
     r = gl.arange(0, 16, gl.SliceLayout(1, L2))
-    sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
-    mean = gl.load(value_mean_ptr + head * D + c)
     res = acc * sg[None, :] + mean[None, :]
     rows = out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh
     ptrs = rows[:, None] + c[None, :]
@@ -485,7 +512,7 @@ def _tq_decode_hopper_kernel(
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr, MEAN_SMEM: gl.constexpr,
     PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
-    FINISH: gl.constexpr,
+    FINISH: gl.constexpr, GROUP: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
@@ -534,11 +561,16 @@ def _tq_decode_hopper_kernel(
     tile_lo = split * per_split
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
     W1: gl.constexpr = gl.SliceLayout(1, TOKS)
-    if PREFETCH:
+    if PREFETCH > 0:
         base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
                           STRIDE_HEAD)
         kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
         vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+        if PREFETCH > 1:
+            kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile_lo, kv_end, TOKS, K_NORM_OFF,
+                                           V_NORM_OFF, NW, STRIDE_TOK)
+            base_n = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                                STRIDE_TOK, STRIDE_HEAD)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -669,16 +701,25 @@ def _tq_decode_hopper_kernel(
         # over 2048 tiles, ~1e-4, stays under the fp16 rounding of the MMA operand, 5e-4)
         a_t, b_t = _mean_ab(m_a, m_b, (tile_lo * NW + wv) * 16, theta)
     for tile in range(tile_lo, tile_hi):
-        if PREFETCH:
+        if PREFETCH > 0:
             kw_now = kw
             vw_now = vw
             base_now = base
-            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                              STRIDE_TOK, STRIDE_HEAD)
+            if PREFETCH > 1:  # this tile's norms came with its codes; the block table 2 ahead
+                kn, vn, ok = kn_n, vn_n, ok_n
+                base = base_n
+                base_n = _tile_base(bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,
+                                    STRIDE_TOK, STRIDE_HEAD)
+            else:
+                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                                  STRIDE_TOK, STRIDE_HEAD)
             kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
                              STRIDE_TOK)
             vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
                              STRIDE_TOK)
+            if PREFETCH > 1:
+                kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile + 1, kv_end, TOKS,
+                                               K_NORM_OFF, V_NORM_OFF, NW, STRIDE_TOK)
         else:
             base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
                                   STRIDE_TOK, STRIDE_HEAD)
@@ -694,8 +735,9 @@ def _tq_decode_hopper_kernel(
             s_mean = mma_v2(t_cos, a_t.to(gl.float16), gl.zeros([NW, 16, R], gl.float32, L))
             s_mean = mma_v2(t_sin, b_t.to(gl.float16), s_mean)
             a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-        kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
-                                 V_NORM_OFF, NW, STRIDE_TOK)
+        if PREFETCH < 2:
+            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
+                                     V_NORM_OFF, NW, STRIDE_TOK)
         ka = _decode_k(kw_now, klut, ASM, LA, NW, D, K_ORDER, K_CODES)
         s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
         s = s * gl.expand_dims(gl.abs(kn), 2)
@@ -744,8 +786,9 @@ def _tq_decode_hopper_kernel(
     ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro
     if FINISH == 1:  # one split: the rows finished here, as _tq_reduce_kernel would
+        h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2, D)
         _finish(gl.permute(o_all, [1, 0]), l_all, q_row, head, out_ptr, stride_ot, stride_oh,
-                hvt_ptr, signs_ptr, value_mean_ptr, L2, G, D, HALF)
+                h_v, sg_v, mean_v, L2, G, D, HALF)
     else:
         row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head) * splits
                     + split) * WP
@@ -753,15 +796,34 @@ def _tq_decode_hopper_kernel(
         ML: gl.constexpr = gl.SliceLayout(0, OL)
         gl.store(part_ptr + row_base + V_PART, gl.convert_layout(m_all, ML), mask=ro < G)
         gl.store(part_ptr + row_base + V_PART + 1, gl.convert_layout(l_all, ML), mask=ro < G)
-        if FINISH == 2:  # the program that completes this sequence and head merges and finishes
+        if FINISH == 2:  # the programs that complete a group, then all groups, merge them
             _cta_barrier()  # every thread's partial stored before the release below
-            count = count_ptr + seq * gl.num_programs(1) + head
-            done = gl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-            if done == splits - 1:
-                o_t, l_m = _merge(part_ptr, q_row, head, splits, G, D, HALF, WP, V_PART, NW)
-                _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, hvt_ptr,
-                        signs_ptr, value_mean_ptr, L2, G, D, HALF)
-                gl.store(count, 0)  # zero again for the next launch (CUDA graphs replay it)
+            groups = gl.cdiv(splits, GROUP)
+            group = split // GROUP
+            counts = count_ptr + (seq * gl.num_programs(1) + head) * (groups + 1)
+            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")
+            if done == gl.minimum(GROUP, splits - group * GROUP) - 1:
+                gl.store(counts + group, 0)  # zero again for the next launch (graph replays)
+                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,
+                                                     L2, D)
+                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
+                                       gl.minimum(GROUP, splits - group * GROUP), 1, G, D,
+                                       HALF, WP, V_PART, NW)
+                last = groups == 1
+                if groups > 1:  # the group's merge replaces its first partial; the last group
+                    _cta_barrier()  # (every thread's reads of that partial done) merges them
+                    _store_merged(part_ptr, o_t, l_m, m_m, q_row, head, splits, group * GROUP,
+                                  G, D, HALF, WP, V_PART)
+                    _cta_barrier()
+                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel", scope="gpu")
+                    last = top == groups - 1
+                    if last:
+                        gl.store(counts + groups, 0)
+                        o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, 0, groups, GROUP,
+                                               G, D, HALF, WP, V_PART, NW)
+                if last:
+                    _finish(o_t, l_m, q_row, head, out_ptr, stride_ot, stride_oh, h_v, sg_v,
+                            mean_v, L2, G, D, HALF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,14 +846,15 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
-                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
+                      nw: int = 4, prefetch: int = 0, trans_asm: bool = True,
                       codes: int | None = None, finish: int = 0, mean_smem: bool = True) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
     elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
-    None: tables.hopper_codes. finish (finish_mode): 0 partials for the reduce launch; 1 one
-    split, the output rows written by the kernel itself; 2 partials, merged and finished by the
-    program that completes them. mean_smem: the key mean's B operands shared by the warps through
+    None: tables.hopper_codes. finish (finish_mode): 1 one split, the output rows written by the
+    kernel itself; 2 partials, merged and finished by the programs that complete them (merge
+    groups of MERGE_GROUP, then the groups); 0 partials only (the loop measured alone:
+    tests/hopper_compile.py). mean_smem: the key mean's B operands shared by the warps through
     shared memory (else each warp rotates its own in registers)."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
@@ -803,7 +866,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         MEAN_SMEM=mean_smem,
-        PREFETCH=prefetch, TRANS_ASM=trans_asm, FINISH=finish,
+        PREFETCH=int(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -831,7 +894,7 @@ def finish_rows(tables, codes: int | None = None) -> torch.Tensor:
 def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(query transform: H's columns in this kernel's k-slot order, transposed ([k-slot, D], so
     the kernel's operand pairs are 4-byte loads), output rows [D, D] in its m-slot order), made
-    once per tables (the launch passes them; the reduce finishes with the rows)."""
+    once per tables (the launch passes them; the finish takes the rows)."""
     codes = codes or tables.hopper_codes
     cache = tables.__dict__.setdefault("_hopper_operands", {})
     if codes not in cache:
@@ -921,41 +984,45 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
 # middle of the tile loop to its end, where their latency shows: 0.378 -> 0.422 ms at 8B 64x8K,
 # 0.112 -> 0.123 at 32x4K (H100, 2026-12-06); with any limit it keeps them in the middle.
 MAXNREG = 255
+# The served prefetch depth (the kernel's PREFETCH): the codes and norms a tile ahead, the block
+# table two.
+PREFETCH = 2
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
-                  softmax_scale: float, splits: int, *, num_warps: int = 4,
-                  prefetch: bool | None = None, trans_asm: bool = True,
-                  codes: int | None = None, maxnreg: int | None = None, out=None,
-                  counts=None, mean_smem: bool = True):
-    """(grid, args, keyword args, partials) of the decode kernel's launch (no checks, no launch:
-    tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a GPU).
-    prefetch None: on. maxnreg None: MAXNREG (0: no limit). From the launch sweep on an H100,
-    2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the
-    served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K
-    and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). out given: the
-    kernel writes the output rows itself where finish_mode(splits) says (partials None: no reduce
-    launch); counts: its completion counters (int32 zeros, one per sequence and KV head, left
-    zero), made here if None."""
+                  softmax_scale: float, splits: int, out, *, num_warps: int = 4,
+                  prefetch: int | None = None, trans_asm: bool = True,
+                  codes: int | None = None, maxnreg: int | None = None, counts=None,
+                  mean_smem: bool = True):
+    """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
+    launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
+    GPU). prefetch None: PREFETCH (0 or False: none; 1 or True: the codes a tile ahead).
+    maxnreg None: MAXNREG (0: no limit). From the launch sweep on an
+    H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch,
+    the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
+    1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
+    completion counters (int32 zeros, counter_count of them, left zero), made here if None.
+    mean_smem False: the key mean rotated per warp in registers (kernel_constexprs; measuring)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
-    finish = finish_mode(splits) if out is not None else 0
+    finish = finish_mode(splits)
     cx = launch_constexprs(tables, Hq // H, kv_cache, num_warps, prefetch, trans_asm, codes,
                            maxnreg, finish, mean_smem)
-    part = None if finish == 1 else torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32,
-                                                device=query.device)
-    if finish == 2 and counts is None:
-        counts = torch.zeros(seq_lens.shape[0] * H, dtype=torch.int32, device=query.device)
+    part = out
+    if finish == 2:
+        part = torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32, device=query.device)
+        if counts is None:
+            counts = torch.zeros(counter_count(seq_lens.shape[0], H, splits), dtype=torch.int32,
+                                 device=query.device)
     args = (query, query.stride(0), query.stride(1),
             kv_cache, kv_cache.stride(0), block_table, block_table.stride(0), seq_lens,
             query_start_loc, *table_args(tables, codes, num_warps),
-            out if finish == 1 else part, softmax_scale * LOG2E / D**0.5, *lut_args(tables),
-            *finish_args(query if out is None else out, tables, codes),
-            seq_lens if counts is None else counts)
-    return (seq_lens.shape[0], H, splits), args, cx, None if finish else part
+            part, softmax_scale * LOG2E / D**0.5, *lut_args(tables),
+            *finish_args(out, tables, codes), seq_lens if counts is None else counts)
+    return (seq_lens.shape[0], H, splits), args, cx
 
 
-def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
+def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: int | None = None,
                       trans_asm: bool = True, codes: int | None = None,
                       maxnreg: int | None = None, finish: int = 0,
                       mean_smem: bool = True) -> dict:
@@ -968,24 +1035,31 @@ def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bo
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        cx = kernel_constexprs(tables, *key[:5], prefetch is not False, trans_asm, codes, finish,
-                               mean_smem)
+        cx = kernel_constexprs(tables, *key[:5], PREFETCH if prefetch is None else prefetch,
+                               trans_asm, codes, finish, mean_smem)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)
     return cx
 
 
-# The most splits whose partials the completing program merges itself (finish_mode 2; the
-# separate reduce launch above): it reads them alone, SC a step.
-MERGE_SPLITS = 32
+# Splits per merge group (FINISH 2): the program that completes a group merges its partials (one
+# step of _merge's 8 at 8 rows), the one that completes the last group merges the groups' and
+# finishes; one group where splits <= MERGE_GROUP. Two short merges instead of one of every split
+# (a program merging 64 splits took 15 us in the reduce launch, ncu, H100) or a second launch.
+MERGE_GROUP = 8
 
 
 def finish_mode(splits: int) -> int:
-    """The kernel's FINISH for a launch that may write the output: 1 (one split: no partials), 2
-    (up to MERGE_SPLITS: the last program of a sequence and head merges them), else 0 (the
-    reduce launch merges them, one query row a program)."""
-    return 1 if splits == 1 else 2 if splits <= MERGE_SPLITS else 0
+    """The kernel's FINISH for a launch that writes the output: 1 (one split: no partials), else 2
+    (the programs that complete a merge group, then the groups, merge them: no reduce launch)."""
+    return 1 if splits == 1 else 2
+
+
+def counter_count(num_seqs: int, kv_heads: int, splits: int) -> int:
+    """int32 completion counters FINISH 2 needs: one per merge group and one for the groups, per
+    sequence and KV head."""
+    return num_seqs * kv_heads * (-(-splits // MERGE_GROUP) + 1)
 
 
 def finish_tables(tables, codes: int | None = None) -> tuple:
@@ -999,18 +1073,6 @@ def finish_args(out, tables, codes: int | None = None) -> tuple:
     return (out, out.stride(0), out.stride(1), *finish_tables(tables, codes))
 
 
-def reduce_launch(part, out, tables, splits: int, kv_heads: int, codes: int | None = None):
-    """(grid, args, keyword args) of tq_attention's reduce over this kernel's partials."""
-    from .tq_attention import _TORCH_TO_TL, reduce_groups, reduce_kwargs
-
-    T, Hq, _ = out.shape
-    _, h_v = hadamard_operands(tables, codes)
-    args = (part, out, out.stride(0), out.stride(1), tables.h_rows["va"], h_v, tables.signs,
-            tables.value_mean, T)
-    kw = reduce_kwargs(tables, Hq // kv_heads, splits, _TORCH_TO_TL[tables.level_tables.dtype])
-    return (T, kv_heads, reduce_groups(kw)), args, kw
-
-
 def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, tables,
                      softmax_scale: float, out: torch.Tensor | None = None, *,
@@ -1020,7 +1082,6 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg), for
     measuring."""
     from .tq_attention import default_splits
-    from .tq_attention_parts import _tq_reduce_kernel
 
     if out is None:
         out = torch.empty_like(query)
@@ -1032,10 +1093,7 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     H = kv_cache.shape[2]
     if splits is None:
         splits = default_splits(seq_lens.shape[0], H, query.device, hopper=True)
-    grid, args, kw, part = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
-                                         tables, softmax_scale, splits, out=out, **launch)
+    grid, args, kw = decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc,
+                                   tables, softmax_scale, splits, out, **launch)
     _tq_decode_hopper_kernel[grid](*args, **kw)
-    if part is not None:
-        grid, args, kw = reduce_launch(part, out, tables, splits, H, launch.get("codes"))
-        _tq_reduce_kernel[grid](*args, **kw)
     return out

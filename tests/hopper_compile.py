@@ -107,12 +107,10 @@ class _CompileOnlyDriver:
 
 
 def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", splits=4, **launch) -> list[str]:
-    """tq_decode_hopper's launches (kernels.tq_decode_hopper.decode_launch / reduce_launch)
-    bound and compiled by the JIT as a launch would be, with CPU tensors of a small batch (one
-    split: the decode finishes the rows, no reduce). Returns the names of the compiled kernels."""
+    """tq_decode_hopper's launch (kernels.tq_decode_hopper.decode_launch) bound and compiled by the
+    JIT as a launch would be, with CPU tensors of a small batch. Returns the names of the compiled
+    kernels and the kernel's FINISH."""
     from triton.runtime import driver
-
-    from vllm_gds.kernels.tq_attention import _tq_reduce_kernel
 
     t = tables(d, fmt=fmt)
     page, blocks, seqs = 16, 8, 2
@@ -124,15 +122,12 @@ def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", splits=4, **launch) 
     out = torch.empty_like(q)
     driver.set_active(_CompileOnlyDriver())
     try:
-        grid, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, d ** -0.5, splits,
-                                                 out=out, **launch)
-        kernels = [hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)]
-        if part is not None:
-            grid, args, kw = hop.reduce_launch(part, out, t, splits, kv_heads, launch.get("codes"))
-            kernels.append(_tq_reduce_kernel.warmup(*args, grid=grid, **kw))
+        grid, args, kw = hop.decode_launch(q, cache, bt, sl, qsl, t, d ** -0.5, splits, out,
+                                           **launch)
+        kernel = hop._tq_decode_hopper_kernel.warmup(*args, grid=grid, **kw)
     finally:
         driver._active = None  # back to the (lazily created) real one
-    return [k.name for k in kernels]
+    return [kernel.name, kw["FINISH"]]
 
 
 if __name__ == "__main__":

@@ -226,9 +226,13 @@ def test_served_plan_holds_what_decode_launch_launches_with(splits):
     qsl = torch.arange(3, dtype=torch.int32)
     plan = _Hopper(q, cache, t, splits)
     out = torch.empty_like(q)
-    _, args, kw, part = hop.decode_launch(q, cache, bt, sl, qsl, t, 128**-0.5, splits, out=out)
-    assert plan.kwargs == kw and plan.finish == kw["FINISH"] == hop.finish_mode(splits)
-    assert (part is None) == (plan.finish != 0)
+    _, args, kw = hop.decode_launch(q, cache, bt, sl, qsl, t, 128**-0.5, splits, out)
+    assert plan.kwargs == kw and plan.finish == kw["FINISH"] == (1 if splits == 1 else 2)
+    assert kw["GROUP"] == hop.MERGE_GROUP
+    if splits > 1:  # the counters: one per merge group and one for the groups, per sequence
+        counts = args[-1]  # and KV head, zeros
+        assert counts.numel() == hop.counter_count(2, 1, splits) == 2 * (-(-splits // 8) + 1)
+        assert counts.dtype == torch.int32 and not counts.any()
     assert plan.lut == hop.lut_args(t)
     assert all(a is b for a, b in zip(plan.finish_tables, hop.finish_args(out, t)[3:]))
 
@@ -313,16 +317,15 @@ def _run_helper(*args):
                                          trans_asm=False, maxnreg=0, num_warps=8),
                                     dict(q_heads=8, kv_heads=1, fmt="tq3"), dict(fmt="tq5"),
                                     dict(splits=1), dict(q_heads=8, kv_heads=1, splits=64),
-                                    dict(q_heads=8, kv_heads=1, splits=64, fmt="tq3")])
+                                    dict(q_heads=8, kv_heads=1, splits=256, fmt="tq3")])
 def test_launch_binds_and_compiles_as_on_the_gpu(launch):
-    """tq_decode_hopper's launches (decode_launch, reduce_launch) through the JIT's own binding,
-    specialization and compile (kernel.warmup with a compile-only driver): what the first call
-    on the GPU machine does before it launches. Up to MERGE_SPLITS splits (the helper's default
-    4, and 1) the decode finishes the rows itself; past them the reduce launch does."""
+    """tq_decode_hopper's launch (decode_launch) through the JIT's own binding, specialization
+    and compile (kernel.warmup with a compile-only driver): what the first call on the GPU machine
+    does before it launches. One kernel at every split count: one split writes the rows (FINISH
+    1), more merge their partials in the kernel (FINISH 2), no reduce launch."""
     splits = launch.get("splits", 4)
-    want = ["_tq_decode_hopper_kernel"] + (["_tq_reduce_kernel"] if splits > hop.MERGE_SPLITS
-                                           else [])
-    assert hop.finish_mode(splits) == (1 if splits == 1 else 2 if len(want) == 1 else 0)
+    want = ["_tq_decode_hopper_kernel", 1 if splits == 1 else 2]
+    assert hop.finish_mode(splits) == want[1]
     assert _run_helper("--launch", json.dumps(launch)) == want
 
 

@@ -379,7 +379,8 @@ def test_decode_split_counts_match_reference(splits):
 
 def test_split_count_is_decided_from_the_batch_shape():
     """2 * SMs programs rounded up to a power of two, capped; never depends on the context."""
-    from vllm_gds.kernels.tq_attention import MAX_SPLITS, reduce_chunk, split_count
+    from vllm_gds.kernels.tq_attention import (HOPPER_MAX_SPLITS, MAX_SPLITS, reduce_chunk,
+                                               split_count)
 
     assert split_count(32, 8, 132) == 2  # 264 / 256 -> 2: 512 programs
     assert split_count(64, 8, 132) == 1
@@ -393,6 +394,8 @@ def test_split_count_is_decided_from_the_batch_shape():
     assert split_count(8, 1, 132, resident=2) == 32
     assert split_count(1, 8, 132, resident=2) == 32
     assert split_count(1, 1, 132, resident=2) == MAX_SPLITS
+    assert split_count(1, 1, 132, HOPPER_MAX_SPLITS, resident=2) == 128  # 264 -> 256, capped
+    assert split_count(2, 1, 132, HOPPER_MAX_SPLITS, resident=2) == 128
     assert split_count(1024, 8, 132, resident=2) == 1
     assert [reduce_chunk(s) for s in (1, 2, 3, 8, 64)] == [1, 2, 4, 8, 8]
     # fewer query heads, more partials a step (the same registers)

@@ -32,7 +32,7 @@ SHAPES = [
     ("8B 32x4K", "tq4", (32, 8, 128), 32, 4096),
     ("8B 1x32K", "tq4", (32, 8, 128), 1, 32768),
     ("70B TP8 32x4K", "tq4", (8, 1, 128), 32, 4096),
-    ("70B TP8 1x32K", "tq4", (8, 1, 128), 1, 32768),  # 64 splits: the reduce launch
+    ("70B TP8 1x32K", "tq4", (8, 1, 128), 1, 32768),  # 64 splits: 8 merge groups
     ("SmolLM2 8x4K", "tq4", (9, 3, 64), 8, 4096),
     ("8B 8x4K tq3", "tq3", (32, 8, 128), 8, 4096),
     ("8B 8x4K tq5", "tq5", (32, 8, 128), 8, 4096),
@@ -100,7 +100,41 @@ def check(name, fmt, hq, hk, d, b, ctx, device):
     keep = torch.empty_like(q)
     row["host_us_served"] = host_us(lambda: served(keep))
     row["host_us_portable"] = host_us(lambda: portable(keep))
+    if b == 1 and row["why_unsupported"] is None:
+        row["splits"] = check_splits(q, cache, bt, sl, qsl, tables, scale, o_port, nan)
     return row
+
+
+# Split counts of the in-kernel merge: one group, a part-filled last group, 2 to 32 groups (the
+# groups' merge in one to four steps)
+SPLITS = (2, 8, 12, 40, 64, 128, 256)
+
+
+def check_splits(q, cache, bt, sl, qsl, tables, scale, o_port, nan):
+    """{splits: (worst rel. error against the portable kernel over two eager calls and two graph
+    replays, NaN seen)}: the merge's counters must be back at zero after every launch."""
+    from vllm_gds.kernels import AttentionTuning, tq_attention
+
+    res = {}
+    for n in SPLITS:
+        tuning = AttentionTuning(splits=n)
+
+        def call(out, tuning=tuning):
+            return tq_attention(q, cache, bt, sl, qsl, tables, scale, out, max_query_len=1,
+                                tuning=tuning)
+
+        outs = [call(nan()), call(nan())]
+        out = nan()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call(out)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            outs.append(out.clone())
+        res[n] = (max(hc.rel(o, o_port) for o in outs), any(bool(o.isnan().any()) for o in outs))
+    return res
 
 
 def main():
@@ -147,6 +181,8 @@ def main():
               f"{r.get('served_vs_tq_decode_hopper', float('nan')):.1e} | "
               f"{r['graph_vs_portable']:.1e} | {nan} | "
               f"{r['host_us_served']:.1f}/{r['host_us_portable']:.1f}")
+        for n, (err, nan) in r.get("splits", {}).items():
+            print(f"  {r['shape']} splits {n}: served/portable {err:.1e}, NaN {nan}")
     print("log lines:", *lines, sep="\n  ")
 
 

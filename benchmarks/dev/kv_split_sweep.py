@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--format", default="tq4")
     ap.add_argument("--fixed", action="store_true", help="add FIXED_SHAPES (tiny contexts)")
     ap.add_argument("--only", default="", help="substring of 'shape bxctx' to run")
+    ap.add_argument("--group", type=int, default=0,
+                    help="the Hopper decode's MERGE_GROUP for this run (0: the served one)")
     args = ap.parse_args()
     import torch
     import triton
@@ -55,6 +57,10 @@ def main():
     from vllm_gds.kernels import AttentionTuning, default_splits, tq_attention
 
     device = torch.device("cuda")
+    if args.group:  # read when a plan is made (each shape's tables are new)
+        from vllm_gds.kernels import tq_decode_hopper
+
+        tq_decode_hopper.MERGE_GROUP = args.group
     kv_bench.warm_up(torch, device)
     rows = []
     out_path = args.out / "kv_split_sweep.json"
@@ -110,6 +116,7 @@ def main():
                         attn += t
                 n = min(10, len(caches))
                 row = dict(shape=shape, batch=b, ctx=ctx, splits=splits, default=splits == dflt,
+                           group=args.group or None,
                            programs=b * hk * splits, graph_ms=sorted(graph)[2],
                            graph_spread=[min(graph), max(graph)], bench_ms=bench,
                            host_us=host_us, attn_us=attn / n, reduce_us=red / n, copies=reps,
