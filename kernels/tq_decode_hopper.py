@@ -1079,8 +1079,8 @@ def tq_decode_hopper(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
                      splits: int | None = None, **launch) -> torch.Tensor:
     """Decode (one query token per sequence) over the quantized paged cache: tq_attention's decode
     launch, same inputs and result. tables must carry hopper tables (hopper_tables.attach).
-    launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg), for
-    measuring."""
+    launch: decode_launch's keywords (num_warps, prefetch, trans_asm, codes, maxnreg,
+    mean_smem), for measuring."""
     from .tq_attention import default_splits
 
     if out is None:
