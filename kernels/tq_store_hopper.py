@@ -59,6 +59,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .tq_decode_hopper import _rope_cos_sin
 
 NT = gl.constexpr(16)  # tokens per warp
+CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -287,6 +288,90 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
+def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
+             hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+             K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
+             LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr):
+    """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
+    its float16 norm and its weighted error."""
+    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0_s.load(LB), zero), mma_v2(k1, hs1_s.load(LB), zero),
+                           mma_v2(k2, hs2_s.load(LB), zero), mma_v2(k3, hs3_s.load(LB), zero))
+    s = (inv_rn * (SCALE * 256.0))[:, None]
+    y0 = z0 * s
+    y1 = z1 * s
+    y2 = z2 * s
+    y3 = z3 * s
+    rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+                                                      K_RULE, M)
+    rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
+    g = (rnorm16 * inv_rn)[:, None]
+    w0 = gl.load(key_weight_ptr + hd + coll)
+    w1 = gl.load(key_weight_ptr + hd + C + coll)
+    w2 = gl.load(key_weight_ptr + hd + 2 * C + coll)
+    w3 = gl.load(key_weight_ptr + hd + 3 * C + coll)
+    rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), w0, w1, w2,
+                w3, LA, L) * F * (rn * rn)
+    return rw0, rw1, rw2, rw3, rnorm16, rerr
+
+
+@gluon.jit
+def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
+                    cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN: gl.constexpr,
+                    K_SHIFT: gl.constexpr, K_BITS: gl.constexpr, K_RULE: gl.constexpr,
+                    C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr, LA: gl.constexpr,
+                    LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr):
+    """The calibrated key's coding (the transform first, then two float16 passes per chunk):
+    its words, its float16 norm and its weighted error."""
+    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    u0 = gl.load(key_mean_ptr + hd + cola)[None, :]
+    u1 = gl.load(key_mean_ptr + hd + C + cola)[None, :]
+    u2 = gl.load(key_mean_ptr + hd + 2 * C + cola)[None, :]
+    u3 = gl.load(key_mean_ptr + hd + 3 * C + cola)[None, :]
+    if MEAN:
+        cs0 = cos0_s.load(LA)
+        sn0 = sin0_s.load(LA)
+        cs1 = cos1_s.load(LA)
+        sn1 = sin1_s.load(LA)
+        mu0 = u0 * cs0 - u2 * sn0
+        mu2 = u2 * cs0 + u0 * sn0
+        mu1 = u1 * cs1 - u3 * sn1
+        mu3 = u3 * cs1 + u1 * sn1
+    else:
+        mu0 = u0
+        mu1 = u1
+        mu2 = u2
+        mu3 = u3
+    # (rows outside the mapping are coded too, never stored: no masking needed)
+    x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
+    x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
+    x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
+    x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
+    n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
+    inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
+    xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
+    z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
+    hcp = hcp_s.load(LB)
+    y0 = _dsplit(z0 * xs, hcp, LA, L)
+    y1 = _dsplit(z1 * xs, hcp, LA, L)
+    y2 = _dsplit(z2 * xs, hcp, LA, L)
+    y3 = _dsplit(z3 * xs, hcp, LA, L)
+    n = gl.convert_layout(n_a, ROW)
+    inv_n = gl.convert_layout(inv_na, ROW)
+    cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+                                                      K_RULE, M)
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+    g = (norm16 * inv_n)[:, None]
+    q0 = gl.load(key_wsq_ptr + hd + coll)
+    q1 = gl.load(key_wsq_ptr + hd + C + coll)
+    q2 = gl.load(key_wsq_ptr + hd + 2 * C + coll)
+    q3 = gl.load(key_wsq_ptr + hd + 3 * C + coll)
+    err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
+               q3, LA, L) * F * (n * n)
+    return cw0, cw1, cw2, cw3, norm16, err
+
+
+@gluon.jit
 def _tq_store_hopper_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens, positions_ptr,
@@ -297,7 +382,7 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
-    ALIGN: gl.constexpr,
+    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -355,6 +440,11 @@ def _tq_store_hopper_kernel(
         sin0_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin0)
         cos1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, cos1)
         sin1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin1)
+    else:  # not read (_key_calibrated without MEAN)
+        cos0_s = hcp_s
+        sin0_s = hcp_s
+        cos1_s = hcp_s
+        sin1_s = hcp_s
     kp = key_ptr + ta.to(gl.int64) * stride_kt
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
@@ -419,79 +509,25 @@ def _tq_store_hopper_kernel(
         f1 = k1.to(gl.float32)
         f2 = k2.to(gl.float32)
         f3 = k3.to(gl.float32)
-
-        # the raw coding: 16-bit dots with diag(s_a) H_C, the transform after
         rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
                                ROW)
         inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
-        hs0 = hs0_s.load(LB)
-        hs1 = hs1_s.load(LB)
-        hs2 = hs2_s.load(LB)
-        hs3 = hs3_s.load(LB)
-        z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0, zero), mma_v2(k1, hs1, zero),
-                               mma_v2(k2, hs2, zero), mma_v2(k3, hs3, zero))
-        s = (inv_rn * (SCALE * 256.0))[:, None]
-        y0 = z0 * s
-        y1 = z1 * s
-        y2 = z2 * s
-        y3 = z3 * s
-        rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
-                                                          K_BITS, K_RULE, M)
-        rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
-        g = (rnorm16 * inv_rn)[:, None]
-        hcu = hcu_s.load(LB)
-        w0 = gl.load(key_weight_ptr + hd + coll)
-        w1 = gl.load(key_weight_ptr + hd + C + coll)
-        w2 = gl.load(key_weight_ptr + hd + 2 * C + coll)
-        w3 = gl.load(key_weight_ptr + hd + 3 * C + coll)
-        rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, w0, w1, w2, w3,
-                    LA, L) * F * (rn * rn)
-
-        # the calibrated coding: the transform first, then two float16 passes per chunk
-        u0 = gl.load(key_mean_ptr + hd + cola)[None, :]
-        u1 = gl.load(key_mean_ptr + hd + C + cola)[None, :]
-        u2 = gl.load(key_mean_ptr + hd + 2 * C + cola)[None, :]
-        u3 = gl.load(key_mean_ptr + hd + 3 * C + cola)[None, :]
-        if MEAN:
-            cs0 = cos0_s.load(LA)
-            sn0 = sin0_s.load(LA)
-            cs1 = cos1_s.load(LA)
-            sn1 = sin1_s.load(LA)
-            mu0 = u0 * cs0 - u2 * sn0
-            mu2 = u2 * cs0 + u0 * sn0
-            mu1 = u1 * cs1 - u3 * sn1
-            mu3 = u3 * cs1 + u1 * sn1
+        if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
+            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
+                C, M, SCALE, LA, LB, L, ROW)
+            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L)
         else:
-            mu0 = u0
-            mu1 = u1
-            mu2 = u2
-            mu3 = u3
-        # (rows outside the mapping are coded too, never stored: no masking needed)
-        x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
-        x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
-        x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
-        x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
-        n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
-        inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
-        xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
-        z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
-        hcp = hcp_s.load(LB)
-        y0 = _dsplit(z0 * xs, hcp, LA, L)
-        y1 = _dsplit(z1 * xs, hcp, LA, L)
-        y2 = _dsplit(z2 * xs, hcp, LA, L)
-        y3 = _dsplit(z3 * xs, hcp, LA, L)
-        n = gl.convert_layout(n_a, ROW)
-        inv_n = gl.convert_layout(inv_na, ROW)
-        cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
-                                                          K_BITS, K_RULE, M)
-        norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
-        g = (norm16 * inv_n)[:, None]
-        q0 = gl.load(key_wsq_ptr + hd + coll)
-        q1 = gl.load(key_wsq_ptr + hd + C + coll)
-        q2 = gl.load(key_wsq_ptr + hd + 2 * C + coll)
-        q3 = gl.load(key_wsq_ptr + hd + 3 * C + coll)
-        err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, q0, q1, q2, q3,
-                   LA, L) * F * (n * n)
+            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L)
+            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
+                C, M, SCALE, LA, LB, L, ROW)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout
@@ -506,10 +542,11 @@ def _tq_store_hopper_kernel(
 
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, cal_first: bool = CAL_FIRST):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
-    (default: all with a key mean, sharing the cos/sin; else 1)."""
+    (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
+    benchmarks/dev/kv_store_hopper_variants.py): the key's calibrated coding before its raw one."""
     T, H, D = key.shape
     lay = tables.layout
     heads = heads or (H if tables.has_mean else 1)
@@ -520,7 +557,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_OFF=lay.value.b.offset, K_NORM_OFF=lay.key.norm_offset,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
-              V_SHIFT=hop["v_shift"], ALIGN=align, num_warps=num_warps)
+              V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first, num_warps=num_warps)
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
