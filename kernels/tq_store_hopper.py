@@ -14,8 +14,13 @@ RESULTS.md "Store kernel, fifth pass"), and its code search took ~15 instruction
 Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16 w + 16)):
 
 * Layouts: mma.sync m16n8k16 (mma_v2) with warps along the rows, so a row's sums are in-thread
-  adds and two quad shuffles; no shared memory in the head loop except the rotation blocks and
-  the key mean's cos/sin (written once per program).
+  adds and two quad shuffles; no shared memory in the head loop except the rotation blocks, the
+  key mean's cos/sin and the heads' per-column vectors (key mean, inv scale, weights, value
+  mean and its rotation: VSMEM), all written once per program. VSMEM (2026-12-06, no GPU run
+  yet): read per head and chunk from shared memory instead of global memory, those 96 loads a
+  head are no longer hoisted into registers at the top of the head loop (sm_90 SASS, Triton
+  3.6: 5841 instructions and 56 spill accesses a head against 5878 and 88; at maxnreg 200,
+  181 against 236).
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
   16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
   (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
@@ -60,6 +65,7 @@ from .tq_decode_hopper import _rope_cos_sin
 
 NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
+VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -233,6 +239,18 @@ def _norm_of(n, yc, cc, RULE: gl.constexpr):
 
 
 @gluon.jit
+def _vec(ptr, smem, i, hd, a: gl.constexpr, C: gl.constexpr, LAYOUT: gl.constexpr,
+         VSMEM: gl.constexpr):
+    """Chunk a of head i's (of the program's; hd = its global head x D) per-column vector: from
+    shared memory (VSMEM: staged once per program) or global memory."""
+    if VSMEM:
+        v = smem.index(i * 4 + a).load(LAYOUT)
+    else:
+        v = gl.load(ptr + hd + a * C + gl.arange(0, C, LAYOUT))
+    return v
+
+
+@gluon.jit
 def _fp16_round(x):
     return gl.minimum(gl.maximum(x, -65504.0), 65504.0).to(gl.float16).to(gl.float32)
 
@@ -288,10 +306,11 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
-def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
-             hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
+             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
              K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
-             LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr):
+             LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr,
+             VSMEM: gl.constexpr):
     """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
     its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
@@ -306,28 +325,29 @@ def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s,
                                                       K_RULE, M)
     rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
     g = (rnorm16 * inv_rn)[:, None]
-    w0 = gl.load(key_weight_ptr + hd + coll)
-    w1 = gl.load(key_weight_ptr + hd + C + coll)
-    w2 = gl.load(key_weight_ptr + hd + 2 * C + coll)
-    w3 = gl.load(key_weight_ptr + hd + 3 * C + coll)
+    w0 = _vec(key_weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
+    w1 = _vec(key_weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
+    w2 = _vec(key_weight_ptr, w_s, i, hd, 2, C, COL, VSMEM)
+    w3 = _vec(key_weight_ptr, w_s, i, hd, 3, C, COL, VSMEM)
     rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), w0, w1, w2,
                 w3, LA, L) * F * (rn * rn)
     return rw0, rw1, rw2, rw3, rnorm16, rerr
 
 
 @gluon.jit
-def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
-                    cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN: gl.constexpr,
-                    K_SHIFT: gl.constexpr, K_BITS: gl.constexpr, K_RULE: gl.constexpr,
-                    C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr, LA: gl.constexpr,
-                    LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr):
+def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s,
+                    wsq_s, i, hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab,
+                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+                    K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
+                    LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
+                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr):
     """The calibrated key's coding (the transform first, then two float16 passes per chunk):
     its words, its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
-    u0 = gl.load(key_mean_ptr + hd + cola)[None, :]
-    u1 = gl.load(key_mean_ptr + hd + C + cola)[None, :]
-    u2 = gl.load(key_mean_ptr + hd + 2 * C + cola)[None, :]
-    u3 = gl.load(key_mean_ptr + hd + 3 * C + cola)[None, :]
+    u0 = _vec(key_mean_ptr, km_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+    u1 = _vec(key_mean_ptr, km_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+    u2 = _vec(key_mean_ptr, km_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+    u3 = _vec(key_mean_ptr, km_s, i, hd, 3, C, COLA, VSMEM)[None, :]
     if MEAN:
         cs0 = cos0_s.load(LA)
         sn0 = sin0_s.load(LA)
@@ -343,10 +363,10 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, 
         mu2 = u2
         mu3 = u3
     # (rows outside the mapping are coded too, never stored: no masking needed)
-    x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
-    x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
-    x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
-    x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
+    x0 = (f0 - mu0) * _vec(key_isg_ptr, isg_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+    x1 = (f1 - mu1) * _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+    x2 = (f2 - mu2) * _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+    x3 = (f3 - mu3) * _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
     n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
     inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
     xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
@@ -362,10 +382,10 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, 
                                                       K_RULE, M)
     norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
     g = (norm16 * inv_n)[:, None]
-    q0 = gl.load(key_wsq_ptr + hd + coll)
-    q1 = gl.load(key_wsq_ptr + hd + C + coll)
-    q2 = gl.load(key_wsq_ptr + hd + 2 * C + coll)
-    q3 = gl.load(key_wsq_ptr + hd + 3 * C + coll)
+    q0 = _vec(key_wsq_ptr, wsq_s, i, hd, 0, C, COL, VSMEM)
+    q1 = _vec(key_wsq_ptr, wsq_s, i, hd, 1, C, COL, VSMEM)
+    q2 = _vec(key_wsq_ptr, wsq_s, i, hd, 2, C, COL, VSMEM)
+    q3 = _vec(key_wsq_ptr, wsq_s, i, hd, 3, C, COL, VSMEM)
     err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
                q3, LA, L) * F * (n * n)
     return cw0, cw1, cw2, cw3, norm16, err
@@ -382,7 +402,7 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
-    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr,
+    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -445,6 +465,30 @@ def _tq_store_hopper_kernel(
         sin0_s = hcp_s
         cos1_s = hcp_s
         sin1_s = hcp_s
+    if VSMEM:  # the heads' per-column vectors, once per program (read per head and chunk)
+        SV: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # rank 1: indexed by row
+        km_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        isg_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        wsq_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        w_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        vm_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        rvm_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
+        cv = gl.arange(0, C, gl.BlockedLayout([1], [32], [NW], [0]))
+        for j in range(HEADS * 4):
+            o = head0 * D + j * C + cv
+            km_s.index(j).store(gl.load(key_mean_ptr + o))
+            isg_s.index(j).store(gl.load(key_isg_ptr + o))
+            wsq_s.index(j).store(gl.load(key_wsq_ptr + o))
+            w_s.index(j).store(gl.load(key_weight_ptr + o))
+            vm_s.index(j).store(gl.load(value_mean_ptr + o))
+            rvm_s.index(j).store(gl.load(rot_vm_ptr + o))
+    else:  # not read
+        km_s = hcp_s
+        isg_s = hcp_s
+        wsq_s = hcp_s
+        w_s = hcp_s
+        vm_s = hcp_s
+        rvm_s = hcp_s
     kp = key_ptr + ta.to(gl.int64) * stride_kt
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
@@ -473,10 +517,10 @@ def _tq_store_hopper_kernel(
         g2 = v2.to(gl.float32)
         g3 = v3.to(gl.float32)
         if VMEAN:
-            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
-            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
-            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
-            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
+            g0 = g0 - _vec(value_mean_ptr, vm_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+            g1 = g1 - _vec(value_mean_ptr, vm_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+            g2 = g2 - _vec(value_mean_ptr, vm_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+            g3 = g3 - _vec(value_mean_ptr, vm_s, i, hd, 3, C, COLA, VSMEM)[None, :]
         vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
                                ROW)
         inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
@@ -487,11 +531,11 @@ def _tq_store_hopper_kernel(
         z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
                                mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
         if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
-            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
-            z0 -= gl.load(rvm)[None, :]
-            z1 -= gl.load(rvm + C)[None, :]
-            z2 -= gl.load(rvm + 2 * C)[None, :]
-            z3 -= gl.load(rvm + 3 * C)[None, :]
+            # permuted like the columns (constants())
+            z0 -= _vec(rot_vm_ptr, rvm_s, i, hd, 0, C, COL, VSMEM)[None, :]
+            z1 -= _vec(rot_vm_ptr, rvm_s, i, hd, 1, C, COL, VSMEM)[None, :]
+            z2 -= _vec(rot_vm_ptr, rvm_s, i, hd, 2, C, COL, VSMEM)[None, :]
+            z3 -= _vec(rot_vm_ptr, rvm_s, i, hd, 3, C, COL, VSMEM)[None, :]
         s = (inv_vn * (SCALE * 256.0))[:, None]
         y0 = z0 * s
         y1 = z1 * s
@@ -514,20 +558,20 @@ def _tq_store_hopper_kernel(
         inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
         if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
                 cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW)
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L)
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
         else:
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, hd, coll, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L)
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, hd, cola, coll,
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
                 cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW)
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout
@@ -542,7 +586,8 @@ def _tq_store_hopper_kernel(
 
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
-                 maxnreg: int | None = None, cal_first: bool = CAL_FIRST):
+                 maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
+                 vsmem: bool = VSMEM):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -557,7 +602,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_OFF=lay.value.b.offset, K_NORM_OFF=lay.key.norm_offset,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
-              V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first, num_warps=num_warps)
+              V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
+              VSMEM=bool(vsmem and heads > 1), num_warps=num_warps)
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
