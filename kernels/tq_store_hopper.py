@@ -20,7 +20,9 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   yet): read per head and chunk from shared memory instead of global memory, those 96 loads a
   head are no longer hoisted into registers at the top of the head loop (sm_90 SASS, Triton
   3.6: 5841 instructions and 56 spill accesses a head against 5878 and 88; at maxnreg 200,
-  181 against 236).
+  181 against 236). ASYNC (a measurement variant, off): the keys and values by cp.async into
+  shared memory one head ahead and read by ldmatrix (5759 instructions, 41 spill accesses, two
+  CTA barriers a head, 100 KB of shared memory a program).
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
   16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
   (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
@@ -45,7 +47,8 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
-its load, nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
+its load, index and _reinterpret (3.9: reinterpret), nvidia.ampere.async_copy (ASYNC only:
+async_copy_global_to_shared, in 3.8 and 3.9 async_load; commit_group, wait_group), nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
 convert_layout, sum, div_rn / sqrt_rn, and the CTA barrier (3.6: thread_barrier; 3.8, 3.9:
 barrier).
 
@@ -59,6 +62,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as _acp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .tq_decode_hopper import _rope_cos_sin
@@ -66,6 +70,9 @@ from .tq_decode_hopper import _rope_cos_sin
 NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
+ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
+# cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
+_async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -238,6 +245,19 @@ def _norm_of(n, yc, cc, RULE: gl.constexpr):
     return norm
 
 
+_S1 = gl.SwizzledSharedLayout(1, 1, 1, [0])
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9
+    @gluon.jit
+    def _rows(smem):
+        """smem [R, C] (unswizzled, row-major) as R rows to index (a rank-1 layout)."""
+        return smem.reinterpret(smem.dtype, smem.shape, _S1)
+else:  # Triton 3.6, 3.8
+    @gluon.jit
+    def _rows(smem):
+        """smem [R, C] (unswizzled, row-major) as R rows to index (a rank-1 layout)."""
+        return smem._reinterpret(smem.dtype, smem.shape, _S1)
+
+
 @gluon.jit
 def _vec(ptr, smem, i, hd, a: gl.constexpr, C: gl.constexpr, LAYOUT: gl.constexpr,
          VSMEM: gl.constexpr):
@@ -248,6 +268,16 @@ def _vec(ptr, smem, i, hd, a: gl.constexpr, C: gl.constexpr, LAYOUT: gl.constexp
     else:
         v = gl.load(ptr + hd + a * C + gl.arange(0, C, LAYOUT))
     return v
+
+
+@gluon.jit
+def _copy_head(b0, b1, b2, b3, rows, mask, C: gl.constexpr):
+    """One head's 16-bit rows (rows: the head's pointers, [M, C] in the copy layout) into the
+    four chunk buffers, asynchronously (cp.async; masked rows read as zeros)."""
+    _async_load(b0, rows, mask=mask)
+    _async_load(b1, rows + C, mask=mask)
+    _async_load(b2, rows + 2 * C, mask=mask)
+    _async_load(b3, rows + 3 * C, mask=mask)
 
 
 @gluon.jit
@@ -402,7 +432,7 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
-    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr,
+    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -466,22 +496,22 @@ def _tq_store_hopper_kernel(
         cos1_s = hcp_s
         sin1_s = hcp_s
     if VSMEM:  # the heads' per-column vectors, once per program (read per head and chunk)
-        SV: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # rank 1: indexed by row
-        km_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        isg_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        wsq_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        w_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        vm_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        rvm_s = gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], SV)
-        cv = gl.arange(0, C, gl.BlockedLayout([1], [32], [NW], [0]))
-        for j in range(HEADS * 4):
-            o = head0 * D + j * C + cv
-            km_s.index(j).store(gl.load(key_mean_ptr + o))
-            isg_s.index(j).store(gl.load(key_isg_ptr + o))
-            wsq_s.index(j).store(gl.load(key_wsq_ptr + o))
-            w_s.index(j).store(gl.load(key_weight_ptr + o))
-            vm_s.index(j).store(gl.load(value_mean_ptr + o))
-            rvm_s.index(j).store(gl.load(rot_vm_ptr + o))
+        S2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        VL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+        rv = gl.arange(0, HEADS * 4, gl.SliceLayout(1, VL))
+        voff = head0 * D + rv[:, None] * C + gl.arange(0, C, gl.SliceLayout(0, VL))[None, :]
+        km_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                               gl.load(key_mean_ptr + voff)))
+        isg_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(key_isg_ptr + voff)))
+        wsq_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(key_wsq_ptr + voff)))
+        w_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                              gl.load(key_weight_ptr + voff)))
+        vm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                               gl.load(value_mean_ptr + voff)))
+        rvm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(rot_vm_ptr + voff)))
     else:  # not read
         km_s = hcp_s
         isg_s = hcp_s
@@ -493,25 +523,62 @@ def _tq_store_hopper_kernel(
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
     zero = gl.zeros([M, C], gl.float32, L)
-    _cta_barrier()  # the shared tables written: no barrier inside the head loop
+    if ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
+        # (2 rows x 16 bytes a thread: warp w copies the rows it reads, 16 w .. 16 w + 15)
+        BK: gl.constexpr = gl.BlockedLayout([2, 8], [8, 4], [NW, 1], [1, 0])
+        tb = t0 + gl.arange(0, M, gl.SliceLayout(1, BK))
+        in_b = tb < num_tokens
+        mask_b = (in_b & (gl.load(slot_mapping_ptr + tb, mask=in_b, other=-1) >= 0))[:, None]
+        cb_ = gl.arange(0, C, gl.SliceLayout(0, BK))[None, :]
+        kpb = key_ptr + tb.to(gl.int64)[:, None] * stride_kt + cb_
+        vpb = value_ptr + tb.to(gl.int64)[:, None] * stride_vt + cb_
+        ks0 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks1 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks2 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks3 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        vs0 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs1 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs2 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs3 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        _copy_head(ks0, ks1, ks2, ks3, kpb + head0 * stride_kh, mask_b, C)
+        _copy_head(vs0, vs1, vs2, vs3, vpb + head0 * stride_vh, mask_b, C)
+        _acp.commit_group()
+    _cta_barrier()  # the shared tables written
 
     for i in range(HEADS):
         head = head0 + i
         hd = head * D
         base = base0 + head * STRIDE_HEAD
-        # the key's loads first: in flight while the head's values are coded
-        kh = kp + head * stride_kh
-        k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
-        k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
-        k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
-        k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+        if ASYNC:
+            _acp.wait_group(0)
+            _cta_barrier()
+            k0 = ks0.load(LA)
+            k1 = ks1.load(LA)
+            k2 = ks2.load(LA)
+            k3 = ks3.load(LA)
+            v0 = vs0.load(LA)
+            v1 = vs1.load(LA)
+            v2 = vs2.load(LA)
+            v3 = vs3.load(LA)
+            _cta_barrier()  # every warp has read the buffers: the next head's copies
+            if i + 1 < HEADS:
+                _copy_head(ks0, ks1, ks2, ks3, kpb + (head + 1) * stride_kh, mask_b, C)
+                _copy_head(vs0, vs1, vs2, vs3, vpb + (head + 1) * stride_vh, mask_b, C)
+            _acp.commit_group()
+        else:
+            # the key's loads first: in flight while the head's values are coded
+            kh = kp + head * stride_kh
+            k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
+            k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+            k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+            k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
 
-        # values: 16-bit dots, the value mean's rotation taken off after
-        vh = vp + head * stride_vh
-        v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
-        v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
-        v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
-        v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+            # values: 16-bit dots, the value mean's rotation taken off after
+            vh = vp + head * stride_vh
+            v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
+            v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+            v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+            v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
         g0 = v0.to(gl.float32)
         g1 = v1.to(gl.float32)
         g2 = v2.to(gl.float32)
@@ -587,7 +654,7 @@ def _tq_store_hopper_kernel(
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
-                 vsmem: bool = VSMEM):
+                 vsmem: bool = VSMEM, async_kv: bool = ASYNC):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -603,7 +670,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
               V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
-              VSMEM=bool(vsmem and heads > 1), num_warps=num_warps)
+              VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, num_warps=num_warps)
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),

@@ -10,7 +10,8 @@ then the Gluon kernel launched directly (tq_store_hopper.store_launch) at each v
 program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8 warps an SM,
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
 tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one) and
-vsmem (the heads' per-column vectors staged in shared memory once a program: served).
+vsmem (the heads' per-column vectors staged in shared memory once a program: served) and
+async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
 cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (the portable
 kernel differs from both in threshold ties, about 1e-6 of bytes); the served call
@@ -30,27 +31,30 @@ import torch
 import triton
 import kv_bench as kb
 
-# (label, num_warps, heads a program, maxnreg, cal_first, vsmem); the first two are the launch
+# (label, num_warps, heads a program, maxnreg, cal_first, vsmem, async_kv); the first two are the launch
 # shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads) with the per-head
 # vectors in shared memory (served, vsmem) and in global memory (the store measured on 2026-12-06)
 VARIANTS = [
-    ("4 warps x 8 heads, vsmem (served)", 4, 8, None, False, True),
-    ("4 warps x 8 heads, no vsmem (12-06)", 4, 8, None, False, False),
-    ("  cal_first", 4, 8, None, True, True),
-    ("  maxnreg 168 (12 warps/SM)", 4, 8, 168, False, True),
-    ("  maxnreg 168, no vsmem", 4, 8, 168, False, False),
-    ("2 warps x 8 heads, maxnreg 200 (10/SM)", 2, 8, 200, False, True),
-    ("2 warps x 8 heads, maxnreg 200, cal_first", 2, 8, 200, True, True),
-    ("2 warps x 8 heads, maxnreg 168", 2, 8, 168, False, True),
-    ("1 warp x 8 heads, maxnreg 216 (9/SM)", 1, 8, 216, False, True),
-    ("4 warps x 8 heads, maxnreg 128 (16/SM)", 4, 8, 128, False, True),
-    ("8 warps x 8 heads", 8, 8, None, False, True),
-    ("2 warps x 8 heads", 2, 8, None, False, True),
-    ("4 warps x 4 heads", 4, 4, None, False, True),
+    ("4 warps x 8 heads, vsmem (served)", 4, 8, None, False, True, False),
+    ("4 warps x 8 heads, no vsmem (12-06)", 4, 8, None, False, False, False),
+    ("  async K/V (cp.async one head ahead)", 4, 8, None, False, True, True),
+    ("  async K/V, no vsmem", 4, 8, None, False, False, True),
+    ("  cal_first", 4, 8, None, True, True, False),
+    ("  maxnreg 168 (12 warps/SM)", 4, 8, 168, False, True, False),
+    ("  maxnreg 168, no vsmem", 4, 8, 168, False, False, False),
+    ("2 warps x 8 heads, maxnreg 200 (10/SM)", 2, 8, 200, False, True, False),
+    ("2 warps x 8 heads, maxnreg 200, cal_first", 2, 8, 200, True, True, False),
+    ("2 warps x 8 heads, maxnreg 168", 2, 8, 168, False, True, False),
+    ("1 warp x 8 heads, maxnreg 216 (9/SM)", 1, 8, 216, False, True, False),
+    ("4 warps x 8 heads, maxnreg 128 (16/SM)", 4, 8, 128, False, True, False),
+    ("8 warps x 8 heads", 8, 8, None, False, True, False),
+    ("2 warps x 8 heads", 2, 8, None, False, True, False),
+    ("4 warps x 4 heads", 4, 4, None, False, True, False),
 ]
 
 
-def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_first, vsmem):
+def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_first, vsmem,
+           async_kv):
     """A call of the Gluon store at this variant (as tq_store launches it, through CachedLaunch)."""
     from vllm_gds.kernels import tq_store_hopper as hop
     from vllm_gds.kernels.launch import CachedLaunch
@@ -61,7 +65,7 @@ def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_fir
     grid, args, cx = hop.store_launch(k, v, cache, slots, tables, positions, c, h,
                                       _alignment(cache, cache.stride()), num_warps=warps,
                                       heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                                      vsmem=vsmem)
+                                      vsmem=vsmem, async_kv=async_kv)
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
     return lambda: launch(grid, args, cx, compiled)
 
@@ -147,7 +151,7 @@ def main():
                 lambda c2: direct(kc, vc, c2, slots_c, tables_c, pos_c, warps, heads, maxnreg,
                                   cal_first)())
         r.update(num_warps=warps, heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                                      vsmem=vsmem)
+                                      vsmem=vsmem, async_kv=async_kv)
         save()
 
     served = next((x["ms"] for x in res["rows"] if x["label"].startswith("served") and "ms" in x), None)
