@@ -40,13 +40,14 @@ VARIANTS = [
     ("  async K/V (cp.async one head ahead)", 4, 8, None, False, True, True),
     ("  async K/V, no vsmem", 4, 8, None, False, False, True),
     ("  cal_first", 4, 8, None, True, True, False),
-    ("  maxnreg 168 (12 warps/SM)", 4, 8, 168, False, True, False),
+    ("  maxnreg 168 (3 programs, 12 warps/SM)", 4, 8, 168, False, True, False),
     ("  maxnreg 168, no vsmem", 4, 8, 168, False, False, False),
-    ("2 warps x 8 heads, maxnreg 200 (10/SM)", 2, 8, 200, False, True, False),
-    ("2 warps x 8 heads, maxnreg 200, cal_first", 2, 8, 200, True, True, False),
-    ("2 warps x 8 heads, maxnreg 168", 2, 8, 168, False, True, False),
-    ("1 warp x 8 heads, maxnreg 216 (9/SM)", 1, 8, 216, False, True, False),
-    ("4 warps x 8 heads, maxnreg 128 (16/SM)", 4, 8, 128, False, True, False),
+    ("  maxnreg 128, no vsmem (16/SM)", 4, 8, 128, False, False, False),
+    # smaller programs: without vsmem (its 24 KB a program would cap the programs an SM first)
+    ("2 warps x 8 heads, maxnreg 200, no vsmem (10/SM)", 2, 8, 200, False, False, False),
+    ("2 warps x 8 heads, maxnreg 200, cal_first, no vsmem", 2, 8, 200, True, False, False),
+    ("2 warps x 8 heads, maxnreg 168, no vsmem (12/SM)", 2, 8, 168, False, False, False),
+    ("1 warp x 8 heads, maxnreg 216, no vsmem (9/SM)", 1, 8, 216, False, False, False),
     ("8 warps x 8 heads", 8, 8, None, False, True, False),
     ("2 warps x 8 heads", 2, 8, None, False, True, False),
     ("4 warps x 4 heads", 4, 4, None, False, True, False),
@@ -67,7 +68,9 @@ def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_fir
                                       heads=heads, maxnreg=maxnreg, cal_first=cal_first,
                                       vsmem=vsmem, async_kv=async_kv)
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
-    return lambda: launch(grid, args, cx, compiled)
+    fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
+    fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
+    return fn
 
 
 def main():
@@ -128,7 +131,11 @@ def main():
                     check(cache2)
                     torch.cuda.synchronize()
                     r["bytes_vs_served"] = int((cache2 != served_cache).sum())
-                t = kb.bench(make(), triton)
+                fn = make()
+                t = kb.bench(fn, triton)
+                for kern, _ in getattr(fn, "compiled", {}).values():  # registers, spills, smem
+                    r.update(regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
+                             smem=getattr(getattr(kern, "metadata", None), "shared", None))
                 r.update(ms=t, gbs=moved / (t * 1e-3) / 1e9)
                 r["of_copy"] = r["gbs"] / copy
             except Exception as e:
@@ -159,13 +166,17 @@ def main():
           f"{name} calibrated with the key mean, Llama-3-8B shape; served launch "
           f"{res['rows'][0].get('launch')}; served vs reference: {res['served_vs_reference']}")
     print(f"target: >= 25% of copy = <= {moved / (0.25 * copy * 1e9) * 1e3:.3f} ms")
-    print(f"{'launch':44} {'bytes vs served':>15} {'ms':>7} {'of copy':>7} {'vs served':>9}")
+    print(f"{'launch':52} {'bytes vs served':>15} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
+          f"{'ms':>7} {'of copy':>7} {'vs served':>9}")
     for x in res["rows"]:
         if "error" in x:
-            print(f"{x['label']:44} ERROR {x['error'][:70]}")
+            print(f"{x['label']:52} ERROR {x['error'][:70]}")
             continue
         b = x.get("bytes_vs_served")
-        print(f"{x['label']:44} {'' if b is None else b:>15} {x['ms']:7.3f} {x['of_copy']:7.1%} "
+        sm = x.get("smem")
+        print(f"{x['label']:52} {'' if b is None else b:>15} {x.get('regs') or '':>4} "
+              f"{'' if x.get('spills') is None else x['spills']:>7} "
+              f"{'' if sm is None else round(sm / 1024):>7} {x['ms']:7.3f} {x['of_copy']:7.1%} "
               f"{served / x['ms'] if served else 0:8.2f}x")
 
 
