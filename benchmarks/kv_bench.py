@@ -524,9 +524,14 @@ def copy_bandwidth(torch, triton, device):
     return 2 * x.numel() / (t * 1e-3) / 1e9
 
 
-def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=True, tokens=32768,
-                    mean=True):
+def store_bandwidth(torch, triton, name, device, block_t=None, num_warps=None, calibrated=True,
+                    tokens=32768, mean=True, launch=None):
+    """(ms, GB/s moved) of tq_store at 32K new tokens of the Llama-3-8B shape. block_t and
+    num_warps None (and launch None): the served call (no tuning), what vLLM runs; else a
+    measured launch (StoreTuning). launch: a dict that served_launch fills with what the served
+    call launched (kernel, tokens and heads a program, warps)."""
     from vllm_gds.kernels import StoreTuning, tq_store
+    from vllm_gds.kernels.tq_store import served_launch
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.tables import LayerTables
 
@@ -541,8 +546,11 @@ def store_bandwidth(torch, triton, name, device, block_t, num_warps, calibrated=
     v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
     slots = torch.randperm(tokens, device=device)
     positions = torch.arange(tokens, device=device)
-    launch = StoreTuning(block_t=block_t, num_warps=num_warps)
-    t = bench(lambda: tq_store(k, v, cache, slots, tables, positions, tuning=launch), triton)
+    tuning = (None if block_t is None and num_warps is None
+              else StoreTuning(block_t=block_t, num_warps=num_warps))
+    t = bench(lambda: tq_store(k, v, cache, slots, tables, positions, tuning=tuning), triton)
+    if launch is not None and tuning is None:
+        launch.update(served_launch(tables, tokens, hk) or {})
     moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 
@@ -711,18 +719,25 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(torch, triton, device)
     results["copy_gbs"] = copy_gbs
     log(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    # The served store (no tuning: what vLLM runs, the Hopper store on sm_90), one row per format
+    # and calibration; block_t / num_warps: the launch it chose (kv_targets.py reads the first
+    # calibrated tq4 row). Launch variants: benchmarks/dev/kv_store_hopper_variants.py.
     for name in ([] if args.no_store else OURS):
-        for block_t, nw in ((16, 4), (16, 8)):
-            for calibrated in (True, False):
-                try:
-                    t, gbs = store_bandwidth(torch, triton, name, device, block_t, nw, calibrated)
-                    results["store"].append(dict(format=name, block_t=block_t, num_warps=nw,
-                                                 calibrated=calibrated, ms=t, gbs=gbs,
-                                                 of_copy=gbs / copy_gbs))
-                    log(f"store {name} 32K tokens block_t={block_t} warps={nw} calibrated={calibrated}: "
-                        f"{t:.3f} ms, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy")
-                except Exception:
-                    log(f"store {name} FAILED\n{traceback.format_exc()}")
+        for calibrated in (True, False):
+            try:
+                launch = {}
+                t, gbs = store_bandwidth(torch, triton, name, device, calibrated=calibrated,
+                                         launch=launch)
+                results["store"].append(dict(
+                    format=name, block_t=launch.get("block_t"), num_warps=launch.get("num_warps"),
+                    heads=launch.get("heads"), kernel=launch.get("kernel"), served=True,
+                    calibrated=calibrated, ms=t, gbs=gbs, of_copy=gbs / copy_gbs))
+                log(f"store {name} 32K tokens served ({launch.get('kernel')} "
+                    f"{launch.get('block_t')} tokens x {launch.get('heads')} heads a program, "
+                    f"{launch.get('num_warps')} warps) calibrated={calibrated}: "
+                    f"{t:.3f} ms, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy")
+            except Exception:
+                log(f"store {name} FAILED\n{traceback.format_exc()}")
     log(f"[{time.time() - started:.0f}s] store done")
 
     # 3. Other decode launches on the 8B shape, for the record; the table below times the
@@ -880,7 +895,7 @@ def table(results) -> list[str]:
     out.append("")
     out.append(f"Store, 32K new tokens, Llama-3-8B shape; copy bandwidth {results.get('copy_gbs', 0):.0f} GB/s:")
     for s in results["store"]:
-        out.append(f"  {s['format']} block_t={s['block_t']} warps={s['num_warps']} calibrated={s['calibrated']}: "
+        out.append(f"  {s['format']} {s.get('kernel') or ''} block_t={s['block_t']} warps={s['num_warps']} calibrated={s['calibrated']}: "
                    f"{s['ms']:.3f} ms, {s['gbs']:.0f} GB/s ({s['of_copy']:.0%} of copy)")
     out.append("")
     out.append("KV bytes per token per layer (capacity vs BF16):")

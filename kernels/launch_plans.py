@@ -23,3 +23,7 @@ class LaunchPlans:
         if plan is None:
             plan = plans[key] = self._make(tables, *key)
         return plan
+
+    def plans(self, tables) -> list:
+        """The plans made so far for these tables (for reports: what a launch chose)."""
+        return list(self._by_tables.get(id(tables), {}).values())

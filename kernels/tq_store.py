@@ -306,6 +306,22 @@ _STORE = CachedLaunch(_tq_store_kernel)
 _STORE_HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
 
 
+def served_launch(tables, T: int, H: int) -> dict | None:
+    """What tq_store's served calls (no tuning) with these tables launch at T tokens of H heads,
+    once one has run: kernel (hopper / portable), tokens and heads a program, warps. For reports
+    (kv_bench's store rows); None before a served call."""
+    for plan in _LAUNCHES.plans(tables):
+        if plan.tuning != SERVED or plan.hopper is None:
+            continue
+        if plan.hopper:
+            tokens, heads, kwargs, _ = plan.hopper.pick(T, H)
+            return dict(kernel="hopper", block_t=tokens, heads=heads, num_warps=kwargs["NW"],
+                        maxnreg=kwargs.get("maxnreg"))
+        return dict(kernel="portable", block_t=plan.block_t, heads=plan.heads,
+                    num_warps=plan.kwargs["num_warps"], maxnreg=plan.kwargs.get("maxnreg"))
+    return None
+
+
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, tables, positions: torch.Tensor | None = None, *,
              tuning: StoreTuning | None = None) -> None:

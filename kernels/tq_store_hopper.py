@@ -14,8 +14,15 @@ RESULTS.md "Store kernel, fifth pass"), and its code search took ~15 instruction
 Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16 w + 16)):
 
 * Layouts: mma.sync m16n8k16 (mma_v2) with warps along the rows, so a row's sums are in-thread
-  adds and two quad shuffles; no shared memory in the head loop except the rotation blocks and
-  the key mean's cos/sin (written once per program).
+  adds and two quad shuffles; no shared memory in the head loop except the rotation blocks, the
+  key mean's cos/sin and the heads' per-column vectors (key mean, inv scale, weights, value
+  mean and its rotation: VSMEM), all written once per program. VSMEM (2026-12-06, no GPU run
+  yet): read per head and chunk from shared memory instead of global memory, those 96 loads a
+  head are no longer hoisted into registers at the top of the head loop (sm_90 SASS, Triton
+  3.6: 5841 instructions and 56 spill accesses a head against 5878 and 88; at maxnreg 200,
+  181 against 236). ASYNC (a measurement variant, off): the keys and values by cp.async into
+  shared memory one head ahead and read by ldmatrix (5759 instructions, 41 spill accesses, two
+  CTA barriers a head, 100 KB of shared memory a program).
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
   16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
   (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
@@ -40,7 +47,8 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
-its load, nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
+its load, index and _reinterpret (3.9: reinterpret), nvidia.ampere.async_copy (ASYNC only:
+async_copy_global_to_shared, in 3.8 and 3.9 async_load; commit_group, wait_group), nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
 convert_layout, sum, div_rn / sqrt_rn, and the CTA barrier (3.6: thread_barrier; 3.8, 3.9:
 barrier).
 
@@ -54,11 +62,17 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as _acp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .tq_decode_hopper import _rope_cos_sin
 
 NT = gl.constexpr(16)  # tokens per warp
+CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
+VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
+ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
+# cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
+_async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -231,6 +245,41 @@ def _norm_of(n, yc, cc, RULE: gl.constexpr):
     return norm
 
 
+_S1 = gl.SwizzledSharedLayout(1, 1, 1, [0])
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9
+    @gluon.jit
+    def _rows(smem):
+        """smem [R, C] (unswizzled, row-major) as R rows to index (a rank-1 layout)."""
+        return smem.reinterpret(smem.dtype, smem.shape, _S1)
+else:  # Triton 3.6, 3.8
+    @gluon.jit
+    def _rows(smem):
+        """smem [R, C] (unswizzled, row-major) as R rows to index (a rank-1 layout)."""
+        return smem._reinterpret(smem.dtype, smem.shape, _S1)
+
+
+@gluon.jit
+def _vec(ptr, smem, i, hd, a: gl.constexpr, C: gl.constexpr, LAYOUT: gl.constexpr,
+         VSMEM: gl.constexpr):
+    """Chunk a of head i's (of the program's; hd = its global head x D) per-column vector: from
+    shared memory (VSMEM: staged once per program) or global memory."""
+    if VSMEM:
+        v = smem.index(i * 4 + a).load(LAYOUT)
+    else:
+        v = gl.load(ptr + hd + a * C + gl.arange(0, C, LAYOUT))
+    return v
+
+
+@gluon.jit
+def _copy_head(b0, b1, b2, b3, rows, mask, C: gl.constexpr):
+    """One head's 16-bit rows (rows: the head's pointers, [M, C] in the copy layout) into the
+    four chunk buffers, asynchronously (cp.async; masked rows read as zeros)."""
+    _async_load(b0, rows, mask=mask)
+    _async_load(b1, rows + C, mask=mask)
+    _async_load(b2, rows + 2 * C, mask=mask)
+    _async_load(b3, rows + 3 * C, mask=mask)
+
+
 @gluon.jit
 def _fp16_round(x):
     return gl.minimum(gl.maximum(x, -65504.0), 65504.0).to(gl.float16).to(gl.float32)
@@ -287,6 +336,92 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
+def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
+             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+             K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
+             LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr,
+             VSMEM: gl.constexpr):
+    """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
+    its float16 norm and its weighted error."""
+    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0_s.load(LB), zero), mma_v2(k1, hs1_s.load(LB), zero),
+                           mma_v2(k2, hs2_s.load(LB), zero), mma_v2(k3, hs3_s.load(LB), zero))
+    s = (inv_rn * (SCALE * 256.0))[:, None]
+    y0 = z0 * s
+    y1 = z1 * s
+    y2 = z2 * s
+    y3 = z3 * s
+    rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+                                                      K_RULE, M)
+    rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
+    g = (rnorm16 * inv_rn)[:, None]
+    w0 = _vec(key_weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
+    w1 = _vec(key_weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
+    w2 = _vec(key_weight_ptr, w_s, i, hd, 2, C, COL, VSMEM)
+    w3 = _vec(key_weight_ptr, w_s, i, hd, 3, C, COL, VSMEM)
+    rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), w0, w1, w2,
+                w3, LA, L) * F * (rn * rn)
+    return rw0, rw1, rw2, rw3, rnorm16, rerr
+
+
+@gluon.jit
+def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s,
+                    wsq_s, i, hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab,
+                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+                    K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
+                    LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
+                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr):
+    """The calibrated key's coding (the transform first, then two float16 passes per chunk):
+    its words, its float16 norm and its weighted error."""
+    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    u0 = _vec(key_mean_ptr, km_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+    u1 = _vec(key_mean_ptr, km_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+    u2 = _vec(key_mean_ptr, km_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+    u3 = _vec(key_mean_ptr, km_s, i, hd, 3, C, COLA, VSMEM)[None, :]
+    if MEAN:
+        cs0 = cos0_s.load(LA)
+        sn0 = sin0_s.load(LA)
+        cs1 = cos1_s.load(LA)
+        sn1 = sin1_s.load(LA)
+        mu0 = u0 * cs0 - u2 * sn0
+        mu2 = u2 * cs0 + u0 * sn0
+        mu1 = u1 * cs1 - u3 * sn1
+        mu3 = u3 * cs1 + u1 * sn1
+    else:
+        mu0 = u0
+        mu1 = u1
+        mu2 = u2
+        mu3 = u3
+    # (rows outside the mapping are coded too, never stored: no masking needed)
+    x0 = (f0 - mu0) * _vec(key_isg_ptr, isg_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+    x1 = (f1 - mu1) * _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+    x2 = (f2 - mu2) * _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+    x3 = (f3 - mu3) * _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
+    n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
+    inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
+    xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
+    z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
+    hcp = hcp_s.load(LB)
+    y0 = _dsplit(z0 * xs, hcp, LA, L)
+    y1 = _dsplit(z1 * xs, hcp, LA, L)
+    y2 = _dsplit(z2 * xs, hcp, LA, L)
+    y3 = _dsplit(z3 * xs, hcp, LA, L)
+    n = gl.convert_layout(n_a, ROW)
+    inv_n = gl.convert_layout(inv_na, ROW)
+    cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+                                                      K_RULE, M)
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+    g = (norm16 * inv_n)[:, None]
+    q0 = _vec(key_wsq_ptr, wsq_s, i, hd, 0, C, COL, VSMEM)
+    q1 = _vec(key_wsq_ptr, wsq_s, i, hd, 1, C, COL, VSMEM)
+    q2 = _vec(key_wsq_ptr, wsq_s, i, hd, 2, C, COL, VSMEM)
+    q3 = _vec(key_wsq_ptr, wsq_s, i, hd, 3, C, COL, VSMEM)
+    err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
+               q3, LA, L) * F * (n * n)
+    return cw0, cw1, cw2, cw3, norm16, err
+
+
+@gluon.jit
 def _tq_store_hopper_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens, positions_ptr,
@@ -297,7 +432,7 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
-    ALIGN: gl.constexpr,
+    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -355,38 +490,104 @@ def _tq_store_hopper_kernel(
         sin0_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin0)
         cos1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, cos1)
         sin1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin1)
+    else:  # not read (_key_calibrated without MEAN)
+        cos0_s = hcp_s
+        sin0_s = hcp_s
+        cos1_s = hcp_s
+        sin1_s = hcp_s
+    if VSMEM:  # the heads' per-column vectors, once per program (read per head and chunk)
+        S2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        VL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+        rv = gl.arange(0, HEADS * 4, gl.SliceLayout(1, VL))
+        voff = head0 * D + rv[:, None] * C + gl.arange(0, C, gl.SliceLayout(0, VL))[None, :]
+        km_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                               gl.load(key_mean_ptr + voff)))
+        isg_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(key_isg_ptr + voff)))
+        wsq_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(key_wsq_ptr + voff)))
+        w_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                              gl.load(key_weight_ptr + voff)))
+        vm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                               gl.load(value_mean_ptr + voff)))
+        rvm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
+                                                gl.load(rot_vm_ptr + voff)))
+    else:  # not read
+        km_s = hcp_s
+        isg_s = hcp_s
+        wsq_s = hcp_s
+        w_s = hcp_s
+        vm_s = hcp_s
+        rvm_s = hcp_s
     kp = key_ptr + ta.to(gl.int64) * stride_kt
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
     zero = gl.zeros([M, C], gl.float32, L)
-    _cta_barrier()  # the shared tables written: no barrier inside the head loop
+    if ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
+        # (2 rows x 16 bytes a thread: warp w copies the rows it reads, 16 w .. 16 w + 15)
+        BK: gl.constexpr = gl.BlockedLayout([2, 8], [8, 4], [NW, 1], [1, 0])
+        tb = t0 + gl.arange(0, M, gl.SliceLayout(1, BK))
+        in_b = tb < num_tokens
+        mask_b = (in_b & (gl.load(slot_mapping_ptr + tb, mask=in_b, other=-1) >= 0))[:, None]
+        cb_ = gl.arange(0, C, gl.SliceLayout(0, BK))[None, :]
+        kpb = key_ptr + tb.to(gl.int64)[:, None] * stride_kt + cb_
+        vpb = value_ptr + tb.to(gl.int64)[:, None] * stride_vt + cb_
+        ks0 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks1 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks2 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        ks3 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
+        vs0 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs1 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs2 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        vs3 = gl.allocate_shared_memory(value_ptr.dtype.element_ty, [M, C], SH)
+        _copy_head(ks0, ks1, ks2, ks3, kpb + head0 * stride_kh, mask_b, C)
+        _copy_head(vs0, vs1, vs2, vs3, vpb + head0 * stride_vh, mask_b, C)
+        _acp.commit_group()
+    _cta_barrier()  # the shared tables written
 
     for i in range(HEADS):
         head = head0 + i
         hd = head * D
         base = base0 + head * STRIDE_HEAD
-        # the key's loads first: in flight while the head's values are coded
-        kh = kp + head * stride_kh
-        k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
-        k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
-        k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
-        k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+        if ASYNC:
+            _acp.wait_group(0)
+            _cta_barrier()
+            k0 = ks0.load(LA)
+            k1 = ks1.load(LA)
+            k2 = ks2.load(LA)
+            k3 = ks3.load(LA)
+            v0 = vs0.load(LA)
+            v1 = vs1.load(LA)
+            v2 = vs2.load(LA)
+            v3 = vs3.load(LA)
+            _cta_barrier()  # every warp has read the buffers: the next head's copies
+            if i + 1 < HEADS:
+                _copy_head(ks0, ks1, ks2, ks3, kpb + (head + 1) * stride_kh, mask_b, C)
+                _copy_head(vs0, vs1, vs2, vs3, vpb + (head + 1) * stride_vh, mask_b, C)
+            _acp.commit_group()
+        else:
+            # the key's loads first: in flight while the head's values are coded
+            kh = kp + head * stride_kh
+            k0 = gl.load(kh[:, None] + cola[None, :], mask=ma, other=0.0)
+            k1 = gl.load(kh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+            k2 = gl.load(kh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+            k3 = gl.load(kh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
 
-        # values: 16-bit dots, the value mean's rotation taken off after
-        vh = vp + head * stride_vh
-        v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
-        v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
-        v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
-        v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+            # values: 16-bit dots, the value mean's rotation taken off after
+            vh = vp + head * stride_vh
+            v0 = gl.load(vh[:, None] + cola[None, :], mask=ma, other=0.0)
+            v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
+            v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
+            v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
         g0 = v0.to(gl.float32)
         g1 = v1.to(gl.float32)
         g2 = v2.to(gl.float32)
         g3 = v3.to(gl.float32)
         if VMEAN:
-            g0 = g0 - gl.load(value_mean_ptr + hd + cola)[None, :]
-            g1 = g1 - gl.load(value_mean_ptr + hd + C + cola)[None, :]
-            g2 = g2 - gl.load(value_mean_ptr + hd + 2 * C + cola)[None, :]
-            g3 = g3 - gl.load(value_mean_ptr + hd + 3 * C + cola)[None, :]
+            g0 = g0 - _vec(value_mean_ptr, vm_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+            g1 = g1 - _vec(value_mean_ptr, vm_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+            g2 = g2 - _vec(value_mean_ptr, vm_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+            g3 = g3 - _vec(value_mean_ptr, vm_s, i, hd, 3, C, COLA, VSMEM)[None, :]
         vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
                                ROW)
         inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
@@ -397,11 +598,11 @@ def _tq_store_hopper_kernel(
         z0, z1, z2, z3 = _wht4(mma_v2(v0, hs0, zero), mma_v2(v1, hs1, zero),
                                mma_v2(v2, hs2, zero), mma_v2(v3, hs3, zero))
         if VMEAN:  # rotate(v - mean) = rotate(v) - rotate(mean)
-            rvm = rot_vm_ptr + hd + coll  # permuted like the columns (constants())
-            z0 -= gl.load(rvm)[None, :]
-            z1 -= gl.load(rvm + C)[None, :]
-            z2 -= gl.load(rvm + 2 * C)[None, :]
-            z3 -= gl.load(rvm + 3 * C)[None, :]
+            # permuted like the columns (constants())
+            z0 -= _vec(rot_vm_ptr, rvm_s, i, hd, 0, C, COL, VSMEM)[None, :]
+            z1 -= _vec(rot_vm_ptr, rvm_s, i, hd, 1, C, COL, VSMEM)[None, :]
+            z2 -= _vec(rot_vm_ptr, rvm_s, i, hd, 2, C, COL, VSMEM)[None, :]
+            z3 -= _vec(rot_vm_ptr, rvm_s, i, hd, 3, C, COL, VSMEM)[None, :]
         s = (inv_vn * (SCALE * 256.0))[:, None]
         y0 = z0 * s
         y1 = z1 * s
@@ -419,79 +620,25 @@ def _tq_store_hopper_kernel(
         f1 = k1.to(gl.float32)
         f2 = k2.to(gl.float32)
         f3 = k3.to(gl.float32)
-
-        # the raw coding: 16-bit dots with diag(s_a) H_C, the transform after
         rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
                                ROW)
         inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
-        hs0 = hs0_s.load(LB)
-        hs1 = hs1_s.load(LB)
-        hs2 = hs2_s.load(LB)
-        hs3 = hs3_s.load(LB)
-        z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0, zero), mma_v2(k1, hs1, zero),
-                               mma_v2(k2, hs2, zero), mma_v2(k3, hs3, zero))
-        s = (inv_rn * (SCALE * 256.0))[:, None]
-        y0 = z0 * s
-        y1 = z1 * s
-        y2 = z2 * s
-        y3 = z3 * s
-        rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
-                                                          K_BITS, K_RULE, M)
-        rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
-        g = (rnorm16 * inv_rn)[:, None]
-        hcu = hcu_s.load(LB)
-        w0 = gl.load(key_weight_ptr + hd + coll)
-        w1 = gl.load(key_weight_ptr + hd + C + coll)
-        w2 = gl.load(key_weight_ptr + hd + 2 * C + coll)
-        w3 = gl.load(key_weight_ptr + hd + 3 * C + coll)
-        rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, w0, w1, w2, w3,
-                    LA, L) * F * (rn * rn)
-
-        # the calibrated coding: the transform first, then two float16 passes per chunk
-        u0 = gl.load(key_mean_ptr + hd + cola)[None, :]
-        u1 = gl.load(key_mean_ptr + hd + C + cola)[None, :]
-        u2 = gl.load(key_mean_ptr + hd + 2 * C + cola)[None, :]
-        u3 = gl.load(key_mean_ptr + hd + 3 * C + cola)[None, :]
-        if MEAN:
-            cs0 = cos0_s.load(LA)
-            sn0 = sin0_s.load(LA)
-            cs1 = cos1_s.load(LA)
-            sn1 = sin1_s.load(LA)
-            mu0 = u0 * cs0 - u2 * sn0
-            mu2 = u2 * cs0 + u0 * sn0
-            mu1 = u1 * cs1 - u3 * sn1
-            mu3 = u3 * cs1 + u1 * sn1
+        if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
+            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
+            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
         else:
-            mu0 = u0
-            mu1 = u1
-            mu2 = u2
-            mu3 = u3
-        # (rows outside the mapping are coded too, never stored: no masking needed)
-        x0 = (f0 - mu0) * gl.load(key_isg_ptr + hd + cola)[None, :]
-        x1 = (f1 - mu1) * gl.load(key_isg_ptr + hd + C + cola)[None, :]
-        x2 = (f2 - mu2) * gl.load(key_isg_ptr + hd + 2 * C + cola)[None, :]
-        x3 = (f3 - mu3) * gl.load(key_isg_ptr + hd + 3 * C + cola)[None, :]
-        n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
-        inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
-        xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
-        z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
-        hcp = hcp_s.load(LB)
-        y0 = _dsplit(z0 * xs, hcp, LA, L)
-        y1 = _dsplit(z1 * xs, hcp, LA, L)
-        y2 = _dsplit(z2 * xs, hcp, LA, L)
-        y3 = _dsplit(z3 * xs, hcp, LA, L)
-        n = gl.convert_layout(n_a, ROW)
-        inv_n = gl.convert_layout(inv_na, ROW)
-        cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT,
-                                                          K_BITS, K_RULE, M)
-        norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
-        g = (norm16 * inv_n)[:, None]
-        q0 = gl.load(key_wsq_ptr + hd + coll)
-        q1 = gl.load(key_wsq_ptr + hd + C + coll)
-        q2 = gl.load(key_wsq_ptr + hd + 2 * C + coll)
-        q3 = gl.load(key_wsq_ptr + hd + 3 * C + coll)
-        err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu, q0, q1, q2, q3,
-                   LA, L) * F * (n * n)
+            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
+                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
+                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
+            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout
@@ -506,10 +653,12 @@ def _tq_store_hopper_kernel(
 
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
+                 vsmem: bool = VSMEM, async_kv: bool = ASYNC):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
-    (default: all with a key mean, sharing the cos/sin; else 1)."""
+    (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
+    benchmarks/dev/kv_store_hopper_variants.py): the key's calibrated coding before its raw one."""
     T, H, D = key.shape
     lay = tables.layout
     heads = heads or (H if tables.has_mean else 1)
@@ -520,7 +669,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_OFF=lay.value.b.offset, K_NORM_OFF=lay.key.norm_offset,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
-              V_SHIFT=hop["v_shift"], ALIGN=align, num_warps=num_warps)
+              V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
+              VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, num_warps=num_warps)
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),

@@ -35,7 +35,8 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
 
 
 def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
-                   dtype=torch.bfloat16):
+                   dtype=torch.bfloat16, cal_first=hop.CAL_FIRST, vsmem=hop.VSMEM,
+                   async_kv=hop.ASYNC):
     tables = served_tables(name, heads, d)
     c = _store_constants(tables, 1, dtype)
     hc = hop.constants(tables, dtype, c)
@@ -45,7 +46,8 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     slots = torch.zeros(T, dtype=torch.int64)
     grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
                                       num_warps=num_warps, heads=heads_per_program,
-                                      maxnreg=maxnreg)
+                                      maxnreg=maxnreg, cal_first=cal_first, vsmem=vsmem,
+                                      async_kv=async_kv)
     fn = hop._tq_store_hopper_kernel
     options = {"num_warps": cx.pop("num_warps")}
     if "maxnreg" in cx:
@@ -78,10 +80,18 @@ def main():
     ap.add_argument("--heads-per-program", type=int)
     ap.add_argument("--dump", type=Path)
     ap.add_argument("--fp16", action="store_true", help="float16 keys and values")
+    ap.add_argument("--cal-first", type=int, choices=(0, 1), default=int(hop.CAL_FIRST),
+                    help="the key's calibrated coding before its raw one")
+    ap.add_argument("--vsmem", type=int, choices=(0, 1), default=int(hop.VSMEM),
+                    help="the heads' per-column vectors staged in shared memory")
+    ap.add_argument("--async-kv", type=int, choices=(0, 1), default=int(hop.ASYNC),
+                    help="keys and values by cp.async into shared memory, one head ahead")
     a = ap.parse_args()
     cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
                            heads_per_program=a.heads_per_program,
-                           dtype=torch.float16 if a.fp16 else torch.bfloat16)
+                           dtype=torch.float16 if a.fp16 else torch.bfloat16,
+                           cal_first=bool(a.cal_first), vsmem=bool(a.vsmem),
+                           async_kv=bool(a.async_kv))
     st = stats(k)
     sass = _tool(k, "-sass")
     if a.dump:

@@ -552,3 +552,27 @@ def test_store_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeyp
     assert torch.equal(got, _reference_slots(lq, k, v, positions))
     with pytest.raises(ValueError, match=r"hopper=True.*not a CUDA device.*False"):
         tq_store(k, v, cache, slots, tables, positions, tuning=StoreTuning(hopper=True))
+
+
+def test_served_launch_says_what_the_served_call_ran():
+    """kv_bench's store rows report what tq_store's served call launched (served_launch): nothing
+    before a served call, the portable launch on the CPU after one (no CUDA), and a call with a
+    tuning is not the served one."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import kv_bench as kb
+    from vllm_gds.kernels.tq_store import served_launch
+
+    hk, d, T = 2, 128, 16
+    cal = {k: v for k, v in kb.served_calibration(torch, "tq4", hk, d, True).items()
+           if v is not None}
+    tables = LayerTables(FORMATS["tq4"], d, 0, 0, "cpu", torch.bfloat16, hk, **cal)
+    k = torch.randn(T, hk, d).bfloat16()
+    cache = torch.zeros(2, 16, hk, tables.layout.slot_bytes, dtype=torch.uint8)
+    slots, positions = torch.arange(T), torch.arange(T)
+    assert served_launch(tables, T, hk) is None
+    tq_store(k, k, cache, slots, tables, positions, tuning=StoreTuning(block_t=16, split=0))
+    assert served_launch(tables, T, hk) is None
+    tq_store(k, k, cache, slots, tables, positions)
+    got = served_launch(tables, T, hk)
+    assert got["kernel"] == "portable" and got["block_t"] == 16 and got["num_warps"] == 4, got

@@ -50,7 +50,25 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
     assert st["ld_v4"] == 192 and loop["LDG.E.128.CONSTANT"] == 192
     assert not any(k.startswith("BAR") for k in loop)
     assert not any(k.startswith("STS") for k in loop)
+    # the heads' per-column vectors from shared memory (VSMEM), not global loads held in registers
+    assert "LDG.E.64" not in loop and loop.get("LDS.64", 0) >= 96, loop
     assert st["per_code"] < 0.6 * 99.1, st["per_code"]
+
+
+@pytest.mark.parametrize("variant", [("--vsmem", "0"), ("--async-kv", "1"), ("--cal-first", "1")])
+def test_hopper_store_measurement_variants_compile(variant):
+    """The code variants benchmarks/dev/kv_store_hopper_variants.py times on the GPU compile for
+    sm_90 under the installed Triton: the per-column vectors from global memory (the store as
+    measured on 2026-12-06), keys and values by cp.async one head ahead (its copies and two CTA
+    barriers a head), the key's calibrated coding first."""
+    st = _compile("store_hopper_compile.py", "tq4", *variant)
+    loop = st["loop"]
+    assert st["ptx_mma"] == 256 and st["ld_v4"] == 192
+    if variant[0] == "--async-kv":
+        assert loop.get("LDGSTS.E.BYPASS.128") == 16 and loop.get("BAR.SYNC.DEFER_BLOCKING") == 2
+        assert "LDG.E" not in loop  # no key / value loads into registers
+    if variant[0] == "--vsmem":
+        assert loop.get("LDG.E.64") == 96
 
 
 def test_hopper_store_compiles_for_few_tokens():

@@ -1,7 +1,8 @@
-"""Nsight Compute facts of the served Hopper decode (GPU, ncu on PATH): per launch, device time,
-registers, warps an SM, issue activity and the top warp stall reasons, for the cases given.
+"""Nsight Compute facts of the served Hopper decode and store (GPU, ncu on PATH): per launch, device
+time, registers, warps an SM, issue activity and the top warp stall reasons, for the cases given.
 
     python3 benchmarks/dev/kv_hopper_ncu.py --cases tq4:70b:1x32768 tq3:70b:1x32768 --out $OUT
+    python3 benchmarks/dev/kv_hopper_ncu.py --cases store:tq4:32768 --out $OUT   # the served store
 
 Runs itself under ncu (each case's decode called twice: compile, then the profiled call), prints a
 short table per kernel (the decode and the reduce) and writes the raw CSV and JSON to $OUT.
@@ -47,6 +48,23 @@ def target(cases):
 
     dev = torch.device("cuda")
     for case in cases:
+        if case.startswith("store:"):  # store:FORMAT:TOKENS, kv_bench.store_bandwidth's inputs
+            from vllm_gds.kernels import tq_store
+            _, name, tokens = case.split(":")
+            T = int(tokens)
+            hq, hk, d = SHAPES["8b"]
+            tables = kb.our_tables(torch, name, hk, d, dev, True)
+            cache = torch.empty(T // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes,
+                                device=dev, dtype=torch.uint8)
+            k = torch.randn(T, hk, d, device=dev, dtype=torch.bfloat16)
+            v = torch.randn(T, hk, d, device=dev, dtype=torch.bfloat16)
+            slots = torch.randperm(T, device=dev)
+            positions = torch.arange(T, device=dev)
+            for _ in range(2):
+                tq_store(k, v, cache, slots, tables, positions)
+            torch.cuda.synchronize()
+            print(f"CASE {case} done", flush=True)
+            continue
         name, shape, bc = case.split(":")
         b, ctx = map(int, bc.split("x"))
         hq, hk, d = SHAPES[shape]
@@ -74,7 +92,7 @@ def main():
         return target(args.cases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = ["ncu", "--csv", "--page", "raw", "--print-units", "base", "--kernel-name", "regex:tq_decode_hopper|tq_reduce",
+    cmd = ["ncu", "--csv", "--page", "raw", "--print-units", "base", "--kernel-name", "regex:tq_decode_hopper|tq_reduce|tq_store",
            "--metrics", ",".join(METRICS + STALL_METRICS), sys.executable, __file__, "--target",
            "--cases", *args.cases]
     run = subprocess.run(cmd, capture_output=True, text=True)
