@@ -152,13 +152,12 @@ def main():
     portable = StoreTuning(hopper=False)
     row("portable", lambda: (lambda: tq_store(k, v, cache, slots, tables, positions, tuning=portable)),
         lambda c2: tq_store(kc, vc, c2, slots_c, tables_c, positions=pos_c, tuning=portable))
-    for label, warps, heads, maxnreg, cal_first in VARIANTS:
-        r = row(label, lambda: direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg,
-                                      cal_first),
-                lambda c2: direct(kc, vc, c2, slots_c, tables_c, pos_c, warps, heads, maxnreg,
-                                  cal_first)())
+    for label, warps, heads, maxnreg, cal_first, vsmem, async_kv in VARIANTS:
+        launch = (warps, heads, maxnreg, cal_first, vsmem, async_kv)
+        r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, *launch),
+                lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, *launch)())
         r.update(num_warps=warps, heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                                      vsmem=vsmem, async_kv=async_kv)
+                 vsmem=vsmem, async_kv=async_kv)
         save()
 
     served = next((x["ms"] for x in res["rows"] if x["label"].startswith("served") and "ms" in x), None)
