@@ -15,7 +15,7 @@ launcher belong together.
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
 layouts. Here no decoded value leaves its thread's registers: 572 SASS per 64-token tile at the
-Llama-3-8B shape as launched (tq4, PREFETCH 2, 197 registers; Triton 3.6, tests/hopper_compile.py);
+Llama-3-8B shape as launched (tq4, PREFETCH, 197 registers; Triton 3.6, tests/hopper_compile.py);
 the loop's only shared memory is the key mean's operand (below).
 
 Design (one program = one sequence x one KV head x one split; NW = 4 warps, each with its own
@@ -64,10 +64,8 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   mean_smem, for measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32
   registers and ~80 instructions a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
-  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH 1 loads the next
-  tile's codes before the current tile is computed; 2 (served) also its norms, and the block
-  table two tiles ahead, so a tile waits on one memory round trip, not on the table's and then
-  the codes' (bs 1: 8 of them a program, each under ~1 us of work).
+  the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (served) loads
+  the next tile's codes before the current tile is computed.
 * SELECT (G 5..8 with the fallback, Llama-3-70B at TP 8): the calibrated and the uncalibrated
   query as two 8-row B operands against the same decoded keys, the raw keys' score selected per
   key: 8 rows of softmax and O instead of FOLD's 16.
@@ -561,16 +559,11 @@ def _tq_decode_hopper_kernel(
     tile_lo = split * per_split
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
     W1: gl.constexpr = gl.SliceLayout(1, TOKS)
-    if PREFETCH > 0:
+    if PREFETCH:
         base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
                           STRIDE_HEAD)
         kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
         vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
-        if PREFETCH > 1:
-            kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile_lo, kv_end, TOKS, K_NORM_OFF,
-                                           V_NORM_OFF, NW, STRIDE_TOK)
-            base_n = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                                STRIDE_TOK, STRIDE_HEAD)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -701,25 +694,16 @@ def _tq_decode_hopper_kernel(
         # over 2048 tiles, ~1e-4, stays under the fp16 rounding of the MMA operand, 5e-4)
         a_t, b_t = _mean_ab(m_a, m_b, (tile_lo * NW + wv) * 16, theta)
     for tile in range(tile_lo, tile_hi):
-        if PREFETCH > 0:
+        if PREFETCH:
             kw_now = kw
             vw_now = vw
             base_now = base
-            if PREFETCH > 1:  # this tile's norms came with its codes; the block table 2 ahead
-                kn, vn, ok = kn_n, vn_n, ok_n
-                base = base_n
-                base_n = _tile_base(bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,
-                                    STRIDE_TOK, STRIDE_HEAD)
-            else:
-                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                                  STRIDE_TOK, STRIDE_HEAD)
+            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                              STRIDE_TOK, STRIDE_HEAD)
             kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
                              STRIDE_TOK)
             vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
                              STRIDE_TOK)
-            if PREFETCH > 1:
-                kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile + 1, kv_end, TOKS,
-                                               K_NORM_OFF, V_NORM_OFF, NW, STRIDE_TOK)
         else:
             base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
                                   STRIDE_TOK, STRIDE_HEAD)
@@ -735,9 +719,8 @@ def _tq_decode_hopper_kernel(
             s_mean = mma_v2(t_cos, a_t.to(gl.float16), gl.zeros([NW, 16, R], gl.float32, L))
             s_mean = mma_v2(t_sin, b_t.to(gl.float16), s_mean)
             a_t, b_t = a_t * c_step + b_t * s_step, b_t * c_step - a_t * s_step
-        if PREFETCH < 2:
-            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
-                                     V_NORM_OFF, NW, STRIDE_TOK)
+        kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,
+                                 V_NORM_OFF, NW, STRIDE_TOK)
         ka = _decode_k(kw_now, klut, ASM, LA, NW, D, K_ORDER, K_CODES)
         s = mma_v2(ka, qb, gl.zeros([NW, 16, R], gl.float32, L))  # S^T [NW, NT, R]
         s = s * gl.expand_dims(gl.abs(kn), 2)
@@ -846,7 +829,7 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
-                      nw: int = 4, prefetch: int = 0, trans_asm: bool = True,
+                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
                       codes: int | None = None, finish: int = 0, mean_smem: bool = True) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
@@ -866,7 +849,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         MEAN_SMEM=mean_smem,
-        PREFETCH=int(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
+        PREFETCH=bool(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -984,19 +967,21 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
 # middle of the tile loop to its end, where their latency shows: 0.378 -> 0.422 ms at 8B 64x8K,
 # 0.112 -> 0.123 at 32x4K (H100, 2026-12-06); with any limit it keeps them in the middle.
 MAXNREG = 255
-# The served prefetch depth (the kernel's PREFETCH): the codes and norms a tile ahead, the block
-# table two.
-PREFETCH = 2
+# Whether the served launch loads the next tile's codes before the current tile is computed (the
+# kernel's PREFETCH). Loading its norms too and the block table two tiles ahead measured no
+# faster (graph times equal at 70B TP8 1x32K and 32x4K and 8B 1x32K, 2% slower at 8B 64x8K; H100,
+# 2026-12-06, kv_hopper_check variants).
+PREFETCH = True
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, out, *, num_warps: int = 4,
-                  prefetch: int | None = None, trans_asm: bool = True,
+                  prefetch: bool | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None, counts=None,
                   mean_smem: bool = True):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
-    GPU). prefetch None: PREFETCH (0 or False: none; 1 or True: the codes a tile ahead).
+    GPU). prefetch None: PREFETCH.
     maxnreg None: MAXNREG (0: no limit). From the launch sweep on an
     H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch,
     the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
@@ -1022,7 +1007,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     return (seq_lens.shape[0], H, splits), args, cx
 
 
-def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: int | None = None,
+def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
                       trans_asm: bool = True, codes: int | None = None,
                       maxnreg: int | None = None, finish: int = 0,
                       mean_smem: bool = True) -> dict:

@@ -42,13 +42,11 @@ SHAPES = {
 }
 # The fast path's launch variants, checked and timed at every shape (keyword arguments of
 # tq_decode_hopper, split_factor: times the default split count): the default (tq_decode_hopper's
-# PREFETCH and MAXNREG); no register limit; no prefetch; prefetch 1 (the codes a tile ahead, the
-# norms and block table not); P transposed by the compiler's
+# PREFETCH and MAXNREG); no register limit; no prefetch; P transposed by the compiler's
 # layout conversion instead of movmatrix; the lookup on bytes (two fewer permutes per 8 codes;
 # spills with prefetch, so without); 2x and 4x the default splits; 8 warps a program; the key
 # mean's operand rotated by every warp in its registers instead of once through shared memory.
 VARIANTS = {"fast": {}, "fast_nolimit": {"maxnreg": 0}, "fast_nopf": {"prefetch": False},
-            "fast_pf1": {"prefetch": 1},
             "fast_shfl": {"trans_asm": False}, "fast_bytes": {"codes": 2, "prefetch": False},
             "fast_x2": {"split_factor": 2}, "fast_x4": {"split_factor": 4},
             "fast_w8": {"num_warps": 8}, "fast_meanreg": {"mean_smem": False}}
