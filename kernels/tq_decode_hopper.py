@@ -60,9 +60,10 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   each), exact at the program's first tile and rotated by 16 * NW * theta per tile after, handed
   over as fp16 through shared memory (ldmatrix) with two barriers a tile. The rotation's float32
   drift (at most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the fp16
-  rounding of the operand (5e-4), so no re-anchoring. MEAN_SMEM False (launch keyword
-  mean_smem, for measuring): each warp holds and rotates its own copy (tq3's 64 pairs: 32
-  registers and ~80 instructions a tile against ~25 shared).
+  rounding of the operand (5e-4), so no re-anchoring. That is MEAN_SMEM, served where the head
+  keeps MEAN_SMEM_PAIRS (64: tq3); else (tq4, tq5: 32 pairs) each warp holds and rotates its own
+  copy in registers, cheaper there than the barriers (tq3's 64 pairs: 32 registers and ~80
+  instructions a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
   the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (served) loads
   the next tile's codes before the current tile is computed.
@@ -830,7 +831,8 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
-                      codes: int | None = None, finish: int = 0, mean_smem: bool = True) -> dict:
+                      codes: int | None = None, finish: int = 0,
+                      mean_smem: bool | None = None) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
     elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
@@ -838,7 +840,8 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     kernel itself; 2 partials, merged and finished by the programs that complete them (merge
     groups of MERGE_GROUP, then the groups); 0 partials only (the loop measured alone:
     tests/hopper_compile.py). mean_smem: the key mean's B operands shared by the warps through
-    shared memory (else each warp rotates its own in registers)."""
+    shared memory (else each warp rotates its own in registers); None: where the head keeps
+    MEAN_SMEM_PAIRS pairs or more."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
     layout = tables.layout
@@ -848,7 +851,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     return dict(
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
-        MEAN_SMEM=mean_smem,
+        MEAN_SMEM=(tables.rot_half_pad >= MEAN_SMEM_PAIRS) if mean_smem is None else mean_smem,
         PREFETCH=bool(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
@@ -967,6 +970,13 @@ def table_args(tables, codes: int | None = None, nw: int = 4) -> tuple:
 # middle of the tile loop to its end, where their latency shows: 0.378 -> 0.422 ms at 8B 64x8K,
 # 0.112 -> 0.123 at 32x4K (H100, 2026-12-06); with any limit it keeps them in the middle.
 MAXNREG = 255
+# The key mean's B operand shared by the warps through shared memory (MEAN_SMEM) where a head keeps
+# at least this many RoPE pairs: tq3's 64 (its tile loop 623 -> 492 SASS; graph 57.5 -> 51.9 us
+# at 70B TP8 64x8K, 103 -> 92 at 8x128K), not tq4's or tq5's 32, where each warp's own copy in
+# registers is cheaper than the two barriers a tile (with them tq4 took 8B 32x4K 92.9 -> 100.6
+# us, 8x128K 687 -> 690 graph / 647 -> 691 do_bench; H100, 2026-12-06).
+MEAN_SMEM_PAIRS = 64
+
 # Whether the served launch loads the next tile's codes before the current tile is computed (the
 # kernel's PREFETCH). Loading its norms too and the block table two tiles ahead measured no
 # faster (graph times equal at 70B TP8 1x32K and 32x4K and 8B 1x32K, 2% slower at 8B 64x8K; H100,
@@ -978,7 +988,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   softmax_scale: float, splits: int, out, *, num_warps: int = 4,
                   prefetch: bool | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None, counts=None,
-                  mean_smem: bool = True):
+                  mean_smem: bool | None = None):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
     GPU). prefetch None: PREFETCH.
@@ -987,7 +997,8 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
     1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
     completion counters (int32 zeros, counter_count of them, left zero), made here if None.
-    mean_smem False: the key mean rotated per warp in registers (kernel_constexprs; measuring)."""
+    mean_smem: the key mean's operand shared through shared memory or per warp in registers
+    (kernel_constexprs; None: the served choice, by MEAN_SMEM_PAIRS)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     finish = finish_mode(splits)
@@ -1010,7 +1021,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
 def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
                       trans_asm: bool = True, codes: int | None = None,
                       maxnreg: int | None = None, finish: int = 0,
-                      mean_smem: bool = True) -> dict:
+                      mean_smem: bool | None = None) -> dict:
     """decode_launch's keyword arguments (constexprs, warps, register limit), made once per layer
     and launch shape (the layouts and PTX: the host launch counts)."""
     codes = codes or tables.hopper_codes

@@ -297,6 +297,7 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=4, kv_heads=8, finish=1), dict(d=128, g=8, kv_heads=1, finish=2),
            dict(d=64, g=3, kv_heads=3, finish=2),
            dict(d=128, g=8, kv_heads=1, fmt="tq3", prefetch=True, mean_smem=False),
+           dict(d=128, g=8, kv_heads=1, prefetch=True, mean_smem=True),
            dict(d=128, g=16, kv_heads=1, fallback=False, fmt="tq3")]
 
 
@@ -352,10 +353,11 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     rh = d // 2 if cfg.get("fmt") == "tq3" else d // 4  # tq4, tq5: half the pairs
     want = d // 16 * nb * (3 if select else 2) + (2 * (rh // 16) * nb if mean else 0)
     assert hmma == want, (hmma, want, loop)
-    # the codes never pass through shared memory; the key mean's [A', B'] does (made once a
-    # tile for all the warps: stored, two barriers, read with ldmatrix as the B operand)
+    # the codes never pass through shared memory; the key mean's [A', B'] does where MEAN_SMEM
+    # (made once a tile for all the warps: stored, two barriers, read with ldmatrix as the B
+    # operand)
     assert ops["LDS"] == 0, f"shared-memory loads in the tile loop: {loop}"
-    if mean and cfg.get("mean_smem", True):
+    if mean and cfg.get("mean_smem", rh >= hop.MEAN_SMEM_PAIRS):  # served: tq3's 64 pairs
         assert ops["LDSM"] == 2 * rh // 32 * nb and 1 <= ops["STS"] + ops["STSM"] <= 4, loop
         assert ops["BAR"] == 2, loop
     else:
