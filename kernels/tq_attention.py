@@ -24,6 +24,7 @@ logger. AttentionTuning.hopper=False measures the portable kernel; True requires
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -211,7 +212,8 @@ class _Hopper:
     """The Hopper decode's launch of one plan (tq_decode_hopper.decode_launch's, kept): it
     finishes the rows itself (FINISH 1 or 2), never leaving partials to the reduce launch."""
 
-    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters", "compiled")
+    __slots__ = ("kwargs", "tables", "lut", "finish", "finish_tables", "counters", "compiled",
+                 "varying")
 
     def __init__(self, query, kv_cache, tables, splits):
         H = kv_cache.shape[2]
@@ -223,6 +225,11 @@ class _Hopper:
         self.lut = _hop.lut_args(tables)
         self.finish_tables = _hop.finish_tables(tables)
         self.compiled = {}
+        # the launch's arguments that change between calls (tq_attention's order): all but the
+        # tables, the table words and the finish's tables, which are these objects every call
+        t, lw, f = len(self.tables), len(self.lut), len(self.finish_tables)
+        self.varying = operator.itemgetter(*range(9), 9 + t, 10 + t, 11 + t + lw, 12 + t + lw,
+                                           13 + t + lw, 14 + t + lw + f)
 
 
 _HOPPER = None  # CachedLaunch of the Gluon kernel, made on its first use
@@ -357,13 +364,13 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
                                                        dtype=torch.float32, device=query.device)
         counts = seq_lens  # unread unless the programs merge their partials (FINISH 2)
         if hop.finish == 2:
-            counts = hop.counters.get(torch.cuda.current_stream(query.device).cuda_stream,
+            counts = hop.counters.get(torch._C._cuda_getCurrentRawStream(query.get_device()),
                                       _hop.counter_count(num_seqs, H, splits), query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
             *hop.lut, out, os_[0], os_[1], *hop.finish_tables, counts,
-        ), hop.kwargs, hop.compiled)
+        ), hop.kwargs, hop.compiled, hop.varying)
         return out
     part = out
     if splits > 1:

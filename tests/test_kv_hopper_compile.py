@@ -229,6 +229,11 @@ def test_served_plan_holds_what_decode_launch_launches_with(splits):
     _, args, kw = hop.decode_launch(q, cache, bt, sl, qsl, t, 128**-0.5, splits, out)
     assert plan.kwargs == kw and plan.finish == kw["FINISH"] == (1 if splits == 1 else 2)
     assert kw["GROUP"] == hop.MERGE_GROUP
+    # the arguments that vary between calls: in tq_attention's order, around the plan's tables
+    calls = [object() for _ in range(15)]
+    launch = (*calls[:9], *plan.tables, *calls[9:11], *plan.lut, *calls[11:14],
+              *plan.finish_tables, calls[14])
+    assert len(launch) == len(args) and plan.varying(launch) == tuple(calls)
     if splits > 1:  # the counters: one per merge group and one for the groups, per sequence
         counts = args[-1]  # and KV head, zeros
         assert counts.numel() == hop.counter_count(2, 1, splits) == 2 * (-(-splits // 8) + 1)
