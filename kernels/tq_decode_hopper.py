@@ -784,15 +784,15 @@ def _tq_decode_hopper_kernel(
             _cta_barrier()  # every thread's partial stored before the release below
             groups = gl.cdiv(splits, GROUP)
             group = split // GROUP
+            in_group = gl.minimum(GROUP, splits - group * GROUP)
             counts = count_ptr + (seq * gl.num_programs(1) + head) * (groups + 1)
             done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")
-            if done == gl.minimum(GROUP, splits - group * GROUP) - 1:
+            if done == in_group - 1:
                 gl.store(counts + group, 0)  # zero again for the next launch (graph replays)
                 h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,
                                                      L2, D)
-                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
-                                       gl.minimum(GROUP, splits - group * GROUP), 1, G, D,
-                                       HALF, WP, V_PART, NW)
+                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP, in_group,
+                                       1, G, D, HALF, WP, V_PART, NW)
                 last = groups == 1
                 if groups > 1:  # the group's merge replaces its first partial; the last group
                     _cta_barrier()  # (every thread's reads of that partial done) merges them
