@@ -336,6 +336,26 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
+def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
+              K_SHIFT: gl.constexpr, K_BITS: gl.constexpr, K_RULE: gl.constexpr,
+              C: gl.constexpr, M: gl.constexpr, F: gl.constexpr, LA: gl.constexpr,
+              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr):
+    """A key coding's end, raw or calibrated: the transformed chunks y coded (words), the float16
+    norm of the input's norm n, and the coding's error weighted by the head's weights."""
+    w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+                                                  K_RULE, M)
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+    g = (norm16 * inv_n)[:, None]
+    q0 = _vec(weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
+    q1 = _vec(weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
+    q2 = _vec(weight_ptr, w_s, i, hd, 2, C, COL, VSMEM)
+    q3 = _vec(weight_ptr, w_s, i, hd, 3, C, COL, VSMEM)
+    err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
+               q3, LA, L) * F * (n * n)
+    return w0, w1, w2, w3, norm16, err
+
+
+@gluon.jit
 def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
              hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
              K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
@@ -351,17 +371,8 @@ def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_
     y1 = z1 * s
     y2 = z2 * s
     y3 = z3 * s
-    rw0, rw1, rw2, rw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
-                                                      K_RULE, M)
-    rnorm16 = _fp16_round(_norm_of(rn, yc, cc, K_RULE))
-    g = (rnorm16 * inv_rn)[:, None]
-    w0 = _vec(key_weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
-    w1 = _vec(key_weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
-    w2 = _vec(key_weight_ptr, w_s, i, hd, 2, C, COL, VSMEM)
-    w3 = _vec(key_weight_ptr, w_s, i, hd, 3, C, COL, VSMEM)
-    rerr = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), w0, w1, w2,
-                w3, LA, L) * F * (rn * rn)
-    return rw0, rw1, rw2, rw3, rnorm16, rerr
+    return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, key_weight_ptr, w_s, i, hd, hcu_s,
+                     K_SHIFT, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
 
 
 @gluon.jit
@@ -408,17 +419,8 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     y3 = _dsplit(z3 * xs, hcp, LA, L)
     n = gl.convert_layout(n_a, ROW)
     inv_n = gl.convert_layout(inv_na, ROW)
-    cw0, cw1, cw2, cw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
-                                                      K_RULE, M)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
-    g = (norm16 * inv_n)[:, None]
-    q0 = _vec(key_wsq_ptr, wsq_s, i, hd, 0, C, COL, VSMEM)
-    q1 = _vec(key_wsq_ptr, wsq_s, i, hd, 1, C, COL, VSMEM)
-    q2 = _vec(key_wsq_ptr, wsq_s, i, hd, 2, C, COL, VSMEM)
-    q3 = _vec(key_wsq_ptr, wsq_s, i, hd, 3, C, COL, VSMEM)
-    err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
-               q3, LA, L) * F * (n * n)
-    return cw0, cw1, cw2, cw3, norm16, err
+    return _code_err(y0, y1, y2, y3, n, inv_n, ktab, key_wsq_ptr, wsq_s, i, hd, hcu_s,
+                     K_SHIFT, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
 
 
 @gluon.jit
