@@ -991,11 +991,10 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   mean_smem: bool | None = None):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
-    GPU). prefetch None: PREFETCH.
-    maxnreg None: MAXNREG (0: no limit). From the launch sweep on an
-    H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch,
-    the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8
-    1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
+    GPU). prefetch None: PREFETCH. maxnreg None: MAXNREG (0: no limit). From the launch sweep on
+    an H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps,
+    prefetch, the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at
+    70B TP8 1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
     completion counters (int32 zeros, counter_count of them, left zero), made here if None.
     mean_smem: the key mean's operand shared through shared memory or per warp in registers
     (kernel_constexprs; None: the served choice, by MEAN_SMEM_PAIRS)."""

@@ -242,10 +242,15 @@ def test_served_plan_holds_what_decode_launch_launches_with(splits):
     assert all(a is b for a, b in zip(plan.finish_tables, hop.finish_args(out, t)[3:]))
 
 
-def _mean_tables(fmt, heads):
+def _mean_tables(fmt, heads, rope_inv_freq=None):
     mu = top_pairs(torch.randn(heads, 128), None, FORMATS[fmt].key_mean_pairs, 64)
+    inv_freq = torch.ones(64) if rope_inv_freq is None else rope_inv_freq
     return attach(LayerTables(FORMATS[fmt], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
-                              rope_inv_freq=torch.ones(64)))
+                              rope_inv_freq=inv_freq))
+
+
+def _rope_inv_freq():
+    return (10000.0 ** (-torch.arange(64, dtype=torch.float64) / 64)).float()
 
 
 def test_mean_step_rotates_the_key_mean_by_one_tile():
@@ -253,10 +258,7 @@ def test_mean_step_rotates_the_key_mean_by_one_tile():
     kept pairs, so that rotating a pair's (cos, sin) at position p by it gives p + 16 NW; padding
     pairs (theta 0) rotate by nothing."""
     heads, nw = 2, 4
-    inv_freq = 10000.0 ** (-torch.arange(64, dtype=torch.float64) / 64)
-    mu = top_pairs(torch.randn(heads, 128), None, FORMATS["tq3"].key_mean_pairs, 64)
-    t = attach(LayerTables(FORMATS["tq3"], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
-                           rope_inv_freq=inv_freq.float()))
+    t = _mean_tables("tq3", heads, _rope_inv_freq())
     step = hop.mean_step(t, nw)
     theta = t.mean_theta.double().flatten()  # [heads * RH], as the kernel indexes it
     assert step.is_contiguous() and step.dtype == torch.float32
@@ -278,10 +280,7 @@ def test_mean_rows_hold_each_positions_cos_then_sin():
     cos(j theta) of each of the head's pairs, then sin(j theta), for the 16 NW positions of a
     tile (each warp reads its 16)."""
     heads, nw = 2, 4
-    inv_freq = 10000.0 ** (-torch.arange(64, dtype=torch.float64) / 64)
-    mu = top_pairs(torch.randn(heads, 128), None, FORMATS["tq3"].key_mean_pairs, 64)
-    t = attach(LayerTables(FORMATS["tq3"], 128, 0, 0, "cpu", torch.bfloat16, heads, key_mean=mu,
-                           rope_inv_freq=inv_freq.float()))
+    t = _mean_tables("tq3", heads, _rope_inv_freq())
     rows = hop.mean_rows(t, nw)
     rh = t.rot_half_pad
     assert rows.shape == (heads, 16 * nw, 2 * rh) and rows.dtype == torch.float16
