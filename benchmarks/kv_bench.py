@@ -524,14 +524,10 @@ def copy_bandwidth(torch, triton, device):
     return 2 * x.numel() / (t * 1e-3) / 1e9
 
 
-def store_bandwidth(torch, triton, name, device, block_t=None, num_warps=None, calibrated=True,
-                    tokens=32768, mean=True, launch=None):
-    """(ms, GB/s moved) of tq_store at 32K new tokens of the Llama-3-8B shape. block_t and
-    num_warps None (and launch None): the served call (no tuning), what vLLM runs; else a
-    measured launch (StoreTuning). launch: a dict that served_launch fills with what the served
-    call launched (kernel, tokens and heads a program, warps)."""
-    from vllm_gds.kernels import StoreTuning, tq_store
-    from vllm_gds.kernels.tq_store import served_launch
+def store_timing_inputs(torch, name, device, tokens=32768, calibrated=True, mean=True):
+    """What the store timings run, `tokens` new tokens of the Llama-3-8B shape: (tables, cache,
+    k, v, slots, positions, bytes a call moves: bf16 K and V read, the slots written, the slot
+    mapping read)."""
     from vllm_gds.kvcache.formats import get_format
     from vllm_gds.kvcache.tables import LayerTables
 
@@ -546,12 +542,26 @@ def store_bandwidth(torch, triton, name, device, block_t=None, num_warps=None, c
     v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
     slots = torch.randperm(tokens, device=device)
     positions = torch.arange(tokens, device=device)
+    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
+    return tables, cache, k, v, slots, positions, moved
+
+
+def store_bandwidth(torch, triton, name, device, block_t=None, num_warps=None, calibrated=True,
+                    tokens=32768, mean=True, launch=None):
+    """(ms, GB/s moved) of tq_store at 32K new tokens of the Llama-3-8B shape. block_t and
+    num_warps None (and launch None): the served call (no tuning), what vLLM runs; else a
+    measured launch (StoreTuning). launch: a dict that served_launch fills with what the served
+    call launched (kernel, tokens and heads a program, warps)."""
+    from vllm_gds.kernels import StoreTuning, tq_store
+    from vllm_gds.kernels.tq_store import served_launch
+
+    tables, cache, k, v, slots, positions, moved = store_timing_inputs(
+        torch, name, device, tokens, calibrated, mean)
     tuning = (None if block_t is None and num_warps is None
               else StoreTuning(block_t=block_t, num_warps=num_warps))
     t = bench(lambda: tq_store(k, v, cache, slots, tables, positions, tuning=tuning), triton)
     if launch is not None and tuning is None:
-        launch.update(served_launch(tables, tokens, hk) or {})
-    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
+        launch.update(served_launch(tables, tokens, k.shape[1]) or {})
     return t, moved / (t * 1e-3) / 1e9
 
 

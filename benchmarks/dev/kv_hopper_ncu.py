@@ -51,15 +51,8 @@ def target(cases):
         if case.startswith("store:"):  # store:FORMAT:TOKENS, kv_bench.store_bandwidth's inputs
             from vllm_gds.kernels import tq_store
             _, name, tokens = case.split(":")
-            T = int(tokens)
-            hq, hk, d = SHAPES["8b"]
-            tables = kb.our_tables(torch, name, hk, d, dev, True)
-            cache = torch.empty(T // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes,
-                                device=dev, dtype=torch.uint8)
-            k = torch.randn(T, hk, d, device=dev, dtype=torch.bfloat16)
-            v = torch.randn(T, hk, d, device=dev, dtype=torch.bfloat16)
-            slots = torch.randperm(T, device=dev)
-            positions = torch.arange(T, device=dev)
+            tables, cache, k, v, slots, positions, _ = kb.store_timing_inputs(
+                torch, name, dev, int(tokens))
             for _ in range(2):
                 tq_store(k, v, cache, slots, tables, positions)
             torch.cuda.synchronize()

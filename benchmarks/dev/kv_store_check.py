@@ -76,20 +76,9 @@ def check(name, mode, launch, device, tokens, cpu):
 def timed(name, mode, launch, device, tokens, cpu):
     """(ms, GB/s moved) of tq_store at this launch: bf16 K and V read, slots and mapping."""
     from vllm_gds.kernels import tq_store
-    from vllm_gds.kvcache.formats import get_format
-    from vllm_gds.kvcache.tables import LayerTables
     calibrated, mean = kb.STORE_MODES[mode]
-    hq, hk, d = kb.SHAPES["Llama-3-8B"]
-    if calibrated:
-        tables = kb.our_tables(torch, name, hk, d, device, mean)
-    else:
-        tables = LayerTables(get_format(name), d, 0, 0, device, torch.bfloat16, hk)
-    cache = torch.empty(tokens // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes,
-                        device=device, dtype=torch.uint8)
-    k = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
-    v = torch.randn(tokens, hk, d, device=device, dtype=torch.bfloat16)
-    slots = torch.randperm(tokens, device=device)
-    positions = torch.arange(tokens, device=device)
+    tables, cache, k, v, slots, positions, moved = kb.store_timing_inputs(
+        torch, name, device, tokens, calibrated, mean)
     tuning = _tuning(launch, cpu)
     fn = lambda: tq_store(k, v, cache, slots, tables, positions, tuning=tuning)  # noqa: E731
     if cpu:
@@ -99,7 +88,6 @@ def timed(name, mode, launch, device, tokens, cpu):
         t = (time.perf_counter() - t0) * 1e3
     else:
         t = kb.bench(fn, triton)
-    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 
 

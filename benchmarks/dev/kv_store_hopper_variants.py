@@ -111,14 +111,7 @@ def main():
     served_cache = kb.poisoned_cache(torch, tables_c, T, device)
     tq_store(kc, vc, served_cache, slots_c, tables_c, positions=pos_c)
     # time: kv_bench.store_bandwidth's inputs
-    tables = kb.our_tables(torch, name, hk, d, device, True)
-    cache = torch.empty(T // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes, device=device,
-                        dtype=torch.uint8)
-    k = torch.randn(T, hk, d, device=device, dtype=torch.bfloat16)
-    v = torch.randn(T, hk, d, device=device, dtype=torch.bfloat16)
-    slots = torch.randperm(T, device=device)
-    positions = torch.arange(T, device=device)
-    moved = 2 * k.numel() * 2 + T * hk * tables.layout.slot_bytes + slots.numel() * 8
+    tables, cache, k, v, slots, positions, moved = kb.store_timing_inputs(torch, name, device, T)
 
     def row(label, make, check=None):
         r = dict(label=label)

@@ -84,24 +84,11 @@ def _store_fn(label, launch):
 
 
 def bandwidth(label, name, mode, launch, tokens=32768):
-    from vllm_gds.kvcache.formats import get_format
-    from vllm_gds.kvcache.tables import LayerTables
     tq_store = _store_fn(label, launch)
     calibrated, mean = kb.STORE_MODES[mode]
-    hq, hk, d = kb.SHAPES["Llama-3-8B"]
-    dev = "cuda"
-    if calibrated:
-        tables = kb.our_tables(torch, name, hk, d, dev, mean)
-    else:
-        tables = LayerTables(get_format(name), d, 0, 0, dev, torch.bfloat16, hk)
-    cache = torch.empty(tokens // kb.PAGE + 1, kb.PAGE, hk, tables.layout.slot_bytes, device=dev,
-                        dtype=torch.uint8)
-    k = torch.randn(tokens, hk, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(tokens, hk, d, device=dev, dtype=torch.bfloat16)
-    slots = torch.randperm(tokens, device=dev)
-    positions = torch.arange(tokens, device=dev)
+    tables, cache, k, v, slots, positions, moved = kb.store_timing_inputs(
+        torch, name, "cuda", tokens, calibrated, mean)
     t = kb.bench(lambda: tq_store(k, v, cache, slots, tables, positions), triton)
-    moved = 2 * k.numel() * 2 + tokens * hk * tables.layout.slot_bytes + slots.numel() * 8
     return t, moved / (t * 1e-3) / 1e9
 
 
