@@ -17,7 +17,7 @@ of the portable one: Triton has Gluon, the GPU is sm_90 (the only architecture i
 on), and its why_unsupported passes (tq4: one 4-bit stream each for keys and values, head size
 64 or 128; tq3: one 3-bit stream each, head size 128; ...). Its split count follows its own rule
 (split_count's resident: one wave of programs). Decided once per plan on its first call
-(decode_path is the decision) and logged once per distinct choice on the "vllm_gds.kernels"
+(fast_path.choose is the decision) and logged once per distinct choice on the "vllm_gds.kernels"
 logger. AttentionTuning.hopper=False measures the portable kernel; True requires the Hopper one.
 """
 
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fast_path import choose, hopper_path
+from .fast_path import choose
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_attention_kernel import _tq_attention_kernel
@@ -181,12 +181,6 @@ def default_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
     device = torch.device(device)
     index = torch.cuda.current_device() if device.index is None else device.index
     return _splits_on(num_seqs, num_kv_heads, index, hopper)
-
-
-def decode_path(capability: tuple[int, int] | None, gluon_error: str | None,
-                unsupported: str | None) -> tuple[bool, str]:
-    """fast_path.hopper_path for the decode (unsupported: tq_decode_hopper.why_unsupported)."""
-    return hopper_path(capability, gluon_error, unsupported, "kernel")
 
 
 class Counters:

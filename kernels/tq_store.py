@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fast_path import choose, hopper_path
+from .fast_path import choose
 from .launch import CachedLaunch
 from .launch_plans import LaunchPlans
 from .tq_store_kernel import _tq_store_kernel
@@ -280,11 +280,6 @@ class _Hopper:
             if -(-T // v[0]) * (H // v[1]) >= 2 * self.sms:
                 return v
         return self.variants[-1]
-
-
-def store_path(capability, gluon_error, unsupported) -> tuple[bool, str]:
-    """fast_path.hopper_path for the store (unsupported: tq_store_hopper.why_unsupported)."""
-    return hopper_path(capability, gluon_error, unsupported, "store")
 
 
 def _choose(plan, tables, key, value, kv_cache, slot_mapping, positions):

@@ -460,7 +460,10 @@ def test_relaunch_covers_every_constexpr_of_the_served_plans(calibrated):
 
 
 def test_decode_path_takes_hopper_only_on_sm90_with_gluon_and_a_supported_layout():
-    from vllm_gds.kernels.tq_attention import decode_path
+    from vllm_gds.kernels.fast_path import hopper_path
+
+    def decode_path(capability, gluon_error, unsupported):  # as tq_attention's plan decides
+        return hopper_path(capability, gluon_error, unsupported, "kernel")
 
     assert decode_path((9, 0), None, None) == (True, "Hopper fast path (Gluon, sm_90)")
     for cap in ((8, 0), (8, 9), (10, 0), (12, 0)):  # checked on sm_90 only
@@ -530,7 +533,7 @@ def test_decode_requiring_hopper_on_cpu_raises():
 
 def test_store_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeypatch):
     """The Hopper store (tq_store_hopper.py) is chosen only on an sm_90 GPU with Gluon
-    (tq_store.store_path, tests/test_kv_store_hopper.py): here the portable kernel, decided once
+    (fast_path.choose, tests/test_kv_store_hopper.py): here the portable kernel, decided once
     per plan and logged once; requiring the Hopper store raises."""
     import sys
 

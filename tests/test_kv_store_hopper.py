@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import kv_bench as kb  # noqa: E402
 
 from vllm_gds.kernels import tq_store_hopper as hop  # noqa: E402
-from vllm_gds.kernels.tq_store import _store_constants, store_path  # noqa: E402
+from vllm_gds.kernels.fast_path import hopper_path  # noqa: E402
+from vllm_gds.kernels.tq_store import _store_constants  # noqa: E402
 from vllm_gds.kvcache.formats import FORMATS, get_format  # noqa: E402
 from vllm_gds.kvcache.quantizer import KVLayerQuantizer  # noqa: E402
 from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
@@ -191,6 +192,9 @@ def test_emulated_kernel_bytes_are_the_reference(name, mean):
 
 
 def test_store_path_choice():
+    def store_path(capability, gluon_error, unsupported):  # as tq_store's plan decides
+        return hopper_path(capability, gluon_error, unsupported, "store")
+
     assert store_path((9, 0), None, None) == (True, "Hopper fast path (Gluon, sm_90)")
     use, why = store_path((8, 0), None, None)
     assert not use and "sm_80" in why
