@@ -1,0 +1,246 @@
+"""Where a short Hopper decode call's time goes (issue 16): the decode kernel's own source with
+clock stamps at its phase boundaries, on the GPU machine.
+
+    python3 benchmarks/dev/kv_decode_phases.py --out $OUT
+
+A copy of kernels/tq_decode_hopper.py is made with one more argument (a stamp buffer) and
+%clock64 reads (each after a value of the phase it closes: the asm takes that value as an input,
+so it cannot issue before it) at the kernel's phase boundaries, plus %globaltimer at each
+program's start and end. Phases: prologue (query transform, key-mean constants), the tile loop,
+the partial rows stored and the group's counter, the group's merge, the groups' counter, the last
+merge, the finish. The served kernel is untouched; the copy's stamps cost a reduction each, so the
+instrumented call is a little slower than the plain one (both timed).
+
+Per launch variant (warps, splits, merge group) and shape: the plain call's CUDA-graph time
+(kv_bench.graph_time), the instrumented call's, the kernel's span (first program's start to last
+program's end, globaltimer), each phase's median over the programs that ran it (ns, from the
+program's clocks scaled by its own globaltimer span) and the phases of the program that
+finished the rows last (the critical path). A short table last; JSON to $OUT/kv_decode_phases.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
+import kv_bench as kb
+
+STAMPS = 16  # int64 slots a program: clocks 0..7, globaltimer start / end at 8, 9
+PHASES = ["prologue", "loop", "partial+count", "group merge", "groups count", "last merge",
+          "finish"]
+
+HELPERS = '''
+
+@gluon.jit
+def _clk(x):
+    """%clock64 once x (a 1-D tensor) is available, the program's latest."""
+    t = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [(x != 0).to(gl.int32)],
+                                  dtype=gl.int64, is_pure=False, pack=1)
+    return gl.max(t, axis=0)
+
+
+@gluon.jit
+def _gtime(x):
+    t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [(x != 0).to(gl.int32)],
+                                  dtype=gl.int64, is_pure=False, pack=1)
+    return gl.max(t, axis=0)
+
+
+@gluon.jit
+def _stamp(stamp_ptr, k, x):
+    pid = (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * gl.num_programs(2) \\
+        + gl.program_id(2)
+    gl.store(stamp_ptr + pid * 16 + k, _clk(x))
+
+
+@gluon.jit
+def _gstamp(stamp_ptr, k, x):
+    pid = (gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)) * gl.num_programs(2) \\
+        + gl.program_id(2)
+    gl.store(stamp_ptr + pid * 16 + k, _gtime(x))
+
+'''
+
+# (anchor, text inserted after it); every anchor must occur exactly once in the kernel's source
+EDITS = [
+    ("out_ptr, stride_ot, stride_oh, hvt_ptr, value_mean_ptr, count_ptr,",
+     " stamp_ptr,"),
+    ("    split = gl.program_id(2)\n",
+     "    _st0 = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0])) + split\n"
+     "    _gstamp(stamp_ptr, 8, _st0)\n    _stamp(stamp_ptr, 0, _st0)\n"),
+    ("    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)\n",
+     "    _stamp(stamp_ptr, 1, gl.sum(gl.sum(qb.to(gl.float32), 2), 1))\n"),
+    ("    l_i = gl.sum(l_t, axis=1)\n",
+     "    _stamp(stamp_ptr, 2, gl.sum(gl.sum(o, 2), 1))\n"),
+    ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n',
+     "            _stamp(stamp_ptr, 3, _st0 + done)\n"),
+    ("                                       1, G, D, HALF, WP, V_PART, NW)\n",
+     "                _stamp(stamp_ptr, 4, gl.sum(o_t, 1))\n"),
+    ('                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel", scope="gpu")\n',
+     "                    _stamp(stamp_ptr, 5, _st0 + top)\n"),
+    ("                                               G, D, HALF, WP, V_PART, NW)\n",
+     "                        _stamp(stamp_ptr, 6, gl.sum(o_t, 1))\n"),
+    ("                            mean_v, L2, G, D, HALF)\n",
+     "                    _stamp(stamp_ptr, 7, _st0)\n"),
+    ("\n\n# ---------------------------------------------------------------------------------------------\n# Launcher",
+     None),  # the kernel's end: each program's end time before it
+]
+
+
+def instrumented_module():
+    """The copy of tq_decode_hopper with the stamps, imported from a temporary file."""
+    from vllm_gds.kernels import tq_decode_hopper as tdh
+
+    src = Path(tdh.__file__).read_text()
+    for anchor, text in EDITS:
+        if src.count(anchor) != 1:
+            raise SystemExit(f"kv_decode_phases: anchor found {src.count(anchor)} times in "
+                             f"{tdh.__file__}: {anchor!r}; update EDITS to the kernel's source")
+        if text is None:
+            src = src.replace(anchor, "\n    _gstamp(stamp_ptr, 9, _st0)" + anchor)
+        else:
+            src = src.replace(anchor, anchor + text)
+    src = src.replace("\n# ---------------------------------------------------------------------------------------------\n# The kernel",
+                      HELPERS + "\n# ---------------------------------------------------------------------------------------------\n# The kernel", 1)
+    path = Path(tempfile.mkdtemp()) / "tq_decode_hopper_phases.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("tq_decode_hopper_phases", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def phases_of(st, splits, group):
+    """The kernel's span, start skew, per-phase ns (median over the programs that ran the phase)
+    and the phases of the program that finished the rows last, from stamps [programs, 16]; a
+    phase is the time from the previous stamp the program took to the one that closes it."""
+    per = {p: [] for p in PHASES}
+    spans, crit = [], None
+    for row in st.tolist():
+        clk, g0, g1 = row[:8], row[8], row[9]
+        marks = [(k, clk[k]) for k in range(8) if clk[k]]
+        ns_per_clk = (g1 - g0) / max(1, marks[-1][1] - marks[0][1])
+        spans.append((g0, g1))
+        phases = {PHASES[b - 1]: (tb - ta) * ns_per_clk for (_, ta), (b, tb) in zip(marks, marks[1:])}
+        for p, ns in phases.items():
+            per[p].append(ns)
+        if clk[7] and (crit is None or g1 > crit[1]):
+            crit = (phases, g1, g0)
+    first = min(s for s, _ in spans)
+    out = dict(span_ns=max(e for _, e in spans) - first,
+               start_skew_ns=max(s for s, _ in spans) - first, groups=-(-splits // group),
+               median_ns={p: round(statistics.median(x)) for p, x in per.items() if x})
+    if crit is not None:
+        out["critical_ns"] = {p: round(ns) for p, ns in crit[0].items()}
+        out["critical_start_ns"] = crit[2] - first
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--formats", default="tq4,tq3")
+    args = ap.parse_args()
+    import torch
+
+    from vllm_gds.kernels import tq_decode_hopper as tdh
+    from vllm_gds.kernels.tq_attention import default_splits
+    from vllm_gds.kvcache.hopper_tables import attach
+
+    device = torch.device("cuda")
+    kb.warm_up(torch, device)
+    mod = instrumented_module()
+    shapes = [("Llama-3-70B TP8", 8, 1, 128, 1, 32768), ("Llama-3-8B", 32, 8, 128, 1, 32768),
+              ("Llama-3-70B TP8", 8, 1, 128, 32, 4096)]
+    rows = []
+    out_path = args.out / "kv_decode_phases.json"
+    served_group = tdh.MERGE_GROUP
+    for fmt in args.formats.split(","):
+        for shape, hq, hk, d, b, ctx in shapes:
+            if fmt != "tq4" and shape != "Llama-3-70B TP8":
+                continue
+            tables = attach(kb.our_tables(torch, fmt, hk, d, device))
+            num_blocks, bt = kb.paged_layout(torch, b, ctx, device)
+            cache = kb.fill_ours(torch, tables, num_blocks, hk, d, device)
+            reps = max(1, min(64, -(-200_000_000 // cache.numel())))
+            caches = [cache] + [cache.clone() for _ in range(reps - 1)]
+            q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+            qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+            sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
+            dflt = default_splits(b, hk, device, hopper=True)
+            variants = [(4, dflt, served_group)]
+            if b * hk == 1:
+                variants += [(8, dflt, served_group), (8, dflt // 2, served_group),
+                             (4, dflt, 16), (4, dflt // 2, served_group)]
+            elif b * hk <= 32:
+                variants += [(8, dflt, served_group)]
+            for nw, splits, group in variants:
+                tdh.MERGE_GROUP = group
+                tables.__dict__.pop("_hopper_launch", None)
+                row = dict(format=fmt, shape=shape, batch=b, ctx=ctx, warps=nw, splits=splits,
+                           group=group)
+                try:
+                    out = torch.empty_like(q)
+                    ref = torch.empty_like(q)
+                    stamps = torch.zeros(b * hk * splits, STAMPS, dtype=torch.int64, device=device)
+
+                    def plain(c=cache):
+                        grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
+                                                        splits, out, num_warps=nw)
+                        tdh._tq_decode_hopper_kernel[grid](*a, **kw)
+
+                    def probed(c=cache):
+                        grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
+                                                        splits, ref, num_warps=nw)
+                        mod._tq_decode_hopper_kernel[grid](*a, stamps, **kw)
+
+                    plain()
+                    probed()
+                    torch.cuda.synchronize()
+                    row["max_abs_diff_probed"] = (out.float() - ref.float()).abs().max().item()
+                    row["graph_ms"] = kb.graph_time(torch, [lambda c=c: plain(c) for c in caches])
+                    row["probed_graph_ms"] = kb.graph_time(
+                        torch, [lambda c=c: probed(c) for c in caches])
+                    stamps.zero_()
+                    probed()
+                    torch.cuda.synchronize()
+                    row.update(phases_of(stamps.cpu(), splits, group))
+                except Exception as e:  # one bad launch must not end the run
+                    row["error"] = repr(e)[:400]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                out_path.write_text(json.dumps(rows, indent=1))
+            if b * hk == 1 and fmt == "tq4":
+                rows.append(dict(format="bf16-sdpa", shape=shape, batch=b, ctx=ctx,
+                                 graph_ms=kb.graph_sdpa(torch, b, ctx, hq, hk, d, device, None)))
+            del caches, cache
+            torch.cuda.empty_cache()
+    tdh.MERGE_GROUP = served_group
+    out_path.write_text(json.dumps(rows, indent=1))
+    print("\n| fmt | shape | bxctx | warps | splits | group | graph us | probed us | span us | "
+          + " | ".join(PHASES) + " (critical program, us) |")
+    print("|" + " --- |" * (9 + len(PHASES)))
+    for r in rows:
+        head = f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K |"
+        if "error" in r:
+            print(head + f" ERROR {r['error'][:80]} |")
+            continue
+        if "warps" not in r:
+            print(head + f" | | | {r['graph_ms'] * 1e3:.1f} |")
+            continue
+        crit = r.get("critical_ns") or {}
+        print(head + f" {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
+              f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
+              + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " |")
+
+
+if __name__ == "__main__":
+    main()
