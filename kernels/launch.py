@@ -59,17 +59,20 @@ class CachedLaunch:
         except KeyError as e:
             raise TypeError(f"{self.fn.__name__}: constexpr {e} neither given nor defaulted") from None
 
-    def __call__(self, grid, args: tuple, meta: dict, compiled: dict, varying=None) -> None:
+    def __call__(self, grid, args: tuple, meta: dict, compiled: dict, varying=None,
+                 stream: int | None = None) -> None:
         """varying: None, or a function picking from args those that may change from call to
         call of this plan (operator.itemgetter): the rest (the layer's tables) are the same
         objects every call, so their specialization is the first call's and is left out of the
-        key (a decode call's host time: each argument's key costs ~0.3 us)."""
+        key (a decode call's host time: each argument's key costs ~0.3 us). stream: the current
+        raw CUDA stream where the caller has looked it up already."""
         index = args[0].get_device()
         key = (index, tuple(map(_spec, args if varying is None else varying(args))))
         hit = compiled.get(key)
         if hit is not None:
             kernel, consts = hit
-            stream = torch._C._cuda_getCurrentRawStream(index)
+            if stream is None:
+                stream = torch._C._cuda_getCurrentRawStream(index)
             kernel[(*grid, 1, 1)[:3]](*args, *consts, stream=stream)
             return
         kernel = self.fn[grid](*args, **meta)

@@ -354,17 +354,17 @@ def tq_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     if hop is None:
         hop = plan.hopper = _choose_decode(query, kv_cache, tables, splits, tuning)
     if hop:
-        part = out if hop.finish == 1 else torch.empty(T * Hq * splits * hop.kwargs["WP"],
-                                                       dtype=torch.float32, device=query.device)
-        counts = seq_lens  # unread unless the programs merge their partials (FINISH 2)
+        part, counts, stream = out, seq_lens, None  # unread unless FINISH 2
         if hop.finish == 2:
-            counts = hop.counters.get(torch._C._cuda_getCurrentRawStream(query.get_device()),
-                                      _hop.counter_count(num_seqs, H, splits), query.device)
+            part = _hop.partials(T * Hq, splits, hop.kwargs["WP"], query.device)
+            stream = torch._C._cuda_getCurrentRawStream(query.get_device())
+            counts = hop.counters.get(stream, _hop.counter_count(num_seqs, H, splits),
+                                      query.device)
         _HOPPER((num_seqs, H, splits), (
             query, qs[0], qs[1], kv_cache, cs[0], block_table, block_table.stride(0), seq_lens,
             query_start_loc, *hop.tables, part, softmax_scale * LOG2E / query.shape[2] ** 0.5,
             *hop.lut, out, os_[0], os_[1], *hop.finish_tables, counts,
-        ), hop.kwargs, hop.compiled, hop.varying)
+        ), hop.kwargs, hop.compiled, hop.varying, stream)
         return out
     part = out
     if splits > 1:

@@ -1005,7 +1005,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                            maxnreg, finish, mean_smem)
     part = out
     if finish == 2:
-        part = torch.empty(T * Hq * splits * cx["WP"], dtype=torch.float32, device=query.device)
+        part = partials(T * Hq, splits, cx["WP"], query.device)
         if counts is None:
             counts = torch.zeros(counter_count(seq_lens.shape[0], H, splits), dtype=torch.int32,
                                  device=query.device)
@@ -1055,6 +1055,12 @@ def counter_count(num_seqs: int, kv_heads: int, splits: int) -> int:
     """int32 completion counters FINISH 2 needs: one per merge group and one for the groups, per
     sequence and KV head."""
     return num_seqs * kv_heads * (-(-splits // MERGE_GROUP) + 1)
+
+
+def partials(rows: int, splits: int, width: int, device) -> torch.Tensor:
+    """The partial rows FINISH 2 writes and merges: `splits` of `width` float32 words (o, m, l)
+    per query row and head."""
+    return torch.empty(rows * splits * width, dtype=torch.float32, device=device)
 
 
 def finish_tables(tables, codes: int | None = None) -> tuple:
