@@ -94,11 +94,64 @@ EDITS = [
 ]
 
 
-def instrumented_module():
-    """The copy of tq_decode_hopper with the stamps, imported from a temporary file."""
+# Source variants of the kernel, timed beside the served one: (old, new) replacements, each old
+# text found exactly once. kv_end_first: the sequence's length (the head of the chain length ->
+# block table entry -> the first tile's codes) loaded first, before the lookup table's barriers;
+# loads_first: also the query and the transform's tables loaded before that chain.
+SOURCE_VARIANTS = {
+    "served": [],
+    "kv_end_first": [
+        ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row"),
+        ("    q_row = gl.load(query_start_ptr + seq)\n",
+         "    q_row = gl.load(query_start_ptr + seq)\n    kv_end = gl.load(seq_lens_ptr + seq)\n"),
+    ],
+}
+# (a CTA barrier after the first tile's loads was tried: the compiler drops it, no shared memory
+# between it and the lookup table's barriers; the same SASS as kv_end_first)
+SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + [("MOVE_QUERY_LOADS", None)]
+
+
+def _move_query_loads(src: str) -> str:
+    """The query section's loads (from its comment to H's load) moved before section 0."""
+    a = src.index("    # 1. The query, transformed once")
+    b = src.index("    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])")
+    b = src.index("\n", b) + 1
+    block = src[a:b]
+    at = src.index("    # 0. This program's share")
+    return src[:at] + block + "\n" + src[at:a] + src[b:]
+
+
+def variant_source(variant: str) -> str:
     from vllm_gds.kernels import tq_decode_hopper as tdh
 
     src = Path(tdh.__file__).read_text()
+    for old, new in SOURCE_VARIANTS[variant]:
+        if new is None:
+            src = _move_query_loads(src)
+            continue
+        if src.count(old) != 1:
+            raise SystemExit(f"kv_decode_phases: {variant}: {old!r} found {src.count(old)} times "
+                             f"in {tdh.__file__}; update SOURCE_VARIANTS to the kernel's source")
+        src = src.replace(old, new)
+    return src
+
+
+def load_module(src: str, name: str):
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def instrumented_module(variant: str = "served", stamps: bool = True):
+    """The copy of tq_decode_hopper (a source variant), with the stamps or without, imported from a
+    temporary file."""
+    src = variant_source(variant)
+    if not stamps:
+        return load_module(src, f"tq_decode_hopper_{variant}")
     for anchor, text in EDITS:
         if src.count(anchor) != 1:
             raise SystemExit(f"kv_decode_phases: anchor found {src.count(anchor)} times in "
@@ -109,13 +162,7 @@ def instrumented_module():
             src = src.replace(anchor, anchor + text)
     src = src.replace("\n# ---------------------------------------------------------------------------------------------\n# The kernel",
                       HELPERS + "\n# ---------------------------------------------------------------------------------------------\n# The kernel", 1)
-    path = Path(tempfile.mkdtemp()) / "tq_decode_hopper_phases.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("tq_decode_hopper_phases", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(src, f"tq_decode_hopper_{variant}_stamped")
 
 
 def phases_of(st, splits, group):
@@ -157,7 +204,7 @@ def main():
 
     device = torch.device("cuda")
     kb.warm_up(torch, device)
-    mod = instrumented_module()
+    mods = {}
     shapes = [("Llama-3-70B TP8", 8, 1, 128, 1, 32768), ("Llama-3-8B", 32, 8, 128, 1, 32768),
               ("Llama-3-70B TP8", 8, 1, 128, 32, 4096)]
     rows = []
@@ -176,30 +223,42 @@ def main():
             qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
             sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
             dflt = default_splits(b, hk, device, hopper=True)
-            variants = [(4, dflt, served_group)]
+            variants = [("served", 4, dflt, served_group), ("kv_end_first", 4, dflt, served_group)]
             if b * hk == 1:
-                variants += [(8, dflt, served_group), (8, dflt // 2, served_group),
-                             (4, dflt, 16), (4, dflt // 2, served_group)]
-            elif b * hk <= 32:
-                variants += [(8, dflt, served_group)]
-            for nw, splits, group in variants:
+                variants += [("served", 8, dflt, served_group), ("served", 8, dflt // 2, served_group),
+                             ("served", 4, dflt, 16), ("served", 4, dflt // 2, served_group)]
+            else:
+                variants += [("served", 8, dflt, served_group)]
+            if fmt != "tq4":
+                variants = variants[:3]
+            for source, nw, splits, group in variants:
+                for stamped in (False, True):
+                    if (source, stamped) not in mods:
+                        mods[source, stamped] = instrumented_module(source, stamped)
+                plain_mod, mod = mods[source, False], mods[source, True]
                 tdh.MERGE_GROUP = group
                 tables.__dict__.pop("_hopper_launch", None)
-                row = dict(format=fmt, shape=shape, batch=b, ctx=ctx, warps=nw, splits=splits,
-                           group=group)
+                row = dict(format=fmt, shape=shape, batch=b, ctx=ctx, source=source, warps=nw,
+                           splits=splits, group=group)
                 try:
                     out = torch.empty_like(q)
                     ref = torch.empty_like(q)
                     stamps = torch.zeros(b * hk * splits, STAMPS, dtype=torch.int64, device=device)
+                    # one counter buffer (left zero by every launch): decode_launch's own would
+                    # put a memset in the graph before every call
+                    counts = torch.zeros(tdh.counter_count(b, hk, splits), dtype=torch.int32,
+                                         device=device)
 
                     def plain(c=cache):
                         grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                        splits, out, num_warps=nw)
-                        tdh._tq_decode_hopper_kernel[grid](*a, **kw)
+                                                        splits, out, num_warps=nw,
+                                                        counts=counts)
+                        plain_mod._tq_decode_hopper_kernel[grid](*a, **kw)
 
                     def probed(c=cache):
                         grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                        splits, ref, num_warps=nw)
+                                                        splits, ref, num_warps=nw,
+                                                        counts=counts)
                         mod._tq_decode_hopper_kernel[grid](*a, stamps, **kw)
 
                     plain()
@@ -218,26 +277,26 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 out_path.write_text(json.dumps(rows, indent=1))
-            if b * hk == 1 and fmt == "tq4":
+            if b == 1 and fmt == "tq4":
                 rows.append(dict(format="bf16-sdpa", shape=shape, batch=b, ctx=ctx,
                                  graph_ms=kb.graph_sdpa(torch, b, ctx, hq, hk, d, device, None)))
             del caches, cache
             torch.cuda.empty_cache()
     tdh.MERGE_GROUP = served_group
     out_path.write_text(json.dumps(rows, indent=1))
-    print("\n| fmt | shape | bxctx | warps | splits | group | graph us | probed us | span us | "
+    print("\n| fmt | shape | bxctx | source | warps | splits | group | graph us | probed us | span us | "
           + " | ".join(PHASES) + " (critical program, us) |")
-    print("|" + " --- |" * (9 + len(PHASES)))
+    print("|" + " --- |" * (10 + len(PHASES)))
     for r in rows:
         head = f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K |"
         if "error" in r:
             print(head + f" ERROR {r['error'][:80]} |")
             continue
         if "warps" not in r:
-            print(head + f" | | | {r['graph_ms'] * 1e3:.1f} |")
+            print(head + f" | | | | {r['graph_ms'] * 1e3:.1f} |")
             continue
         crit = r.get("critical_ns") or {}
-        print(head + f" {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
+        print(head + f" {r['source']} | {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
               f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " |")
 
