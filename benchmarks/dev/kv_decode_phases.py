@@ -108,6 +108,38 @@ SOURCE_VARIANTS = {
 }
 # (a CTA barrier after the first tile's loads was tried: the compiler drops it, no shared memory
 # between it and the lookup table's barriers; the same SASS as kv_end_first)
+# warp_sum: the warps' partial O summed in each thread after one layout conversion (every warp's
+# [D, HALF] block to a layout with the warps in registers), where the served kernel reduces
+# across warps and then converts the result again for the partial store.
+SOURCE_VARIANTS["warp_sum"] = [(
+    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
+    "    o_all = gl.convert_layout(o_all, OL)\n",
+    "    o_w = gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2)  # [NW, D, HALF]: each warp's own\n"
+    "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, 1], [1, 8, 4], [1, NW, 1], [1, 0, 2])\n"
+    "    o_all = gl.sum(gl.convert_layout(o_w, OW), axis=0)\n"
+    "    OL: gl.constexpr = gl.SliceLayout(0, OW)\n")]
+# warp_sum_all: also the rows' maxima and sums converted once to that layout (the warps and
+# halves in registers), so the weights and every sum are in-thread.
+SOURCE_VARIANTS["warp_sum_all"] = [(
+    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
+    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
+    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
+    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
+    "    o_all = gl.convert_layout(o_all, OL)\n",
+    "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, R2, 1], [1, 8, 1, 4], [1, NW, 1, 1],\n"
+    "                                        [1, 0, 2, 3])\n"
+    "    MW: gl.constexpr = gl.SliceLayout(1, OW)\n"
+    "    mw = gl.convert_layout(m4, MW)\n"
+    "    lw = gl.convert_layout(l4, MW)\n"
+    "    ow = gl.convert_layout(o4, OW)\n"
+    "    m_all = gl.max(gl.max(mw, axis=1), axis=0)\n"
+    "    w = gl.exp2(mw - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)\n"
+    "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n")]
 SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + [("MOVE_QUERY_LOADS", None)]
 
 
@@ -223,14 +255,16 @@ def main():
             qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
             sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
             dflt = default_splits(b, hk, device, hopper=True)
-            variants = [("served", 4, dflt, served_group), ("kv_end_first", 4, dflt, served_group)]
+            variants = [("served", 4, dflt, served_group), ("warp_sum_all", 4, dflt, served_group),
+                        ("kv_end_first", 4, dflt, served_group)]
             if b * hk == 1:
                 variants += [("served", 8, dflt, served_group), ("served", 8, dflt // 2, served_group),
                              ("served", 4, dflt, 16), ("served", 4, dflt // 2, served_group)]
             else:
                 variants += [("served", 8, dflt, served_group)]
             if fmt != "tq4":
-                variants = variants[:3]
+                variants = variants[:2] + variants[3:4]
+            served_out = None
             for source, nw, splits, group in variants:
                 for stamped in (False, True):
                     if (source, stamped) not in mods:
@@ -265,6 +299,10 @@ def main():
                     probed()
                     torch.cuda.synchronize()
                     row["max_abs_diff_probed"] = (out.float() - ref.float()).abs().max().item()
+                    if served_out is None:
+                        served_out = out.clone()
+                    row["max_abs_diff_served"] = (out.float() - served_out.float()).abs().max().item()
+                    row["nan"] = bool(out.isnan().any())
                     row["graph_ms"] = kb.graph_time(torch, [lambda c=c: plain(c) for c in caches])
                     row["probed_graph_ms"] = kb.graph_time(
                         torch, [lambda c=c: probed(c) for c in caches])
