@@ -256,14 +256,10 @@ def main():
             sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
             dflt = default_splits(b, hk, device, hopper=True)
             variants = [("served", 4, dflt, served_group), ("warp_sum_all", 4, dflt, served_group),
-                        ("kv_end_first", 4, dflt, served_group)]
-            if b * hk == 1:
-                variants += [("served", 8, dflt, served_group), ("served", 8, dflt // 2, served_group),
-                             ("served", 4, dflt, 16), ("served", 4, dflt // 2, served_group)]
-            else:
-                variants += [("served", 8, dflt, served_group)]
-            if fmt != "tq4":
-                variants = variants[:2] + variants[3:4]
+                        ("served", 8, dflt, served_group)]
+            if b * hk == 1 and fmt == "tq4":
+                variants += [("kv_end_first", 4, dflt, served_group),
+                             ("served", 8, dflt // 2, served_group), ("served", 4, dflt, 16)]
             served_out = None
             for source, nw, splits, group in variants:
                 for stamped in (False, True):
