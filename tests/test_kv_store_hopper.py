@@ -45,6 +45,32 @@ def test_bucket_table_is_bucketize(name):
         assert torch.equal(code, ref) and torch.equal(lev, lv[ref])
 
 
+@pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
+def test_uniform_bucket_table_is_bucketize(name):
+    """SLUT's table (coordinates and levels scaled by 256, as the kernel takes them): the
+    kernel's bucket (two FMAs, emulated exactly by _ubucket) and one compare give bucketize's
+    codes and levels, so its bytes are the served table's."""
+    t = LayerTables(FORMATS[name], 128, 0, 0, "cpu", torch.float32, 1)
+    for idx, st in ((1, t.layout.key.b), (3, t.layout.value.b)):
+        lv, th = t.codebooks[idx]
+        n = 1 << st.bits
+        lv, thr = lv * 256.0, th[: n - 1] * 256.0
+        k, m, tab = hop.ubucket_table(lv, thr, st.bits)
+        assert tab.shape[0] == (1 << m) + 1 <= 129
+        up_, dn_ = torch.tensor(1e9), torch.tensor(-1e9)
+        y = torch.cat([torch.randn(50000) * 23.0, thr, -thr, torch.nextafter(thr, up_),
+                       torch.nextafter(thr, dn_), -torch.nextafter(thr, up_),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e30, -1e30,
+                                     float("inf"), float("-inf"), 2.0 ** (k - 1),
+                                     -2.0 ** (k - 1)])])
+        e = tab[hop._ubucket(y, k, m)]
+        up = y > e[:, 0].view(torch.float32)
+        lev = torch.where(up, e[:, 2].view(torch.float32), e[:, 1].view(torch.float32))
+        code = (e[:, 3] + up.int()).long()
+        ref = torch.bucketize(y, thr.contiguous(), right=False)
+        assert torch.equal(code, ref) and torch.equal(lev, lv[ref])
+
+
 def _lookup(y, shift, tab):
     e = tab[(y.view(torch.int32).long() & 0xFFFFFFFF) >> shift]
     up = y > e[..., 0].view(torch.float32)
