@@ -72,7 +72,7 @@ CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
 ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
-SLUT = False  # the code search in global memory by the float bits (store_launch's slut)
+SLUT = False  # the code search by uniform buckets in shared memory (store_launch's slut)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
@@ -319,25 +319,26 @@ def _lookup(y, tab, SHIFT: gl.constexpr, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _slut_fill(tab_ptr, ASM: gl.constexpr, ROWS: gl.constexpr, NW: gl.constexpr):
-    """SLUT: declare a shared table (ASM: slut_ptx's, ROWS x 16 bytes, in PTX outside Triton's
-    allocation) and copy it from global memory (the CTA barrier after the prologue orders
+def _slut_fill(tab_ptr, DECL: gl.constexpr, FILL: gl.constexpr, ROWS: gl.constexpr,
+               NW: gl.constexpr):
+    """SLUT: declare a shared table (slut_ptx's DECL, ROWS x 16 bytes, in PTX outside Triton's
+    allocation) and copy it from global memory (FILL; the CTA barrier after the prologue orders
     it)."""
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     one = gl.arange(0, 32 * NW, L1)  # one element a thread: the declaration emitted once
-    gl.inline_asm_elementwise(ASM[0], "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(DECL, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
     TL: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [NW, 1], [1, 0])
     r = gl.arange(0, ROWS, gl.SliceLayout(1, TL))[:, None] * 4
     w = gl.arange(0, 4, gl.SliceLayout(0, TL))[None, :]
     v = gl.load(tab_ptr + r + w)
-    gl.inline_asm_elementwise(ASM[1], "=r,r,r", [(r + w) * 4, v], dtype=gl.int32,
+    gl.inline_asm_elementwise(FILL, "=r,r,r", [(r + w) * 4, v], dtype=gl.int32,
                               is_pure=False, pack=1)
 
 
 @gluon.jit
-def _slut_base(ASM: gl.constexpr, z):
-    """SLUT's tab operand (z: zeros in the coordinates' layout; slut_ptx)."""
-    return gl.inline_asm_elementwise(ASM[2], "=r,r", [z], dtype=gl.int32, is_pure=True, pack=1)
+def _slut_base(BASE: gl.constexpr, z):
+    """SLUT's tab operand (z: zeros in the coordinates' layout; slut_ptx's BASE)."""
+    return gl.inline_asm_elementwise(BASE, "=r,r", [z], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -582,8 +583,9 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
-    SLUT: gl.constexpr, K_ASM: gl.constexpr, V_ASM: gl.constexpr, K_PTX: gl.constexpr,
-    V_PTX: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr,
+    SLUT: gl.constexpr, K_ASM: gl.constexpr, V_ASM: gl.constexpr, K_DECL: gl.constexpr,
+    K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
+    V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr,
     ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
     KV16: gl.constexpr, LK: gl.constexpr,
 ):
@@ -632,10 +634,10 @@ def _tq_store_hopper_kernel(
     cola = gl.arange(0, C, COLA)
     coll = gl.arange(0, C, COL)
     if SLUT:  # the code-search tables into shared memory (declared in PTX)
-        _slut_fill(ktab_ptr, K_PTX, K_ROWS, NW)
-        _slut_fill(vtab_ptr, V_PTX, V_ROWS, NW)
-        ktab = _slut_base(K_PTX, gl.zeros([M, C], gl.int32, L))
-        vtab = _slut_base(V_PTX, gl.zeros([M, C], gl.int32, L))
+        _slut_fill(ktab_ptr, K_DECL, K_FILL, K_ROWS, NW)
+        _slut_fill(vtab_ptr, V_DECL, V_FILL, V_ROWS, NW)
+        ktab = _slut_base(K_BASE, gl.zeros([M, C], gl.int32, L))
+        vtab = _slut_base(V_BASE, gl.zeros([M, C], gl.int32, L))
     else:
         ktab = ktab_ptr + gl.zeros([M, C], gl.int32, L)
         vtab = vtab_ptr + gl.zeros([M, C], gl.int32, L)
@@ -851,13 +853,14 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, KV16=bool(kv16 and not async_kv),
               LK=kv16_layout(num_warps, D // 4), SLUT=bool(slut and "k_utab" in hop
                                                           and "v_utab" in hop),
-              K_ASM="", V_ASM="", K_PTX=None, V_PTX=None, K_ROWS=0, V_ROWS=0,
-              num_warps=num_warps)
+              K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
+              V_BASE="", K_ROWS=0, V_ROWS=0, num_warps=num_warps)
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"]), V_ASM=slut_asm(*hop["v_ukm"]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])
-        cx.update(K_PTX=slut_ptx("tq_store_ktab", cx["K_ROWS"]),
-                  V_PTX=slut_ptx("tq_store_vtab", cx["V_ROWS"]))
+        for x, name in (("K", "tq_store_ktab"), ("V", "tq_store_vtab")):
+            cx.update(zip((x + "_DECL", x + "_FILL", x + "_BASE"),
+                          slut_ptx(name, cx[x + "_ROWS"])))
     if maxnreg:
         cx["maxnreg"] = maxnreg
     # the input-side tables: in kperm's order for KV16

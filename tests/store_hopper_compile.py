@@ -106,6 +106,8 @@ def main():
     st["shared"] = k.metadata.shared
     st["local"] = len(re.findall(r"\b(LDL|STL)\b", sass))
     st["ld_v4"] = k.asm["ptx"].count("ld.global.nc.v4.b32")
+    # the code search's lookups in PTX: global (bucket_table) or shared (SLUT: slut_asm)
+    st["lookups"] = st["ld_v4"] + k.asm["ptx"].count("mad.lo.u32 a, a, 128")
     st["triton"] = triton.__version__
     st["shift"] = (cx["K_SHIFT"], cx["V_SHIFT"])
     print(json.dumps(st))

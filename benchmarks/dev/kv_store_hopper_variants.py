@@ -9,11 +9,14 @@ inputs of kv_bench.store_bandwidth (what kv_bench's 'store' rows time). Rows: th
 then the Gluon kernel launched directly (tq_store_hopper.store_launch) at each variant: warps a
 program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8 warps an SM,
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
-tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one) and
-vsmem (the heads' per-column vectors staged in shared memory once a program: served) and
-async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix).
+tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
+vsmem (the heads' per-column vectors staged in shared memory once a program: served),
+async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix),
+kv16 (keys and values by 16-byte loads) and slut (the code search by uniform buckets in shared
+memory instead of the float-bit buckets through L1).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
-cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (the portable
+cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
+rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
 kernel differs from both in threshold ties, about 1e-6 of bytes); the served call
 is checked against the torch reference once (kv_bench.store_check). Times: do_bench medians.
 Prints a table last; writes kv_store_hopper_variants.json under --out (default $OUT).
@@ -31,31 +34,38 @@ import torch
 import triton
 import kv_bench as kb
 
-# (label, num_warps, heads a program, maxnreg, cal_first, vsmem, async_kv); the first two are the launch
-# shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads) with the per-head
-# vectors in shared memory (served, vsmem) and in global memory (the store measured on 2026-12-06)
+# (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
+# async_kv, kv16, slut; every row names each, so rows do not move with the served defaults). The
+# first rows are the launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8
+# heads): slut on and off (the served store before 2026-12-06's slut commit: off), then each
+# switch on top of slut. Ordered by interest: --budget skips the last rows first.
+_BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=False,
+             kv16=False, slut=True)
+
+
+def _v(label, **kw):
+    return label, {**_BASE, **kw}
+
+
 VARIANTS = [
-    ("4 warps x 8 heads, vsmem (served)", 4, 8, None, False, True, False),
-    ("4 warps x 8 heads, no vsmem (12-06)", 4, 8, None, False, False, False),
-    ("  async K/V (cp.async one head ahead)", 4, 8, None, False, True, True),
-    ("  async K/V, no vsmem", 4, 8, None, False, False, True),
-    ("  cal_first", 4, 8, None, True, True, False),
-    ("  maxnreg 168 (3 programs, 12 warps/SM)", 4, 8, 168, False, True, False),
-    ("  maxnreg 168, no vsmem", 4, 8, 168, False, False, False),
-    ("  maxnreg 128, no vsmem (16/SM)", 4, 8, 128, False, False, False),
-    # smaller programs: without vsmem (its 24 KB a program would cap the programs an SM first)
-    ("2 warps x 8 heads, maxnreg 200, no vsmem (10/SM)", 2, 8, 200, False, False, False),
-    ("2 warps x 8 heads, maxnreg 200, cal_first, no vsmem", 2, 8, 200, True, False, False),
-    ("2 warps x 8 heads, maxnreg 168, no vsmem (12/SM)", 2, 8, 168, False, False, False),
-    ("1 warp x 8 heads, maxnreg 216, no vsmem (9/SM)", 1, 8, 216, False, False, False),
-    ("8 warps x 8 heads", 8, 8, None, False, True, False),
-    ("2 warps x 8 heads", 2, 8, None, False, True, False),
-    ("4 warps x 4 heads", 4, 4, None, False, True, False),
+    _v("4 warps x 8 heads, vsmem, slut"),
+    _v("4 warps x 8 heads, vsmem, no slut (12-06 served)", slut=False),
+    _v("  slut, maxnreg 168 (12 warps/SM)", maxnreg=168),
+    _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
+    _v("  kv16, no slut", kv16=True, slut=False),
+    _v("  slut, async K/V (cp.async one head ahead)", async_kv=True),
+    _v("  slut, cal_first", cal_first=True),
+    _v("  slut, no vsmem", vsmem=False),
+    _v("  slut, maxnreg 200 (10 warps/SM)", maxnreg=200),
+    _v("  no slut, maxnreg 168", maxnreg=168, slut=False),
+    _v("2 warps x 8 heads, slut", num_warps=2),
+    _v("2 warps x 8 heads, slut, maxnreg 168, no vsmem", num_warps=2, maxnreg=168, vsmem=False),
+    _v("8 warps x 8 heads, slut", num_warps=8),
+    _v("4 warps x 4 heads, slut", heads=4),
 ]
 
 
-def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_first, vsmem,
-           async_kv):
+def direct(k, v, cache, slots, tables, positions, **launch):
     """A call of the Gluon store at this variant (as tq_store launches it, through CachedLaunch)."""
     from vllm_gds.kernels import tq_store_hopper as hop
     from vllm_gds.kernels.launch import CachedLaunch
@@ -64,9 +74,7 @@ def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_fir
     c = _store_constants(tables, 1, k.dtype)
     h = hop.constants(tables, k.dtype, c)
     grid, args, cx = hop.store_launch(k, v, cache, slots, tables, positions, c, h,
-                                      _alignment(cache, cache.stride()), num_warps=warps,
-                                      heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                                      vsmem=vsmem, async_kv=async_kv)
+                                      _alignment(cache, cache.stride()), **launch)
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
@@ -145,12 +153,10 @@ def main():
     portable = StoreTuning(hopper=False)
     row("portable", lambda: (lambda: tq_store(k, v, cache, slots, tables, positions, tuning=portable)),
         lambda c2: tq_store(kc, vc, c2, slots_c, tables_c, positions=pos_c, tuning=portable))
-    for label, warps, heads, maxnreg, cal_first, vsmem, async_kv in VARIANTS:
-        launch = (warps, heads, maxnreg, cal_first, vsmem, async_kv)
-        r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, *launch),
-                lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, *launch)())
-        r.update(num_warps=warps, heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                 vsmem=vsmem, async_kv=async_kv)
+    for label, launch in VARIANTS:
+        r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, **launch),
+                lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, **launch)())
+        r.update(launch)
         save()
 
     served = next((x["ms"] for x in res["rows"] if x["label"].startswith("served") and "ms" in x), None)
