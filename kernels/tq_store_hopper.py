@@ -77,6 +77,7 @@ VSMEM = True  # the heads' per-column vectors staged in shared memory (store_lau
 ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
+FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
@@ -111,7 +112,8 @@ def kv16_layout(num_warps: int, c: int = 32):
     """KV16's load layout of a chunk [16 num_warps, c] in input order: 8 consecutive columns a
     thread (one 16-byte load), rows g and g + 8 of its warp's 16 (as the MMA's A operand)."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]], lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+        reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+        lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[16 << i, 0] for i in range(num_warps.bit_length() - 1)], block_bases=[],
         shape=[16 * num_warps, c])
 
@@ -215,7 +217,8 @@ def slut_asm(k: int, m: int) -> str:
     """SLUT's lookup PTX: $4 = y, $5 = the shared address of this lane's replica of the table
     (slut_ptx); outputs as _lookup's. The bucket (_ubucket) as the float bits of 2^21 +
     s 2^(m - 2) (floats 1/4 apart there: bits 0x4A000000 + round-half-even(s 2^m))."""
-    f = lambda x: "0f%08X" % torch.tensor([x], dtype=torch.float32).view(torch.int32).item()  # noqa: E731
+    def f(x):
+        return "0f%08X" % torch.tensor([x], dtype=torch.float32).view(torch.int32).item()
     return ("{ .reg .f32 s; .reg .u32 a; fma.rn.sat.f32 s, $4, " + f(2.0 ** -k) + ", 0f3F000000; "
             "fma.rn.f32 s, s, " + f(2.0 ** (m - 2)) + ", 0f4A000000; mov.b32 a, s; "
             "mad.lo.u32 a, a, 128, $5; ld.shared.v4.b32 {$0, $1, $2, $3}, [a]; }")
@@ -311,7 +314,8 @@ def _lookup(y, tab, SHIFT: gl.constexpr, ASM: gl.constexpr):
     if ASM == "":
         b = (y.to(gl.uint32, bitcast=True) >> SHIFT).to(gl.int32)
         thr, lo, hi, code = gl.inline_asm_elementwise(
-            "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
+            "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; "
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
             "=r,=r,=r,=r,r,l", [b, tab],
             dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
     else:
@@ -375,15 +379,64 @@ def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, ASM: gl.constexpr, BITS: gl.
 
 
 @gluon.jit
-def _norm_of(n, yc, cc, RULE: gl.constexpr):
+def _sqrt(x, FAST: gl.constexpr):
+    """sqrt_rn(x) of x >= 0 (a sum of squares). FAST: without the branch to the slow path
+    (ptxas's sqrt.rn: the same MUFU.RSQ and Newton step, which it takes for x in [2^-101,
+    FLT_MAX]); x under 2^-100 scaled by 2^126 and its root by 2^-63 (exact), 0 -> 0 (the
+    step's NaN, by max). Differs from sqrt_rn only at x = inf or NaN."""
+    if FAST:
+        t = x < 7.888609052210118e-31  # 2^-100
+        xs = x * gl.where(t, 8.507059173023462e37, 1.0)  # 2^126
+        r = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, s, h, e; rsqrt.approx.ftz.f32 r, $1; mul.rn.ftz.f32 s, $1, r; "
+            "mul.rn.ftz.f32 h, r, 0f3F000000; neg.f32 e, s; fma.rn.f32 e, e, s, $1; "
+            "fma.rn.f32 $0, e, h, s; }", "=f,f", [xs], dtype=gl.float32, is_pure=True, pack=1)
+        res = gl.maximum(r * gl.where(t, 1.0842021724855044e-19, 1.0), 0.0)  # 2^-63
+    else:
+        res = gl.sqrt_rn(x)
+    return res
+
+
+@gluon.jit
+def _div(a, b, FAST: gl.constexpr):
+    """div_rn(a, b). FAST: without FCHK's branch to the slow path (ptxas's div.rn fast path:
+    MUFU.RCP, a Newton step, the quotient and one correction), exact where FCHK passes: here
+    b in [2^-100, 2^64] (norms of finite 16-bit vectors clamped at 1e-30 and at most
+    sqrt(FLT_MAX); sqrt(cc) of levels), a in [0, 2^80]."""
+    if FAST:
+        res = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, e, q; rcp.approx.ftz.f32 r, $2; neg.f32 e, $2; fma.rn.f32 e, e, r, "
+            "0f3F800000; fma.rn.f32 r, r, e, r; mul.rn.f32 q, $1, r; neg.f32 e, $2; "
+            "fma.rn.f32 e, e, q, $1; fma.rn.f32 $0, r, e, q; }", "=f,f,f", [a, b],
+            dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        res = gl.div_rn(a, b)
+    return res
+
+
+@gluon.jit
+def _rcp(b, FAST: gl.constexpr):
+    """div_rn(1, b) (_div's fast path with a = 1: the quotient is the refined reciprocal)."""
+    if FAST:
+        res = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, e; rcp.approx.ftz.f32 r, $1; neg.f32 e, $1; fma.rn.f32 e, e, r, "
+            "0f3F800000; fma.rn.f32 r, r, e, r; neg.f32 e, $1; fma.rn.f32 e, e, r, 0f3F800000; "
+            "fma.rn.f32 $0, r, e, r; }", "=f,f", [b], dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        res = gl.div_rn(1.0, b)
+    return res
+
+
+@gluon.jit
+def _norm_of(n, yc, cc, RULE: gl.constexpr, FAST: gl.constexpr):
     """The norm rule of coordinates and levels scaled by 256 (yc and cc by 2^16): the same
     floats as unscaled (powers of two commute with rounding; sqrt(2^16 x) = 2^8 sqrt(x))."""
     if RULE == 0:
         norm = n
     elif RULE == 1:
-        norm = gl.div_rn(n * 256.0, gl.maximum(gl.sqrt_rn(cc), 256.0e-30))
+        norm = _div(n * 256.0, gl.maximum(_sqrt(cc, FAST), 256.0e-30), FAST)
     else:
-        norm = gl.div_rn(n * yc, gl.maximum(cc, 65536.0e-30))
+        norm = _div(n * yc, gl.maximum(cc, 65536.0e-30), FAST)
     return norm
 
 
@@ -490,14 +543,16 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 @gluon.jit
 def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
-              K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr, K_RULE: gl.constexpr,
+              K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
+              K_RULE: gl.constexpr,
               C: gl.constexpr, M: gl.constexpr, F: gl.constexpr, LA: gl.constexpr,
-              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr):
+              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr,
+              FAST: gl.constexpr):
     """A key coding's end, raw or calibrated: the transformed chunks y coded (words), the float16
     norm of the input's norm n, and the coding's error weighted by the head's weights."""
     w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_ASM, K_BITS,
                                                   K_RULE, M)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE, FAST))
     g = (norm16 * inv_n)[:, None]
     q0 = _vec(weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
     q1 = _vec(weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
@@ -510,10 +565,11 @@ def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
 
 @gluon.jit
 def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
-             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
+             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+             K_BITS: gl.constexpr,
              K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
              LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr,
-             VSMEM: gl.constexpr):
+             VSMEM: gl.constexpr, FAST: gl.constexpr):
     """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
     its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
@@ -525,16 +581,18 @@ def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_
     y2 = z2 * s
     y3 = z3 * s
     return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, key_weight_ptr, w_s, i, hd, hcu_s,
-                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
+                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
 
 
 @gluon.jit
 def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s,
                     wsq_s, i, hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab,
-                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
+                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+                    K_BITS: gl.constexpr,
                     K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
                     LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
-                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr):
+                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr,
+                    FAST: gl.constexpr):
     """The calibrated key's coding (the transform first, then two float16 passes per chunk):
     its words, its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
@@ -561,8 +619,8 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     x1 = (f1 - mu1) * _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
     x2 = (f2 - mu2) * _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
     x3 = (f3 - mu3) * _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
-    n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
-    inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
+    n_a = _sqrt(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1), FAST)
+    inv_na = _rcp(gl.maximum(n_a, 1e-30), FAST)
     xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
     z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
     hcp = hcp_s.load(LB)
@@ -573,7 +631,7 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     n = gl.convert_layout(n_a, ROW)
     inv_n = gl.convert_layout(inv_na, ROW)
     return _code_err(y0, y1, y2, y3, n, inv_n, ktab, key_wsq_ptr, wsq_s, i, hd, hcu_s,
-                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
+                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
 
 
 @gluon.jit
@@ -589,7 +647,7 @@ def _tq_store_hopper_kernel(
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
     SLUT: gl.constexpr, K_ASM: gl.constexpr, V_ASM: gl.constexpr, K_DECL: gl.constexpr,
     K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
-    V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr,
+    V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr, FAST: gl.constexpr,
     ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
     KV16: gl.constexpr, LK: gl.constexpr,
 ):
@@ -771,9 +829,9 @@ def _tq_store_hopper_kernel(
             g1 = g1 - _vec(value_mean_ptr, vm_s, i, hd, 1, C, COLA, VSMEM)[None, :]
             g2 = g2 - _vec(value_mean_ptr, vm_s, i, hd, 2, C, COLA, VSMEM)[None, :]
             g3 = g3 - _vec(value_mean_ptr, vm_s, i, hd, 3, C, COLA, VSMEM)[None, :]
-        vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
+        vn = gl.convert_layout(_sqrt(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1), FAST),
                                ROW)
-        inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
+        inv_vn = _rcp(gl.maximum(vn, 1e-30), FAST)
         hs0 = hs0_s.load(LB)
         hs1 = hs1_s.load(LB)
         hs2 = hs2_s.load(LB)
@@ -797,31 +855,35 @@ def _tq_store_hopper_kernel(
         _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
         _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
         _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
-        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE), V_NORM_OFF)
+        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE, FAST), V_NORM_OFF)
 
         f0 = k0.to(gl.float32)
         f1 = k1.to(gl.float32)
         f2 = k2.to(gl.float32)
         f3 = k3.to(gl.float32)
-        rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
+        rn = gl.convert_layout(_sqrt(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1), FAST),
                                ROW)
-        inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
+        inv_rn = _rcp(gl.maximum(rn, 1e-30), FAST)
         if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
                 f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
+                K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
                 k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
+                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
+                VSMEM, FAST)
         else:
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
                 k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
+                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
+                VSMEM, FAST)
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
                 f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
+                K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout
@@ -838,7 +900,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
                  vsmem: bool = VSMEM, async_kv: bool = ASYNC, kv16: bool = KV16,
-                 slut: bool = SLUT):
+                 slut: bool = SLUT, fastdiv: bool = FASTDIV):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -858,7 +920,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               LK=kv16_layout(num_warps, D // 4), SLUT=bool(slut and "k_utab" in hop
                                                           and "v_utab" in hop),
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
-              V_BASE="", K_ROWS=0, V_ROWS=0, num_warps=num_warps)
+              V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"]), V_ASM=slut_asm(*hop["v_ukm"]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])

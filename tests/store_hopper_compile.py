@@ -5,6 +5,7 @@ TRITON_INTERPRET=1, which cannot compile Gluon).
 
     python tests/store_hopper_compile.py tq4 [--num-warps 4] [--maxnreg N] [--dump FILE]
         [--vsmem 0|1] [--async-kv 0|1] [--cal-first 0|1] [--kv16 0|1] [--slut 0|1]
+        [--fastdiv 0|1]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
 
 def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
                    dtype=torch.bfloat16, cal_first=hop.CAL_FIRST, vsmem=hop.VSMEM,
-                   async_kv=hop.ASYNC, kv16=hop.KV16, slut=hop.SLUT):
+                   async_kv=hop.ASYNC, kv16=hop.KV16, slut=hop.SLUT, fastdiv=hop.FASTDIV):
     tables = served_tables(name, heads, d)
     c = _store_constants(tables, 1, dtype)
     hc = hop.constants(tables, dtype, c)
@@ -48,7 +49,8 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
                                       num_warps=num_warps, heads=heads_per_program,
                                       maxnreg=maxnreg, cal_first=cal_first, vsmem=vsmem,
-                                      async_kv=async_kv, kv16=kv16, slut=slut)
+                                      async_kv=async_kv, kv16=kv16, slut=slut,
+                                      fastdiv=fastdiv)
     fn = hop._tq_store_hopper_kernel
     options = {"num_warps": cx.pop("num_warps")}
     if "maxnreg" in cx:
@@ -87,6 +89,8 @@ def main():
                     help="the heads' per-column vectors staged in shared memory")
     ap.add_argument("--kv16", type=int, choices=(0, 1), default=int(hop.KV16),
                     help="keys and values by 16-byte loads (kperm's input order)")
+    ap.add_argument("--fastdiv", type=int, choices=(0, 1), default=int(hop.FASTDIV),
+                    help="the norms' sqrt and divisions without the slow-path branches")
     ap.add_argument("--slut", type=int, choices=(0, 1), default=int(hop.SLUT),
                     help="the code search by uniform buckets in shared memory")
     ap.add_argument("--async-kv", type=int, choices=(0, 1), default=int(hop.ASYNC),
@@ -96,7 +100,8 @@ def main():
                            heads_per_program=a.heads_per_program,
                            dtype=torch.float16 if a.fp16 else torch.bfloat16,
                            cal_first=bool(a.cal_first), vsmem=bool(a.vsmem),
-                           async_kv=bool(a.async_kv), kv16=bool(a.kv16), slut=bool(a.slut))
+                           async_kv=bool(a.async_kv), kv16=bool(a.kv16), slut=bool(a.slut),
+                           fastdiv=bool(a.fastdiv))
     st = stats(k)
     sass = _tool(k, "-sass")
     if a.dump:

@@ -57,13 +57,14 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
 
 
 @pytest.mark.parametrize("variant", [("--vsmem", "0"), ("--async-kv", "1"), ("--cal-first", "1"),
-                                     ("--slut", "0"), ("--kv16", "1")])
+                                     ("--slut", "0"), ("--kv16", "1"), ("--fastdiv", "1")])
 def test_hopper_store_measurement_variants_compile(variant):
     """The code variants benchmarks/dev/kv_store_hopper_variants.py times on the GPU compile for
     sm_90 under the installed Triton: the per-column vectors from global memory (the store as
     measured on 2026-12-06), keys and values by cp.async one head ahead (its copies and two CTA
     barriers a head), the key's calibrated coding first, the code search through L1 (bucket_table:
-    served before SLUT), keys and values by 16-byte loads."""
+    served before SLUT), keys and values by 16-byte loads, the norms' sqrt and divisions without
+    their slow-path branches."""
     st = _compile("store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and st["lookups"] == 192
@@ -71,6 +72,9 @@ def test_hopper_store_measurement_variants_compile(variant):
         assert st["ld_v4"] == 192 and loop["LDG.E.128.CONSTANT"] == 192
     if variant[0] == "--kv16":
         assert loop.get("LDG.E.128") == 16 and "LDG.E" not in loop
+    if variant[0] == "--fastdiv":  # one basic block a head: no calls, no FCHK
+        assert not any(k.startswith(("CALL", "BSSY", "FCHK")) for k in loop), loop
+        assert loop.get("MUFU.RSQ") == 12 and loop.get("MUFU.RCP") == 12
     if variant[0] == "--async-kv":
         assert loop.get("LDGSTS.E.BYPASS.128") == 16 and loop.get("BAR.SYNC.DEFER_BLOCKING") == 2
         assert "LDG.E" not in loop  # no key / value loads into registers

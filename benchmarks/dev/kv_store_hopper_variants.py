@@ -12,8 +12,9 @@ program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8
 tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
 vsmem (the heads' per-column vectors staged in shared memory once a program: served),
 async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix),
-kv16 (keys and values by 16-byte loads) and slut (the code search by uniform buckets in shared
-memory instead of the float-bit buckets through L1).
+kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in shared
+memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt and
+divisions without their slow-path branches: one basic block a head).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
 cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
 rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
@@ -35,12 +36,12 @@ import triton
 import kv_bench as kb
 
 # (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
-# async_kv, kv16, slut; every row names each, so rows do not move with the served defaults). The
-# first rows are the launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8
-# heads): slut on and off (the served store before 2026-12-06's slut commit: off), then each
-# switch on top of slut. Ordered by interest: --budget skips the last rows first.
+# async_kv, kv16, slut, fastdiv; every row names each, so rows do not move with the served
+# defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads)
+# with slut (served, timed in the 'served' row) off, then each switch on top of slut. Ordered by
+# interest: --budget skips the last rows first.
 _BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=False,
-             kv16=False, slut=True)
+             kv16=False, slut=True, fastdiv=False)
 
 
 def _v(label, **kw):
@@ -48,20 +49,20 @@ def _v(label, **kw):
 
 
 VARIANTS = [
-    _v("4 warps x 8 heads, vsmem, slut"),
-    _v("4 warps x 8 heads, vsmem, no slut (12-06 served)", slut=False),
+    _v("4 warps x 8 heads, no slut (12-06 served)", slut=False),
+    _v("  slut, fastdiv (no slow-path branches)", fastdiv=True),
     _v("  slut, maxnreg 168 (12 warps/SM)", maxnreg=168),
-    _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
-    _v("  kv16, no slut", kv16=True, slut=False),
     _v("  slut, async K/V (cp.async one head ahead)", async_kv=True),
+    _v("  slut, async K/V, fastdiv", async_kv=True, fastdiv=True),
+    _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
     _v("  slut, cal_first", cal_first=True),
     _v("  slut, no vsmem", vsmem=False),
+    _v("  no slut, fastdiv", slut=False, fastdiv=True),
     _v("  slut, maxnreg 200 (10 warps/SM)", maxnreg=200),
-    _v("  no slut, maxnreg 168", maxnreg=168, slut=False),
     _v("2 warps x 8 heads, slut", num_warps=2),
-    _v("2 warps x 8 heads, slut, maxnreg 168, no vsmem", num_warps=2, maxnreg=168, vsmem=False),
     _v("8 warps x 8 heads, slut", num_warps=8),
     _v("4 warps x 4 heads, slut", heads=4),
+    _v("  kv16, no slut", kv16=True, slut=False),
 ]
 
 
