@@ -202,13 +202,14 @@ def ubucket_table(levels: torch.Tensor, thresholds: torch.Tensor, bits: int, max
 
 def slut_ptx(name: str, rows: int) -> tuple[str, str, str]:
     """SLUT's shared table `name` in PTX: its declaration (rows x 16 bytes), the store of one
-    word ($1: byte offset, $2: the word), and the lookups' base: the shared address of this
+    word ($1: byte offset, $2: the word; offsets past the table, the global copy's padding to a
+    power of two, not stored), and the lookups' base: the shared address of this
     lane's replica (lane & 7: 16 bytes apart, so a quarter warp's 16-byte loads hit distinct
     banks). The bucket's float bits are 0x4A000000 + bucket (slut_asm), and 0x4A000000 x 128 is
     0 mod 2^32: the address is one shift-and-add."""
     return (f".shared .align 16 .b8 {name}[{rows * 16}];\n\tmov.u32 $0, 0;",
-            f"{{ .reg .u32 a; mov.u32 a, {name}; add.u32 a, a, $1; st.shared.b32 [a], $2; "
-            "mov.u32 $0, 0; }",
+            f"{{ .reg .u32 a; .reg .pred p; setp.lt.u32 p, $1, {rows * 16}; mov.u32 a, {name}; "
+            "add.u32 a, a, $1; @p st.shared.b32 [a], $2; mov.u32 $0, 0; }",
             f"{{ .reg .u32 l; mov.u32 l, %laneid; and.b32 l, l, 7; mov.u32 $0, {name}; "
             "mad.lo.u32 $0, l, 16, $0; add.u32 $0, $0, $1; }")
 
@@ -266,13 +267,14 @@ def constants(tables, dtype: torch.dtype, c: dict) -> dict:
         out[name + "_shift"] = bt[0]
         out[name + "_tab"] = bt[1].to(tables.codebooks.device)
         # SLUT: the uniform buckets, each entry 8 times (lane & 7's replica: a conflict-free
-        # 16-byte shared load), padded to a power of two of rows
+        # 16-byte shared load), padded to a power of two of rows for the fill's arange (the
+        # shared table holds only the rows)
         ub = ubucket_table(lv * 256.0, th * 256.0, st.bits)
         if ub is not None:
             rows = ub[2].repeat_interleave(8, dim=0)
             pad = torch.zeros(_pow2(rows.shape[0]), 4, dtype=torch.int32)
             pad[: rows.shape[0]] = rows
-            out[name + "_ukm"] = ub[:2]
+            out[name + "_ukm"] = (*ub[:2], rows.shape[0])
             out[name + "_utab"] = pad.to(tables.codebooks.device)
     if out is not None:
         out["wsq"] = (tables.key_weight * tables.key_scale * tables.key_scale).contiguous()
@@ -922,11 +924,11 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
     if cx["SLUT"]:
-        cx.update(K_ASM=slut_asm(*hop["k_ukm"]), V_ASM=slut_asm(*hop["v_ukm"]),
+        cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])
         for x, name in (("K", "tq_store_ktab"), ("V", "tq_store_vtab")):
             cx.update(zip((x + "_DECL", x + "_FILL", x + "_BASE"),
-                          slut_ptx(name, cx[x + "_ROWS"])))
+                          slut_ptx(name, hop[x.lower() + "_ukm"][2])))
     if maxnreg:
         cx["maxnreg"] = maxnreg
     # the input-side tables: in kperm's order for KV16

@@ -108,7 +108,8 @@ def main():
         a.dump.write_text(sass)
         a.dump.with_suffix(".ttgir").write_text(k.asm["ttgir"])
     st["per_code"] = st["loop_total"] * 32 * a.num_warps / (16 * a.num_warps * 2 * 128)
-    st["shared"] = k.metadata.shared
+    st["shared"] = k.metadata.shared  # Triton's (dynamic); PTX-declared tables are static
+    st["static_shared"] = int(re.search(r"SHARED:(\d+)", _tool(k, "-res-usage")).group(1))
     st["local"] = len(re.findall(r"\b(LDL|STL)\b", sass))
     st["ld_v4"] = k.asm["ptx"].count("ld.global.nc.v4.b32")
     # the code search's lookups in PTX: global (bucket_table) or shared (SLUT: slut_asm)
