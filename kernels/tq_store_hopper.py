@@ -489,6 +489,19 @@ def _ld_chunk(rows, a: gl.constexpr, cols, mask, C: gl.constexpr, M: gl.constexp
 
 
 @gluon.jit
+def _f32(x):
+    """16-bit x as float32; bfloat16 pairs by a shift and a mask (Triton's conversion took a
+    PRMT and a shift for the high half)."""
+    if x.dtype == gl.bfloat16:
+        res = gl.inline_asm_elementwise(  # pack 2: $0, $1 the pair's floats, $2 the pair
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+            dtype=gl.float32, is_pure=True, pack=2)
+    else:
+        res = x.to(gl.float32)
+    return res
+
+
+@gluon.jit
 def _fp16_round(x):
     return gl.minimum(gl.maximum(x, -65504.0), 65504.0).to(gl.float16).to(gl.float32)
 
@@ -822,10 +835,10 @@ def _tq_store_hopper_kernel(
             v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
             v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
             v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
-        g0 = v0.to(gl.float32)
-        g1 = v1.to(gl.float32)
-        g2 = v2.to(gl.float32)
-        g3 = v3.to(gl.float32)
+        g0 = _f32(v0)
+        g1 = _f32(v1)
+        g2 = _f32(v2)
+        g3 = _f32(v3)
         if VMEAN:
             g0 = g0 - _vec(value_mean_ptr, vm_s, i, hd, 0, C, COLA, VSMEM)[None, :]
             g1 = g1 - _vec(value_mean_ptr, vm_s, i, hd, 1, C, COLA, VSMEM)[None, :]
@@ -859,10 +872,10 @@ def _tq_store_hopper_kernel(
         _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
         _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE, FAST), V_NORM_OFF)
 
-        f0 = k0.to(gl.float32)
-        f1 = k1.to(gl.float32)
-        f2 = k2.to(gl.float32)
-        f3 = k3.to(gl.float32)
+        f0 = _f32(k0)
+        f1 = _f32(k1)
+        f2 = _f32(k2)
+        f3 = _f32(k3)
         rn = gl.convert_layout(_sqrt(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1), FAST),
                                ROW)
         inv_rn = _rcp(gl.maximum(rn, 1e-30), FAST)
