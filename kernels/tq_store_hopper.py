@@ -38,8 +38,9 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   2026-12-06, not yet timed on a GPU): 2^m + 1 uniform buckets (ubucket_table: two FMAs, 33
   entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter warp's
   16-byte loads hit distinct banks (4 wavefronts a lookup); else (slut=False) bucket_table's
-  float-bit buckets (2048 entries for tq4) through L1. sm_90, Triton 3.6: 5801 loop
-  instructions and 19 spill accesses a head against 5841 and 56.
+  float-bit buckets (2048 entries for tq4) through L1. sm_90, Triton 3.6, with the pair
+  conversion of bfloat16 inputs (_f32): 5736 loop instructions and 14 spill accesses a head
+  against 5841 and 56 (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.
 * The fallback's residuals y - g c come out of the rotation's accumulators in registers, are
