@@ -912,6 +912,34 @@ def _tq_store_hopper_kernel(
 
 
 
+def table_args(tables, hop: dict, cx: dict) -> tuple:
+    """The kernel's table arguments (rope_theta_ptr .. vtab_ptr) for the launch's constexprs cx:
+    the code-search tables SLUT's or bucket_table's, the input-side ones in kperm's order for
+    KV16. tq_store passes these (kept per launch shape), store_launch too."""
+    q = "_q" if cx["KV16"] else ""
+    theta, km, vm = ((hop["theta_q"], hop["km_q"], hop["vm_q"]) if q else
+                     (tables.rope_theta, tables.key_mean, tables.value_mean))
+    return (theta, km, hop["isg" + q], tables.key_weight, hop["wsq"], vm, hop["rvm"],
+            hop["hs" + q], hop["hcp" + q], hop["hcu"],
+            hop["k_utab" if cx["SLUT"] else "k_tab"], hop["v_utab" if cx["SLUT"] else "v_tab"])
+
+
+def _slut_fits(cx: dict, hop: dict) -> bool:
+    """Whether SLUT's tables (static shared memory, declared in PTX, unknown to Triton) may join
+    this launch: Triton raises a kernel's dynamic shared-memory limit only where its own
+    allocation passes 48 KB (driver.c: to the opt-in limit less the static), so below that
+    static + dynamic must stay under 48 KB. Triton's allocation estimated from the kernel's
+    buffers, all live through the head loop (exact for the served shapes: 68, 44, 20 KB)."""
+    C = cx["D"] // 4
+    M = 16 * cx["NW"]
+    dyn = 6 * C * C * 2  # the rotation blocks (16-bit)
+    dyn += 4 * M * C * 4 if cx["MEAN"] else 0  # cos / sin
+    dyn += 6 * cx["HEADS"] * 4 * C * 4 if cx["VSMEM"] else 0
+    dyn += 8 * M * C * 2 if cx["ASYNC"] else 0
+    static = 1024 + 16 * (hop["k_ukm"][2] + hop["v_ukm"][2])
+    return dyn > 48 * 1024 or dyn + static + 2048 <= 48 * 1024
+
+
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
@@ -933,10 +961,10 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
               V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
               VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, KV16=bool(kv16 and not async_kv),
-              LK=kv16_layout(num_warps, D // 4), SLUT=bool(slut and "k_utab" in hop
-                                                          and "v_utab" in hop),
+              LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
+    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])
@@ -945,14 +973,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
                           slut_ptx(name, hop[x.lower() + "_ukm"][2])))
     if maxnreg:
         cx["maxnreg"] = maxnreg
-    # the input-side tables: in kperm's order for KV16
-    q = "_q" if cx["KV16"] else ""
-    theta, km, vm = ((hop["theta_q"], hop["km_q"], hop["vm_q"]) if q else
-                     (tables.rope_theta, tables.key_mean, tables.value_mean))
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
             kv_cache, cs[0], slot_mapping, T, slot_mapping if positions is None else positions,
-            theta, km, hop["isg" + q], tables.key_weight, hop["wsq"], vm, hop["rvm"],
-            hop["hs" + q], hop["hcp" + q], hop["hcu"],
-            hop["k_utab" if cx["SLUT"] else "k_tab"], hop["v_utab" if cx["SLUT"] else "v_tab"])
+            *table_args(tables, hop, cx))
     grid = (-(-T // (16 * num_warps)), H // heads)
     return grid, args, cx

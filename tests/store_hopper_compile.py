@@ -110,6 +110,10 @@ def main():
     st["per_code"] = st["loop_total"] * 32 * a.num_warps / (16 * a.num_warps * 2 * 128)
     st["shared"] = k.metadata.shared  # Triton's (dynamic); PTX-declared tables are static
     st["static_shared"] = int(re.search(r"SHARED:(\d+)", _tool(k, "-res-usage")).group(1))
+    # launchable: Triton raises the dynamic limit only past 48 KB of its own (SLUT's tables are
+    # static, declared in PTX: tq_store_hopper._slut_fits keeps them out of the window between)
+    st["slut"] = cx["SLUT"]
+    st["smem_ok"] = st["shared"] > 49152 or st["shared"] + st["static_shared"] <= 49152
     st["local"] = len(re.findall(r"\b(LDL|STL)\b", sass))
     st["ld_v4"] = k.asm["ptx"].count("ld.global.nc.v4.b32")
     # the code search's lookups in PTX: global (bucket_table) or shared (SLUT: slut_asm)

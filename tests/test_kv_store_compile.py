@@ -47,7 +47,7 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
     st = _compile("store_hopper_compile.py", name)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 256
-    assert st["lookups"] == 192 and st["ld_v4"] == 0
+    assert st["lookups"] == 192 and st["ld_v4"] == 0 and st["slut"] and st["smem_ok"]
     assert loop["LDS.128"] == 192 and "LDG.E.128.CONSTANT" not in loop
     assert not any(k.startswith("BAR") for k in loop)
     assert not any(k.startswith("STS") for k in loop)
@@ -67,7 +67,7 @@ def test_hopper_store_measurement_variants_compile(variant):
     their slow-path branches."""
     st = _compile("store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
-    assert st["ptx_mma"] == 256 and st["lookups"] == 192
+    assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["smem_ok"]
     if variant[0] == "--slut":
         assert st["ld_v4"] == 192 and loop["LDG.E.128.CONSTANT"] == 192
     if variant[0] == "--kv16":
@@ -87,3 +87,12 @@ def test_hopper_store_compiles_for_few_tokens():
     one head a program (the key mean's cos / sin per program; no head loop)."""
     st = _compile("store_hopper_compile.py", "tq4", "--num-warps", "1", "--heads-per-program", "1")
     assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["shared"] <= 20480
+    assert st["slut"] and st["smem_ok"]
+
+
+def test_hopper_store_keeps_its_shared_memory_launchable():
+    """4 warps x 1 head a program (tq_store's middle launch shape, and every launch without a key
+    mean): Triton's 44 KB with the key mean's cos / sin, so SLUT's 8 KB of static tables would
+    pass the 48 KB a launch gets below Triton's own 48 KB: that launch keeps the L1 table."""
+    st = _compile("store_hopper_compile.py", "tq4", "--num-warps", "4", "--heads-per-program", "1")
+    assert st["shared"] == 45056 and not st["slut"] and st["smem_ok"] and st["ld_v4"] == 192

@@ -236,3 +236,27 @@ def test_perm_gives_each_lane_consecutive_coordinates():
     for q in range(4):
         cols = [8 * nt + 2 * q + e for nt in range(4) for e in range(2)]
         assert sorted(p[j] for j in cols) == list(range(8 * q, 8 * q + 8))
+
+
+def test_launch_tables_follow_the_launch_shape():
+    """The table arguments follow each launch's constexprs (tq_store keeps them per launch shape,
+    tq_store_hopper.table_args): SLUT's shared-table copies where its static tables fit the
+    launch's shared memory (all heads a program: Triton's 68 KB, past 48 KB; one warp: 20 KB),
+    bucket_table's L1 table at 4 warps x 1 head (Triton's 44 KB + 8 KB would pass 48 KB)."""
+    name, hk, d = "tq4", 8, 128
+    cal = {k: v for k, v in kb.served_calibration(torch, name, hk, d, True).items()
+           if v is not None}
+    tables = LayerTables(get_format(name), d, 0, 0, "cpu", torch.bfloat16, hk, **cal)
+    c = _store_constants(tables, 1, torch.bfloat16)
+    hc = hop.constants(tables, torch.bfloat16, c)
+    key = torch.zeros(64, hk, d, dtype=torch.bfloat16)
+    cache = torch.zeros(5, 16, hk, tables.layout.slot_bytes, dtype=torch.uint8)
+    slots = torch.zeros(64, dtype=torch.int64)
+    for warps, heads, slut in ((4, 8, True), (4, 1, False), (1, 1, True)):
+        _, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
+                                       num_warps=warps, heads=heads)
+        assert cx["SLUT"] == slut, (warps, heads)
+        tabs = hop.table_args(tables, hc, cx)
+        assert all(a is b for a, b in zip(args[11:], tabs)) and len(args) == 11 + len(tabs)
+        assert tabs[-2] is hc["k_utab" if slut else "k_tab"]
+        assert tabs[-1] is hc["v_utab" if slut else "v_tab"]

@@ -56,7 +56,7 @@ VARIANTS = [
     _v("  slut, async K/V, fastdiv", async_kv=True, fastdiv=True),
     _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
     _v("  slut, cal_first", cal_first=True),
-    _v("  slut, no vsmem", vsmem=False),
+    _v("  no vsmem (slut off there: static + 44 KB > 48 KB)", vsmem=False),
     _v("  no slut, fastdiv", slut=False, fastdiv=True),
     _v("  slut, maxnreg 200 (10 warps/SM)", maxnreg=200),
     _v("2 warps x 8 heads, slut", num_warps=2),
@@ -79,6 +79,7 @@ def direct(k, v, cache, slots, tables, positions, **launch):
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
+    fn.used = dict(slut=cx["SLUT"], fastdiv=cx["FAST"], kv16=cx["KV16"])  # as launched
     return fn
 
 
@@ -134,6 +135,7 @@ def main():
                     torch.cuda.synchronize()
                     r["bytes_vs_served"] = int((cache2 != served_cache).sum())
                 fn = make()
+                r.update(getattr(fn, "used", {}))
                 t = kb.bench(fn, triton)
                 for kern, _ in getattr(fn, "compiled", {}).values():  # registers, spills, smem
                     r.update(regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
@@ -157,7 +159,7 @@ def main():
     for label, launch in VARIANTS:
         r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, **launch),
                 lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, **launch)())
-        r.update(launch)
+        r.update({n: x for n, x in launch.items() if n not in r})  # r's slut etc.: as launched
         save()
 
     served = next((x["ms"] for x in res["rows"] if x["label"].startswith("served") and "ms" in x), None)
@@ -165,15 +167,16 @@ def main():
           f"{name} calibrated with the key mean, Llama-3-8B shape; served launch "
           f"{res['rows'][0].get('launch')}; served vs reference: {res['served_vs_reference']}")
     print(f"target: >= 25% of copy = <= {moved / (0.25 * copy * 1e9) * 1e3:.3f} ms")
-    print(f"{'launch':52} {'bytes vs served':>15} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
-          f"{'ms':>7} {'of copy':>7} {'vs served':>9}")
+    print(f"{'launch':52} {'slut':>4} {'bytes vs served':>15} {'regs':>4} {'spill B':>7} "
+          f"{'smem KB':>7} {'ms':>7} {'of copy':>7} {'vs served':>9}")
     for x in res["rows"]:
         if "error" in x:
             print(f"{x['label']:52} ERROR {x['error'][:70]}")
             continue
         b = x.get("bytes_vs_served")
         sm = x.get("smem")
-        print(f"{x['label']:52} {'' if b is None else b:>15} {x.get('regs') or '':>4} "
+        sl = {True: "yes", False: "no"}.get(x.get("slut"), "")
+        print(f"{x['label']:52} {sl:>4} {'' if b is None else b:>15} {x.get('regs') or '':>4} "
               f"{'' if x.get('spills') is None else x['spills']:>7} "
               f"{'' if sm is None else round(sm / 1024):>7} {x['ms']:7.3f} {x['of_copy']:7.1%} "
               f"{served / x['ms'] if served else 0:8.2f}x")
