@@ -262,14 +262,16 @@ class _Hopper:
             shapes = [(t.num_warps or 4, t.heads_per_program or (H if tables.has_mean else 1))]
         else:  # all heads per program (the key mean's cos / sin once), then more programs
             shapes = list(dict.fromkeys([(4, H if tables.has_mean else 1), (4, 1), (1, 1)]))
-        self.variants = []  # (tokens per program, heads per program, constexprs, compiled)
+        # (tokens per program, heads per program, constexprs, compiled, table arguments)
+        self.variants = []
         for warps, heads in shapes:
             if H % heads:
                 raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
             _, _, kwargs = _hop.store_launch(key, value, kv_cache, slot_mapping, tables,
                                              positions, plan.consts, self.hop, plan.align,
                                              num_warps=warps, heads=heads, maxnreg=t.maxnreg)
-            self.variants.append((16 * warps, heads, kwargs, {}))
+            self.variants.append((16 * warps, heads, kwargs, {},
+                                  _hop.table_args(tables, self.hop, kwargs)))
         self.sms = torch.cuda.get_device_properties(key.device).multi_processor_count
 
     def pick(self, T: int, H: int):
@@ -309,9 +311,9 @@ def served_launch(tables, T: int, H: int) -> dict | None:
         if plan.tuning != SERVED or plan.hopper is None:
             continue
         if plan.hopper:
-            tokens, heads, kwargs, _ = plan.hopper.pick(T, H)
+            tokens, heads, kwargs, _, _ = plan.hopper.pick(T, H)
             return dict(kernel="hopper", block_t=tokens, heads=heads, num_warps=kwargs["NW"],
-                        maxnreg=kwargs.get("maxnreg"))
+                        maxnreg=kwargs.get("maxnreg"), slut=kwargs["SLUT"])
         return dict(kernel="portable", block_t=plan.block_t, heads=plan.heads,
                     num_warps=plan.kwargs["num_warps"], maxnreg=plan.kwargs.get("maxnreg"))
     return None
@@ -352,13 +354,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         global _STORE_HOPPER
         if _STORE_HOPPER is None:
             _STORE_HOPPER = CachedLaunch(_hop._tq_store_hopper_kernel)
-        h = hop.hop
+        tokens, heads, kwargs, compiled, tabs = hop.pick(T, H)
+        # the tables as the launch shape's constexprs take them (tq_store_hopper.table_args)
         args = (key, ks[0], ks[1], value, vs[0], vs[1], kv_cache, cs[0], slot_mapping, T,
-                slot_mapping if positions is None else positions, tables.rope_theta,
-                tables.key_mean, h["isg"], tables.key_weight, h["wsq"],
-                tables.value_mean, h["rvm"], h["hs"], h["hcp"], h["hcu"], h["k_tab"],
-                h["v_tab"])
-        tokens, heads, kwargs, compiled = hop.pick(T, H)
+                slot_mapping if positions is None else positions, *tabs)
         grid = (-(-T // tokens), H // heads)
         if compiled:
             _STORE_HOPPER(grid, args, kwargs, compiled)

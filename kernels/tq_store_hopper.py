@@ -31,11 +31,16 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   consecutive rotated coordinates [8 q, 8 q + 8) of each chunk and row: one code word of
   8 * BITS bits per thread, packed by in-thread shifts and adds, stored 32-bit (16-bit where the
   stream is 2 bytes off a word; bytes for 3- and 5-bit codes).
-* Code search: one 16-byte table lookup per coordinate (bucket_table): the float bits of y
-  shifted right by SHIFT index buckets holding at most one threshold, each entry (that
-  threshold or +inf, the level below and above it, the code below it); code = code_lo +
-  (y > thr): bucketize's rule (thresholds strictly below y), signs included (the table covers
-  both signs), ~9 SASS a coordinate with its packing (the portable search ~15, without).
+* Code search: one 16-byte table lookup per coordinate, each entry of a bucket holding at most
+  one threshold (that threshold or +inf, the level below and above it, the code below it);
+  code = code_lo + (y > thr): bucketize's rule (thresholds strictly below y), signs included,
+  ~9 SASS a coordinate with its packing (the portable search ~15, without). SLUT (served since
+  2026-12-06, not yet timed on a GPU): 2^m + 1 uniform buckets (ubucket_table: two FMAs, 33
+  entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter warp's
+  16-byte loads hit distinct banks (4 wavefronts a lookup); else (slut=False) bucket_table's
+  float-bit buckets (2048 entries for tq4) through L1. sm_90, Triton 3.6, with the pair
+  conversion of bfloat16 inputs (_f32): 5736 loop instructions and 14 spill accesses a head
+  against 5841 and 56 (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.
 * The fallback's residuals y - g c come out of the rotation's accumulators in registers, are
@@ -71,6 +76,9 @@ NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
 ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
+KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
+SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
+FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
@@ -87,6 +95,28 @@ def perm(c: int) -> list[int]:
     coordinate 2 (c / 8) q + 2 nt + e, so lane q holds 2 c / 8 consecutive coordinates."""
     n = c // 8
     return [2 * n * ((j >> 1) & 3) + 2 * (j >> 3) + (j & 1) for j in range(c)]
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def kperm(c: int) -> list[int]:
+    """KV16's input order: the column of a chunk (c = 32) that A-operand column L holds. Lane q
+    of a quad holds A columns 16 s + 8 h + 2 q + e (k-step s, half h, element e); they hold the
+    8 consecutive input columns 8 q + 4 s + 2 h + e, so one 16-byte load a row fills them."""
+    assert c == 32, "KV16 is laid out for chunks of 32 columns (head 128)"
+    return [8 * ((j >> 1) & 3) + 4 * (j >> 4) + 2 * ((j >> 3) & 1) + (j & 1) for j in range(c)]
+
+
+def kv16_layout(num_warps: int, c: int = 32):
+    """KV16's load layout of a chunk [16 num_warps, c] in input order: 8 consecutive columns a
+    thread (one 16-byte load), rows g and g + 8 of its warp's 16 (as the MMA's A operand)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+        lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 << i, 0] for i in range(num_warps.bit_length() - 1)], block_bases=[],
+        shape=[16 * num_warps, c])
 
 
 def bucket_table(levels: torch.Tensor, thresholds: torch.Tensor, bits: int, max_shift: int = 23,
@@ -124,6 +154,76 @@ def bucket_table(levels: torch.Tensor, thresholds: torch.Tensor, bits: int, max_
     tab = torch.stack([thr.view(torch.int32), lo.float().view(torch.int32),
                        hi.float().view(torch.int32), below.to(torch.int32)], dim=1)
     return shift, tab.contiguous()
+
+
+def _ubucket(t: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """SLUT's bucket of float32 y (as the kernel's two FMAs: fma.rn.sat(y, 2^-k, 0.5), then
+    round-half-even of that times 2^m): monotone in y, 2^m + 1 buckets."""
+    s = (t.float() * 2.0 ** -k + 0.5).clamp(0.0, 1.0)  # the product is exact: one rounding
+    s = torch.where(torch.isnan(s), torch.zeros_like(s), s)
+    return torch.round(s * 2.0 ** m).long()  # exact product; round half to even
+
+
+def ubucket_table(levels: torch.Tensor, thresholds: torch.Tensor, bits: int, max_m: int = 8):
+    """(k, m, int32 [2^m + 1, 4]) of SLUT's code search, or None: the fewest buckets (_ubucket)
+    that part the thresholds. Entry as bucket_table's: (the threshold inside the bucket, else
+    +inf; the level of the code below it; the level above it; that code). A monotone bucket
+    function makes code = code_lo + (y > threshold) = #{thresholds t < y}, bucketize's rule:
+    thresholds in lower buckets are below y, in higher ones above."""
+    n = 1 << bits
+    lv = levels[:n].float().cpu()
+    th = (thresholds[: n - 1].float().cpu() + 0.0).contiguous()
+    top = float(th.abs().max())
+    for m in range(3, max_m + 1):
+        for k in range(-16, 32):
+            if 2.0 ** (k - 1) < top:  # thresholds past the clamp collide
+                continue
+            b = _ubucket(th, k, m)
+            if len(set(b.tolist())) == th.numel():
+                break
+        else:
+            continue
+        break
+    else:
+        return None
+    nb = (1 << m) + 1
+    thr = torch.full((nb,), float("inf"))
+    below = torch.zeros(nb, dtype=torch.long)
+    inside = torch.zeros(nb, dtype=torch.bool)
+    for i, bi in enumerate(b.tolist()):
+        thr[bi] = th[i]
+        inside[bi] = True
+        below[bi + 1:] += 1
+    lo = lv[below.clamp(max=n - 1)]
+    hi = torch.where(inside, lv[(below + 1).clamp(max=n - 1)], lo)
+    tab = torch.stack([thr.view(torch.int32), lo.view(torch.int32), hi.view(torch.int32),
+                       below.to(torch.int32)], dim=1)
+    return k, m, tab.contiguous()
+
+
+def slut_ptx(name: str, rows: int) -> tuple[str, str, str]:
+    """SLUT's shared table `name` in PTX: its declaration (rows x 16 bytes), the store of one
+    word ($1: byte offset, $2: the word; offsets past the table, the global copy's padding to a
+    power of two, not stored), and the lookups' base: the shared address of this
+    lane's replica (lane & 7: 16 bytes apart, so a quarter warp's 16-byte loads hit distinct
+    banks). The bucket's float bits are 0x4A000000 + bucket (slut_asm), and 0x4A000000 x 128 is
+    0 mod 2^32: the address is one shift-and-add."""
+    return (f".shared .align 16 .b8 {name}[{rows * 16}];\n\tmov.u32 $0, 0;",
+            f"{{ .reg .u32 a; .reg .pred p; setp.lt.u32 p, $1, {rows * 16}; mov.u32 a, {name}; "
+            "add.u32 a, a, $1; @p st.shared.b32 [a], $2; mov.u32 $0, 0; }",
+            f"{{ .reg .u32 l; mov.u32 l, %laneid; and.b32 l, l, 7; mov.u32 $0, {name}; "
+            "mad.lo.u32 $0, l, 16, $0; add.u32 $0, $0, $1; }")
+
+
+def slut_asm(k: int, m: int) -> str:
+    """SLUT's lookup PTX: $4 = y, $5 = the shared address of this lane's replica of the table
+    (slut_ptx); outputs as _lookup's. The bucket (_ubucket) as the float bits of 2^21 +
+    s 2^(m - 2) (floats 1/4 apart there: bits 0x4A000000 + round-half-even(s 2^m))."""
+    def f(x):
+        return "0f%08X" % torch.tensor([x], dtype=torch.float32).view(torch.int32).item()
+    return ("{ .reg .f32 s; .reg .u32 a; fma.rn.sat.f32 s, $4, " + f(2.0 ** -k) + ", 0f3F000000; "
+            "fma.rn.f32 s, s, " + f(2.0 ** (m - 2)) + ", 0f4A000000; mov.b32 a, s; "
+            "mad.lo.u32 a, a, 128, $5; ld.shared.v4.b32 {$0, $1, $2, $3}, [a]; }")
 
 
 def why_unsupported(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, tables,
@@ -167,11 +267,30 @@ def constants(tables, dtype: torch.dtype, c: dict) -> dict:
             break
         out[name + "_shift"] = bt[0]
         out[name + "_tab"] = bt[1].to(tables.codebooks.device)
+        # SLUT: the uniform buckets, each entry 8 times (lane & 7's replica: a conflict-free
+        # 16-byte shared load), padded to a power of two of rows for the fill's arange (the
+        # shared table holds only the rows)
+        ub = ubucket_table(lv * 256.0, th * 256.0, st.bits)
+        if ub is not None:
+            rows = ub[2].repeat_interleave(8, dim=0)
+            pad = torch.zeros(_pow2(rows.shape[0]), 4, dtype=torch.int32)
+            pad[: rows.shape[0]] = rows
+            out[name + "_ukm"] = (*ub[:2], rows.shape[0])
+            out[name + "_utab"] = pad.to(tables.codebooks.device)
     if out is not None:
         out["wsq"] = (tables.key_weight * tables.key_scale * tables.key_scale).contiguous()
         out["isg"] = (tables.key_inv_scale * tables.signs).contiguous()  # exact: signs +-1
         heads = c["rot_vm"].shape[0]
         out["rvm"] = c["rot_vm"][:, 1].reshape(heads, 4, C)[:, :, p].reshape(heads, -1).contiguous()
+        # KV16: the input-side tables in kperm's order (rows of the rotation blocks, the vectors
+        # the inputs meet elementwise before their rotation)
+        q = torch.tensor(kperm(C), device=hs.device)
+        out["hs_q"] = hs[:, q, :].contiguous()
+        out["hcp_q"] = hcp[q, :].contiguous()
+        for name, vec in (("km_q", tables.key_mean), ("isg_q", out["isg"]),
+                          ("vm_q", tables.value_mean)):
+            out[name] = vec.reshape(heads, 4, C)[:, :, q].reshape(heads, -1).contiguous()
+        out["theta_q"] = tables.rope_theta.reshape(4, C)[:, q].reshape(-1).contiguous()
     c["hop"] = out
     return out
 
@@ -190,17 +309,47 @@ def _wht4(x0, x1, x2, x3):
 
 
 @gluon.jit
-def _lookup(y, tab, SHIFT: gl.constexpr):
-    """(code, signed level) of y by one 16-byte lookup (bucket_table); tab: the table's
-    address in every element (one register). The address is one mad.wide (Triton's own
-    pointer arithmetic took four instructions)."""
-    b = (y.to(gl.uint32, bitcast=True) >> SHIFT).to(gl.int32)
-    thr, lo, hi, code = gl.inline_asm_elementwise(
-        "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
-        "=r,=r,=r,=r,r,l", [b, tab],
-        dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
+def _lookup(y, tab, SHIFT: gl.constexpr, ASM: gl.constexpr):
+    """(code, signed level) of y by one 16-byte lookup: bucket_table's in global memory (tab:
+    the table's address in every element, one register; the address one mad.wide: Triton's own
+    pointer arithmetic took four instructions), or SLUT's in shared memory (ASM: slut_asm; tab:
+    the shared address of the lane's replica, slut_ptx)."""
+    if ASM == "":
+        b = (y.to(gl.uint32, bitcast=True) >> SHIFT).to(gl.int32)
+        thr, lo, hi, code = gl.inline_asm_elementwise(
+            "{ .reg .b64 a; mad.wide.u32 a, $4, 16, $5; "
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [a]; }",
+            "=r,=r,=r,=r,r,l", [b, tab],
+            dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
+    else:
+        thr, lo, hi, code = gl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,f,r", [y, tab],
+            dtype=(gl.float32, gl.float32, gl.float32, gl.int32), is_pure=True, pack=1)
     up = y > thr
     return code + up.to(gl.int32), gl.where(up, hi, lo)
+
+
+@gluon.jit
+def _slut_fill(tab_ptr, DECL: gl.constexpr, FILL: gl.constexpr, ROWS: gl.constexpr,
+               NW: gl.constexpr):
+    """SLUT: declare a shared table (slut_ptx's DECL, ROWS x 16 bytes, in PTX outside Triton's
+    allocation) and copy it from global memory (FILL; the CTA barrier after the prologue orders
+    it)."""
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    one = gl.arange(0, 32 * NW, L1)  # one element a thread: the declaration emitted once
+    gl.inline_asm_elementwise(DECL, "=r,r", [one], dtype=gl.int32, is_pure=False, pack=1)
+    TL: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [NW, 1], [1, 0])
+    r = gl.arange(0, ROWS, gl.SliceLayout(1, TL))[:, None] * 4
+    w = gl.arange(0, 4, gl.SliceLayout(0, TL))[None, :]
+    v = gl.load(tab_ptr + r + w)
+    gl.inline_asm_elementwise(FILL, "=r,r,r", [(r + w) * 4, v], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _slut_base(BASE: gl.constexpr, z):
+    """SLUT's tab operand (z: zeros in the coordinates' layout; slut_ptx's BASE)."""
+    return gl.inline_asm_elementwise(BASE, "=r,r", [z], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -217,13 +366,13 @@ def _pack(code, BITS: gl.constexpr, M: gl.constexpr):
 
 
 @gluon.jit
-def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, BITS: gl.constexpr,
+def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, ASM: gl.constexpr, BITS: gl.constexpr,
           RULE: gl.constexpr, M: gl.constexpr):
     """Words of the four chunks, their levels, sum c^2 and sum y c (RULE 2, else sum c^2)."""
-    k0, c0 = _lookup(y0, tab, SHIFT)
-    k1, c1 = _lookup(y1, tab, SHIFT)
-    k2, c2 = _lookup(y2, tab, SHIFT)
-    k3, c3 = _lookup(y3, tab, SHIFT)
+    k0, c0 = _lookup(y0, tab, SHIFT, ASM)
+    k1, c1 = _lookup(y1, tab, SHIFT, ASM)
+    k2, c2 = _lookup(y2, tab, SHIFT, ASM)
+    k3, c3 = _lookup(y3, tab, SHIFT, ASM)
     cc = gl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, axis=1)
     yc = cc
     if RULE == 2:
@@ -233,15 +382,64 @@ def _code(y0, y1, y2, y3, tab, SHIFT: gl.constexpr, BITS: gl.constexpr,
 
 
 @gluon.jit
-def _norm_of(n, yc, cc, RULE: gl.constexpr):
+def _sqrt(x, FAST: gl.constexpr):
+    """sqrt_rn(x) of x >= 0 (a sum of squares). FAST: without the branch to the slow path
+    (ptxas's sqrt.rn: the same MUFU.RSQ and Newton step, which it takes for x in [2^-101,
+    FLT_MAX]); x under 2^-100 scaled by 2^126 and its root by 2^-63 (exact), 0 -> 0 (the
+    step's NaN, by max). Differs from sqrt_rn only at x = inf or NaN."""
+    if FAST:
+        t = x < 7.888609052210118e-31  # 2^-100
+        xs = x * gl.where(t, 8.507059173023462e37, 1.0)  # 2^126
+        r = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, s, h, e; rsqrt.approx.ftz.f32 r, $1; mul.rn.ftz.f32 s, $1, r; "
+            "mul.rn.ftz.f32 h, r, 0f3F000000; neg.f32 e, s; fma.rn.f32 e, e, s, $1; "
+            "fma.rn.f32 $0, e, h, s; }", "=f,f", [xs], dtype=gl.float32, is_pure=True, pack=1)
+        res = gl.maximum(r * gl.where(t, 1.0842021724855044e-19, 1.0), 0.0)  # 2^-63
+    else:
+        res = gl.sqrt_rn(x)
+    return res
+
+
+@gluon.jit
+def _div(a, b, FAST: gl.constexpr):
+    """div_rn(a, b). FAST: without FCHK's branch to the slow path (ptxas's div.rn fast path:
+    MUFU.RCP, a Newton step, the quotient and one correction), exact where FCHK passes: here
+    b in [2^-100, 2^64] (norms of finite 16-bit vectors clamped at 1e-30 and at most
+    sqrt(FLT_MAX); sqrt(cc) of levels), a in [0, 2^80]."""
+    if FAST:
+        res = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, e, q; rcp.approx.ftz.f32 r, $2; neg.f32 e, $2; fma.rn.f32 e, e, r, "
+            "0f3F800000; fma.rn.f32 r, r, e, r; mul.rn.f32 q, $1, r; neg.f32 e, $2; "
+            "fma.rn.f32 e, e, q, $1; fma.rn.f32 $0, r, e, q; }", "=f,f,f", [a, b],
+            dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        res = gl.div_rn(a, b)
+    return res
+
+
+@gluon.jit
+def _rcp(b, FAST: gl.constexpr):
+    """div_rn(1, b) (_div's fast path with a = 1: the quotient is the refined reciprocal)."""
+    if FAST:
+        res = gl.inline_asm_elementwise(
+            "{ .reg .f32 r, e; rcp.approx.ftz.f32 r, $1; neg.f32 e, $1; fma.rn.f32 e, e, r, "
+            "0f3F800000; fma.rn.f32 r, r, e, r; neg.f32 e, $1; fma.rn.f32 e, e, r, 0f3F800000; "
+            "fma.rn.f32 $0, r, e, r; }", "=f,f", [b], dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        res = gl.div_rn(1.0, b)
+    return res
+
+
+@gluon.jit
+def _norm_of(n, yc, cc, RULE: gl.constexpr, FAST: gl.constexpr):
     """The norm rule of coordinates and levels scaled by 256 (yc and cc by 2^16): the same
     floats as unscaled (powers of two commute with rounding; sqrt(2^16 x) = 2^8 sqrt(x))."""
     if RULE == 0:
         norm = n
     elif RULE == 1:
-        norm = gl.div_rn(n * 256.0, gl.maximum(gl.sqrt_rn(cc), 256.0e-30))
+        norm = _div(n * 256.0, gl.maximum(_sqrt(cc, FAST), 256.0e-30), FAST)
     else:
-        norm = gl.div_rn(n * yc, gl.maximum(cc, 65536.0e-30))
+        norm = _div(n * yc, gl.maximum(cc, 65536.0e-30), FAST)
     return norm
 
 
@@ -278,6 +476,30 @@ def _copy_head(b0, b1, b2, b3, rows, mask, C: gl.constexpr):
     _async_load(b1, rows + C, mask=mask)
     _async_load(b2, rows + 2 * C, mask=mask)
     _async_load(b3, rows + 3 * C, mask=mask)
+
+
+@gluon.jit
+def _ld_chunk(rows, a: gl.constexpr, cols, mask, C: gl.constexpr, M: gl.constexpr,
+              LA: gl.constexpr):
+    """KV16: chunk a of a head's 16-bit rows (rows: their pointers, cols: 0 .. C - 1, both in
+    kv16_layout) by 16-byte loads, as the A operand in kperm's column order (a renaming of
+    registers: the load layout holds what the operand layout holds, in input order)."""
+    x = gl.load(rows[:, None] + (a * C + cols)[None, :], mask=mask, other=0.0)
+    x = gl.reshape(gl.permute(gl.reshape(x, [M, 4, 2, 2, 2]), [0, 2, 3, 1, 4]), [M, C])
+    return gl.convert_layout(x, LA)
+
+
+@gluon.jit
+def _f32(x):
+    """16-bit x as float32; bfloat16 pairs by a shift and a mask (Triton's conversion took a
+    PRMT and a shift for the high half)."""
+    if x.dtype == gl.bfloat16:
+        res = gl.inline_asm_elementwise(  # pack 2: $0, $1 the pair's floats, $2 the pair
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+            dtype=gl.float32, is_pure=True, pack=2)
+    else:
+        res = x.to(gl.float32)
+    return res
 
 
 @gluon.jit
@@ -337,14 +559,16 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 @gluon.jit
 def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
-              K_SHIFT: gl.constexpr, K_BITS: gl.constexpr, K_RULE: gl.constexpr,
+              K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
+              K_RULE: gl.constexpr,
               C: gl.constexpr, M: gl.constexpr, F: gl.constexpr, LA: gl.constexpr,
-              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr):
+              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr,
+              FAST: gl.constexpr):
     """A key coding's end, raw or calibrated: the transformed chunks y coded (words), the float16
     norm of the input's norm n, and the coding's error weighted by the head's weights."""
-    w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_BITS,
+    w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_ASM, K_BITS,
                                                   K_RULE, M)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE))
+    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE, FAST))
     g = (norm16 * inv_n)[:, None]
     q0 = _vec(weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
     q1 = _vec(weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
@@ -357,10 +581,11 @@ def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
 
 @gluon.jit
 def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
-             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+             K_BITS: gl.constexpr,
              K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
              LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr,
-             VSMEM: gl.constexpr):
+             VSMEM: gl.constexpr, FAST: gl.constexpr):
     """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
     its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
@@ -372,16 +597,18 @@ def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_
     y2 = z2 * s
     y3 = z3 * s
     return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, key_weight_ptr, w_s, i, hd, hcu_s,
-                     K_SHIFT, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
+                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
 
 
 @gluon.jit
 def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s,
                     wsq_s, i, hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab,
-                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_BITS: gl.constexpr,
+                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+                    K_BITS: gl.constexpr,
                     K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
                     LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
-                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr):
+                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr,
+                    FAST: gl.constexpr):
     """The calibrated key's coding (the transform first, then two float16 passes per chunk):
     its words, its float16 norm and its weighted error."""
     F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
@@ -408,8 +635,8 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     x1 = (f1 - mu1) * _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
     x2 = (f2 - mu2) * _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
     x3 = (f3 - mu3) * _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
-    n_a = gl.sqrt_rn(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
-    inv_na = gl.div_rn(1.0, gl.maximum(n_a, 1e-30))
+    n_a = _sqrt(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1), FAST)
+    inv_na = _rcp(gl.maximum(n_a, 1e-30), FAST)
     xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
     z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
     hcp = hcp_s.load(LB)
@@ -420,7 +647,7 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     n = gl.convert_layout(n_a, ROW)
     inv_n = gl.convert_layout(inv_na, ROW)
     return _code_err(y0, y1, y2, y3, n, inv_n, ktab, key_wsq_ptr, wsq_s, i, hd, hcu_s,
-                     K_SHIFT, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM)
+                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
 
 
 @gluon.jit
@@ -434,7 +661,11 @@ def _tq_store_hopper_kernel(
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
     V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
     K_RULE: gl.constexpr, V_RULE: gl.constexpr, K_SHIFT: gl.constexpr, V_SHIFT: gl.constexpr,
+    SLUT: gl.constexpr, K_ASM: gl.constexpr, V_ASM: gl.constexpr, K_DECL: gl.constexpr,
+    K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
+    V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr, FAST: gl.constexpr,
     ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
+    KV16: gl.constexpr, LK: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -480,8 +711,14 @@ def _tq_store_hopper_kernel(
     base0 = cache_ptr + ((slot // PAGE) * stride_blk + (slot % PAGE) * STRIDE_TOK)
     cola = gl.arange(0, C, COLA)
     coll = gl.arange(0, C, COL)
-    ktab = ktab_ptr + gl.zeros([M, C], gl.int32, L)
-    vtab = vtab_ptr + gl.zeros([M, C], gl.int32, L)
+    if SLUT:  # the code-search tables into shared memory (declared in PTX)
+        _slut_fill(ktab_ptr, K_DECL, K_FILL, K_ROWS, NW)
+        _slut_fill(vtab_ptr, V_DECL, V_FILL, V_ROWS, NW)
+        ktab = _slut_base(K_BASE, gl.zeros([M, C], gl.int32, L))
+        vtab = _slut_base(V_BASE, gl.zeros([M, C], gl.int32, L))
+    else:
+        ktab = ktab_ptr + gl.zeros([M, C], gl.int32, L)
+        vtab = vtab_ptr + gl.zeros([M, C], gl.int32, L)
     if MEAN:  # RoPE_p(key_mean)'s cos / sin per row (NEOX: chunk a's partner is a + 2)
         pos = gl.load(positions_ptr + ta, mask=in_a, other=0).to(gl.float64)
         th0 = gl.load(rope_theta_ptr + cola).to(gl.float64)
@@ -525,6 +762,13 @@ def _tq_store_hopper_kernel(
     vp = value_ptr + ta.to(gl.int64) * stride_vt
     ma = mask_a[:, None]
     zero = gl.zeros([M, C], gl.float32, L)
+    if KV16:  # rows and columns as kv16_layout holds them
+        tk = t0 + gl.arange(0, M, gl.SliceLayout(1, LK))
+        in_k = tk < num_tokens
+        mk = (in_k & (gl.load(slot_mapping_ptr + tk, mask=in_k, other=-1) >= 0))[:, None]
+        ck = gl.arange(0, C, gl.SliceLayout(0, LK))
+        kpk = key_ptr + tk.to(gl.int64) * stride_kt
+        vpk = value_ptr + tk.to(gl.int64) * stride_vt
     if ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
         # (2 rows x 16 bytes a thread: warp w copies the rows it reads, 16 w .. 16 w + 15)
         BK: gl.constexpr = gl.BlockedLayout([2, 8], [8, 4], [NW, 1], [1, 0])
@@ -567,6 +811,17 @@ def _tq_store_hopper_kernel(
                 _copy_head(ks0, ks1, ks2, ks3, kpb + (head + 1) * stride_kh, mask_b, C)
                 _copy_head(vs0, vs1, vs2, vs3, vpb + (head + 1) * stride_vh, mask_b, C)
             _acp.commit_group()
+        elif KV16:
+            kh = kpk + head * stride_kh
+            k0 = _ld_chunk(kh, 0, ck, mk, C, M, LA)
+            k1 = _ld_chunk(kh, 1, ck, mk, C, M, LA)
+            k2 = _ld_chunk(kh, 2, ck, mk, C, M, LA)
+            k3 = _ld_chunk(kh, 3, ck, mk, C, M, LA)
+            vh = vpk + head * stride_vh
+            v0 = _ld_chunk(vh, 0, ck, mk, C, M, LA)
+            v1 = _ld_chunk(vh, 1, ck, mk, C, M, LA)
+            v2 = _ld_chunk(vh, 2, ck, mk, C, M, LA)
+            v3 = _ld_chunk(vh, 3, ck, mk, C, M, LA)
         else:
             # the key's loads first: in flight while the head's values are coded
             kh = kp + head * stride_kh
@@ -581,18 +836,18 @@ def _tq_store_hopper_kernel(
             v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
             v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
             v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
-        g0 = v0.to(gl.float32)
-        g1 = v1.to(gl.float32)
-        g2 = v2.to(gl.float32)
-        g3 = v3.to(gl.float32)
+        g0 = _f32(v0)
+        g1 = _f32(v1)
+        g2 = _f32(v2)
+        g3 = _f32(v3)
         if VMEAN:
             g0 = g0 - _vec(value_mean_ptr, vm_s, i, hd, 0, C, COLA, VSMEM)[None, :]
             g1 = g1 - _vec(value_mean_ptr, vm_s, i, hd, 1, C, COLA, VSMEM)[None, :]
             g2 = g2 - _vec(value_mean_ptr, vm_s, i, hd, 2, C, COLA, VSMEM)[None, :]
             g3 = g3 - _vec(value_mean_ptr, vm_s, i, hd, 3, C, COLA, VSMEM)[None, :]
-        vn = gl.convert_layout(gl.sqrt_rn(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1)),
+        vn = gl.convert_layout(_sqrt(gl.sum(g0 * g0 + g1 * g1 + g2 * g2 + g3 * g3, axis=1), FAST),
                                ROW)
-        inv_vn = gl.div_rn(1.0, gl.maximum(vn, 1e-30))
+        inv_vn = _rcp(gl.maximum(vn, 1e-30), FAST)
         hs0 = hs0_s.load(LB)
         hs1 = hs1_s.load(LB)
         hs2 = hs2_s.load(LB)
@@ -610,37 +865,41 @@ def _tq_store_hopper_kernel(
         y1 = z1 * s
         y2 = z2 * s
         y3 = z3 * s
-        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT,
+        vw0, vw1, vw2, vw3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, vtab, V_SHIFT, V_ASM,
                                                           V_BITS, V_RULE, M)
         _store_words(base, mask_l, vw0, V_OFF, 0, V_BITS, ALIGN)
         _store_words(base, mask_l, vw1, V_OFF, 1, V_BITS, ALIGN)
         _store_words(base, mask_l, vw2, V_OFF, 2, V_BITS, ALIGN)
         _store_words(base, mask_l, vw3, V_OFF, 3, V_BITS, ALIGN)
-        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE), V_NORM_OFF)
+        _store_norm(base, mask_l, _norm_of(vn, yc, cc, V_RULE, FAST), V_NORM_OFF)
 
-        f0 = k0.to(gl.float32)
-        f1 = k1.to(gl.float32)
-        f2 = k2.to(gl.float32)
-        f3 = k3.to(gl.float32)
-        rn = gl.convert_layout(gl.sqrt_rn(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)),
+        f0 = _f32(k0)
+        f1 = _f32(k1)
+        f2 = _f32(k2)
+        f3 = _f32(k3)
+        rn = gl.convert_layout(_sqrt(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1), FAST),
                                ROW)
-        inv_rn = gl.div_rn(1.0, gl.maximum(rn, 1e-30))
+        inv_rn = _rcp(gl.maximum(rn, 1e-30), FAST)
         if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
                 f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
+                K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
                 k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
+                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
+                VSMEM, FAST)
         else:
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
                 k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL, VSMEM)
+                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
+                VSMEM, FAST)
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
                 f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_BITS, K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM)
+                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
+                K_RULE,
+                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout
@@ -653,10 +912,39 @@ def _tq_store_hopper_kernel(
 
 
 
+def table_args(tables, hop: dict, cx: dict) -> tuple:
+    """The kernel's table arguments (rope_theta_ptr .. vtab_ptr) for the launch's constexprs cx:
+    the code-search tables SLUT's or bucket_table's, the input-side ones in kperm's order for
+    KV16. tq_store passes these (kept per launch shape), store_launch too."""
+    q = "_q" if cx["KV16"] else ""
+    theta, km, vm = ((hop["theta_q"], hop["km_q"], hop["vm_q"]) if q else
+                     (tables.rope_theta, tables.key_mean, tables.value_mean))
+    return (theta, km, hop["isg" + q], tables.key_weight, hop["wsq"], vm, hop["rvm"],
+            hop["hs" + q], hop["hcp" + q], hop["hcu"],
+            hop["k_utab" if cx["SLUT"] else "k_tab"], hop["v_utab" if cx["SLUT"] else "v_tab"])
+
+
+def _slut_fits(cx: dict, hop: dict) -> bool:
+    """Whether SLUT's tables (static shared memory, declared in PTX, unknown to Triton) may join
+    this launch: Triton raises a kernel's dynamic shared-memory limit only where its own
+    allocation passes 48 KB (driver.c: to the opt-in limit less the static), so below that
+    static + dynamic must stay under 48 KB. Triton's allocation estimated from the kernel's
+    buffers, all live through the head loop (exact for the served shapes: 68, 44, 20 KB)."""
+    C = cx["D"] // 4
+    M = 16 * cx["NW"]
+    dyn = 6 * C * C * 2  # the rotation blocks (16-bit)
+    dyn += 4 * M * C * 4 if cx["MEAN"] else 0  # cos / sin
+    dyn += 6 * cx["HEADS"] * 4 * C * 4 if cx["VSMEM"] else 0
+    dyn += 8 * M * C * 2 if cx["ASYNC"] else 0
+    static = 1024 + 16 * (hop["k_ukm"][2] + hop["v_ukm"][2])
+    return dyn > 48 * 1024 or dyn + static + 2048 <= 48 * 1024
+
+
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
-                 vsmem: bool = VSMEM, async_kv: bool = ASYNC):
+                 vsmem: bool = VSMEM, async_kv: bool = ASYNC, kv16: bool = KV16,
+                 slut: bool = SLUT, fastdiv: bool = FASTDIV):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -672,13 +960,21 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
               V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
-              VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, num_warps=num_warps)
+              VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, KV16=bool(kv16 and not async_kv),
+              LK=kv16_layout(num_warps, D // 4), SLUT=False,
+              K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
+              V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
+    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
+    if cx["SLUT"]:
+        cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
+                  K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])
+        for x, name in (("K", "tq_store_ktab"), ("V", "tq_store_vtab")):
+            cx.update(zip((x + "_DECL", x + "_FILL", x + "_BASE"),
+                          slut_ptx(name, hop[x.lower() + "_ukm"][2])))
     if maxnreg:
         cx["maxnreg"] = maxnreg
     args = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
             kv_cache, cs[0], slot_mapping, T, slot_mapping if positions is None else positions,
-            tables.rope_theta, tables.key_mean, hop["isg"],
-            tables.key_weight, hop["wsq"], tables.value_mean, hop["rvm"], hop["hs"],
-            hop["hcp"], hop["hcu"], hop["k_tab"], hop["v_tab"])
+            *table_args(tables, hop, cx))
     grid = (-(-T // (16 * num_warps)), H // heads)
     return grid, args, cx

@@ -4,6 +4,8 @@ tests/test_kv_store_compile.py in a process of its own (the CPU tests import Tri
 TRITON_INTERPRET=1, which cannot compile Gluon).
 
     python tests/store_hopper_compile.py tq4 [--num-warps 4] [--maxnreg N] [--dump FILE]
+        [--vsmem 0|1] [--async-kv 0|1] [--cal-first 0|1] [--kv16 0|1] [--slut 0|1]
+        [--fastdiv 0|1]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
 
 def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
                    dtype=torch.bfloat16, cal_first=hop.CAL_FIRST, vsmem=hop.VSMEM,
-                   async_kv=hop.ASYNC):
+                   async_kv=hop.ASYNC, kv16=hop.KV16, slut=hop.SLUT, fastdiv=hop.FASTDIV):
     tables = served_tables(name, heads, d)
     c = _store_constants(tables, 1, dtype)
     hc = hop.constants(tables, dtype, c)
@@ -47,7 +49,8 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
                                       num_warps=num_warps, heads=heads_per_program,
                                       maxnreg=maxnreg, cal_first=cal_first, vsmem=vsmem,
-                                      async_kv=async_kv)
+                                      async_kv=async_kv, kv16=kv16, slut=slut,
+                                      fastdiv=fastdiv)
     fn = hop._tq_store_hopper_kernel
     options = {"num_warps": cx.pop("num_warps")}
     if "maxnreg" in cx:
@@ -84,6 +87,12 @@ def main():
                     help="the key's calibrated coding before its raw one")
     ap.add_argument("--vsmem", type=int, choices=(0, 1), default=int(hop.VSMEM),
                     help="the heads' per-column vectors staged in shared memory")
+    ap.add_argument("--kv16", type=int, choices=(0, 1), default=int(hop.KV16),
+                    help="keys and values by 16-byte loads (kperm's input order)")
+    ap.add_argument("--fastdiv", type=int, choices=(0, 1), default=int(hop.FASTDIV),
+                    help="the norms' sqrt and divisions without the slow-path branches")
+    ap.add_argument("--slut", type=int, choices=(0, 1), default=int(hop.SLUT),
+                    help="the code search by uniform buckets in shared memory")
     ap.add_argument("--async-kv", type=int, choices=(0, 1), default=int(hop.ASYNC),
                     help="keys and values by cp.async into shared memory, one head ahead")
     a = ap.parse_args()
@@ -91,16 +100,24 @@ def main():
                            heads_per_program=a.heads_per_program,
                            dtype=torch.float16 if a.fp16 else torch.bfloat16,
                            cal_first=bool(a.cal_first), vsmem=bool(a.vsmem),
-                           async_kv=bool(a.async_kv))
+                           async_kv=bool(a.async_kv), kv16=bool(a.kv16), slut=bool(a.slut),
+                           fastdiv=bool(a.fastdiv))
     st = stats(k)
     sass = _tool(k, "-sass")
     if a.dump:
         a.dump.write_text(sass)
         a.dump.with_suffix(".ttgir").write_text(k.asm["ttgir"])
     st["per_code"] = st["loop_total"] * 32 * a.num_warps / (16 * a.num_warps * 2 * 128)
-    st["shared"] = k.metadata.shared
+    st["shared"] = k.metadata.shared  # Triton's (dynamic); PTX-declared tables are static
+    st["static_shared"] = int(re.search(r"SHARED:(\d+)", _tool(k, "-res-usage")).group(1))
+    # launchable: Triton raises the dynamic limit only past 48 KB of its own (SLUT's tables are
+    # static, declared in PTX: tq_store_hopper._slut_fits keeps them out of the window between)
+    st["slut"] = cx["SLUT"]
+    st["smem_ok"] = st["shared"] > 49152 or st["shared"] + st["static_shared"] <= 49152
     st["local"] = len(re.findall(r"\b(LDL|STL)\b", sass))
     st["ld_v4"] = k.asm["ptx"].count("ld.global.nc.v4.b32")
+    # the code search's lookups in PTX: global (bucket_table) or shared (SLUT: slut_asm)
+    st["lookups"] = st["ld_v4"] + k.asm["ptx"].count("mad.lo.u32 a, a, 128")
     st["triton"] = triton.__version__
     st["shift"] = (cx["K_SHIFT"], cx["V_SHIFT"])
     print(json.dumps(st))

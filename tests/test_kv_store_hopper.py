@@ -45,6 +45,32 @@ def test_bucket_table_is_bucketize(name):
         assert torch.equal(code, ref) and torch.equal(lev, lv[ref])
 
 
+@pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
+def test_uniform_bucket_table_is_bucketize(name):
+    """SLUT's table (coordinates and levels scaled by 256, as the kernel takes them): the
+    kernel's bucket (two FMAs, emulated exactly by _ubucket) and one compare give bucketize's
+    codes and levels, so its bytes are the served table's."""
+    t = LayerTables(FORMATS[name], 128, 0, 0, "cpu", torch.float32, 1)
+    for idx, st in ((1, t.layout.key.b), (3, t.layout.value.b)):
+        lv, th = t.codebooks[idx]
+        n = 1 << st.bits
+        lv, thr = lv * 256.0, th[: n - 1] * 256.0
+        k, m, tab = hop.ubucket_table(lv, thr, st.bits)
+        assert tab.shape[0] == (1 << m) + 1 <= 129
+        up_, dn_ = torch.tensor(1e9), torch.tensor(-1e9)
+        y = torch.cat([torch.randn(50000) * 23.0, thr, -thr, torch.nextafter(thr, up_),
+                       torch.nextafter(thr, dn_), -torch.nextafter(thr, up_),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e30, -1e30,
+                                     float("inf"), float("-inf"), 2.0 ** (k - 1),
+                                     -2.0 ** (k - 1)])])
+        e = tab[hop._ubucket(y, k, m)]
+        up = y > e[:, 0].view(torch.float32)
+        lev = torch.where(up, e[:, 2].view(torch.float32), e[:, 1].view(torch.float32))
+        code = (e[:, 3] + up.int()).long()
+        ref = torch.bucketize(y, thr.contiguous(), right=False)
+        assert torch.equal(code, ref) and torch.equal(lev, lv[ref])
+
+
 def _lookup(y, shift, tab):
     e = tab[(y.view(torch.int32).long() & 0xFFFFFFFF) >> shift]
     up = y > e[..., 0].view(torch.float32)
@@ -210,3 +236,27 @@ def test_perm_gives_each_lane_consecutive_coordinates():
     for q in range(4):
         cols = [8 * nt + 2 * q + e for nt in range(4) for e in range(2)]
         assert sorted(p[j] for j in cols) == list(range(8 * q, 8 * q + 8))
+
+
+def test_launch_tables_follow_the_launch_shape():
+    """The table arguments follow each launch's constexprs (tq_store keeps them per launch shape,
+    tq_store_hopper.table_args): SLUT's shared-table copies where its static tables fit the
+    launch's shared memory (all heads a program: Triton's 68 KB, past 48 KB; one warp: 20 KB),
+    bucket_table's L1 table at 4 warps x 1 head (Triton's 44 KB + 8 KB would pass 48 KB)."""
+    name, hk, d = "tq4", 8, 128
+    cal = {k: v for k, v in kb.served_calibration(torch, name, hk, d, True).items()
+           if v is not None}
+    tables = LayerTables(get_format(name), d, 0, 0, "cpu", torch.bfloat16, hk, **cal)
+    c = _store_constants(tables, 1, torch.bfloat16)
+    hc = hop.constants(tables, torch.bfloat16, c)
+    key = torch.zeros(64, hk, d, dtype=torch.bfloat16)
+    cache = torch.zeros(5, 16, hk, tables.layout.slot_bytes, dtype=torch.uint8)
+    slots = torch.zeros(64, dtype=torch.int64)
+    for warps, heads, slut in ((4, 8, True), (4, 1, False), (1, 1, True)):
+        _, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
+                                       num_warps=warps, heads=heads)
+        assert cx["SLUT"] == slut, (warps, heads)
+        tabs = hop.table_args(tables, hc, cx)
+        assert all(a is b for a, b in zip(args[11:], tabs)) and len(args) == 11 + len(tabs)
+        assert tabs[-2] is hc["k_utab" if slut else "k_tab"]
+        assert tabs[-1] is hc["v_utab" if slut else "v_tab"]

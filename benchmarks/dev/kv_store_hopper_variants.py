@@ -9,11 +9,15 @@ inputs of kv_bench.store_bandwidth (what kv_bench's 'store' rows time). Rows: th
 then the Gluon kernel launched directly (tq_store_hopper.store_launch) at each variant: warps a
 program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8 warps an SM,
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
-tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one) and
-vsmem (the heads' per-column vectors staged in shared memory once a program: served) and
-async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix).
+tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
+vsmem (the heads' per-column vectors staged in shared memory once a program: served),
+async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix),
+kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in shared
+memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt and
+divisions without their slow-path branches: one basic block a head).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
-cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (the portable
+cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
+rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
 kernel differs from both in threshold ties, about 1e-6 of bytes); the served call
 is checked against the torch reference once (kv_bench.store_check). Times: do_bench medians.
 Prints a table last; writes kv_store_hopper_variants.json under --out (default $OUT).
@@ -31,31 +35,38 @@ import torch
 import triton
 import kv_bench as kb
 
-# (label, num_warps, heads a program, maxnreg, cal_first, vsmem, async_kv); the first two are the launch
-# shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads) with the per-head
-# vectors in shared memory (served, vsmem) and in global memory (the store measured on 2026-12-06)
+# (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
+# async_kv, kv16, slut, fastdiv; every row names each, so rows do not move with the served
+# defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads)
+# with slut (served, timed in the 'served' row) off, then each switch on top of slut. Ordered by
+# interest: --budget skips the last rows first.
+_BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=False,
+             kv16=False, slut=True, fastdiv=False)
+
+
+def _v(label, **kw):
+    return label, {**_BASE, **kw}
+
+
 VARIANTS = [
-    ("4 warps x 8 heads, vsmem (served)", 4, 8, None, False, True, False),
-    ("4 warps x 8 heads, no vsmem (12-06)", 4, 8, None, False, False, False),
-    ("  async K/V (cp.async one head ahead)", 4, 8, None, False, True, True),
-    ("  async K/V, no vsmem", 4, 8, None, False, False, True),
-    ("  cal_first", 4, 8, None, True, True, False),
-    ("  maxnreg 168 (3 programs, 12 warps/SM)", 4, 8, 168, False, True, False),
-    ("  maxnreg 168, no vsmem", 4, 8, 168, False, False, False),
-    ("  maxnreg 128, no vsmem (16/SM)", 4, 8, 128, False, False, False),
-    # smaller programs: without vsmem (its 24 KB a program would cap the programs an SM first)
-    ("2 warps x 8 heads, maxnreg 200, no vsmem (10/SM)", 2, 8, 200, False, False, False),
-    ("2 warps x 8 heads, maxnreg 200, cal_first, no vsmem", 2, 8, 200, True, False, False),
-    ("2 warps x 8 heads, maxnreg 168, no vsmem (12/SM)", 2, 8, 168, False, False, False),
-    ("1 warp x 8 heads, maxnreg 216, no vsmem (9/SM)", 1, 8, 216, False, False, False),
-    ("8 warps x 8 heads", 8, 8, None, False, True, False),
-    ("2 warps x 8 heads", 2, 8, None, False, True, False),
-    ("4 warps x 4 heads", 4, 4, None, False, True, False),
+    _v("4 warps x 8 heads, no slut (12-06 served)", slut=False),
+    _v("  slut, fastdiv (no slow-path branches)", fastdiv=True),
+    _v("  slut, maxnreg 168 (12 warps/SM)", maxnreg=168),
+    _v("  slut, async K/V (cp.async one head ahead)", async_kv=True),
+    _v("  slut, async K/V, fastdiv", async_kv=True, fastdiv=True),
+    _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
+    _v("  slut, cal_first", cal_first=True),
+    _v("  no vsmem (slut off there: static + 44 KB > 48 KB)", vsmem=False),
+    _v("  no slut, fastdiv", slut=False, fastdiv=True),
+    _v("  slut, maxnreg 200 (10 warps/SM)", maxnreg=200),
+    _v("2 warps x 8 heads, slut", num_warps=2),
+    _v("8 warps x 8 heads, slut", num_warps=8),
+    _v("4 warps x 4 heads, slut", heads=4),
+    _v("  kv16, no slut", kv16=True, slut=False),
 ]
 
 
-def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_first, vsmem,
-           async_kv):
+def direct(k, v, cache, slots, tables, positions, **launch):
     """A call of the Gluon store at this variant (as tq_store launches it, through CachedLaunch)."""
     from vllm_gds.kernels import tq_store_hopper as hop
     from vllm_gds.kernels.launch import CachedLaunch
@@ -64,12 +75,11 @@ def direct(k, v, cache, slots, tables, positions, warps, heads, maxnreg, cal_fir
     c = _store_constants(tables, 1, k.dtype)
     h = hop.constants(tables, k.dtype, c)
     grid, args, cx = hop.store_launch(k, v, cache, slots, tables, positions, c, h,
-                                      _alignment(cache, cache.stride()), num_warps=warps,
-                                      heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                                      vsmem=vsmem, async_kv=async_kv)
+                                      _alignment(cache, cache.stride()), **launch)
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
+    fn.used = dict(slut=cx["SLUT"], fastdiv=cx["FAST"], kv16=cx["KV16"])  # as launched
     return fn
 
 
@@ -125,6 +135,7 @@ def main():
                     torch.cuda.synchronize()
                     r["bytes_vs_served"] = int((cache2 != served_cache).sum())
                 fn = make()
+                r.update(getattr(fn, "used", {}))
                 t = kb.bench(fn, triton)
                 for kern, _ in getattr(fn, "compiled", {}).values():  # registers, spills, smem
                     r.update(regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
@@ -145,12 +156,10 @@ def main():
     portable = StoreTuning(hopper=False)
     row("portable", lambda: (lambda: tq_store(k, v, cache, slots, tables, positions, tuning=portable)),
         lambda c2: tq_store(kc, vc, c2, slots_c, tables_c, positions=pos_c, tuning=portable))
-    for label, warps, heads, maxnreg, cal_first, vsmem, async_kv in VARIANTS:
-        launch = (warps, heads, maxnreg, cal_first, vsmem, async_kv)
-        r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, *launch),
-                lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, *launch)())
-        r.update(num_warps=warps, heads=heads, maxnreg=maxnreg, cal_first=cal_first,
-                 vsmem=vsmem, async_kv=async_kv)
+    for label, launch in VARIANTS:
+        r = row(label, lambda launch=launch: direct(k, v, cache, slots, tables, positions, **launch),
+                lambda c2, launch=launch: direct(kc, vc, c2, slots_c, tables_c, pos_c, **launch)())
+        r.update({n: x for n, x in launch.items() if n not in r})  # r's slut etc.: as launched
         save()
 
     served = next((x["ms"] for x in res["rows"] if x["label"].startswith("served") and "ms" in x), None)
@@ -158,15 +167,16 @@ def main():
           f"{name} calibrated with the key mean, Llama-3-8B shape; served launch "
           f"{res['rows'][0].get('launch')}; served vs reference: {res['served_vs_reference']}")
     print(f"target: >= 25% of copy = <= {moved / (0.25 * copy * 1e9) * 1e3:.3f} ms")
-    print(f"{'launch':52} {'bytes vs served':>15} {'regs':>4} {'spill B':>7} {'smem KB':>7} "
-          f"{'ms':>7} {'of copy':>7} {'vs served':>9}")
+    print(f"{'launch':52} {'slut':>4} {'bytes vs served':>15} {'regs':>4} {'spill B':>7} "
+          f"{'smem KB':>7} {'ms':>7} {'of copy':>7} {'vs served':>9}")
     for x in res["rows"]:
         if "error" in x:
             print(f"{x['label']:52} ERROR {x['error'][:70]}")
             continue
         b = x.get("bytes_vs_served")
         sm = x.get("smem")
-        print(f"{x['label']:52} {'' if b is None else b:>15} {x.get('regs') or '':>4} "
+        sl = {True: "yes", False: "no"}.get(x.get("slut"), "")
+        print(f"{x['label']:52} {sl:>4} {'' if b is None else b:>15} {x.get('regs') or '':>4} "
               f"{'' if x.get('spills') is None else x['spills']:>7} "
               f"{'' if sm is None else round(sm / 1024):>7} {x['ms']:7.3f} {x['of_copy']:7.1%} "
               f"{served / x['ms'] if served else 0:8.2f}x")
