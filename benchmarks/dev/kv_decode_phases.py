@@ -108,30 +108,10 @@ SOURCE_VARIANTS = {
 }
 # (a CTA barrier after the first tile's loads was tried: the compiler drops it, no shared memory
 # between it and the lookup table's barriers; the same SASS as kv_end_first)
-# warp_sum: the warps' partial O summed in each thread after one layout conversion (every warp's
-# [D, HALF] block to a layout with the warps in registers), where the served kernel reduces
-# across warps and then converts the result again for the partial store.
-SOURCE_VARIANTS["warp_sum"] = [(
-    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
-    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
-    "    o_all = gl.convert_layout(o_all, OL)\n",
-    "    o_w = gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2)  # [NW, D, HALF]: each warp's own\n"
-    "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, 1], [1, 8, 4], [1, NW, 1], [1, 0, 2])\n"
-    "    o_all = gl.sum(gl.convert_layout(o_w, OW), axis=0)\n"
-    "    OL: gl.constexpr = gl.SliceLayout(0, OW)\n")]
-# warp_sum_all: also the rows' maxima and sums converted once to that layout (the warps and
-# halves in registers), so the weights and every sum are in-thread.
-SOURCE_VARIANTS["warp_sum_all"] = [(
-    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
-    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
-    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
-    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
-    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
-    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
-    "    o_all = gl.convert_layout(o_all, OL)\n",
-    "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, R2, 1], [1, 8, 1, 4], [1, NW, 1, 1],\n"
-    "                                        [1, 0, 2, 3])\n"
-    "    MW: gl.constexpr = gl.SliceLayout(1, OW)\n"
+# warp_merge_before: the served kernel's merge of the warps before 2026-12-06 (a reduction across
+# warps, then its result converted for the partial store; the served one converts each warp's
+# partials once and sums in-thread).
+SOURCE_VARIANTS["warp_merge_before"] = [(
     "    mw = gl.convert_layout(m4, MW)\n"
     "    lw = gl.convert_layout(l4, MW)\n"
     "    ow = gl.convert_layout(o4, OW)\n"
@@ -139,7 +119,14 @@ SOURCE_VARIANTS["warp_sum_all"] = [(
     "    w = gl.exp2(mw - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
     "    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)\n"
     "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
-    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n")]
+    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n",
+    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
+    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
+    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
+    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
+    "    o_all = gl.convert_layout(o_all, OL)\n")]
 SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + [("MOVE_QUERY_LOADS", None)]
 
 
@@ -237,85 +224,92 @@ def main():
     device = torch.device("cuda")
     kb.warm_up(torch, device)
     mods = {}
-    shapes = [("Llama-3-70B TP8", 8, 1, 128, 1, 32768), ("Llama-3-8B", 32, 8, 128, 1, 32768),
-              ("Llama-3-70B TP8", 8, 1, 128, 32, 4096)]
+    # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
+    B, G16 = "warp_merge_before", 16
+    runs = [
+        ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
+         [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {}),
+          ("served", 8, 0.5, 0, {}), ("served", 4, 1, G16, {}), ("kv_end_first", 4, 1, 0, {})]),
+        ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
+         [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
+        ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, [("served", 4, 1, 0, {}), (B, 4, 1, 0, {})]),
+        ("tq3", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
+         [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
+        ("tq3", "Llama-3-8B", 32, 8, 128, 8, 32768,
+         [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"mean_smem": False})]),
+    ]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
     served_group = tdh.MERGE_GROUP
-    for fmt in args.formats.split(","):
-        for shape, hq, hk, d, b, ctx in shapes:
-            if fmt != "tq4" and shape != "Llama-3-70B TP8":
-                continue
-            tables = attach(kb.our_tables(torch, fmt, hk, d, device))
-            num_blocks, bt = kb.paged_layout(torch, b, ctx, device)
-            cache = kb.fill_ours(torch, tables, num_blocks, hk, d, device)
-            reps = max(1, min(64, -(-200_000_000 // cache.numel())))
-            caches = [cache] + [cache.clone() for _ in range(reps - 1)]
-            q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
-            qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
-            sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
-            dflt = default_splits(b, hk, device, hopper=True)
-            variants = [("served", 4, dflt, served_group), ("warp_sum_all", 4, dflt, served_group),
-                        ("served", 8, dflt, served_group)]
-            if b * hk == 1 and fmt == "tq4":
-                variants += [("kv_end_first", 4, dflt, served_group),
-                             ("served", 8, dflt // 2, served_group), ("served", 4, dflt, 16)]
-            served_out = None
-            for source, nw, splits, group in variants:
-                for stamped in (False, True):
-                    if (source, stamped) not in mods:
-                        mods[source, stamped] = instrumented_module(source, stamped)
-                plain_mod, mod = mods[source, False], mods[source, True]
-                tdh.MERGE_GROUP = group
-                tables.__dict__.pop("_hopper_launch", None)
-                row = dict(format=fmt, shape=shape, batch=b, ctx=ctx, source=source, warps=nw,
-                           splits=splits, group=group)
-                try:
-                    out = torch.empty_like(q)
-                    ref = torch.empty_like(q)
-                    stamps = torch.zeros(b * hk * splits, STAMPS, dtype=torch.int64, device=device)
-                    # one counter buffer (left zero by every launch): decode_launch's own would
-                    # put a memset in the graph before every call
-                    counts = torch.zeros(tdh.counter_count(b, hk, splits), dtype=torch.int32,
-                                         device=device)
+    for fmt, shape, hq, hk, d, b, ctx, variants in runs:
+        if fmt not in args.formats.split(","):
+            continue
+        tables = attach(kb.our_tables(torch, fmt, hk, d, device))
+        num_blocks, bt = kb.paged_layout(torch, b, ctx, device)
+        cache = kb.fill_ours(torch, tables, num_blocks, hk, d, device)
+        reps = max(1, min(64, -(-200_000_000 // cache.numel())))
+        caches = [cache] + [cache.clone() for _ in range(reps - 1)]
+        q = torch.randn(b, hq, d, device=device, dtype=torch.bfloat16)
+        qsl = torch.arange(b + 1, device=device, dtype=torch.int32)
+        sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
+        dflt = default_splits(b, hk, device, hopper=True)
+        served_out = None
+        for source, nw, factor, group, launch in variants:
+            splits, group = int(dflt * factor), group or served_group
+            for stamped in (False, True):
+                if (source, stamped) not in mods:
+                    mods[source, stamped] = instrumented_module(source, stamped)
+            plain_mod, mod = mods[source, False], mods[source, True]
+            tdh.MERGE_GROUP = group
+            tables.__dict__.pop("_hopper_launch", None)
+            row = dict(format=fmt, shape=shape, batch=b, ctx=ctx, source=source, warps=nw,
+                       splits=splits, group=group, launch=launch)
+            try:
+                out = torch.empty_like(q)
+                ref = torch.empty_like(q)
+                stamps = torch.zeros(b * hk * splits, STAMPS, dtype=torch.int64, device=device)
+                # one counter buffer (left zero by every launch): decode_launch's own would
+                # put a memset in the graph before every call
+                counts = torch.zeros(tdh.counter_count(b, hk, splits), dtype=torch.int32,
+                                     device=device)
 
-                    def plain(c=cache):
-                        grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                        splits, out, num_warps=nw,
-                                                        counts=counts)
-                        plain_mod._tq_decode_hopper_kernel[grid](*a, **kw)
+                def plain(c=cache):
+                    grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
+                                                    splits, out, num_warps=nw,
+                                                    counts=counts, **launch)
+                    plain_mod._tq_decode_hopper_kernel[grid](*a, **kw)
 
-                    def probed(c=cache):
-                        grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                        splits, ref, num_warps=nw,
-                                                        counts=counts)
-                        mod._tq_decode_hopper_kernel[grid](*a, stamps, **kw)
+                def probed(c=cache):
+                    grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
+                                                    splits, ref, num_warps=nw,
+                                                    counts=counts, **launch)
+                    mod._tq_decode_hopper_kernel[grid](*a, stamps, **kw)
 
-                    plain()
-                    probed()
-                    torch.cuda.synchronize()
-                    row["max_abs_diff_probed"] = (out.float() - ref.float()).abs().max().item()
-                    if served_out is None:
-                        served_out = out.clone()
-                    row["max_abs_diff_served"] = (out.float() - served_out.float()).abs().max().item()
-                    row["nan"] = bool(out.isnan().any())
-                    row["graph_ms"] = kb.graph_time(torch, [lambda c=c: plain(c) for c in caches])
-                    row["probed_graph_ms"] = kb.graph_time(
-                        torch, [lambda c=c: probed(c) for c in caches])
-                    stamps.zero_()
-                    probed()
-                    torch.cuda.synchronize()
-                    row.update(phases_of(stamps.cpu(), splits, group))
-                except Exception as e:  # one bad launch must not end the run
-                    row["error"] = repr(e)[:400]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                out_path.write_text(json.dumps(rows, indent=1))
-            if b == 1 and fmt == "tq4":
-                rows.append(dict(format="bf16-sdpa", shape=shape, batch=b, ctx=ctx,
-                                 graph_ms=kb.graph_sdpa(torch, b, ctx, hq, hk, d, device, None)))
-            del caches, cache
-            torch.cuda.empty_cache()
+                plain()
+                probed()
+                torch.cuda.synchronize()
+                row["max_abs_diff_probed"] = (out.float() - ref.float()).abs().max().item()
+                if served_out is None:
+                    served_out = out.clone()
+                row["max_abs_diff_served"] = (out.float() - served_out.float()).abs().max().item()
+                row["nan"] = bool(out.isnan().any())
+                row["graph_ms"] = kb.graph_time(torch, [lambda c=c: plain(c) for c in caches])
+                row["probed_graph_ms"] = kb.graph_time(
+                    torch, [lambda c=c: probed(c) for c in caches])
+                stamps.zero_()
+                probed()
+                torch.cuda.synchronize()
+                row.update(phases_of(stamps.cpu(), splits, group))
+            except Exception as e:  # one bad launch must not end the run
+                row["error"] = repr(e)[:400]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out_path.write_text(json.dumps(rows, indent=1))
+        if b == 1 and fmt == "tq4":
+            rows.append(dict(format="bf16-sdpa", shape=shape, batch=b, ctx=ctx,
+                             graph_ms=kb.graph_sdpa(torch, b, ctx, hq, hk, d, device, None)))
+        del caches, cache
+        torch.cuda.empty_cache()
     tdh.MERGE_GROUP = served_group
     out_path.write_text(json.dumps(rows, indent=1))
     print("\n| fmt | shape | bxctx | source | warps | splits | group | graph us | probed us | span us | "
@@ -330,7 +324,8 @@ def main():
             print(head + f" | | | | {r['graph_ms'] * 1e3:.1f} |")
             continue
         crit = r.get("critical_ns") or {}
-        print(head + f" {r['source']} | {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
+        src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
+        print(head + f" {src} | {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
               f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " |")
 
