@@ -8,7 +8,7 @@ A job is [script, *argv]: the script's own command line. Its result is what the 
 (its `result(argv)`), or {"error": traceback} for that job alone, so that one failing compile
 fails its own test only.
 
-    python tests/compile_jobs.py '[["store_compile.py", "tq4"], ["hopper_compile.py", "--launch", "{}"]]'
+    python tests/compile_jobs.py '[["store_compile.py", "tq4"], ["store_compile.py", "tq4", "old"]]'
 """
 
 from __future__ import annotations
