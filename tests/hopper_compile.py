@@ -4,6 +4,9 @@ own: a process that imported Triton under TRITON_INTERPRET=1 (test_kv_kernels do
 compile Gluon (its reductions are interpreter functions there).
 
     python tests/hopper_compile.py '[{"d": 128, "g": 4, "kv_heads": 8}]'   # prints JSON
+    python tests/hopper_compile.py --launch '{"fmt": "tq3"}'
+
+(tests/compile_jobs.py runs the tests' jobs in one process.)
 """
 
 from __future__ import annotations
@@ -130,8 +133,12 @@ def warmup_launch(d=128, q_heads=32, kv_heads=8, fmt="tq4", splits=4, **launch) 
     return [kernel.name, kw["FINISH"]]
 
 
+def result(argv: list[str]):
+    """The command line's JSON: `--launch JSON` warmup_launch, else each config's stats."""
+    if argv[0] == "--launch":
+        return warmup_launch(**json.loads(argv[1]))
+    return [stats(compile_sm90(**cfg)) for cfg in json.loads(argv[0])]
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--launch":
-        print(json.dumps(warmup_launch(**json.loads(sys.argv[2]))))
-    else:
-        print(json.dumps([stats(compile_sm90(**cfg)) for cfg in json.loads(sys.argv[1])]))
+    print(json.dumps(result(sys.argv[1:])))

@@ -1,7 +1,8 @@
 """Compile the store kernel's served launch (tq_store's own plan for a CUDA bf16 call at the
 Llama-3-8B shape) for sm_90 without a GPU and count the SASS of its head loop. Run as a script
 by tests/test_kv_store_compile.py in a process of its own (the CPU tests import Triton under
-TRITON_INTERPRET=1, which cannot compile for a GPU target).
+TRITON_INTERPRET=1, which cannot compile for a GPU target; tests/compile_jobs.py runs the tests'
+jobs in one process).
 
     python tests/store_compile.py tq4 [old]    # prints JSON; old: StoreTuning(codes=0,
                                                # prefetch=False, exact_rot=False)
@@ -96,18 +97,17 @@ def loop_stats(kernel) -> dict:
     return dict(best)
 
 
-def main():
-    name = sys.argv[1] if len(sys.argv) > 1 else "tq4"
-    old = len(sys.argv) > 2 and sys.argv[2] == "old"
+def result(argv: list[str]) -> dict:
+    name = argv[0] if argv else "tq4"
+    old = len(argv) > 1 and argv[1] == "old"
     plan, kernel = compile_served(
         name, StoreTuning(codes=0, prefetch=False, exact_rot=False) if old else None)
     ptx = kernel.asm["ptx"]
-    print(json.dumps({
-        "codes": plan.kwargs["CODES"], "prefetch": plan.kwargs["PREFETCH"],
-        "exact_rot": plan.kwargs["EXACT_ROT"], "chunk": plan.kwargs["CHUNK"],
-        "gathers_inline": ptx.count("ld.global.nc.b64"), "loop": loop_stats(kernel),
-        "triton": triton.__version__}))
+    return {"codes": plan.kwargs["CODES"], "prefetch": plan.kwargs["PREFETCH"],
+            "exact_rot": plan.kwargs["EXACT_ROT"], "chunk": plan.kwargs["CHUNK"],
+            "gathers_inline": ptx.count("ld.global.nc.b64"), "loop": loop_stats(kernel),
+            "triton": triton.__version__}
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(result(sys.argv[1:])))

@@ -1,7 +1,8 @@
 """Compile the Hopper store (kernels/tq_store_hopper.py) for sm_90 without a GPU, as tq_store
 would launch it at the Llama-3-8B shape, and count the SASS of its head loop. Run as a script by
 tests/test_kv_store_compile.py in a process of its own (the CPU tests import Triton under
-TRITON_INTERPRET=1, which cannot compile Gluon).
+TRITON_INTERPRET=1, which cannot compile Gluon; tests/compile_jobs.py runs the tests' jobs in
+one process).
 
     python tests/store_hopper_compile.py tq4 [--num-warps 4] [--maxnreg N] [--dump FILE]
         [--vsmem 0|1] [--async-kv 0|1] [--cal-first 0|1] [--kv16 0|1] [--slut 0|1]
@@ -75,7 +76,7 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     return cx, triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def main():
+def result(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("name", nargs="?", default="tq4")
     ap.add_argument("--num-warps", type=int, default=4)
@@ -95,7 +96,7 @@ def main():
                     help="the code search by uniform buckets in shared memory")
     ap.add_argument("--async-kv", type=int, choices=(0, 1), default=int(hop.ASYNC),
                     help="keys and values by cp.async into shared memory, one head ahead")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
                            heads_per_program=a.heads_per_program,
                            dtype=torch.float16 if a.fp16 else torch.bfloat16,
@@ -120,8 +121,8 @@ def main():
     st["lookups"] = st["ld_v4"] + k.asm["ptx"].count("mad.lo.u32 a, a, 128")
     st["triton"] = triton.__version__
     st["shift"] = (cx["K_SHIFT"], cx["V_SHIFT"])
-    print(json.dumps(st))
+    return st
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(result(sys.argv[1:])))

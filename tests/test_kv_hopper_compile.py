@@ -11,13 +11,11 @@ portable kernel's 946 per 64-token tile (RESULTS.md, decode fifth pass).
 
 import collections
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from compile_jobs import checked, run
 
 pytest.importorskip("triton.experimental.gluon._runtime")
 
@@ -305,25 +303,28 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=16, kv_heads=1, fallback=False, fmt="tq3")]
 
 
-def _run_helper(*args):
-    """tests/hopper_compile.py in a process of its own (one that imported Triton under
-    TRITON_INTERPRET=1 cannot compile Gluon); its last output line, parsed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    run = subprocess.run([sys.executable, str(Path(__file__).parent / "hopper_compile.py"), *args],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+LAUNCHES = [dict(), dict(d=64, q_heads=9, kv_heads=3), dict(q_heads=8, kv_heads=1),
+            dict(q_heads=8, kv_heads=1, prefetch=True, codes=2, trans_asm=False, maxnreg=0,
+                 num_warps=8),
+            dict(q_heads=8, kv_heads=1, fmt="tq3"), dict(fmt="tq5"), dict(splits=1),
+            dict(q_heads=8, kv_heads=1, splits=64),
+            dict(q_heads=8, kv_heads=1, splits=256, fmt="tq3")]
 
 
-@pytest.mark.parametrize("launch", [dict(), dict(d=64, q_heads=9, kv_heads=3),
-                                    dict(q_heads=8, kv_heads=1),
-                                    dict(q_heads=8, kv_heads=1, prefetch=True, codes=2,
-                                         trans_asm=False, maxnreg=0, num_warps=8),
-                                    dict(q_heads=8, kv_heads=1, fmt="tq3"), dict(fmt="tq5"),
-                                    dict(splits=1), dict(q_heads=8, kv_heads=1, splits=64),
-                                    dict(q_heads=8, kv_heads=1, splits=256, fmt="tq3")])
-def test_launch_binds_and_compiles_as_on_the_gpu(launch):
+@pytest.fixture(scope="module")
+def compiled():
+    """tests/hopper_compile.py's results: each launch's (warmup_launch) and each config's stats,
+    all compiled in one process of their own (tests/compile_jobs.py: one that imported Triton
+    under TRITON_INTERPRET=1 cannot compile Gluon)."""
+    jobs = [["hopper_compile.py", "--launch", json.dumps(launch)] for launch in LAUNCHES]
+    jobs += [["hopper_compile.py", json.dumps([cfg])] for cfg in CONFIGS]
+    keys = [("launch", json.dumps(launch)) for launch in LAUNCHES]
+    keys += [("config", json.dumps(cfg)) for cfg in CONFIGS]
+    return dict(zip(keys, run(jobs)))
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_launch_binds_and_compiles_as_on_the_gpu(compiled, launch):
     """tq_decode_hopper's launch (decode_launch) through the JIT's own binding, specialization
     and compile (kernel.warmup with a compile-only driver): what the first call on the GPU machine
     does before it launches. One kernel at every split count: one split writes the rows (FINISH
@@ -331,18 +332,12 @@ def test_launch_binds_and_compiles_as_on_the_gpu(launch):
     splits = launch.get("splits", 4)
     want = ["_tq_decode_hopper_kernel", 1 if splits == 1 else 2]
     assert hop.finish_mode(splits) == want[1]
-    assert _run_helper("--launch", json.dumps(launch)) == want
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    """tests/hopper_compile.py's stats of each config."""
-    return dict(zip(map(json.dumps, CONFIGS), _run_helper(json.dumps(CONFIGS))))
+    assert checked(compiled["launch", json.dumps(launch)]) == want
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
-    st = compiled[json.dumps(cfg)]
+    (st,) = checked(compiled["config", json.dumps(cfg)])
     loop = collections.Counter(st["loop"])
     d, g, mean, fold = cfg["d"], cfg["g"], cfg.get("mean", True), cfg.get("fallback", True)
     ops = collections.Counter()

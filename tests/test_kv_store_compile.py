@@ -4,31 +4,37 @@ code search with its lookups as inline PTX (Triton would move a plain gather's t
 shared memory) and the exact 16-bit rotation (the next head's prefetch is off: slower on the
 GPU), and its head loop is shorter than the
 launch before them by at least 20% (tq4) / 12% (tq3) (sm_90 SASS; benchmarks/RESULTS.md, store
-fifth pass: tq4 4537 -> 3195 instructions under Triton 3.6). The GPU check is benchmarks/dev/kv_store_check.py."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+fifth pass: tq4 4537 -> 3195 instructions under Triton 3.6). The GPU check is benchmarks/dev/kv_store_check.py.
+Every kernel here is compiled once, all in one process (the module's `compiled`)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from compile_jobs import checked, run
+
+VARIANTS = [("--vsmem", "0"), ("--async-kv", "1"), ("--cal-first", "1"), ("--slut", "0"),
+            ("--kv16", "1"), ("--fastdiv", "1")]
+JOBS = [*(["store_compile.py", name, *old] for name in ("tq4", "tq3") for old in ((), ("old",))),
+        *(["store_hopper_compile.py", name] for name in ("tq4", "tq3", "tq5")),
+        *(["store_hopper_compile.py", "tq4", *v] for v in VARIANTS),
+        ["store_hopper_compile.py", "tq4", "--num-warps", "1", "--heads-per-program", "1"],
+        ["store_hopper_compile.py", "tq4", "--num-warps", "4", "--heads-per-program", "1"]]
 
 
-def _compile(script, *args):
-    """The last line (JSON) of tests/`script` run in a process of its own, compiled, not interpreted."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def compiled():
+    """Each job's result by its command line, compiled in one process (tests/compile_jobs.py)."""
+    return {tuple(job): result for job, result in zip(JOBS, run(JOBS))}
+
+
+def _compile(compiled, *job):
+    """tests/`script`'s JSON for this command line (compiled, not interpreted)."""
+    return checked(compiled[job])
 
 
 @pytest.mark.parametrize("name, most", [("tq4", 0.8), ("tq3", 0.88)])
-def test_served_store_compiles_for_sm90_with_a_shorter_loop(name, most):
-    new, old = _compile("store_compile.py", name), _compile("store_compile.py", name, "old")
+def test_served_store_compiles_for_sm90_with_a_shorter_loop(compiled, name, most):
+    new = _compile(compiled, "store_compile.py", name)
+    old = _compile(compiled, "store_compile.py", name, "old")
     assert (new["codes"], new["prefetch"], new["exact_rot"], new["chunk"]) == (3, False, True, True)
     assert old["codes"] == 0 and not old["prefetch"] and not old["exact_rot"]
     assert new["gathers_inline"] > 0 and old["gathers_inline"] == 0
@@ -38,13 +44,13 @@ def test_served_store_compiles_for_sm90_with_a_shorter_loop(name, most):
 
 
 @pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
-def test_hopper_store_compiles_for_sm90_in_registers(name):
+def test_hopper_store_compiles_for_sm90_in_registers(compiled, name):
     """The Gluon store (kernels/tq_store_hopper.py) as tq_store launches it at the Llama-3-8B
     shape: 8 HMMA per chunk pass of its 8 passes (256 a head), one 16-byte lookup a coordinate
     (3 codings x 64 per thread) from the shared table (SLUT; none through L1), no barrier and
     no shared-memory store in the head loop, and a loop under 60% of the portable kernel's
     instructions per code (99.1 -> 45.3 for tq4 under Triton 3.6)."""
-    st = _compile("store_hopper_compile.py", name)
+    st = _compile(compiled, "store_hopper_compile.py", name)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 256
     assert st["lookups"] == 192 and st["ld_v4"] == 0 and st["slut"] and st["smem_ok"]
@@ -56,16 +62,15 @@ def test_hopper_store_compiles_for_sm90_in_registers(name):
     assert st["per_code"] < 0.6 * 99.1, st["per_code"]
 
 
-@pytest.mark.parametrize("variant", [("--vsmem", "0"), ("--async-kv", "1"), ("--cal-first", "1"),
-                                     ("--slut", "0"), ("--kv16", "1"), ("--fastdiv", "1")])
-def test_hopper_store_measurement_variants_compile(variant):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hopper_store_measurement_variants_compile(compiled, variant):
     """The code variants benchmarks/dev/kv_store_hopper_variants.py times on the GPU compile for
     sm_90 under the installed Triton: the per-column vectors from global memory (the store as
     measured on 2026-12-06), keys and values by cp.async one head ahead (its copies and two CTA
     barriers a head), the key's calibrated coding first, the code search through L1 (bucket_table:
     served before SLUT), keys and values by 16-byte loads, the norms' sqrt and divisions without
     their slow-path branches."""
-    st = _compile("store_hopper_compile.py", "tq4", *variant)
+    st = _compile(compiled, "store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["smem_ok"]
     if variant[0] == "--slut":
@@ -82,17 +87,19 @@ def test_hopper_store_measurement_variants_compile(variant):
         assert loop.get("LDG.E.64") == 96
 
 
-def test_hopper_store_compiles_for_few_tokens():
+def test_hopper_store_compiles_for_few_tokens(compiled):
     """The launch shape tq_store picks for a decode step's few tokens: one warp of 16 tokens and
     one head a program (the key mean's cos / sin per program; no head loop)."""
-    st = _compile("store_hopper_compile.py", "tq4", "--num-warps", "1", "--heads-per-program", "1")
+    st = _compile(compiled, "store_hopper_compile.py", "tq4", "--num-warps", "1",
+                  "--heads-per-program", "1")
     assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["shared"] <= 20480
     assert st["slut"] and st["smem_ok"]
 
 
-def test_hopper_store_keeps_its_shared_memory_launchable():
+def test_hopper_store_keeps_its_shared_memory_launchable(compiled):
     """4 warps x 1 head a program (tq_store's middle launch shape, and every launch without a key
     mean): Triton's 44 KB with the key mean's cos / sin, so SLUT's 8 KB of static tables would
     pass the 48 KB a launch gets below Triton's own 48 KB: that launch keeps the L1 table."""
-    st = _compile("store_hopper_compile.py", "tq4", "--num-warps", "4", "--heads-per-program", "1")
+    st = _compile(compiled, "store_hopper_compile.py", "tq4", "--num-warps", "4",
+                  "--heads-per-program", "1")
     assert st["shared"] == 45056 and not st["slut"] and st["smem_ok"] and st["ld_v4"] == 192
