@@ -79,7 +79,7 @@ CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
 ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
-SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
+SLUT = False  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared

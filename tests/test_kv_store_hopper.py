@@ -254,7 +254,7 @@ def test_launch_tables_follow_the_launch_shape():
     slots = torch.zeros(64, dtype=torch.int64)
     for warps, heads, slut in ((4, 8, True), (4, 1, False), (1, 1, True)):
         _, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
-                                       num_warps=warps, heads=heads)
+                                       num_warps=warps, heads=heads, slut=True)
         assert cx["SLUT"] == slut, (warps, heads)
         tabs = hop.table_args(tables, hc, cx)
         assert all(a is b for a, b in zip(args[11:], tabs)) and len(args) == 11 + len(tabs)
