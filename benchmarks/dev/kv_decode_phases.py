@@ -32,6 +32,7 @@ from pathlib import Path
 import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
 import kv_bench as kb
 
+RULE = "# " + "-" * 93 + "\n"  # the kernel module's section rule
 STAMPS = 16  # int64 slots a program: clocks 0..7, globaltimer start / end at 8, 9
 PHASES = ["prologue", "loop", "partial+count", "group merge", "groups count", "last merge",
           "finish"]
@@ -89,7 +90,7 @@ EDITS = [
      "                        _stamp(stamp_ptr, 6, gl.sum(o_t, 1))\n"),
     ("                            mean_v, L2, G, D, HALF)\n",
      "                    _stamp(stamp_ptr, 7, _st0)\n"),
-    ("\n\n# ---------------------------------------------------------------------------------------------\n# Launcher",
+    ("\n\n" + RULE + "# Launcher",
      None),  # the kernel's end: each program's end time before it
 ]
 
@@ -183,8 +184,7 @@ def instrumented_module(variant: str = "served", stamps: bool = True):
             src = src.replace(anchor, "\n    _gstamp(stamp_ptr, 9, _st0)" + anchor)
         else:
             src = src.replace(anchor, anchor + text)
-    src = src.replace("\n# ---------------------------------------------------------------------------------------------\n# The kernel",
-                      HELPERS + "\n# ---------------------------------------------------------------------------------------------\n# The kernel", 1)
+    src = src.replace("\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel", 1)
     return load_module(src, f"tq_decode_hopper_{variant}_stamped")
 
 
@@ -199,7 +199,8 @@ def phases_of(st, splits, group):
         marks = [(k, clk[k]) for k in range(8) if clk[k]]
         ns_per_clk = (g1 - g0) / max(1, marks[-1][1] - marks[0][1])
         spans.append((g0, g1))
-        phases = {PHASES[b - 1]: (tb - ta) * ns_per_clk for (_, ta), (b, tb) in zip(marks, marks[1:])}
+        phases = {PHASES[b - 1]: (tb - ta) * ns_per_clk
+                  for (_, ta), (b, tb) in zip(marks, marks[1:])}
         for p, ns in phases.items():
             per[p].append(ns)
         if clk[7] and (crit is None or g1 > crit[1]):
@@ -236,7 +237,8 @@ def main():
           ("served", 8, 0.5, 0, {}), ("served", 4, 1, G16, {}), ("kv_end_first", 4, 1, 0, {})]),
         ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
-        ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, [("served", 4, 1, 0, {}), (B, 4, 1, 0, {})]),
+        ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,
+         [("served", 4, 1, 0, {}), (B, 4, 1, 0, {})]),
         ("tq3", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
         ("tq3", "Llama-3-8B", 32, 8, 128, 8, 32768,
@@ -316,7 +318,8 @@ def main():
         torch.cuda.empty_cache()
     tdh.MERGE_GROUP = served_group
     out_path.write_text(json.dumps(rows, indent=1))
-    print("\n| fmt | shape | bxctx | source | warps | splits | group | graph us | probed us | span us | "
+    print("\n| fmt | shape | bxctx | source | warps | splits | group | graph us | probed us | "
+          "span us | "
           + " | ".join(PHASES) + " (critical program, us) |")
     print("|" + " --- |" * (10 + len(PHASES)))
     for r in rows:
@@ -329,7 +332,8 @@ def main():
             continue
         crit = r.get("critical_ns") or {}
         src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
-        print(head + f" {src} | {r['warps']} | {r['splits']} | {r['group']} | {r['graph_ms'] * 1e3:.1f} | "
+        print(head + f" {src} | {r['warps']} | {r['splits']} | {r['group']} | "
+              f"{r['graph_ms'] * 1e3:.1f} | "
               f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " |")
 
