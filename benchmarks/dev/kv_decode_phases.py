@@ -69,8 +69,8 @@ def _gstamp(stamp_ptr, k, x):
 
 '''
 
-# (anchor, text inserted after it); every anchor must occur exactly once in the kernel's source
-EDITS = [
+# The stamps: (anchor, text inserted after it), each anchor found exactly once in the source
+STAMP_AFTER = [
     ("out_ptr, stride_ot, stride_oh, hvt_ptr, value_mean_ptr, count_ptr,",
      " stamp_ptr,"),
     ("    split = gl.program_id(2)\n",
@@ -90,15 +90,15 @@ EDITS = [
      "                        _stamp(stamp_ptr, 6, gl.sum(o_t, 1))\n"),
     ("                            mean_v, L2, G, D, HALF)\n",
      "                    _stamp(stamp_ptr, 7, _st0)\n"),
-    ("\n\n" + RULE + "# Launcher",
-     None),  # the kernel's end: each program's end time before it
 ]
+KERNEL_END = "\n\n" + RULE + "# Launcher"  # each program's end time goes before it
 
 
 # Source variants of the kernel, timed beside the served one: (old, new) replacements, each old
-# text found exactly once. kv_end_first: the sequence's length (the head of the chain length ->
-# block table entry -> the first tile's codes) loaded first, before the lookup table's barriers;
-# loads_first: also the query and the transform's tables loaded before that chain.
+# text found exactly once, or "move_query_loads" (_move_query_loads). kv_end_first: the
+# sequence's length (the head of the chain length -> block table entry -> the first tile's
+# codes) loaded first, before the lookup table's barriers; loads_first: also the query and the
+# transform's tables loaded before that chain.
 SOURCE_VARIANTS = {
     "served": [],
     "kv_end_first": [
@@ -132,7 +132,7 @@ SOURCE_VARIANTS["warp_sum_all"] = [(
     "    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)\n"
     "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
     "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n")]
-SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + [("MOVE_QUERY_LOADS", None)]
+SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_loads"]
 
 
 def _move_query_loads(src: str) -> str:
@@ -145,18 +145,22 @@ def _move_query_loads(src: str) -> str:
     return src[:at] + block + "\n" + src[at:a] + src[b:]
 
 
+def _replace_once(src: str, old: str, new: str, what: str) -> str:
+    if src.count(old) != 1:
+        raise SystemExit(f"kv_decode_phases: {what}: {old!r} found {src.count(old)} times in "
+                         "kernels/tq_decode_hopper.py; update this script to the kernel's source")
+    return src.replace(old, new)
+
+
 def variant_source(variant: str) -> str:
     from vllm_gds.kernels import tq_decode_hopper as tdh
 
     src = Path(tdh.__file__).read_text()
-    for old, new in SOURCE_VARIANTS[variant]:
-        if new is None:
+    for edit in SOURCE_VARIANTS[variant]:
+        if edit == "move_query_loads":
             src = _move_query_loads(src)
-            continue
-        if src.count(old) != 1:
-            raise SystemExit(f"kv_decode_phases: {variant}: {old!r} found {src.count(old)} times "
-                             f"in {tdh.__file__}; update SOURCE_VARIANTS to the kernel's source")
-        src = src.replace(old, new)
+        else:
+            src = _replace_once(src, *edit, variant)
     return src
 
 
@@ -176,15 +180,11 @@ def instrumented_module(variant: str = "served", stamps: bool = True):
     src = variant_source(variant)
     if not stamps:
         return load_module(src, f"tq_decode_hopper_{variant}")
-    for anchor, text in EDITS:
-        if src.count(anchor) != 1:
-            raise SystemExit(f"kv_decode_phases: anchor found {src.count(anchor)} times in "
-                             f"{tdh.__file__}: {anchor!r}; update EDITS to the kernel's source")
-        if text is None:
-            src = src.replace(anchor, "\n    _gstamp(stamp_ptr, 9, _st0)" + anchor)
-        else:
-            src = src.replace(anchor, anchor + text)
-    src = src.replace("\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel", 1)
+    for anchor, text in STAMP_AFTER:
+        src = _replace_once(src, anchor, anchor + text, "stamps")
+    src = _replace_once(src, KERNEL_END, "\n    _gstamp(stamp_ptr, 9, _st0)" + KERNEL_END, "stamps")
+    src = _replace_once(src, "\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel",
+                        "stamps")
     return load_module(src, f"tq_decode_hopper_{variant}_stamped")
 
 
