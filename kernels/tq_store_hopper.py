@@ -34,13 +34,13 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 * Code search: one 16-byte table lookup per coordinate, each entry of a bucket holding at most
   one threshold (that threshold or +inf, the level below and above it, the code below it);
   code = code_lo + (y > thr): bucketize's rule (thresholds strictly below y), signs included,
-  ~9 SASS a coordinate with its packing (the portable search ~15, without). SLUT (a variant until a
-  GPU run times it and checks its bytes; SLUT below): 2^m + 1 uniform buckets (ubucket_table: two FMAs, 33
-  entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter warp's
-  16-byte loads hit distinct banks (4 wavefronts a lookup); else (slut=False) bucket_table's
-  float-bit buckets (2048 entries for tq4) through L1, served. sm_90, Triton 3.6, with the pair
-  conversion of bfloat16 inputs (_f32): SLUT 5736 loop instructions and 14 spill accesses a
-  head, the L1 table 5772 and 52, against 5841 and 56 before the conversion
+  ~9 SASS a coordinate with its packing (the portable search ~15, without). Served:
+  bucket_table's float-bit buckets (2048 entries for tq4) through L1. SLUT (a variant until a
+  GPU run times it and checks its bytes; SLUT below): 2^m + 1 uniform buckets (ubucket_table:
+  two FMAs, 33 entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter
+  warp's 16-byte loads hit distinct banks (4 wavefronts a lookup). sm_90, Triton 3.6, with the
+  pair conversion of bfloat16 inputs (_f32): SLUT 5736 loop instructions and 14 spill accesses
+  a head, the L1 table 5772 and 52, against 5841 and 56 before the conversion
   (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.

@@ -48,8 +48,8 @@ def test_hopper_store_compiles_for_sm90_in_registers(compiled, name):
     """The Gluon store (kernels/tq_store_hopper.py) as tq_store launches it at the Llama-3-8B
     shape: 8 HMMA per chunk pass of its 8 passes (256 a head), one 16-byte lookup a coordinate
     (3 codings x 64 per thread) through L1 (SLUT, the shared table, is a variant until timed),
-    no barrier and no shared-memory store in the head loop, and a loop under 60% of the portable kernel's
-    instructions per code (99.1 -> 45.3 for tq4 under Triton 3.6)."""
+    no barrier and no shared-memory store in the head loop, and a loop under 60% of the
+    portable kernel's instructions per code (99.1 -> 45.3 for tq4 under Triton 3.6)."""
     st = _compile(compiled, "store_hopper_compile.py", name)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 256
