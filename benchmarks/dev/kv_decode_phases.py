@@ -16,6 +16,12 @@ Per launch variant (warps, splits, merge group) and shape: the plain call's CUDA
 program's end, globaltimer), each phase's median over the programs that ran it (ns, from the
 program's clocks scaled by its own globaltimer span) and the phases of the program that
 finished the rows last (the critical path). A short table last; JSON to $OUT/kv_decode_phases.json.
+
+    python3 benchmarks/dev/kv_decode_phases.py --sass    # no GPU
+
+The source variants compiled for sm_90 on the CPU (tests/hopper_compile.py's compile): per
+variant and launch, the tile loop's SASS, the instructions and CTA barriers from the loop's end
+to the first counter atomic (or to the end), registers, stack and the total.
 """
 
 from __future__ import annotations
@@ -215,11 +221,48 @@ def phases_of(st, splits, group):
     return out
 
 
+def sass_table() -> None:
+    """--sass: each source variant's compile numbers (no GPU; run where TRITON_INTERPRET is off)."""
+    import re
+
+    sys.path.insert(0, str(_source_tree.ROOT / "tests"))
+    import hopper_compile as hc
+
+    served = hc.hop._tq_decode_hopper_kernel
+    configs = [dict(g=8, kv_heads=1, finish=2, prefetch=True),
+               dict(g=4, kv_heads=8, finish=2, prefetch=True),
+               dict(g=8, kv_heads=1, finish=1, prefetch=True),
+               dict(g=8, kv_heads=1, finish=2, prefetch=True, num_warps=8)]
+    print("| variant | launch | tile loop | loop end -> counter | CTA barriers there | registers "
+          "| stack | total |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    try:
+        for variant in SOURCE_VARIANTS:
+            module = instrumented_module(variant, False)
+            hc.hop._tq_decode_hopper_kernel = module._tq_decode_hopper_kernel
+            for cfg in configs:
+                k = hc.compile_sm90(**cfg)
+                st = hc.stats(k)
+                ops = [line.split(";")[0] for line in hc._tool(k, "-sass").splitlines()
+                       if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+                back = [i for i, o in enumerate(ops) if (m := re.search(
+                    r"/\*([0-9a-f]+)\*/.*BRA 0x([0-9a-f]+)", o)) and int(m[2], 16) < int(m[1], 16)]
+                end = next((i for i, o in enumerate(ops) if "ATOMG" in o), len(ops))
+                tail = ops[back[0]:end] if back else []
+                print(f"| {variant} | {cfg} | {st['loop_total']} | {len(tail)} | "
+                      f"{sum('BAR.SYNC' in o for o in tail)} | {st['registers']} | {st['stack']} "
+                      f"| {st['total']} |", flush=True)
+    finally:
+        hc.hop._tq_decode_hopper_kernel = served
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--formats", default="tq4,tq3")
+    ap.add_argument("--sass", action="store_true", help="compile numbers only (no GPU)")
     args = ap.parse_args()
+    if args.sass:
+        return sass_table()
     import torch
 
     from vllm_gds.kernels import tq_decode_hopper as tdh
