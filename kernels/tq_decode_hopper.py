@@ -61,9 +61,10 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   over as fp16 through shared memory (ldmatrix) with two barriers a tile. The rotation's float32
   drift (at most ~1e-4 relative over 2048 tiles, a split of 128K tokens) stays under the fp16
   rounding of the operand (5e-4), so no re-anchoring. That is MEAN_SMEM, served where the head
-  keeps MEAN_SMEM_PAIRS (64: tq3); else (tq4, tq5: 32 pairs) each warp holds and rotates its own
-  copy in registers, cheaper there than the barriers (tq3's 64 pairs: 32 registers and ~80
-  instructions a tile against ~25 shared).
+  keeps MEAN_SMEM_PAIRS (64: tq3) and the group is over 4 query heads (mean_smem_served); else
+  (tq4, tq5: 32 pairs; tq3 at G <= 4) each warp holds and rotates its own copy in registers,
+  cheaper there than the barriers (tq3's 64 pairs at 70B TP8: 32 registers and ~80 instructions
+  a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
   the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (served) loads
   the next tile's codes before the current tile is computed.
@@ -840,8 +841,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     kernel itself; 2 partials, merged and finished by the programs that complete them (merge
     groups of MERGE_GROUP, then the groups); 0 partials only (the loop measured alone:
     tests/hopper_compile.py). mean_smem: the key mean's B operands shared by the warps through
-    shared memory (else each warp rotates its own in registers); None: where the head keeps
-    MEAN_SMEM_PAIRS pairs or more."""
+    shared memory (else each warp rotates its own in registers); None: mean_smem_served."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
     layout = tables.layout
@@ -851,7 +851,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     return dict(
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
-        MEAN_SMEM=(tables.rot_half_pad >= MEAN_SMEM_PAIRS) if mean_smem is None else mean_smem,
+        MEAN_SMEM=mean_smem_served(tables.rot_half_pad, G) if mean_smem is None else mean_smem,
         PREFETCH=bool(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
@@ -976,6 +976,16 @@ MAXNREG = 255
 # registers is cheaper than the two barriers a tile (with them tq4 took 8B 32x4K 92.9 -> 100.6
 # us, 8x128K 687 -> 690 graph / 647 -> 691 do_bench; H100, 2026-12-06).
 MEAN_SMEM_PAIRS = 64
+# ... and where the GQA group is over 4 query heads (SELECT, R = 16: the 70B TP8 shapes, where the
+# register copy costs most). At G = 4 (8B) tq3's register copy is 531 SASS a tile at 244 registers
+# against MEAN_SMEM's 481 at 204, both two programs an SM and no spills, and MEAN_SMEM's two
+# barriers a tile made tq3 0.5-2% slower than tq4 at 8B 8x32K and 8x128K (H100, 2026-12-06).
+MEAN_SMEM_MIN_G = 5
+
+
+def mean_smem_served(rot_half_pad: int, G: int) -> bool:
+    """Whether the served launch shares the key mean's operand through shared memory."""
+    return rot_half_pad >= MEAN_SMEM_PAIRS and G >= MEAN_SMEM_MIN_G
 
 # Whether the served launch loads the next tile's codes before the current tile is computed (the
 # kernel's PREFETCH). Loading its norms too and the block table two tiles ahead measured no

@@ -299,6 +299,7 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=4, kv_heads=8, finish=1), dict(d=128, g=8, kv_heads=1, finish=2),
            dict(d=64, g=3, kv_heads=3, finish=2),
            dict(d=128, g=8, kv_heads=1, fmt="tq3", prefetch=True, mean_smem=False),
+           dict(d=128, g=4, kv_heads=8, fmt="tq3", prefetch=True, mean_smem=True),
            dict(d=128, g=8, kv_heads=1, prefetch=True, mean_smem=True),
            dict(d=128, g=16, kv_heads=1, fallback=False, fmt="tq3")]
 
@@ -356,7 +357,7 @@ def test_compiles_for_sm90_with_codes_decoded_into_mma_registers(compiled, cfg):
     # (made once a tile for all the warps: stored, two barriers, read with ldmatrix as the B
     # operand)
     assert ops["LDS"] == 0, f"shared-memory loads in the tile loop: {loop}"
-    if mean and cfg.get("mean_smem", rh >= hop.MEAN_SMEM_PAIRS):  # served: tq3's 64 pairs
+    if mean and cfg.get("mean_smem", hop.mean_smem_served(rh, g)):  # served: tq3 at G > 4
         assert ops["LDSM"] == 2 * rh // 32 * nb and 1 <= ops["STS"] + ops["STSM"] <= 4, loop
         assert ops["BAR"] == 2, loop
     else:
