@@ -139,6 +139,16 @@ SOURCE_VARIANTS["warp_sum_all"] = [(
     "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
     "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n")]
 SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_loads"]
+# kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
+# first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
+# max (two barriers before any load of the chain length -> block table -> codes)
+SOURCE_VARIANTS["kv_end_zero"] = [
+    ("    one: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])\n"
+     "    lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero\n",
+     "    kv_end = gl.load(seq_lens_ptr + seq)\n"
+     "    lane0 = kv_end * lut_zero\n"),
+    ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row"),
+]
 
 
 def _move_query_loads(src: str) -> str:
@@ -277,7 +287,8 @@ def main():
     runs = [
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {}),
-          ("served", 8, 0.5, 0, {}), ("served", 4, 1, G16, {}), ("kv_end_first", 4, 1, 0, {})]),
+          ("served", 8, 0.5, 0, {}), ("served", 4, 1, G16, {}), ("kv_end_first", 4, 1, 0, {}),
+          ("kv_end_zero", 4, 1, 0, {})]),
         ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,
