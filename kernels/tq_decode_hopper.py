@@ -755,18 +755,27 @@ def _tq_decode_hopper_kernel(
             _cta_barrier()
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
+    #    O, m and l are converted once to a layout with the warps and halves in each thread's
+    #    registers, so the weights and sums are in-thread: 70B TP8 1x32K, tile loop end -> counter
+    #    597 -> 248 SASS and 12 -> 7 CTA barriers, that phase 2.80 -> 1.15 us, the call 16.2 ->
+    #    14.9 us graph (H100, 2026-12-07, benchmarks/dev/kv_decode_phases.py: "warp_reduce" there
+    #    is the earlier cross-warp reduction).
     l_i = gl.sum(l_t, axis=1)
     R2: gl.constexpr = R // HALF
     m4 = gl.reshape(m_i, [NW, R2, HALF])
     l4 = gl.reshape(l_i, [NW, R2, HALF])
     o4 = gl.reshape(o, [NW, D, R2, HALF])
-    m_all = gl.max(gl.max(m4, axis=1), axis=0)
-    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))
-    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)
-    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))
-    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]
-    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])
-    o_all = gl.convert_layout(o_all, OL)
+    OW: gl.constexpr = gl.BlockedLayout([NW, 4, R2, 1], [1, 8, 1, 4], [1, NW, 1, 1],
+                                        [1, 0, 2, 3])
+    MW: gl.constexpr = gl.SliceLayout(1, OW)
+    mw = gl.convert_layout(m4, MW)
+    lw = gl.convert_layout(l4, MW)
+    ow = gl.convert_layout(o4, OW)
+    m_all = gl.max(gl.max(mw, axis=1), axis=0)
+    w = gl.exp2(mw - gl.expand_dims(gl.expand_dims(m_all, 0), 1))
+    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)
+    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]
+    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))
     co = gl.arange(0, D, gl.SliceLayout(1, OL))
     ro = gl.arange(0, HALF, gl.SliceLayout(0, OL))
     rows_head = head * G + ro

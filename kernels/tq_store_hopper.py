@@ -20,9 +20,10 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   yet): read per head and chunk from shared memory instead of global memory, those 96 loads a
   head are no longer hoisted into registers at the top of the head loop (sm_90 SASS, Triton
   3.6: 5841 instructions and 56 spill accesses a head against 5878 and 88; at maxnreg 200,
-  181 against 236). ASYNC (a measurement variant, off): the keys and values by cp.async into
-  shared memory one head ahead and read by ldmatrix (5759 instructions, 41 spill accesses, two
-  CTA barriers a head, 100 KB of shared memory a program).
+  181 against 236). ASYNC (served where a program has more than one head): the keys and values
+  by cp.async into shared memory one head ahead and read by ldmatrix (two CTA barriers a head,
+  100 KB of shared memory a program): with SLUT 0.230 against 0.262 ms for 32K tokens (H100,
+  2026-12-07, benchmarks/dev/kv_store_hopper_variants.py).
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
   16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
   (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
@@ -34,14 +35,14 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 * Code search: one 16-byte table lookup per coordinate, each entry of a bucket holding at most
   one threshold (that threshold or +inf, the level below and above it, the code below it);
   code = code_lo + (y > thr): bucketize's rule (thresholds strictly below y), signs included,
-  ~9 SASS a coordinate with its packing (the portable search ~15, without). Served:
-  bucket_table's float-bit buckets (2048 entries for tq4) through L1. SLUT (a variant until a
-  GPU run times it and checks its bytes; SLUT below): 2^m + 1 uniform buckets (ubucket_table:
-  two FMAs, 33 entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter
-  warp's 16-byte loads hit distinct banks (4 wavefronts a lookup). sm_90, Triton 3.6, with the
-  pair conversion of bfloat16 inputs (_f32): SLUT 5736 loop instructions and 14 spill accesses
-  a head, the L1 table 5772 and 52, against 5841 and 56 before the conversion
-  (benchmarks/RESULTS.md, store eighth pass).
+  ~9 SASS a coordinate with its packing (the portable search ~15, without). Served (SLUT, where
+  its static tables fit the launch: _slut_fits): 2^m + 1 uniform buckets (ubucket_table: two
+  FMAs, 33 entries for tq4) in a shared table declared in PTX, 8 replicas so that a quarter
+  warp's 16-byte loads hit distinct banks (4 wavefronts a lookup); else bucket_table's
+  float-bit buckets (2048 entries for tq4) through L1, whose random 16-byte lookups cost many
+  L1 wavefronts: 0.308 -> 0.262 ms for 32K tokens with SLUT (H100, 2026-12-07; bytes identical).
+  sm_90, Triton 3.6: SLUT 5736 loop instructions and 14 spill accesses a head, the L1 table
+  5772 and 52 (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.
 * The fallback's residuals y - g c come out of the rotation's accumulators in registers, are
@@ -78,9 +79,9 @@ from .tq_store_hopper_host import (  # noqa: F401  (the host side, re-exported f
 NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
-ASYNC = False  # keys and values loaded into registers per head (store_launch's async_kv)
+ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async_kv; heads > 1)
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
-SLUT = False  # the code search by uniform buckets in shared memory (store_launch's slut)
+SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
@@ -725,11 +726,15 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
               V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
-              VSMEM=bool(vsmem and heads > 1), ASYNC=async_kv, KV16=bool(kv16 and not async_kv),
+              VSMEM=bool(vsmem and heads > 1), ASYNC=bool(async_kv and heads > 1),
+              KV16=bool(kv16 and not (async_kv and heads > 1)),
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
-    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
+    # SLUT and ASYNC as measured: programs of several heads (one head: a table fill or a
+    # head ahead for 16-64 tokens' work, not timed)
+    cx["SLUT"] = bool(slut and heads > 1 and "k_utab" in hop and "v_utab" in hop
+                      and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])

@@ -240,9 +240,10 @@ def test_perm_gives_each_lane_consecutive_coordinates():
 
 def test_launch_tables_follow_the_launch_shape():
     """The table arguments follow each launch's constexprs (tq_store keeps them per launch shape,
-    tq_store_hopper.table_args): SLUT's shared-table copies where its static tables fit the
-    launch's shared memory (all heads a program: Triton's 68 KB, past 48 KB; one warp: 20 KB),
-    bucket_table's L1 table at 4 warps x 1 head (Triton's 44 KB + 8 KB would pass 48 KB)."""
+    tq_store_hopper.table_args): SLUT's shared-table copies where a program has several heads
+    and its static tables fit the launch's shared memory (all heads a program: Triton's 100 KB
+    with ASYNC, past 48 KB), bucket_table's L1 table at one head a program (not timed with SLUT;
+    at 4 warps Triton's 44 KB + 8 KB would pass 48 KB anyway)."""
     name, hk, d = "tq4", 8, 128
     cal = {k: v for k, v in kb.served_calibration(torch, name, hk, d, True).items()
            if v is not None}
@@ -252,7 +253,7 @@ def test_launch_tables_follow_the_launch_shape():
     key = torch.zeros(64, hk, d, dtype=torch.bfloat16)
     cache = torch.zeros(5, 16, hk, tables.layout.slot_bytes, dtype=torch.uint8)
     slots = torch.zeros(64, dtype=torch.int64)
-    for warps, heads, slut in ((4, 8, True), (4, 1, False), (1, 1, True)):
+    for warps, heads, slut in ((4, 8, True), (4, 4, True), (4, 1, False), (1, 1, False)):
         _, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
                                        num_warps=warps, heads=heads, slut=True)
         assert cx["SLUT"] == slut, (warps, heads)

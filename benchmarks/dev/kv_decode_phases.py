@@ -115,18 +115,10 @@ SOURCE_VARIANTS = {
 }
 # (a CTA barrier after the first tile's loads was tried: the compiler drops it, no shared memory
 # between it and the lookup table's barriers; the same SASS as kv_end_first)
-# warp_sum_all: the warps' partial O, m and l converted once to a layout with the warps and
-# halves in registers, so the weights and every sum are in-thread (the served kernel reduces
-# across warps and then converts the result again for the partial store): 597 -> 248 SASS and
-# 12 -> 7 CTA barriers from the tile loop to the counter at 70B TP8 (Triton 3.6).
-SOURCE_VARIANTS["warp_sum_all"] = [(
-    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
-    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
-    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
-    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
-    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
-    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
-    "    o_all = gl.convert_layout(o_all, OL)\n",
+# warp_reduce: the warps' partial rows merged by cross-warp reductions and converted again for
+# the partial store (served until 2026-12-07; the served in-thread merge ("warp_sum_all") took
+# 597 -> 248 SASS and 12 -> 7 CTA barriers from the tile loop to the counter at 70B TP8)
+SOURCE_VARIANTS["warp_reduce"] = [(
     "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, R2, 1], [1, 8, 1, 4], [1, NW, 1, 1],\n"
     "                                        [1, 0, 2, 3])\n"
     "    MW: gl.constexpr = gl.SliceLayout(1, OW)\n"
@@ -137,8 +129,20 @@ SOURCE_VARIANTS["warp_sum_all"] = [(
     "    w = gl.exp2(mw - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
     "    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)\n"
     "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
-    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n")]
+    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n",
+    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
+    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
+    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
+    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
+    "    o_all = gl.convert_layout(o_all, OL)\n")]
 SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_loads"]
+# merge_wide: the merges take 16 partial rows a step, not 8 (at 128 splits in groups of 8 the last
+# merge's 16 groups in one round trip to the L2 instead of two)
+SOURCE_VARIANTS["merge_wide"] = [
+    ("    SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128\n",
+     "    SC: gl.constexpr = 128 // HALF\n")]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -283,12 +287,12 @@ def main():
     kb.warm_up(torch, device)
     mods = {}
     # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
-    B, G16 = "warp_sum_all", 16
+    B, G16 = "warp_reduce", 16
     runs = [
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {}),
           ("served", 8, 0.5, 0, {}), ("served", 4, 1, G16, {}), ("kv_end_first", 4, 1, 0, {}),
-          ("kv_end_zero", 4, 1, 0, {})]),
+          ("kv_end_zero", 4, 1, 0, {}), ("merge_wide", 4, 1, 0, {})]),
         ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
          [("served", 4, 1, 0, {}), (B, 4, 1, 0, {}), ("served", 8, 1, 0, {})]),
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,

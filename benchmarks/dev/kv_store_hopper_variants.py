@@ -11,7 +11,8 @@ program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
 tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
 vsmem (the heads' per-column vectors staged in shared memory once a program: served),
-async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix),
+async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix:
+served),
 kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in shared
 memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt and
 divisions without their slow-path branches: one basic block a head).
@@ -38,9 +39,9 @@ import kv_bench as kb
 # (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
 # async_kv, kv16, slut, fastdiv; every row names each, so rows do not move with the served
 # defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads)
-# with slut (served, timed in the 'served' row) off, then each switch on top of slut. Ordered by
-# interest: --budget skips the last rows first.
-_BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=False,
+# with SLUT and ASYNC (served since 2026-12-07, timed in the 'served' row), then each switch on
+# top of them. Ordered by interest: --budget skips the last rows first.
+_BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=True,
              kv16=False, slut=True, fastdiv=False)
 
 
@@ -49,20 +50,19 @@ def _v(label, **kw):
 
 
 VARIANTS = [
-    _v("4 warps x 8 heads, no slut (12-06 served)", slut=False),
-    _v("  slut, fastdiv (no slow-path branches)", fastdiv=True),
-    _v("  slut, maxnreg 168 (12 warps/SM)", maxnreg=168),
-    _v("  slut, async K/V (cp.async one head ahead)", async_kv=True),
-    _v("  slut, async K/V, fastdiv", async_kv=True, fastdiv=True),
-    _v("  slut, kv16 (16-byte K/V loads)", kv16=True),
-    _v("  slut, cal_first", cal_first=True),
-    _v("  no vsmem (slut off there: static + 44 KB > 48 KB)", vsmem=False),
-    _v("  no slut, fastdiv", slut=False, fastdiv=True),
-    _v("  slut, maxnreg 200 (10 warps/SM)", maxnreg=200),
-    _v("2 warps x 8 heads, slut", num_warps=2),
-    _v("8 warps x 8 heads, slut", num_warps=8),
-    _v("4 warps x 4 heads, slut", heads=4),
-    _v("  kv16, no slut", kv16=True, slut=False),
+    _v("4 warps x 8 heads, slut, no async", async_kv=False),
+    _v("4 warps x 8 heads, no slut, no async (12-06 served)", slut=False, async_kv=False),
+    _v("4 warps x 4 heads, slut, async", heads=4),
+    _v("4 warps x 2 heads, slut, async", heads=2),
+    _v("8 warps x 8 heads, slut, async", num_warps=8),
+    _v("  slut, async, fastdiv (no slow-path branches)", fastdiv=True),
+    _v("  slut, async, maxnreg 200 (10 warps/SM)", maxnreg=200),
+    _v("  slut, async, no vsmem", vsmem=False),
+    _v("  slut, async, cal_first", cal_first=True),
+    _v("  slut, kv16 (16-byte K/V loads), no async", kv16=True, async_kv=False),
+    _v("4 warps x 4 heads, slut, no async", heads=4, async_kv=False),
+    _v("2 warps x 8 heads, slut, async", num_warps=2),
+    _v("  no slut, async", slut=False),
 ]
 
 
