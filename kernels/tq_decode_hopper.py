@@ -988,7 +988,8 @@ MEAN_SMEM_PAIRS = 64
 # ... and where the GQA group is over 4 query heads (SELECT, R = 16: the 70B TP8 shapes, where the
 # register copy costs most). At G = 4 (8B) tq3's register copy is 531 SASS a tile at 244 registers
 # against MEAN_SMEM's 481 at 204, both two programs an SM and no spills, and MEAN_SMEM's two
-# barriers a tile made tq3 0.5-2% slower than tq4 at 8B 8x32K and 8x128K (H100, 2026-12-06).
+# barriers a tile made tq3 0.5-2% slower than tq4 at 8B 8x32K and 8x128K (H100, 2026-12-06); per
+# warp there tq3/tq4 is 0.94 / 0.93 (H100, 2026-12-07, 163.7 against 174.5 us graph at 8x32K).
 MEAN_SMEM_MIN_G = 5
 
 
