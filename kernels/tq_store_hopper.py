@@ -55,9 +55,9 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
 its load, index and _reinterpret (3.9: reinterpret), nvidia.ampere.async_copy (ASYNC only:
-async_copy_global_to_shared, in 3.8 and 3.9 async_load; commit_group, wait_group), nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split,
-convert_layout, sum, div_rn / sqrt_rn, and the CTA barrier (3.6: thread_barrier; 3.8, 3.9:
-barrier).
+async_copy_global_to_shared, in 3.8 and 3.9 async_load; commit_group, wait_group),
+nvidia.ampere.mma_v2, inline_asm_elementwise, reshape / permute / split, convert_layout, sum,
+div_rn / sqrt_rn, and the CTA barrier (3.6: thread_barrier; 3.8, 3.9: barrier).
 
 Bytes equal the portable kernel's except threshold ties (another summation order, as every
 earlier pass: benchmarks/RESULTS.md); benchmarks/dev/kv_store_hopper_check.py checks them on the
@@ -718,6 +718,9 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
     T, H, D = key.shape
     lay = tables.layout
     heads = heads or (H if tables.has_mean else 1)
+    # VSMEM, ASYNC and SLUT as measured: programs of several heads (one head: a table fill, the
+    # vectors' staging or a head ahead for 16-64 tokens' work, not timed with them)
+    vsmem, async_kv, slut = (x and heads > 1 for x in (vsmem, async_kv, slut))
     cs = kv_cache.stride()
     cx = dict(PAGE=kv_cache.shape[1], STRIDE_TOK=cs[1], STRIDE_HEAD=cs[2], NW=num_warps,
               HEADS=heads, D=D, MEAN=bool(tables.has_mean), VMEAN=c["vmean"],
@@ -726,15 +729,11 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
               V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
-              VSMEM=bool(vsmem and heads > 1), ASYNC=bool(async_kv and heads > 1),
-              KV16=bool(kv16 and not (async_kv and heads > 1)),
+              VSMEM=bool(vsmem), ASYNC=bool(async_kv), KV16=bool(kv16 and not async_kv),
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
-    # SLUT and ASYNC as measured: programs of several heads (one head: a table fill or a
-    # head ahead for 16-64 tokens' work, not timed)
-    cx["SLUT"] = bool(slut and heads > 1 and "k_utab" in hop and "v_utab" in hop
-                      and _slut_fits(cx, hop))
+    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])

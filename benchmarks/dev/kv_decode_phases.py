@@ -105,10 +105,12 @@ KERNEL_END = "\n\n" + RULE + "# Launcher"  # each program's end time goes before
 # sequence's length (the head of the chain length -> block table entry -> the first tile's
 # codes) loaded first, before the lookup table's barriers; loads_first: also the query and the
 # transform's tables loaded before that chain.
+# the sequence length's load taken from its place (the variants load it earlier)
+_KV_END_OUT = ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row")
 SOURCE_VARIANTS = {
     "served": [],
     "kv_end_first": [
-        ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row"),
+        _KV_END_OUT,
         ("    q_row = gl.load(query_start_ptr + seq)\n",
          "    q_row = gl.load(query_start_ptr + seq)\n    kv_end = gl.load(seq_lens_ptr + seq)\n"),
     ],
@@ -151,7 +153,7 @@ SOURCE_VARIANTS["kv_end_zero"] = [
      "    lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero\n",
      "    kv_end = gl.load(seq_lens_ptr + seq)\n"
      "    lane0 = kv_end * lut_zero\n"),
-    ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row"),
+    _KV_END_OUT,
 ]
 
 

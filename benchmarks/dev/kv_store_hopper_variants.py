@@ -12,10 +12,9 @@ program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8
 tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
 vsmem (the heads' per-column vectors staged in shared memory once a program: served),
 async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix:
-served),
-kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in shared
-memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt and
-divisions without their slow-path branches: one basic block a head).
+served), kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in
+shared memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt
+and divisions without their slow-path branches: one basic block a head).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
 cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
 rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
@@ -79,7 +78,8 @@ def direct(k, v, cache, slots, tables, positions, **launch):
     launch, compiled = CachedLaunch(hop._tq_store_hopper_kernel), {}
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
-    fn.used = dict(slut=cx["SLUT"], fastdiv=cx["FAST"], kv16=cx["KV16"])  # as launched
+    fn.used = dict(slut=cx["SLUT"], async_kv=cx["ASYNC"], vsmem=cx["VSMEM"], fastdiv=cx["FAST"],
+                   kv16=cx["KV16"])  # as launched (store_launch may turn a switch off)
     return fn
 
 
