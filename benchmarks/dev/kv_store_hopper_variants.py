@@ -49,10 +49,11 @@ def _v(label, **kw):
 
 
 VARIANTS = [
-    _v("4 warps x 8 heads, slut, no async", async_kv=False),
-    _v("4 warps x 8 heads, no slut, no async (12-06 served)", slut=False, async_kv=False),
     _v("4 warps x 4 heads, slut, async", heads=4),
     _v("4 warps x 2 heads, slut, async", heads=2),
+    _v("8 warps x 4 heads, slut, async", num_warps=8, heads=4),
+    _v("4 warps x 8 heads, slut, no async", async_kv=False),
+    _v("4 warps x 8 heads, no slut, no async (12-06 served)", slut=False, async_kv=False),
     _v("8 warps x 8 heads, slut, async", num_warps=8),
     _v("  slut, async, fastdiv (no slow-path branches)", fastdiv=True),
     _v("  slut, async, maxnreg 200 (10 warps/SM)", maxnreg=200),
