@@ -140,11 +140,12 @@ SOURCE_VARIANTS["warp_reduce"] = [(
     "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
     "    o_all = gl.convert_layout(o_all, OL)\n")]
 SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_loads"]
-# merge_wide: the merges take 16 partial rows a step, not 8 (at 128 splits in groups of 8 the last
-# merge's 16 groups in one round trip to the L2 instead of two)
+# merge_wide: the merges take 16 partial rows a step where HALF = 8, not 8 (at 128 splits in
+# groups of 8 the last merge's 16 groups in one round trip to the L2 instead of two); HALF 4
+# keeps its 16, HALF 16 its 4 (more spill: 32 a step at HALF 4 took 392 bytes of stack)
 SOURCE_VARIANTS["merge_wide"] = [
     ("    SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128\n",
-     "    SC: gl.constexpr = 128 // HALF\n")]
+     "    SC: gl.constexpr = 16 if HALF <= 8 else 64 // HALF\n")]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
