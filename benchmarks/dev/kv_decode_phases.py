@@ -16,8 +16,8 @@ Per launch variant (warps, splits, merge group) and shape: the plain call's CUDA
 the instrumented call's, the kernel's span (first program's start to last program's end,
 globaltimer), each phase's median over the programs that ran it (ns, from the program's clocks
 scaled by its own globaltimer span), the phases of the program that finished the rows last (the
-critical path) and when the prologue's values arrived (PROLOGUE_MARKS). A short table last; JSON
-to $OUT/kv_decode_phases.json.
+critical path) and when the prologue's values arrived (PROLOGUE_MARKS); the same stamps again
+from one call after an L2 flush ("cold"). Short tables last; JSON to $OUT/kv_decode_phases.json.
 
     python3 benchmarks/dev/kv_decode_phases.py --sass    # no GPU
 
@@ -307,6 +307,7 @@ def main():
 
     device = torch.device("cuda")
     kb.warm_up(torch, device)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # do_bench's L2 flush
     mods = {}
     # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
     B, G16 = "warp_reduce", 16
@@ -388,6 +389,11 @@ def main():
                 probed()
                 torch.cuda.synchronize()
                 row.update(phases_of(stamps.cpu(), splits, group))
+                stamps.zero_()
+                flush.zero_()  # the L2 cold, as do_bench leaves it before each call
+                probed()
+                torch.cuda.synchronize()
+                row["cold"] = phases_of(stamps.cpu(), splits, group)
             except Exception as e:  # one bad launch must not end the run
                 row["error"] = repr(e)[:400]
             rows.append(row)
@@ -420,6 +426,20 @@ def main():
               f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
               + " / ".join(f"{v / 1e3:.2f}" for v in r["prologue_marks_ns"].values()) + " |")
+    print("\nThe same, one stamped call after an L2 flush (cold, as do_bench):\n| fmt | shape | "
+          "bxctx | source | span us | " + " | ".join(PHASES) + " | " + " / ".join(PROLOGUE_MARKS)
+          + " |")
+    print("|" + " --- |" * (7 + len(PHASES)))
+    for r in rows:
+        if "cold" not in r:
+            continue
+        c = r["cold"]
+        crit = c.get("critical_ns") or {}
+        src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
+        print(f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K | {src} w{r['warps']}"
+              f" s{r['splits']} g{r['group']} | {c['span_ns'] / 1e3:.1f} | "
+              + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
+              + " / ".join(f"{v / 1e3:.2f}" for v in c["prologue_marks_ns"].values()) + " |")
 
 
 if __name__ == "__main__":
