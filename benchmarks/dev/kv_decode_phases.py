@@ -114,7 +114,7 @@ KERNEL_END = "\n\n" + RULE + "# Launcher"  # each program's end time goes before
 
 
 # Source variants of the kernel, timed beside the served one: (old, new) replacements, each old
-# text found exactly once, or "move_query_loads" (_move_query_loads). kv_end_first: the
+# text found exactly once, or "move_query_loads" (_move_query_loads) or "interleave" (_interleave). kv_end_first: the
 # sequence's length (the head of the chain length -> block table entry -> the first tile's
 # codes) loaded first, before the lookup table's barriers; loads_first: also the query and the
 # transform's tables loaded before that chain.
@@ -159,6 +159,9 @@ SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_
 SOURCE_VARIANTS["merge_wide"] = [
     ("    SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128\n",
      "    SC: gl.constexpr = 16 if HALF <= 8 else 64 // HALF\n")]
+# interleave: tiles dealt round-robin to the splits, the first tile's codes two memory round trips
+# from the start, not three (_interleave); with merge_wide's 16 rows a step
+SOURCE_VARIANTS["interleave"] = SOURCE_VARIANTS["merge_wide"] + ["interleave"]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -181,6 +184,46 @@ def _move_query_loads(src: str) -> str:
     return src[:at] + block + "\n" + src[at:a] + src[b:]
 
 
+def _interleave(src: str) -> str:
+    """Tiles dealt round-robin (program `split` takes tiles split, split + splits, ...), so the
+    first tile's block-table entry needs no sequence length: the entry is loaded at an index
+    clamped to the row (stride_bt entries), then zeroed past the sequence. The chain length ->
+    block table -> codes (three round trips to memory before the first tile, each a DRAM
+    latency after do_bench's L2 flush) becomes max(length, block table) -> codes. The key mean's
+    step (splits tiles) is taken in the kernel from its angle (_rope_cos_sin), not the host's."""
+    edits = [
+        ("    per_split = gl.cdiv(num_tiles, splits)\n    tile_lo = split * per_split\n"
+         "    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)\n",
+         "    tile_lo = split\n    tile_hi = num_tiles\n", 1),
+        ("    for tile in range(tile_lo, tile_hi):\n",
+         "    for tile in range(tile_lo, tile_hi, splits):\n", 1),
+        ("_tile_base(bt_row, tile + 1,", "_tile_base(bt_row, tile + splits,", 1),
+        ("def _tile_base(bt_row, tile, kv_end, head, stride_blk,",
+         "def _tile_base(bt_row, tile, kv_end, head, stride_blk, bt_last,", 1),
+        ("    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)\n",
+         "    blk = gl.load(bt_row + gl.minimum(tok0 // PAGE, bt_last))\n"
+         "    blk = gl.where(tok0 < kv_end, blk, 0)\n", 1),
+        ("kv_end, head, stride_blk, W1", "kv_end, head, stride_blk, stride_bt - 1, W1", 3),
+        ("        c_step = gl.load(mean_step_ptr + jj)[:, None]\n"
+         "        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)[:, None]\n"
+         "        theta = gl.load(mean_theta_ptr + jj)\n",
+         "        theta = gl.load(mean_theta_ptr + jj)\n"
+         "        c_step, s_step = _rope_cos_sin((splits * (16 * NW)).to(gl.float64)"
+         " * theta.to(gl.float64))\n"
+         "        c_step = c_step[:, None]\n        s_step = s_step[:, None]\n", 1),
+        ("        c_step = gl.load(mean_step_ptr + jj)\n"
+         "        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)\n",
+         "        c_step, s_step = _rope_cos_sin((splits * (16 * NW)).to(gl.float64)"
+         " * theta.to(gl.float64))\n", 1),
+    ]
+    for old, new, n in edits:
+        if src.count(old) != n:
+            raise SystemExit(f"kv_decode_phases: interleave: {old!r} found {src.count(old)} "
+                             f"times (expected {n}); update this script to the kernel's source")
+        src = src.replace(old, new)
+    return src
+
+
 def _replace_once(src: str, old: str, new: str, what: str) -> str:
     if src.count(old) != 1:
         raise SystemExit(f"kv_decode_phases: {what}: {old!r} found {src.count(old)} times in "
@@ -195,6 +238,8 @@ def variant_source(variant: str) -> str:
     for edit in SOURCE_VARIANTS[variant]:
         if edit == "move_query_loads":
             src = _move_query_loads(src)
+        elif edit == "interleave":
+            src = _interleave(src)
         else:
             src = _replace_once(src, *edit, variant)
     return src
@@ -310,19 +355,19 @@ def main():
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # do_bench's L2 flush
     mods = {}
     # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
-    B, G16 = "warp_reduce", 16
+    # (the 2026-12-07 run's other variants, measured: warp_reduce, kv_end_first, kv_end_zero,
+    # groups of 16, 8 warps; in SOURCE_VARIANTS for --sass and to run again)
+    M, I = "merge_wide", "interleave"
     runs = [
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), ("merge_wide", 4, 1, 0, {}), (B, 4, 1, 0, {}),
-          ("kv_end_first", 4, 1, 0, {}), ("kv_end_zero", 4, 1, 0, {}), ("served", 4, 1, G16, {}),
-          ("served", 8, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
         ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), ("merge_wide", 4, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,
-         [("served", 4, 1, 0, {}), ("merge_wide", 4, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
         ("tq3", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), ("merge_wide", 4, 1, 0, {}), (B, 4, 1, 0, {}),
-          ("served", 4, 1, 0, {"mean_smem": False})]),
+         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {}),
+          ("served", 4, 1, 0, {"mean_smem": False}), (I, 4, 1, 0, {"mean_smem": False})]),
         ("tq3", "Llama-3-8B", 32, 8, 128, 8, 32768,
          [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"mean_smem": True})]),
     ]
