@@ -12,7 +12,8 @@ merge, the finish. The served kernel is untouched; the copy's stamps cost a redu
 instrumented call is a little slower than the plain one (both timed).
 
 Per launch variant (warps, splits, merge group) and shape: the plain call's CUDA-graph time
-(kv_bench.graph_time) and do_bench time (cold L2: what kv_bench reports and the targets judge),
+(kv_bench.graph_time), do_bench time (cold L2: what kv_bench reports and the targets judge) and
+the device time with the L2 flushed before each call, without the host (cold_graph_time),
 the instrumented call's, the kernel's span (first program's start to last program's end,
 globaltimer), each phase's median over the programs that ran it (ns, from the program's clocks
 scaled by its own globaltimer span), the phases of the program that finished the rows last (the
@@ -301,6 +302,31 @@ def phases_of(st, splits, group):
     return out
 
 
+def cold_graph_time(torch, flush, call, caches):
+    """ms of device time per call with the L2 flushed before each (do_bench's memset), without
+    the host: a CUDA graph of (memset, call) pairs less one of the memsets alone (do_bench times
+    the host launch too where it is longer than the memset, bimodal here: 19 against 51 us)."""
+    def pair(c):
+        flush.zero_()
+        call(c)
+    calls = caches[:8] * (8 // len(caches[:8]))
+    both = kb.graph_time(torch, [lambda c=c: pair(c) for c in calls])
+    return both - kb.graph_time(torch, [flush.zero_ for _ in calls])
+
+
+def cold_sdpa(torch, flush, b, ctx, hq, hk, d, device):
+    """cold_graph_time of SDPA (cuDNN, as kv_bench.graph_sdpa) on the same shape."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(b, hq, 1, d, device=device, dtype=torch.bfloat16)
+    kvs = [(torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16),
+            torch.randn(b, hk, ctx, d, device=device, dtype=torch.bfloat16)) for _ in range(2)]
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return cold_graph_time(torch, flush, lambda kv: F.scaled_dot_product_attention(
+            q, kv[0], kv[1], enable_gqa=True), kvs)
+
+
 def sass_table() -> None:
     """--sass: each source variant's compile numbers (no GPU; run where TRITON_INTERPRET is off)."""
     import re
@@ -355,23 +381,15 @@ def main():
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # do_bench's L2 flush
     mods = {}
     # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
-    # (the 2026-12-07 run's other variants, measured: warp_reduce, kv_end_first, kv_end_zero,
-    # groups of 16, 8 warps; in SOURCE_VARIANTS for --sass and to run again)
-    M, I = "merge_wide", "interleave"
+    # (measured, in SOURCE_VARIANTS for --sass and to run again: warp_reduce, kv_end_zero, groups
+    # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave on 2026-12-07 07:45)
+    L, K = "loads_first", "kv_end_first"
     runs = [
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
-        ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
-        ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,
-         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {}), (K, 4, 1, 0, {})]),
+        ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, [("served", 4, 1, 0, {}), (L, 4, 1, 0, {})]),
         ("tq3", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), (M, 4, 1, 0, {}), (I, 4, 1, 0, {}),
-          ("served", 4, 1, 0, {"mean_smem": False}), (I, 4, 1, 0, {"mean_smem": False})]),
-        ("tq3", "Llama-3-70B TP8", 8, 1, 128, 32, 4096,  # bimodal in kv_bench's do_bench
-         [("served", 4, 1, 0, {}), (I, 4, 1, 0, {})]),
-        ("tq3", "Llama-3-8B", 32, 8, 128, 8, 32768,
-         [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"mean_smem": True})]),
+         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {})]),
     ]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
@@ -430,6 +448,7 @@ def main():
                 row["nan"] = bool(out.isnan().any())
                 row["graph_ms"] = kb.graph_time(torch, [lambda c=c: plain(c) for c in caches])
                 row["do_bench_ms"] = kb.bench(plain, triton)  # cold L2, as kv_bench
+                row["cold_graph_ms"] = cold_graph_time(torch, flush, plain, caches)
                 row["probed_graph_ms"] = kb.graph_time(
                     torch, [lambda c=c: probed(c) for c in caches])
                 stamps.zero_()
@@ -449,28 +468,32 @@ def main():
         if b == 1 and fmt == "tq4":
             rows.append(dict(format="bf16-sdpa", shape=shape, batch=b, ctx=ctx,
                              graph_ms=kb.graph_sdpa(torch, b, ctx, hq, hk, d, device, None),
-                             do_bench_ms=kb.time_sdpa(torch, triton, b, ctx, hq, hk, d, device)[0]))
+                             do_bench_ms=kb.time_sdpa(torch, triton, b, ctx, hq, hk, d, device)[0],
+                             cold_graph_ms=cold_sdpa(torch, flush, b, ctx, hq, hk, d, device)))
         del caches, cache
         torch.cuda.empty_cache()
     tdh.MERGE_GROUP = served_group
     out_path.write_text(json.dumps(rows, indent=1))
     print("\n| fmt | shape | bxctx | source | warps | splits | group | graph us | do_bench us "
-          "| probed us | span us | " + " | ".join(PHASES) + " (critical program, us) | "
+          "| cold graph us | probed us | span us | " + " | ".join(PHASES)
+          + " (critical program, us) | "
           + " / ".join(PROLOGUE_MARKS) + " (median program, us from its start) |")
-    print("|" + " --- |" * (12 + len(PHASES)))
+    print("|" + " --- |" * (13 + len(PHASES)))
     for r in rows:
         head = f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K |"
         if "error" in r:
             print(head + f" ERROR {r['error'][:80]} |")
             continue
         if "warps" not in r:
-            print(head + f" | | | | {r['graph_ms'] * 1e3:.1f} | {r['do_bench_ms'] * 1e3:.1f} |")
+            print(head + f" | | | | {r['graph_ms'] * 1e3:.1f} | {r['do_bench_ms'] * 1e3:.1f} | "
+                  f"{r['cold_graph_ms'] * 1e3:.1f} |")
             continue
         crit = r.get("critical_ns") or {}
         src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
         print(head + f" {src} | {r['warps']} | {r['splits']} | {r['group']} | "
               f"{r['graph_ms'] * 1e3:.1f} | {r['do_bench_ms'] * 1e3:.1f} | "
-              f"{r['probed_graph_ms'] * 1e3:.1f} | {r['span_ns'] / 1e3:.1f} | "
+              f"{r['cold_graph_ms'] * 1e3:.1f} | {r['probed_graph_ms'] * 1e3:.1f} | "
+              f"{r['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
               + " / ".join(f"{v / 1e3:.2f}" for v in r["prologue_marks_ns"].values()) + " |")
     print("\nThe same, one stamped call after an L2 flush (cold, as do_bench):\n| fmt | shape | "
@@ -483,7 +506,8 @@ def main():
         c = r["cold"]
         crit = c.get("critical_ns") or {}
         src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
-        print(f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K | {src} w{r['warps']}"
+        print(f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K | {src} "
+              f"w{r['warps']}"
               f" s{r['splits']} g{r['group']} | {c['span_ns'] / 1e3:.1f} | "
               + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
               + " / ".join(f"{v / 1e3:.2f}" for v in c["prologue_marks_ns"].values()) + " |")
