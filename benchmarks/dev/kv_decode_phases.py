@@ -48,7 +48,7 @@ PHASES = ["prologue", "loop", "partial+count", "group merge", "groups count", "l
           "finish"]
 # Times from the program's start (clock 0) at which the prologue's values were in registers: the
 # query (10), the transform's H (11), the transformed query (1, the prologue's end) and the first
-# tile's key codes (12, waited for just after the prologue's end: the probed call issues the next
+# tile's key codes (12, waited for just before the tile loop: the probed call issues the next
 # tile's loads that much later)
 PROLOGUE_MARKS = {"query": 10, "H": 11, "query transformed": 1, "first tile's codes": 12}
 
@@ -95,9 +95,7 @@ STAMP_AFTER = [
      "    _stamp(stamp_ptr, 10, gl.sum(x, 1))\n"
      "    _stamp(stamp_ptr, 11, gl.sum(h.to(gl.float32), 1))\n"),
     ("    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)\n",
-     "    _stamp(stamp_ptr, 1, gl.sum(gl.sum(qb.to(gl.float32), 2), 1))\n"
-     "    if PREFETCH:\n"
-     "        _stamp(stamp_ptr, 12, gl.sum(gl.sum(kw.to(gl.float32), 2), 1))\n"),
+     "    _stamp(stamp_ptr, 1, gl.sum(gl.sum(qb.to(gl.float32), 2), 1))\n"),
     ("    l_i = gl.sum(l_t, axis=1)\n",
      "    _stamp(stamp_ptr, 2, gl.sum(gl.sum(o, 2), 1))\n"),
     ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n',
@@ -112,6 +110,10 @@ STAMP_AFTER = [
      "                    _stamp(stamp_ptr, 7, _st0)\n"),
 ]
 KERNEL_END = "\n\n" + RULE + "# Launcher"  # each program's end time goes before it
+# the first tile's codes waited for (stamp 12) just before the tile loop
+LOOP = "    for tile in range(tile_lo, "
+FIRST_CODES = ("    if PREFETCH:\n"
+               "        _stamp(stamp_ptr, 12, gl.sum(gl.sum(kw.to(gl.float32), 2), 1))\n")
 
 
 # Source variants of the kernel, timed beside the served one: (old, new) replacements, each old
@@ -163,6 +165,18 @@ SOURCE_VARIANTS["merge_wide"] = [
 # interleave: tiles dealt round-robin to the splits, the first tile's codes two memory round trips
 # from the start, not three (_interleave); with merge_wide's 16 rows a step
 SOURCE_VARIANTS["interleave"] = SOURCE_VARIANTS["merge_wide"] + ["interleave"]
+# codes_late: as loads_first, and the first tile's code loads (which wait for the block-table
+# entry, in program order) issued after the prologue's loads and math, just before the tile loop:
+# the query, H and the key mean's loads no longer queue behind the chain length -> block table
+SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
+    ("        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
+     "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n",
+     ""),
+    ("    for tile in range(tile_lo, tile_hi):\n",
+     "    if PREFETCH:\n"
+     "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
+     "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
+     "    for tile in range(tile_lo, tile_hi):\n")]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -265,6 +279,7 @@ def instrumented_module(variant: str = "served", stamps: bool = True):
     for anchor, text in STAMP_AFTER:
         src = _replace_once(src, anchor, anchor + text, "stamps")
     src = _replace_once(src, KERNEL_END, "\n    _gstamp(stamp_ptr, 9, _st0)" + KERNEL_END, "stamps")
+    src = _replace_once(src, LOOP, FIRST_CODES + LOOP, "stamps")
     src = _replace_once(src, "\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel",
                         "stamps")
     return load_module(src, f"tq_decode_hopper_{variant}_stamped")
@@ -383,13 +398,14 @@ def main():
     # (format, shape, hq, hk, d, batch, ctx, [(source, warps, split factor, merge group, launch)])
     # (measured, in SOURCE_VARIANTS for --sass and to run again: warp_reduce, kv_end_zero, groups
     # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave on 2026-12-07 07:45)
-    L, K = "loads_first", "kv_end_first"
+    L, C, K = "loads_first", "codes_late", "kv_end_first"
     runs = [
         ("tq4", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {}), (K, 4, 1, 0, {})]),
-        ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, [("served", 4, 1, 0, {}), (L, 4, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {}), (C, 4, 1, 0, {}), (K, 4, 1, 0, {})]),
+        ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768,
+         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {}), (C, 4, 1, 0, {})]),
         ("tq3", "Llama-3-70B TP8", 8, 1, 128, 1, 32768,
-         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {})]),
+         [("served", 4, 1, 0, {}), (L, 4, 1, 0, {}), (C, 4, 1, 0, {})]),
     ]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
