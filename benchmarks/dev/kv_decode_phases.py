@@ -177,14 +177,17 @@ SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
      "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
      "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
      "    for tile in range(tile_lo, tile_hi):\n")]
-# prefetch2: the codes of the next two tiles in flight, not one (registers: 255 either way)
+# prefetch2: the codes of the next two tiles in flight, not one (registers: 255 either way;
+# slower for tq4 at every shape timed, faster for tq3 at 70B TP8 1x32K: 2026-12-07 08:21)
+_VW0 = "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
 SOURCE_VARIANTS["prefetch2"] = [
-    ("        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n\n",
-     "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
-     "        base2 = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
+    (_VW0 + "\n",
+     _VW0 + "        base2 = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
      "                           STRIDE_TOK, STRIDE_HEAD)\n"
-     "        kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
-     "        vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n\n"),
+     "        kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,\n"
+     "                          STRIDE_TOK)\n"
+     "        vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,\n"
+     "                          STRIDE_TOK)\n\n"),
     ("            kw_now = kw\n            vw_now = vw\n            base_now = base\n"
      "            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
      "                              STRIDE_TOK, STRIDE_HEAD)\n"
