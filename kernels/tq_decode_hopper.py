@@ -553,8 +553,8 @@ def _tq_decode_hopper_kernel(
     bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
 
     # 0. This program's share: tiles of 16 * NW tokens, [tile_lo, tile_hi); warp w takes tokens
-    #    [16 w, 16 w + 16) of each. PREFETCH: the first tile's codes are loaded before the query
-    #    is transformed (the loads' latency under the prologue's work).
+    #    [16 w, 16 w + 16) of each. PREFETCH (1 or 2 tiles ahead): the first tile's codes are
+    #    loaded before the query is transformed (the loads' latency under the prologue's work).
     num_tiles = gl.cdiv(kv_end, 16 * NW)
     splits = gl.num_programs(2)  # a runtime value: one compile serves every split count
     per_split = gl.cdiv(num_tiles, splits)
@@ -566,6 +566,11 @@ def _tq_decode_hopper_kernel(
                           STRIDE_HEAD)
         kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
         vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+        if PREFETCH == 2:  # the second tile's codes too
+            base2 = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                               STRIDE_TOK, STRIDE_HEAD)
+            kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
+            vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -700,12 +705,23 @@ def _tq_decode_hopper_kernel(
             kw_now = kw
             vw_now = vw
             base_now = base
-            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                              STRIDE_TOK, STRIDE_HEAD)
-            kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
-                             STRIDE_TOK)
-            vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
-                             STRIDE_TOK)
+            if PREFETCH == 2:  # tile + 1's codes are in flight already: load tile + 2's
+                kw = kw2
+                vw = vw2
+                base = base2
+                base2 = _tile_base(bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,
+                                   STRIDE_TOK, STRIDE_HEAD)
+                kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
+                                  STRIDE_TOK)
+                vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
+                                  STRIDE_TOK)
+            else:
+                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                                  STRIDE_TOK, STRIDE_HEAD)
+                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
+                                 STRIDE_TOK)
+                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
+                                 STRIDE_TOK)
         else:
             base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
                                   STRIDE_TOK, STRIDE_HEAD)
@@ -840,7 +856,7 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 
 
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
-                      nw: int = 4, prefetch: bool = False, trans_asm: bool = True,
+                      nw: int = 4, prefetch: int = 0, trans_asm: bool = True,
                       codes: int | None = None, finish: int = 0,
                       mean_smem: bool | None = None) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
@@ -861,7 +877,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         MEAN_SMEM=mean_smem_served(tables.rot_half_pad, G) if mean_smem is None else mean_smem,
-        PREFETCH=bool(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
+        PREFETCH=int(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -997,25 +1013,28 @@ def mean_smem_served(rot_half_pad: int, G: int) -> bool:
     """Whether the served launch shares the key mean's operand through shared memory."""
     return rot_half_pad >= MEAN_SMEM_PAIRS and G >= MEAN_SMEM_MIN_G
 
-# Whether the served launch loads the next tile's codes before the current tile is computed (the
-# kernel's PREFETCH). Loading its norms too and the block table two tiles ahead measured no
-# faster (graph times equal at 70B TP8 1x32K and 32x4K and 8B 1x32K, 2% slower at 8B 64x8K; H100,
-# 2026-12-06, kv_hopper_check variants).
-PREFETCH = True
+# How many tiles ahead the served launch loads the codes (the kernel's PREFETCH: 0, 1 or 2). Loading
+# the next tile's norms too and the block table two tiles ahead measured no faster (graph times
+# equal at 70B TP8 1x32K and 32x4K and 8B 1x32K, 2% slower at 8B 64x8K; H100, 2026-12-06,
+# kv_hopper_check variants). Two tiles' codes: slower for tq4 at every shape timed, faster for tq3
+# at 70B TP8 1x32K (cold device time 16.0 -> 15.2 us; H100, 2026-12-07, kv_decode_phases.py);
+# tq3's other shapes not yet timed, so 1 everywhere.
+PREFETCH = 1
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
                   softmax_scale: float, splits: int, out, *, num_warps: int = 4,
-                  prefetch: bool | None = None, trans_asm: bool = True,
+                  prefetch: int | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None, counts=None,
                   mean_smem: bool | None = None):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
-    GPU). prefetch None: PREFETCH. maxnreg None: MAXNREG (0: no limit). From the launch sweep on
-    an H100, 2026-12-06 (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps,
-    prefetch, the served split count were the fastest of 24 launches at 8B 64x8K and 1x32K and at
-    70B TP8 1x32K and 32x4K (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the
-    completion counters (int32 zeros, counter_count of them, left zero), made here if None.
+    GPU). prefetch: the tiles ahead whose codes are loaded (0, 1, 2); None: PREFETCH. maxnreg
+    None: MAXNREG (0: no limit). From the launch sweep on an H100, 2026-12-06
+    (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the served split
+    count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K and 32x4K
+    (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the completion
+    counters (int32 zeros, counter_count of them, left zero), made here if None.
     mean_smem: the key mean's operand shared through shared memory or per warp in registers
     (kernel_constexprs; None: the served choice, by MEAN_SMEM_PAIRS)."""
     T, Hq, D = query.shape
@@ -1037,7 +1056,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     return (seq_lens.shape[0], H, splits), args, cx
 
 
-def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: bool | None = None,
+def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: int | None = None,
                       trans_asm: bool = True, codes: int | None = None,
                       maxnreg: int | None = None, finish: int = 0,
                       mean_smem: bool | None = None) -> dict:

@@ -177,32 +177,6 @@ SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
      "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
      "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
      "    for tile in range(tile_lo, tile_hi):\n")]
-# prefetch2: the codes of the next two tiles in flight, not one (registers: 255 either way;
-# slower for tq4 at every shape timed, faster for tq3 at 70B TP8 1x32K: 2026-12-07 08:21)
-_VW0 = "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
-SOURCE_VARIANTS["prefetch2"] = [
-    (_VW0 + "\n",
-     _VW0 + "        base2 = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
-     "                           STRIDE_TOK, STRIDE_HEAD)\n"
-     "        kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,\n"
-     "                          STRIDE_TOK)\n"
-     "        vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,\n"
-     "                          STRIDE_TOK)\n\n"),
-    ("            kw_now = kw\n            vw_now = vw\n            base_now = base\n"
-     "            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
-     "                              STRIDE_TOK, STRIDE_HEAD)\n"
-     "            kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,\n"
-     "                             STRIDE_TOK)\n"
-     "            vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,\n"
-     "                             STRIDE_TOK)\n",
-     "            kw_now = kw\n            vw_now = vw\n            base_now = base\n"
-     "            kw = kw2\n            vw = vw2\n            base = base2\n"
-     "            base2 = _tile_base(bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,\n"
-     "                               STRIDE_TOK, STRIDE_HEAD)\n"
-     "            kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,\n"
-     "                              STRIDE_TOK)\n"
-     "            vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,\n"
-     "                              STRIDE_TOK)\n")]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -425,9 +399,9 @@ def main():
     # (measured, in SOURCE_VARIANTS for --sass and to run again: warp_reduce, kv_end_zero, groups
     # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave at 07:45; kv_end_first,
     # loads_first and codes_late at 08:17; prefetch2 for tq4 at 08:21)
-    # prefetch2 at tq3's other head-128 shapes next (faster at 70B TP8 1x32K, 2026-12-07 08:21;
-    # slower for tq4 at every shape timed)
-    both = [("served", 4, 1, 0, {}), ("prefetch2", 4, 1, 0, {})]
+    # two tiles ahead (prefetch 2) at tq3's head-128 shapes (faster at 70B TP8 1x32K, 2026-12-07
+    # 08:21; slower for tq4 at every shape timed)
+    both = [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"prefetch": 2})]
     runs = [("tq3", "Llama-3-70B TP8", 8, 1, 128, b, ctx, both)
             for b, ctx in ((1, 32768), (32, 4096), (64, 8192), (8, 32768), (8, 131072))]
     runs += [("tq3", "Llama-3-8B", 32, 8, 128, b, ctx, both)
