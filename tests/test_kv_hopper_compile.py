@@ -301,7 +301,9 @@ CONFIGS = [dict(d=128, g=4, kv_heads=8), dict(d=128, g=8, kv_heads=1),
            dict(d=128, g=8, kv_heads=1, fmt="tq3", prefetch=True, mean_smem=False),
            dict(d=128, g=4, kv_heads=8, fmt="tq3", prefetch=True, mean_smem=True),
            dict(d=128, g=8, kv_heads=1, prefetch=True, mean_smem=True),
-           dict(d=128, g=16, kv_heads=1, fallback=False, fmt="tq3")]
+           dict(d=128, g=16, kv_heads=1, fallback=False, fmt="tq3"),
+           dict(d=128, g=8, kv_heads=1, fmt="tq3", prefetch=2),  # two tiles' codes in flight
+           dict(d=128, g=4, kv_heads=8, prefetch=2)]
 
 
 LAUNCHES = [dict(), dict(d=64, q_heads=9, kv_heads=3), dict(q_heads=8, kv_heads=1),
