@@ -317,6 +317,19 @@ def phases_of(st, splits, group):
     return out
 
 
+def _source_label(row) -> str:
+    """A row's source variant and its launch keywords, for the tables."""
+    return row["source"] + "".join(f" {k}={v}" for k, v in row.get("launch", {}).items())
+
+
+def _phase_cells(phases) -> str:
+    """The critical program's phases (us) and the prologue marks (us), table cells of a
+    phases_of result."""
+    crit = phases.get("critical_ns") or {}
+    return (" | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
+            + " / ".join(f"{v / 1e3:.2f}" for v in phases["prologue_marks_ns"].values()))
+
+
 def cold_graph_time(torch, flush, call, caches):
     """ms of device time per call with the L2 flushed before each (do_bench's memset), without
     the host: a CUDA graph of (memset, call) pairs less one of the memsets alone (do_bench times
@@ -503,14 +516,10 @@ def main():
             print(head + f" | | | | {r['graph_ms'] * 1e3:.1f} | {r['do_bench_ms'] * 1e3:.1f} | "
                   f"{r['cold_graph_ms'] * 1e3:.1f} |")
             continue
-        crit = r.get("critical_ns") or {}
-        src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
-        print(head + f" {src} | {r['warps']} | {r['splits']} | {r['group']} | "
+        print(head + f" {_source_label(r)} | {r['warps']} | {r['splits']} | {r['group']} | "
               f"{r['graph_ms'] * 1e3:.1f} | {r['do_bench_ms'] * 1e3:.1f} | "
               f"{r['cold_graph_ms'] * 1e3:.1f} | {r['probed_graph_ms'] * 1e3:.1f} | "
-              f"{r['span_ns'] / 1e3:.1f} | "
-              + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
-              + " / ".join(f"{v / 1e3:.2f}" for v in r["prologue_marks_ns"].values()) + " |")
+              f"{r['span_ns'] / 1e3:.1f} | {_phase_cells(r)} |")
     print("\nThe same, one stamped call after an L2 flush (cold, as do_bench):\n| fmt | shape | "
           "bxctx | source | span us | " + " | ".join(PHASES) + " | " + " / ".join(PROLOGUE_MARKS)
           + " |")
@@ -518,14 +527,9 @@ def main():
     for r in rows:
         if "cold" not in r:
             continue
-        c = r["cold"]
-        crit = c.get("critical_ns") or {}
-        src = r["source"] + "".join(f" {k}={v}" for k, v in r.get("launch", {}).items())
-        print(f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K | {src} "
-              f"w{r['warps']}"
-              f" s{r['splits']} g{r['group']} | {c['span_ns'] / 1e3:.1f} | "
-              + " | ".join(f"{crit[p] / 1e3:.2f}" if p in crit else "" for p in PHASES) + " | "
-              + " / ".join(f"{v / 1e3:.2f}" for v in c["prologue_marks_ns"].values()) + " |")
+        print(f"| {r['format']} | {r['shape']} | {r['batch']}x{r['ctx'] // 1024}K | "
+              f"{_source_label(r)} w{r['warps']} s{r['splits']} g{r['group']} | "
+              f"{r['cold']['span_ns'] / 1e3:.1f} | {_phase_cells(r['cold'])} |")
 
 
 if __name__ == "__main__":
