@@ -67,7 +67,8 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   a tile against ~25 shared).
 * Addresses: one block-table load per warp-tile (16 tokens, within one page); past the sequence
   the block is 0, so code loads need no masks (scores -inf, weights 0). PREFETCH (served) loads
-  the next tile's codes before the current tile is computed.
+  the next tile's codes before the current tile is computed; tq3 at G > 4 the next two tiles'
+  (prefetch_served).
 * SELECT (G 5..8 with the fallback, Llama-3-70B at TP 8): the calibrated and the uncalibrated
   query as two 8-row B operands against the same decoded keys, the raw keys' score selected per
   key: 8 rows of softmax and O instead of FOLD's 16.
@@ -305,6 +306,22 @@ def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.
     else:
         ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
     return gl.load(ptrs)
+
+
+@gluon.jit
+def _tile_codes(cache_ptr, bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr,
+                NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
+                STRIDE_HEAD: gl.constexpr, K_LOAD: gl.constexpr, K_OFF: gl.constexpr,
+                K_E: gl.constexpr, K_WORD: gl.constexpr, K_CODES: gl.constexpr,
+                V_LOAD: gl.constexpr, V_OFF: gl.constexpr, V_E: gl.constexpr,
+                V_WORD: gl.constexpr, V_CODES: gl.constexpr):
+    """A tile's (base, key code elements, value code elements): _tile_base, then each stream's
+    _load_words."""
+    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, W, NW, PAGE, STRIDE_TOK,
+                      STRIDE_HEAD)
+    kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
+    vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+    return base, kw, vw
 
 
 @gluon.jit
@@ -562,15 +579,14 @@ def _tq_decode_hopper_kernel(
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
     W1: gl.constexpr = gl.SliceLayout(1, TOKS)
     if PREFETCH:
-        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
-                          STRIDE_HEAD)
-        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
-        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+        base, kw, vw = _tile_codes(
+            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD, V_CODES)
         if PREFETCH == 2:  # the second tile's codes too
-            base2 = _tile_base(bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                               STRIDE_TOK, STRIDE_HEAD)
-            kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)
-            vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+            base2, kw2, vw2 = _tile_codes(
+                cache_ptr, bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E,
+                V_WORD, V_CODES)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -709,26 +725,20 @@ def _tq_decode_hopper_kernel(
                 kw = kw2
                 vw = vw2
                 base = base2
-                base2 = _tile_base(bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,
-                                   STRIDE_TOK, STRIDE_HEAD)
-                kw2 = _load_words(cache_ptr, base2, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
-                                  STRIDE_TOK)
-                vw2 = _load_words(cache_ptr, base2, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
-                                  STRIDE_TOK)
+                base2, kw2, vw2 = _tile_codes(
+                    cache_ptr, bt_row, tile + 2, kv_end, head, stride_blk, W1, NW, PAGE,
+                    STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF,
+                    V_E, V_WORD, V_CODES)
             else:
-                base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
-                                  STRIDE_TOK, STRIDE_HEAD)
-                kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
-                                 STRIDE_TOK)
-                vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
-                                 STRIDE_TOK)
+                base, kw, vw = _tile_codes(
+                    cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,
+                    STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF,
+                    V_E, V_WORD, V_CODES)
         else:
-            base_now = _tile_base(bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE,
-                                  STRIDE_TOK, STRIDE_HEAD)
-            kw_now = _load_words(cache_ptr, base_now, K_LOAD, K_OFF, K_E, K_WORD, K_CODES,
-                                 STRIDE_TOK)
-            vw_now = _load_words(cache_ptr, base_now, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,
-                                 STRIDE_TOK)
+            base_now, kw_now, vw_now = _tile_codes(
+                cache_ptr, bt_row, tile, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+                STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD,
+                V_CODES)
         if MEAN and MEAN_SMEM:  # independent of the codes: issued before they are decoded
             s_mean = mma_v2(t_cs, ab_s.load(LMB), gl.zeros([16 * NW, R], gl.float32, LM))
             s_mean = gl.convert_layout(gl.reshape(s_mean, [NW, 16, R]), L)
@@ -1016,10 +1026,21 @@ def mean_smem_served(rot_half_pad: int, G: int) -> bool:
 # How many tiles ahead the served launch loads the codes (the kernel's PREFETCH: 0, 1 or 2). Loading
 # the next tile's norms too and the block table two tiles ahead measured no faster (graph times
 # equal at 70B TP8 1x32K and 32x4K and 8B 1x32K, 2% slower at 8B 64x8K; H100, 2026-12-06,
-# kv_hopper_check variants). Two tiles' codes: slower for tq4 at every shape timed, faster for tq3
-# at 70B TP8 1x32K (cold device time 16.0 -> 15.2 us; H100, 2026-12-07, kv_decode_phases.py);
-# tq3's other shapes not yet timed, so 1 everywhere.
+# kv_hopper_check variants). Two tiles' codes: slower for tq4 at every shape timed (its registers
+# are full), for tq3 faster at all five 70B TP8 shapes (G = 8; cold device time 15.9 -> 15.1 us
+# at 1x32K, 21.6 -> 19.5 at 32x4K, 54.2 -> 48.9 at 64x8K, 35.0 -> 31.9 at 8x32K, 91.5 -> 85.5 at
+# 8x128K) and slower at the 8B ones (G = 4; 34.6 -> 36.6 at 1x32K, 87.2 -> 88.7 at 32x4K,
+# 157.3 -> 168.8 at 8x32K): H100, 2026-12-07, benchmarks/dev/kv_decode_phases.py.
 PREFETCH = 1
+PREFETCH_DEEP = 2
+PREFETCH_DEEP_CODES = 3  # tq3
+PREFETCH_DEEP_MIN_G = 5  # as MEAN_SMEM: the 70B TP8 shapes' groups of 8, not 8B's of 4
+
+
+def prefetch_served(codes: int, G: int) -> int:
+    """The tiles ahead whose codes the served launch loads (the kernel's PREFETCH)."""
+    deep = codes == PREFETCH_DEEP_CODES and G >= PREFETCH_DEEP_MIN_G
+    return PREFETCH_DEEP if deep else PREFETCH
 
 
 def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, tables,
@@ -1029,7 +1050,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   mean_smem: bool | None = None):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
-    GPU). prefetch: the tiles ahead whose codes are loaded (0, 1, 2); None: PREFETCH. maxnreg
+    GPU). prefetch: the tiles ahead whose codes are loaded (0, 1, 2); None: prefetch_served. maxnreg
     None: MAXNREG (0: no limit). From the launch sweep on an H100, 2026-12-06
     (benchmarks/RESULTS.md, History: the first Hopper pass): 4 warps, prefetch, the served split
     count were the fastest of 24 launches at 8B 64x8K and 1x32K and at 70B TP8 1x32K and 32x4K
@@ -1069,8 +1090,8 @@ def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: in
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
-        cx = kernel_constexprs(tables, *key[:5], PREFETCH if prefetch is None else prefetch,
-                               trans_asm, codes, finish, mean_smem)
+        served = prefetch_served(codes, G) if prefetch is None else prefetch
+        cx = kernel_constexprs(tables, *key[:5], served, trans_asm, codes, finish, mean_smem)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)

@@ -240,6 +240,21 @@ def test_served_plan_holds_what_decode_launch_launches_with(splits):
     assert all(a is b for a, b in zip(plan.finish_tables, hop.finish_args(out, t)[3:]))
 
 
+@pytest.mark.parametrize("fmt, q_heads, kv_heads, want", [
+    ("tq3", 8, 1, 2), ("tq3", 32, 8, 1), ("tq4", 8, 1, 1), ("tq4", 32, 8, 1), ("tq5", 8, 1, 1)])
+def test_served_launch_loads_codes_two_tiles_ahead_for_tq3_at_groups_over_4(
+        fmt, q_heads, kv_heads, want):
+    """The served launch's PREFETCH (prefetch_served): two tiles ahead for tq3 at the 70B TP8
+    shapes' groups of 8 (faster there on an H100), one elsewhere; an explicit prefetch wins."""
+    t = _mean_tables(fmt, kv_heads)
+    q = torch.zeros(1, q_heads, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, kv_heads, t.layout.slot_bytes, dtype=torch.uint8)
+    args = (q, cache, torch.zeros(1, 4, dtype=torch.int32), torch.full((1,), 60, dtype=torch.int32),
+            torch.arange(2, dtype=torch.int32), t, 128**-0.5, 4, torch.empty_like(q))
+    assert hop.decode_launch(*args)[2]["PREFETCH"] == want
+    assert hop.decode_launch(*args, prefetch=0)[2]["PREFETCH"] == 0
+
+
 def _mean_tables(fmt, heads, rope_inv_freq=None):
     mu = top_pairs(torch.randn(heads, 128), None, FORMATS[fmt].key_mean_pairs, 64)
     inv_freq = torch.ones(64) if rope_inv_freq is None else rope_inv_freq

@@ -169,9 +169,12 @@ SOURCE_VARIANTS["interleave"] = SOURCE_VARIANTS["merge_wide"] + ["interleave"]
 # entry, in program order) issued after the prologue's loads and math, just before the tile loop:
 # the query, H and the key mean's loads no longer queue behind the chain length -> block table
 SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
-    ("        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
-     "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n",
-     ""),
+    ("        base, kw, vw = _tile_codes(\n"
+     "            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+     "            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD,"
+     " V_CODES)\n",
+     "        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+     "                          STRIDE_HEAD)\n"),
     ("    for tile in range(tile_lo, tile_hi):\n",
      "    if PREFETCH:\n"
      "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
@@ -212,13 +215,19 @@ def _interleave(src: str) -> str:
          "    tile_lo = split\n    tile_hi = num_tiles\n", 1),
         ("    for tile in range(tile_lo, tile_hi):\n",
          "    for tile in range(tile_lo, tile_hi, splits):\n", 1),
-        ("_tile_base(bt_row, tile + 1,", "_tile_base(bt_row, tile + splits,", 1),
+        ("bt_row, tile_lo + 1,", "bt_row, tile_lo + splits,", 1),
+        ("bt_row, tile + 1,", "bt_row, tile + splits,", 1),
+        ("bt_row, tile + 2,", "bt_row, tile + 2 * splits,", 1),
         ("def _tile_base(bt_row, tile, kv_end, head, stride_blk,",
          "def _tile_base(bt_row, tile, kv_end, head, stride_blk, bt_last,", 1),
+        ("def _tile_codes(cache_ptr, bt_row, tile, kv_end, head, stride_blk,",
+         "def _tile_codes(cache_ptr, bt_row, tile, kv_end, head, stride_blk, bt_last,", 1),
+        ("    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, W,",
+         "    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, bt_last, W,", 1),
         ("    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)\n",
          "    blk = gl.load(bt_row + gl.minimum(tok0 // PAGE, bt_last))\n"
          "    blk = gl.where(tok0 < kv_end, blk, 0)\n", 1),
-        ("kv_end, head, stride_blk, W1", "kv_end, head, stride_blk, stride_bt - 1, W1", 3),
+        ("kv_end, head, stride_blk, W1", "kv_end, head, stride_blk, stride_bt - 1, W1", 5),
         ("        c_step = gl.load(mean_step_ptr + jj)[:, None]\n"
          "        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)[:, None]\n"
          "        theta = gl.load(mean_theta_ptr + jj)\n",
