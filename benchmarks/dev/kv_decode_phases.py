@@ -421,12 +421,15 @@ def main():
     # (measured, in SOURCE_VARIANTS for --sass and to run again: warp_reduce, kv_end_zero, groups
     # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave at 07:45; kv_end_first,
     # loads_first and codes_late at 08:17; prefetch2 for tq4 at 08:21)
-    # two tiles ahead (prefetch 2) at tq3's head-128 shapes (faster at 70B TP8 1x32K, 2026-12-07
-    # 08:21; slower for tq4 at every shape timed)
-    both = [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"prefetch": 2})]
-    runs = [("tq3", "Llama-3-70B TP8", 8, 1, 128, b, ctx, both)
+    # (two tiles ahead for tq3 at its head-128 shapes on 2026-12-07 09:24: served at G > 4)
+    # the codes of tiles further ahead asked into the L2 (prefetch.global.L2): 2 or 4 tiles in
+    # the prologue, and 4 kept ahead in the loop (l2_roll)
+    l2 = [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"l2_tiles": 2}),
+          ("served", 4, 1, 0, {"l2_tiles": 4}),
+          ("served", 4, 1, 0, {"l2_tiles": 4, "l2_roll": True})]
+    runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, l2) for fmt in ("tq4", "tq3")
             for b, ctx in ((1, 32768), (32, 4096), (64, 8192), (8, 32768), (8, 131072))]
-    runs += [("tq3", "Llama-3-8B", 32, 8, 128, b, ctx, both)
+    runs += [(fmt, "Llama-3-8B", 32, 8, 128, b, ctx, l2) for fmt in ("tq4", "tq3")
              for b, ctx in ((1, 32768), (32, 4096), (8, 32768))]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
