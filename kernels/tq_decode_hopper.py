@@ -284,33 +284,6 @@ def _tile_base(bt_row, tile, kv_end, head, stride_blk, W: gl.constexpr, NW: gl.c
 
 
 @gluon.jit
-def _l2_entries(bt_row, tile_a, tile_b, kv_end, NW: gl.constexpr, PAGE: gl.constexpr,
-                SLOT: gl.constexpr, TILES: gl.constexpr):
-    """The block-table entries of tiles [tile_a, min(tile_a + TILES, tile_b)) for _l2_prefetch:
-    (entries, token, byte offset in the slot); each thread takes one token's first byte (threads
-    [0, 16 NW)) or last byte ([16 NW, 32 NW)) a tile, so both of its cache lines are asked for."""
-    P: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-    e = gl.arange(0, 32 * NW * TILES, P)
-    tile = tile_a + e // (32 * NW)
-    tok = tile * (16 * NW) + e % (16 * NW)
-    at = (e // (16 * NW)) % 2 * (SLOT - 1)
-    blk = gl.load(bt_row + tok // PAGE, mask=(tile < tile_b) & (tok < kv_end), other=-1)
-    return blk, tok, at
-
-
-@gluon.jit
-def _l2_prefetch(cache_ptr, blk, tok, at, head, stride_blk, PAGE: gl.constexpr,
-                 STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr):
-    """prefetch.global.L2 of the slots _l2_entries found (entry -1: past the share, skipped):
-    nothing waits for it and no register holds the bytes; the tile's own loads later hit the L2
-    instead of the DRAM."""
-    off = blk.to(gl.int64) * stride_blk + (head * STRIDE_HEAD + (tok % PAGE) * STRIDE_TOK + at)
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ge.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [cache_ptr + off, blk], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _load_words(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.constexpr,
                 WORD: gl.constexpr, CODES: gl.constexpr, STRIDE_TOK: gl.constexpr):
     """Code elements [NW, NT, E] of WORD bytes (int32, int16 or int8) of one stream of the tile's
@@ -555,11 +528,11 @@ def _tq_decode_hopper_kernel(
     G: gl.constexpr, NW: gl.constexpr, D: gl.constexpr,
     FOLD: gl.constexpr, SELECT: gl.constexpr, R: gl.constexpr, HALF: gl.constexpr,
     MEAN: gl.constexpr, ROT_HALF: gl.constexpr, RH: gl.constexpr, MEAN_SMEM: gl.constexpr,
-    PREFETCH: gl.constexpr, L2_TILES: gl.constexpr, L2_ROLL: gl.constexpr,
-    TRANS_ASM: gl.constexpr, FINISH: gl.constexpr, GROUP: gl.constexpr,
+    PREFETCH: gl.constexpr, TRANS_ASM: gl.constexpr,
+    FINISH: gl.constexpr, GROUP: gl.constexpr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     K_OFF: gl.constexpr, V_OFF: gl.constexpr, K_NORM_OFF: gl.constexpr, V_NORM_OFF: gl.constexpr,
-    SLOT: gl.constexpr, ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
+    ASM: gl.constexpr, V_ASM: gl.constexpr, WP: gl.constexpr, V_PART: gl.constexpr,
     K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, V_PAIR: gl.constexpr,
     K_ORDER: gl.constexpr, V_ORDER: gl.constexpr, K_CODES: gl.constexpr, V_CODES: gl.constexpr,
     K_E: gl.constexpr, V_E: gl.constexpr, K_WORD: gl.constexpr, V_WORD: gl.constexpr,
@@ -605,9 +578,6 @@ def _tq_decode_hopper_kernel(
     tile_lo = split * per_split
     tile_hi = gl.minimum(tile_lo + per_split, num_tiles)
     W1: gl.constexpr = gl.SliceLayout(1, TOKS)
-    if L2_TILES:  # the next L2_TILES tiles' entries, loaded beside the first tile's
-        l2_blk, l2_tok, l2_at = _l2_entries(bt_row, tile_lo + PREFETCH, tile_hi, kv_end, NW,
-                                            PAGE, SLOT, L2_TILES)
     if PREFETCH:
         base, kw, vw = _tile_codes(
             cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
@@ -617,10 +587,6 @@ def _tq_decode_hopper_kernel(
                 cache_ptr, bt_row, tile_lo + 1, kv_end, head, stride_blk, W1, NW, PAGE,
                 STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E,
                 V_WORD, V_CODES)
-
-    if L2_TILES:  # their codes asked into the L2 once the entries are here
-        _l2_prefetch(cache_ptr, l2_blk, l2_tok, l2_at, head, stride_blk, PAGE, STRIDE_TOK,
-                     STRIDE_HEAD)
 
     # 1. The query, transformed once: q~ = (q * scale_k * signs) @ H[:, k_perm] * qk_scale, as
     #    B operands Q^T. Rows [0, XH) calibrated, [XH, 2 XH) uncalibrated (the raw keys' query):
@@ -751,9 +717,6 @@ def _tq_decode_hopper_kernel(
         # over 2048 tiles, ~1e-4, stays under the fp16 rounding of the MMA operand, 5e-4)
         a_t, b_t = _mean_ab(m_a, m_b, (tile_lo * NW + wv) * 16, theta)
     for tile in range(tile_lo, tile_hi):
-        if L2_ROLL:  # one more tile into the L2 each tile: its entries now, its codes at the end
-            roll_blk, roll_tok, roll_at = _l2_entries(bt_row, tile + PREFETCH + L2_TILES,
-                                                      tile_hi, kv_end, NW, PAGE, SLOT, 1)
         if PREFETCH:
             kw_now = kw
             vw_now = vw
@@ -816,9 +779,6 @@ def _tq_decode_hopper_kernel(
             _cta_barrier()
             ab_s.store(_stack_ab(a_m, b_m, RH, R))
             _cta_barrier()
-        if L2_ROLL:
-            _l2_prefetch(cache_ptr, roll_blk, roll_tok, roll_at, head, stride_blk, PAGE,
-                         STRIDE_TOK, STRIDE_HEAD)
 
     # 4. Merge the warps (and FOLD's two halves: rows h and HALF + h) once, write partial rows.
     #    O, m and l are converted once to a layout with the warps and halves in each thread's
@@ -908,8 +868,7 @@ WORD_BYTES = {(4, "k"): 2, (4, "v"): 2, (2, "k"): 1, (2, "v"): 1, (3, "k"): 4, (
 def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: int,
                       nw: int = 4, prefetch: int = 0, trans_asm: bool = True,
                       codes: int | None = None, finish: int = 0,
-                      mean_smem: bool | None = None, l2_tiles: int = 0,
-                      l2_roll: bool = False) -> dict:
+                      mean_smem: bool | None = None) -> dict:
     """The kernel's constexpr arguments for a layer (tables: LayerTables with hopper_asm, see
     vllm_gds/kvcache/hopper_tables.attach). codes: 3 (3-bit codes), 4 (4-bit codes in int16
     elements) or 2 (4-bit codes, bytes into the lookup) or 5 (tq5: 5-bit keys, 4-bit values);
@@ -917,9 +876,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
     kernel itself; 2 partials, merged and finished by the programs that complete them (merge
     groups of MERGE_GROUP, then the groups); 0 partials only (the loop measured alone:
     tests/hopper_compile.py). mean_smem: the key mean's B operands shared by the warps through
-    shared memory (else each warp rotates its own in registers); None: mean_smem_served.
-    l2_tiles: the codes of that many tiles past the register prefetch asked into the L2 in the
-    prologue (prefetch.global.L2; 0: none); l2_roll: one more each tile, l2_tiles ahead."""
+    shared memory (else each warp rotates its own in registers); None: mean_smem_served."""
     codes = codes or tables.hopper_codes
     kc, vc = stream_codes(codes)
     layout = tables.layout
@@ -930,8 +887,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         G=G, NW=nw, D=d, FOLD=fold, SELECT=select, R=rows, HALF=half,
         MEAN=bool(tables.has_mean), ROT_HALF=tables.rot_half, RH=tables.rot_half_pad,
         MEAN_SMEM=mean_smem_served(tables.rot_half_pad, G) if mean_smem is None else mean_smem,
-        PREFETCH=int(prefetch), L2_TILES=l2_tiles, L2_ROLL=l2_roll, TRANS_ASM=trans_asm,
-        FINISH=finish, GROUP=MERGE_GROUP, SLOT=kw["SLOT"],
+        PREFETCH=int(prefetch), TRANS_ASM=trans_asm, FINISH=finish, GROUP=MERGE_GROUP,
         PAGE=page, STRIDE_TOK=stride_tok, STRIDE_HEAD=stride_head,
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
@@ -1091,7 +1047,7 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
                   softmax_scale: float, splits: int, out, *, num_warps: int = 4,
                   prefetch: int | None = None, trans_asm: bool = True,
                   codes: int | None = None, maxnreg: int | None = None, counts=None,
-                  mean_smem: bool | None = None, l2_tiles: int = 0, l2_roll: bool = False):
+                  mean_smem: bool | None = None):
     """(grid, args, keyword args) of the decode kernel's launch writing `out` (no checks, no
     launch: tq_decode_hopper launches it; tests/hopper_compile.py binds and compiles it without a
     GPU). prefetch: the tiles ahead whose codes are loaded (0, 1, 2); None: prefetch_served. maxnreg
@@ -1101,13 +1057,12 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
     (the 168-register limit: 0.417 against 0.382 ms at 8B 64x8K). counts: the completion
     counters (int32 zeros, counter_count of them, left zero), made here if None.
     mean_smem: the key mean's operand shared through shared memory or per warp in registers
-    (kernel_constexprs; None: the served choice, by MEAN_SMEM_PAIRS). l2_tiles, l2_roll: the
-    codes of tiles further ahead asked into the L2 (kernel_constexprs; 0, False: none)."""
+    (kernel_constexprs; None: the served choice, by MEAN_SMEM_PAIRS)."""
     T, Hq, D = query.shape
     H = kv_cache.shape[2]
     finish = finish_mode(splits)
     cx = launch_constexprs(tables, Hq // H, kv_cache, num_warps, prefetch, trans_asm, codes,
-                           maxnreg, finish, mean_smem, l2_tiles, l2_roll)
+                           maxnreg, finish, mean_smem)
     part = out
     if finish == 2:
         part = partials(T * Hq, splits, cx["WP"], query.device)
@@ -1125,20 +1080,18 @@ def decode_launch(query, kv_cache, block_table, seq_lens, query_start_loc, table
 def launch_constexprs(tables, G: int, kv_cache, num_warps: int = 4, prefetch: int | None = None,
                       trans_asm: bool = True, codes: int | None = None,
                       maxnreg: int | None = None, finish: int = 0,
-                      mean_smem: bool | None = None, l2_tiles: int = 0,
-                      l2_roll: bool = False) -> dict:
+                      mean_smem: bool | None = None) -> dict:
     """decode_launch's keyword arguments (constexprs, warps, register limit), made once per layer
     and launch shape (the layouts and PTX: the host launch counts)."""
     codes = codes or tables.hopper_codes
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     key = (G, kv_cache.shape[1], kv_cache.stride(1), kv_cache.stride(2), num_warps, prefetch,
-           trans_asm, codes, maxnreg, finish, mean_smem, l2_tiles, l2_roll)
+           trans_asm, codes, maxnreg, finish, mean_smem)
     cache = tables.__dict__.setdefault("_hopper_launch", {})
     cx = cache.get(key)
     if cx is None:
         served = prefetch_served(codes, G) if prefetch is None else prefetch
-        cx = kernel_constexprs(tables, *key[:5], served, trans_asm, codes, finish, mean_smem,
-                               l2_tiles, l2_roll)
+        cx = kernel_constexprs(tables, *key[:5], served, trans_asm, codes, finish, mean_smem)
         if maxnreg:
             cx["maxnreg"] = maxnreg
         cx = cache[key] = dict(num_warps=num_warps, **cx)

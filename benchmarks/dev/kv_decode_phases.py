@@ -180,6 +180,19 @@ SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
      "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
      "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
      "    for tile in range(tile_lo, tile_hi):\n")]
+# Timing only (their outputs differ from the served call's): how much of 70B TP8 1x32K's prologue
+# the two dependent chains cost. first_early: the first tile's block-table entries and codes
+# loaded without waiting for the sequence's length (the tile at index `split`, no mask; the loop
+# then decodes them as its first tile's): the chain length -> block table -> codes becomes block
+# table -> codes, as a program given tile `split` first (tiles dealt round-robin for the first
+# tile only) would have. q_seq: the query row taken as the sequence's index (a pure-decode batch)
+# instead of loaded from query_start_loc: the chain query start -> query becomes the query.
+SOURCE_VARIANTS["first_early"] = [
+    ("            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,",
+     "            cache_ptr, bt_row, split, 1 << 30, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,")]
+SOURCE_VARIANTS["q_seq"] = [("    q_row = gl.load(query_start_ptr + seq)\n", "    q_row = seq\n")]
+SOURCE_VARIANTS["early_both"] = SOURCE_VARIANTS["first_early"] + SOURCE_VARIANTS["q_seq"]
+SOURCE_VARIANTS["early_all"] = SOURCE_VARIANTS["early_both"] + ["move_query_loads"]
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -422,15 +435,14 @@ def main():
     # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave at 07:45; kv_end_first,
     # loads_first and codes_late at 08:17; prefetch2 for tq4 at 08:21)
     # (two tiles ahead for tq3 at its head-128 shapes on 2026-12-07 09:24: served at G > 4)
-    # the codes of tiles further ahead asked into the L2 (prefetch.global.L2): 2 or 4 tiles in
-    # the prologue, and 4 kept ahead in the loop (l2_roll)
-    l2 = [("served", 4, 1, 0, {}), ("served", 4, 1, 0, {"l2_tiles": 2}),
-          ("served", 4, 1, 0, {"l2_tiles": 4}),
-          ("served", 4, 1, 0, {"l2_tiles": 4, "l2_roll": True})]
-    runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, l2) for fmt in ("tq4", "tq3")
-            for b, ctx in ((1, 32768), (32, 4096), (64, 8192), (8, 32768), (8, 131072))]
-    runs += [(fmt, "Llama-3-8B", 32, 8, 128, b, ctx, l2) for fmt in ("tq4", "tq3")
-             for b, ctx in ((1, 32768), (32, 4096), (8, 32768))]
+    # (the codes of tiles further ahead asked into the L2 on 2026-12-07 09:58: slower everywhere)
+    # (8 warps a program and twice the splits on 2026-12-07 10:20: no faster anywhere)
+    # the prologue's two dependent chains shortened (timing-only variants above)
+    early = [(v, 4, 1, 0, {}) for v in ("served", "first_early", "q_seq", "early_both",
+                                        "early_all")]
+    runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, early) for fmt in ("tq4", "tq3")
+            for b, ctx in ((1, 32768), (32, 4096), (8, 32768))]
+    runs += [(fmt, "Llama-3-8B", 32, 8, 128, 1, 32768, early) for fmt in ("tq4", "tq3")]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
     served_group = tdh.MERGE_GROUP
