@@ -434,10 +434,10 @@ def main():
     # (measured, in SOURCE_VARIANTS for --sass and to run again: warp_reduce, kv_end_zero, groups
     # of 16 and 8 warps on 2026-12-07 01:44; merge_wide and interleave at 07:45; kv_end_first,
     # loads_first and codes_late at 08:17; prefetch2 for tq4 at 08:21)
-    # (two tiles ahead for tq3 at its head-128 shapes on 2026-12-07 09:24: served at G > 4)
-    # (the codes of tiles further ahead asked into the L2 on 2026-12-07 09:58: slower everywhere)
-    # (8 warps a program and twice the splits on 2026-12-07 10:20: no faster anywhere; the
-    # prologue's chains shortened (timing-only variants) at 10:50: no faster)
+    # (two tiles ahead for tq3 at its head-128 shapes on 2026-12-07 09:22: served at G > 4)
+    # (the codes of tiles further ahead asked into the L2 on 2026-12-07 09:33: slower everywhere)
+    # (8 warps a program and twice the splits on 2026-12-07 09:37: no faster anywhere; the
+    # prologue's chains shortened (timing-only variants) at 09:41: no faster)
     # merge groups of 4 and 16 splits with the warp merge (16 was timed with the old merge only)
     groups = [("served", 4, 1, 0, {}), ("served", 4, 1, 4, {}), ("served", 4, 1, 16, {})]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, groups) for fmt in ("tq4", "tq3")
