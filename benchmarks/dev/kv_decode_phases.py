@@ -98,9 +98,11 @@ STAMP_AFTER = [
      "    _stamp(stamp_ptr, 1, gl.sum(gl.sum(qb.to(gl.float32), 2), 1))\n"),
     ("    l_i = gl.sum(l_t, axis=1)\n",
      "    _stamp(stamp_ptr, 2, gl.sum(gl.sum(o, 2), 1))\n"),
-    ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n',
+    (('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n',
+      "            done = split % GROUP\n"),
      "            _stamp(stamp_ptr, 3, _st0 + done)\n"),
-    ("                                       1, G, D, HALF, WP, V_PART, NW)\n",
+    (("                                       1, G, D, HALF, WP, V_PART, NW)\n",
+      "                                       V_PART, NW)\n"),
      "                _stamp(stamp_ptr, 4, gl.sum(o_t, 1))\n"),
     ('                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel", scope="gpu")\n',
      "                    _stamp(stamp_ptr, 5, _st0 + top)\n"),
@@ -193,6 +195,105 @@ SOURCE_VARIANTS["first_early"] = [
 SOURCE_VARIANTS["q_seq"] = [("    q_row = gl.load(query_start_ptr + seq)\n", "    q_row = seq\n")]
 SOURCE_VARIANTS["early_both"] = SOURCE_VARIANTS["first_early"] + SOURCE_VARIANTS["q_seq"]
 SOURCE_VARIANTS["early_all"] = SOURCE_VARIANTS["early_both"] + ["move_query_loads"]
+# cluster: the merge groups of 8 splits launched as clusters of 8 CTAs (grid splits x heads x
+# sequences, the splits along x; launch_cluster), the group's counter atomic replaced by a cluster
+# barrier (barrier.cluster arrive.release / wait.acquire), the last CTA of the cluster merging the
+# group's partials from the L2 as served. cluster_cols: each CTA of the cluster then merges
+# D / 8 columns of the group's 8 partials (the L2 reads of one merge spread over 8 programs), a
+# second cluster barrier, and the last CTA writes m and l and goes on to the groups' counter.
+# Both need splits a multiple of 8 (run where the served split count is).
+CLUSTER = 8
+_CLUSTER_HELPERS = """
+
+@gluon.jit
+def _cluster_sync(x, NW: gl.constexpr):
+    \"\"\"Every CTA of the cluster here, their writes before it (global memory too) visible after it.\"\"\"
+    t = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0])) + x
+    gl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned; "
+        "mov.u32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _merge_cols(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, HALF: gl.constexpr,
+                WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr, DC: gl.constexpr):
+    \"\"\"_merge of the n (<= 8) partial rows first, first + 1, ... for columns [c0, c0 + DC) only,
+    written into row first's columns; returns (l, m) of the merge (every column's).\"\"\"
+    M3: gl.constexpr = gl.BlockedLayout([8, 1, 1], [1, 2, 16], [1, NW, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
+    s = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
+    r = gl.arange(0, HALF, RL)
+    c = c0 + gl.arange(0, DC, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
+    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + first
+    mask = (s < n)[:, None] & (r < G)[None, :]
+    row = (rbase[None, :] + s[:, None]) * WP
+    m_s = gl.load(part_ptr + row + V_PART, mask=mask, other=-1.0e30)
+    l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
+    o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
+                  other=0.0)
+    m = gl.max(m_s, axis=0)
+    beta = gl.exp2(m_s - m[None, :])
+    l = gl.sum(l_s * beta, axis=0)
+    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
+    OL: gl.constexpr = gl.SliceLayout(0, M3)
+    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
+    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
+    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
+    return l, m
+
+
+@gluon.jit
+def _store_ml(part_ptr, l, m, q_row, head, splits, slot, G: gl.constexpr, HALF: gl.constexpr,
+              WP: gl.constexpr, V_PART: gl.constexpr):
+    rm = gl.arange(0, HALF, l.type.layout)
+    row_m = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + rm) * splits
+             + slot) * WP
+    gl.store(part_ptr + row_m + V_PART, m, mask=rm < G)
+    gl.store(part_ptr + row_m + V_PART + 1, l, mask=rm < G)
+"""
+SOURCE_VARIANTS["cluster"] = [
+    ("\n" + RULE + "# The kernel", _CLUSTER_HELPERS + "\n" + RULE + "# The kernel"),
+    ("    seq = gl.program_id(0)\n", "    seq = gl.program_id(2)\n"),
+    ("    # Layouts: one batched mma.sync layout",
+     "    split = gl.program_id(0)  # the splits along x: a cluster is 8 of them\n"
+     "    # Layouts: one batched mma.sync layout"),
+    ("    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count\n",
+     "    splits = gl.num_programs(0)\n"),
+    ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n'
+     "            if done == in_group - 1:\n"
+     "                gl.store(counts + group, 0)  # zero again for the next launch (graph replays)\n",
+     "            _cluster_sync(split, NW)\n"
+     "            done = split % GROUP\n"
+     "            if done == in_group - 1:\n")]
+SOURCE_VARIANTS["cluster_cols"] = SOURCE_VARIANTS["cluster"] + [
+    ("            if done == in_group - 1:\n"
+     "                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,\n"
+     "                                                     L2, D)\n"
+     "                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP, in_group,\n"
+     "                                       1, G, D, HALF, WP, V_PART, NW)\n"
+     "                last = groups == 1\n"
+     "                if groups > 1:  # the group's merge replaces its first partial; the last group\n"
+     "                    _cta_barrier()  # (every thread's reads of that partial done) merges them\n"
+     "                    _store_merged(part_ptr, o_t, l_m, m_m, q_row, head, splits, group * GROUP,\n"
+     "                                  G, D, HALF, WP, V_PART)\n"
+     "                    _cta_barrier()\n",
+     "            l_c, m_c = _merge_cols(part_ptr, q_row, head, splits, group * GROUP, in_group,\n"
+     "                                   done * (D // GROUP), G, HALF, WP, V_PART, NW, D // GROUP)\n"
+     "            _cluster_sync(split, NW)  # every CTA's columns written, its m and l read\n"
+     "            if done == in_group - 1:\n"
+     "                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,\n"
+     "                                                     L2, D)\n"
+     "                _store_ml(part_ptr, l_c, m_c, q_row, head, splits, group * GROUP, G, HALF, WP,\n"
+     "                          V_PART)\n"
+     "                _cta_barrier()  # one group: its merged row read back to finish it\n"
+     "                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,\n"
+     "                                       (groups == 1).to(gl.int32), 1, G, D, HALF, WP,\n"
+     "                                       V_PART, NW)\n"
+     "                last = groups == 1\n"
+     "                if groups > 1:\n")]
+
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -299,12 +400,32 @@ def instrumented_module(variant: str = "served", stamps: bool = True):
     if not stamps:
         return load_module(src, f"tq_decode_hopper_{variant}")
     for anchor, text in STAMP_AFTER:
+        if isinstance(anchor, tuple):  # alternatives: the first the source holds
+            anchor = next((a for a in anchor if a in src), anchor[0])
         src = _replace_once(src, anchor, anchor + text, "stamps")
     src = _replace_once(src, KERNEL_END, "\n    _gstamp(stamp_ptr, 9, _st0)" + KERNEL_END, "stamps")
     src = _replace_once(src, LOOP, FIRST_CODES + LOOP, "stamps")
     src = _replace_once(src, "\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel",
                         "stamps")
     return load_module(src, f"tq_decode_hopper_{variant}_stamped")
+
+
+def cluster_launcher(kernel, grid, args, kw):
+    """The cluster variants' launch: `kernel` compiled for these arguments without a run
+    (warmup), then launched with clusters of CLUSTER CTAs along x (the compiled kernel's
+    num_ctas, which Triton's launcher turns into the cluster dimension and multiplies the grid's
+    x by): grid (sequences, heads, splits) as (splits // CLUSTER, heads, sequences)."""
+    from vllm_gds.kernels.launch import CachedLaunch
+
+    seqs, heads, splits = grid
+    if splits % CLUSTER:
+        raise ValueError(f"{splits} splits: the cluster variants need a multiple of {CLUSTER}")
+    compiled = kernel.warmup(*args, grid=(splits, heads, seqs), **kw)
+    compiled._init_handles()
+    md = compiled.metadata
+    compiled.packed_metadata = (md.num_warps, CLUSTER, md.shared)
+    consts = CachedLaunch(kernel).const_values(kw)
+    return lambda *a: compiled[(splits // CLUSTER, heads, seqs)](*a, *consts)
 
 
 def phases_of(st, splits, group):
@@ -438,11 +559,15 @@ def main():
     # (the codes of tiles further ahead asked into the L2 on 2026-12-07 09:33: slower everywhere)
     # (8 warps a program and twice the splits on 2026-12-07 09:37: no faster anywhere; the
     # prologue's chains shortened (timing-only variants) at 09:41: no faster)
-    # merge groups of 4 and 16 splits with the warp merge (16 was timed with the old merge only)
-    groups = [("served", 4, 1, 0, {}), ("served", 4, 1, 4, {}), ("served", 4, 1, 16, {})]
-    runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, groups) for fmt in ("tq4", "tq3")
+    # (merge groups of 4 and 16 with the warp merge at 09:51: slower, 8 stays)
+    # the merge groups as clusters of 8 CTAs: the group's counter a cluster barrier, and the
+    # group's merge spread over its 8 programs (cluster_cols); shapes whose splits are a multiple
+    # of 8
+    cl = [("served", 4, 1, 0, {}), ("cluster", 4, 1, 0, {}), ("cluster_cols", 4, 1, 0, {})]
+    runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, cl) for fmt in ("tq4", "tq3")
             for b, ctx in ((1, 32768), (8, 32768))]
-    runs += [(fmt, "Llama-3-8B", 32, 8, 128, 1, 32768, groups) for fmt in ("tq4", "tq3")]
+    runs += [("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, cl),
+             ("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, cl)]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
     served_group = tdh.MERGE_GROUP
@@ -478,17 +603,24 @@ def main():
                 counts = torch.zeros(tdh.counter_count(b, hk, splits), dtype=torch.int32,
                                      device=device)
 
-                def plain(c=cache):
+                runners = {}
+
+                def run(kernel, c, dst, *extra):
                     grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                    splits, out, num_warps=nw,
+                                                    splits, dst, num_warps=nw,
                                                     counts=counts, **launch)
-                    plain_mod._tq_decode_hopper_kernel[grid](*a, **kw)
+                    if not source.startswith("cluster"):
+                        kernel[grid](*a, *extra, **kw)
+                        return
+                    if kernel not in runners:
+                        runners[kernel] = cluster_launcher(kernel, grid, (*a, *extra), kw)
+                    runners[kernel](*a, *extra)
+
+                def plain(c=cache):
+                    run(plain_mod._tq_decode_hopper_kernel, c, out)
 
                 def probed(c=cache):
-                    grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
-                                                    splits, ref, num_warps=nw,
-                                                    counts=counts, **launch)
-                    mod._tq_decode_hopper_kernel[grid](*a, stamps, **kw)
+                    run(mod._tq_decode_hopper_kernel, c, ref, stamps)
 
                 plain()
                 probed()
