@@ -294,6 +294,106 @@ SOURCE_VARIANTS["cluster_cols"] = SOURCE_VARIANTS["cluster"] + [
      "                if groups > 1:\n")]
 
 
+# cluster_dsmem: as cluster_cols, but no partial goes through the L2 at the group level: each CTA
+# writes its partial (o, m, l) into a shared buffer declared in PTX (xbuf, outside Triton's
+# allocation), a cluster barrier, each CTA reads its D / 8 columns of the 8 buffers through
+# distributed shared memory (mapa, ld.shared::cluster), merges them and writes its columns of the
+# group's row to the L2, a second cluster barrier (no CTA leaves while others read its buffer),
+# then the last CTA writes m and l and goes on to the groups' counter (_dsmem).
+_DSMEM_HELPERS = """
+
+@gluon.jit
+def _xs_declare(NW: gl.constexpr):
+    \"\"\"xbuf: 16 rows x (128 + 2) float32, one element a thread (the declaration emitted once).\"\"\"
+    one = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0]))
+    gl.inline_asm_elementwise(".shared .align 16 .b8 xbuf[8320]; mov.u32 $0, 0;", "=r,r", [one],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _xs_put(v, off):
+    gl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, xbuf; add.u32 a, a, $1; st.shared.f32 [a], $2; mov.u32 $0, 0; }",
+        "=r,r,f", [off, v], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _xs_get(off, rank):
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, xbuf; add.u32 a, a, $1; mapa.shared::cluster.u32 a, a, $2; "
+        "ld.shared::cluster.f32 $0, [a]; }",
+        "=f,r,r", [off, rank], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _merge_dsmem(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, D: gl.constexpr,
+                 HALF: gl.constexpr, WP: gl.constexpr, NW: gl.constexpr, DC: gl.constexpr):
+    \"\"\"The cluster's n (<= 8) partials from its CTAs' xbuf merged for columns [c0, c0 + DC), written
+    into partial row `first`'s columns; returns (l, m) of the merge.\"\"\"
+    M3: gl.constexpr = gl.BlockedLayout([8, 1, 1], [1, 2, 16], [1, NW, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
+    s = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
+    r = gl.arange(0, HALF, RL)
+    c = c0 + gl.arange(0, DC, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
+    ok = (s < n)[:, None] & (r < G)[None, :]
+    rank = gl.minimum(s, n - 1)[:, None] + r[None, :] * 0
+    m_s = gl.where(ok, _xs_get((HALF * D + r[None, :] + s[:, None] * 0) * 4, rank), -1.0e30)
+    l_s = gl.where(ok, _xs_get((HALF * D + HALF + r[None, :] + s[:, None] * 0) * 4, rank), 0.0)
+    off3 = (r[None, :, None] * D + c[None, None, :]) * 4 + s[:, None, None] * 0
+    o_s = _xs_get(off3, rank[:, :, None] + c[None, None, :] * 0)
+    o_s = gl.where(ok[:, :, None], o_s, 0.0)
+    m = gl.max(m_s, axis=0)
+    beta = gl.exp2(m_s - m[None, :])
+    l = gl.sum(l_s * beta, axis=0)
+    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
+    OL: gl.constexpr = gl.SliceLayout(0, M3)
+    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
+    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
+    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
+    return l, m
+"""
+_DSMEM_BLOCK = """        ML: gl.constexpr = gl.SliceLayout(0, OL)
+        if FINISH == 2:  # the group's partials through the cluster's shared memory
+            groups = gl.cdiv(splits, GROUP)
+            group = split // GROUP
+            in_group = gl.minimum(GROUP, splits - group * GROUP)
+            counts = count_ptr + (seq * gl.num_programs(1) + head) * (groups + 1)
+            _xs_declare(NW)
+            _xs_put(o_all, (ro[None, :] * D + co[:, None]) * 4)
+            _xs_put(gl.convert_layout(m_all, ML), (HALF * D + ro) * 4)
+            _xs_put(gl.convert_layout(l_all, ML), (HALF * D + HALF + ro) * 4)
+            _cluster_sync(split, NW)
+            l_c, m_c = _merge_dsmem(part_ptr, q_row, head, splits, group * GROUP, in_group,
+                                    split % GROUP * (D // GROUP), G, D, HALF, WP, NW,
+                                    D // GROUP)
+            _cluster_sync(split, NW)  # the buffers read, every CTA's columns written
+            done = split % GROUP
+            if done == in_group - 1:
+                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,
+                                                     L2, D)
+                _store_ml(part_ptr, l_c, m_c, q_row, head, splits, group * GROUP, G, HALF, WP,
+                          V_PART)
+                _cta_barrier()  # one group: its merged row read back to finish it
+                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
+                                       (groups == 1).to(gl.int32), 1, G, D, HALF, WP,
+                                       V_PART, NW)
+                last = groups == 1
+                if groups > 1:
+"""
+
+
+def _dsmem(src: str) -> str:
+    """cluster_dsmem's group level: from the partial row's store to the groups' counter."""
+    a = src.index("        row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head)")
+    b = src.index('                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel"')
+    return src[:a] + _DSMEM_BLOCK + src[b:]
+
+
+SOURCE_VARIANTS["cluster_dsmem"] = SOURCE_VARIANTS["cluster"][:4] + [
+    ("\n" + RULE + "# The kernel", _DSMEM_HELPERS + "\n" + RULE + "# The kernel"), "dsmem"]
+
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -378,6 +478,8 @@ def variant_source(variant: str) -> str:
             src = _move_query_loads(src)
         elif edit == "interleave":
             src = _interleave(src)
+        elif edit == "dsmem":
+            src = _dsmem(src)
         else:
             src = _replace_once(src, *edit, variant)
     return src
@@ -560,10 +662,10 @@ def main():
     # (8 warps a program and twice the splits on 2026-12-07 09:37: no faster anywhere; the
     # prologue's chains shortened (timing-only variants) at 09:41: no faster)
     # (merge groups of 4 and 16 with the warp merge at 09:51: slower, 8 stays)
-    # the merge groups as clusters of 8 CTAs: the group's counter a cluster barrier, and the
-    # group's merge spread over its 8 programs (cluster_cols); shapes whose splits are a multiple
-    # of 8
-    cl = [("served", 4, 1, 0, {}), ("cluster", 4, 1, 0, {}), ("cluster_cols", 4, 1, 0, {})]
+    # the merge groups as clusters of 8 CTAs: the group's counter a cluster barrier, the
+    # group's merge spread over its 8 programs (cluster_cols), the partials through distributed
+    # shared memory (cluster_dsmem); shapes whose splits are a multiple of 8
+    cl = [(v, 4, 1, 0, {}) for v in ("served", "cluster", "cluster_cols", "cluster_dsmem")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, cl) for fmt in ("tq4", "tq3")
             for b, ctx in ((1, 32768), (8, 32768))]
     runs += [("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, cl),
