@@ -486,9 +486,11 @@ def variant_source(variant: str) -> str:
 
 
 def load_module(src: str, name: str):
+    """src imported from a temporary file as vllm_gds.kernels.<name>, so that its relative
+    imports (the host side, tq_decode_hopper_host) resolve to this tree's."""
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(f"vllm_gds.kernels.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

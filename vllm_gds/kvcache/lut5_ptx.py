@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 # (low nibble, high nibble) code of each output: output p's element e (0..7) holds code
-# 8 (e // 2) + PAIRS[p][e % 2] of the lane's 32 (tq_decode_hopper.coordinate, K5_PAIRS)
+# 8 (e // 2) + PAIRS[p][e % 2] of the lane's 32 (tq_decode_hopper_host.coordinate, K5_PAIRS)
 PAIRS = ((0, 4), (7, 3), (5, 1), (2, 6))
 
 
