@@ -215,6 +215,23 @@ def _cluster_sync(x, NW: gl.constexpr):
 
 
 @gluon.jit
+def _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G: gl.constexpr,
+                 HALF: gl.constexpr, WP: gl.constexpr, DC: gl.constexpr, M3: gl.constexpr):
+    \"\"\"The merge of partials (m_s, l_s [8, HALF], o_s [8, HALF, DC] in M3) written into partial row
+    first's columns [c0, c0 + DC); returns (l, m).\"\"\"
+    m = gl.max(m_s, axis=0)
+    beta = gl.exp2(m_s - m[None, :])
+    l = gl.sum(l_s * beta, axis=0)
+    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
+    OL: gl.constexpr = gl.SliceLayout(0, M3)
+    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
+    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
+    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
+    return l, m
+
+
+@gluon.jit
 def _merge_cols(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, HALF: gl.constexpr,
                 WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr, DC: gl.constexpr):
     \"\"\"_merge of the n (<= 8) partial rows first, first + 1, ... for columns [c0, c0 + DC) only,
@@ -231,16 +248,8 @@ def _merge_cols(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, HA
     l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
     o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
                   other=0.0)
-    m = gl.max(m_s, axis=0)
-    beta = gl.exp2(m_s - m[None, :])
-    l = gl.sum(l_s * beta, axis=0)
-    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
-    OL: gl.constexpr = gl.SliceLayout(0, M3)
-    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
-    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
-    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
-    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
-    return l, m
+    return _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G, HALF, WP, DC,
+                        M3)
 
 
 @gluon.jit
@@ -342,16 +351,8 @@ def _merge_dsmem(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, D
     off3 = (r[None, :, None] * D + c[None, None, :]) * 4 + s[:, None, None] * 0
     o_s = _xs_get(off3, rank[:, :, None] + c[None, None, :] * 0)
     o_s = gl.where(ok[:, :, None], o_s, 0.0)
-    m = gl.max(m_s, axis=0)
-    beta = gl.exp2(m_s - m[None, :])
-    l = gl.sum(l_s * beta, axis=0)
-    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
-    OL: gl.constexpr = gl.SliceLayout(0, M3)
-    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
-    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
-    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
-    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
-    return l, m
+    return _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G, HALF, WP, DC,
+                        M3)
 """
 _DSMEM_BLOCK = """        ML: gl.constexpr = gl.SliceLayout(0, OL)
         if FINISH == 2:  # the group's partials through the cluster's shared memory
