@@ -1,0 +1,400 @@
+"""The Hopper decode kernel's source variants that benchmarks/dev/kv_decode_phases.py times beside
+the served one (issue 16): text edits of kernels/tq_decode_hopper.py, each checked to apply
+exactly once (variant_source), and the launch the cluster variants need (cluster_launcher).
+Each variant's comment says what it changes and, where it was timed, what it measured; the
+numbers are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _source_tree  # noqa: F401  this tree's vllm_gds importable
+
+RULE = "# " + "-" * 93 + "\n"  # the kernel module's section rule
+
+
+# Source variants of the kernel, timed beside the served one: (old, new) replacements, each old
+# text found exactly once, or "move_query_loads" (_move_query_loads) or "interleave" (_interleave). kv_end_first: the
+# sequence's length (the head of the chain length -> block table entry -> the first tile's
+# codes) loaded first, before the lookup table's barriers; loads_first: also the query and the
+# transform's tables loaded before that chain.
+# the sequence length's load taken from its place (the variants load it earlier)
+_KV_END_OUT = ("    kv_end = gl.load(seq_lens_ptr + seq)\n    bt_row", "    bt_row")
+SOURCE_VARIANTS = {
+    "served": [],
+    "kv_end_first": [
+        _KV_END_OUT,
+        ("    q_row = gl.load(query_start_ptr + seq)\n",
+         "    q_row = gl.load(query_start_ptr + seq)\n    kv_end = gl.load(seq_lens_ptr + seq)\n"),
+    ],
+}
+# (a CTA barrier after the first tile's loads was tried: the compiler drops it, no shared memory
+# between it and the lookup table's barriers; the same SASS as kv_end_first)
+# warp_reduce: the warps' partial rows merged by cross-warp reductions and converted again for
+# the partial store (served until 2026-12-07; the served in-thread merge ("warp_sum_all") took
+# 597 -> 248 SASS and 12 -> 7 CTA barriers from the tile loop to the counter at 70B TP8)
+SOURCE_VARIANTS["warp_reduce"] = [(
+    "    OW: gl.constexpr = gl.BlockedLayout([NW, 4, R2, 1], [1, 8, 1, 4], [1, NW, 1, 1],\n"
+    "                                        [1, 0, 2, 3])\n"
+    "    MW: gl.constexpr = gl.SliceLayout(1, OW)\n"
+    "    mw = gl.convert_layout(m4, MW)\n"
+    "    lw = gl.convert_layout(l4, MW)\n"
+    "    ow = gl.convert_layout(o4, OW)\n"
+    "    m_all = gl.max(gl.max(mw, axis=1), axis=0)\n"
+    "    w = gl.exp2(mw - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(lw * w, axis=1), axis=0)\n"
+    "    o_all = gl.sum(gl.sum(ow * gl.expand_dims(w, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, OW))\n",
+    "    m_all = gl.max(gl.max(m4, axis=1), axis=0)\n"
+    "    w4 = gl.exp2(m4 - gl.expand_dims(gl.expand_dims(m_all, 0), 1))\n"
+    "    l_all = gl.sum(gl.sum(l4 * w4, axis=1), axis=0)\n"
+    "    w4o = gl.convert_layout(w4, gl.SliceLayout(1, o4.type.layout))\n"
+    "    o_all = gl.sum(gl.sum(o4 * gl.expand_dims(w4o, 1), axis=2), axis=0)  # [D, HALF]\n"
+    "    OL: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [NW, 1], [0, 1])\n"
+    "    o_all = gl.convert_layout(o_all, OL)\n")]
+SOURCE_VARIANTS["loads_first"] = SOURCE_VARIANTS["kv_end_first"] + ["move_query_loads"]
+# merge_wide: the merges take 16 partial rows a step where HALF = 8, not 8 (at 128 splits in
+# groups of 8 the last merge's 16 groups in one round trip to the L2 instead of two); HALF 4
+# keeps its 16, HALF 16 its 4 (more spill: 32 a step at HALF 4 took 392 bytes of stack)
+SOURCE_VARIANTS["merge_wide"] = [
+    ("    SC: gl.constexpr = 64 // HALF  # 64 float32 registers a thread at D = 128\n",
+     "    SC: gl.constexpr = 16 if HALF <= 8 else 64 // HALF\n")]
+# interleave: tiles dealt round-robin to the splits, the first tile's codes two memory round trips
+# from the start, not three (_interleave); with merge_wide's 16 rows a step
+SOURCE_VARIANTS["interleave"] = SOURCE_VARIANTS["merge_wide"] + ["interleave"]
+# codes_late: as loads_first, and the first tile's code loads (which wait for the block-table
+# entry, in program order) issued after the prologue's loads and math, just before the tile loop:
+# the query, H and the key mean's loads no longer queue behind the chain length -> block table
+SOURCE_VARIANTS["codes_late"] = SOURCE_VARIANTS["loads_first"] + [
+    ("        base, kw, vw = _tile_codes(\n"
+     "            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+     "            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD,"
+     " V_CODES)\n",
+     "        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+     "                          STRIDE_HEAD)\n"),
+    ("    for tile in range(tile_lo, tile_hi):\n",
+     "    if PREFETCH:\n"
+     "        kw = _load_words(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK)\n"
+     "        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)\n"
+     "    for tile in range(tile_lo, tile_hi):\n")]
+# Timing only (their outputs differ from the served call's): how much of 70B TP8 1x32K's prologue
+# the two dependent chains cost. first_early: the first tile's block-table entries and codes
+# loaded without waiting for the sequence's length (the tile at index `split`, no mask; the loop
+# then decodes them as its first tile's): the chain length -> block table -> codes becomes block
+# table -> codes, as a program given tile `split` first (tiles dealt round-robin for the first
+# tile only) would have. q_seq: the query row taken as the sequence's index (a pure-decode batch)
+# instead of loaded from query_start_loc: the chain query start -> query becomes the query.
+SOURCE_VARIANTS["first_early"] = [
+    ("            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,",
+     "            cache_ptr, bt_row, split, 1 << 30, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,")]
+SOURCE_VARIANTS["q_seq"] = [("    q_row = gl.load(query_start_ptr + seq)\n", "    q_row = seq\n")]
+SOURCE_VARIANTS["early_both"] = SOURCE_VARIANTS["first_early"] + SOURCE_VARIANTS["q_seq"]
+SOURCE_VARIANTS["early_all"] = SOURCE_VARIANTS["early_both"] + ["move_query_loads"]
+# cluster: the merge groups of 8 splits launched as clusters of 8 CTAs (grid splits x heads x
+# sequences, the splits along x; launch_cluster), the group's counter atomic replaced by a cluster
+# barrier (barrier.cluster arrive.release / wait.acquire), the last CTA of the cluster merging the
+# group's partials from the L2 as served. cluster_cols: each CTA of the cluster then merges
+# D / 8 columns of the group's 8 partials (the L2 reads of one merge spread over 8 programs), a
+# second cluster barrier, and the last CTA writes m and l and goes on to the groups' counter.
+# Both need splits a multiple of 8 (run where the served split count is).
+CLUSTER = 8
+_CLUSTER_HELPERS = """
+
+@gluon.jit
+def _cluster_sync(x, NW: gl.constexpr):
+    \"\"\"Every CTA of the cluster here, their writes before it (global memory too) visible after it.\"\"\"
+    t = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0])) + x
+    gl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned; "
+        "mov.u32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G: gl.constexpr,
+                 HALF: gl.constexpr, WP: gl.constexpr, DC: gl.constexpr, M3: gl.constexpr):
+    \"\"\"The merge of partials (m_s, l_s [8, HALF], o_s [8, HALF, DC] in M3) written into partial row
+    first's columns [c0, c0 + DC); returns (l, m).\"\"\"
+    m = gl.max(m_s, axis=0)
+    beta = gl.exp2(m_s - m[None, :])
+    l = gl.sum(l_s * beta, axis=0)
+    o = gl.sum(o_s * beta[:, :, None], axis=0)  # [HALF, DC]
+    OL: gl.constexpr = gl.SliceLayout(0, M3)
+    ro = gl.arange(0, HALF, gl.SliceLayout(1, OL))
+    co = c0 + gl.arange(0, DC, gl.SliceLayout(0, OL))
+    rb2 = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + ro) * splits + first
+    gl.store(part_ptr + (rb2 * WP)[:, None] + co[None, :], o, mask=(ro < G)[:, None])
+    return l, m
+
+
+@gluon.jit
+def _merge_cols(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, HALF: gl.constexpr,
+                WP: gl.constexpr, V_PART: gl.constexpr, NW: gl.constexpr, DC: gl.constexpr):
+    \"\"\"_merge of the n (<= 8) partial rows first, first + 1, ... for columns [c0, c0 + DC) only,
+    written into row first's columns; returns (l, m) of the merge (every column's).\"\"\"
+    M3: gl.constexpr = gl.BlockedLayout([8, 1, 1], [1, 2, 16], [1, NW, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
+    s = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
+    r = gl.arange(0, HALF, RL)
+    c = c0 + gl.arange(0, DC, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
+    rbase = (q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + r) * splits + first
+    mask = (s < n)[:, None] & (r < G)[None, :]
+    row = (rbase[None, :] + s[:, None]) * WP
+    m_s = gl.load(part_ptr + row + V_PART, mask=mask, other=-1.0e30)
+    l_s = gl.load(part_ptr + row + V_PART + 1, mask=mask, other=0.0)
+    o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],
+                  other=0.0)
+    return _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G, HALF, WP, DC,
+                        M3)
+
+
+@gluon.jit
+def _store_ml(part_ptr, l, m, q_row, head, splits, slot, G: gl.constexpr, HALF: gl.constexpr,
+              WP: gl.constexpr, V_PART: gl.constexpr):
+    rm = gl.arange(0, HALF, l.type.layout)
+    row_m = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + head * G + rm) * splits
+             + slot) * WP
+    gl.store(part_ptr + row_m + V_PART, m, mask=rm < G)
+    gl.store(part_ptr + row_m + V_PART + 1, l, mask=rm < G)
+"""
+SOURCE_VARIANTS["cluster"] = [
+    ("\n" + RULE + "# The kernel", _CLUSTER_HELPERS + "\n" + RULE + "# The kernel"),
+    ("    seq = gl.program_id(0)\n", "    seq = gl.program_id(2)\n"),
+    ("    # Layouts: one batched mma.sync layout",
+     "    split = gl.program_id(0)  # the splits along x: a cluster is 8 of them\n"
+     "    # Layouts: one batched mma.sync layout"),
+    ("    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count\n",
+     "    splits = gl.num_programs(0)\n"),
+    ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n'
+     "            if done == in_group - 1:\n"
+     "                gl.store(counts + group, 0)  # zero again for the next launch (graph replays)\n",
+     "            _cluster_sync(split, NW)\n"
+     "            done = split % GROUP\n"
+     "            if done == in_group - 1:\n")]
+SOURCE_VARIANTS["cluster_cols"] = SOURCE_VARIANTS["cluster"] + [
+    ("            if done == in_group - 1:\n"
+     "                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,\n"
+     "                                                     L2, D)\n"
+     "                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP, in_group,\n"
+     "                                       1, G, D, HALF, WP, V_PART, NW)\n"
+     "                last = groups == 1\n"
+     "                if groups > 1:  # the group's merge replaces its first partial; the last group\n"
+     "                    _cta_barrier()  # (every thread's reads of that partial done) merges them\n"
+     "                    _store_merged(part_ptr, o_t, l_m, m_m, q_row, head, splits, group * GROUP,\n"
+     "                                  G, D, HALF, WP, V_PART)\n"
+     "                    _cta_barrier()\n",
+     "            l_c, m_c = _merge_cols(part_ptr, q_row, head, splits, group * GROUP, in_group,\n"
+     "                                   done * (D // GROUP), G, HALF, WP, V_PART, NW, D // GROUP)\n"
+     "            _cluster_sync(split, NW)  # every CTA's columns written, its m and l read\n"
+     "            if done == in_group - 1:\n"
+     "                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,\n"
+     "                                                     L2, D)\n"
+     "                _store_ml(part_ptr, l_c, m_c, q_row, head, splits, group * GROUP, G, HALF, WP,\n"
+     "                          V_PART)\n"
+     "                _cta_barrier()  # one group: its merged row read back to finish it\n"
+     "                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,\n"
+     "                                       (groups == 1).to(gl.int32), 1, G, D, HALF, WP,\n"
+     "                                       V_PART, NW)\n"
+     "                last = groups == 1\n"
+     "                if groups > 1:\n")]
+
+
+# cluster_dsmem: as cluster_cols, but no partial goes through the L2 at the group level: each CTA
+# writes its partial (o, m, l) into a shared buffer declared in PTX (xbuf, outside Triton's
+# allocation), a cluster barrier, each CTA reads its D / 8 columns of the 8 buffers through
+# distributed shared memory (mapa, ld.shared::cluster), merges them and writes its columns of the
+# group's row to the L2, a second cluster barrier (no CTA leaves while others read its buffer),
+# then the last CTA writes m and l and goes on to the groups' counter (_dsmem).
+_DSMEM_HELPERS = """
+
+@gluon.jit
+def _xs_declare(NW: gl.constexpr):
+    \"\"\"xbuf: 16 rows x (128 + 2) float32, one element a thread (the declaration emitted once).\"\"\"
+    one = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0]))
+    gl.inline_asm_elementwise(".shared .align 16 .b8 xbuf[8320]; mov.u32 $0, 0;", "=r,r", [one],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _xs_put(v, off):
+    gl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, xbuf; add.u32 a, a, $1; st.shared.f32 [a], $2; mov.u32 $0, 0; }",
+        "=r,r,f", [off, v], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _xs_get(off, rank):
+    return gl.inline_asm_elementwise(
+        "{ .reg .u32 a; mov.u32 a, xbuf; add.u32 a, a, $1; mapa.shared::cluster.u32 a, a, $2; "
+        "ld.shared::cluster.f32 $0, [a]; }",
+        "=f,r,r", [off, rank], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _merge_dsmem(part_ptr, q_row, head, splits, first, n, c0, G: gl.constexpr, D: gl.constexpr,
+                 HALF: gl.constexpr, WP: gl.constexpr, NW: gl.constexpr, DC: gl.constexpr):
+    \"\"\"The cluster's n (<= 8) partials from its CTAs' xbuf merged for columns [c0, c0 + DC), written
+    into partial row `first`'s columns; returns (l, m) of the merge.\"\"\"
+    M3: gl.constexpr = gl.BlockedLayout([8, 1, 1], [1, 2, 16], [1, NW, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, M3))
+    s = gl.arange(0, 8, gl.SliceLayout(1, gl.SliceLayout(2, M3)))
+    r = gl.arange(0, HALF, RL)
+    c = c0 + gl.arange(0, DC, gl.SliceLayout(0, gl.SliceLayout(1, M3)))
+    ok = (s < n)[:, None] & (r < G)[None, :]
+    rank = gl.minimum(s, n - 1)[:, None] + r[None, :] * 0
+    m_s = gl.where(ok, _xs_get((HALF * D + r[None, :] + s[:, None] * 0) * 4, rank), -1.0e30)
+    l_s = gl.where(ok, _xs_get((HALF * D + HALF + r[None, :] + s[:, None] * 0) * 4, rank), 0.0)
+    off3 = (r[None, :, None] * D + c[None, None, :]) * 4 + s[:, None, None] * 0
+    o_s = _xs_get(off3, rank[:, :, None] + c[None, None, :] * 0)
+    o_s = gl.where(ok[:, :, None], o_s, 0.0)
+    return _merged_cols(m_s, l_s, o_s, part_ptr, q_row, head, splits, first, c0, G, HALF, WP, DC,
+                        M3)
+"""
+_DSMEM_BLOCK = """        ML: gl.constexpr = gl.SliceLayout(0, OL)
+        if FINISH == 2:  # the group's partials through the cluster's shared memory
+            groups = gl.cdiv(splits, GROUP)
+            group = split // GROUP
+            in_group = gl.minimum(GROUP, splits - group * GROUP)
+            counts = count_ptr + (seq * gl.num_programs(1) + head) * (groups + 1)
+            _xs_declare(NW)
+            _xs_put(o_all, (ro[None, :] * D + co[:, None]) * 4)
+            _xs_put(gl.convert_layout(m_all, ML), (HALF * D + ro) * 4)
+            _xs_put(gl.convert_layout(l_all, ML), (HALF * D + HALF + ro) * 4)
+            _cluster_sync(split, NW)
+            l_c, m_c = _merge_dsmem(part_ptr, q_row, head, splits, group * GROUP, in_group,
+                                    split % GROUP * (D // GROUP), G, D, HALF, WP, NW,
+                                    D // GROUP)
+            _cluster_sync(split, NW)  # the buffers read, every CTA's columns written
+            done = split % GROUP
+            if done == in_group - 1:
+                h_v, sg_v, mean_v = _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head,
+                                                     L2, D)
+                _store_ml(part_ptr, l_c, m_c, q_row, head, splits, group * GROUP, G, HALF, WP,
+                          V_PART)
+                _cta_barrier()  # one group: its merged row read back to finish it
+                o_t, l_m, m_m = _merge(part_ptr, q_row, head, splits, group * GROUP,
+                                       (groups == 1).to(gl.int32), 1, G, D, HALF, WP,
+                                       V_PART, NW)
+                last = groups == 1
+                if groups > 1:
+"""
+
+
+def _dsmem(src: str) -> str:
+    """cluster_dsmem's group level: from the partial row's store to the groups' counter."""
+    a = src.index("        row_base = ((q_row.to(gl.int64) * (G * gl.num_programs(1)) + rows_head)")
+    b = src.index('                    top = gl.atomic_add(counts + groups, 1, sem="acq_rel"')
+    return src[:a] + _DSMEM_BLOCK + src[b:]
+
+
+SOURCE_VARIANTS["cluster_dsmem"] = SOURCE_VARIANTS["cluster"][:4] + [
+    ("\n" + RULE + "# The kernel", _DSMEM_HELPERS + "\n" + RULE + "# The kernel"), "dsmem"]
+
+
+# kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
+# first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
+# max (two barriers before any load of the chain length -> block table -> codes)
+SOURCE_VARIANTS["kv_end_zero"] = [
+    ("    one: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])\n"
+     "    lane0 = gl.max(gl.arange(0, 32 * NW, one), axis=0) * lut_zero\n",
+     "    kv_end = gl.load(seq_lens_ptr + seq)\n"
+     "    lane0 = kv_end * lut_zero\n"),
+    _KV_END_OUT,
+]
+
+
+def _move_query_loads(src: str) -> str:
+    """The query section's loads (from its comment to H's load) moved before section 0."""
+    a = src.index("    # 1. The query, transformed once")
+    b = src.index("    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])")
+    b = src.index("\n", b) + 1
+    block = src[a:b]
+    at = src.index("    # 0. This program's share")
+    return src[:at] + block + "\n" + src[at:a] + src[b:]
+
+
+def _interleave(src: str) -> str:
+    """Tiles dealt round-robin (program `split` takes tiles split, split + splits, ...), so the
+    first tile's block-table entry needs no sequence length: the entry is loaded at an index
+    clamped to the row (stride_bt entries), then zeroed past the sequence. The chain length ->
+    block table -> codes (three round trips to memory before the first tile, each a DRAM
+    latency after do_bench's L2 flush) becomes max(length, block table) -> codes. The key mean's
+    step (splits tiles) is taken in the kernel from its angle (_rope_cos_sin), not the host's."""
+    edits = [
+        ("    per_split = gl.cdiv(num_tiles, splits)\n    tile_lo = split * per_split\n"
+         "    tile_hi = gl.minimum(tile_lo + per_split, num_tiles)\n",
+         "    tile_lo = split\n    tile_hi = num_tiles\n", 1),
+        ("    for tile in range(tile_lo, tile_hi):\n",
+         "    for tile in range(tile_lo, tile_hi, splits):\n", 1),
+        ("bt_row, tile_lo + 1,", "bt_row, tile_lo + splits,", 1),
+        ("bt_row, tile + 1,", "bt_row, tile + splits,", 1),
+        ("bt_row, tile + 2,", "bt_row, tile + 2 * splits,", 1),
+        ("def _tile_base(bt_row, tile, kv_end, head, stride_blk,",
+         "def _tile_base(bt_row, tile, kv_end, head, stride_blk, bt_last,", 1),
+        ("def _tile_codes(cache_ptr, bt_row, tile, kv_end, head, stride_blk,",
+         "def _tile_codes(cache_ptr, bt_row, tile, kv_end, head, stride_blk, bt_last,", 1),
+        ("    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, W,",
+         "    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, bt_last, W,", 1),
+        ("    blk = gl.load(bt_row + tok0 // PAGE, mask=tok0 < kv_end, other=0)\n",
+         "    blk = gl.load(bt_row + gl.minimum(tok0 // PAGE, bt_last))\n"
+         "    blk = gl.where(tok0 < kv_end, blk, 0)\n", 1),
+        ("kv_end, head, stride_blk, W1", "kv_end, head, stride_blk, stride_bt - 1, W1", 5),
+        ("        c_step = gl.load(mean_step_ptr + jj)[:, None]\n"
+         "        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)[:, None]\n"
+         "        theta = gl.load(mean_theta_ptr + jj)\n",
+         "        theta = gl.load(mean_theta_ptr + jj)\n"
+         "        c_step, s_step = _rope_cos_sin((splits * (16 * NW)).to(gl.float64)"
+         " * theta.to(gl.float64))\n"
+         "        c_step = c_step[:, None]\n        s_step = s_step[:, None]\n", 1),
+        ("        c_step = gl.load(mean_step_ptr + jj)\n"
+         "        s_step = gl.load(mean_step_ptr + gl.num_programs(1) * RH + jj)\n",
+         "        c_step, s_step = _rope_cos_sin((splits * (16 * NW)).to(gl.float64)"
+         " * theta.to(gl.float64))\n", 1),
+    ]
+    for old, new, n in edits:
+        if src.count(old) != n:
+            raise SystemExit(f"kv_decode_phases: interleave: {old!r} found {src.count(old)} "
+                             f"times (expected {n}); update this script to the kernel's source")
+        src = src.replace(old, new)
+    return src
+
+
+def replace_once(src: str, old: str, new: str, what: str) -> str:
+    if src.count(old) != 1:
+        raise SystemExit(f"kv_decode_phases: {what}: {old!r} found {src.count(old)} times in "
+                         "kernels/tq_decode_hopper.py; update this script to the kernel's source")
+    return src.replace(old, new)
+
+
+def variant_source(variant: str) -> str:
+    from vllm_gds.kernels import tq_decode_hopper as tdh
+
+    src = Path(tdh.__file__).read_text()
+    for edit in SOURCE_VARIANTS[variant]:
+        if edit == "move_query_loads":
+            src = _move_query_loads(src)
+        elif edit == "interleave":
+            src = _interleave(src)
+        elif edit == "dsmem":
+            src = _dsmem(src)
+        else:
+            src = replace_once(src, *edit, variant)
+    return src
+
+
+def cluster_launcher(kernel, grid, args, kw):
+    """The cluster variants' launch: `kernel` compiled for these arguments without a run
+    (warmup), then launched with clusters of CLUSTER CTAs along x (the compiled kernel's
+    num_ctas, which Triton's launcher turns into the cluster dimension and multiplies the grid's
+    x by): grid (sequences, heads, splits) as (splits // CLUSTER, heads, sequences)."""
+    from vllm_gds.kernels.launch import CachedLaunch
+
+    seqs, heads, splits = grid
+    if splits % CLUSTER:
+        raise ValueError(f"{splits} splits: the cluster variants need a multiple of {CLUSTER}")
+    compiled = kernel.warmup(*args, grid=(splits, heads, seqs), **kw)
+    compiled._init_handles()
+    md = compiled.metadata
+    compiled.packed_metadata = (md.num_warps, CLUSTER, md.shared)
+    consts = CachedLaunch(kernel).const_values(kw)
+    return lambda *a: compiled[(splits // CLUSTER, heads, seqs)](*a, *consts)
