@@ -284,7 +284,8 @@ def main():
     # the merge groups as clusters of 8 CTAs: the group's counter a cluster barrier, the
     # group's merge spread over its 8 programs (cluster_cols), the partials through distributed
     # shared memory (cluster_dsmem); shapes whose splits are a multiple of 8
-    cl = [(v, 4, 1, 0, {}) for v in ("served", "cluster", "cluster_cols", "cluster_dsmem")]
+    cl = [(v, 4, 1, 0, {}) for v in ("served", "cluster", "cluster_cols", "cluster_dsmem",
+                                     "cluster_dsmem_relaxed")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, b, ctx, cl) for fmt in ("tq4", "tq3")
             for b, ctx in ((1, 32768), (8, 32768))]
     runs += [("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, cl),

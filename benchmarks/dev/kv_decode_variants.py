@@ -291,6 +291,15 @@ SOURCE_VARIANTS["cluster_dsmem"] = SOURCE_VARIANTS["cluster"][:4] + [
     ("\n" + RULE + "# The kernel", _DSMEM_HELPERS + "\n" + RULE + "# The kernel"), "dsmem"]
 
 
+# cluster_dsmem_relaxed (timing only: not a correct ordering): cluster_dsmem with both cluster
+# barriers' arrive relaxed. A release at cluster scope compiles to MEMBAR.ALL.GPU (+ ERRBAR,
+# CGAERRBAR; the acquire to CCTL.IVALL), as the served counter's acq_rel atomic does: this says
+# how much of the cluster merge is those fences.
+SOURCE_VARIANTS["cluster_dsmem_relaxed"] = SOURCE_VARIANTS["cluster_dsmem"] + [
+    ('"barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned; "',
+     '"barrier.cluster.arrive.relaxed.aligned; barrier.cluster.wait.aligned; "')]
+
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
