@@ -17,8 +17,6 @@ NT = 16  # tokens per warp-tile (one m16n8k16 K step of PV)
 # Layouts
 
 
-
-
 def _bits(n: int) -> int:
     b = n.bit_length() - 1
     if 1 << b != n:

@@ -92,12 +92,12 @@ SOURCE_VARIANTS["q_seq"] = [("    q_row = gl.load(query_start_ptr + seq)\n", "  
 SOURCE_VARIANTS["early_both"] = SOURCE_VARIANTS["first_early"] + SOURCE_VARIANTS["q_seq"]
 SOURCE_VARIANTS["early_all"] = SOURCE_VARIANTS["early_both"] + ["move_query_loads"]
 # cluster: the merge groups of 8 splits launched as clusters of 8 CTAs (grid splits x heads x
-# sequences, the splits along x; launch_cluster), the group's counter atomic replaced by a cluster
+# sequences, the splits along x; cluster_launcher), the group's counter atomic replaced by a cluster
 # barrier (barrier.cluster arrive.release / wait.acquire), the last CTA of the cluster merging the
 # group's partials from the L2 as served. cluster_cols: each CTA of the cluster then merges
 # D / 8 columns of the group's 8 partials (the L2 reads of one merge spread over 8 programs), a
 # second cluster barrier, and the last CTA writes m and l and goes on to the groups' counter.
-# Both need splits a multiple of 8 (run where the served split count is).
+# Every cluster variant needs splits a multiple of 8 (run where the served split count is).
 CLUSTER = 8
 _CLUSTER_HELPERS = """
 
@@ -157,14 +157,16 @@ def _store_ml(part_ptr, l, m, q_row, head, splits, slot, G: gl.constexpr, HALF: 
     gl.store(part_ptr + row_m + V_PART, m, mask=rm < G)
     gl.store(part_ptr + row_m + V_PART + 1, l, mask=rm < G)
 """
-SOURCE_VARIANTS["cluster"] = [
+# every cluster variant: its helpers, and the grid splits x heads x sequences
+_CLUSTER_GRID = [
     ("\n" + RULE + "# The kernel", _CLUSTER_HELPERS + "\n" + RULE + "# The kernel"),
     ("    seq = gl.program_id(0)\n", "    seq = gl.program_id(2)\n"),
     ("    # Layouts: one batched mma.sync layout",
      "    split = gl.program_id(0)  # the splits along x: a cluster is 8 of them\n"
      "    # Layouts: one batched mma.sync layout"),
     ("    splits = gl.num_programs(2)  # a runtime value: one compile serves every split count\n",
-     "    splits = gl.num_programs(0)\n"),
+     "    splits = gl.num_programs(0)\n")]
+SOURCE_VARIANTS["cluster"] = _CLUSTER_GRID + [
     ('            done = gl.atomic_add(counts + group, 1, sem="acq_rel", scope="gpu")\n'
      "            if done == in_group - 1:\n"
      "                gl.store(counts + group, 0)  # zero again for the next launch (graph replays)\n",
@@ -287,7 +289,7 @@ def _dsmem(src: str) -> str:
     return src[:a] + _DSMEM_BLOCK + src[b:]
 
 
-SOURCE_VARIANTS["cluster_dsmem"] = SOURCE_VARIANTS["cluster"][:4] + [
+SOURCE_VARIANTS["cluster_dsmem"] = _CLUSTER_GRID + [
     ("\n" + RULE + "# The kernel", _DSMEM_HELPERS + "\n" + RULE + "# The kernel"), "dsmem"]
 
 
