@@ -362,14 +362,25 @@ def _store_merged(part_ptr, o, l, m, q_row, head, splits, slot, G: gl.constexpr,
 
 
 @gluon.jit
+def _h_operand(ptr, LB2: gl.constexpr, D: gl.constexpr, NW: gl.constexpr):
+    """A transform's [D, D] 16-bit matrix (H^T in memory: element (k, n) at n D + k) as the B
+    operand in LB2: by coalesced 16-byte loads, then through shared memory into the operand's
+    layout. Loaded in the operand's layout it took 64 4-byte loads a thread, 8 cache lines a warp
+    instruction, ahead of the query's and the merges' own loads in the queue: at 70B TP8 1x32K
+    the query arrived 3.8 us after the program's start and H 4.7, with this 2.6 and 3.3
+    (H100, 2026-12-07, benchmarks/dev/kv_decode_phases.py: "hk_vec", "h_vec")."""
+    HB: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, NW], [0, 1])
+    k = gl.arange(0, D, gl.SliceLayout(1, HB))
+    n = gl.arange(0, D, gl.SliceLayout(0, HB))
+    return gl.convert_layout(gl.load(ptr + n[None, :] * D + k[:, None]), LB2)
+
+
+@gluon.jit
 def _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2: gl.constexpr,
                      D: gl.constexpr):
     """_finish's tables (H_v's rows in m-slot order, transposed, as the B operand; signs /
     sqrt(D); the head's value mean), loaded before the merge so their latency hides under it."""
-    LB2: gl.constexpr = gl.DotOperandLayout(1, L2, 2)
-    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
-    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
-    h = gl.load(hvt_ptr + hc[None, :] * D + hd[:, None]).to(gl.bfloat16)
+    h = _h_operand(hvt_ptr, gl.DotOperandLayout(1, L2, 2), D, gl.num_warps()).to(gl.bfloat16)
     c = gl.arange(0, D, gl.SliceLayout(0, L2))
     sg = gl.load(signs_ptr + c) * (1.0 / (D ** 0.5))
     mean = gl.load(value_mean_ptr + head * D + c)
@@ -492,9 +503,7 @@ def _tq_decode_hopper_kernel(
         x = x * gl.where((r2 >= XH)[:, None], sgn[None, :], (ksc * sgn)[None, :])
     else:
         x = x * (ksc * sgn)[None, :]
-    hd = gl.arange(0, D, gl.SliceLayout(1, LB2))
-    hc = gl.arange(0, D, gl.SliceLayout(0, LB2))
-    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])  # H^T in memory: k pairs contiguous
+    h = _h_operand(hk_ptr, LB2, D, NW)
     qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))
     qt = gl.permute((qt * qk_scale).to(gl.bfloat16), [1, 0])  # [D, 16]
     if R == 8:
@@ -763,7 +772,7 @@ def kernel_constexprs(tables, G: int, page: int, stride_tok: int, stride_head: i
         K_OFF=kw["KB_OFF"], V_OFF=kw["VB_OFF"], K_NORM_OFF=kw["K_NORM_OFF"],
         V_NORM_OFF=kw["V_NORM_OFF"], ASM=tables.hopper_asm[codes, "k"],
         V_ASM=tables.hopper_asm[codes, "v"],
-        WP=kw["VA_W"] + kw["VB_W"] + 2,
+        WP=kw["VA_W"] + kw["VB_W"] + 4,  # o, m, l and two words: rows 16-byte aligned
         V_PART=kw["VA_W"] + kw["VB_W"],
         K_LOAD=k_load_layout(d, nw, kc), V_LOAD=v_load_layout(d, nw, vc, False),
         V_PAIR=v_load_layout(d, nw, vc, True), K_ORDER=perm_code(k_order(d, kc)),
@@ -892,8 +901,8 @@ def counter_count(num_seqs: int, kv_heads: int, splits: int) -> int:
 
 
 def partials(rows: int, splits: int, width: int, device) -> torch.Tensor:
-    """The partial rows FINISH 2 writes and merges: `splits` of `width` float32 words (o, m, l)
-    per query row and head."""
+    """The partial rows FINISH 2 writes and merges: `splits` of `width` float32 words (o, m, l
+    and two unused, so that rows start 16-byte aligned) per query row and head."""
     return torch.empty(rows * splits * width, dtype=torch.float32, device=device)
 
 

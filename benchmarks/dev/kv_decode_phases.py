@@ -93,7 +93,7 @@ STAMP_AFTER = [
     ("    split = gl.program_id(2)\n",
      "    _st0 = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0])) + split\n"
      "    _gstamp(stamp_ptr, 8, _st0)\n    _stamp(stamp_ptr, 0, _st0)\n"),
-    ("    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])  # H^T in memory: k pairs contiguous\n",
+    ("    h = _h_operand(hk_ptr, LB2, D, NW)\n",
      "    _stamp(stamp_ptr, 10, gl.sum(x, 1))\n"
      "    _stamp(stamp_ptr, 11, gl.sum(h.to(gl.float32), 1))\n"),
     ("    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)\n",
@@ -287,11 +287,14 @@ def main():
     # (2026-12-07 11:50: slower at every shape timed, 70B TP8 1x32K tq4 cold 16.2 -> 18.2-19.2 us)
     # one merge level: the last G programs to arrive merge one query head each (head_merge; SC 64
     # or 128 partial rows a step), at the shapes with more than one merge group
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "head_merge", "head_merge128")]
+    # (2026-12-07 11:55: correct, no faster: 70B TP8 1x32K tq4 cold 16.2 -> 17.2 / 16.7 us)
+    # (the transforms' H by 16-byte loads, partial rows 16-byte aligned, 11:58-12:00: served since;
+    # 70B TP8 1x32K tq4 graph 14.4 -> 13.4 us, tq3 13.9 -> 12.5)
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "head_merge")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),
-             ("tq3", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm)]
+             ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, hm)]
     rows = []
     out_path = args.out / "kv_decode_phases.json"
     served_group = tdh.MERGE_GROUP

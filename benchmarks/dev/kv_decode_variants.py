@@ -398,6 +398,11 @@ SOURCE_VARIANTS["head_merge128"] = [SOURCE_VARIANTS["head_merge"][0], (
     SOURCE_VARIANTS["head_merge"][1][1].replace("V_PART, NW, 64)", "V_PART, NW, 128)"))]
 
 
+
+# (served since 2026-12-07 12:00: the partial rows 16-byte aligned (D + 4 words), and the two
+# transforms' H matrices loaded by 16-byte loads through shared memory (_h_operand); timed as the
+# variants wp132, h_vec and hk_vec: raw results/kv_decode_phases_vec.json and _vec_all.json)
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -484,6 +489,11 @@ def variant_source(variant: str) -> str:
             src = _interleave(src)
         elif edit == "dsmem":
             src = _dsmem(src)
+        elif edit[0] == "ALL":  # ("ALL", old, new, how many times old is found)
+            if src.count(edit[1]) != edit[3]:
+                raise SystemExit(f"kv_decode_phases: {variant}: {edit[1]!r} found "
+                                 f"{src.count(edit[1])} times (expected {edit[3]})")
+            src = src.replace(edit[1], edit[2])
         else:
             src = replace_once(src, *edit, variant)
     return src
