@@ -35,8 +35,10 @@ TYPES = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32", "seq_l
          "key_mean_ptr": "*fp32", "mean_pairs_ptr": "*i32", "mean_theta_ptr": "*fp32", "mean_step_ptr": "*fp32",
          "mean_mu_ptr": "*fp32", "mean_table_ptr": "*fp16", "hk_ptr": "*bf16",
          "part_ptr": "*fp32", "out_ptr": "*bf16", "hvt_ptr": "*bf16", "value_mean_ptr": "*fp32", "count_ptr": "*i32", **{f"lut{i}": "i32" for i in range(4)}, "lut_zero": "i32", "qk_scale": "fp32"}
-DIVISIBLE = ("q_ptr", "cache_ptr", "block_table_ptr", "part_ptr", "stride_blk", "stride_bt",
-             "stride_qt", "hk_ptr", "mean_table_ptr")  # as torch tensors specialize them
+# as torch tensors specialize them at run time: every tensor's address (16-byte aligned by torch's
+# allocator) and the strides that are multiples of 16 at the served shapes
+DIVISIBLE = tuple(n for n, t in TYPES.items() if t.startswith("*")) + (
+    "stride_blk", "stride_bt", "stride_qt")
 INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
