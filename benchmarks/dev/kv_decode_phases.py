@@ -41,8 +41,8 @@ from pathlib import Path
 
 import _source_tree  # noqa: F401  this tree's vllm_gds and benchmarks/ importable
 import kv_bench as kb
-from kv_decode_variants import (RULE, SOURCE_VARIANTS, cluster_launcher, replace_once,
-                                variant_source)
+from kv_decode_variants import (RULE, SOURCE_VARIANTS, WHT_ARGS, cluster_launcher, replace_once,
+                                variant_source, wht_tables)
 
 STAMPS = 16  # int64 slots a program: clocks 0..7, globaltimer start / end at 8, 9, clocks
 # 10..12 in the prologue (PROLOGUE_MARKS)
@@ -93,7 +93,7 @@ STAMP_AFTER = [
     ("    split = gl.program_id(2)\n",
      "    _st0 = gl.arange(0, 32 * NW, gl.BlockedLayout([1], [32], [NW], [0])) + split\n"
      "    _gstamp(stamp_ptr, 8, _st0)\n    _stamp(stamp_ptr, 0, _st0)\n"),
-    ("    h = _h_operand(hk_ptr, LB2, D, NW)\n",
+    (("    h = _h_operand(hk_ptr, LB2, D, NW)\n", "    h = x  # wht: no H (the stamps' anchor)\n"),
      "    _stamp(stamp_ptr, 10, gl.sum(x, 1))\n"
      "    _stamp(stamp_ptr, 11, gl.sum(h.to(gl.float32), 1))\n"),
     ("    m_i = gl.full([NW, R], -1.0e30, gl.float32, STAT)\n",
@@ -135,18 +135,23 @@ def load_module(src: str, name: str):
 def instrumented_module(variant: str = "served", stamps: bool = True):
     """The copy of tq_decode_hopper (a source variant), with the stamps or without, imported from a
     temporary file."""
+    name = f"tq_decode_hopper_{variant}" + ("_stamped" if stamps else "")
+    return load_module(instrumented_source(variant, stamps), name)
+
+
+def instrumented_source(variant: str = "served", stamps: bool = True) -> str:
+    """instrumented_module's source."""
     src = variant_source(variant)
     if not stamps:
-        return load_module(src, f"tq_decode_hopper_{variant}")
+        return src
     for anchor, text in STAMP_AFTER:
         if isinstance(anchor, tuple):  # alternatives: the first the source holds
             anchor = next((a for a in anchor if a in src), anchor[0])
         src = replace_once(src, anchor, anchor + text, "stamps")
     src = replace_once(src, KERNEL_END, "\n    _gstamp(stamp_ptr, 9, _st0)" + KERNEL_END, "stamps")
     src = replace_once(src, LOOP, FIRST_CODES + LOOP, "stamps")
-    src = replace_once(src, "\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel",
+    return replace_once(src, "\n" + RULE + "# The kernel", HELPERS + "\n" + RULE + "# The kernel",
                         "stamps")
-    return load_module(src, f"tq_decode_hopper_{variant}_stamped")
 
 
 def phases_of(st, splits, group):
@@ -226,7 +231,7 @@ def sass_table() -> None:
     sys.path.insert(0, str(_source_tree.ROOT / "tests"))
     import hopper_compile as hc
 
-    served = hc.hop._tq_decode_hopper_kernel
+    served, types = hc.hop._tq_decode_hopper_kernel, dict(hc.TYPES)
     configs = [dict(g=8, kv_heads=1, finish=2, prefetch=True),
                dict(g=4, kv_heads=8, finish=2, prefetch=True),
                dict(g=8, kv_heads=1, finish=1, prefetch=True),
@@ -237,6 +242,9 @@ def sass_table() -> None:
         for variant in SOURCE_VARIANTS:
             module = instrumented_module(variant, False)
             hc.hop._tq_decode_hopper_kernel = module._tq_decode_hopper_kernel
+            hc.TYPES.update(types)
+            if variant in WHT_ARGS:  # int32 tables in H's places
+                hc.TYPES.update(hk_ptr="*i32", hvt_ptr="*i32")
             for cfg in configs:
                 k = hc.compile_sm90(**cfg)
                 st = hc.stats(k)
@@ -251,6 +259,7 @@ def sass_table() -> None:
                       f"| {st['total']} |", flush=True)
     finally:
         hc.hop._tq_decode_hopper_kernel = served
+        hc.TYPES.update(types)
 
 
 def main():
@@ -290,7 +299,8 @@ def main():
     # (2026-12-07 11:55: correct, no faster: 70B TP8 1x32K tq4 cold 16.2 -> 17.2 / 16.7 us)
     # (the transforms' H by 16-byte loads, partial rows 16-byte aligned, 11:58-12:00: served since;
     # 70B TP8 1x32K tq4 graph 14.4 -> 13.4 us, tq3 13.9 -> 12.5)
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "head_merge")]
+    # the transforms as Walsh-Hadamard butterflies in registers, no H loaded (wht)
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),
@@ -311,6 +321,7 @@ def main():
         sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
         dflt = default_splits(b, hk, device, hopper=True)
         served_out = None
+        wht = wht_tables(d, tables.hopper_codes, device)
         for source, nw, factor, group, launch in variants:
             splits, group = int(dflt * factor), group or served_group
             for stamped in (False, True):
@@ -336,6 +347,10 @@ def main():
                     grid, a, kw = tdh.decode_launch(q, c, bt, sl, qsl, tables, d ** -0.5,
                                                     splits, dst, num_warps=nw,
                                                     counts=counts, **launch)
+                    if source in WHT_ARGS:  # the gather and scatter tables in H's places
+                        names = kernel.arg_names
+                        a = list(a)
+                        a[names.index("hk_ptr")], a[names.index("hvt_ptr")] = wht
                     if not source.startswith("cluster"):
                         kernel[grid](*a, *extra, **kw)
                         return

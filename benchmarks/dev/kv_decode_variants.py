@@ -403,6 +403,131 @@ SOURCE_VARIANTS["head_merge128"] = [SOURCE_VARIANTS["head_merge"][0], (
 # transforms' H matrices loaded by 16-byte loads through shared memory (_h_operand); timed as the
 # variants wp132, h_vec and hk_vec: raw results/kv_decode_phases_vec.json and _vec_all.json)
 
+
+# wht: no H matrix at all. The query transform q~ = x @ H[:, k_perm] and the finish's
+# (o / l) @ H_v[v_perm] as Walsh-Hadamard transforms in registers, float32 (log2(D / 4) in-thread
+# butterfly stages, two across the 4 lanes of a row by shuffles), instead of an MMA with a
+# 32 KB matrix loaded by every program (the query transform) and every merging one (the finish).
+# k_perm and v_perm are GF(2)-linear maps of the index bits (A; checked by wht_tables), so
+# x @ H[:, A] = WHT(x[A^-T]) (the query gathered, no permutation after) and y @ H[A, :] =
+# WHT(y) scattered to the columns A^-T (the output stored where it belongs). The gather and
+# scatter indices (wht_tables) go in hk_ptr's and hvt_ptr's places (int32), so the variant needs
+# no new argument; WHT_ARGS tells kv_decode_phases to pass them. Not bit-identical to served:
+# float32 butterflies instead of bfloat16 operands (the served transform rounds x to bfloat16).
+_WHT_HELPERS = """
+
+@gluon.jit
+def _wht_rows(x, c, D: gl.constexpr, WL: gl.constexpr):
+    \"\"\"The Walsh-Hadamard transform (Sylvester order, unnormalized) of every row of x [M, D] in
+    WL (a row's D / 4 consecutive columns in a thread, 4 lanes a row; c: 0 .. D - 1 in
+    SliceLayout(0, WL)).\"\"\"
+    M: gl.constexpr = x.shape[0]
+    C: gl.constexpr = D // 4
+    LOGC: gl.constexpr = 5 if D == 128 else 4
+    for k in gl.static_range(LOGC):  # (no size-1 dims: tt.split could not infer their layout)
+        if k == 0:
+            u, v = gl.split(gl.reshape(x, [M, D // 2, 2]))
+            x = gl.reshape(gl.join(u + v, u - v), [M, D])
+        else:
+            y = gl.permute(gl.reshape(x, [M, D // (2 << k), 2, 1 << k]), [0, 1, 3, 2])
+            u, v = gl.split(y)
+            x = gl.reshape(gl.permute(gl.join(u + v, u - v), [0, 1, 3, 2]), [M, D])
+    x = gl.convert_layout(x, WL)
+    g = (c // C)[None, :]
+    p = gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=f,f", [x],
+                                  dtype=gl.float32, is_pure=True, pack=1)
+    x = gl.where((g & 1) != 0, p - x, x + p)
+    p = gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=f,f", [x],
+                                  dtype=gl.float32, is_pure=True, pack=1)
+    return gl.where((g & 2) != 0, p - x, x + p)
+
+
+@gluon.jit
+def _finish_operands(hvt_ptr, signs_ptr, value_mean_ptr, head, L2: gl.constexpr,
+                     D: gl.constexpr):
+    \"\"\"wht: the output columns of the transform's slots (hvt_ptr: the scatter table), and the
+    signs / sqrt(D) and the head's value mean at those columns.\"\"\"
+    WF: gl.constexpr = gl.BlockedLayout([1, D // 4], [8, 4], [gl.num_warps(), 1], [1, 0])
+    oc = gl.load(hvt_ptr + gl.arange(0, D, gl.SliceLayout(0, WF)))
+    sg = gl.load(signs_ptr + oc) * (1.0 / (D ** 0.5))
+    mean = gl.load(value_mean_ptr + head * D + oc)
+    return oc, sg, mean
+
+
+@gluon.jit
+def _finish(o_t, l, q_row, head, out_ptr, stride_ot, stride_oh, oc, sg, mean,
+            L2: gl.constexpr, G: gl.constexpr, D: gl.constexpr, HALF: gl.constexpr):
+    \"\"\"wht: out rows = value_mean + signs * WHT(o / l) / sqrt(D), each slot's value stored at
+    its column oc.\"\"\"
+    WF: gl.constexpr = gl.BlockedLayout([1, D // 4], [8, 4], [gl.num_warps(), 1], [1, 0])
+    l = gl.convert_layout(l, gl.SliceLayout(1, o_t.type.layout))
+    x = gl.convert_layout(o_t / gl.maximum(l, 1e-30)[:, None], WF)  # [HALF, D]
+    c = gl.arange(0, D, gl.SliceLayout(0, WF))
+    z = _wht_rows(x, c, D, WF)
+    r = gl.arange(0, HALF, gl.SliceLayout(1, WF))
+    res = z * sg[None, :] + mean[None, :]
+    rows = out_ptr + q_row.to(gl.int64) * stride_ot + (head * G + r) * stride_oh
+    gl.store(rows[:, None] + oc[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=(r < G)[:, None])
+"""
+
+
+def _wht(src: str) -> str:
+    """wht's finish in place of the served _finish_operands and _finish."""
+    a = src.index("@gluon.jit\ndef _finish_operands(")
+    b = src.index("\n" + RULE + "# The kernel")
+    return src[:a] + _WHT_HELPERS.lstrip("\n") + "\n" + src[b:]
+
+
+SOURCE_VARIANTS["wht"] = ["wht", (
+    "    x = gl.load(q_ptrs[:, None] + d2[None, :], mask=q_mask2[:, None], other=0.0).to(gl.float32)\n"
+    "    sgn = gl.load(signs_ptr + d2)\n"
+    "    ksc = gl.load(key_scale_ptr + head * D + d2)\n"
+    "    if RAWQ:\n"
+    "        x = x * gl.where((r2 >= XH)[:, None], sgn[None, :], (ksc * sgn)[None, :])\n"
+    "    else:\n"
+    "        x = x * (ksc * sgn)[None, :]\n"
+    "    h = _h_operand(hk_ptr, LB2, D, NW)\n"
+    "    qt = mma_v2(x.to(gl.bfloat16), h, gl.zeros([16, D], gl.float32, L2))\n",
+    "    WQ: gl.constexpr = gl.BlockedLayout([1, D // 4], [8, 4], [NW, 1], [1, 0])\n"
+    "    rw = gl.arange(0, 16, gl.SliceLayout(1, WQ))\n"
+    "    cw = gl.arange(0, D, gl.SliceLayout(0, WQ))\n"
+    "    iw = gl.load(hk_ptr + cw)  # wht: the query's gather table (A^-T)\n"
+    "    mw = ((rw % XH) < G) & (rw < (2 * XH if RAWQ else R))\n"
+    "    qw = q_ptr + q_row.to(gl.int64) * stride_qt + (head * G + rw % XH) * stride_qh\n"
+    "    x = gl.load(qw[:, None] + iw[None, :], mask=mw[:, None], other=0.0).to(gl.float32)\n"
+    "    sgn = gl.load(signs_ptr + iw)\n"
+    "    ksc = gl.load(key_scale_ptr + head * D + iw)\n"
+    "    if RAWQ:\n"
+    "        x = x * gl.where((rw >= XH)[:, None], sgn[None, :], (ksc * sgn)[None, :])\n"
+    "    else:\n"
+    "        x = x * (ksc * sgn)[None, :]\n"
+    "    h = x  # wht: no H (the stamps' anchor)\n"
+    "    qt = gl.convert_layout(_wht_rows(h, cw, D, WQ), L2)  # the MMA's, as served\n")]
+WHT_ARGS = {"wht"}
+
+
+def wht_tables(d: int, codes: int, device):
+    """(gather, scatter) int32 indices of the wht variant: the query's A_k^-T and the output's
+    A_v^-T, where A_k, A_v (the kernel's k- and m-slot coordinates, tq_decode_hopper_host) are
+    GF(2)-linear maps of the index bits; checked here."""
+    import torch
+
+    from vllm_gds.kernels import tq_decode_hopper_host as hh
+
+    kc, vc = hh.stream_codes(codes)
+    out = []
+    for perm in (hh.slot_coordinates(d, hh.k_order(d, kc), kc, "k"),
+                 hh.slot_coordinates(d, hh.v_order(d, vc), vc, "v")):
+        if any(perm[a ^ b] != perm[a] ^ perm[b] for a in range(d) for b in range(d)):
+            raise SystemExit("kv_decode_phases: wht: a slot map is not GF(2)-linear")
+        images = [perm[1 << t] for t in range(d.bit_length() - 1)]
+        inv_t = [next(i for i in range(d)
+                      if all(bin(i & im).count("1") % 2 == (s >> t) & 1
+                             for t, im in enumerate(images))) for s in range(d)]
+        out.append(torch.tensor(inv_t, dtype=torch.int32, device=device))
+    return tuple(out)
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
@@ -418,7 +543,7 @@ SOURCE_VARIANTS["kv_end_zero"] = [
 def _move_query_loads(src: str) -> str:
     """The query section's loads (from its comment to H's load) moved before section 0."""
     a = src.index("    # 1. The query, transformed once")
-    b = src.index("    h = gl.load(hk_ptr + hc[None, :] * D + hd[:, None])")
+    b = src.index("    h = _h_operand(hk_ptr, LB2, D, NW)")
     b = src.index("\n", b) + 1
     block = src[a:b]
     at = src.index("    # 0. This program's share")
@@ -489,6 +614,8 @@ def variant_source(variant: str) -> str:
             src = _interleave(src)
         elif edit == "dsmem":
             src = _dsmem(src)
+        elif edit == "wht":
+            src = _wht(src)
         elif edit[0] == "ALL":  # ("ALL", old, new, how many times old is found)
             if src.count(edit[1]) != edit[3]:
                 raise SystemExit(f"kv_decode_phases: {variant}: {edit[1]!r} found "
