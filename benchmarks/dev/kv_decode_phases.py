@@ -299,8 +299,9 @@ def main():
     # (2026-12-07 11:55: correct, no faster: 70B TP8 1x32K tq4 cold 16.2 -> 17.2 / 16.7 us)
     # (the transforms' H by 16-byte loads, partial rows 16-byte aligned, 11:58-12:00: served since;
     # 70B TP8 1x32K tq4 graph 14.4 -> 13.4 us, tq3 13.9 -> 12.5)
-    # the transforms as Walsh-Hadamard butterflies in registers, no H loaded (wht)
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht")]
+    # the transforms as Walsh-Hadamard butterflies in registers, no H loaded (wht); the partial
+    # rows' o / l in float16 (part16); both
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht", "part16", "wht_part16")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),

@@ -528,6 +528,32 @@ def wht_tables(d: int, codes: int, device):
         out.append(torch.tensor(inv_t, dtype=torch.int32, device=device))
     return tuple(out)
 
+
+# part16: the partial rows' o / l in float16 (m and l stay float32 at their words): half the
+# bytes the merges read into one SM (the last merge at 70B TP8 1x32K reads 16 groups x 8 rows x
+# 128 columns, 64 KB, about 1.5 us, more than one round trip to the L2). o / l (a weighted mean of
+# values) is bounded by the values' largest coordinate, far under float16's range; o itself (up
+# to the split's tokens times that) is not. Its rounding (2^-11) is below the output's bfloat16
+# one. Not bit-identical to served.
+_P16 = "part_ptr.to(gl.pointer_type(gl.float16))"
+SOURCE_VARIANTS["part16"] = [
+    ("        o_s = gl.load(part_ptr + row[:, :, None] + c[None, None, :], mask=mask[:, :, None],\n"
+     "                      other=0.0)\n",
+     f"        o_s = gl.load({_P16} + (row * 2)[:, :, None] + c[None, None, :],\n"
+     "                      mask=mask[:, :, None], other=0.0).to(gl.float32)\n"),
+    ("        o_run = o_run * alpha_o[:, None] + gl.sum(o_s * beta[:, :, None], axis=0)\n",
+     "        o_run = o_run * alpha_o[:, None] + gl.sum(o_s * (l_s * beta)[:, :, None], axis=0)\n"),
+    ("    gl.store(part_ptr + row[:, None] + c[None, :], o, mask=(r < G)[:, None])\n",
+     "    l_o = gl.maximum(gl.convert_layout(l, gl.SliceLayout(1, OL)), 1e-30)\n"
+     f"    gl.store({_P16} + (row * 2)[:, None] + c[None, :], (o / l_o[:, None]).to(gl.float16),\n"
+     "             mask=(r < G)[:, None])\n"),
+    ("        gl.store(part_ptr + row_base[None, :] + co[:, None], o_all, mask=(ro < G)[None, :])\n",
+     "        l_o = gl.maximum(gl.convert_layout(l_all, gl.SliceLayout(0, OL)), 1e-30)\n"
+     f"        gl.store({_P16} + (row_base * 2)[None, :] + co[:, None],\n"
+     "                 (o_all / l_o[None, :]).to(gl.float16), mask=(ro < G)[None, :])\n")]
+SOURCE_VARIANTS["wht_part16"] = SOURCE_VARIANTS["wht"] + SOURCE_VARIANTS["part16"]
+WHT_ARGS.add("wht_part16")
+
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
 # max (two barriers before any load of the chain length -> block table -> codes)
