@@ -14,8 +14,8 @@ layouts, the tables it reads, why a call is not its own) is tq_decode_hopper_hos
 
 Why: the portable kernel spent ~40% of its 946 SASS instructions per 64-token tile on the nibble
 lookup and most of the rest moving decoded values through shared memory into the MMA operand
-layouts. Here no decoded value leaves its thread's registers: 580 SASS per 64-token tile at the
-Llama-3-8B shape as launched (tq4, PREFETCH, 208 registers; Triton 3.6, tests/hopper_compile.py,
+layouts. Here no decoded value leaves its thread's registers: 594 SASS per 64-token tile at the
+Llama-3-8B shape as launched (tq4, PREFETCH, 234 registers; Triton 3.6, tests/hopper_compile.py,
 every tensor argument 16-byte divisible as at run time); the loop's only shared memory is the key
 mean's operand (below).
 
@@ -40,14 +40,15 @@ Design (one program = one sequence x one KV head x one split; NW = 4 warps, each
   each of two tokens (16 codes each); the keys' 24-bit groups are spread into prmt selectors
   (shift-and-select steps), the values' two tokens ride as the 16-bit lanes of one register;
   both are looked up in the 8-level table. geometry() and coordinate() say which code each
-  element and phase holds; the host permutations follow them as for 4-bit codes. 489 SASS a
-  tile at 70B TP8 (238 registers), 531 at 8B: fewer than tq4's 590 / 580 (Triton 3.6).
+  element and phase holds; the host permutations follow them as for 4-bit codes. 493 SASS a
+  tile at 70B TP8 (235 registers), 546 at 8B: fewer than tq4's 604 / 594 (Triton 3.6, one tile
+  ahead).
 * 5-bit keys (tq5: K_CODES = 5, V_CODES = 4; vllm_gds/kvcache/lut5_ptx.py): a lane's key codes
   are 5 int32 words (its 20 bytes), loaded as 8 elements (the last three repeat the fifth: one
   load); the lookup transposes them into byte planes (one 40-bit group of 8 codes a byte), folds
   the sign into a 16-magnitude index and looks it up in two 8-entry prmt tables (eight table words,
   kernel arguments klut0-7) with a select; output p holds codes K5_PAIRS[p] of each group. The
-  values are tq4's. 700 SASS per tile at the 8B shape (Triton 3.6), 238 registers.
+  values are tq4's. 716 SASS per tile at the 8B shape (Triton 3.6), 236 registers.
 * Nibble -> bf16: tq_lut4's prmt lookup (lut4_ptx.py: the symmetric codebook's magnitudes in
   8-byte tables, ~20 instructions per 8 codes), its table words passed as operands
   (vllm_gds/kvcache/hopper_tables.py) held in registers. CODES = 4: int16 elements in pairs (the
