@@ -300,8 +300,9 @@ def main():
     # (the transforms' H by 16-byte loads, partial rows 16-byte aligned, 11:58-12:00: served since;
     # 70B TP8 1x32K tq4 graph 14.4 -> 13.4 us, tq3 13.9 -> 12.5)
     # the transforms as Walsh-Hadamard butterflies in registers, no H loaded (wht); the partial
-    # rows' o / l in float16 (part16); both
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht", "part16", "wht_part16")]
+    # rows' o / l in float16 (part16); both; the query row as the sequence's index (q_seq), with wht
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht", "part16", "wht_part16", "q_seq",
+                                     "wht_qseq")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),

@@ -552,7 +552,13 @@ SOURCE_VARIANTS["part16"] = [
      f"        gl.store({_P16} + (row_base * 2)[None, :] + co[:, None],\n"
      "                 (o_all / l_o[None, :]).to(gl.float16), mask=(ro < G)[None, :])\n")]
 SOURCE_VARIANTS["wht_part16"] = SOURCE_VARIANTS["wht"] + SOURCE_VARIANTS["part16"]
-WHT_ARGS.add("wht_part16")
+# wht_qseq: wht with the query row taken as the sequence's index (q_seq): once H is not loaded, the
+# chain query start -> query is the prologue's longest (cold, at 70B TP8 1x32K: the query 3.1 us
+# after the start, H 3.8). A served form would need the host's word that every row is its
+# sequence's (a decode batch with at least as many query rows as sequences: vLLM's padded decode
+# graphs give the padding rows zero-length queries at rows past the real ones)
+SOURCE_VARIANTS["wht_qseq"] = SOURCE_VARIANTS["wht"] + SOURCE_VARIANTS["q_seq"]
+WHT_ARGS.update({"wht_part16", "wht_qseq"})
 
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
