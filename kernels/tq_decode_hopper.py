@@ -91,7 +91,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .tq_decode_hopper_host import (  # noqa: F401  (the host side: callers use this module)
     K5_PAIRS, NT, WORD_BYTES, coordinate, finish_rows, geometry, hadamard_operands,
     k_load_layout, k_order, layout_unsupported, lut_args, mean_rows, mean_step, perm_code,
-    rows_of, slot_coordinates, stream_codes, table_args, v_load_layout, v_order, why_unsupported)
+    rows_of, slot_coordinates, slot_maps, stream_codes, table_args, v_load_layout, v_order,
+    why_unsupported)
 
 LOG2E = 1.4426950408889634
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier

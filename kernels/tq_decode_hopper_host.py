@@ -131,6 +131,14 @@ def slot_coordinates(d: int, order: list[int], codes: int = 4, stream: str = "k"
     return coords
 
 
+def slot_maps(d: int, codes: int) -> tuple[list[int], list[int]]:
+    """(the key k-slots', the value m-slots') coordinates of the kernel's `codes` (slot_coordinates
+    of k_order and v_order with stream_codes' widths)."""
+    kc, vc = stream_codes(codes)
+    return (slot_coordinates(d, k_order(d, kc), kc, "k"),
+            slot_coordinates(d, v_order(d, vc), vc, "v"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables and checks
 
@@ -169,9 +177,7 @@ def hadamard_operands(tables, codes: int | None = None) -> tuple[torch.Tensor, t
     if codes not in cache:
         d = tables.layout.head_size
         dev = tables.signs.device
-        kc, vc = stream_codes(codes)
-        kperm = torch.tensor(slot_coordinates(d, k_order(d, kc), kc, "k"), device=dev)
-        vperm = torch.tensor(slot_coordinates(d, v_order(d, vc), vc, "v"), device=dev)
+        kperm, vperm = (torch.tensor(p, device=dev) for p in slot_maps(d, codes))
         cache[codes] = (tables.h_cols["kb"][:, kperm].t().contiguous(),
                         tables.h_rows["vb"][vperm].contiguous())
     return cache[codes]

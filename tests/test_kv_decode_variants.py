@@ -31,9 +31,7 @@ def test_wht_tables_invert_the_slot_maps():
     from vllm_gds.kvcache.rotation import hadamard_pm1
 
     for d, codes in ((128, 4), (128, 3), (128, 5), (64, 4)):
-        kc, vc = hh.stream_codes(codes)
-        kperm = hh.slot_coordinates(d, hh.k_order(d, kc), kc, "k")
-        vperm = hh.slot_coordinates(d, hh.v_order(d, vc), vc, "v")
+        kperm, vperm = hh.slot_maps(d, codes)
         gather, scatter = kv_decode_variants.wht_tables(d, codes, "cpu")
         h = hadamard_pm1(d).double()
         x = torch.randn(16, d, dtype=torch.float64)

@@ -515,10 +515,8 @@ def wht_tables(d: int, codes: int, device):
 
     from vllm_gds.kernels import tq_decode_hopper_host as hh
 
-    kc, vc = hh.stream_codes(codes)
     out = []
-    for perm in (hh.slot_coordinates(d, hh.k_order(d, kc), kc, "k"),
-                 hh.slot_coordinates(d, hh.v_order(d, vc), vc, "v")):
+    for perm in hh.slot_maps(d, codes):
         if any(perm[a ^ b] != perm[a] ^ perm[b] for a in range(d) for b in range(d)):
             raise SystemExit("kv_decode_phases: wht: a slot map is not GF(2)-linear")
         images = [perm[1 << t] for t in range(d.bit_length() - 1)]

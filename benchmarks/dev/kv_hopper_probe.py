@@ -106,8 +106,7 @@ def probe(tables, rows: int = 8, codes: int = 4, trans_asm: bool = True, nw: int
                         K_E=cx["K_E"], V_E=cx["V_E"], num_warps=nw)
     levels = codebook(d, bits)[0].to(device=dev, dtype=torch.bfloat16)
     k_levels = codebook(d, kc)[0].to(device=dev, dtype=torch.bfloat16) if kc == 5 else levels
-    kperm = torch.tensor(hop.slot_coordinates(d, hop.k_order(d, kc), kc, "k"), device=dev)
-    vperm = torch.tensor(hop.slot_coordinates(d, hop.v_order(d, vc), vc, "v"), device=dev)
+    kperm, vperm = (torch.tensor(p, device=dev) for p in hop.slot_maps(d, codes))
     want_k = k_levels[codes_kv[0][:, :, kperm]]  # [NW, 16, k-slot]
     want_v = levels[codes_kv[1][:, :, vperm]].transpose(1, 2)  # [NW, m-slot, 16]
     torch.cuda.synchronize()
