@@ -89,6 +89,36 @@ SOURCE_VARIANTS["first_early"] = [
     ("            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,",
      "            cache_ptr, bt_row, split, 1 << 30, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,")]
 SOURCE_VARIANTS["q_seq"] = [("    q_row = gl.load(query_start_ptr + seq)\n", "    q_row = seq\n")]
+# norms_ahead: the next tile's key and value norms loaded with its codes, one tile ahead (PREFETCH
+# 1), instead of at the top of the tile that uses them: the tile loop's only load issued and used
+# in the same iteration (its latency, an L2 round trip, against the key decode's ~100
+# instructions). Four more registers (two tokens' norms a thread, each stream).
+_NORMS = ("_load_norms(cache_ptr, base, {t}, kv_end, TOKS, K_NORM_OFF,\n"
+          "{i}V_NORM_OFF, NW, STRIDE_TOK)\n")
+SOURCE_VARIANTS["norms_ahead"] = [
+    ("            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD, V_CODES)\n"
+     "        if PREFETCH == 2:  # the second tile's codes too\n",
+     "            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD, V_CODES)\n"
+     "        kn_n, vn_n, ok_n = " + _NORMS.format(t="tile_lo", i=" " * 28)
+     + "        if PREFETCH == 2:  # the second tile's codes too\n"),
+    ("            else:\n"
+     "                base, kw, vw = _tile_codes(\n"
+     "                    cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
+     "                    STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF,\n"
+     "                    V_E, V_WORD, V_CODES)\n",
+     "            else:\n"
+     "                kn, vn, ok = kn_n, vn_n, ok_n\n"
+     "                base, kw, vw = _tile_codes(\n"
+     "                    cache_ptr, bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
+     "                    STRIDE_TOK, STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF,\n"
+     "                    V_E, V_WORD, V_CODES)\n"
+     "                kn_n, vn_n, ok_n = " + _NORMS.format(t="tile + 1", i=" " * 36)),
+    ("        kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,\n"
+     "                                 V_NORM_OFF, NW, STRIDE_TOK)\n",
+     "        if PREFETCH != 1:\n"
+     "            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,\n"
+     "                                     V_NORM_OFF, NW, STRIDE_TOK)\n"),
+]
 SOURCE_VARIANTS["early_both"] = SOURCE_VARIANTS["first_early"] + SOURCE_VARIANTS["q_seq"]
 SOURCE_VARIANTS["early_all"] = SOURCE_VARIANTS["early_both"] + ["move_query_loads"]
 # cluster: the merge groups of 8 splits launched as clusters of 8 CTAs (grid splits x heads x
@@ -556,7 +586,9 @@ SOURCE_VARIANTS["wht_part16"] = SOURCE_VARIANTS["wht"] + SOURCE_VARIANTS["part16
 # sequence's (a decode batch with at least as many query rows as sequences: vLLM's padded decode
 # graphs give the padding rows zero-length queries at rows past the real ones)
 SOURCE_VARIANTS["wht_qseq"] = SOURCE_VARIANTS["wht"] + SOURCE_VARIANTS["q_seq"]
-WHT_ARGS.update({"wht_part16", "wht_qseq"})
+SOURCE_VARIANTS["wht_part16_norms"] = (SOURCE_VARIANTS["wht_part16"]
+                                       + SOURCE_VARIANTS["norms_ahead"])
+WHT_ARGS.update({"wht_part16", "wht_qseq", "wht_part16_norms"})
 
 # kv_end_zero: the lookup's table words made per-thread values from the sequence's length (loaded
 # first; a global load's result is per-thread to ptxas) times lut_zero, instead of a CTA-wide
