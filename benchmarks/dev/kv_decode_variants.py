@@ -658,6 +658,137 @@ def _interleave(src: str) -> str:
     return src
 
 
+# ring: the key codes of the next RING tiles in flight by cp.async into a ring of shared-memory
+# stages (PREFETCH 1 launches; tq3's PREFETCH 2 as served), instead of one tile ahead in
+# registers; the values stay one tile ahead in registers (their stream starts at byte 66 of a
+# 132-byte tq4 slot: 2-byte aligned, and cp.async copies 4, 8 or 16 bytes): the tile loop's time goes with the bytes a program has in flight (8 warps, half the
+# tiles: no faster; two tiles in registers: tq4 out of registers), and a stage costs shared
+# memory, not registers. Each thread reads back only the elements it copied (the copy and the
+# load take the same layout), so cp.async.wait_group orders them without a CTA barrier; a stage
+# is refilled at the end of the tile that read it (its values consumed by then). The next tile's
+# norms are loaded one tile ahead (norms_ahead). All copies waited for after the loop (the
+# compiler may reuse the ring's shared memory there).
+_RING_HELPERS = """
+RING = gl.constexpr(4)  # tiles in flight (a power of two: the ring's shape)
+
+
+@gluon.jit
+def _word_ptrs(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.constexpr,
+               WORD: gl.constexpr, CODES: gl.constexpr, STRIDE_TOK: gl.constexpr):
+    base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    if CODES == 3:
+        e = 3 * (e // 4) + gl.minimum(e % 4, 2)
+    elif CODES == 5:
+        e = 5 * (e // 8) + gl.minimum(e % 8, 4)
+    rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
+    ptrs = cache_ptr + rows[:, :, None]
+    if WORD == 4:
+        ptrs = ptrs.to(gl.pointer_type(gl.int32)) + e[None, None, :]
+    elif WORD == 2:
+        ptrs = ptrs.to(gl.pointer_type(gl.int16)) + e[None, None, :]
+    else:
+        ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
+    return ptrs
+
+
+@gluon.jit
+def _ring_issue(k_ring, v_ring, stage, cache_ptr, bt_row, tile, kv_end, head, stride_blk,
+                W: gl.constexpr, NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
+                STRIDE_HEAD: gl.constexpr, K_LOAD: gl.constexpr, K_OFF: gl.constexpr,
+                K_E: gl.constexpr, K_WORD: gl.constexpr, K_CODES: gl.constexpr,
+                V_LOAD: gl.constexpr, V_OFF: gl.constexpr, V_E: gl.constexpr,
+                V_WORD: gl.constexpr, V_CODES: gl.constexpr):
+    base = _tile_base(bt_row, tile, kv_end, head, stride_blk, W, NW, PAGE, STRIDE_TOK,
+                      STRIDE_HEAD)
+    _async_load(k_ring.index(stage),
+                _word_ptrs(cache_ptr, base, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, STRIDE_TOK))
+    _acp.commit_group()
+
+
+"""
+_RING_ARGS = ("cache_ptr, bt_row, {t}, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+              "{i}STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD,\n"
+              "{i}V_CODES)\n")
+_RING_ALLOC = """        RS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        if K_WORD == 4:
+            k_ring = gl.allocate_shared_memory(gl.int32, [RING, NW, 16, K_E], RS)
+        elif K_WORD == 2:
+            k_ring = gl.allocate_shared_memory(gl.int16, [RING, NW, 16, K_E], RS)
+        else:
+            k_ring = gl.allocate_shared_memory(gl.int8, [RING, NW, 16, K_E], RS)
+        v_ring = k_ring  # values: one tile ahead in registers (their stream is 2-byte aligned)
+        for i in gl.static_range(RING):
+            _ring_issue(k_ring, v_ring, i, """ + _RING_ARGS.format(t="tile_lo + i", i=" " * 24) + """\
+        base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
+                          STRIDE_HEAD)
+        kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile_lo, kv_end, TOKS, K_NORM_OFF,
+                                       V_NORM_OFF, NW, STRIDE_TOK)
+        vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES, STRIDE_TOK)
+        kw = vw  # the stamps' first-codes anchor: the first values
+"""
+
+
+def _ring(src: str) -> str:
+    head = ("    if PREFETCH:\n"
+            "        base, kw, vw = _tile_codes(\n"
+            "            cache_ptr, bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
+            "            STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD, V_CODES)\n")
+    src = replace_once(src, head, "    if PREFETCH == 1:\n" + _RING_ALLOC
+                       + head.replace("    if PREFETCH:\n", "    if PREFETCH == 2:\n"), "ring")
+    loop = ("        if PREFETCH:\n"
+            "            kw_now = kw\n"
+            "            vw_now = vw\n"
+            "            base_now = base\n"
+            "            if PREFETCH == 2:")
+    src = replace_once(src, loop, (
+        "        if PREFETCH == 1:\n"
+        "            stage = (tile - tile_lo) % RING\n"
+        "            kn, vn, ok = kn_n, vn_n, ok_n\n"
+        "            base = _tile_base(bt_row, tile + 1, kv_end, head, stride_blk, W1, NW, PAGE,\n"
+        "                              STRIDE_TOK, STRIDE_HEAD)\n"
+        "            kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile + 1, kv_end, TOKS,\n"
+        "                                           K_NORM_OFF, V_NORM_OFF, NW, STRIDE_TOK)\n"
+        "            vw_now = vw\n"
+        "            vw = _load_words(cache_ptr, base, V_LOAD, V_OFF, V_E, V_WORD, V_CODES,\n"
+        "                             STRIDE_TOK)\n"
+        "            _acp.wait_group(RING - 1)\n"
+        "            kw_now = k_ring.index(stage).load(K_LOAD)\n"
+        "        elif PREFETCH:\n"
+        "            kw_now = kw\n"
+        "            vw_now = vw\n"
+        "            base_now = base\n"
+        "            if PREFETCH == 2:"), "ring")
+    src = replace_once(src, (
+        "        kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,\n"
+        "                                 V_NORM_OFF, NW, STRIDE_TOK)\n"), (
+        "        if PREFETCH != 1:\n"
+        "            kn, vn, ok = _load_norms(cache_ptr, base_now, tile, kv_end, TOKS, K_NORM_OFF,\n"
+        "                                     V_NORM_OFF, NW, STRIDE_TOK)\n"), "ring")
+    src = replace_once(src, "        o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))\n", (
+        "        o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))\n"
+        "        if PREFETCH == 1:  # this stage read: refill it with tile + RING\n"
+        "            _ring_issue(k_ring, v_ring, stage, "
+        + _RING_ARGS.format(t="tile + RING", i=" " * 24)), "ring")
+    src = replace_once(src, "    l_i = gl.sum(l_t, axis=1)\n",
+                       "    if PREFETCH == 1:\n        _acp.wait_group(0)\n"
+                       "    l_i = gl.sum(l_t, axis=1)\n", "ring")
+    src = replace_once(src, "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n",
+                       "from triton.experimental.gluon.language.nvidia.ampere import mma_v2\n"
+                       "from triton.experimental.gluon.language.nvidia.ampere import async_copy as _acp\n"
+                       "_async_load = getattr(_acp, 'async_load', None) or "
+                       "_acp.async_copy_global_to_shared\n", "ring")
+    a = src.index("@gluon.jit\ndef _load_norms(")
+    return src[:a] + _RING_HELPERS.lstrip("\n") + src[a:]
+
+
+SOURCE_VARIANTS["ring"] = ["ring"]
+SOURCE_VARIANTS["ring2"] = ["ring", ("RING = gl.constexpr(4)", "RING = gl.constexpr(2)")]
+SOURCE_VARIANTS["wht_part16_ring"] = SOURCE_VARIANTS["wht_part16"] + ["ring"]
+WHT_ARGS.add("wht_part16_ring")
+
+
 def replace_once(src: str, old: str, new: str, what: str) -> str:
     if src.count(old) != 1:
         raise SystemExit(f"kv_decode_phases: {what}: {old!r} found {src.count(old)} times in "
@@ -678,6 +809,8 @@ def variant_source(variant: str) -> str:
             src = _dsmem(src)
         elif edit == "wht":
             src = _wht(src)
+        elif edit == "ring":
+            src = _ring(src)
         elif edit[0] == "ALL":  # ("ALL", old, new, how many times old is found)
             if src.count(edit[1]) != edit[3]:
                 raise SystemExit(f"kv_decode_phases: {variant}: {edit[1]!r} found "
