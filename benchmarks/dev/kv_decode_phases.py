@@ -301,11 +301,11 @@ def main():
     # 70B TP8 1x32K tq4 graph 14.4 -> 13.4 us, tq3 13.9 -> 12.5)
     # the transforms as Walsh-Hadamard butterflies in registers, no H loaded (wht); the partial
     # rows' o / l in float16 (part16); both; the query row as the sequence's index (q_seq), with wht
-    # the next tile's norms loaded with its codes (norms_ahead), and with wht and part16; the
-    # key codes 4 or 2 tiles ahead by cp.async into shared memory (ring, ring2)
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "wht", "part16", "wht_part16", "q_seq",
-                                     "wht_qseq", "norms_ahead", "wht_part16_norms", "ring",
-                                     "ring2", "wht_part16_ring")]
+    # (2026-12-07 15:00: wht, part16, wht_part16, q_seq, wht_qseq, norms_ahead,
+    # wht_part16_norms, ring, ring2 and wht_part16_ring timed, none faster; wht's prologue 1.1 us
+    # shorter at 70B TP8 1x32K and its tile loop as much longer)
+    # the ring's first copies issued after H is loaded (ring_late, ring2_late)
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "ring_late", "ring2_late", "q_seq", "part16")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),
