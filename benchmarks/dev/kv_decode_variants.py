@@ -673,27 +673,6 @@ RING = gl.constexpr(4)  # tiles in flight (a power of two: the ring's shape)
 
 
 @gluon.jit
-def _word_ptrs(cache_ptr, base, layout: gl.constexpr, OFF: gl.constexpr, E: gl.constexpr,
-               WORD: gl.constexpr, CODES: gl.constexpr, STRIDE_TOK: gl.constexpr):
-    base = gl.convert_layout(base, gl.SliceLayout(1, gl.SliceLayout(2, layout)))
-    t = gl.arange(0, 16, gl.SliceLayout(0, gl.SliceLayout(2, layout)))
-    e = gl.arange(0, E, gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    if CODES == 3:
-        e = 3 * (e // 4) + gl.minimum(e % 4, 2)
-    elif CODES == 5:
-        e = 5 * (e // 8) + gl.minimum(e % 8, 4)
-    rows = base[:, None] + (t * STRIDE_TOK + OFF)[None, :]
-    ptrs = cache_ptr + rows[:, :, None]
-    if WORD == 4:
-        ptrs = ptrs.to(gl.pointer_type(gl.int32)) + e[None, None, :]
-    elif WORD == 2:
-        ptrs = ptrs.to(gl.pointer_type(gl.int16)) + e[None, None, :]
-    else:
-        ptrs = ptrs.to(gl.pointer_type(gl.int8)) + e[None, None, :]
-    return ptrs
-
-
-@gluon.jit
 def _ring_issue(k_ring, v_ring, stage, cache_ptr, bt_row, tile, kv_end, head, stride_blk,
                 W: gl.constexpr, NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
                 STRIDE_HEAD: gl.constexpr, K_LOAD: gl.constexpr, K_OFF: gl.constexpr,
@@ -788,8 +767,12 @@ def _ring(src: str, late: bool = False) -> str:
                        "from triton.experimental.gluon.language.nvidia.ampere import async_copy as _acp\n"
                        "_async_load = getattr(_acp, 'async_load', None) or "
                        "_acp.async_copy_global_to_shared\n", "ring")
+    # _word_ptrs: _load_words without its load (the copy's source pointers)
+    lw = src[src.index("@gluon.jit\ndef _load_words("):src.index("@gluon.jit\ndef _tile_codes(")]
+    wp = replace_once(lw.replace("def _load_words(", "def _word_ptrs("), "    return gl.load(ptrs)\n",
+                      "    return ptrs\n", "ring")
     a = src.index("@gluon.jit\ndef _load_norms(")
-    return src[:a] + _RING_HELPERS.lstrip("\n") + src[a:]
+    return src[:a] + _RING_HELPERS.lstrip("\n") + wp + src[a:]
 
 
 SOURCE_VARIANTS["ring"] = ["ring"]
