@@ -305,7 +305,7 @@ def main():
     # wht_part16_norms, ring, ring2 and wht_part16_ring timed, none faster; wht's prologue 1.1 us
     # shorter at 70B TP8 1x32K and its tile loop as much longer)
     # the ring's first copies issued after H is loaded (ring_late, ring2_late)
-    hm = [(v, 4, 1, 0, {}) for v in ("served", "ring_late", "ring2_late", "q_seq", "part16")]
+    hm = [(v, 4, 1, 0, {}) for v in ("served", "ring_late", "ring2_late")]
     runs = [(fmt, "Llama-3-70B TP8", 8, 1, 128, 1, 32768, hm) for fmt in ("tq4", "tq3")]
     runs += [("tq4", "Llama-3-8B", 32, 8, 128, 1, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),
