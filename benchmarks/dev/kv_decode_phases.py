@@ -311,6 +311,7 @@ def main():
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 8, 32768, hm),
              ("tq4", "Llama-3-70B TP8", 8, 1, 128, 32, 4096, hm)]
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     out_path = args.out / "kv_decode_phases.json"
     served_group = tdh.MERGE_GROUP
     for fmt, shape, hq, hk, d, b, ctx, variants in runs:
