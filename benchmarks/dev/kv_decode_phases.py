@@ -327,7 +327,8 @@ def main():
         sl = torch.full((b,), ctx, device=device, dtype=torch.int32)
         dflt = default_splits(b, hk, device, hopper=True)
         served_out = None
-        wht = wht_tables(d, tables.hopper_codes, device)
+        if any(v[0] in WHT_ARGS for v in variants):
+            wht = wht_tables(d, tables.hopper_codes, device)
         for source, nw, factor, group, launch in variants:
             splits, group = int(dflt * factor), group or served_group
             for stamped in (False, True):

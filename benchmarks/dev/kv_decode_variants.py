@@ -332,7 +332,6 @@ SOURCE_VARIANTS["cluster_dsmem_relaxed"] = SOURCE_VARIANTS["cluster_dsmem"] + [
      '"barrier.cluster.arrive.relaxed.aligned; barrier.cluster.wait.aligned; "')]
 
 
-
 # head_merge: one merge level instead of two where there is more than one merge group. Each
 # program adds itself to its sequence and KV head's counter; the last G to arrive each merge one
 # query head's partial rows of every split (SC a step) and finish that row. The ones before the
@@ -426,7 +425,6 @@ SOURCE_VARIANTS["head_merge"] = [
 SOURCE_VARIANTS["head_merge128"] = [SOURCE_VARIANTS["head_merge"][0], (
     SOURCE_VARIANTS["head_merge"][1][0],
     SOURCE_VARIANTS["head_merge"][1][1].replace("V_PART, NW, 64)", "V_PART, NW, 128)"))]
-
 
 
 # (served since 2026-12-07 12:00: the partial rows 16-byte aligned (D + 4 words), and the two
@@ -661,24 +659,22 @@ def _interleave(src: str) -> str:
 # ring: the key codes of the next RING tiles in flight by cp.async into a ring of shared-memory
 # stages (PREFETCH 1 launches; tq3's PREFETCH 2 as served), instead of one tile ahead in
 # registers; the values stay one tile ahead in registers (their stream starts at byte 66 of a
-# 132-byte tq4 slot: 2-byte aligned, and cp.async copies 4, 8 or 16 bytes): the tile loop's time goes with the bytes a program has in flight (8 warps, half the
-# tiles: no faster; two tiles in registers: tq4 out of registers), and a stage costs shared
-# memory, not registers. Each thread reads back only the elements it copied (the copy and the
-# load take the same layout), so cp.async.wait_group orders them without a CTA barrier; a stage
-# is refilled at the end of the tile that read it (its values consumed by then). The next tile's
-# norms are loaded one tile ahead (norms_ahead). All copies waited for after the loop (the
-# compiler may reuse the ring's shared memory there).
+# 132-byte tq4 slot: 2-byte aligned, and cp.async copies 4, 8 or 16 bytes). A stage costs shared
+# memory, not registers (two tiles in registers: tq4 out of registers). Each thread reads back
+# only the elements it copied (the copy and the load take the same layout); Triton's barrier
+# analysis still puts two CTA barriers in each tile. A stage is refilled at the end of the tile
+# that read it (its values consumed by then). The next tile's norms are loaded one tile ahead
+# (norms_ahead). All copies are waited for after the loop (the compiler may reuse the ring's
+# shared memory there). Timed 2026-12-07 15:00: slower at every shape (benchmarks/RESULTS.md).
 _RING_HELPERS = """
 RING = gl.constexpr(4)  # tiles in flight (a power of two: the ring's shape)
 
 
 @gluon.jit
-def _ring_issue(k_ring, v_ring, stage, cache_ptr, bt_row, tile, kv_end, head, stride_blk,
+def _ring_issue(k_ring, stage, cache_ptr, bt_row, tile, kv_end, head, stride_blk,
                 W: gl.constexpr, NW: gl.constexpr, PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr,
                 STRIDE_HEAD: gl.constexpr, K_LOAD: gl.constexpr, K_OFF: gl.constexpr,
-                K_E: gl.constexpr, K_WORD: gl.constexpr, K_CODES: gl.constexpr,
-                V_LOAD: gl.constexpr, V_OFF: gl.constexpr, V_E: gl.constexpr,
-                V_WORD: gl.constexpr, V_CODES: gl.constexpr):
+                K_E: gl.constexpr, K_WORD: gl.constexpr, K_CODES: gl.constexpr):
     base = _tile_base(bt_row, tile, kv_end, head, stride_blk, W, NW, PAGE, STRIDE_TOK,
                       STRIDE_HEAD)
     _async_load(k_ring.index(stage),
@@ -688,8 +684,7 @@ def _ring_issue(k_ring, v_ring, stage, cache_ptr, bt_row, tile, kv_end, head, st
 
 """
 _RING_ARGS = ("cache_ptr, bt_row, {t}, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,\n"
-              "{i}STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES, V_LOAD, V_OFF, V_E, V_WORD,\n"
-              "{i}V_CODES)\n")
+              "{i}STRIDE_HEAD, K_LOAD, K_OFF, K_E, K_WORD, K_CODES)\n")
 _RING_ALLOC = """        RS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
         if K_WORD == 4:
             k_ring = gl.allocate_shared_memory(gl.int32, [RING, NW, 16, K_E], RS)
@@ -697,9 +692,8 @@ _RING_ALLOC = """        RS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2,
             k_ring = gl.allocate_shared_memory(gl.int16, [RING, NW, 16, K_E], RS)
         else:
             k_ring = gl.allocate_shared_memory(gl.int8, [RING, NW, 16, K_E], RS)
-        v_ring = k_ring  # values: one tile ahead in registers (their stream is 2-byte aligned)
         for i in gl.static_range(RING):
-            _ring_issue(k_ring, v_ring, i, """ + _RING_ARGS.format(t="tile_lo + i", i=" " * 24) + """\
+            _ring_issue(k_ring, i, """ + _RING_ARGS.format(t="tile_lo + i", i=" " * 24) + """\
         base = _tile_base(bt_row, tile_lo, kv_end, head, stride_blk, W1, NW, PAGE, STRIDE_TOK,
                           STRIDE_HEAD)
         kn_n, vn_n, ok_n = _load_norms(cache_ptr, base, tile_lo, kv_end, TOKS, K_NORM_OFF,
@@ -757,7 +751,7 @@ def _ring(src: str, late: bool = False) -> str:
     src = replace_once(src, "        o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))\n", (
         "        o = mma_v2(va, pb, o * gl.expand_dims(alpha, 1))\n"
         "        if PREFETCH == 1:  # this stage read: refill it with tile + RING\n"
-        "            _ring_issue(k_ring, v_ring, stage, "
+        "            _ring_issue(k_ring, stage, "
         + _RING_ARGS.format(t="tile + RING", i=" " * 24)), "ring")
     src = replace_once(src, "    l_i = gl.sum(l_t, axis=1)\n",
                        "    if PREFETCH == 1:\n        _acp.wait_group(0)\n"
