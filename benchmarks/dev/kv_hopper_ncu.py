@@ -3,6 +3,11 @@ time, registers, warps an SM, issue activity and the top warp stall reasons, for
 
     python3 benchmarks/dev/kv_hopper_ncu.py --cases tq4:70b:1x32768 tq3:70b:1x32768 --out $OUT
     python3 benchmarks/dev/kv_hopper_ncu.py --cases store:tq4:32768 --out $OUT   # the served store
+    python3 benchmarks/dev/kv_hopper_ncu.py --cases store:tq4:32768 --report --out $OUT
+
+--report: the first case's second launch once more under `ncu --set full` (its report, the
+details page as text and the SASS source page as CSV under $OUT), printing the details' pipe and
+shared-memory lines and the SASS instructions and opcodes with the most warp stall samples.
 
 Runs itself under ncu (each case's decode called twice: compile, then the profiled call), prints a
 short table per kernel (the decode and the reduce) and writes the raw CSV and JSON to $OUT.
@@ -75,16 +80,80 @@ def target(cases):
         del cache
 
 
+def _num(x: str) -> float:
+    try:
+        return float(x.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def report(case: str, out: Path, top: int = 40) -> int:
+    """One launch of `case` (its second: compiled) under `ncu --set full`; prints what it says."""
+    kernel = "regex:tq_store" if case.startswith("store:") else "regex:tq_decode_hopper"
+    rep = out / "kv_ncu_report"
+    run = subprocess.run(["ncu", "--set", "full", "--import-source", "no", "--kernel-name", kernel,
+                          "--launch-skip", "1", "--launch-count", "1", "-f", "-o", str(rep),
+                          sys.executable, __file__, "--target", "--cases", case],
+                         capture_output=True, text=True)
+    print(run.stdout[-1500:], run.stderr[-1500:])
+    rep = rep.with_suffix(".ncu-rep")
+    if not rep.exists():
+        return 1
+    details = subprocess.run(["ncu", "-i", str(rep), "--page", "details", "--print-units", "base"],
+                             capture_output=True, text=True).stdout
+    (out / "kv_ncu_details.txt").write_text(details)
+    keys = ("Duration", "Registers", "Achieved Occupancy", "Issue Slots Busy", "Issued Ipc",
+            "Shared", "Bank", "Pipe", "Stall", "Warp Cycles", "Eligible", "No Eligible",
+            "Executed Ipc", "L1/TEX Hit", "Memory Throughput", "Block Limit")
+    for line in details.splitlines():
+        if any(k in line for k in keys):
+            print(line.rstrip()[:150])
+    src = subprocess.run(["ncu", "-i", str(rep), "--page", "source", "--csv", "--print-source",
+                          "sass"], capture_output=True, text=True).stdout
+    (out / "kv_ncu_sass.csv").write_text(src)
+    lines = src.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"')), None)
+    if start is None:
+        print(src[-2000:])
+        return 1
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    cols = list(rows[0]) if rows else []
+    sample = next((c for c in cols if "Sampling" in c and "All" in c), None)
+    print("columns:", cols[:40])
+    if sample is None:
+        return 1
+    stall_cols = [c for c in cols if c.startswith("stall_") or "Stall" in c][:40]
+    total = sum(_num(r[sample]) for r in rows) or 1.0
+    ops = {}
+    for r in rows:
+        op = (r.get("Source") or "").split()[0:1]
+        op = op[0] if op and not op[0].startswith("@") else " ".join((r.get("Source") or "").split()[:2])
+        ops[op] = ops.get(op, 0.0) + _num(r[sample])
+    print(f"warp stall samples {total:.0f}; by opcode (share):")
+    for op, v in sorted(ops.items(), key=lambda x: -x[1])[:25]:
+        print(f"  {op:28s} {v / total:6.1%}")
+    print(f"top {top} instructions (share, then the stall columns over 5% of the row):")
+    for r in sorted(rows, key=lambda r: -_num(r[sample]))[:top]:
+        v = _num(r[sample])
+        why = ", ".join(f"{c} {_num(r[c]) / max(v, 1):.0%}" for c in stall_cols
+                        if c != sample and _num(r[c]) > 0.05 * v)
+        print(f"  {r.get('Address', '')} {v / total:6.2%} {(r.get('Source') or '')[:60]:60s} {why[:120]}")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="+", default=["tq4:70b:1x32768", "tq3:70b:1x32768"])
     ap.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--report", action="store_true", help="a full ncu report of the first case")
     args = ap.parse_args()
     if args.target:
         return target(args.cases)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(args.cases[0], out)
     cmd = ["ncu", "--csv", "--page", "raw", "--print-units", "base", "--kernel-name", "regex:tq_decode_hopper|tq_reduce|tq_store",
            "--metrics", ",".join(METRICS + STALL_METRICS), sys.executable, __file__, "--target",
            "--cases", *args.cases]
