@@ -83,6 +83,7 @@ ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
+REMAT = False  # SLUT's bases and ASYNC's row pointers worked out per head (store_launch's remat)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier
@@ -144,6 +145,14 @@ def _slut_fill(tab_ptr, DECL: gl.constexpr, FILL: gl.constexpr, ROWS: gl.constex
 def _slut_base(BASE: gl.constexpr, z):
     """SLUT's tab operand (z: zeros in the coordinates' layout; slut_ptx's BASE)."""
     return gl.inline_asm_elementwise(BASE, "=r,r", [z], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _opaque_zero(i, z):
+    """0 in z's layout, from the head index i (0 <= i < 2^31) so that neither LLVM nor ptxas can
+    hoist what is computed from it out of the head loop (REMAT)."""
+    return gl.inline_asm_elementwise("shr.u32 $0, $1, 31;", "=r,r", [z + i], dtype=gl.int32,
+                                     is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -459,7 +468,7 @@ def _tq_store_hopper_kernel(
     K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
     V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr, FAST: gl.constexpr,
     ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
-    KV16: gl.constexpr, LK: gl.constexpr,
+    KV16: gl.constexpr, LK: gl.constexpr, REMAT: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -501,6 +510,7 @@ def _tq_store_hopper_kernel(
     in_l = tl_ < num_tokens
     slot = gl.load(slot_mapping_ptr + tl_, mask=in_l, other=-1).to(gl.int64)
     mask_l = in_l & (slot >= 0)
+    slot32 = slot.to(gl.int32)  # REMAT (2^31 slots of 8+ bytes would exceed any GPU memory)
     slot = gl.maximum(slot, 0)
     base0 = cache_ptr + ((slot // PAGE) * stride_blk + (slot % PAGE) * STRIDE_TOK)
     cola = gl.arange(0, C, COLA)
@@ -572,6 +582,7 @@ def _tq_store_hopper_kernel(
         cb_ = gl.arange(0, C, gl.SliceLayout(0, BK))[None, :]
         kpb = key_ptr + tb.to(gl.int64)[:, None] * stride_kt + cb_
         vpb = value_ptr + tb.to(gl.int64)[:, None] * stride_vt + cb_
+        zb = gl.zeros([M], gl.int32, gl.SliceLayout(1, BK))
         ks0 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
         ks1 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
         ks2 = gl.allocate_shared_memory(key_ptr.dtype.element_ty, [M, C], SH)
@@ -588,7 +599,12 @@ def _tq_store_hopper_kernel(
     for i in range(HEADS):
         head = head0 + i
         hd = head * D
-        base = base0 + head * STRIDE_HEAD
+        if REMAT:  # the slots' addresses from the slots here, not kept (ptxas spilled them)
+            sr = gl.maximum(slot32 + _opaque_zero(i, gl.zeros([M], gl.int32, ROW)), 0)
+            base = cache_ptr + (((sr // PAGE).to(gl.int64) * stride_blk
+                                 + (sr % PAGE) * STRIDE_TOK) + head * STRIDE_HEAD)
+        else:
+            base = base0 + head * STRIDE_HEAD
         if ASYNC:
             _acp.wait_group(0)
             _cta_barrier()
@@ -602,8 +618,15 @@ def _tq_store_hopper_kernel(
             v3 = vs3.load(LA)
             _cta_barrier()  # every warp has read the buffers: the next head's copies
             if i + 1 < HEADS:
-                _copy_head(ks0, ks1, ks2, ks3, kpb + (head + 1) * stride_kh, mask_b, C)
-                _copy_head(vs0, vs1, vs2, vs3, vpb + (head + 1) * stride_vh, mask_b, C)
+                if REMAT:  # the row pointers from the rows here, not kept (ptxas spilled them)
+                    tr = (tb + _opaque_zero(i, zb)).to(gl.int64)[:, None]
+                    _copy_head(ks0, ks1, ks2, ks3,
+                               key_ptr + tr * stride_kt + cb_ + (head + 1) * stride_kh, mask_b, C)
+                    _copy_head(vs0, vs1, vs2, vs3,
+                               value_ptr + tr * stride_vt + cb_ + (head + 1) * stride_vh, mask_b, C)
+                else:
+                    _copy_head(ks0, ks1, ks2, ks3, kpb + (head + 1) * stride_kh, mask_b, C)
+                    _copy_head(vs0, vs1, vs2, vs3, vpb + (head + 1) * stride_vh, mask_b, C)
             _acp.commit_group()
         elif KV16:
             kh = kpk + head * stride_kh
@@ -630,6 +653,10 @@ def _tq_store_hopper_kernel(
             v1 = gl.load(vh[:, None] + (C + cola)[None, :], mask=ma, other=0.0)
             v2 = gl.load(vh[:, None] + (2 * C + cola)[None, :], mask=ma, other=0.0)
             v3 = gl.load(vh[:, None] + (3 * C + cola)[None, :], mask=ma, other=0.0)
+        if SLUT and REMAT:  # the lanes' table addresses here, not kept (ptxas spilled them)
+            zt = _opaque_zero(i, gl.zeros([M, C], gl.int32, L))
+            ktab = _slut_base(K_BASE, zt)
+            vtab = _slut_base(V_BASE, zt)
         g0 = _f32(v0)
         g1 = _f32(v1)
         g2 = _f32(v2)
@@ -710,7 +737,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
                  vsmem: bool = VSMEM, async_kv: bool = ASYNC, kv16: bool = KV16,
-                 slut: bool = SLUT, fastdiv: bool = FASTDIV):
+                 slut: bool = SLUT, fastdiv: bool = FASTDIV, remat: bool = REMAT):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -732,7 +759,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               VSMEM=bool(vsmem), ASYNC=bool(async_kv), KV16=bool(kv16 and not async_kv),
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
-              V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, num_warps=num_warps)
+              V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, REMAT=bool(remat),
+              num_warps=num_warps)
     cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),

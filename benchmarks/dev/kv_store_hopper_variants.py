@@ -14,7 +14,9 @@ vsmem (the heads' per-column vectors staged in shared memory once a program: ser
 async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix:
 served), kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in
 shared memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt
-and divisions without their slow-path branches: one basic block a head).
+and divisions without their slow-path branches: one basic block a head) and remat (the lookups'
+table bases, the copies' row pointers and the slots' addresses worked out per head instead of
+kept: ptxas spilled them, and their reloads waited behind the head's copies).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
 cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
 rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
@@ -41,7 +43,7 @@ import kv_bench as kb
 # with SLUT and ASYNC (served since 2026-12-07, timed in the 'served' row), then each switch on
 # top of them. Ordered by interest: --budget skips the last rows first.
 _BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=True,
-             kv16=False, slut=True, fastdiv=False)
+             kv16=False, slut=True, fastdiv=False, remat=False)
 
 
 def _v(label, **kw):
@@ -49,6 +51,12 @@ def _v(label, **kw):
 
 
 VARIANTS = [
+    _v("4 warps x 8 heads, slut, async (the served launch, direct)"),
+    _v("  slut, async, remat (no spills: bases per head)", remat=True),
+    _v("4 warps x 4 heads, slut, async, remat", heads=4, remat=True),
+    _v("  slut, async, remat, fastdiv", remat=True, fastdiv=True),
+    _v("4 warps x 8 heads, slut, async (the served launch, direct, again)"),
+    _v("  slut, async, remat (again)", remat=True),
     _v("4 warps x 4 heads, slut, async", heads=4),
     _v("4 warps x 2 heads, slut, async", heads=2),
     _v("8 warps x 4 heads, slut, async", num_warps=8, heads=4),
@@ -80,7 +88,7 @@ def direct(k, v, cache, slots, tables, positions, **launch):
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
     fn.used = dict(slut=cx["SLUT"], async_kv=cx["ASYNC"], vsmem=cx["VSMEM"], fastdiv=cx["FAST"],
-                   kv16=cx["KV16"])  # as launched (store_launch may turn a switch off)
+                   kv16=cx["KV16"], remat=cx["REMAT"])  # as launched (store_launch may turn a switch off)
     return fn
 
 
