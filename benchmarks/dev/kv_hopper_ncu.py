@@ -112,18 +112,21 @@ def report(case: str, out: Path, top: int = 40) -> int:
                           "sass"], capture_output=True, text=True).stdout
     (out / "kv_ncu_sass.csv").write_text(src)
     lines = src.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"')), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
     if start is None:
         print(src[-2000:])
         return 1
     rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
-    cols = list(rows[0]) if rows else []
+    cols = [c for c in (list(rows[0]) if rows else []) if c]
     sample = next((c for c in cols if "Sampling" in c and "All" in c), None)
-    print("columns:", cols[:40])
     if sample is None:
+        print("columns:", cols[:40])
         return 1
-    stall_cols = [c for c in cols if c.startswith("stall_") or "Stall" in c][:40]
+    stall_cols = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
     total = sum(_num(r[sample]) for r in rows) or 1.0
+    print("warp stall reasons (share of samples):")
+    for c in sorted(stall_cols, key=lambda c: -sum(_num(r[c]) for r in rows))[:10]:
+        print(f"  {c:28s} {sum(_num(r[c]) for r in rows) / total:6.1%}")
     ops = {}
     for r in rows:
         op = (r.get("Source") or "").split()[0:1]
@@ -132,11 +135,11 @@ def report(case: str, out: Path, top: int = 40) -> int:
     print(f"warp stall samples {total:.0f}; by opcode (share):")
     for op, v in sorted(ops.items(), key=lambda x: -x[1])[:25]:
         print(f"  {op:28s} {v / total:6.1%}")
-    print(f"top {top} instructions (share, then the stall columns over 5% of the row):")
+    print(f"top {top} instructions (share, then the stall reasons over 15% of the row):")
     for r in sorted(rows, key=lambda r: -_num(r[sample]))[:top]:
         v = _num(r[sample])
-        why = ", ".join(f"{c} {_num(r[c]) / max(v, 1):.0%}" for c in stall_cols
-                        if c != sample and _num(r[c]) > 0.05 * v)
+        why = ", ".join(f"{c[6:]} {_num(r[c]) / max(v, 1):.0%}" for c in stall_cols
+                        if _num(r[c]) > 0.15 * v)
         print(f"  {r.get('Address', '')} {v / total:6.2%} {(r.get('Source') or '')[:60]:60s} {why[:120]}")
     return 0
 
