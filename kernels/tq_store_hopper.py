@@ -23,7 +23,11 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   181 against 236). ASYNC (served where a program has more than one head): the keys and values
   by cp.async into shared memory one head ahead and read by ldmatrix (two CTA barriers a head,
   100 KB of shared memory a program): with SLUT 0.230 against 0.262 ms for 32K tokens (H100,
-  2026-12-07, benchmarks/dev/kv_store_hopper_variants.py).
+  2026-12-07, benchmarks/dev/kv_store_hopper_variants.py). REMAT (served): what ptxas
+  spilled and reloaded every head, SLUT's table bases, the copies' row pointers and the slots'
+  cache addresses, worked out per head from values live anyway (ncu: the reloads, issued behind
+  the head's 16 copies, waited on a long scoreboard for about 5% of the store's stall samples);
+  Triton 3.6: no stack (24 bytes before), 0.223-0.225 against 0.227-0.231 ms (H100, 2026-12-07).
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
   16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
   (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
@@ -83,7 +87,7 @@ ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
-REMAT = False  # SLUT's bases and ASYNC's row pointers worked out per head (store_launch's remat)
+REMAT = True  # SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier

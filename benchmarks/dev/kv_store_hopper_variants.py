@@ -38,12 +38,12 @@ import triton
 import kv_bench as kb
 
 # (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
-# async_kv, kv16, slut, fastdiv; every row names each, so rows do not move with the served
-# defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8 heads)
-# with SLUT and ASYNC (served since 2026-12-07, timed in the 'served' row), then each switch on
-# top of them. Ordered by interest: --budget skips the last rows first.
+# async_kv, kv16, slut, fastdiv, remat; every row names each, so rows do not move with the
+# served defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8
+# heads) with SLUT, ASYNC and REMAT (served since 2026-12-07, timed in the 'served' row), then
+# each switch on top of them. Ordered by interest: --budget skips the last rows first.
 _BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=True,
-             kv16=False, slut=True, fastdiv=False, remat=False)
+             kv16=False, slut=True, fastdiv=False, remat=True)
 
 
 def _v(label, **kw):
@@ -51,19 +51,17 @@ def _v(label, **kw):
 
 
 VARIANTS = [
-    _v("4 warps x 8 heads, slut, async (the served launch, direct)"),
-    _v("  slut, async, remat (no spills: bases per head)", remat=True),
-    _v("4 warps x 4 heads, slut, async, remat", heads=4, remat=True),
-    _v("  slut, async, remat, fastdiv", remat=True, fastdiv=True),
-    _v("4 warps x 8 heads, slut, async (the served launch, direct, again)"),
-    _v("  slut, async, remat (again)", remat=True),
-    _v("4 warps x 4 heads, slut, async", heads=4),
+    _v("4 warps x 8 heads, slut, async, remat (the served launch, direct)"),
+    _v("  slut, async, remat, fastdiv", fastdiv=True),
+    _v("  slut, async, no remat (served before 2026-12-07 17:30)", remat=False),
+    _v("4 warps x 8 heads, slut, async, remat (the served launch, direct, again)"),
+    _v("  slut, async, remat, fastdiv (again)", fastdiv=True),
+    _v("4 warps x 4 heads, slut, async, remat", heads=4),
     _v("4 warps x 2 heads, slut, async", heads=2),
     _v("8 warps x 4 heads, slut, async", num_warps=8, heads=4),
     _v("4 warps x 8 heads, slut, no async", async_kv=False),
     _v("4 warps x 8 heads, no slut, no async (12-06 served)", slut=False, async_kv=False),
     _v("8 warps x 8 heads, slut, async", num_warps=8),
-    _v("  slut, async, fastdiv (no slow-path branches)", fastdiv=True),
     _v("  slut, async, maxnreg 200 (10 warps/SM)", maxnreg=200),
     _v("  slut, async, no vsmem", vsmem=False),
     _v("  slut, async, cal_first", cal_first=True),
