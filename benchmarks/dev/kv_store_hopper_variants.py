@@ -53,7 +53,7 @@ def _v(label, **kw):
 VARIANTS = [
     _v("4 warps x 8 heads, slut, async, remat (the served launch, direct)"),
     _v("  slut, async, remat, fastdiv", fastdiv=True),
-    _v("  slut, async, no remat (served before 2026-12-07 17:30)", remat=False),
+    _v("  slut, async, no remat (served before 2026-12-07 16:46)", remat=False),
     _v("4 warps x 8 heads, slut, async, remat (the served launch, direct, again)"),
     _v("  slut, async, remat, fastdiv (again)", fastdiv=True),
     _v("4 warps x 4 heads, slut, async, remat", heads=4),
