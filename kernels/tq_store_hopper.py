@@ -77,8 +77,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .tq_decode_hopper import _rope_cos_sin
 from .tq_store_hopper_host import (  # noqa: F401  (the host side, re-exported for tq_store)
-    _slut_fits, _ubucket, bucket_table, constants, kperm, kv16_layout, perm, slut_asm, slut_ptx,
-    table_args, ubucket_table, why_unsupported)
+    _slut_fits, _ubucket, bucket_table, constants, kperm, kv16_layout, kvptx as kvptx_asm, perm,
+    slut_asm, slut_ptx, table_args, ubucket_table, why_unsupported)
 
 NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
@@ -87,6 +87,7 @@ ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
+KVPTX = False  # ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement)
 REMAT = True  # SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
@@ -157,6 +158,57 @@ def _opaque_zero(i, z):
     hoist what is computed from it out of the head loop (REMAT)."""
     return gl.inline_asm_elementwise("shr.u32 $0, $1, 31;", "=r,r", [z + i], dtype=gl.int32,
                                      is_pure=True, pack=1)
+
+
+@gluon.jit
+def _kv_copy(COPY: gl.constexpr, g0, g1, n0, n1, soff):
+    """KVPTX: one thread's share of a head's keys or values into the PTX buffers (kvptx)."""
+    gl.inline_asm_elementwise(COPY, "=r,l,l,r,r,r", [g0, g1, n0, n1, soff], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _kv_copy_head(COPY_K: gl.constexpr, COPY_V: gl.constexpr, key_ptr, value_ptr, stride_kt,
+                  stride_vt, k_off, v_off, idx, t0, okb, C: gl.constexpr):
+    """KVPTX: a head's keys and values (k_off, v_off: its element offsets) into the buffers;
+    thread idx (w, l) copies piece l % 4 of rows 16 w + l // 4 and + 8 (okb bits 0, 1: in the
+    mapping; 0 bytes, zeros, for rows outside it)."""
+    row0 = (idx // 32) * 16 + (idx % 32) // 4
+    piece = idx % 4
+    soff = row0 * (2 * C) + (piece ^ ((row0 // 2) % 4)) * 16
+    ok0 = (okb & 1) != 0
+    ok1 = (okb & 2) != 0
+    n0 = gl.where(ok0, 16, 0)
+    n1 = gl.where(ok1, 16, 0)
+    r0 = gl.where(ok0, t0 + row0, 0).to(gl.int64)
+    r1 = gl.where(ok1, t0 + row0 + 8, 0).to(gl.int64)
+    _kv_copy(COPY_K, key_ptr + r0 * stride_kt + k_off + piece * 8,
+             key_ptr + r1 * stride_kt + k_off + piece * 8, n0, n1, soff)
+    _kv_copy(COPY_V, value_ptr + r0 * stride_vt + v_off + piece * 8,
+             value_ptr + r1 * stride_vt + v_off + piece * 8, n0, n1, soff)
+
+
+@gluon.jit
+def _ldm_offset(z, M: gl.constexpr, C: gl.constexpr, ROWA: gl.constexpr, COLA: gl.constexpr):
+    """KVPTX: ldmatrix's lane offsets in a chunk buffer, [M, C] in the A operand's layout (z:
+    zeros there, opaque, so that this is worked out per head, not kept). Element (r, c) is lane
+    4 (r % 8) + (c % 8) // 2's; that lane addresses row lane % 16 of its warp's 16, 16-byte
+    piece 2 (c // 16) + lane // 16, swizzled as stored (kvptx)."""
+    ra = gl.arange(0, M, ROWA)[:, None] + z
+    ca = gl.arange(0, C, COLA)[None, :] + z
+    lane = (ra % 8) * 4 + (ca % 8) // 2
+    lr = lane % 16
+    return (((ra // 16) * 16 + lr) * (2 * C)
+            + ((2 * (ca // 16) + lane // 16) ^ ((lr // 2) % 4)) * 16)
+
+
+@gluon.jit
+def _kv_ldm(LDM: gl.constexpr, off, like):
+    """KVPTX: a chunk buffer as the A operand [M, C] (off: ldm_offset's lane offsets, LA), as
+    the 16-bit type `like` points to."""
+    x = gl.inline_asm_elementwise(LDM, "=r,=r,=r,=r" + ",r" * 8, [off], dtype=gl.int16,
+                                  is_pure=False, pack=8)
+    return x.to(like.dtype.element_ty, bitcast=True)
 
 
 @gluon.jit
@@ -472,7 +524,11 @@ def _tq_store_hopper_kernel(
     K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
     V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr, FAST: gl.constexpr,
     ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
-    KV16: gl.constexpr, LK: gl.constexpr, REMAT: gl.constexpr,
+    KV16: gl.constexpr, LK: gl.constexpr, REMAT: gl.constexpr, KVPTX: gl.constexpr,
+    KV_DECL: gl.constexpr, KV_COPY_K: gl.constexpr, KV_COPY_V: gl.constexpr,
+    KV_WAIT: gl.constexpr, KV_LDM0: gl.constexpr, KV_LDM1: gl.constexpr, KV_LDM2: gl.constexpr,
+    KV_LDM3: gl.constexpr, KV_LDM4: gl.constexpr, KV_LDM5: gl.constexpr, KV_LDM6: gl.constexpr,
+    KV_LDM7: gl.constexpr,
 ):
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
@@ -577,7 +633,21 @@ def _tq_store_hopper_kernel(
         ck = gl.arange(0, C, gl.SliceLayout(0, LK))
         kpk = key_ptr + tk.to(gl.int64) * stride_kt
         vpk = value_ptr + tk.to(gl.int64) * stride_vt
-    if ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
+    if KVPTX:  # ASYNC through kvptx's buffers: thread (w, l) copies rows 16 w + l // 4 (+ 8),
+        # piece l % 4; reads by ldmatrix with lane offsets (ldm_offset); no CTA barrier
+        L1K: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        onek = gl.arange(0, 32 * NW, L1K)
+        gl.inline_asm_elementwise(KV_DECL, "=r,r", [onek], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+        tk0 = t0 + (onek // 32) * 16 + (onek % 32) // 4
+        tk1 = tk0 + 8
+        okb = (((tk0 < num_tokens) & (gl.load(slot_mapping_ptr + tk0, mask=tk0 < num_tokens,
+                                                other=-1) >= 0)).to(gl.int32)
+               + 2 * ((tk1 < num_tokens) & (gl.load(slot_mapping_ptr + tk1, mask=tk1 < num_tokens,
+                                                      other=-1) >= 0)).to(gl.int32))
+        _kv_copy_head(KV_COPY_K, KV_COPY_V, key_ptr, value_ptr, stride_kt, stride_vt,
+                      head0 * stride_kh, head0 * stride_vh, onek, t0, okb, C)
+    elif ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
         # (2 rows x 16 bytes a thread: warp w copies the rows it reads, 16 w .. 16 w + 15)
         BK: gl.constexpr = gl.BlockedLayout([2, 8], [8, 4], [NW, 1], [1, 0])
         tb = t0 + gl.arange(0, M, gl.SliceLayout(1, BK))
@@ -609,7 +679,24 @@ def _tq_store_hopper_kernel(
                                  + (sr % PAGE) * STRIDE_TOK) + head * STRIDE_HEAD)
         else:
             base = base0 + head * STRIDE_HEAD
-        if ASYNC:
+        if KVPTX:
+            gl.inline_asm_elementwise(KV_WAIT, "=r,r", [onek], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+            lo = _ldm_offset(_opaque_zero(i, gl.zeros([M, C], gl.int32, LA)), M, C, ROWA, COLA)
+            k0 = _kv_ldm(KV_LDM0, lo, key_ptr)
+            k1 = _kv_ldm(KV_LDM1, lo, key_ptr)
+            k2 = _kv_ldm(KV_LDM2, lo, key_ptr)
+            k3 = _kv_ldm(KV_LDM3, lo, key_ptr)
+            v0 = _kv_ldm(KV_LDM4, lo, value_ptr)
+            v1 = _kv_ldm(KV_LDM5, lo, value_ptr)
+            v2 = _kv_ldm(KV_LDM6, lo, value_ptr)
+            v3 = _kv_ldm(KV_LDM7, lo, value_ptr)
+            if i + 1 < HEADS:  # the next head's copies (COPY's warp barrier: the reads done)
+                z1 = _opaque_zero(i, gl.zeros([32 * NW], gl.int32, L1K))
+                _kv_copy_head(KV_COPY_K, KV_COPY_V, key_ptr, value_ptr, stride_kt, stride_vt,
+                              (head + 1) * stride_kh, (head + 1) * stride_vh, onek + z1, t0,
+                              okb, C)
+        elif ASYNC:
             _acp.wait_group(0)
             _cta_barrier()
             k0 = ks0.load(LA)
@@ -741,7 +828,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
                  vsmem: bool = VSMEM, async_kv: bool = ASYNC, kv16: bool = KV16,
-                 slut: bool = SLUT, fastdiv: bool = FASTDIV, remat: bool = REMAT):
+                 slut: bool = SLUT, fastdiv: bool = FASTDIV, remat: bool = REMAT,
+                 kvptx: bool = KVPTX):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
@@ -764,7 +852,11 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, REMAT=bool(remat),
-              num_warps=num_warps)
+              KVPTX=bool(kvptx and async_kv and D == 128), num_warps=num_warps)
+    kp = kvptx_asm(16 * num_warps, D // 4) if cx["KVPTX"] else None
+    cx.update(KV_DECL=kp["DECL"] if kp else "", KV_COPY_K=kp["COPY_K"] if kp else "",
+              KV_COPY_V=kp["COPY_V"] if kp else "", KV_WAIT=kp["WAIT"] if kp else "",
+              **{f"KV_LDM{b}": kp["LDM"][b] if kp else "" for b in range(8)})
     cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),

@@ -40,7 +40,7 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
 def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
                    dtype=torch.bfloat16, cal_first=hop.CAL_FIRST, vsmem=hop.VSMEM,
                    async_kv=hop.ASYNC, kv16=hop.KV16, slut=hop.SLUT, fastdiv=hop.FASTDIV,
-                   remat=hop.REMAT):
+                   remat=hop.REMAT, kvptx=hop.KVPTX):
     tables = served_tables(name, heads, d)
     c = _store_constants(tables, 1, dtype)
     hc = hop.constants(tables, dtype, c)
@@ -52,7 +52,8 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
                                       num_warps=num_warps, heads=heads_per_program,
                                       maxnreg=maxnreg, cal_first=cal_first, vsmem=vsmem,
                                       async_kv=async_kv, kv16=kv16, slut=slut,
-                                      fastdiv=fastdiv, remat=remat)
+                                      fastdiv=fastdiv, remat=remat,
+                                      kvptx=kvptx)
     fn = hop._tq_store_hopper_kernel
     options = {"num_warps": cx.pop("num_warps")}
     if "maxnreg" in cx:
@@ -99,13 +100,16 @@ def result(argv: list[str]) -> dict:
                     help="keys and values by cp.async into shared memory, one head ahead")
     ap.add_argument("--remat", type=int, choices=(0, 1), default=int(hop.REMAT),
                     help="SLUT's bases and ASYNC's row pointers worked out per head")
+    ap.add_argument("--kvptx", type=int, choices=(0, 1), default=int(hop.KVPTX),
+                    help="ASYNC's buffers declared in PTX (no CTA barriers in the head loop)")
     a = ap.parse_args(argv)
     cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
                            heads_per_program=a.heads_per_program,
                            dtype=torch.float16 if a.fp16 else torch.bfloat16,
                            cal_first=bool(a.cal_first), vsmem=bool(a.vsmem),
                            async_kv=bool(a.async_kv), kv16=bool(a.kv16), slut=bool(a.slut),
-                           fastdiv=bool(a.fastdiv), remat=bool(a.remat))
+                           fastdiv=bool(a.fastdiv), remat=bool(a.remat),
+                           kvptx=bool(a.kvptx))
     st = stats(k)
     sass = _tool(k, "-sass")
     if a.dump:
