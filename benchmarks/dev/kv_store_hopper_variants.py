@@ -38,12 +38,12 @@ import triton
 import kv_bench as kb
 
 # (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
-# async_kv, kv16, slut, fastdiv, remat; every row names each, so rows do not move with the
+# async_kv, kv16, slut, fastdiv, remat, kvptx; every row names each, so rows do not move with the
 # served defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8
 # heads) with SLUT, ASYNC and REMAT (served since 2026-12-07, timed in the 'served' row), then
 # each switch on top of them. Ordered by interest: --budget skips the last rows first.
 _BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=True,
-             kv16=False, slut=True, fastdiv=False, remat=True)
+             kv16=False, slut=True, fastdiv=False, remat=True, kvptx=False)
 
 
 def _v(label, **kw):
@@ -51,7 +51,9 @@ def _v(label, **kw):
 
 
 VARIANTS = [
+    _v("  kvptx (ASYNC's buffers in PTX: no CTA barriers)", kvptx=True),
     _v("4 warps x 8 heads, slut, async, remat (the served launch, direct)"),
+    _v("  kvptx (again)", kvptx=True),
     _v("  slut, async, remat, fastdiv", fastdiv=True),
     _v("  slut, async, no remat (served before 2026-12-07 16:46)", remat=False),
     _v("4 warps x 8 heads, slut, async, remat (the served launch, direct, again)"),
@@ -86,7 +88,7 @@ def direct(k, v, cache, slots, tables, positions, **launch):
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
     fn.used = dict(slut=cx["SLUT"], async_kv=cx["ASYNC"], vsmem=cx["VSMEM"], fastdiv=cx["FAST"],
-                   kv16=cx["KV16"], remat=cx["REMAT"])  # as launched (store_launch may turn a switch off)
+                   kv16=cx["KV16"], remat=cx["REMAT"], kvptx=cx["KVPTX"])  # as launched (store_launch may turn a switch off)
     return fn
 
 
