@@ -189,17 +189,18 @@ def _kv_copy_head(COPY_K: gl.constexpr, COPY_V: gl.constexpr, key_ptr, value_ptr
 
 
 @gluon.jit
-def _ldm_offset(z, M: gl.constexpr, C: gl.constexpr, ROWA: gl.constexpr, COLA: gl.constexpr):
+def _ldm_offset(z, M: gl.constexpr, C: gl.constexpr, COLA: gl.constexpr):
     """KVPTX: ldmatrix's lane offsets in a chunk buffer, [M, C] in the A operand's layout (z:
-    zeros there, opaque, so that this is worked out per head, not kept). Element (r, c) is lane
-    4 (r % 8) + (c % 8) // 2's; that lane addresses row lane % 16 of its warp's 16, 16-byte
-    piece 2 (c // 16) + lane // 16, swizzled as stored (kvptx)."""
-    ra = gl.arange(0, M, ROWA)[:, None] + z
-    ca = gl.arange(0, C, COLA)[None, :] + z
-    lane = (ra % 8) * 4 + (ca % 8) // 2
+    zeros there, opaque, so that this is worked out per head, not kept). The thread's lane reads
+    row lane % 16 of its warp's 16, 16-byte piece 2 (c // 16) + lane // 16 (c: the k-block's
+    columns), swizzled as stored (kvptx); the lane and warp from PTX, so that every element of a
+    k-block shares one value."""
+    lane, warp = gl.inline_asm_elementwise(
+        "{ mov.u32 $0, %laneid; mov.u32 $1, %tid.x; shr.u32 $1, $1, 5; add.u32 $0, $0, $2; }",
+        "=r,=r,r", [z], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+    kb = (gl.arange(0, C, COLA) // 16)[None, :]
     lr = lane % 16
-    return (((ra // 16) * 16 + lr) * (2 * C)
-            + ((2 * (ca // 16) + lane // 16) ^ ((lr // 2) % 4)) * 16)
+    return (warp * 16 + lr) * (2 * C) + ((2 * kb + lane // 16) ^ ((lr // 2) % 4)) * 16
 
 
 @gluon.jit
@@ -674,7 +675,10 @@ def _tq_store_hopper_kernel(
         head = head0 + i
         hd = head * D
         if REMAT:  # the slots' addresses from the slots here, not kept (ptxas spilled them)
-            sr = gl.maximum(slot32 + _opaque_zero(i, gl.zeros([M], gl.int32, ROW)), 0)
+            zr = _opaque_zero(i, gl.zeros([M], gl.int32, ROW))
+            if KVPTX:  # the stores' mask too (KVPTX's copies keep more registers live)
+                mask_l = ((t0 + gl.arange(0, M, ROW) + zr) < num_tokens) & (slot32 + zr >= 0)
+            sr = gl.maximum(slot32 + zr, 0)
             base = cache_ptr + (((sr // PAGE).to(gl.int64) * stride_blk
                                  + (sr % PAGE) * STRIDE_TOK) + head * STRIDE_HEAD)
         else:
@@ -682,7 +686,7 @@ def _tq_store_hopper_kernel(
         if KVPTX:
             gl.inline_asm_elementwise(KV_WAIT, "=r,r", [onek], dtype=gl.int32, is_pure=False,
                                       pack=1)
-            lo = _ldm_offset(_opaque_zero(i, gl.zeros([M, C], gl.int32, LA)), M, C, ROWA, COLA)
+            lo = _ldm_offset(_opaque_zero(i, gl.zeros([M, C], gl.int32, LA)), M, C, COLA)
             k0 = _kv_ldm(KV_LDM0, lo, key_ptr)
             k1 = _kv_ldm(KV_LDM1, lo, key_ptr)
             k2 = _kv_ldm(KV_LDM2, lo, key_ptr)
@@ -824,6 +828,11 @@ def _tq_store_hopper_kernel(
 
 
 
+def _rows16(x) -> bool:
+    """Whether every row of x [T, H, D] (16-bit) starts 16-byte aligned (KVPTX's copies)."""
+    return x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0
+
+
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
@@ -852,12 +861,17 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, REMAT=bool(remat),
-              KVPTX=bool(kvptx and async_kv and D == 128), num_warps=num_warps)
+              KVPTX=bool(kvptx and async_kv and D == 128 and _rows16(key) and _rows16(value)),
+              num_warps=num_warps)
+    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     kp = kvptx_asm(16 * num_warps, D // 4) if cx["KVPTX"] else None
+    if kp and cx["SLUT"] and (16 * (hop["k_ukm"][2] + hop["v_ukm"][2]) + kp["bytes"]
+                              > 48 * 1024 - 1024):
+        kp = None  # PTX's static shared memory stops at 48 KB (tq5's tables are 20 KB)
+    cx["KVPTX"] = kp is not None
     cx.update(KV_DECL=kp["DECL"] if kp else "", KV_COPY_K=kp["COPY_K"] if kp else "",
               KV_COPY_V=kp["COPY_V"] if kp else "", KV_WAIT=kp["WAIT"] if kp else "",
               **{f"KV_LDM{b}": kp["LDM"][b] if kp else "" for b in range(8)})
-    cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     if cx["SLUT"]:
         cx.update(K_ASM=slut_asm(*hop["k_ukm"][:2]), V_ASM=slut_asm(*hop["v_ukm"][:2]),
                   K_ROWS=hop["k_utab"].shape[0], V_ROWS=hop["v_utab"].shape[0])

@@ -12,7 +12,8 @@ import pytest
 from compile_jobs import checked, run
 
 VARIANTS = [("--vsmem", "0"), ("--async-kv", "0"), ("--cal-first", "1"), ("--slut", "0"),
-            ("--kv16", "1", "--async-kv", "0"), ("--fastdiv", "1"), ("--remat", "0")]
+            ("--kv16", "1", "--async-kv", "0"), ("--fastdiv", "1"), ("--remat", "0"),
+            ("--kvptx", "1")]
 JOBS = [*(["store_compile.py", name, *old] for name in ("tq4", "tq3") for old in ((), ("old",))),
         *(["store_hopper_compile.py", name] for name in ("tq4", "tq3", "tq5")),
         *(["store_hopper_compile.py", "tq4", *v] for v in VARIANTS),
@@ -71,7 +72,7 @@ def test_hopper_store_measurement_variants_compile(compiled, variant):
     code search from bucket_table through L1 (the store as served until 2026-12-07), keys and
     values by 16-byte loads, the norms' sqrt and divisions without their slow-path branches,
     the lookups' bases, the copies' pointers and the slots' addresses kept across the heads (the
-    store before REMAT)."""
+    store before REMAT), the staging buffers declared in PTX (KVPTX)."""
     st = _compile(compiled, "store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
     assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["smem_ok"]
@@ -88,6 +89,9 @@ def test_hopper_store_measurement_variants_compile(compiled, variant):
         assert not any(k.startswith("BAR") for k in loop)
     if variant[0] == "--vsmem":
         assert loop.get("LDG.E.64") == 96
+    if variant[0] == "--kvptx":  # copies and reads in PTX, each warp its own rows: no CTA barrier
+        assert loop.get("LDGSTS.E.BYPASS.128") == 16 and not any(k.startswith("BAR") for k in loop)
+        assert loop.get("LDSM.16.M88.4") == 16 and st["static_shared"] > 32768, st
     if variant[0] == "--remat":  # more of the head loop's local accesses than the served REMAT
         served = _compile(compiled, "store_hopper_compile.py", "tq4")
         assert loop.get("LDGSTS.E.BYPASS.128") == 16 and loop.get("BAR.SYNC.DEFER_BLOCKING") == 2
