@@ -16,7 +16,9 @@ served), kv16 (keys and values by 16-byte loads), slut (the code search by unifo
 shared memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt
 and divisions without their slow-path branches: one basic block a head) and remat (the lookups'
 table bases, the copies' row pointers and the slots' addresses worked out per head instead of
-kept: ptxas spilled them, and their reloads waited behind the head's copies).
+kept: ptxas spilled them, and their reloads waited behind the head's copies; served) and kvptx
+(ASYNC's staging buffers declared in PTX, copied by cp.async and read by ldmatrix in inline asm,
+each warp its own rows: no CTA barrier in the head loop).
 Every variant's bytes are compared with the served call's on the same fresh inputs (poisoned
 cache, every 97th slot -1): they compute the same floats, so 0 bytes may differ (kv16 sums the
 rotation's products in other k-steps: threshold ties, about 1e-6 of bytes, may differ; the portable
