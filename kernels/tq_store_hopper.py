@@ -78,7 +78,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .tq_decode_hopper import _rope_cos_sin
 from .tq_store_hopper_host import (  # noqa: F401  (the host side, re-exported for tq_store)
     _slut_fits, _ubucket, bucket_table, constants, kperm, kv16_layout, kvptx as kvptx_asm, perm,
-    slut_asm, slut_ptx, table_args, ubucket_table, why_unsupported)
+    ptx_static, slut_asm, slut_ptx, table_args, ubucket_table, why_unsupported)
 
 NT = gl.constexpr(16)  # tokens per warp
 CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
@@ -87,7 +87,10 @@ ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
-KVPTX = False  # ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement)
+# ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement). Before serving it,
+# tq_store's plan key must carry the key / value rows' 16-byte alignment (_rows16): store_launch
+# checks the tensors of the call that builds the plan only.
+KVPTX = False
 REMAT = True  # SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
@@ -864,11 +867,9 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               KVPTX=bool(kvptx and async_kv and D == 128 and _rows16(key) and _rows16(value)),
               num_warps=num_warps)
     cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
+    # PTX's static shared memory stops at 48 KB (tq5's tables are 20 KB: no KVPTX with them)
+    cx["KVPTX"] = cx["KVPTX"] and not (cx["SLUT"] and ptx_static(cx, hop) > 48 * 1024)
     kp = kvptx_asm(16 * num_warps, D // 4) if cx["KVPTX"] else None
-    if kp and cx["SLUT"] and (16 * (hop["k_ukm"][2] + hop["v_ukm"][2]) + kp["bytes"]
-                              > 48 * 1024 - 1024):
-        kp = None  # PTX's static shared memory stops at 48 KB (tq5's tables are 20 KB)
-    cx["KVPTX"] = kp is not None
     cx.update(KV_DECL=kp["DECL"] if kp else "", KV_COPY_K=kp["COPY_K"] if kp else "",
               KV_COPY_V=kp["COPY_V"] if kp else "", KV_WAIT=kp["WAIT"] if kp else "",
               **{f"KV_LDM{b}": kp["LDM"][b] if kp else "" for b in range(8)})

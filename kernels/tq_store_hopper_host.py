@@ -167,8 +167,7 @@ def kvptx(m: int, c: int) -> dict:
                 "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, "
                 f"[a+{b * m * row}]; }}" for b in range(8))
     return dict(DECL=decl, COPY_K=copy(0, False), COPY_V=copy(4, True),
-                WAIT="{ cp.async.wait_group 0; bar.warp.sync -1; mov.u32 $0, 0; }", LDM=ldm,
-                bytes=size)
+                WAIT="{ cp.async.wait_group 0; bar.warp.sync -1; mov.u32 $0, 0; }", LDM=ldm)
 
 
 def slut_asm(k: int, m: int) -> str:
@@ -275,6 +274,11 @@ def _slut_fits(cx: dict, hop: dict) -> bool:
     dyn += 4 * M * C * 4 if cx["MEAN"] else 0  # cos / sin
     dyn += 6 * cx["HEADS"] * 4 * C * 4 if cx["VSMEM"] else 0
     dyn += 8 * M * C * 2 if cx["ASYNC"] and not cx.get("KVPTX") else 0
+    return dyn > 48 * 1024 or dyn + ptx_static(cx, hop) + 2048 <= 48 * 1024
+
+
+def ptx_static(cx: dict, hop: dict) -> int:
+    """Bytes of static shared memory the launch declares in PTX (at most 48 KB): SLUT's two
+    tables (and 1 KB of slack) and KVPTX's staging buffers."""
     static = 1024 + 16 * (hop["k_ukm"][2] + hop["v_ukm"][2])
-    static += 8 * M * C * 2 if cx.get("KVPTX") else 0
-    return dyn > 48 * 1024 or dyn + static + 2048 <= 48 * 1024
+    return static + (8 * 16 * cx["NW"] * (cx["D"] // 4) * 2 if cx.get("KVPTX") else 0)
