@@ -80,11 +80,12 @@ def target(cases):
         del cache
 
 
-def _num(x: str) -> float:
+def _num(x: str, missing: float = 0.0) -> float:
+    """ncu's number (thousands separated by commas), or `missing` where the field is not one."""
     try:
         return float(x.replace(",", ""))
     except ValueError:
-        return 0.0
+        return missing
 
 
 def report(case: str, out: Path, top: int = 40) -> int:
@@ -124,13 +125,14 @@ def report(case: str, out: Path, top: int = 40) -> int:
         return 1
     stall_cols = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
     total = sum(_num(r[sample]) for r in rows) or 1.0
+    reasons = {c: sum(_num(r[c]) for r in rows) for c in stall_cols}
     print("warp stall reasons (share of samples):")
-    for c in sorted(stall_cols, key=lambda c: -sum(_num(r[c]) for r in rows))[:10]:
-        print(f"  {c:28s} {sum(_num(r[c]) for r in rows) / total:6.1%}")
+    for c, v in sorted(reasons.items(), key=lambda x: -x[1])[:10]:
+        print(f"  {c:28s} {v / total:6.1%}")
     ops = {}
     for r in rows:
-        op = (r.get("Source") or "").split()[0:1]
-        op = op[0] if op and not op[0].startswith("@") else " ".join((r.get("Source") or "").split()[:2])
+        words = (r.get("Source") or "").split()
+        op = " ".join(words[:2]) if words and words[0].startswith("@") else " ".join(words[:1])
         ops[op] = ops.get(op, 0.0) + _num(r[sample])
     print(f"warp stall samples {total:.0f}; by opcode (share):")
     for op, v in sorted(ops.items(), key=lambda x: -x[1])[:25]:
@@ -180,10 +182,7 @@ def main():
     for kname, rs in per_case.items():
         for i, r in enumerate(rs):
             def f(m):
-                try:
-                    return float(r[m].replace(",", ""))
-                except (KeyError, ValueError):
-                    return float("nan")
+                return _num(r.get(m, ""), float("nan"))
             st = sorted(((f(m), s) for m, s in zip(STALL_METRICS, STALLS)), reverse=True)[:4]
             print(f"| {kname} | {i} | {f('gpu__time_duration.sum') / 1e3:.1f} | "
                   f"{f('launch__registers_per_thread'):.0f} | {f('launch__grid_size'):.0f} | "

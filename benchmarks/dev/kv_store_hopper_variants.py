@@ -90,7 +90,8 @@ def direct(k, v, cache, slots, tables, positions, **launch):
     fn = lambda: launch(grid, args, cx, compiled)  # noqa: E731
     fn.compiled = compiled  # after the first call: {key: (CompiledKernel, constexprs)}
     fn.used = dict(slut=cx["SLUT"], async_kv=cx["ASYNC"], vsmem=cx["VSMEM"], fastdiv=cx["FAST"],
-                   kv16=cx["KV16"], remat=cx["REMAT"], kvptx=cx["KVPTX"])  # as launched (store_launch may turn a switch off)
+                   kv16=cx["KV16"], remat=cx["REMAT"],
+                   kvptx=cx["KVPTX"])  # as launched (store_launch may turn a switch off)
     return fn
 
 
