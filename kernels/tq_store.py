@@ -176,6 +176,12 @@ def _alignment(kv_cache: torch.Tensor, strides) -> int:
     return 4 if g % 4 == 0 else 2 if g % 2 == 0 else 1
 
 
+def _rows16(x: torch.Tensor, strides) -> bool:
+    """Whether every row of x [T, H, D] (16-bit) starts 16-byte aligned: the Hopper store's
+    16-byte copies of whole rows (tq_store_hopper.KVPTX) need it."""
+    return x.data_ptr() % 16 == 0 and (strides[0] | strides[1]) % 8 == 0
+
+
 def _heads_per_program(h: int, has_mean: bool) -> int:
     """With a key mean all heads of a token tile share one program (its cos/sin once)."""
     return h if has_mean else 1
@@ -184,11 +190,11 @@ class _Launch:
     """Everything of one launch shape that does not change from call to call."""
 
     __slots__ = ("block_t", "heads", "scratch", "calib", "mats", "hc", "kwargs", "compiled",
-                 "chunks", "exact_in", "align", "consts", "tuning", "hopper")
+                 "chunks", "exact_in", "align", "kvptx", "consts", "tuning", "hopper")
 
     def __init__(self, tables, split: int, dtype: torch.dtype, exact16: bool, h: int,
                  cuda: bool, page: int, stride_tok: int, stride_head: int, align: int,
-                 tuning: StoreTuning | None):
+                 kvptx: bool, tuning: StoreTuning | None):
         t = tuning or SERVED
         d = tables.layout.head_size
         c = _store_constants(tables, split, dtype)
@@ -244,6 +250,7 @@ class _Launch:
             self.kwargs["maxnreg"] = maxnreg
         self.compiled = {}  # CachedLaunch's kernels of this plan
         self.chunks, self.exact_in, self.align = chunks and split == 1, exact16, align
+        self.kvptx = kvptx  # the Hopper store's KVPTX: served, and 16-byte rows
         self.consts, self.tuning = c, t
         self.hopper = None  # _Hopper or False (portable), decided on the first call
 
@@ -269,7 +276,8 @@ class _Hopper:
                 raise ValueError(f"heads_per_program {heads} does not divide {H} KV heads")
             _, _, kwargs = _hop.store_launch(key, value, kv_cache, slot_mapping, tables,
                                              positions, plan.consts, self.hop, plan.align,
-                                             num_warps=warps, heads=heads, maxnreg=t.maxnreg)
+                                             num_warps=warps, heads=heads, maxnreg=t.maxnreg,
+                                             kvptx=plan.kvptx)
             self.variants.append((16 * warps, heads, kwargs, {},
                                   _hop.table_args(tables, self.hop, kwargs)))
         self.sms = torch.cuda.get_device_properties(key.device).multi_processor_count
@@ -345,6 +353,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                and value.dtype == key.dtype)
     key_ = (split, key.dtype if exact16 else torch.float16, exact16, H, key.is_cuda,
             kv_cache.shape[1], cs[1], cs[2], _alignment(kv_cache, cs),
+            _hop is not None and _hop.KVPTX and _rows16(key, ks) and _rows16(value, vs),
             tuning)  # tuning None (served): cheaper to hash than a dataclass
     plan = _LAUNCHES.get(tables, key_)
     hop = plan.hopper

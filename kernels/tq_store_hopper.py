@@ -87,9 +87,8 @@ ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
 SLUT = True  # the code search by uniform buckets in shared memory (store_launch's slut)
 FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's fastdiv)
-# ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement). Before serving it,
-# tq_store's plan key must carry the key / value rows' 16-byte alignment (_rows16): store_launch
-# checks the tensors of the call that builds the plan only.
+# ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement); 16-byte copies of
+# whole rows, so tq_store asks for it only where its plan's key and value rows are 16-byte aligned
 KVPTX = False
 REMAT = True  # SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat)
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
@@ -831,11 +830,6 @@ def _tq_store_hopper_kernel(
 
 
 
-def _rows16(x) -> bool:
-    """Whether every row of x [T, H, D] (16-bit) starts 16-byte aligned (KVPTX's copies)."""
-    return x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0
-
-
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
                  maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
@@ -845,7 +839,9 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
     (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
-    benchmarks/dev/kv_store_hopper_variants.py): the key's calibrated coding before its raw one."""
+    benchmarks/dev/kv_store_hopper_variants.py): the key's calibrated coding before its raw one.
+    kvptx: only where every key and value row starts 16-byte aligned (unchecked here; tq_store's
+    plan key carries it)."""
     T, H, D = key.shape
     lay = tables.layout
     heads = heads or (H if tables.has_mean else 1)
@@ -864,7 +860,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",
               V_BASE="", K_ROWS=0, V_ROWS=0, FAST=fastdiv, REMAT=bool(remat),
-              KVPTX=bool(kvptx and async_kv and D == 128 and _rows16(key) and _rows16(value)),
+              KVPTX=bool(kvptx and async_kv and D == 128),
               num_warps=num_warps)
     cx["SLUT"] = bool(slut and "k_utab" in hop and "v_utab" in hop and _slut_fits(cx, hop))
     # PTX's static shared memory stops at 48 KB (tq5's tables are 20 KB: no KVPTX with them)

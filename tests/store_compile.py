@@ -54,7 +54,7 @@ def compile_served(name: str, tuning=None, heads: int = 8, d: int = 128):
     tables = served_tables(name, heads, d)
     slot = tables.layout.slot_bytes
     plan = _Launch(tables, 1, torch.bfloat16, True, heads, True, 16, heads * slot, slot, 4,
-                   tuning)
+                   True, tuning)
     kw = dict(plan.kwargs)
     num_warps, num_stages, maxnreg = kw.pop("num_warps"), kw.pop("num_stages"), kw.pop("maxnreg", None)
     constexprs = {k: v for k, v in kw.items() if k in _tq_store_kernel.arg_names}

@@ -557,6 +557,36 @@ def test_store_on_cpu_takes_the_portable_kernel_and_logs_it_once(caplog, monkeyp
         tq_store(k, v, cache, slots, tables, positions, tuning=StoreTuning(hopper=True))
 
 
+def test_store_plans_ask_for_kvptx_only_with_16_byte_rows(monkeypatch):
+    """The Hopper store's KVPTX copies whole key and value rows 16 bytes at a time, and a plan's
+    constexprs are fixed at its first call, so tq_store's plan key carries the rows' alignment:
+    with KVPTX served, rows 16-byte aligned make a plan that asks for it, the same rows 4 bytes
+    off another that does not; with KVPTX off no plan asks. Both store the reference's bytes."""
+    import sys
+
+    ts = sys.modules["vllm_gds.kernels.tq_store"]
+    if ts._hop is None:
+        pytest.skip(f"no Gluon here: {ts.GLUON_ERROR}")
+    h, t, d = 1, 16, 128
+    lq, tables = _pair(FORMATS["tq4"], d, h, True)
+    positions = torch.randint(0, 1 << 17, (t,))
+    k, v = _keys_values(t, h, d, lq, positions)
+    wide = torch.zeros(t, h, d + 4)
+    wide[..., 1:d + 1] = k
+    k_off = wide[..., 1:d + 1]  # rows 4 bytes past a 16-byte boundary, strides of 132
+    assert k_off.data_ptr() % 16 == 4 and torch.equal(k_off, k)
+    slots = torch.randperm(32)[:t]
+    ref = _reference_slots(lq, k, v, positions)
+    for served, keys, plans in ((True, (k, k_off, k), [True, False]), (False, (k,), [False])):
+        monkeypatch.setattr(ts._hop, "KVPTX", served)
+        ts._LAUNCHES._by_tables.pop(id(tables), None)
+        for key in keys:
+            cache = torch.full((2, 16, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
+            tq_store(key, v, cache, slots, tables, positions)
+            assert torch.equal(cache.view(-1, h, tables.layout.slot_bytes)[slots], ref)
+        assert [p.kvptx for p in ts._LAUNCHES.plans(tables)] == plans, served
+
+
 def test_served_launch_says_what_the_served_call_ran():
     """kv_bench's store rows report what tq_store's served call launched (served_launch): nothing
     before a served call, the portable launch on the CPU after one (no CUDA), and a call with a
