@@ -5,12 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Every Triton kernel of the CPU tests runs in Triton's interpreter. triton.jit reads this when a
+# kernel is defined, so it is set here, before any test file imports a kernel module, whichever
+# files are collected first (the Gluon compile tests run in processes of their own without it).
+os.environ["TRITON_INTERPRET"] = "1"
 
-from vllm_gds.demo.smollm2 import smollm2
-from vllm_gds.prepare.orchestrate import PrepareRequest, prepare
+import pytest  # noqa: E402
 
-from tiny_model import tiny_llama
+from vllm_gds.demo.smollm2 import smollm2  # noqa: E402
+from vllm_gds.prepare.orchestrate import PrepareRequest, prepare  # noqa: E402
+
+from tiny_model import tiny_llama  # noqa: E402
 
 TESTS = Path(__file__).parent
 PROMPTS = [

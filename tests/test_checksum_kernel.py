@@ -3,10 +3,6 @@
 Runs the kernel in Triton's interpreter on CPU tensors; the GPU machine runs it at full size.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
 import pytest
 import torch
 

@@ -11,17 +11,15 @@ test_kv_hopper_compile.py imports from here).
 import importlib
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and triton.jit) are imported
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from vllm_gds.kernels import AttentionTuning, StoreTuning, tq_attention, tq_store  # noqa: E402
-from vllm_gds.kernels import fast_path  # noqa: E402
-from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode  # noqa: E402
-from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer  # noqa: E402
-from vllm_gds.kvcache.slot_layout import SlotLayout  # noqa: E402
-from vllm_gds.kvcache.tables import LayerTables  # noqa: E402
+from vllm_gds.kernels import AttentionTuning, StoreTuning, tq_attention, tq_store
+from vllm_gds.kernels import fast_path
+from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode
+from vllm_gds.kvcache.quantizer import Encoded, KVLayerQuantizer
+from vllm_gds.kvcache.slot_layout import SlotLayout
+from vllm_gds.kvcache.tables import LayerTables
 
 POISON = 0xAB
 LAYER, SEED = 3, 11
