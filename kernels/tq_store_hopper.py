@@ -163,6 +163,13 @@ def _opaque_zero(i, z):
 
 
 @gluon.jit
+def _mapped(slot_mapping_ptr, t, num_tokens):
+    """Whether tokens t are stored: inside the call and with a slot (slot_mapping >= 0)."""
+    inside = t < num_tokens
+    return inside & (gl.load(slot_mapping_ptr + t, mask=inside, other=-1) >= 0)
+
+
+@gluon.jit
 def _kv_copy(COPY: gl.constexpr, g0, g1, n0, n1, soff):
     """KVPTX: one thread's share of a head's keys or values into the PTX buffers (kvptx)."""
     gl.inline_asm_elementwise(COPY, "=r,l,l,r,r,r", [g0, g1, n0, n1, soff], dtype=gl.int32,
@@ -631,8 +638,7 @@ def _tq_store_hopper_kernel(
     zero = gl.zeros([M, C], gl.float32, L)
     if KV16:  # rows and columns as kv16_layout holds them
         tk = t0 + gl.arange(0, M, gl.SliceLayout(1, LK))
-        in_k = tk < num_tokens
-        mk = (in_k & (gl.load(slot_mapping_ptr + tk, mask=in_k, other=-1) >= 0))[:, None]
+        mk = _mapped(slot_mapping_ptr, tk, num_tokens)[:, None]
         ck = gl.arange(0, C, gl.SliceLayout(0, LK))
         kpk = key_ptr + tk.to(gl.int64) * stride_kt
         vpk = value_ptr + tk.to(gl.int64) * stride_vt
@@ -644,18 +650,15 @@ def _tq_store_hopper_kernel(
                                   pack=1)
         tk0 = t0 + (onek // 32) * 16 + (onek % 32) // 4
         tk1 = tk0 + 8
-        okb = (((tk0 < num_tokens) & (gl.load(slot_mapping_ptr + tk0, mask=tk0 < num_tokens,
-                                                other=-1) >= 0)).to(gl.int32)
-               + 2 * ((tk1 < num_tokens) & (gl.load(slot_mapping_ptr + tk1, mask=tk1 < num_tokens,
-                                                      other=-1) >= 0)).to(gl.int32))
+        okb = (_mapped(slot_mapping_ptr, tk0, num_tokens).to(gl.int32)
+               + 2 * _mapped(slot_mapping_ptr, tk1, num_tokens).to(gl.int32))
         _kv_copy_head(KV_COPY_K, KV_COPY_V, key_ptr, value_ptr, stride_kt, stride_vt,
                       head0 * stride_kh, head0 * stride_vh, onek, t0, okb, C)
     elif ASYNC:  # the head's keys and values by cp.async into shared memory, one head ahead
         # (2 rows x 16 bytes a thread: warp w copies the rows it reads, 16 w .. 16 w + 15)
         BK: gl.constexpr = gl.BlockedLayout([2, 8], [8, 4], [NW, 1], [1, 0])
         tb = t0 + gl.arange(0, M, gl.SliceLayout(1, BK))
-        in_b = tb < num_tokens
-        mask_b = (in_b & (gl.load(slot_mapping_ptr + tb, mask=in_b, other=-1) >= 0))[:, None]
+        mask_b = _mapped(slot_mapping_ptr, tb, num_tokens)[:, None]
         cb_ = gl.arange(0, C, gl.SliceLayout(0, BK))[None, :]
         kpb = key_ptr + tb.to(gl.int64)[:, None] * stride_kt + cb_
         vpb = value_ptr + tb.to(gl.int64)[:, None] * stride_vt + cb_
