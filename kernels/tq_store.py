@@ -46,15 +46,14 @@ class StoreTuning:
     all heads with a key mean, else 1). split: 0 float32 dots (the CPU interpreter's), 1 the
     GPU's 16-bit dots (default: 0 where the tables' dot type is float32).
     The kernel's variants (tq_store_kernel.py): codes, the code search (0 compares, 1 and 2
-    predicate-free); wide_stores: 32/16-bit stores of whole code words; err: the fallback's
-    errors from residuals (1) or decoded keys (0); sym, imm_codebooks, via_memory, chunks: the
-    full-width fallback path's variants (None: on where they apply); codes 3 (the chunked
-    path only, default there): two table lookups per code (_buckets); prefetch (chunked path,
-    default off: measured 0.541 ms on, 0.492 ms off for 32K tq4 tokens, H100, 2026-12-06,
-    benchmarks/results/kv_store_check.json): the next head's keys and values loaded while one
-    head is coded; exact_rot
-    (chunked path, 16-bit inputs or split 0, default on): raw keys and values rotated in one
-    16-bit pass per chunk, the 4-point transform after the dots.
+    predicate-free); wide_stores: 32/16-bit stores of whole code words; sym, imm_codebooks,
+    via_memory, chunks: the full-width fallback path's variants (None: on where they apply);
+    codes 3 (the chunked path only, default there): two table lookups per code (_buckets);
+    prefetch (chunked path, default off: measured 0.541 ms on, 0.492 ms off for 32K tq4 tokens,
+    H100, 2026-12-06, benchmarks/results/kv_store_check.json): the next head's keys and values
+    loaded while one head is coded; exact_rot (chunked path, 16-bit inputs or split 0, default
+    on): raw keys and values rotated in one 16-bit pass per chunk, the 4-point transform after
+    the dots.
     hopper: the Gluon store (tq_store_hopper.py) where it can run (None), never (False), or
     required (True: an error where it cannot run); with it, num_warps (tokens per program / 16)
     and heads_per_program fix its launch shape (default: chosen per call, _Hopper.pick) and
@@ -67,7 +66,6 @@ class StoreTuning:
     split: int | None = None
     codes: int | None = None
     wide_stores: bool | None = None
-    err: int = 1
     sym: bool | None = None
     imm_codebooks: bool | None = None
     via_memory: bool | None = None
@@ -96,9 +94,6 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
         c[name + "_f32"] = cols.float().contiguous()
         c[name + "_f16"] = cols.half().contiguous()
         c[name + "_x"] = cols.to(dtype).contiguous()
-        if name[0] == "k":
-            c[name + "_i32"] = cols.t().float().contiguous()
-            c[name + "_i16"] = cols.t().half().contiguous()
     heads = tables.value_mean.shape[0]
     vm = tables.value_mean.double()
     # [heads, 2 (streams A, B), D]: rotate(value_mean) per stream, padded like the tiles
@@ -205,7 +200,7 @@ class _Launch:
         self.heads = t.heads_per_program or _heads_per_program(h, tables.has_mean)
         if h % self.heads:
             raise ValueError(f"heads_per_program {self.heads} does not divide {h} KV heads")
-        sym = fallback and t.err == 1 if t.sym is None else t.sym
+        sym = fallback if t.sym is None else t.sym
         sym = bool(sym and c["sym_ok"] and fallback)
         kb = ("h_f32", "h_f16", "kb_x") if sym else ("kb_f32", "kb_f16", "kb_x")
         vb = ("h_f32", "h_f16", "vb_x") if sym else ("vb_f32", "vb_f16", "vb_x")
@@ -226,12 +221,12 @@ class _Launch:
         maxnreg = 128 if t.maxnreg is None and chunks else t.maxnreg
         via_memory = sym if t.via_memory is None else t.via_memory
         self.scratch = bool(via_memory and sym and cuda)  # per call: T * H * 2 floats
-        self.calib = (tables.codebooks, tables.key_mean, tables.key_scale, tables.key_inv_scale,
-                      tables.key_weight, tables.value_mean)
+        self.calib = (tables.codebooks, tables.key_mean, tables.key_inv_scale,
+                      tables.key_err_weights, tables.value_mean)
         self.mats = (
             tables.rope_theta, tables.rope_partner, tables.rope_sign,
-            c["ka_f32"], c[kb[0]], c["va_f32"], c[vb[0]], c["ka_i32"], c["kb_i32"],
-            c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]], c["ka_i16"], c["kb_i16"],
+            c["ka_f32"], c[kb[0]], c["va_f32"], c[vb[0]],
+            c["ka_f16"], c[kb[1]], c["va_f16"], c[vb[1]],
             c["ka_x"], c[kb[2]], c["va_x"], c[vb[2]], c["rot_vm"], tables.signs,
         )
         self.hc = (c["hc_f32"], c["hc_f16"], c["bk"], c["hs_f32"], c["hs_x"])
@@ -243,7 +238,7 @@ class _Launch:
             num_stages=1, SAME_KV_ROT=c["same_rot"], CODES=codes, SYM=sym, PREFETCH=prefetch,
             EXACT_ROT=exact_rot,
             SCR=self.scratch, CHUNK=chunks, NEOX=bool(tables.has_mean and 2 * tables.rot_half == d),
-            WIDE=fallback if t.wide_stores is None else t.wide_stores, ERR=t.err,
+            WIDE=fallback if t.wide_stores is None else t.wide_stores,
             **stream_constexprs(tables.constexprs), **cbs,
         )
         if maxnreg and cuda:

@@ -158,43 +158,9 @@ def _cstore(slot_ptrs, row_mask, pk, a: tl.constexpr, OFF: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _cerr(r0, r1, r2, r3, wt_ptr, hc, C: tl.constexpr, SCALE: tl.constexpr,
-          SPLIT: tl.constexpr, WSQ: tl.constexpr, ws_ptr, FOLD: tl.constexpr = False):
-    """sum_i w_i (r H_D)_i^2 * SCALE^2 for residual chunks r (unit-scale rotated coordinates):
-    w = wt (times ws^2 where WSQ). FOLD: the rotation's scale applied to the sum, not per
-    element (the launches with EXACT_ROT; the others compile as before it)."""
-    if FOLD:
-        z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
-        if SPLIT == 0:
-            F: tl.constexpr = SCALE * SCALE
-            e0 = tl.dot(z0, hc, input_precision="ieee")
-            e1 = tl.dot(z1, hc, input_precision="ieee")
-            e2 = tl.dot(z2, hc, input_precision="ieee")
-            e3 = tl.dot(z3, hc, input_precision="ieee")
-        else:  # |r| <= 2^8 (unit coordinates): two float16 passes of 256 r
-            F: tl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
-            e0 = _dot_split(z0 * 256.0, hc)
-            e1 = _dot_split(z1 * 256.0, hc)
-            e2 = _dot_split(z2 * 256.0, hc)
-            e3 = _dot_split(z3 * 256.0, hc)
-    else:
-        F: tl.constexpr = 1.0
-        one = tl.full([r0.shape[0]], 1.0, tl.float32)
-        e0, e1, e2, e3 = _crot(r0, r1, r2, r3, one, hc, SCALE, SPLIT)
-    w0 = _cvec(wt_ptr, 0, C)
-    w1 = _cvec(wt_ptr, 1, C)
-    w2 = _cvec(wt_ptr, 2, C)
-    w3 = _cvec(wt_ptr, 3, C)
-    if WSQ:
-        w0 = w0 * _cvec(ws_ptr, 0, C) * _cvec(ws_ptr, 0, C)
-        w1 = w1 * _cvec(ws_ptr, 1, C) * _cvec(ws_ptr, 1, C)
-        w2 = w2 * _cvec(ws_ptr, 2, C) * _cvec(ws_ptr, 2, C)
-        w3 = w3 * _cvec(ws_ptr, 3, C) * _cvec(ws_ptr, 3, C)
-    err = tl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
-                 + w3[None, :] * e3 * e3, axis=1)
-    if FOLD:
-        err = err * F
-    return err
+def _csq(r0, r1, r2, r3):
+    """|r|^2 per row of residual chunks r (the fallback's errors: formats.py, step 5)."""
+    return tl.sum(r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3, axis=1)
 
 
 @triton.jit
@@ -203,7 +169,7 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
                NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, bk_ptr):
     """One coding of a key given as four chunks x (signs applied) of norm n: the packed codes
     of the chunks, the norm as stored (float16-rounded), and the residual chunks y - g c in
-    unit rotated coordinates (g = stored norm / n) that _cerr weighs."""
+    unit rotated coordinates (g = stored norm / n) that the fallback's error sums."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
     return _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS, C, CODES, CB, WIDE,
@@ -232,7 +198,7 @@ def _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS: tl.constexpr, C: tl.c
 def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs, row_mask, scr,
                   head, hc, hs0, hs1, hs2, hs3, sg_ptr, cos0, cos1, cos2,
                   cos3, sin0, sin1, sin2, sin3, rope_sign_ptr, rope_partner_ptr,
-                  key_mean_ptr, key_inv_scale_ptr, key_scale_ptr, key_weight_ptr,
+                  key_mean_ptr, key_inv_scale_ptr, key_errw_ptr,
                   value_mean_ptr, codebooks_ptr, bucket_ptr,
                   D: tl.constexpr, SPLIT: tl.constexpr, MEAN: tl.constexpr,
                   VMEAN: tl.constexpr, CODES: tl.constexpr, SCR: tl.constexpr,
@@ -277,8 +243,7 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
         rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
             k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
             K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
-    rerr = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, False,
-                 key_scale_ptr, EXACT_ROT) * (rn * rn)
+    rerr = tl.load(key_errw_ptr + head * 2) * _csq(r0, r1, r2, r3) * (rn * rn)
 
     # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
@@ -310,8 +275,7 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     p0, p1, p2, p3, norm16, r0, r1, r2, r3 = _ccode_key(
         x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
         bucket_ptr)
-    err = _cerr(r0, r1, r2, r3, key_weight_ptr + hd, hc, C, SCALE, SPLIT, True,
-                key_scale_ptr + hd, EXACT_ROT) * (n * n)
+    err = tl.load(key_errw_ptr + head * 2 + 1) * _csq(r0, r1, r2, r3) * (n * n)
     raw = rerr < err
     rw = raw[:, None]
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)

@@ -15,8 +15,8 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
 
 * Layouts: mma.sync m16n8k16 (mma_v2) with warps along the rows, so a row's sums are in-thread
   adds and two quad shuffles; no shared memory in the head loop except the rotation blocks, the
-  key mean's cos/sin and the heads' per-column vectors (key mean, inv scale, weights, value
-  mean and its rotation: VSMEM), all written once per program. VSMEM (2026-12-06, no GPU run
+  key mean's cos/sin and the heads' per-column vectors (key mean, inv scale, value mean and
+  its rotation: VSMEM), all written once per program. VSMEM (2026-12-06, no GPU run
   yet): read per head and chunk from shared memory instead of global memory, those 96 loads a
   head are no longer hoisted into registers at the top of the head loop (sm_90 SASS, Triton
   3.6: 5841 instructions and 56 spill accesses a head against 5878 and 88; at maxnreg 200,
@@ -49,12 +49,15 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   5772 and 52 (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.
-* The fallback's residuals y - g c come out of the rotation's accumulators in registers, are
-  transformed, split into two float16 halves and fed to the unrotation MMAs as A operands
-  without moving (the m16n8k16 accumulator of two n-tiles is the A fragment of one k-step).
+* The fallback's errors (formats.py, step 5) are the residuals y - g c in rotated coordinates,
+  summed in registers where the rotation's accumulators left them, times the head's error
+  weight: no unrotation. Until 2026-12-07 the fallback weighed the residuals per channel in the
+  original coordinates: a transform, two float16 MMA passes per chunk and the weighted sums a
+  coding, about a fifth of the head loop (sm_90 SASS, Triton 3.6: 5725 instructions against
+  4741; tq3 4807, no stack; tq5 184 bytes of stack).
 * Per head: the values first (the key's loads in flight meanwhile), then the calibrated and the
   raw coding of the key. sm_90 SASS of the head loop (tests/store_hopper_compile.py, Triton 3.6):
-  5878 warp instructions per 16 tokens and head against the portable kernel's 4 x 3171.
+  4741 warp instructions per 16 tokens and head against the portable kernel's 4 x 3171.
 
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
@@ -387,19 +390,6 @@ def _dsplit(x, h, LA: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _err(r0, r1, r2, r3, hcu, w0, w1, w2, w3, LA: gl.constexpr, L: gl.constexpr):
-    """sum_i w_i (r H_D)_i^2 * 2^16 for residual chunks r (PERM's columns, scaled by 256): the
-    transform, then two float16 passes per chunk (the caller scales by (SCALE / 256)^2)."""
-    z0, z1, z2, z3 = _wht4(r0, r1, r2, r3)
-    e0 = _dsplit(z0, hcu, LA, L)
-    e1 = _dsplit(z1, hcu, LA, L)
-    e2 = _dsplit(z2, hcu, LA, L)
-    e3 = _dsplit(z3, hcu, LA, L)
-    return gl.sum(w0[None, :] * e0 * e0 + w1[None, :] * e1 * e1 + w2[None, :] * e2 * e2
-                  + w3[None, :] * e3 * e3, axis=1)
-
-
-@gluon.jit
 def _store_words(base, mask, w, OFF: gl.constexpr, a: gl.constexpr, BITS: gl.constexpr,
                  ALIGN: gl.constexpr):
     """Words [M, 4] of chunk a: group 4 a + q of 8 codes at byte OFF + BITS (4 a + q)."""
@@ -427,37 +417,31 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
-def _code_err(y0, y1, y2, y3, n, inv_n, ktab, weight_ptr, w_s, i, hd, hcu_s,
-              K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
-              K_RULE: gl.constexpr,
-              C: gl.constexpr, M: gl.constexpr, F: gl.constexpr, LA: gl.constexpr,
-              LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr, VSMEM: gl.constexpr,
-              FAST: gl.constexpr):
+def _code_err(y0, y1, y2, y3, n, inv_n, ktab, ew, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+              K_BITS: gl.constexpr, K_RULE: gl.constexpr, M: gl.constexpr, FAST: gl.constexpr):
     """A key coding's end, raw or calibrated: the transformed chunks y coded (words), the float16
-    norm of the input's norm n, and the coding's error weighted by the head's weights."""
+    norm of the input's norm n, and the coding's error ew n^2 |y - g c|^2 (formats.py, step 5:
+    the residual in rotated coordinates, ew the head's error weight; y and c are scaled by 256,
+    so both codings' errors are 2^16 times the reference's)."""
     w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_ASM, K_BITS,
                                                   K_RULE, M)
     norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE, FAST))
     g = (norm16 * inv_n)[:, None]
-    q0 = _vec(weight_ptr, w_s, i, hd, 0, C, COL, VSMEM)
-    q1 = _vec(weight_ptr, w_s, i, hd, 1, C, COL, VSMEM)
-    q2 = _vec(weight_ptr, w_s, i, hd, 2, C, COL, VSMEM)
-    q3 = _vec(weight_ptr, w_s, i, hd, 3, C, COL, VSMEM)
-    err = _err(y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3, hcu_s.load(LB), q0, q1, q2,
-               q3, LA, L) * F * (n * n)
+    r0 = y0 - g * c0
+    r1 = y1 - g * c1
+    r2 = y2 - g * c2
+    r3 = y3 - g * c3
+    err = gl.sum(r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3, axis=1) * (ew * n * n)
     return w0, w1, w2, w3, norm16, err
 
 
 @gluon.jit
-def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s,
-             hs3_s, hcu_s, ktab, zero, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
-             K_BITS: gl.constexpr,
-             K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
-             LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, COL: gl.constexpr,
-             VSMEM: gl.constexpr, FAST: gl.constexpr):
+def _key_raw(k0, k1, k2, k3, rn, inv_rn, ew, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
+             K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
+             K_RULE: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr, LB: gl.constexpr,
+             FAST: gl.constexpr):
     """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
-    its float16 norm and its weighted error."""
-    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    its float16 norm and its error (ew: the head's raw error weight)."""
     z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0_s.load(LB), zero), mma_v2(k1, hs1_s.load(LB), zero),
                            mma_v2(k2, hs2_s.load(LB), zero), mma_v2(k3, hs3_s.load(LB), zero))
     s = (inv_rn * (SCALE * 256.0))[:, None]
@@ -465,22 +449,20 @@ def _key_raw(k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_
     y1 = z1 * s
     y2 = z2 * s
     y3 = z3 * s
-    return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, key_weight_ptr, w_s, i, hd, hcu_s,
-                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
+    return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, ew, K_SHIFT, K_ASM, K_BITS, K_RULE, M,
+                     FAST)
 
 
 @gluon.jit
-def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s,
-                    wsq_s, i, hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab,
+def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew, km_s, isg_s, i, hd,
+                    cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, ktab,
                     MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
                     K_BITS: gl.constexpr,
                     K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
                     LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
-                    COL: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr,
-                    FAST: gl.constexpr):
+                    COLA: gl.constexpr, VSMEM: gl.constexpr, FAST: gl.constexpr):
     """The calibrated key's coding (the transform first, then two float16 passes per chunk):
-    its words, its float16 norm and its weighted error."""
-    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
+    its words, its float16 norm and its error (ew: the head's calibrated error weight)."""
     u0 = _vec(key_mean_ptr, km_s, i, hd, 0, C, COLA, VSMEM)[None, :]
     u1 = _vec(key_mean_ptr, km_s, i, hd, 1, C, COLA, VSMEM)[None, :]
     u2 = _vec(key_mean_ptr, km_s, i, hd, 2, C, COLA, VSMEM)[None, :]
@@ -515,16 +497,16 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s
     y3 = _dsplit(z3 * xs, hcp, LA, L)
     n = gl.convert_layout(n_a, ROW)
     inv_n = gl.convert_layout(inv_na, ROW)
-    return _code_err(y0, y1, y2, y3, n, inv_n, ktab, key_wsq_ptr, wsq_s, i, hd, hcu_s,
-                     K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, F, LA, LB, L, COL, VSMEM, FAST)
+    return _code_err(y0, y1, y2, y3, n, inv_n, ktab, ew, K_SHIFT, K_ASM, K_BITS, K_RULE, M,
+                     FAST)
 
 
 @gluon.jit
 def _tq_store_hopper_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens, positions_ptr,
-    rope_theta_ptr, key_mean_ptr, key_isg_ptr, key_weight_ptr, key_wsq_ptr,
-    value_mean_ptr, rot_vm_ptr, hs_ptr, hcp_ptr, hcu_ptr, ktab_ptr, vtab_ptr,
+    rope_theta_ptr, key_mean_ptr, key_isg_ptr, key_errw_ptr,
+    value_mean_ptr, rot_vm_ptr, hs_ptr, hcp_ptr, ktab_ptr, vtab_ptr,
     PAGE: gl.constexpr, STRIDE_TOK: gl.constexpr, STRIDE_HEAD: gl.constexpr,
     NW: gl.constexpr, HEADS: gl.constexpr, D: gl.constexpr, MEAN: gl.constexpr,
     VMEAN: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_OFF: gl.constexpr,
@@ -543,7 +525,6 @@ def _tq_store_hopper_kernel(
     C: gl.constexpr = D // 4
     M: gl.constexpr = NT * NW
     SCALE: gl.constexpr = 1.0 / (D ** 0.5)
-    F: gl.constexpr = (SCALE / 256.0) * (SCALE / 256.0)
     L: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
                                                 instr_shape=[16, 8])
     LA: gl.constexpr = gl.DotOperandLayout(0, L, 2)
@@ -568,7 +549,6 @@ def _tq_store_hopper_kernel(
     hs3_s = gl.allocate_shared_memory(hs_ptr.dtype.element_ty, [C, C], SH,
                                       gl.load(hs_ptr + 3 * C * C + boff))
     hcp_s = gl.allocate_shared_memory(gl.float16, [C, C], SH, gl.load(hcp_ptr + boff))
-    hcu_s = gl.allocate_shared_memory(gl.float16, [C, C], SH, gl.load(hcu_ptr + boff))
 
     t0 = gl.program_id(0) * M
     head0 = gl.program_id(1) * HEADS
@@ -617,10 +597,6 @@ def _tq_store_hopper_kernel(
                                                gl.load(key_mean_ptr + voff)))
         isg_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
                                                 gl.load(key_isg_ptr + voff)))
-        wsq_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
-                                                gl.load(key_wsq_ptr + voff)))
-        w_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
-                                              gl.load(key_weight_ptr + voff)))
         vm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
                                                gl.load(value_mean_ptr + voff)))
         rvm_s = _rows(gl.allocate_shared_memory(gl.float32, [HEADS * 4, C], S2,
@@ -628,8 +604,6 @@ def _tq_store_hopper_kernel(
     else:  # not read
         km_s = hcp_s
         isg_s = hcp_s
-        wsq_s = hcp_s
-        w_s = hcp_s
         vm_s = hcp_s
         rvm_s = hcp_s
     kp = key_ptr + ta.to(gl.int64) * stride_kt
@@ -801,26 +775,24 @@ def _tq_store_hopper_kernel(
         rn = gl.convert_layout(_sqrt(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1), FAST),
                                ROW)
         inv_rn = _rcp(gl.maximum(rn, 1e-30), FAST)
+        ew_raw = gl.load(key_errw_ptr + head * 2)  # the head's error weights (raw, calibrated)
+        ew_cal = gl.load(key_errw_ptr + head * 2 + 1)
         if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
-                K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew_cal, km_s, isg_s, i, hd, cos0_s,
+                sin0_s, cos1_s, sin1_s, hcp_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M,
+                SCALE, LA, LB, L, ROW, COLA, VSMEM, FAST)
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
-                VSMEM, FAST)
+                k0, k1, k2, k3, rn, inv_rn, ew_raw, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
+                K_SHIFT, K_ASM, K_BITS, K_RULE, M, SCALE, LB, FAST)
         else:
             rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, key_weight_ptr, w_s, i, hd, hs0_s, hs1_s, hs2_s, hs3_s,
-                hcu_s, ktab, zero, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M, SCALE, LA, LB, L, COL,
-                VSMEM, FAST)
+                k0, k1, k2, k3, rn, inv_rn, ew_raw, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
+                K_SHIFT, K_ASM, K_BITS, K_RULE, M, SCALE, LB, FAST)
             cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, key_wsq_ptr, km_s, isg_s, wsq_s, i, hd,
-                cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, hcu_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS,
-                K_RULE,
-                C, M, SCALE, LA, LB, L, ROW, COL, COLA, VSMEM, FAST)
+                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew_cal, km_s, isg_s, i, hd, cos0_s,
+                sin0_s, cos1_s, sin1_s, hcp_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M,
+                SCALE, LA, LB, L, ROW, COLA, VSMEM, FAST)
 
         raw = rerr < err  # ties: calibrated
         WL: gl.constexpr = rw0.type.layout

@@ -204,16 +204,15 @@ def why_unsupported(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
 
 def constants(tables, dtype: torch.dtype, c: dict) -> dict:
     """The kernel's tables from tq_store's constants c (_store_constants): the rotation blocks
-    with PERM's columns, the code-search tables, the weights; kept in c."""
+    with PERM's columns, the code-search tables, the per-column vectors; kept in c."""
     if "hop" in c:
         return c["hop"]
     C = tables.layout.head_size // 4
     p = torch.tensor(perm(C), device=c["hs_x"].device)
     hs = c["hs_x"][:, :, p].to(dtype).contiguous()  # [4, C, C] diag(s_a) H_C, columns permuted
     hcp = c["hc_f16"][:, p].contiguous()  # calibrated key: H_C, columns permuted
-    hcu = c["hc_f16"][p, :].contiguous()  # unrotation of permuted residuals
     lay = tables.layout
-    out = dict(hs=hs, hcp=hcp, hcu=hcu)
+    out = dict(hs=hs, hcp=hcp)
     for name, idx, st in (("k", 1, lay.key.b), ("v", 3, lay.value.b)):
         lv, th = tables.codebooks[idx]
         bt = bucket_table(lv * 256.0, th * 256.0, st.bits)  # coordinates scaled by 256
@@ -233,7 +232,6 @@ def constants(tables, dtype: torch.dtype, c: dict) -> dict:
             out[name + "_ukm"] = (*ub[:2], rows.shape[0])
             out[name + "_utab"] = pad.to(tables.codebooks.device)
     if out is not None:
-        out["wsq"] = (tables.key_weight * tables.key_scale * tables.key_scale).contiguous()
         out["isg"] = (tables.key_inv_scale * tables.signs).contiguous()  # exact: signs +-1
         heads = c["rot_vm"].shape[0]
         out["rvm"] = c["rot_vm"][:, 1].reshape(heads, 4, C)[:, :, p].reshape(heads, -1).contiguous()
@@ -257,8 +255,8 @@ def table_args(tables, hop: dict, cx: dict) -> tuple:
     q = "_q" if cx["KV16"] else ""
     theta, km, vm = ((hop["theta_q"], hop["km_q"], hop["vm_q"]) if q else
                      (tables.rope_theta, tables.key_mean, tables.value_mean))
-    return (theta, km, hop["isg" + q], tables.key_weight, hop["wsq"], vm, hop["rvm"],
-            hop["hs" + q], hop["hcp" + q], hop["hcu"],
+    return (theta, km, hop["isg" + q], tables.key_err_weights, vm, hop["rvm"],
+            hop["hs" + q], hop["hcp" + q],
             hop["k_utab" if cx["SLUT"] else "k_tab"], hop["v_utab" if cx["SLUT"] else "v_tab"])
 
 

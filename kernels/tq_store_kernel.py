@@ -4,8 +4,7 @@ Why this file keeps code no served launch runs (and is a little over 400 lines):
 tq_store_chunked.py, for one full-width stream per vector with the raw-key fallback; the general
 path here for uncalibrated caches and formats with extra-bit streams) it holds the store sweep's
 variants (benchmarks/dev/kv_store_sweep.py, StoreTuning): the full-width path without chunks
-(SYM), the fallback's errors from decoded keys (ERR=0) and the predicate-free code searches
-(CODES 1, 2). tests/test_kv_kernels.py checks each against the reference bytes.
+(SYM) and the predicate-free code searches (CODES 1, 2). tests/test_kv_kernels.py checks each against the reference bytes.
 
 One program codes BLOCK_T tokens of HEADS KV heads (a loop over the heads, so the key mean's
 per-token cos/sin is computed once for all of them), keys and values, and writes their slots
@@ -18,9 +17,7 @@ The rotation is one tl.dot of the [BLOCK_T, D] tile with the signed Hadamard col
 passes: a bf16 input (a raw key, an uncalibrated key, a value) is exact in bf16, so one bf16 dot
 with float32 accumulation is exact up to the summation order; a value mean is subtracted after the
 rotation (its rotation is a per-head constant); a calibrated key (float32) is scaled to
-|x| <= 256 and split into two float16 parts (22 significant bits) for two dots. The decodings the
-raw-key fallback compares are rotated back the same way (levels * 256 in two float16 parts).
-Under the CPU interpreter (SPLIT=0) every dot is float32.
+|x| <= 256 and split into two float16 parts (22 significant bits) for two dots. Under the CPU interpreter (SPLIT=0) every dot is float32.
 
 The rotation columns are loaded once per program (the head loop reuses them from shared memory;
 the unrotation is the transposed dot of the same columns). With the raw-key fallback both codings
@@ -28,12 +25,11 @@ of a key are packed, the better one is chosen per row in registers and stored on
 words where the slot is 4-byte aligned (16-bit where a stream starts 2 bytes off, e.g. the value
 codes after the key norm) and the norms as 16-bit stores.
 
-The raw-key fallback's weighted errors (ERR=1) come from residuals in rotated unit coordinates:
-k - k^ = key_scale * n * U(y - g c) for the calibrated coding (g = norm16 / n) and rn * U(ry - rg rc)
-for the raw one, one unrotation each (the decoded keys and the key mean are never formed; the
-float32 difference is at least as accurate as the reference's k - k^). Where a vector is one
-full-width stream (tq4, tq3, tq5: SYM) the float32 rotations and unrotations use H itself (the
-signs go on the input; H is symmetric, so the unrotation needs no transposed copy), the code search
+The raw-key fallback's errors (formats.py, step 5) come from the residuals in rotated unit
+coordinates, never rotated back: e_cal n^2 |y - g c|^2 for the calibrated coding (g = norm16 / n)
+and e_raw rn^2 |ry - rg rc|^2 for the raw one (e_raw, e_cal: the head's key_err_weights; the
+decoded keys and the key mean are never formed). Where a vector is one full-width stream (tq4,
+tq3, tq5: SYM) the float32 rotations use H itself (the signs go on the input), the code search
 compiles the stream's codebook in as immediates, and the key norms reach the MMA layout through a
 small scratch store/load (SCR) so that Triton does not recompute the calibrated key in a second
 layout. CHUNK (the default there) splits each rotation into butterflies and [C, C] dots
@@ -90,16 +86,16 @@ def _code_key_sym(x, xb, n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr, BITS:
                   CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
                   NORM_RULE: tl.constexpr):
     """One coding of a full-width key stream (SYM) of x [rows, D] (signs applied) of norm n: the
-    packed codes, the norm as stored (float16-rounded), and the residual k - k^ unrotated in
-    unit coordinates (y - g c, g = stored norm / n) that the fallback's error weighs."""
+    packed codes, the norm as stored (float16-rounded), and |y - g c|^2 (g = stored norm / n),
+    the residual in rotated unit coordinates that the fallback's error weighs."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     code, c, yc, cc, y = _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D, BITS, N, W, SPLIT,
                                  INPUT, CODES, CB)
     # packed before the norm: the other order compiled to 4801 loop instructions, not 3692 (sm_90)
     packed = _pack(code, BITS, N, W, WIDE)
     norm16 = _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
-    e = _unrotate_unit(y - (norm16 * inv_n)[:, None] * c, hf, D, W, SPLIT, True)
-    return packed, norm16, e
+    r = y - (norm16 * inv_n)[:, None] * c
+    return packed, norm16, tl.sum(r * r, axis=1)
 
 
 @triton.jit
@@ -114,40 +110,12 @@ def _key_mean_at(mean_ptr, d, partner, rope_sign, cos, sin, MEAN: tl.constexpr):
 
 
 @triton.jit
-def _unrotate(c, norm16, hf, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
-    """norm * unrotate(c) of one stream's levels c [rows, W] -> [rows, D] (signs included);
-    hf: the stream's columns [D, W] as _mats gives them (their transpose is the inverse)."""
-    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
-    if SPLIT == 0:
-        return tl.dot(c * norm16[:, None], tl.trans(hf), input_precision="ieee") * SCALE
-    else:
-        out = _dot_split(c * 256.0, tl.trans(hf))
-        return out * (norm16 * (SCALE / 256.0))[:, None]
-
-
-@triton.jit
-def _unrotate_unit(r, hf, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
-                   SYM: tl.constexpr):
-    """unrotate(r) of one stream's rotated coordinates r [rows, W] (|r| <= 2^8) -> [rows, D],
-    without the signs where SYM (hf is H itself: symmetric, its own transpose)."""
-    SCALE: tl.constexpr = 1.0 / (D ** 0.5)
-    if SYM:
-        ht = hf
-    else:
-        ht = tl.trans(hf)
-    if SPLIT == 0:
-        return tl.dot(r, ht, input_precision="ieee") * SCALE
-    else:
-        return _dot_split(r * 256.0, ht) * (SCALE / 256.0)
-
-
-@triton.jit
 def _tq_store_kernel(
     key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
     cache_ptr, stride_blk, slot_mapping_ptr, num_tokens,
-    codebooks_ptr, key_mean_ptr, key_scale_ptr, key_inv_scale_ptr, key_weight_ptr,
+    codebooks_ptr, key_mean_ptr, key_inv_scale_ptr, key_errw_ptr,
     value_mean_ptr, positions_ptr, rope_theta_ptr, rope_partner_ptr, rope_sign_ptr,
-    kfa32, kfb32, vfa32, vfb32, kia32, kib32, kfa16, kfb16, vfa16, vfb16, kia16, kib16,
+    kfa32, kfb32, vfa32, vfb32, kfa16, kfb16, vfa16, vfb16,
     kfax, kfbx, vfax, vfbx, rot_vm_ptr, signs_ptr, scratch_ptr, hc32, hc16, bucket_ptr, hs32,
     hsx,
     # the cache: page size and strides in bytes
@@ -165,7 +133,7 @@ def _tq_store_kernel(
     # the code paths: tq_store._Launch picks the served ones, StoreTuning the others (the
     # store sweep's); the stream B codebooks as immediates (KB_CB, VB_CB) where served
     SAME_KV_ROT: tl.constexpr = False, CODES: tl.constexpr = 0, WIDE: tl.constexpr = True,
-    ERR: tl.constexpr = 1, SYM: tl.constexpr = False,
+    SYM: tl.constexpr = False,
     KB_CB: tl.constexpr = (), VB_CB: tl.constexpr = (), NO_CB: tl.constexpr = (),
     SCR: tl.constexpr = False,
     CHUNK: tl.constexpr = False, NEOX: tl.constexpr = False, PREFETCH: tl.constexpr = False,
@@ -245,7 +213,7 @@ def _tq_store_kernel(
                           scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2, head,
                           hc, hs0, hs1, hs2, hs3, signs_ptr, cos0, cos1, cos2, cos3, sin0, sin1, sin2, sin3,
                           rope_sign_ptr, rope_partner_ptr, key_mean_ptr, key_inv_scale_ptr,
-                          key_scale_ptr, key_weight_ptr, value_mean_ptr, codebooks_ptr, bucket_ptr,
+                          key_errw_ptr, value_mean_ptr, codebooks_ptr, bucket_ptr,
                           D, SPLIT, MEAN, VMEAN, CODES, SCR, KB.bits, KB.off, KB.u, KB.k,
                           VB.bits, VB.off, VB.u, VB.k, K_NORM_OFF, V_NORM_OFF, K_NORM_RULE,
                           V_NORM_RULE, ALIGN, WIDE, KB_CB, VB_CB, NEOX, PREFETCH, EXACT_ROT,
@@ -268,28 +236,24 @@ def _tq_store_kernel(
             if SYM:  # float32 inputs rotate with H: their signs first (exact)
                 ks = k * sg[None, :]
             if SYM:
-                # The raw coding first (its residual's weighted error is all that stays live), then
-                # the calibrated one; the smaller weighted error wins (ties: calibrated), a raw key
-                # stores -norm. The residual of a coding, in rotated unit coordinates: k - k^ =
-                # rn * U(ry - rg rc) raw (rg = rnorm16 / rn), key_scale * n * U(y - g c) calibrated.
-                w = tl.load(key_weight_ptr + head * D + d)
+                # The raw coding first (its error is all that stays live), then the calibrated
+                # one; the smaller error wins (ties: calibrated), a raw key stores -norm.
                 scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
                 rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
-                rpk, rnorm16, re = _code_key_sym(ks, kbs, rn, hkb, hkbx, rot_vm_ptr,
+                rpk, rnorm16, re2 = _code_key_sym(ks, kbs, rn, hkb, hkbx, rot_vm_ptr,
                                                  codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                  SPLIT, R_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
-                rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+                rerr = tl.load(key_errw_ptr + head * 2) * re2 * (rn * rn)
 
                 k_mean = _key_mean_at(key_mean_ptr + head * D, d, partner, rope_sign, cos, sin,
                                       MEAN)
                 k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
                 x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
                 n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
-                pk_b, norm16, e = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
+                pk_b, norm16, e2 = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
                                                 codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                 SPLIT, K_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
-                sc = tl.load(key_scale_ptr + head * D + d)
-                err = tl.sum((w * sc * sc)[None, :] * e * e, axis=1) * (n * n)
+                err = tl.load(key_errw_ptr + head * 2 + 1) * e2 * (n * n)
                 raw = rerr < err
                 pk_b = tl.where(raw[:, None], rpk, pk_b)
                 pk_a = pk_b
@@ -324,18 +288,11 @@ def _tq_store_kernel(
                 if ABS_NORM:
                     norm = tl.abs(norm)
                 if FALLBACK:
-                    # Code the raw key too and keep, per row, the coding with the smaller weighted error
+                    # Code the raw key too and keep, per row, the coding with the smaller error
                     # (ties: calibrated); the sign of the stored norm flags a raw key.
                     norm16 = _fp16_round(norm)
                     rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
                     inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-                    if ERR == 0:
-                        k_hat = _unrotate(c_b, norm16, hkb, D, KB.w, SPLIT)
-                        if KA.n > 0:
-                            k_hat += _unrotate(c_a, norm16, hka, D, KA.w, SPLIT)
-                        k_hat = k_hat * tl.load(key_scale_ptr + head * D + d)[None, :] + k_mean
-                        w = tl.load(key_weight_ptr + head * D + d)[None, :]
-                        err = tl.sum(w * (k - k_hat) * (k - k_hat), axis=1)
                     rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
                                                             codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                             SPLIT, R_INPUT, CODES, KB_CB)
@@ -351,25 +308,20 @@ def _tq_store_kernel(
                         ryc += ryc_a
                         rcc += rcc_a
                     rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-                    if ERR == 0:
-                        r_hat = _unrotate(rc_b, rnorm16, hkb, D, KB.w, SPLIT)
-                        if KA.n > 0:
-                            r_hat += _unrotate(rc_a, rnorm16, hka, D, KA.w, SPLIT)
-                        rerr = tl.sum(w * (k - r_hat) * (k - r_hat), axis=1)
-                    else:
-                        # The residuals in rotated, unit coordinates: k - k^ = key_scale * n * U(y - g c)
-                        # (g = norm16 / n) for the calibrated coding, k - k^ = rn * U(ry - rg rc) raw.
-                        g = (norm16 * inv_n)[:, None]
-                        rg = (rnorm16 * inv_rn)[:, None]
-                        e = _unrotate_unit(y_b - g * c_b, hkb, D, KB.w, SPLIT, SYM)
-                        re = _unrotate_unit(ry_b - rg * rc_b, hkb, D, KB.w, SPLIT, SYM)
-                        if KA.n > 0:
-                            e += _unrotate_unit(y_a - g * c_a, hka, D, KA.w, SPLIT, SYM)
-                            re += _unrotate_unit(ry_a - rg * rc_a, hka, D, KA.w, SPLIT, SYM)
-                        w = tl.load(key_weight_ptr + head * D + d)
-                        s = tl.load(key_scale_ptr + head * D + d)
-                        err = tl.sum((w * s * s)[None, :] * e * e, axis=1) * (n * n)
-                        rerr = tl.sum(w[None, :] * re * re, axis=1) * (rn * rn)
+                    # the residuals in rotated unit coordinates (g = norm16 / n, rg = rnorm16 / rn)
+                    g = (norm16 * inv_n)[:, None]
+                    rg = (rnorm16 * inv_rn)[:, None]
+                    e = y_b - g * c_b
+                    re = ry_b - rg * rc_b
+                    e2 = tl.sum(e * e, axis=1)
+                    re2 = tl.sum(re * re, axis=1)
+                    if KA.n > 0:
+                        e = y_a - g * c_a
+                        re = ry_a - rg * rc_a
+                        e2 += tl.sum(e * e, axis=1)
+                        re2 += tl.sum(re * re, axis=1)
+                    err = tl.load(key_errw_ptr + head * 2 + 1) * e2 * (n * n)
+                    rerr = tl.load(key_errw_ptr + head * 2) * re2 * (rn * rn)
                     raw = rerr < err
                     pk_b = tl.where(raw[:, None], rpk_b, pk_b)
                     if KA.n > 0:

@@ -30,10 +30,10 @@ from vllm_gds.kernels import tq_store_hopper as hop  # noqa: E402
 from vllm_gds.kernels.tq_store import _store_constants  # noqa: E402
 
 TYPES = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_mapping_ptr": "*i64",
-         "positions_ptr": "*i64", "hs_ptr": "*bf16", "hcp_ptr": "*fp16", "hcu_ptr": "*fp16",
+         "positions_ptr": "*i64", "hs_ptr": "*bf16", "hcp_ptr": "*fp16",
          "ktab_ptr": "*i32", "vtab_ptr": "*i32"}
 DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions_ptr", "hs_ptr",
-             "hcp_ptr", "hcu_ptr", "ktab_ptr", "vtab_ptr", "stride_kt", "stride_kh",
+             "hcp_ptr", "ktab_ptr", "vtab_ptr", "stride_kt", "stride_kh",
              "stride_vt", "stride_vh", "stride_blk")
 
 

@@ -164,7 +164,7 @@ def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
         k, v = k.half(), v.half()
     want = _reference_slots(lq, k.float(), v.float(), positions)
     for launch in ({}, dict(codes=0, prefetch=False, exact_rot=False), dict(chunks=False),
-                   dict(sym=False), dict(err=0, sym=False)):
+                   dict(sym=False)):
         cache = torch.full((2, page, h, tables.layout.slot_bytes), POISON, dtype=torch.uint8)
         slots = torch.randperm(2 * page)[:t]
         tq_store(k, v, cache, slots, tables, positions,

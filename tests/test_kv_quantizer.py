@@ -8,6 +8,7 @@ import torch
 
 from vllm_gds.kvcache.codebook import mse_per_coordinate
 from vllm_gds.kvcache.formats import FORMATS, KVFormat, VectorCode, get_format
+from vllm_gds.kvcache.layer_calibration import fallback_error_weights
 from vllm_gds.kvcache.quantizer import KVLayerQuantizer, VectorQuantizer
 from vllm_gds.kvcache.rope import apply_rope
 from vllm_gds.kvcache.rotation import Rotation
@@ -97,6 +98,7 @@ def test_rotated_domain_attention_equals_attention_over_decoded_cache():
                           key_scale=torch.rand(3, 128, generator=g) + 0.5,
                           key_weight=torch.ones(3, 128), rope_inv_freq=inv_freq)
     pos = torch.arange(40) * 997
+    k[1:6] = lq.key_mean_at(pos[1:6]) + 0.1 * k[1:6]  # keys near their mean: calibrated
     ek, ev = lq.encode_keys(k, pos), lq.encode_values(v)
     assert (ek.norms < 0).any() and (ek.norms > 0).any()  # both kinds of key are exercised
     k_hat, v_hat = lq.decode_keys(ek, pos), lq.decode_values(ev)
@@ -117,3 +119,53 @@ def test_format_bytes():
     assert VectorCode(3, extra=32).vector_bytes(64) == 16 + 12 + 2
     with pytest.raises(ValueError, match="tq4"):
         get_format("tq6")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_fallback_error_weights_are_the_rotated_weights_diagonal(d):
+    """Every diagonal entry of R diag(w) R^T is mean(w) for the randomized Hadamard R, which is
+    why the fallback can weigh residuals in rotated coordinates by one number a head."""
+    g = torch.Generator().manual_seed(d)
+    w = torch.rand(3, d, generator=g) * 4 - 1  # negatives count as 0
+    s = torch.rand(3, d, generator=g) + 0.5
+    ew = fallback_error_weights(w, s, d)
+    assert ew.shape == (3, 2)
+    r = Rotation(d, layer=5, seed=11)
+    rot = r.forward(torch.eye(d, dtype=torch.float64).float()).double()  # rows: rotate(e_i)
+    for h in range(3):
+        for j, diag in enumerate((w[h].clamp_min(0), w[h].clamp_min(0) * s[h] ** 2)):
+            m = rot.t() @ torch.diag(diag.double()) @ rot
+            assert torch.allclose(m.diagonal(), torch.full((d,), ew[h, j].item(), dtype=torch.float64),
+                                  rtol=1e-5)
+    assert torch.equal(fallback_error_weights(None, None, d), torch.ones(2))
+
+
+def test_fallback_compares_rotated_errors_weighted_by_the_head():
+    """The raw-key fallback keeps the raw coding exactly where mean(w) |k - k^_raw|^2 <
+    mean(w s^2) |(k - k^_cal) / s|^2; with w and s constant that is the query-weighted error in
+    the original coordinates."""
+    fmt = get_format("tq4")
+    g = torch.Generator().manual_seed(3)
+    h, d, t = 2, 64, 300
+    pos = torch.randint(0, 4096, (t,), generator=g)
+    w = torch.rand(h, d, generator=g) + 0.1
+    s = torch.rand(h, d, generator=g) + 0.5
+    lq = KVLayerQuantizer(fmt, d, 2, 9, key_mean=torch.randn(h, d, generator=g), key_scale=s,
+                          key_weight=w, rope_inv_freq=INV_FREQ)
+    k = lq.key_mean_at(pos) + torch.randn(t, h, d, generator=g) * torch.rand(t, h, 1, generator=g) * 3
+    cal = lq._uncalibrate_keys(lq.keys.roundtrip(lq._calibrate_keys(k, pos)), pos)
+    raw = lq.keys.roundtrip(k)
+    want_raw = (w.mean(-1) * ((k - raw) ** 2).sum(-1)
+                < (w * s * s).mean(-1) * (((k - cal) / s) ** 2).sum(-1))
+    assert 0.1 < want_raw.float().mean() < 0.9  # both codings chosen
+    got_raw = lq.encode_keys(k, pos).norms < 0
+    assert (got_raw != want_raw).sum() <= 1  # a float32 tie at most
+    assert torch.allclose(lq.roundtrip_keys(k, pos), torch.where(want_raw[..., None], raw, cal),
+                          atol=1e-2)
+    # constant weights and scale: the rotated error is the original coordinates' error
+    lq1 = KVLayerQuantizer(fmt, d, 2, 9, key_mean=torch.randn(h, d, generator=g),
+                           key_scale=torch.full((h, d), 0.7), key_weight=torch.full((h, d), 2.0),
+                           rope_inv_freq=INV_FREQ)
+    cal1 = lq1._uncalibrate_keys(lq1.keys.roundtrip(lq1._calibrate_keys(k, pos)), pos)
+    exact = ((k - raw) ** 2).sum(-1) < ((k - cal1) ** 2).sum(-1)
+    assert ((lq1.encode_keys(k, pos).norms < 0) != exact).sum() <= 1

@@ -47,21 +47,23 @@ def test_served_store_compiles_for_sm90_with_a_shorter_loop(compiled, name, most
 @pytest.mark.parametrize("name", ["tq4", "tq3", "tq5"])
 def test_hopper_store_compiles_for_sm90_in_registers(compiled, name):
     """The Gluon store (kernels/tq_store_hopper.py) as tq_store launches it at the Llama-3-8B
-    shape: 8 HMMA per chunk pass of its 8 passes (256 a head), one 16-byte lookup a coordinate
+    shape: 8 HMMA per chunk pass of its 4 passes (the rotations: 128 a head; the fallback's
+    errors need no unrotation since 2026-12-07), one 16-byte lookup a coordinate
     (3 codings x 64 per thread) from SLUT's shared table, the keys and values by cp.async one
     head ahead (ASYNC: 16 copies and two CTA barriers a head, no loads into registers), and a
-    loop under 60% of the portable kernel's instructions per code (99.1 -> 44.2 for tq4 under
+    loop under half the portable kernel's instructions per code (99.1 -> 37.0 for tq4 under
     Triton 3.6)."""
     st = _compile(compiled, "store_hopper_compile.py", name)
     loop = st["loop"]
-    assert st["ptx_mma"] == 256 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 256
+    assert st["ptx_mma"] == 128 and sum(v for k, v in loop.items() if k.startswith("HMMA")) == 128
     assert st["lookups"] == 192 and st["ld_v4"] == 0 and st["slut"] and st["smem_ok"]
     assert loop["LDS.128"] == 192 and "LDG.E.128.CONSTANT" not in loop
     assert loop.get("LDGSTS.E.BYPASS.128") == 16 and loop.get("BAR.SYNC.DEFER_BLOCKING") == 2
-    assert "LDG.E" not in loop and not any(k.startswith("STS") for k in loop)
+    # global loads in the loop: the head's two error weights only
+    assert loop.get("LDG.E") == 2 and not any(k.startswith("STS") for k in loop)
     # the heads' per-column vectors from shared memory (VSMEM), not global loads held in registers
     assert "LDG.E.64" not in loop and loop.get("LDS.64", 0) >= 96, loop
-    assert st["per_code"] < 0.6 * 99.1, st["per_code"]
+    assert st["per_code"] < 0.5 * 99.1, st["per_code"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -75,20 +77,20 @@ def test_hopper_store_measurement_variants_compile(compiled, variant):
     store before REMAT), the staging buffers declared in PTX (KVPTX)."""
     st = _compile(compiled, "store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
-    assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["smem_ok"]
+    assert st["ptx_mma"] == 128 and st["lookups"] == 192 and st["smem_ok"]
     if variant[0] == "--slut":
         assert not st["slut"] and st["ld_v4"] == 192 and "LDS.128" not in loop
         assert loop["LDG.E.128.CONSTANT"] == 192
     if variant[0] == "--kv16":
-        assert loop.get("LDG.E.128") == 16 and "LDG.E" not in loop
+        assert loop.get("LDG.E.128") == 16 and loop.get("LDG.E") == 2
     if variant[0] == "--fastdiv":  # one basic block a head: no calls, no FCHK
         assert not any(k.startswith(("CALL", "BSSY", "FCHK")) for k in loop), loop
         assert loop.get("MUFU.RSQ") == 12 and loop.get("MUFU.RCP") == 12
     if variant[0] == "--async-kv":  # key / value loads into registers, no copies, no barrier
-        assert "LDGSTS.E.BYPASS.128" not in loop and loop.get("LDG.E") == 64
+        assert "LDGSTS.E.BYPASS.128" not in loop and loop.get("LDG.E") == 64 + 2
         assert not any(k.startswith("BAR") for k in loop)
     if variant[0] == "--vsmem":
-        assert loop.get("LDG.E.64") == 96
+        assert loop.get("LDG.E.64") == 64
     if variant[0] == "--kvptx":  # copies and reads in PTX, each warp its own rows: no CTA barrier
         assert loop.get("LDGSTS.E.BYPASS.128") == 16 and not any(k.startswith("BAR") for k in loop)
         assert loop.get("LDSM.16.M88.4") == 16 and st["static_shared"] > 32768, st
@@ -106,14 +108,14 @@ def test_hopper_store_compiles_for_few_tokens(compiled):
     one head a program (the key mean's cos / sin per program; no head loop)."""
     st = _compile(compiled, "store_hopper_compile.py", "tq4", "--num-warps", "1",
                   "--heads-per-program", "1")
-    assert st["ptx_mma"] == 256 and st["lookups"] == 192 and st["shared"] <= 20480
+    assert st["ptx_mma"] == 128 and st["lookups"] == 192 and st["shared"] <= 20480
     assert not st["slut"] and st["smem_ok"] and st["ld_v4"] == 192
 
 
 def test_hopper_store_keeps_its_shared_memory_launchable(compiled):
     """4 warps x 1 head a program (tq_store's middle launch shape, and every launch without a key
-    mean): Triton's 44 KB with the key mean's cos / sin, so SLUT's 8 KB of static tables would
+    mean): Triton's 42 KB with the key mean's cos / sin, so SLUT's 8 KB of static tables would
     pass the 48 KB a launch gets below Triton's own 48 KB: that launch keeps the L1 table."""
     st = _compile(compiled, "store_hopper_compile.py", "tq4", "--num-warps", "4",
                   "--heads-per-program", "1")
-    assert st["shared"] == 45056 and not st["slut"] and st["smem_ok"] and st["ld_v4"] == 192
+    assert st["shared"] == 43008 and not st["slut"] and st["smem_ok"] and st["ld_v4"] == 192

@@ -111,8 +111,9 @@ def _emulate(tables, hc, c, k, v, positions):
     scale = D ** -0.5
     p = torch.tensor(hop.perm(C))
     hs = hc["hs"].float()
-    hcp, hcu = hc["hcp"].float(), hc["hcu"].float()
+    hcp = hc["hcp"].float()
     kr = lay.key.norm_rule
+    ew = tables.key_err_weights.float()
     out = torch.zeros(T, H, lay.slot_bytes, dtype=torch.uint8)
 
     def code(y, name, bits, rule, n, inv_n):  # y [T, 4, C] in PERM's columns, x 256
@@ -126,9 +127,8 @@ def _emulate(tables, hc, c, k, v, positions):
         coords[..., p] = cd
         return kb_pack(coords.reshape(T, D), bits)
 
-    def err(r, w):  # r [T, 4, C]
-        e = _split_dot(_wht4(r), hcu)
-        return (w.view(4, C) * e * e).sum((-1, -2)) * (scale / 256.0) ** 2
+    def err(r, w):  # r [T, 4, C], the residual in rotated coordinates (x 256); w the weight
+        return (r * r).sum((-1, -2)) * w
 
     for h in range(H):
         kh, vh = k[:, h].float(), v[:, h].float()
@@ -138,7 +138,7 @@ def _emulate(tables, hc, c, k, v, positions):
         z = _wht4(torch.einsum("tai,aij->taj", kc, hs))
         ry = z * (inv_rn * (scale * 256.0))[:, None, None]
         rcd, rlev, rnorm = code(ry, "k", lay.key.b.bits, kr, rn, inv_rn)
-        rerr = err(ry - (rnorm * inv_rn)[:, None, None] * rlev, tables.key_weight[h]) * rn * rn
+        rerr = err(ry - (rnorm * inv_rn)[:, None, None] * rlev, ew[h, 0]) * rn * rn
         if tables.has_mean:
             mu = kb_key_mean_at(tables, h, positions)
         else:
@@ -149,7 +149,7 @@ def _emulate(tables, hc, c, k, v, positions):
         zx = _wht4(x.view(T, 4, C)) * (inv_n * (256.0 * scale))[:, None, None]
         y = _split_dot(zx, hcp)
         ccd, clev, cnorm = code(y, "k", lay.key.b.bits, kr, n, inv_n)
-        cerr = err(y - (cnorm * inv_n)[:, None, None] * clev, hc["wsq"][h]) * n * n
+        cerr = err(y - (cnorm * inv_n)[:, None, None] * clev, ew[h, 1]) * n * n
         raw = rerr < cerr
         kcd = torch.where(raw[:, None, None], rcd, ccd)
         knorm = torch.where(raw, -rnorm.abs(), cnorm.abs())

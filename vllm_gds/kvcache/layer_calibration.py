@@ -16,7 +16,8 @@ class LayerCalibration:
     """Tensors [num_kv_heads, head_size] (or [head_size], the same for every head); None: that
     step is off. ``key_mean`` is a pre-RoPE vector: the key at position p is centred on
     RoPE_p(key_mean) (rope.py, with ``rope_inv_freq`` and ``rope_attention_scaling``).
-    ``key_weight`` weighs the channels of the raw-key fallback's error (negatives count as 0)."""
+    ``key_weight`` weighs the channels of the raw-key fallback's error (negatives count as 0;
+    fallback_error_weights)."""
 
     key_mean: torch.Tensor | None = None
     key_scale: torch.Tensor | None = None
@@ -34,3 +35,21 @@ class LayerCalibration:
         back from."""
         return bool(fmt.key_raw_fallback) and (
             self.key_mean is not None or self.key_scale is not None)
+
+
+def fallback_error_weights(key_weight: torch.Tensor | None, key_scale: torch.Tensor | None,
+                           head_size: int) -> torch.Tensor:
+    """The raw-key fallback's two error weights, [..., 2] float32 (one pair per head where
+    key_weight or key_scale is per head): (mean_i w_i, mean_i w_i s_i^2) over the channels i, w
+    the key weights (negatives as 0; None: 1) and s the key scale (None: 1).
+
+    The fallback keeps the raw coding of a key where w_raw |k - k^_raw|^2 < w_cal |(k - k^_cal) /
+    s|^2 (formats.py, step 5): the query-weighted errors sum_i w_i (k_i - k^_i)^2 with diag(w)
+    (for the calibrated coding, diag(w s^2) on (k - k^) / s) replaced by its mean. Every diagonal
+    entry of R diag(w) R^T is that mean for the randomized Hadamard rotation R (its entries are
+    +-1/sqrt(d)), so these are the weighted errors' diagonal parts in rotated coordinates, where
+    the store has the residuals: it compares them without rotating the residuals back."""
+    w = torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
+    s = torch.ones(head_size) if key_scale is None else key_scale.float()
+    w, s = torch.broadcast_tensors(w.to(s.device), s)
+    return torch.stack([w.mean(-1), (w * s * s).mean(-1)], -1)

@@ -11,7 +11,7 @@ import torch
 
 from .codebook import codebook
 from .formats import KVFormat, VectorCode
-from .layer_calibration import LayerCalibration
+from .layer_calibration import LayerCalibration, fallback_error_weights
 from .packing import pack, packed_bytes, unpack
 from .rope import apply_rope
 from .rotation import Rotation, check_head_size
@@ -110,8 +110,7 @@ class KVLayerQuantizer:
 
     def __init__(self, fmt: KVFormat, head_size: int, layer: int, seed: int, **calibration):
         cal = LayerCalibration(**calibration)
-        key_mean, key_scale, value_mean, key_weight = (
-            cal.key_mean, cal.key_scale, cal.value_mean, cal.key_weight)
+        key_mean, key_scale, value_mean = cal.key_mean, cal.key_scale, cal.value_mean
         self.rope_inv_freq, self.rope_attention_scaling = cal.rope_inv_freq, cal.rope_attention_scaling
         self.fmt, self.head_size, self.layer = fmt, head_size, layer
         rotation = Rotation(head_size, layer, seed)
@@ -122,9 +121,7 @@ class KVLayerQuantizer:
         self.key_inv_scale = None if key_scale is None else 1.0 / self.key_scale
         self.value_mean = None if value_mean is None else value_mean.float()
         self.fallback = cal.fallback(fmt)
-        self.key_weight = (
-            torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
-        )
+        self.err_weights = fallback_error_weights(cal.key_weight, key_scale, head_size)
 
     def key_mean_at(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE_p(key_mean) for each position: [..., H, d] for positions [...]."""
@@ -157,9 +154,15 @@ class KVLayerQuantizer:
         return x if self.value_mean is None else x + self.value_mean.to(x.device)
 
     def _choose_raw(self, k, calibrated_hat, raw_hat):
-        w = self.key_weight.to(k.device)
-        err_cal = (w * (k.float() - calibrated_hat) ** 2).sum(-1)
-        err_raw = (w * (k.float() - raw_hat) ** 2).sum(-1)
+        """Where the raw coding's error is the smaller (ties: calibrated): fallback_error_weights
+        times |k - k^|^2, divided by the key scale for the calibrated coding."""
+        w = self.err_weights.to(k.device)
+        k = k.float()
+        cal = k - calibrated_hat
+        if self.key_scale is not None:
+            cal = cal * self.key_inv_scale.to(k.device)
+        err_cal = w[..., 1] * (cal * cal).sum(-1)
+        err_raw = w[..., 0] * ((k - raw_hat) ** 2).sum(-1)
         return err_raw < err_cal
 
     def encode_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> Encoded:

@@ -12,7 +12,7 @@ import torch
 from .codebook import codebook
 from .formats import KVFormat
 from .hopper_tables import attach as attach_hopper
-from .layer_calibration import LayerCalibration
+from .layer_calibration import LayerCalibration, fallback_error_weights
 from .lut4_ptx import levels4_asm, phase_permutation
 from .rotation import hadamard_pm1, signs
 from .slot_layout import SlotLayout, Stream, layout_kwargs, next_pow2
@@ -93,9 +93,10 @@ class LayerTables:
         self.key_scale = self._per_head(key_scale, 1.0, device, heads, d)
         self.key_inv_scale = 1.0 / self.key_scale  # IEEE division, as the reference
         self.value_mean = self._per_head(value_mean, 0.0, device, heads, d)
-        self.key_weight = self._per_head(
-            None if key_weight is None else key_weight.float().clamp_min(0), 1.0, device, heads, d
-        )
+        # [heads, 2]: the raw-key fallback's error weights (raw, calibrated)
+        self.key_err_weights = fallback_error_weights(
+            self._per_head(key_weight, 1.0, "cpu", heads, d), self.key_scale.cpu(), d,
+        ).to(device).contiguous()
         self.fallback = cal.fallback(fmt)
         # The Hopper decode's lookup PTX (hopper_asm, hopper_lut; None where the format is not
         # single-stream 4-bit): two strings, so every layer's tables carry them.
