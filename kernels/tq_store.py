@@ -107,8 +107,8 @@ def _store_constants(tables, split: int, dtype: torch.dtype) -> dict:
     c["vmean"] = bool((tables.value_mean != 0).any())
     c["same_rot"] = bool(torch.equal(c["kb_x"], c["vb_x"])
                          and torch.equal(c["kb_f16"], c["vb_f16"]))
-    # One full-width stream per vector (tq4, tq3): H itself (symmetric, +-1) rotates the signed
-    # inputs and unrotates the residuals (tq_store's sym).
+    # One full-width stream per vector (tq4, tq3): H itself (+-1) rotates the signed inputs
+    # (tq_store's sym).
     lay = tables.layout
     c["sym_ok"] = (lay.key.a.n == 0 and lay.value.a.n == 0 and lay.key.b.n == d
                    and lay.value.b.n == d and lay.key.b.width == d and lay.value.b.width == d)

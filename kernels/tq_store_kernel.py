@@ -1,10 +1,11 @@
 """Fused calibrate-rotate-quantize-store of new keys and values into the paged quantized cache.
 
-Why this file keeps code no served launch runs (and is a little over 400 lines): besides the two served paths (CHUNK, in
+Why this file keeps code no served launch runs: besides the two served paths (CHUNK, in
 tq_store_chunked.py, for one full-width stream per vector with the raw-key fallback; the general
 path here for uncalibrated caches and formats with extra-bit streams) it holds the store sweep's
 variants (benchmarks/dev/kv_store_sweep.py, StoreTuning): the full-width path without chunks
-(SYM) and the predicate-free code searches (CODES 1, 2). tests/test_kv_kernels.py checks each against the reference bytes.
+(SYM) and the predicate-free code searches (CODES 1, 2). tests/test_kv_kernels.py checks each
+against the reference bytes.
 
 One program codes BLOCK_T tokens of HEADS KV heads (a loop over the heads, so the key mean's
 per-token cos/sin is computed once for all of them), keys and values, and writes their slots
@@ -17,13 +18,14 @@ The rotation is one tl.dot of the [BLOCK_T, D] tile with the signed Hadamard col
 passes: a bf16 input (a raw key, an uncalibrated key, a value) is exact in bf16, so one bf16 dot
 with float32 accumulation is exact up to the summation order; a value mean is subtracted after the
 rotation (its rotation is a per-head constant); a calibrated key (float32) is scaled to
-|x| <= 256 and split into two float16 parts (22 significant bits) for two dots. Under the CPU interpreter (SPLIT=0) every dot is float32.
+|x| <= 256 and split into two float16 parts (22 significant bits) for two dots. Under the CPU
+interpreter (SPLIT=0) every dot is float32.
 
-The rotation columns are loaded once per program (the head loop reuses them from shared memory;
-the unrotation is the transposed dot of the same columns). With the raw-key fallback both codings
-of a key are packed, the better one is chosen per row in registers and stored once, as 32-bit
-words where the slot is 4-byte aligned (16-bit where a stream starts 2 bytes off, e.g. the value
-codes after the key norm) and the norms as 16-bit stores.
+The rotation columns are loaded once per program (the head loop reuses them from shared memory).
+With the raw-key fallback both codings of a key are packed, the better one is chosen per row in
+registers and stored once, as 32-bit words where the slot is 4-byte aligned (16-bit where a
+stream starts 2 bytes off, e.g. the value codes after the key norm) and the norms as 16-bit
+stores.
 
 The raw-key fallback's errors (formats.py, step 5) come from the residuals in rotated unit
 coordinates, never rotated back: e_cal n^2 |y - g c|^2 for the calibrated coding (g = norm16 / n)
