@@ -564,7 +564,6 @@ def _tq_store_hopper_kernel(
     slot = gl.maximum(slot, 0)
     base0 = cache_ptr + ((slot // PAGE) * stride_blk + (slot % PAGE) * STRIDE_TOK)
     cola = gl.arange(0, C, COLA)
-    coll = gl.arange(0, C, COL)
     if SLUT:  # the code-search tables into shared memory (declared in PTX)
         _slut_fill(ktab_ptr, K_DECL, K_FILL, K_ROWS, NW)
         _slut_fill(vtab_ptr, V_DECL, V_FILL, V_ROWS, NW)
