@@ -1,6 +1,6 @@
 """CHUNK, the store kernel's served path for formats of one full-width stream per vector (tq4, tq3,
-tq5) with the raw-key fallback: one head's keys (both codings, the better one stored) and values,
-each vector in four column chunks.
+tq5) with the raw-key fallback: one head's keys (both codings, the fallback's choice stored) and
+values, each vector in four column chunks.
 
 The rotation of a full-width stream is two Walsh-Hadamard butterfly levels on four column chunks
 (float32, elementwise) and one small dot per chunk with H_C (C = D / 4). Sylvester's
@@ -158,29 +158,22 @@ def _cstore(slot_ptrs, row_mask, pk, a: tl.constexpr, OFF: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _csq(r0, r1, r2, r3):
-    """|r|^2 per row of residual chunks r (the fallback's errors: formats.py, step 5)."""
-    return tl.sum(r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3, axis=1)
-
-
-@triton.jit
 def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
                CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
                NORM_RULE: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, bk_ptr):
     """One coding of a key given as four chunks x (signs applied) of norm n: the packed codes
-    of the chunks, the norm as stored (float16-rounded), and the residual chunks y - g c in
-    unit rotated coordinates (g = stored norm / n) that the fallback's error sums."""
+    of the chunks and the norm as stored (float16-rounded)."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
-    return _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS, C, CODES, CB, WIDE,
+    return _ccode_rotated(y0, y1, y2, y3, n, cb_ptr, BITS, C, CODES, CB, WIDE,
                           NORM_RULE, bk_ptr)
 
 
 @triton.jit
-def _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
+def _ccode_rotated(y0, y1, y2, y3, n, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
                    CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
                    NORM_RULE: tl.constexpr, bk_ptr):
-    """_ccode_key from the rotated unit chunks y (inv_n = 1 / max(n, 1e-30))."""
+    """_ccode_key from the rotated unit chunks y."""
     p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
@@ -189,9 +182,7 @@ def _ccode_rotated(y0, y1, y2, y3, n, inv_n, cb_ptr, BITS: tl.constexpr, C: tl.c
     yc = cc
     if NORM_RULE == 2:
         yc = tl.sum(y0 * c0 + y1 * c1 + y2 * c2 + y3 * c3, axis=1)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
-    g = (norm16 * inv_n)[:, None]
-    return p0, p1, p2, p3, norm16, y0 - g * c0, y1 - g * c1, y2 - g * c2, y3 - g * c3
+    return p0, p1, p2, p3, _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
 
 
 @triton.jit
@@ -226,8 +217,8 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     hd = head * D
 
     # the raw coding
-    rn = tl.sqrt_rn(tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1))
-    rn = _via_memory(rn, scr, row_mask, SCR)
+    rsq = tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1)
+    rn = _via_memory(tl.sqrt_rn(rsq), scr, row_mask, SCR)
     if EXACT_ROT:
         inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
         z0, z1, z2, z3 = _crot16(kr0, kr1, kr2, kr3, hs0, hs1, hs2, hs3, SPLIT)
@@ -236,14 +227,13 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
         ry1 = z1 * s
         ry2 = z2 * s
         ry3 = z3 * s
-        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_rotated(
-            ry0, ry1, ry2, ry3, rn, inv_rn, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE,
+        rp0, rp1, rp2, rp3, rnorm16 = _ccode_rotated(
+            ry0, ry1, ry2, ry3, rn, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE,
             bucket_ptr)
     else:
-        rp0, rp1, rp2, rp3, rnorm16, r0, r1, r2, r3 = _ccode_key(
+        rp0, rp1, rp2, rp3, rnorm16 = _ccode_key(
             k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
             K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
-    rerr = tl.load(key_errw_ptr + head * 2) * _csq(r0, r1, r2, r3) * (rn * rn)
 
     # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
@@ -270,13 +260,13 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     x1 = tl.where(m, (k1 - mu1) * (_cvec(key_inv_scale_ptr + hd, 1, C)[None, :] * sg1), 0.0)
     x2 = tl.where(m, (k2 - mu2) * (_cvec(key_inv_scale_ptr + hd, 2, C)[None, :] * sg2), 0.0)
     x3 = tl.where(m, (k3 - mu3) * (_cvec(key_inv_scale_ptr + hd, 3, C)[None, :] * sg3), 0.0)
-    n = tl.sqrt_rn(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1))
-    n = _via_memory(n, scr + 1, row_mask, SCR)
-    p0, p1, p2, p3, norm16, r0, r1, r2, r3 = _ccode_key(
+    nsq = tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1)
+    n = _via_memory(tl.sqrt_rn(nsq), scr + 1, row_mask, SCR)
+    p0, p1, p2, p3, norm16 = _ccode_key(
         x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
         bucket_ptr)
-    err = tl.load(key_errw_ptr + head * 2 + 1) * _csq(r0, r1, r2, r3) * (n * n)
-    raw = rerr < err
+    # the fallback (formats.py, step 5): raw where its weighted squared norm is the smaller
+    raw = tl.load(key_errw_ptr + head * 2) * rsq < tl.load(key_errw_ptr + head * 2 + 1) * nsq
     rw = raw[:, None]
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
     _cstore(slot_ptrs, row_mask, tl.where(rw, rp1, p1), 1, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)

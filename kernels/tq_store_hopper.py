@@ -28,10 +28,11 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   cache addresses, worked out per head from values live anyway (ncu: the reloads, issued behind
   the head's 16 copies, waited on a long scoreboard for about 5% of the store's stall samples);
   Triton 3.6: no stack (24 bytes before), 0.223-0.225 against 0.227-0.231 ms (H100, 2026-12-07).
-* Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: raw keys and values by one
-  16-bit MMA per column chunk with diag(s_a) H_C, then the 4-point transform across chunks
-  (float32 adds, elementwise: every chunk's accumulator has the same layout); the calibrated key
-  (float32) by the transform first, then two float16 MMAs per chunk (22 bits; |x| <= 2^6).
+* Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: values by one 16-bit MMA per
+  column chunk with diag(s_a) H_C, then the 4-point transform across chunks (float32 adds,
+  elementwise: every chunk's accumulator has the same layout); the key, calibrated or raw
+  (float32, the signs on it), by the transform first, then two float16 MMAs per chunk (22 bits;
+  |x| <= 2^6).
 * Column order: the B operands' columns are permuted (PERM) so that lane q of a quad holds the 8
   consecutive rotated coordinates [8 q, 8 q + 8) of each chunk and row: one code word of
   8 * BITS bits per thread, packed by in-thread shifts and adds, stored 32-bit (16-bit where the
@@ -49,15 +50,16 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   5772 and 52 (benchmarks/RESULTS.md, store eighth pass).
 * Coordinates, levels and residuals are scaled by 256 (the tables are): powers of two commute
   with rounding, so the same floats, and no multiply before the residuals' float16 split.
-* The fallback's errors (formats.py, step 5) are the residuals y - g c in rotated coordinates,
-  summed in registers where the rotation's accumulators left them, times the head's error
-  weight: no unrotation. Until 2026-12-07 the fallback weighed the residuals per channel in the
-  original coordinates: a transform, two float16 MMA passes per chunk and the weighted sums a
-  coding, about a fifth of the head loop (sm_90 SASS, Triton 3.6: 5725 instructions against
-  4741; tq3 4807, no stack; tq5 184 bytes of stack).
-* Per head: the values first (the key's loads in flight meanwhile), then the calibrated and the
-  raw coding of the key. sm_90 SASS of the head loop (tests/store_hopper_compile.py, Triton 3.6):
-  4741 warp instructions per 16 tokens and head against the portable kernel's 4 x 3171.
+* The raw-key fallback (formats.py, step 5) picks a key's coding before coding it, from the
+  weighted squared norms of its two inputs (the key, its calibration): each row's input is
+  selected in registers and coded once. Until 2026-12-08 every key was coded both ways and the
+  residuals' errors compared (until 2026-12-07 rotated back to the original coordinates
+  first): sm_90 SASS of the head loop (Triton 3.6) 5725 -> 4741 -> 3476 instructions (tq3 5811
+  -> 4807 -> 3538, no stack; tq5 6500 -> 5533 -> 4052, 152 bytes of stack), 192 -> 128 lookups
+  and 128 -> 96 MMAs a head.
+* Per head: the values first (the key's loads in flight meanwhile), then the key. sm_90 SASS of
+  the head loop (tests/store_hopper_compile.py, Triton 3.6): 3476 warp instructions per 16
+  tokens and head against the portable kernel's 4 x 3171.
 
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
@@ -84,7 +86,6 @@ from .tq_store_hopper_host import (  # noqa: F401  (the host side, re-exported f
     ptx_static, slut_asm, slut_ptx, table_args, ubucket_table, why_unsupported)
 
 NT = gl.constexpr(16)  # tokens per warp
-CAL_FIRST = False  # the key's raw coding first (store_launch's cal_first)
 VSMEM = True  # the heads' per-column vectors staged in shared memory (store_launch's vsmem)
 ASYNC = True  # keys and values by cp.async one head ahead (store_launch's async_kv; heads > 1)
 KV16 = False  # keys and values loaded 4 bytes a thread and instruction (store_launch's kv16)
@@ -417,52 +418,24 @@ def _store_norm(base, mask, norm, OFF: gl.constexpr):
 
 
 @gluon.jit
-def _code_err(y0, y1, y2, y3, n, inv_n, ktab, ew, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
-              K_BITS: gl.constexpr, K_RULE: gl.constexpr, M: gl.constexpr, FAST: gl.constexpr):
-    """A key coding's end, raw or calibrated: the transformed chunks y coded (words), the float16
-    norm of the input's norm n, and the coding's error ew n^2 |y - g c|^2 (formats.py, step 5:
-    the residual in rotated coordinates, ew the head's error weight; y and c are scaled by 256,
-    so both codings' errors are 2^16 times the reference's)."""
-    w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_ASM, K_BITS,
-                                                  K_RULE, M)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, K_RULE, FAST))
-    g = (norm16 * inv_n)[:, None]
-    r0 = y0 - g * c0
-    r1 = y1 - g * c1
-    r2 = y2 - g * c2
-    r3 = y3 - g * c3
-    err = gl.sum(r0 * r0 + r1 * r1 + r2 * r2 + r3 * r3, axis=1) * (ew * n * n)
-    return w0, w1, w2, w3, norm16, err
+def _signed(f, g):
+    """f with g's sign bit added: f * sign(g), exact."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 t; and.b32 t, $2, 0x80000000; xor.b32 $0, $1, t; }", "=r,r,r", [f, g],
+        dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
-def _key_raw(k0, k1, k2, k3, rn, inv_rn, ew, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
-             K_SHIFT: gl.constexpr, K_ASM: gl.constexpr, K_BITS: gl.constexpr,
-             K_RULE: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr, LB: gl.constexpr,
-             FAST: gl.constexpr):
-    """The raw key's coding: 16-bit dots with diag(s_a) H_C, the transform after; its words,
-    its float16 norm and its error (ew: the head's raw error weight)."""
-    z0, z1, z2, z3 = _wht4(mma_v2(k0, hs0_s.load(LB), zero), mma_v2(k1, hs1_s.load(LB), zero),
-                           mma_v2(k2, hs2_s.load(LB), zero), mma_v2(k3, hs3_s.load(LB), zero))
-    s = (inv_rn * (SCALE * 256.0))[:, None]
-    y0 = z0 * s
-    y1 = z1 * s
-    y2 = z2 * s
-    y3 = z3 * s
-    return _code_err(y0, y1, y2, y3, rn, inv_rn, ktab, ew, K_SHIFT, K_ASM, K_BITS, K_RULE, M,
-                     FAST)
-
-
-@gluon.jit
-def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew, km_s, isg_s, i, hd,
-                    cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, ktab,
-                    MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
-                    K_BITS: gl.constexpr,
-                    K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr, SCALE: gl.constexpr,
-                    LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr, ROW: gl.constexpr,
-                    COLA: gl.constexpr, VSMEM: gl.constexpr, FAST: gl.constexpr):
-    """The calibrated key's coding (the transform first, then two float16 passes per chunk):
-    its words, its float16 norm and its error (ew: the head's calibrated error weight)."""
+def _key_coded(f0, f1, f2, f3, rsq, ew_raw, ew_cal, key_mean_ptr, key_isg_ptr, km_s, isg_s, i,
+               hd, cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, ktab,
+               MEAN: gl.constexpr, K_SHIFT: gl.constexpr, K_ASM: gl.constexpr,
+               K_BITS: gl.constexpr, K_RULE: gl.constexpr, C: gl.constexpr, M: gl.constexpr,
+               SCALE: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, L: gl.constexpr,
+               ROW: gl.constexpr, COLA: gl.constexpr, VSMEM: gl.constexpr, FAST: gl.constexpr):
+    """The key's one coding (f: its chunks as float32, rsq: its squared norm): raw where
+    ew_raw |k|^2 < ew_cal |x|^2 (formats.py, step 5; x the calibrated key), else calibrated;
+    either input by the transform first, then two float16 passes per chunk. Its words, float16
+    norm and the raw rows."""
     u0 = _vec(key_mean_ptr, km_s, i, hd, 0, C, COLA, VSMEM)[None, :]
     u1 = _vec(key_mean_ptr, km_s, i, hd, 1, C, COLA, VSMEM)[None, :]
     u2 = _vec(key_mean_ptr, km_s, i, hd, 2, C, COLA, VSMEM)[None, :]
@@ -481,12 +454,24 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew, km_s, isg_s, 
         mu1 = u1
         mu2 = u2
         mu3 = u3
+    g0 = _vec(key_isg_ptr, isg_s, i, hd, 0, C, COLA, VSMEM)[None, :]
+    g1 = _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
+    g2 = _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
+    g3 = _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
     # (rows outside the mapping are coded too, never stored: no masking needed)
-    x0 = (f0 - mu0) * _vec(key_isg_ptr, isg_s, i, hd, 0, C, COLA, VSMEM)[None, :]
-    x1 = (f1 - mu1) * _vec(key_isg_ptr, isg_s, i, hd, 1, C, COLA, VSMEM)[None, :]
-    x2 = (f2 - mu2) * _vec(key_isg_ptr, isg_s, i, hd, 2, C, COLA, VSMEM)[None, :]
-    x3 = (f3 - mu3) * _vec(key_isg_ptr, isg_s, i, hd, 3, C, COLA, VSMEM)[None, :]
-    n_a = _sqrt(gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1), FAST)
+    x0 = (f0 - mu0) * g0
+    x1 = (f1 - mu1) * g1
+    x2 = (f2 - mu2) * g2
+    x3 = (f3 - mu3) * g3
+    nsq = gl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1)
+    raw = ew_raw * rsq < ew_cal * nsq  # ties: calibrated
+    rr = raw[:, None]
+    # a raw row's input: the key with the rotation's signs, which isg carries (1 / scale > 0)
+    x0 = gl.where(rr, _signed(f0, g0), x0)
+    x1 = gl.where(rr, _signed(f1, g1), x1)
+    x2 = gl.where(rr, _signed(f2, g2), x2)
+    x3 = gl.where(rr, _signed(f3, g3), x3)
+    n_a = _sqrt(gl.where(raw, rsq, nsq), FAST)
     inv_na = _rcp(gl.maximum(n_a, 1e-30), FAST)
     xs = (inv_na * (256.0 * SCALE))[:, None]  # the split's input |z * xs| <= 2^6
     z0, z1, z2, z3 = _wht4(x0, x1, x2, x3)
@@ -495,10 +480,10 @@ def _key_calibrated(f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew, km_s, isg_s, 
     y1 = _dsplit(z1 * xs, hcp, LA, L)
     y2 = _dsplit(z2 * xs, hcp, LA, L)
     y3 = _dsplit(z3 * xs, hcp, LA, L)
-    n = gl.convert_layout(n_a, ROW)
-    inv_n = gl.convert_layout(inv_na, ROW)
-    return _code_err(y0, y1, y2, y3, n, inv_n, ktab, ew, K_SHIFT, K_ASM, K_BITS, K_RULE, M,
-                     FAST)
+    w0, w1, w2, w3, c0, c1, c2, c3, cc, yc = _code(y0, y1, y2, y3, ktab, K_SHIFT, K_ASM, K_BITS,
+                                                  K_RULE, M)
+    norm16 = _fp16_round(_norm_of(gl.convert_layout(n_a, ROW), yc, cc, K_RULE, FAST))
+    return w0, w1, w2, w3, norm16, gl.convert_layout(raw, ROW)
 
 
 @gluon.jit
@@ -515,7 +500,7 @@ def _tq_store_hopper_kernel(
     SLUT: gl.constexpr, K_ASM: gl.constexpr, V_ASM: gl.constexpr, K_DECL: gl.constexpr,
     K_FILL: gl.constexpr, K_BASE: gl.constexpr, V_DECL: gl.constexpr, V_FILL: gl.constexpr,
     V_BASE: gl.constexpr, K_ROWS: gl.constexpr, V_ROWS: gl.constexpr, FAST: gl.constexpr,
-    ALIGN: gl.constexpr, CAL_FIRST: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
+    ALIGN: gl.constexpr, VSMEM: gl.constexpr, ASYNC: gl.constexpr,
     KV16: gl.constexpr, LK: gl.constexpr, REMAT: gl.constexpr, KVPTX: gl.constexpr,
     KV_DECL: gl.constexpr, KV_COPY_K: gl.constexpr, KV_COPY_V: gl.constexpr,
     KV_WAIT: gl.constexpr, KV_LDM0: gl.constexpr, KV_LDM1: gl.constexpr, KV_LDM2: gl.constexpr,
@@ -582,7 +567,7 @@ def _tq_store_hopper_kernel(
         sin0_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin0)
         cos1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, cos1)
         sin1_s = gl.allocate_shared_memory(gl.float32, [M, C], SF, sin1)
-    else:  # not read (_key_calibrated without MEAN)
+    else:  # not read (_key_coded without MEAN)
         cos0_s = hcp_s
         sin0_s = hcp_s
         cos1_s = hcp_s
@@ -771,50 +756,29 @@ def _tq_store_hopper_kernel(
         f1 = _f32(k1)
         f2 = _f32(k2)
         f3 = _f32(k3)
-        rn = gl.convert_layout(_sqrt(gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1), FAST),
-                               ROW)
-        inv_rn = _rcp(gl.maximum(rn, 1e-30), FAST)
+        rsq = gl.sum(f0 * f0 + f1 * f1 + f2 * f2 + f3 * f3, axis=1)
         ew_raw = gl.load(key_errw_ptr + head * 2)  # the head's error weights (raw, calibrated)
         ew_cal = gl.load(key_errw_ptr + head * 2 + 1)
-        if CAL_FIRST:  # f dead after the calibrated input; the raw coding reads the 16-bit keys
-            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew_cal, km_s, isg_s, i, hd, cos0_s,
-                sin0_s, cos1_s, sin1_s, hcp_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M,
-                SCALE, LA, LB, L, ROW, COLA, VSMEM, FAST)
-            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, ew_raw, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
-                K_SHIFT, K_ASM, K_BITS, K_RULE, M, SCALE, LB, FAST)
-        else:
-            rw0, rw1, rw2, rw3, rnorm16, rerr = _key_raw(
-                k0, k1, k2, k3, rn, inv_rn, ew_raw, hs0_s, hs1_s, hs2_s, hs3_s, ktab, zero,
-                K_SHIFT, K_ASM, K_BITS, K_RULE, M, SCALE, LB, FAST)
-            cw0, cw1, cw2, cw3, norm16, err = _key_calibrated(
-                f0, f1, f2, f3, key_mean_ptr, key_isg_ptr, ew_cal, km_s, isg_s, i, hd, cos0_s,
-                sin0_s, cos1_s, sin1_s, hcp_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE, C, M,
-                SCALE, LA, LB, L, ROW, COLA, VSMEM, FAST)
-
-        raw = rerr < err  # ties: calibrated
-        WL: gl.constexpr = rw0.type.layout
-        rw = gl.convert_layout(raw, gl.SliceLayout(1, WL))[:, None]
-        _store_words(base, mask_l, gl.where(rw, rw0, cw0), K_OFF, 0, K_BITS, ALIGN)
-        _store_words(base, mask_l, gl.where(rw, rw1, cw1), K_OFF, 1, K_BITS, ALIGN)
-        _store_words(base, mask_l, gl.where(rw, rw2, cw2), K_OFF, 2, K_BITS, ALIGN)
-        _store_words(base, mask_l, gl.where(rw, rw3, cw3), K_OFF, 3, K_BITS, ALIGN)
-        _store_norm(base, mask_l, gl.where(raw, -gl.abs(rnorm16), gl.abs(norm16)), K_NORM_OFF)
-
+        kw0, kw1, kw2, kw3, knorm16, raw = _key_coded(
+            f0, f1, f2, f3, rsq, ew_raw, ew_cal, key_mean_ptr, key_isg_ptr, km_s, isg_s, i, hd,
+            cos0_s, sin0_s, cos1_s, sin1_s, hcp_s, ktab, MEAN, K_SHIFT, K_ASM, K_BITS, K_RULE, C,
+            M, SCALE, LA, LB, L, ROW, COLA, VSMEM, FAST)
+        _store_words(base, mask_l, kw0, K_OFF, 0, K_BITS, ALIGN)
+        _store_words(base, mask_l, kw1, K_OFF, 1, K_BITS, ALIGN)
+        _store_words(base, mask_l, kw2, K_OFF, 2, K_BITS, ALIGN)
+        _store_words(base, mask_l, kw3, K_OFF, 3, K_BITS, ALIGN)
+        _store_norm(base, mask_l, gl.where(raw, -gl.abs(knorm16), gl.abs(knorm16)), K_NORM_OFF)
 
 
 def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict, hop: dict,
                  align: int, *, num_warps: int = 4, heads: int | None = None,
-                 maxnreg: int | None = None, cal_first: bool = CAL_FIRST,
+                 maxnreg: int | None = None,
                  vsmem: bool = VSMEM, async_kv: bool = ASYNC, kv16: bool = KV16,
                  slut: bool = SLUT, fastdiv: bool = FASTDIV, remat: bool = REMAT,
                  kvptx: bool = KVPTX):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
-    (default: all with a key mean, sharing the cos/sin; else 1). cal_first (measurement only,
-    benchmarks/dev/kv_store_hopper_variants.py): the key's calibrated coding before its raw one.
-    kvptx: only where every key and value row starts 16-byte aligned (unchecked here; tq_store's
+    (default: all with a key mean, sharing the cos/sin; else 1). kvptx: only where every key and value row starts 16-byte aligned (unchecked here; tq_store's
     plan key carries it)."""
     T, H, D = key.shape
     lay = tables.layout
@@ -829,7 +793,7 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
               V_OFF=lay.value.b.offset, K_NORM_OFF=lay.key.norm_offset,
               V_NORM_OFF=lay.value.norm_offset, K_RULE=tables.constexprs["K_NORM_RULE"],
               V_RULE=tables.constexprs["V_NORM_RULE"], K_SHIFT=hop["k_shift"],
-              V_SHIFT=hop["v_shift"], ALIGN=align, CAL_FIRST=cal_first,
+              V_SHIFT=hop["v_shift"], ALIGN=align,
               VSMEM=bool(vsmem), ASYNC=bool(async_kv), KV16=bool(kv16 and not async_kv),
               LK=kv16_layout(num_warps, D // 4), SLUT=False,
               K_ASM="", V_ASM="", K_DECL="", K_FILL="", K_BASE="", V_DECL="", V_FILL="",

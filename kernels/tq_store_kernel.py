@@ -22,15 +22,14 @@ rotation (its rotation is a per-head constant); a calibrated key (float32) is sc
 interpreter (SPLIT=0) every dot is float32.
 
 The rotation columns are loaded once per program (the head loop reuses them from shared memory).
-With the raw-key fallback both codings of a key are packed, the better one is chosen per row in
+With the raw-key fallback both codings of a key are packed, the fallback's choice taken per row in
 registers and stored once, as 32-bit words where the slot is 4-byte aligned (16-bit where a
 stream starts 2 bytes off, e.g. the value codes after the key norm) and the norms as 16-bit
 stores.
 
-The raw-key fallback's errors (formats.py, step 5) come from the residuals in rotated unit
-coordinates, never rotated back: e_cal n^2 |y - g c|^2 for the calibrated coding (g = norm16 / n)
-and e_raw rn^2 |ry - rg rc|^2 for the raw one (e_raw, e_cal: the head's key_err_weights; the
-decoded keys and the key mean are never formed). Where a vector is one full-width stream (tq4,
+The raw-key fallback (formats.py, step 5) codes a key both ways and stores the coding its rule
+picks from the two inputs' weighted squared norms (e_raw |k|^2 < e_cal |x|^2; e_raw, e_cal: the
+head's key_err_weights). Where a vector is one full-width stream (tq4,
 tq3, tq5: SYM) the float32 rotations use H itself (the signs go on the input), the code search
 compiles the stream's codebook in as immediates, and the key norms reach the MMA layout through a
 small scratch store/load (SCR) so that Triton does not recompute the calibrated key in a second
@@ -88,16 +87,13 @@ def _code_key_sym(x, xb, n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr, BITS:
                   CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
                   NORM_RULE: tl.constexpr):
     """One coding of a full-width key stream (SYM) of x [rows, D] (signs applied) of norm n: the
-    packed codes, the norm as stored (float16-rounded), and |y - g c|^2 (g = stored norm / n),
-    the residual in rotated unit coordinates that the fallback's error weighs."""
+    packed codes and the norm as stored (float16-rounded)."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     code, c, yc, cc, y = _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D, BITS, N, W, SPLIT,
                                  INPUT, CODES, CB)
     # packed before the norm: the other order compiled to 4801 loop instructions, not 3692 (sm_90)
     packed = _pack(code, BITS, N, W, WIDE)
-    norm16 = _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
-    r = y - (norm16 * inv_n)[:, None] * c
-    return packed, norm16, tl.sum(r * r, axis=1)
+    return packed, _fp16_round(_norm_of(n, yc, cc, NORM_RULE))
 
 
 @triton.jit
@@ -238,25 +234,26 @@ def _tq_store_kernel(
             if SYM:  # float32 inputs rotate with H: their signs first (exact)
                 ks = k * sg[None, :]
             if SYM:
-                # The raw coding first (its error is all that stays live), then the calibrated
-                # one; the smaller error wins (ties: calibrated), a raw key stores -norm.
+                # Both codings; the fallback's rule (formats.py, step 5) picks one per row
+                # (ties: calibrated), a raw key stores -norm.
                 scr = scratch_ptr + (t64 * (tl.num_programs(1) * HEADS) + head) * 2
-                rn = _via_memory(tl.sqrt_rn(tl.sum(k * k, axis=1)), scr, in_range, SCR)
-                rpk, rnorm16, re2 = _code_key_sym(ks, kbs, rn, hkb, hkbx, rot_vm_ptr,
+                rsq = tl.sum(k * k, axis=1)
+                rn = _via_memory(tl.sqrt_rn(rsq), scr, in_range, SCR)
+                rpk, rnorm16 = _code_key_sym(ks, kbs, rn, hkb, hkbx, rot_vm_ptr,
                                                  codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                  SPLIT, R_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
-                rerr = tl.load(key_errw_ptr + head * 2) * re2 * (rn * rn)
 
                 k_mean = _key_mean_at(key_mean_ptr + head * D, d, partner, rope_sign, cos, sin,
                                       MEAN)
                 k_inv_scale = tl.load(key_inv_scale_ptr + head * D + d) * sg
                 x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
-                n = _via_memory(tl.sqrt_rn(tl.sum(x * x, axis=1)), scr + 1, in_range, SCR)
-                pk_b, norm16, e2 = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
+                nsq = tl.sum(x * x, axis=1)
+                n = _via_memory(tl.sqrt_rn(nsq), scr + 1, in_range, SCR)
+                pk_b, norm16 = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
                                                 codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                 SPLIT, K_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
-                err = tl.load(key_errw_ptr + head * 2 + 1) * e2 * (n * n)
-                raw = rerr < err
+                raw = (tl.load(key_errw_ptr + head * 2) * rsq
+                       < tl.load(key_errw_ptr + head * 2 + 1) * nsq)
                 pk_b = tl.where(raw[:, None], rpk, pk_b)
                 pk_a = pk_b
                 norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
@@ -277,7 +274,6 @@ def _tq_store_kernel(
                                               CODES, KB_CB)
                 pk_b = _pack(code_b, KB.bits, KB.n, KB.w, WIDE)
                 pk_a = pk_b
-                c_a = c_b
                 if KA.n > 0:
                     hka, hkax = _mats(kfa32, kfa16, kfax, D, KA.w, SPLIT)
                     code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
@@ -290,17 +286,18 @@ def _tq_store_kernel(
                 if ABS_NORM:
                     norm = tl.abs(norm)
                 if FALLBACK:
-                    # Code the raw key too and keep, per row, the coding with the smaller error
-                    # (ties: calibrated); the sign of the stored norm flags a raw key.
+                    # Code the raw key too and keep, per row, the coding the fallback's rule
+                    # picks (formats.py, step 5; ties: calibrated); the sign of the stored norm
+                    # flags a raw key.
                     norm16 = _fp16_round(norm)
-                    rn = tl.sqrt_rn(tl.sum(k * k, axis=1))
+                    rsq = tl.sum(k * k, axis=1)
+                    rn = tl.sqrt_rn(rsq)
                     inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
                     rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
                                                             codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                             SPLIT, R_INPUT, CODES, KB_CB)
                     rpk_b = _pack(rcode_b, KB.bits, KB.n, KB.w, WIDE)
                     rpk_a = rpk_b
-                    rc_a = rc_b
                     if KA.n > 0:
                         rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
                                                                     rot_vm_ptr, codebooks_ptr, D, KA.bits,
@@ -310,21 +307,8 @@ def _tq_store_kernel(
                         ryc += ryc_a
                         rcc += rcc_a
                     rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-                    # the residuals in rotated unit coordinates (g = norm16 / n, rg = rnorm16 / rn)
-                    g = (norm16 * inv_n)[:, None]
-                    rg = (rnorm16 * inv_rn)[:, None]
-                    e = y_b - g * c_b
-                    re = ry_b - rg * rc_b
-                    e2 = tl.sum(e * e, axis=1)
-                    re2 = tl.sum(re * re, axis=1)
-                    if KA.n > 0:
-                        e = y_a - g * c_a
-                        re = ry_a - rg * rc_a
-                        e2 += tl.sum(e * e, axis=1)
-                        re2 += tl.sum(re * re, axis=1)
-                    err = tl.load(key_errw_ptr + head * 2 + 1) * e2 * (n * n)
-                    rerr = tl.load(key_errw_ptr + head * 2) * re2 * (rn * rn)
-                    raw = rerr < err
+                    raw = (tl.load(key_errw_ptr + head * 2) * rsq
+                           < tl.load(key_errw_ptr + head * 2 + 1) * tl.sum(x * x, axis=1))
                     pk_b = tl.where(raw[:, None], rpk_b, pk_b)
                     if KA.n > 0:
                         pk_a = tl.where(raw[:, None], rpk_a, pk_a)

@@ -5,7 +5,7 @@ TRITON_INTERPRET=1, which cannot compile Gluon; tests/compile_jobs.py runs the t
 one process).
 
     python tests/store_hopper_compile.py tq4 [--num-warps 4] [--maxnreg N] [--dump FILE]
-        [--vsmem 0|1] [--async-kv 0|1] [--cal-first 0|1] [--kv16 0|1] [--slut 0|1]
+        [--vsmem 0|1] [--async-kv 0|1] [--kv16 0|1] [--slut 0|1]
         [--fastdiv 0|1]
 """
 
@@ -38,7 +38,7 @@ DIVISIBLE = ("key_ptr", "value_ptr", "cache_ptr", "slot_mapping_ptr", "positions
 
 
 def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_per_program=None,
-                   dtype=torch.bfloat16, cal_first=hop.CAL_FIRST, vsmem=hop.VSMEM,
+                   dtype=torch.bfloat16, vsmem=hop.VSMEM,
                    async_kv=hop.ASYNC, kv16=hop.KV16, slut=hop.SLUT, fastdiv=hop.FASTDIV,
                    remat=hop.REMAT, kvptx=hop.KVPTX):
     tables = served_tables(name, heads, d)
@@ -50,7 +50,7 @@ def compile_hopper(name="tq4", heads=8, d=128, num_warps=4, maxnreg=None, heads_
     slots = torch.zeros(T, dtype=torch.int64)
     grid, args, cx = hop.store_launch(key, key, cache, slots, tables, slots, c, hc, 4,
                                       num_warps=num_warps, heads=heads_per_program,
-                                      maxnreg=maxnreg, cal_first=cal_first, vsmem=vsmem,
+                                      maxnreg=maxnreg, vsmem=vsmem,
                                       async_kv=async_kv, kv16=kv16, slut=slut,
                                       fastdiv=fastdiv, remat=remat,
                                       kvptx=kvptx)
@@ -86,8 +86,6 @@ def result(argv: list[str]) -> dict:
     ap.add_argument("--heads-per-program", type=int)
     ap.add_argument("--dump", type=Path)
     ap.add_argument("--fp16", action="store_true", help="float16 keys and values")
-    ap.add_argument("--cal-first", type=int, choices=(0, 1), default=int(hop.CAL_FIRST),
-                    help="the key's calibrated coding before its raw one")
     ap.add_argument("--vsmem", type=int, choices=(0, 1), default=int(hop.VSMEM),
                     help="the heads' per-column vectors staged in shared memory")
     ap.add_argument("--kv16", type=int, choices=(0, 1), default=int(hop.KV16),
@@ -106,7 +104,7 @@ def result(argv: list[str]) -> dict:
     cx, k = compile_hopper(a.name, num_warps=a.num_warps, maxnreg=a.maxnreg,
                            heads_per_program=a.heads_per_program,
                            dtype=torch.float16 if a.fp16 else torch.bfloat16,
-                           cal_first=bool(a.cal_first), vsmem=bool(a.vsmem),
+                           vsmem=bool(a.vsmem),
                            async_kv=bool(a.async_kv), kv16=bool(a.kv16), slut=bool(a.slut),
                            fastdiv=bool(a.fastdiv), remat=bool(a.remat),
                            kvptx=bool(a.kvptx))

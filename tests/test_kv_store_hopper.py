@@ -1,7 +1,7 @@
 """The Hopper store's host side (kernels/tq_store_hopper.py) on the CPU: its bucket tables give
 torch.bucketize's codes and levels, its permuted rotation blocks and word packing (emulated here
-in torch, step by step as the kernel computes: chunked rotations, the bucket lookup, PERM's
-columns, the residuals' unrotation) give the reference's slot bytes, and the run-time choice of
+in torch, step by step as the kernel computes: the fallback's choice, chunked rotations, the
+bucket lookup, PERM's columns) give the reference's slot bytes, and the run-time choice of
 the path. The Gluon kernel itself cannot run here (no interpreter for Gluon); it is compiled for
 sm_90 by tests/test_kv_store_compile.py and checked on the GPU by
 benchmarks/dev/kv_store_hopper_check.py."""
@@ -127,32 +127,24 @@ def _emulate(tables, hc, c, k, v, positions):
         coords[..., p] = cd
         return kb_pack(coords.reshape(T, D), bits)
 
-    def err(r, w):  # r [T, 4, C], the residual in rotated coordinates (x 256); w the weight
-        return (r * r).sum((-1, -2)) * w
-
     for h in range(H):
         kh, vh = k[:, h].float(), v[:, h].float()
-        kc = kh.view(T, 4, C)
-        rn = kh.pow(2).sum(-1).sqrt()
-        inv_rn = 1.0 / rn.clamp(min=1e-30)
-        z = _wht4(torch.einsum("tai,aij->taj", kc, hs))
-        ry = z * (inv_rn * (scale * 256.0))[:, None, None]
-        rcd, rlev, rnorm = code(ry, "k", lay.key.b.bits, kr, rn, inv_rn)
-        rerr = err(ry - (rnorm * inv_rn)[:, None, None] * rlev, ew[h, 0]) * rn * rn
+        rsq = kh.pow(2).sum(-1)
         if tables.has_mean:
             mu = kb_key_mean_at(tables, h, positions)
         else:
             mu = tables.key_mean[h].expand(T, D)
-        x = (kh - mu) * hc["isg"][h]  # inv_scale * signs
-        n = x.pow(2).sum(-1).sqrt()
+        isg = hc["isg"][h]  # inv_scale * signs
+        x = (kh - mu) * isg
+        nsq = x.pow(2).sum(-1)
+        raw = ew[h, 0] * rsq < ew[h, 1] * nsq  # the fallback's rule: one coding a key
+        x = torch.where(raw[:, None], kh * isg.sign(), x)
+        n = torch.where(raw, rsq, nsq).sqrt()
         inv_n = 1.0 / n.clamp(min=1e-30)
         zx = _wht4(x.view(T, 4, C)) * (inv_n * (256.0 * scale))[:, None, None]
         y = _split_dot(zx, hcp)
-        ccd, clev, cnorm = code(y, "k", lay.key.b.bits, kr, n, inv_n)
-        cerr = err(y - (cnorm * inv_n)[:, None, None] * clev, ew[h, 1]) * n * n
-        raw = rerr < cerr
-        kcd = torch.where(raw[:, None, None], rcd, ccd)
-        knorm = torch.where(raw, -rnorm.abs(), cnorm.abs())
+        kcd, _unused, cnorm = code(y, "k", lay.key.b.bits, kr, n, inv_n)
+        knorm = torch.where(raw, -cnorm.abs(), cnorm.abs())
         vm = tables.value_mean[h]
         vn = (vh - vm).pow(2).sum(-1).sqrt()
         inv_vn = 1.0 / vn.clamp(min=1e-30)
@@ -207,6 +199,8 @@ def test_emulated_kernel_bytes_are_the_reference(name, mean):
     k = torch.randn(T, hk, d) * (1 + 3 * (torch.rand(T, 1, 1) < 0.2))
     if mean:
         k = k + lq.key_mean_at(positions)
+    else:  # channels at the calibration's scale: the fallback's rule then goes both ways
+        k = k * lq.key_scale
     k, v = k.bfloat16(), torch.randn(T, hk, d).bfloat16()
     c = _store_constants(tables, 1, torch.bfloat16)
     hc = hop.constants(tables, torch.bfloat16, c)

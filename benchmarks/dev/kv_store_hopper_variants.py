@@ -9,7 +9,7 @@ inputs of kv_bench.store_bandwidth (what kv_bench's 'store' rows time). Rows: th
 then the Gluon kernel launched directly (tq_store_hopper.store_launch) at each variant: warps a
 program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8 warps an SM,
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
-tests/store_hopper_compile.py), cal_first (the key's calibrated coding before its raw one),
+tests/store_hopper_compile.py),
 vsmem (the heads' per-column vectors staged in shared memory once a program: served),
 async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix:
 served), kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in
@@ -39,12 +39,12 @@ import torch
 import triton
 import kv_bench as kb
 
-# (label, store_launch's keywords: num_warps, heads a program, maxnreg, cal_first, vsmem,
+# (label, store_launch's keywords: num_warps, heads a program, maxnreg, vsmem,
 # async_kv, kv16, slut, fastdiv, remat, kvptx; every row names each, so rows do not move with the
 # served defaults). The launch shape served at 32K tokens (tq_store's _Hopper.pick: 64 tokens x 8
 # heads) with SLUT, ASYNC and REMAT (served since 2026-12-07, timed in the 'served' row), then
 # each switch on top of them. Ordered by interest: --budget skips the last rows first.
-_BASE = dict(num_warps=4, heads=8, maxnreg=None, cal_first=False, vsmem=True, async_kv=True,
+_BASE = dict(num_warps=4, heads=8, maxnreg=None, vsmem=True, async_kv=True,
              kv16=False, slut=True, fastdiv=False, remat=True, kvptx=False)
 
 
@@ -68,7 +68,6 @@ VARIANTS = [
     _v("8 warps x 8 heads, slut, async", num_warps=8),
     _v("  slut, async, maxnreg 200 (10 warps/SM)", maxnreg=200),
     _v("  slut, async, no vsmem", vsmem=False),
-    _v("  slut, async, cal_first", cal_first=True),
     _v("  slut, kv16 (16-byte K/V loads), no async", kv16=True, async_kv=False),
     _v("4 warps x 4 heads, slut, no async", heads=4, async_kv=False),
     _v("2 warps x 8 heads, slut, async", num_warps=2),

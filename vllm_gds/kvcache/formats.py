@@ -18,15 +18,16 @@ Keys, at token position p:
     4. c[i] = levels[code[i]];  norm = n / |c|   (rule "unit", tq4, tq3, tq5: the decoded vector
        keeps the exact norm; "ls": n * <y, c> / <c, c>, the least-squares scale; "plain": n),
        stored as float16
-    5. raw fallback (key_raw_fallback): steps 2-4 also run on x = k; of the two decodings k^
-       (below), the key keeps the one with the smaller error: mean_i(w) * |k - k^|^2 raw,
-       mean_i(w * key_scale^2) * |(k - k^) / key_scale|^2 calibrated, w = query_ms (ties:
-       calibrated; layer_calibration.fallback_error_weights). That is the query-weighted error
-       sum_i w[i] * (k[i] - k^[i])^2 with its weights replaced by their mean, which every
-       diagonal entry of the rotated weights is: the store compares the two residuals in rotated
-       coordinates (|y - (norm / n) c| * n) without rotating them back. A raw key stores -norm:
-       the float16 sign bit is the flag. It keeps outlier keys (the attention sink, far from the
-       mean) as accurate as without calibration.
+    5. raw fallback (key_raw_fallback): the key is coded raw (steps 2-4 on x = k) where
+       mean_i(w) * |k|^2 < mean_i(w * key_scale^2) * |x|^2 (x of step 1, w = query_ms; ties:
+       calibrated; layer_calibration.fallback_error_weights), else calibrated: each coding's
+       query-weighted error sum_i w[i] * (k[i] - k^[i])^2, predicted before coding. The rotation
+       makes every unit vector's coordinates alike, so a coding's error is about the same share
+       of its input's squared norm either way (on SmolLM2 the ratio of the two shares has median
+       0.98); with the weights replaced by their mean (every diagonal entry of the rotated
+       weights) the errors compare as the weighted squared norms, and a key is coded once. A raw
+       key stores -norm: the float16 sign bit is the flag. It keeps outlier keys (the attention
+       sink, far from the mean) as accurate as without calibration.
    Decoded:  calibrated  k^ = RoPE_p(key_mean) + key_scale * norm * unrotate(c)
              raw         k^ = |norm| * unrotate(c)
 Values: steps 2-4 on x = v (or v - value_mean, rule "mean"); decoded v^ = norm * unrotate(c).
@@ -89,8 +90,8 @@ class KVFormat:
     value: VectorCode
     key_calibration: str = "mean_balanced"
     value_calibration: str = "none"
-    # Code each key both calibrated and raw (mean 0, scale 1) and keep the one with the smaller
-    # query-weighted error (step 5 above); a raw key has a negative norm.
+    # Code a key raw (mean 0, scale 1) where that predicts the smaller query-weighted error
+    # (step 5 above), else calibrated; a raw key has a negative norm.
     # It keeps outlier keys (the attention sink, far from the calibrated mean) accurate.
     key_raw_fallback: bool = True
     # The pre-RoPE key mean is kept on this share of the RoPE pairs, those of most mean energy

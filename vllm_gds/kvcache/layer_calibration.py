@@ -43,12 +43,11 @@ def fallback_error_weights(key_weight: torch.Tensor | None, key_scale: torch.Ten
     key_weight or key_scale is per head): (mean_i w_i, mean_i w_i s_i^2) over the channels i, w
     the key weights (negatives as 0; None: 1) and s the key scale (None: 1).
 
-    The fallback keeps the raw coding of a key where w_raw |k - k^_raw|^2 < w_cal |(k - k^_cal) /
-    s|^2 (formats.py, step 5): the query-weighted errors sum_i w_i (k_i - k^_i)^2 with diag(w)
-    (for the calibrated coding, diag(w s^2) on (k - k^) / s) replaced by its mean. Every diagonal
-    entry of R diag(w) R^T is that mean for the randomized Hadamard rotation R (its entries are
-    +-1/sqrt(d)), so these are the weighted errors' diagonal parts in rotated coordinates, where
-    the store has the residuals: it compares them without rotating the residuals back."""
+    The fallback codes a key raw where w_raw |k|^2 < w_cal |x|^2, x = (k - mean) / s the
+    calibrated key (formats.py, step 5): the query-weighted errors sum_i w_i (k_i - k^_i)^2
+    with diag(w) (for the calibrated coding, diag(w s^2) on (k - k^) / s) replaced by its mean,
+    every diagonal entry of R diag(w) R^T for the randomized Hadamard rotation R (its entries
+    are +-1/sqrt(d)), and each coding's error by the same share of its input's squared norm."""
     w = torch.ones(head_size) if key_weight is None else key_weight.float().clamp_min(0)
     s = torch.ones(head_size) if key_scale is None else key_scale.float()
     w, s = torch.broadcast_tensors(w.to(s.device), s)

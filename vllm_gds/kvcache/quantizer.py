@@ -153,30 +153,30 @@ class KVLayerQuantizer:
     def _uncenter_values(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.value_mean is None else x + self.value_mean.to(x.device)
 
-    def _choose_raw(self, k, calibrated_hat, raw_hat):
-        """Where the raw coding's error is the smaller (ties: calibrated): fallback_error_weights
-        times |k - k^|^2, divided by the key scale for the calibrated coding."""
+    def _choose_raw(self, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Where the raw coding's predicted error is the smaller (ties: calibrated):
+        fallback_error_weights times the squared norm of the coding's input, k raw, x (the
+        calibrated key) calibrated. A coding's error is about the same share of its input's
+        squared norm either way, so the key is coded once."""
         w = self.err_weights.to(k.device)
         k = k.float()
-        cal = k - calibrated_hat
-        if self.key_scale is not None:
-            cal = cal * self.key_inv_scale.to(k.device)
-        err_cal = w[..., 1] * (cal * cal).sum(-1)
-        err_raw = w[..., 0] * ((k - raw_hat) ** 2).sum(-1)
-        return err_raw < err_cal
+        return w[..., 0] * (k * k).sum(-1) < w[..., 1] * (x * x).sum(-1)
+
+    def _chosen_input(self, k: torch.Tensor, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the input each key is coded from: k where raw, else its calibration; the raw rows)"""
+        x = self._calibrate_keys(k, positions)
+        if not self.fallback:
+            return x, torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        use_raw = self._choose_raw(k, x)
+        return torch.where(use_raw[..., None], k.float(), x), use_raw
 
     def encode_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> Encoded:
         """Keys [..., H, d] at token positions [...] (needed with a key mean)."""
-        enc = self.keys.encode(self._calibrate_keys(k, positions))
+        x, use_raw = self._chosen_input(k, positions)
+        enc = self.keys.encode(x)
         if not self.fallback:
             return enc
-        raw = self.keys.encode(k.float())
-        use_raw = self._choose_raw(
-            k, self._uncalibrate_keys(self.keys.decode(enc), positions), self.keys.decode(raw)
-        )
-        codes = torch.where(use_raw[..., None], raw.codes, enc.codes)
-        norms = torch.where(use_raw, -raw.norms.abs(), enc.norms.abs())
-        return Encoded(codes, norms)
+        return Encoded(enc.codes, torch.where(use_raw, -enc.norms.abs(), enc.norms.abs()))
 
     def decode_keys(self, enc: Encoded, positions: torch.Tensor | None = None) -> torch.Tensor:
         raw = enc.norms.float() < 0  # -0.0 counts as calibrated: harmless, its vector is zero
@@ -184,14 +184,9 @@ class KVLayerQuantizer:
         return torch.where(raw[..., None], x, self._uncalibrate_keys(x, positions))
 
     def roundtrip_keys(self, k: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        calibrated_hat = self._uncalibrate_keys(
-            self.keys.roundtrip(self._calibrate_keys(k, positions)), positions
-        )
-        if not self.fallback:
-            return calibrated_hat
-        raw_hat = self.keys.roundtrip(k.float())
-        use_raw = self._choose_raw(k, calibrated_hat, raw_hat)
-        return torch.where(use_raw[..., None], raw_hat, calibrated_hat)
+        x, use_raw = self._chosen_input(k, positions)
+        x_hat = self.keys.roundtrip(x)
+        return torch.where(use_raw[..., None], x_hat, self._uncalibrate_keys(x_hat, positions))
 
     def encode_values(self, v: torch.Tensor) -> Encoded:
         return self.values.encode(self._center_values(v))
