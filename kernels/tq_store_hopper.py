@@ -23,11 +23,12 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   181 against 236). ASYNC (served where a program has more than one head): the keys and values
   by cp.async into shared memory one head ahead and read by ldmatrix (two CTA barriers a head,
   100 KB of shared memory a program): with SLUT 0.230 against 0.262 ms for 32K tokens (H100,
-  2026-12-07, benchmarks/dev/kv_store_hopper_variants.py). REMAT (served): what ptxas
-  spilled and reloaded every head, SLUT's table bases, the copies' row pointers and the slots'
-  cache addresses, worked out per head from values live anyway (ncu: the reloads, issued behind
-  the head's 16 copies, waited on a long scoreboard for about 5% of the store's stall samples);
-  Triton 3.6: no stack (24 bytes before), 0.223-0.225 against 0.227-0.231 ms (H100, 2026-12-07).
+  2026-12-07, benchmarks/dev/kv_store_hopper_variants.py). REMAT (served 2026-12-07 to 12-08):
+  what ptxas spilled and reloaded every head, SLUT's table bases, the copies' row pointers and
+  the slots' cache addresses, worked out per head from values live anyway (ncu: the reloads,
+  issued behind the head's 16 copies, waited on a long scoreboard for about 5% of the store's
+  stall samples); Triton 3.6: no stack (24 bytes before), 0.223-0.225 against 0.227-0.231 ms
+  (H100, 2026-12-07). Off since the key is coded once: nothing spills without it.
 * Rotation: H_D = H_4 (x) H_C (C = D / 4), as tq_store_chunked.py: values by one 16-bit MMA per
   column chunk with diag(s_a) H_C, then the 4-point transform across chunks (float32 adds,
   elementwise: every chunk's accumulator has the same layout); the key, calibrated or raw
@@ -54,12 +55,12 @@ Design (one program = 16 * NW tokens x HEADS heads; warp w owns tokens [16 w, 16
   weighted squared norms of its two inputs (the key, its calibration): each row's input is
   selected in registers and coded once. Until 2026-12-08 every key was coded both ways and the
   residuals' errors compared (until 2026-12-07 rotated back to the original coordinates
-  first): sm_90 SASS of the head loop (Triton 3.6) 5725 -> 4741 -> 3476 instructions (tq3 5811
-  -> 4807 -> 3538, no stack; tq5 6500 -> 5533 -> 4052, 152 bytes of stack), 192 -> 128 lookups
-  and 128 -> 96 MMAs a head.
+  first): sm_90 SASS of the head loop (Triton 3.6, REMAT on) 5725 -> 4741 -> 3476 instructions
+  (tq3 5811 -> 4807 -> 3538, no stack; tq5 6500 -> 5533 -> 4052, 152 bytes of stack), 192 ->
+  128 lookups and 128 -> 96 MMAs a head.
 * Per head: the values first (the key's loads in flight meanwhile), then the key. sm_90 SASS of
-  the head loop (tests/store_hopper_compile.py, Triton 3.6): 3476 warp instructions per 16
-  tokens and head against the portable kernel's 4 x 3171.
+  the head loop (tests/store_hopper_compile.py, Triton 3.6, as served): 3395 warp instructions
+  per 16 tokens and head (tq3 3472, tq5 3976) against the portable kernel's 4 x 3171.
 
 Gluon APIs used (all in Triton 3.6, 3.8 and 3.9; compiled under each): NVMMADistributedLayout,
 DotOperandLayout, SliceLayout, BlockedLayout, SwizzledSharedLayout, allocate_shared_memory and
@@ -94,7 +95,10 @@ FASTDIV = False  # norms' sqrt and divisions as sqrt_rn / div_rn (store_launch's
 # ASYNC's buffers in PTX, no CTA barriers (store_launch's kvptx; measurement); 16-byte copies of
 # whole rows, so tq_store asks for it only where its plan's key and value rows are 16-byte aligned
 KVPTX = False
-REMAT = True  # SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat)
+# SLUT's bases, ASYNC's row pointers, the slots' addresses per head (store_launch's remat): off
+# since a key is coded once, when the loop stopped spilling them (Triton 3.6: 3395 instructions a
+# head without, 3476 with, no stack either way; tq3 3472 / 3538; tq5 fewer local accesses)
+REMAT = False
 # cp.async into shared memory: Triton 3.8 and 3.9 call it async_load (3.9 removed the old name)
 _async_load = getattr(_acp, "async_load", None) or _acp.async_copy_global_to_shared
 # A CTA barrier: Triton 3.6's Gluon calls it thread_barrier, 3.9's barrier

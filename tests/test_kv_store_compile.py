@@ -12,7 +12,7 @@ import pytest
 from compile_jobs import checked, run
 
 VARIANTS = [("--vsmem", "0"), ("--async-kv", "0"), ("--slut", "0"),
-            ("--kv16", "1", "--async-kv", "0"), ("--fastdiv", "1"), ("--remat", "0"),
+            ("--kv16", "1", "--async-kv", "0"), ("--fastdiv", "1"), ("--remat", "1"),
             ("--kvptx", "1")]
 JOBS = [*(["store_compile.py", name, *old] for name in ("tq4", "tq3") for old in ((), ("old",))),
         *(["store_hopper_compile.py", name] for name in ("tq4", "tq3", "tq5")),
@@ -52,7 +52,7 @@ def test_hopper_store_compiles_for_sm90_in_registers(compiled, name):
     fallback's rule picks), one 16-byte lookup a coordinate (2 codings x 64 per thread) from
     SLUT's shared table, the keys and values by cp.async one
     head ahead (ASYNC: 16 copies and two CTA barriers a head, no loads into registers), and a
-    loop under a third of the portable kernel's instructions per code (99.1 -> 27.2 for tq4
+    loop under a third of the portable kernel's instructions per code (99.1 -> 26.5 for tq4
     under Triton 3.6)."""
     st = _compile(compiled, "store_hopper_compile.py", name)
     loop = st["loop"]
@@ -72,9 +72,10 @@ def test_hopper_store_measurement_variants_compile(compiled, variant):
     """The code variants benchmarks/dev/kv_store_hopper_variants.py times on the GPU compile for
     sm_90 under the installed Triton: the per-column vectors from global memory, keys and
     values loaded into registers per head (no cp.async), the code search from bucket_table
-    through L1 (the store as served until 2026-12-07), keys and values by 16-byte loads, the norms' sqrt and divisions without their slow-path branches,
-    the lookups' bases, the copies' pointers and the slots' addresses kept across the heads (the
-    store before REMAT), the staging buffers declared in PTX (KVPTX)."""
+    through L1 (the store as served until 2026-12-07), keys and values by 16-byte loads, the
+    norms' sqrt and divisions without their slow-path branches, the lookups' bases, the copies'
+    pointers and the slots' addresses worked out per head (REMAT, served 2026-12-07 to 12-08),
+    the staging buffers declared in PTX (KVPTX)."""
     st = _compile(compiled, "store_hopper_compile.py", "tq4", *variant)
     loop = st["loop"]
     assert st["ptx_mma"] == 96 and st["lookups"] == 128 and st["smem_ok"]
@@ -94,11 +95,12 @@ def test_hopper_store_measurement_variants_compile(compiled, variant):
     if variant[0] == "--kvptx":  # copies and reads in PTX, each warp its own rows: no CTA barrier
         assert loop.get("LDGSTS.E.BYPASS.128") == 16 and not any(k.startswith("BAR") for k in loop)
         assert loop.get("LDSM.16.M88.4") == 16 and st["static_shared"] > 32768, st
-    if variant[0] == "--remat":  # since a key is coded once, the loop spills neither way
+    if variant[0] == "--remat":  # since a key is coded once, the loop spills neither way, and
+        # REMAT's recomputation only lengthens it
         served = _compile(compiled, "store_hopper_compile.py", "tq4")
         assert loop.get("LDGSTS.E.BYPASS.128") == 16 and loop.get("BAR.SYNC.DEFER_BLOCKING") == 2
         assert st["stack"] == served["stack"] == 0, (st, served)
-        assert st["loop_total"] < served["loop_total"], (st, served)
+        assert st["loop_total"] > served["loop_total"], (st, served)
 
 
 def test_hopper_store_compiles_for_few_tokens(compiled):
