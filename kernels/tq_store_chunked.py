@@ -1,6 +1,6 @@
 """CHUNK, the store kernel's served path for formats of one full-width stream per vector (tq4, tq3,
-tq5) with the raw-key fallback: one head's keys (both codings, the fallback's choice stored) and
-values, each vector in four column chunks.
+tq5) with the raw-key fallback: one head's keys (each coded once, raw or calibrated as the
+fallback's rule picks) and values, each vector in four column chunks.
 
 The rotation of a full-width stream is two Walsh-Hadamard butterfly levels on four column chunks
 (float32, elementwise) and one small dot per chunk with H_C (C = D / 4). Sylvester's
@@ -202,9 +202,10 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
                   PREFETCH: tl.constexpr, EXACT_ROT: tl.constexpr, rot_vm_ptr):
     """Keys (raw-key fallback, calibrated) and values of one head, in four column chunks;
     with PREFETCH its keys and values come loaded (kr*, vr*), else from kptr and vptr here.
-    EXACT_ROT (16-bit inputs, or float32 dots): the raw keys and the values rotated by _crot16
-    (a value mean taken off after the rotation: rot_vm_ptr, its rotation), else as the
-    calibrated keys (the transform first, then two float16 passes of the float32 chunks)."""
+    The keys, raw or calibrated, by the transform first, then the dots with H_C (on the GPU
+    two float16 passes of the float32 chunks). EXACT_ROT (16-bit inputs, or float32 dots): the
+    values rotated by _crot16 (a value mean taken off after the rotation: rot_vm_ptr, its
+    rotation), else as the keys."""
     C: tl.constexpr = D // 4
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
     kcb = codebooks_ptr + 512
@@ -216,26 +217,9 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     sg3 = _cvec(sg_ptr, 3, C)[None, :]
     hd = head * D
 
-    # the raw coding
+    # the key's one coding (formats.py, step 5): raw where its weighted squared norm is the
+    # smaller, else calibrated; either input by the transform first, then the dots with H_C
     rsq = tl.sum(k0 * k0 + k1 * k1 + k2 * k2 + k3 * k3, axis=1)
-    rn = _via_memory(tl.sqrt_rn(rsq), scr, row_mask, SCR)
-    if EXACT_ROT:
-        inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-        z0, z1, z2, z3 = _crot16(kr0, kr1, kr2, kr3, hs0, hs1, hs2, hs3, SPLIT)
-        s = (inv_rn * SCALE)[:, None]
-        ry0 = z0 * s
-        ry1 = z1 * s
-        ry2 = z2 * s
-        ry3 = z3 * s
-        rp0, rp1, rp2, rp3, rnorm16 = _ccode_rotated(
-            ry0, ry1, ry2, ry3, rn, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE,
-            bucket_ptr)
-    else:
-        rp0, rp1, rp2, rp3, rnorm16 = _ccode_key(
-            k0 * sg0, k1 * sg1, k2 * sg2, k3 * sg3, rn, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE,
-            K_NORM_RULE, SCALE, SPLIT, bucket_ptr)
-
-    # the calibrated coding
     if MEAN and NEOX:  # rotary pairs (c, c + D/2): chunk a's partner is chunk a + 2
         u0 = _cvec(key_mean_ptr + hd, 0, C)[None, :]
         u1 = _cvec(key_mean_ptr + hd, 1, C)[None, :]
@@ -261,18 +245,21 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     x2 = tl.where(m, (k2 - mu2) * (_cvec(key_inv_scale_ptr + hd, 2, C)[None, :] * sg2), 0.0)
     x3 = tl.where(m, (k3 - mu3) * (_cvec(key_inv_scale_ptr + hd, 3, C)[None, :] * sg3), 0.0)
     nsq = tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1)
-    n = _via_memory(tl.sqrt_rn(nsq), scr + 1, row_mask, SCR)
+    raw = tl.load(key_errw_ptr + head * 2) * rsq < tl.load(key_errw_ptr + head * 2 + 1) * nsq
+    rw = raw[:, None]
+    x0 = tl.where(rw, k0 * sg0, x0)
+    x1 = tl.where(rw, k1 * sg1, x1)
+    x2 = tl.where(rw, k2 * sg2, x2)
+    x3 = tl.where(rw, k3 * sg3, x3)
+    n = _via_memory(tl.sqrt_rn(tl.where(raw, rsq, nsq)), scr, row_mask, SCR)
     p0, p1, p2, p3, norm16 = _ccode_key(
         x0, x1, x2, x3, n, hc, kcb, KB_BITS, C, CODES, KB_CB, WIDE, K_NORM_RULE, SCALE, SPLIT,
         bucket_ptr)
-    # the fallback (formats.py, step 5): raw where its weighted squared norm is the smaller
-    raw = tl.load(key_errw_ptr + head * 2) * rsq < tl.load(key_errw_ptr + head * 2 + 1) * nsq
-    rw = raw[:, None]
-    _cstore(slot_ptrs, row_mask, tl.where(rw, rp0, p0), 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
-    _cstore(slot_ptrs, row_mask, tl.where(rw, rp1, p1), 1, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
-    _cstore(slot_ptrs, row_mask, tl.where(rw, rp2, p2), 2, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
-    _cstore(slot_ptrs, row_mask, tl.where(rw, rp3, p3), 3, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
-    _store_norm16(slot_ptrs, row_mask, tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16)),
+    _cstore(slot_ptrs, row_mask, p0, 0, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, p1, 1, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, p2, 2, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _cstore(slot_ptrs, row_mask, p3, 3, KB_OFF, KB_BITS, C, KB_U, KB_K, ALIGN, WIDE)
+    _store_norm16(slot_ptrs, row_mask, tl.where(raw, -tl.abs(norm16), tl.abs(norm16)),
                   K_NORM_OFF, ALIGN, WIDE)
 
     # values

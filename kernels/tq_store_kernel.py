@@ -27,9 +27,9 @@ registers and stored once, as 32-bit words where the slot is 4-byte aligned (16-
 stream starts 2 bytes off, e.g. the value codes after the key norm) and the norms as 16-bit
 stores.
 
-The raw-key fallback (formats.py, step 5) codes a key both ways and stores the coding its rule
-picks from the two inputs' weighted squared norms (e_raw |k|^2 < e_cal |x|^2; e_raw, e_cal: the
-head's key_err_weights). Where a vector is one full-width stream (tq4,
+The raw-key fallback (formats.py, step 5) picks a key's coding from the two inputs' weighted
+squared norms (e_raw |k|^2 < e_cal |x|^2; e_raw, e_cal: the head's key_err_weights): CHUNK codes
+the picked input once, the other paths code both and store the pick. Where a vector is one full-width stream (tq4,
 tq3, tq5: SYM) the float32 rotations use H itself (the signs go on the input), the code search
 compiles the stream's codebook in as immediates, and the key norms reach the MMA layout through a
 small scratch store/load (SCR) so that Triton does not recompute the calibrated key in a second
