@@ -47,7 +47,7 @@ def _crot(x0, x1, x2, x3, scale_row, hc, SCALE: tl.constexpr, SPLIT: tl.constexp
 
 @triton.jit
 def _crot16(x0, x1, x2, x3, hs0, hs1, hs2, hs3, SPLIT: tl.constexpr):
-    """(x * signs) H_D (entries +-1, unscaled) of 16-bit chunks x (EXACT_ROT: raw keys, values): the
+    """(x * signs) H_D (entries +-1, unscaled) of 16-bit chunks x (EXACT_ROT: values): the
     dots first, p_a = x_a (diag(s_a) H_C) (16-bit products exact, one pass; float32 under the
     interpreter), then the 4-point transform across chunks (H_D = H_4 (x) H_C: the two commute)."""
     if SPLIT == 0:
@@ -165,15 +165,6 @@ def _ccode_key(x0, x1, x2, x3, n, hc, cb_ptr, BITS: tl.constexpr, C: tl.constexp
     of the chunks and the norm as stored (float16-rounded)."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
     y0, y1, y2, y3 = _crot(x0, x1, x2, x3, inv_n, hc, SCALE, SPLIT)
-    return _ccode_rotated(y0, y1, y2, y3, n, cb_ptr, BITS, C, CODES, CB, WIDE,
-                          NORM_RULE, bk_ptr)
-
-
-@triton.jit
-def _ccode_rotated(y0, y1, y2, y3, n, cb_ptr, BITS: tl.constexpr, C: tl.constexpr,
-                   CODES: tl.constexpr, CB: tl.constexpr, WIDE: tl.constexpr,
-                   NORM_RULE: tl.constexpr, bk_ptr):
-    """_ccode_key from the rotated unit chunks y."""
     p0, c0 = _ccode(y0, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p1, c1 = _ccode(y1, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)
     p2, c2 = _ccode(y2, cb_ptr, BITS, C, CODES, CB, WIDE, bk_ptr)

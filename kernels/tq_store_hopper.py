@@ -782,8 +782,8 @@ def store_launch(key, value, kv_cache, slot_mapping, tables, positions, c: dict,
                  kvptx: bool = KVPTX):
     """(grid, args, constexprs) of the kernel's launch (no checks, no launch: tq_store
     launches it; tests/store_hopper_compile.py compiles it without a GPU). heads: per program
-    (default: all with a key mean, sharing the cos/sin; else 1). kvptx: only where every key and value row starts 16-byte aligned (unchecked here; tq_store's
-    plan key carries it)."""
+    (default: all with a key mean, sharing the cos/sin; else 1). kvptx: only where every key and
+    value row starts 16-byte aligned (unchecked here; tq_store's plan key carries it)."""
     T, H, D = key.shape
     lay = tables.layout
     heads = heads or (H if tables.has_mean else 1)

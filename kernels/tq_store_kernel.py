@@ -29,11 +29,11 @@ stores.
 
 The raw-key fallback (formats.py, step 5) picks a key's coding from the two inputs' weighted
 squared norms (e_raw |k|^2 < e_cal |x|^2; e_raw, e_cal: the head's key_err_weights): CHUNK codes
-the picked input once, the other paths code both and store the pick. Where a vector is one full-width stream (tq4,
-tq3, tq5: SYM) the float32 rotations use H itself (the signs go on the input), the code search
-compiles the stream's codebook in as immediates, and the key norms reach the MMA layout through a
-small scratch store/load (SCR) so that Triton does not recompute the calibrated key in a second
-layout. CHUNK (the default there) splits each rotation into butterflies and [C, C] dots
+the picked input once, the other paths code both and store the pick. Where a vector is one
+full-width stream (tq4, tq3, tq5: SYM) the float32 rotations use H itself (the signs go on the
+input), the code search compiles the stream's codebook in as immediates, and the key norms reach
+the MMA layout through a small scratch store/load (SCR) so that Triton does not recompute the
+calibrated key in a second layout. CHUNK (the default there) splits each rotation into butterflies and [C, C] dots
 (tq_store_chunked.py).
 """
 
@@ -63,7 +63,8 @@ def _mats(p32, p16, px, D: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
 def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             BITS: tl.constexpr, N: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr,
             INPUT: tl.constexpr, CODES: tl.constexpr, CB: tl.constexpr):
-    """Codes, levels, sum y*c and sum c*c of one stream of x [rows, D] (unit-scaled by inv_n).
+    """Codes, sum y*c and sum c*c (c: the levels) of one stream of x [rows, D] (unit-scaled by
+    inv_n).
     INPUT (GPU only): 0 float32 x; 1 16-bit xb == x; 2 16-bit xb, x = xb - mean (rot_mean
     given). hf: the columns in float32 (SPLIT 0) or float16; hx: in xb's dtype."""
     SCALE: tl.constexpr = 1.0 / (D ** 0.5)
@@ -78,7 +79,7 @@ def _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr,
             y -= tl.load(rot_mean_ptr + tl.arange(0, W))[None, :]
         y = y * SCALE * inv_n[:, None]
     code, c = _codes(y, cb_ptr, BITS, N, W, CODES, CB)
-    return code, c, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1), y
+    return code, tl.sum(y * c, axis=1), tl.sum(c * c, axis=1)
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def _code_key_sym(x, xb, n, hf, hx, rot_mean_ptr, cb_ptr, D: tl.constexpr, BITS:
     """One coding of a full-width key stream (SYM) of x [rows, D] (signs applied) of norm n: the
     packed codes and the norm as stored (float16-rounded)."""
     inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-    code, c, yc, cc, y = _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D, BITS, N, W, SPLIT,
+    code, yc, cc = _stream(x, xb, inv_n, hf, hx, rot_mean_ptr, cb_ptr, D, BITS, N, W, SPLIT,
                                  INPUT, CODES, CB)
     # packed before the norm: the other order compiled to 4801 loop instructions, not 3692 (sm_90)
     packed = _pack(code, BITS, N, W, WIDE)
@@ -267,16 +268,17 @@ def _tq_store_kernel(
                     x = tl.where(row_mask[:, None], (k - k_mean) * k_inv_scale[None, :], 0.0)
                 else:
                     x = ks
-                n = tl.sqrt_rn(tl.sum(x * x, axis=1))
+                nsq = tl.sum(x * x, axis=1)
+                n = tl.sqrt_rn(nsq)
                 inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
-                code_b, c_b, yc, cc, y_b = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
+                code_b, yc, cc = _stream(x, kbs, inv_n, hkb, hkbx, rot_vm_ptr,
                                               codebooks_ptr + 512, D, KB.bits, KB.n, KB.w, SPLIT, K_INPUT,
                                               CODES, KB_CB)
                 pk_b = _pack(code_b, KB.bits, KB.n, KB.w, WIDE)
                 pk_a = pk_b
                 if KA.n > 0:
                     hka, hkax = _mats(kfa32, kfa16, kfax, D, KA.w, SPLIT)
-                    code_a, c_a, yc_a, cc_a, y_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
+                    code_a, yc_a, cc_a = _stream(x, kbs, inv_n, hka, hkax, rot_vm_ptr,
                                                       codebooks_ptr, D, KA.bits, KA.n, KA.w, SPLIT,
                                                       K_INPUT, CODES, NO_CB)
                     pk_a = _pack(code_a, KA.bits, KA.n, KA.w, WIDE)
@@ -293,13 +295,13 @@ def _tq_store_kernel(
                     rsq = tl.sum(k * k, axis=1)
                     rn = tl.sqrt_rn(rsq)
                     inv_rn = tl.div_rn(1.0, tl.maximum(rn, 1e-30))
-                    rcode_b, rc_b, ryc, rcc, ry_b = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
+                    rcode_b, ryc, rcc = _stream(ks, kbs, inv_rn, hkb, hkbx, rot_vm_ptr,
                                                             codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                             SPLIT, R_INPUT, CODES, KB_CB)
                     rpk_b = _pack(rcode_b, KB.bits, KB.n, KB.w, WIDE)
                     rpk_a = rpk_b
                     if KA.n > 0:
-                        rcode_a, rc_a, ryc_a, rcc_a, ry_a = _stream(ks, kbs, inv_rn, hka, hkax,
+                        rcode_a, ryc_a, rcc_a = _stream(ks, kbs, inv_rn, hka, hkax,
                                                                     rot_vm_ptr, codebooks_ptr, D, KA.bits,
                                                                     KA.n, KA.w, SPLIT, R_INPUT, CODES,
                                                                     NO_CB)
@@ -308,7 +310,7 @@ def _tq_store_kernel(
                         rcc += rcc_a
                     rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
                     raw = (tl.load(key_errw_ptr + head * 2) * rsq
-                           < tl.load(key_errw_ptr + head * 2 + 1) * tl.sum(x * x, axis=1))
+                           < tl.load(key_errw_ptr + head * 2 + 1) * nsq)
                     pk_b = tl.where(raw[:, None], rpk_b, pk_b)
                     if KA.n > 0:
                         pk_a = tl.where(raw[:, None], rpk_a, pk_a)
@@ -330,14 +332,14 @@ def _tq_store_kernel(
             inv_n = tl.div_rn(1.0, tl.maximum(n, 1e-30))
             if SYM and (V_INPUT == 0):
                 v = v * sg[None, :]
-            code_b, c_b, yc, cc, y_b = _stream(v, vb, inv_n, hvb, hvbx,
+            code_b, yc, cc = _stream(v, vb, inv_n, hvb, hvbx,
                                           rot_vm_ptr + (head * 2 + 1) * D, codebooks_ptr + 3 * 512, D,
                                           VB.bits, VB.n, VB.w, SPLIT, V_INPUT, CODES, VB_CB)
             _store_stream(slot_ptrs, row_mask, _pack(code_b, VB.bits, VB.n, VB.w, WIDE), VB.off,
                           VB.bits, VB.n, VB.u, VB.k, VB.nu, ALIGN, WIDE)
             if VA.n > 0:
                 hva, hvax = _mats(vfa32, vfa16, vfax, D, VA.w, SPLIT)
-                code_a, c_a, yc_a, cc_a, y_a = _stream(v, vb, inv_n, hva, hvax,
+                code_a, yc_a, cc_a = _stream(v, vb, inv_n, hva, hvax,
                                                   rot_vm_ptr + head * 2 * D, codebooks_ptr + 2 * 512,
                                                   D, VA.bits, VA.n, VA.w, SPLIT, V_INPUT, CODES,
                                                   NO_CB)
