@@ -152,9 +152,8 @@ def test_store_gpu_dots_match_the_reference(name, dtype, d, calibrated):
 def test_store_fallback_variants_write_the_reference_bytes(name, d, split):
     """The raw-key fallback's code paths (tq_store's chunks, sym) store the same bytes: the
     chunked Walsh-Hadamard rotation (the default: the bucketed code search, the next head's keys
-    and values prefetched, raw keys and values rotated by exact 16-bit dots first; and without
-    them), full-width dots with H, and the signed columns; split 1 with float16 inputs as the GPU
-    runs."""
+    and values prefetched, the values rotated by exact 16-bit dots first; and without them),
+    full-width dots with H, and the signed columns; split 1 with float16 inputs as the GPU runs."""
     fmt = FORMATS[name]
     h, t, page = 2, 24, 16
     lq, tables = _pair(fmt, d, h, True)

@@ -9,10 +9,9 @@ inputs of kv_bench.store_bandwidth (what kv_bench's 'store' rows time). Rows: th
 then the Gluon kernel launched directly (tq_store_hopper.store_launch) at each variant: warps a
 program (16 tokens each), heads a program, maxnreg (registers a thread: 255 -> 8 warps an SM,
 200 -> 10 with 2-warp programs, 168 -> 12, 128 -> 16; the spills each costs:
-tests/store_hopper_compile.py),
-vsmem (the heads' per-column vectors staged in shared memory once a program: served),
-async_kv (keys and values by cp.async into shared memory one head ahead, read by ldmatrix:
-served), kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in
+tests/store_hopper_compile.py), vsmem (the heads' per-column vectors staged in shared memory
+once a program: served), async_kv (keys and values by cp.async into shared memory one head
+ahead, read by ldmatrix: served), kv16 (keys and values by 16-byte loads), slut (the code search by uniform buckets in
 shared memory instead of the float-bit buckets through L1: served) and fastdiv (the norms' sqrt
 and divisions without their slow-path branches: one basic block a head) and remat (the lookups'
 table bases, the copies' row pointers and the slots' addresses worked out per head instead of
