@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
-                             _store_norm16, _store_stream, _via_memory)
+                             _raw_rows, _store_norm16, _store_stream, _via_memory)
 
 
 @triton.jit
@@ -236,7 +236,7 @@ def _chunked_head(kptr, vptr, kr0, kr1, kr2, kr3, vr0, vr1, vr2, vr3, slot_ptrs,
     x2 = tl.where(m, (k2 - mu2) * (_cvec(key_inv_scale_ptr + hd, 2, C)[None, :] * sg2), 0.0)
     x3 = tl.where(m, (k3 - mu3) * (_cvec(key_inv_scale_ptr + hd, 3, C)[None, :] * sg3), 0.0)
     nsq = tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1)
-    raw = tl.load(key_errw_ptr + head * 2) * rsq < tl.load(key_errw_ptr + head * 2 + 1) * nsq
+    raw = _raw_rows(key_errw_ptr, head, rsq, nsq)
     rw = raw[:, None]
     x0 = tl.where(rw, k0 * sg0, x0)
     x1 = tl.where(rw, k1 * sg1, x1)

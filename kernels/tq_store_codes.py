@@ -139,6 +139,14 @@ def _norm_of(n, yc, cc, NORM_RULE: tl.constexpr):
 
 
 @triton.jit
+def _raw_rows(errw_ptr, head, rsq, nsq):
+    """The raw-key fallback's choice (formats.py, step 5): the rows whose raw key's squared norm
+    rsq, weighted by the head's raw error weight, is under the calibrated key's nsq weighted by
+    the calibrated one (ties: calibrated)."""
+    return tl.load(errw_ptr + head * 2) * rsq < tl.load(errw_ptr + head * 2 + 1) * nsq
+
+
+@triton.jit
 def _fp16_round(x):
     return tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
 

@@ -43,7 +43,7 @@ import triton.language as tl
 from .tq_common import cache_slot_ptrs, rope_cos_sin
 from .tq_store_chunked import _chunk_mats, _chunked_head, _cload_raw, _cvec
 from .tq_store_codes import (_codes, _dot_split, _fp16_round, _load_mat, _norm_of, _pack,
-                             _store_norm16, _store_stream, _via_memory)
+                             _raw_rows, _store_norm16, _store_stream, _via_memory)
 
 
 @triton.jit
@@ -253,8 +253,7 @@ def _tq_store_kernel(
                 pk_b, norm16 = _code_key_sym(x, kbs, n, hkb, hkbx, rot_vm_ptr,
                                                 codebooks_ptr + 512, D, KB.bits, KB.n, KB.w,
                                                 SPLIT, K_INPUT, CODES, KB_CB, WIDE, K_NORM_RULE)
-                raw = (tl.load(key_errw_ptr + head * 2) * rsq
-                       < tl.load(key_errw_ptr + head * 2 + 1) * nsq)
+                raw = _raw_rows(key_errw_ptr, head, rsq, nsq)
                 pk_b = tl.where(raw[:, None], rpk, pk_b)
                 pk_a = pk_b
                 norm = tl.where(raw, -tl.abs(rnorm16), tl.abs(norm16))
@@ -309,8 +308,7 @@ def _tq_store_kernel(
                         ryc += ryc_a
                         rcc += rcc_a
                     rnorm16 = _fp16_round(_norm_of(rn, ryc, rcc, K_NORM_RULE))
-                    raw = (tl.load(key_errw_ptr + head * 2) * rsq
-                           < tl.load(key_errw_ptr + head * 2 + 1) * nsq)
+                    raw = _raw_rows(key_errw_ptr, head, rsq, nsq)
                     pk_b = tl.where(raw[:, None], rpk_b, pk_b)
                     if KA.n > 0:
                         pk_a = tl.where(raw[:, None], rpk_a, pk_a)
